@@ -1,0 +1,294 @@
+"""Public entry: choose the next batch of compounds to send to the lab.
+
+``select_batch`` takes per-member objective values ``K x N`` (from cached virtual-assay
+predictions, ``acquisition.objectives.member_objective_values``) and packed Morgan
+fingerprints, and returns exactly ``q`` distinct candidate indices, never measured
+(``exclude``) or in-flight (``pending``) ones:
+
+1. exploitation, ``q - round(exploration_fraction * q)`` picks: the configured
+   acquisition's marginal joint gain until the joint value saturates (about ``K``
+   picks), then its single-point value, multiplied by the Tanimoto penalty
+   ``1 - diversity_penalty * max_sim`` to earlier picks and pending compounds
+   (``acquisition.diversity.penalized_greedy_select``);
+2. exploration, the rest: member disagreement (``qPosteriorStandardDeviation``) with
+   the same penalty, or MaxMin (``exploration_method='maxmin'``; also used when
+   ``K == 1``, where members cannot disagree).
+
+With ``diversity_penalty = 0`` and no scaffold cap the first picks (until the joint
+acquisition saturates) are exactly those of ``acquisition.greedy.greedy_select`` /
+BoTorch's ``optimize_acqf_discrete``.  ``qLogEI`` uses the ``qEI`` gains here (same
+improvement utility; the smoothing only matters for gradients).
+
+``select_cold_start`` (no model yet) is MaxMin on fingerprints.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from acquisition.diversity import (
+    check_fingerprints,
+    maxmin_select,
+    penalized_greedy_select,
+    tanimoto_matrix,
+)
+from acquisition.greedy import as_member_values
+
+__all__ = ["SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "select_batch", "select_cold_start"]
+
+logger = logging.getLogger(__name__)
+
+SELECTION_ACQUISITIONS = ("qUCB", "qEI", "qLogEI", "qPosteriorStandardDeviation", "thompson", "mean")
+_EXPLORATION_METHODS = ("std", "maxmin")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Options of one batch selection (saved with each proposal).
+
+    Attributes:
+        acquisition: one of ``SELECTION_ACQUISITIONS``.
+        beta: qUCB exploration weight (``mu + sqrt(beta pi / 2) E|y - mu|``).
+        diversity_penalty: Tanimoto penalty ``lambda`` in ``[0, 1]``.
+        exploration_fraction: share of the batch picked for exploration, ``[0, 1]``.
+        exploration_method: ``'std'`` (member disagreement) or ``'maxmin'``.
+        max_per_scaffold: cap on picks per scaffold id (None: no cap).
+        seed: seeds Thompson member order and MaxMin's first pick.
+    """
+
+    acquisition: str = "qUCB"
+    beta: float = 2.0
+    diversity_penalty: float = 0.5
+    exploration_fraction: float = 0.1
+    exploration_method: str = "std"
+    max_per_scaffold: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.acquisition not in SELECTION_ACQUISITIONS:
+            raise ValueError(f"unknown acquisition {self.acquisition!r}; valid names: "
+                             f"{list(SELECTION_ACQUISITIONS)}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not 0.0 <= self.diversity_penalty <= 1.0:
+            raise ValueError(f"diversity_penalty must be in [0, 1], got {self.diversity_penalty}")
+        if not 0.0 <= self.exploration_fraction <= 1.0:
+            raise ValueError(f"exploration_fraction must be in [0, 1], got {self.exploration_fraction}")
+        if self.exploration_method not in _EXPLORATION_METHODS:
+            raise ValueError(f"exploration_method must be one of {_EXPLORATION_METHODS}, "
+                             f"got {self.exploration_method!r}")
+        if self.max_per_scaffold is not None and self.max_per_scaffold < 1:
+            raise ValueError(f"max_per_scaffold must be >= 1 or None, got {self.max_per_scaffold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A chosen batch: ``indices`` (int64, pick order), per-pick scores, diagnostics."""
+
+    indices: np.ndarray
+    acq_values: np.ndarray
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_q(q: int) -> int:
+    if isinstance(q, bool) or int(q) != q or q <= 0:
+        raise ValueError(f"q must be a positive integer, got {q!r}")
+    return int(q)
+
+
+def _check_exclude(exclude: Any, n: int) -> np.ndarray:
+    if exclude is None:
+        return np.zeros(n, dtype=bool)
+    exclude = np.asarray(exclude.cpu() if isinstance(exclude, Tensor) else exclude)
+    if exclude.shape != (n,) or exclude.dtype != bool:
+        raise ValueError(f"exclude must be a boolean mask of shape ({n},), got {exclude.dtype} {exclude.shape}")
+    return exclude
+
+
+def _check_pending(pending: Any, n: int) -> np.ndarray:
+    if pending is None:
+        return np.zeros(0, dtype=np.int64)
+    pending = np.asarray(pending.cpu() if isinstance(pending, Tensor) else pending)
+    if pending.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if pending.ndim != 1 or not np.issubdtype(pending.dtype, np.integer):
+        raise ValueError(f"pending must be a 1-d integer index array, got {pending.dtype} {pending.shape}")
+    if pending.min() < 0 or pending.max() >= n:
+        raise ValueError(f"pending indices must be in [0, {n}), got min {pending.min()} max {pending.max()}")
+    return np.unique(pending.astype(np.int64))
+
+
+def _acquisition_params(config: SelectionConfig, best_f: float | None) -> tuple[str, dict[str, Any]]:
+    acqf = "qEI" if config.acquisition == "qLogEI" else config.acquisition
+    if acqf == "qUCB":
+        return acqf, {"beta": config.beta}
+    if acqf == "qEI":
+        if best_f is None:
+            raise ValueError(f"acquisition {config.acquisition!r} needs best_f (best observed objective)")
+        return acqf, {"best_f": float(best_f)}
+    return acqf, {}
+
+
+def _mean_pairwise_similarity(fps: np.ndarray) -> float:
+    if len(fps) < 2:
+        return float("nan")
+    sims = tanimoto_matrix(fps, fps)
+    upper = np.triu_indices(len(fps), k=1)
+    return float(sims[upper].mean())
+
+
+def select_batch(
+    values: np.ndarray | Tensor,
+    fingerprints: np.ndarray,
+    q: int,
+    config: SelectionConfig = SelectionConfig(),
+    *,
+    exclude: np.ndarray | None = None,
+    pending: np.ndarray | None = None,
+    scaffold_ids: np.ndarray | None = None,
+    best_f: float | None = None,
+) -> Selection:
+    """Select ``q`` diverse candidates by acquisition over ensemble members.
+
+    Args:
+        values: ``K x N`` per-member objective values.
+        fingerprints: ``uint8 N x 256`` packed Morgan fingerprints.
+        q: batch size (> 0).
+        config: ``SelectionConfig``.
+        exclude: ``N`` boolean mask, True = already measured (never picked).
+        pending: indices in flight (never picked; condition the acquisition).
+        scaffold_ids: ``N`` integer scaffold ids, for ``config.max_per_scaffold``.
+        best_f: best observed objective (qEI, qLogEI).
+
+    Returns:
+        ``Selection``: ``indices`` int64 ``(q,)`` distinct (fewer, with a warning, if
+        fewer candidates are eligible), ``acq_values`` float64 per-pick penalised gain
+        (exploration picks: penalised disagreement gain, or MaxMin distance),
+        ``diagnostics`` (counts, rounds, phase per pick, mean pairwise Tanimoto, config).
+    """
+    q = _check_q(q)
+    values = as_member_values(values)
+    n_members, n = values.shape
+    fps = check_fingerprints(fingerprints, n)
+    exclude = _check_exclude(exclude, n)
+    pending = _check_pending(pending, n)
+    if scaffold_ids is not None:
+        scaffold_ids = np.asarray(scaffold_ids)
+        if scaffold_ids.shape != (n,) or not np.issubdtype(scaffold_ids.dtype, np.integer):
+            raise ValueError(f"scaffold_ids must be an integer array of shape ({n},), "
+                             f"got {scaffold_ids.dtype} {scaffold_ids.shape}")
+    acqf, params = _acquisition_params(config, best_f)
+    eligible = ~exclude
+    eligible[pending] = False
+    n_eligible = int(eligible.sum())
+    n_explore = int(round(config.exploration_fraction * q))
+    common = dict(diversity_penalty=config.diversity_penalty, pending=pending,
+                  scaffold_ids=scaffold_ids, max_per_scaffold=config.max_per_scaffold,
+                  seed=config.seed)
+
+    exploit = penalized_greedy_select(values, fps, q - n_explore, acqf, params,
+                                      eligible=eligible, **common)
+    indices, scores = list(exploit.indices), list(exploit.scores)
+    n_left = q - len(indices)
+    explore_method = "maxmin" if (config.exploration_method == "maxmin" or n_members == 1) else "std"
+    if n_left > 0 and explore_method == "std":
+        explore = penalized_greedy_select(values, fps, n_left, "qPosteriorStandardDeviation", {},
+                                          eligible=eligible, selected=indices, **common)
+        indices += list(explore.indices)
+        scores += list(explore.scores)
+    elif n_left > 0:
+        blocked = ~eligible
+        blocked[indices] = True
+        picks = _capped_maxmin(fps, n_left, config.seed, blocked, scaffold_ids,
+                               config.max_per_scaffold, np.concatenate([pending, indices]))
+        indices += list(picks)
+        scores += [float("nan")] * len(picks)
+
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) < q:
+        message = (f"requested q={q} but only {len(indices)} candidates could be selected "
+                   f"({n_eligible} eligible of {n})")
+        warnings.warn(message, stacklevel=2)
+        logger.warning(message)
+    n_exploit = len(exploit.indices)
+    diagnostics = {
+        "n_candidates": n,
+        "n_members": n_members,
+        "n_eligible": n_eligible,
+        "n_exploit": n_exploit,
+        "n_explore": len(indices) - n_exploit,
+        "exploration_method": explore_method,
+        "n_joint_exploit": exploit.n_joint,
+        "phase": ["exploit"] * n_exploit + ["explore"] * (len(indices) - n_exploit),
+        "mean_pairwise_tanimoto": _mean_pairwise_similarity(fps[indices]),
+        "config": config.to_dict(),
+    }
+    return Selection(indices=indices, acq_values=np.asarray(scores, dtype=np.float64),
+                     diagnostics=diagnostics)
+
+
+def _capped_maxmin(fps: np.ndarray, q: int, seed: int, blocked: np.ndarray,
+                   scaffold_ids: np.ndarray | None, cap: int | None, counted: np.ndarray) -> list[int]:
+    """MaxMin honouring the scaffold cap: re-run on open scaffolds until q or exhausted."""
+    if scaffold_ids is None or cap is None:
+        return maxmin_select(fps, q, seed, blocked).tolist()
+    blocked = blocked.copy()
+    counts: dict[int, int] = {}
+    for index in counted:
+        counts[int(scaffold_ids[index])] = counts.get(int(scaffold_ids[index]), 0) + 1
+    picks: list[int] = []
+    while len(picks) < q:
+        full = [key for key, count in counts.items() if count >= cap]
+        candidates = maxmin_select(fps, q - len(picks), seed + len(picks),
+                                   blocked | np.isin(scaffold_ids, full))
+        accepted = 0
+        for index in candidates.tolist():
+            key = int(scaffold_ids[index])
+            if counts.get(key, 0) < cap:
+                counts[key] = counts.get(key, 0) + 1
+                picks.append(index)
+                blocked[index] = True
+                accepted += 1
+        if accepted == 0:
+            break
+    return picks
+
+
+def select_cold_start(
+    fingerprints: np.ndarray,
+    q: int,
+    seed: int,
+    exclude: np.ndarray | None = None,
+) -> Selection:
+    """Cold start (no model): MaxMin-diverse batch of ``q`` on Tanimoto distance.
+
+    Args:
+        fingerprints: ``uint8 N x 256`` packed fingerprints.
+        q: batch size (> 0).
+        seed: seeds the first pick.
+        exclude: ``N`` boolean mask of candidates never to pick.
+    """
+    q = _check_q(q)
+    fps = check_fingerprints(fingerprints)
+    exclude = _check_exclude(exclude, len(fps))
+    indices = maxmin_select(fps, q, seed, exclude)
+    if len(indices) < q:
+        message = f"requested q={q} but only {len(indices)} candidates are eligible"
+        warnings.warn(message, stacklevel=2)
+        logger.warning(message)
+    return Selection(
+        indices=indices,
+        acq_values=np.full(len(indices), np.nan),
+        diagnostics={"n_candidates": len(fps), "n_eligible": int((~exclude).sum()),
+                     "method": "maxmin", "seed": seed,
+                     "mean_pairwise_tanimoto": _mean_pairwise_similarity(fps[indices])},
+    )

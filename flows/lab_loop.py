@@ -1,0 +1,79 @@
+"""Prefect flows for scheduled and lab-triggered runs.
+
+Tasks wrap the same plain functions the CLI calls; the flows only wire them together.
+Arguments are paths and numbers so runs can be scheduled from deployments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from prefect import flow, task
+
+from loop.campaign import Campaign
+from loop.ingest import ingest_results
+from loop.lab import run_synthetic_lab
+from loop.propose import propose
+from loop.runtime import configure_torch_threads
+from loop.train import train_assay
+
+configure_torch_threads()
+
+
+@task(name="propose-plates")
+def propose_task(campaign_dir: str, budget_wells: int, out_dir: Optional[str] = None, policy: str = "loop",
+                 db_url: Optional[str] = None) -> dict:
+    result = propose(Campaign.open(Path(campaign_dir), db_url), budget_wells,
+                     out_dir=Path(out_dir) if out_dir else None, policy=policy)
+    return dict(round_index=result.round_index, out_dir=str(result.out_dir), barcodes=result.barcodes,
+                n_treatments=result.n_treatments, model_version=result.model_version)
+
+
+@task(name="ingest-results")
+def ingest_task(campaign_dir: str, results_dir: str, db_url: Optional[str] = None) -> list[dict]:
+    reports = ingest_results(Campaign.open(Path(campaign_dir), db_url), Path(results_dir))
+    return [dict(barcode=r.barcode, status=r.status, n_wells=r.n_wells, n_hits=r.n_hits) for r in reports]
+
+
+@task(name="train-assay")
+def train_task(campaign_dir: str, executor: str = "local", ray_address: Optional[str] = None,
+               db_url: Optional[str] = None) -> str:
+    ensemble = train_assay(Campaign.open(Path(campaign_dir), db_url), executor=executor, ray_address=ray_address)
+    return ensemble.version
+
+
+@task(name="synthetic-lab")
+def lab_task(campaign_dir: str, plates_dir: str, results_dir: str, seed: int = 0, write_images: bool = True,
+             db_url: Optional[str] = None) -> list[str]:
+    return run_synthetic_lab(Path(plates_dir), Path(results_dir), campaign=Campaign.open(Path(campaign_dir), db_url),
+                             seed=seed, write_images=write_images)
+
+
+@flow(name="propose")
+def propose_flow(campaign_dir: str, budget_wells: int = 384, out_dir: Optional[str] = None, policy: str = "loop",
+                 db_url: Optional[str] = None) -> dict:
+    return propose_task(campaign_dir, budget_wells, out_dir, policy, db_url)
+
+
+@flow(name="ingest")
+def ingest_flow(campaign_dir: str, results_dir: str, db_url: Optional[str] = None) -> list[dict]:
+    return ingest_task(campaign_dir, results_dir, db_url)
+
+
+@flow(name="retrain")
+def retrain_flow(campaign_dir: str, executor: str = "local", ray_address: Optional[str] = None,
+                 db_url: Optional[str] = None) -> str:
+    return train_task(campaign_dir, executor, ray_address, db_url)
+
+
+@flow(name="lab_round")
+def lab_round_flow(campaign_dir: str, budget_wells: int = 384, seed: int = 0, write_images: bool = True,
+                   executor: str = "local", db_url: Optional[str] = None) -> dict:
+    """One closed-loop round against the synthetic lab: propose -> lab -> ingest -> retrain."""
+    proposal = propose_task(campaign_dir, budget_wells, None, "loop", db_url)
+    results_dir = str(Path(proposal["out_dir"]).parent / "results")
+    lab_task(campaign_dir, proposal["out_dir"], results_dir, seed, write_images, db_url)
+    qc = ingest_task(campaign_dir, results_dir, db_url)
+    version = train_task(campaign_dir, executor, None, db_url)
+    return dict(proposal=proposal, ingest=qc, model_version=version)

@@ -1,0 +1,261 @@
+"""Single-cell crops format: reader, writer and compound-name -> SMILES resolution.
+
+A crops folder (what ``../shared/data/bbbc021`` ships and what ingest writes)::
+
+    DIR/
+      crops.npz              key ``images``: uint16 array N x H x W x C (raw intensities)
+      crops_metadata.csv     one row per crop; required columns plate, well, compound,
+                             concentration_um; optional ``row`` (index into images),
+                             ``smiles``, site, moa, ...
+      channels.json          optional: {"channel_names": [...]} (length C)
+
+Rows are matched to images through ``row`` when present (any order), else by position.
+DMSO (the solvent) is the null compound: ``compound == "DMSO"`` (case-insensitive).
+Every validation error names the offending file (and the row / column where it can).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from lab_io.schema import CONTROL_COMPOUND_ID
+
+logger = logging.getLogger(__name__)
+
+IMAGES_FILE = "crops.npz"
+METADATA_FILE = "crops_metadata.csv"
+CHANNELS_FILE = "channels.json"
+IMAGES_KEY = "images"
+REQUIRED_COLUMNS = ("plate", "well", "compound", "concentration_um")
+#: BBBC021 crops channel order (``../shared/README.md``): 0 = DAPI (DNA), 1 = tubulin, 2 = actin.
+DEFAULT_CHANNELS_3 = ("DNA", "Tubulin", "Actin")
+SMILES_TABLE = Path("bbbc021") / "compounds_smiles_matched.csv"
+#: Fallback names -> SMILES (from ``compounds_smiles_matched.csv``, Drug Repurposing Hub match),
+#: used when the shared table is absent. BBBC021 spells cycloheximide "cyclohexamide".
+FALLBACK_SMILES: Mapping[str, str] = {
+    "cyclohexamide": "C[C@H]1C[C@H](C)C(=O)[C@@H](C1)[C@H](O)CC1CC(=O)NC(=O)C1",
+    "cycloheximide": "C[C@H]1C[C@H](C)C(=O)[C@@H](C1)[C@H](O)CC1CC(=O)NC(=O)C1",
+}
+
+
+class CropsError(ValueError):
+    """A crops folder is missing, malformed or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class CropSet:
+    """Crops and their metadata.
+
+    images: uint16 ``N x H x W x C``; metadata: N rows (index 0..N-1, aligned with images);
+    channel_names: length C.
+    """
+
+    images: np.ndarray
+    metadata: pd.DataFrame
+    channel_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise CropsError(f"images must be N x H x W x C, got shape {self.images.shape}")
+        if len(self.metadata) != len(self.images):
+            raise CropsError(f"{len(self.metadata)} metadata rows for {len(self.images)} images")
+        if len(self.channel_names) != self.images.shape[3]:
+            raise CropsError(f"{len(self.channel_names)} channel names for {self.images.shape[3]} channels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, mask_or_index: np.ndarray) -> "CropSet":
+        """Rows selected by a boolean mask or an integer index (metadata re-indexed 0..n-1)."""
+        idx = np.flatnonzero(mask_or_index) if np.asarray(mask_or_index).dtype == bool else np.asarray(mask_or_index)
+        return CropSet(self.images[idx], self.metadata.iloc[idx].reset_index(drop=True), self.channel_names)
+
+    @property
+    def is_control(self) -> np.ndarray:
+        """Boolean N: DMSO (null compound) rows."""
+        return is_control_compound(self.metadata["compound"])
+
+    @property
+    def plates(self) -> list[str]:
+        return sorted(self.metadata["plate"].astype(str).unique())
+
+
+def is_control_compound(compounds: pd.Series | Sequence[str]) -> np.ndarray:
+    """Boolean mask of DMSO (null-compound) entries."""
+    return np.asarray([str(c).strip().upper() == CONTROL_COMPOUND_ID.upper() for c in compounds], dtype=bool)
+
+
+def default_channel_names(n_channels: int) -> tuple[str, ...]:
+    return DEFAULT_CHANNELS_3 if n_channels == 3 else tuple(f"ch{i}" for i in range(n_channels))
+
+
+def _read_images(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise CropsError(f"{path}: missing (a crops folder needs {IMAGES_FILE})")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if IMAGES_KEY not in npz.files:
+                raise CropsError(f"{path}: no key {IMAGES_KEY!r} (keys: {npz.files})")
+            images = npz[IMAGES_KEY]
+    except CropsError:
+        raise
+    except Exception as err:  # zip / npy parsing errors
+        raise CropsError(f"{path}: not a readable .npz ({err})") from err
+    if images.ndim != 4:
+        raise CropsError(f"{path}: {IMAGES_KEY!r} must be N x H x W x C, got shape {images.shape}")
+    if images.dtype != np.uint16:
+        raise CropsError(f"{path}: {IMAGES_KEY!r} must be uint16, got {images.dtype}")
+    return images
+
+
+def _read_metadata(path: Path, n_images: int) -> pd.DataFrame:
+    if not path.is_file():
+        raise CropsError(f"{path}: missing (a crops folder needs {METADATA_FILE})")
+    try:
+        meta = pd.read_csv(path)
+    except Exception as err:
+        raise CropsError(f"{path}: not a readable CSV ({err})") from err
+    missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
+    if missing:
+        raise CropsError(f"{path}: missing column(s) {missing}; required {list(REQUIRED_COLUMNS)}")
+    if len(meta) != n_images:
+        raise CropsError(f"{path}: {len(meta)} rows but {IMAGES_FILE} holds {n_images} images")
+    for col in ("plate", "well", "compound"):
+        bad = meta.index[meta[col].isna()]
+        if len(bad):
+            raise CropsError(f"{path}: empty {col!r} at data line {int(bad[0]) + 2}")
+    dose = pd.to_numeric(meta["concentration_um"], errors="coerce")
+    bad = meta.index[dose.isna() | (dose < 0)]
+    if len(bad):
+        raise CropsError(
+            f"{path}: concentration_um must be a number >= 0; line {int(bad[0]) + 2} has "
+            f"{meta.loc[bad[0], 'concentration_um']!r}"
+        )
+    meta["concentration_um"] = dose.astype(float)
+    meta["plate"] = meta["plate"].astype(str)
+    meta["well"] = meta["well"].astype(str)
+    meta["compound"] = meta["compound"].astype(str)
+    if "row" in meta.columns:
+        rows = pd.to_numeric(meta["row"], errors="coerce")
+        if rows.isna().any() or sorted(rows.astype(int)) != list(range(n_images)):
+            raise CropsError(f"{path}: column 'row' must be a permutation of 0..{n_images - 1}")
+        meta = meta.assign(row=rows.astype(int)).sort_values("row").reset_index(drop=True)
+    return meta
+
+
+def _read_channels(path: Path, n_channels: int) -> tuple[str, ...]:
+    if not path.is_file():
+        return default_channel_names(n_channels)
+    try:
+        names = json.loads(path.read_text())["channel_names"]
+    except Exception as err:
+        raise CropsError(f"{path}: expected JSON {{\"channel_names\": [...]}} ({err})") from err
+    if len(names) != n_channels:
+        raise CropsError(f"{path}: {len(names)} channel names for {n_channels} image channels")
+    return tuple(str(n) for n in names)
+
+
+def load_crops(crops_dir: str | Path) -> CropSet:
+    """Read a crops folder -> :class:`CropSet` (images uint16 ``N x H x W x C``, metadata).
+
+    Raises :class:`CropsError` naming the file on any missing or malformed part.
+    """
+    crops_dir = Path(crops_dir)
+    if not crops_dir.is_dir():
+        raise CropsError(f"{crops_dir}: not a folder (expected {IMAGES_FILE} + {METADATA_FILE})")
+    images = _read_images(crops_dir / IMAGES_FILE)
+    metadata = _read_metadata(crops_dir / METADATA_FILE, len(images))
+    channels = _read_channels(crops_dir / CHANNELS_FILE, images.shape[3])
+    logger.info("loaded %d crops %s from %s", len(images), images.shape[1:], crops_dir)
+    return CropSet(images=images, metadata=metadata, channel_names=channels)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_crops(crops: CropSet, crops_dir: str | Path) -> Path:
+    """Write a :class:`CropSet` as a crops folder (each file written atomically). Returns the folder."""
+    crops_dir = Path(crops_dir)
+    if crops.images.dtype != np.uint16:
+        raise CropsError(f"{crops_dir}: images must be uint16, got {crops.images.dtype}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in crops.metadata.columns]
+    if missing:
+        raise CropsError(f"{crops_dir / METADATA_FILE}: metadata lacks column(s) {missing}")
+    crops_dir.mkdir(parents=True, exist_ok=True)
+    meta = crops.metadata.reset_index(drop=True).copy()
+    meta["row"] = np.arange(len(meta))
+    meta = meta[["row"] + [c for c in meta.columns if c != "row"]]
+
+    def _npz(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **{IMAGES_KEY: crops.images})
+
+    _atomic_write(crops_dir / IMAGES_FILE, _npz)
+    _atomic_write(crops_dir / METADATA_FILE, lambda tmp: meta.to_csv(tmp, index=False))
+    _atomic_write(
+        crops_dir / CHANNELS_FILE,
+        lambda tmp: Path(tmp).write_text(json.dumps({"channel_names": list(crops.channel_names)})),
+    )
+    return crops_dir
+
+
+def shared_data_dir() -> Path:
+    """``$LOOP_SHARED_DATA`` or ``../shared/data`` relative to the repository root."""
+    env = os.environ.get("LOOP_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _smiles_table() -> dict[str, str]:
+    table = dict(FALLBACK_SMILES)
+    path = shared_data_dir() / SMILES_TABLE
+    if path.is_file():
+        df = pd.read_csv(path)
+        for name, smi in zip(df["compound"], df["smiles"]):
+            if isinstance(smi, str) and smi.strip():
+                table[str(name).strip().lower()] = smi.split(" |")[0].strip()
+    return table
+
+
+def compound_smiles(metadata: pd.DataFrame, source: str | Path = "crops metadata") -> dict[str, str]:
+    """compound name -> SMILES for every compound in ``metadata`` ("" for DMSO).
+
+    Uses the metadata's ``smiles`` column when present, else the BBBC021 name table
+    (``shared/data/bbbc021/compounds_smiles_matched.csv``) and the embedded fallback.
+    Raises :class:`CropsError` naming ``source`` and the compound when none is found.
+    """
+    known = _smiles_table()
+    out: dict[str, str] = {}
+    has_col = "smiles" in metadata.columns
+    for name, group in metadata.groupby("compound", sort=True):
+        name = str(name)
+        if is_control_compound([name])[0]:
+            out[name] = ""
+            continue
+        smi = ""
+        if has_col:
+            vals = [s for s in group["smiles"] if isinstance(s, str) and s.strip()]
+            smi = vals[0].strip() if vals else ""
+        smi = smi or known.get(name.strip().lower(), "")
+        if not smi:
+            raise CropsError(f"{source}: no SMILES for compound {name!r} (add a 'smiles' column)")
+        out[name] = smi
+    return out

@@ -1,0 +1,90 @@
+"""Pycytominer-style per-well profile tables (CSV or Parquet) and the BBBC021 converter.
+
+A profile table has one row per well: ``Metadata_Plate``, ``Metadata_Well``,
+``Metadata_compound``, ``Metadata_smiles``, ``Metadata_dose_um``, optional ``Metadata_moa``,
+and numeric feature columns (every non-``Metadata_`` column).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lab_io.schema import META_COMPOUND, META_DOSE, META_MOA, META_PLATE, META_SMILES, META_WELL
+
+log = logging.getLogger(__name__)
+
+REQUIRED = (META_PLATE, META_WELL, META_COMPOUND, META_SMILES, META_DOSE)
+
+
+@dataclass(frozen=True)
+class ProfileTable:
+    frame: pd.DataFrame
+    features: list[str]
+    source: str
+
+
+def read_profile_table(path: Path) -> ProfileTable:
+    """Read and check a profile table; errors name the file, and the column or row at fault."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such profile table")
+    suffixes = "".join(path.suffixes).lower()
+    if suffixes.endswith(".parquet"):
+        frame = pd.read_parquet(path)
+    elif suffixes.endswith((".csv", ".csv.gz")):
+        frame = pd.read_csv(path, low_memory=False)
+    elif suffixes.endswith((".tsv", ".tsv.gz", ".txt")):
+        frame = pd.read_csv(path, sep="\t", low_memory=False)
+    else:
+        raise ValueError(f"{path}: profile tables must be .csv, .tsv or .parquet")
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing required column(s) {missing}; found {list(frame.columns[:8])}...")
+    features = [c for c in frame.columns if not c.startswith("Metadata_")]
+    if not features:
+        raise ValueError(f"{path}: no feature columns (every column starts with Metadata_)")
+    bad = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
+    if bad:
+        raise ValueError(f"{path}: non-numeric feature column(s) {bad[:5]}")
+    dose = pd.to_numeric(frame[META_DOSE], errors="coerce")
+    if dose.isna().any():
+        row = int(np.flatnonzero(dose.isna().to_numpy())[0])
+        raise ValueError(f"{path}: row {row + 2} ({frame[META_PLATE].iloc[row]} {frame[META_WELL].iloc[row]}): "
+                         f"{META_DOSE} is not a number")
+    frame = frame.assign(**{META_DOSE: dose.astype(float)})
+    return ProfileTable(frame=frame, features=features, source=str(path))
+
+
+def convert_bbbc021(data_dir: Path) -> pd.DataFrame:
+    """BBBC021 per-well mean profiles (Ljosa et al. 2013) -> a profile table.
+
+    Joins the per-well table to the image table (plate + well -> compound, concentration),
+    SMILES from ``compounds_smiles_matched.csv`` (empty where unmatched) and MoA labels.
+    """
+    data_dir = Path(data_dir)
+    wells = pd.read_csv(data_dir / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz")
+    images = pd.read_csv(data_dir / "BBBC021_v1_image.csv.gz")
+    smiles = pd.read_csv(data_dir / "compounds_smiles_matched.csv")
+    moa = pd.read_csv(data_dir / "BBBC021_v1_moa.csv")
+    meta = (
+        images.rename(columns={"Image_Metadata_Plate_DAPI": META_PLATE, "Image_Metadata_Well_DAPI": META_WELL,
+                               "Image_Metadata_Compound": META_COMPOUND,
+                               "Image_Metadata_Concentration": META_DOSE})
+        [[META_PLATE, META_WELL, META_COMPOUND, META_DOSE]]
+        .drop_duplicates([META_PLATE, META_WELL])
+    )
+    wells = wells.rename(columns={"Image_Metadata_Plate": META_PLATE, "Image_Metadata_Well": META_WELL})
+    table = wells.merge(meta, on=[META_PLATE, META_WELL], how="left")
+    lookup = dict(zip(smiles["compound"], smiles["smiles"].fillna("")))
+    table[META_SMILES] = table[META_COMPOUND].map(lookup).fillna("")
+    moa_lookup = {(c, float(d)): m for c, d, m in zip(moa["compound"], moa["concentration"], moa["moa"])}
+    table[META_MOA] = [moa_lookup.get((c, float(d)), "DMSO" if c == "DMSO" else "")
+                       for c, d in zip(table[META_COMPOUND], table[META_DOSE])]
+    meta_cols = [META_PLATE, META_WELL, META_COMPOUND, META_SMILES, META_DOSE, META_MOA]
+    features = [c for c in table.columns if c not in meta_cols]
+    return table[meta_cols + features]

@@ -1,0 +1,128 @@
+"""Pycytominer-style well profiles: aggregate single cells, normalise to controls, score activity.
+
+* :func:`aggregate_wells` — one row per (``Metadata_Plate``, ``Metadata_Well``): the median (or
+  mean) of each feature over the well's cells, plus ``Metadata_n_cells``; other ``Metadata_*``
+  columns constant within a well are carried along.
+* :func:`normalize_to_controls` — per plate (``by``), robust z-score against the plate's control
+  wells: ``z = (x - median_ctrl) / (1.4826 * MAD_ctrl + eps)`` where ``MAD_ctrl`` is the median
+  absolute deviation of the control wells (1.4826 * MAD estimates the standard deviation of a
+  normal distribution), or ``method="standardize"``: ``(x - mean_ctrl) / (std_ctrl + eps)``.
+* :func:`phenotypic_activity` — ``||clip(z, -clip, clip)||_2 / sqrt(n_features)``: the RMS of the
+  normalised profile; a control-like well scores about 1, a strong phenotype far above.
+* :func:`feature_select` — drop NaN, constant and non-biological columns (object/image
+  bookkeeping such as ``*_Center_X``, ``*_Location_*``, ``*_Number_Object_Number``, ``*_Parent_*``,
+  ``*_Children_*``, as pycytominer's blocklist does).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from lab_io.schema import META_PLATE, META_WELL, feature_columns
+
+META_N_CELLS = "Metadata_n_cells"
+MAD_SCALE = 1.4826
+_BOOKKEEPING = ("_Center_", "_Location_", "_Number_Object_Number", "_Parent_", "_Children_", "_ObjectNumber",
+                "_BoundingBox", "_Orientation")
+
+
+def _features(table: pd.DataFrame, features: Sequence[str] | None) -> list[str]:
+    cols = list(features) if features is not None else feature_columns(table.columns)
+    missing = [c for c in cols if c not in table.columns]
+    if missing:
+        raise ValueError(f"feature columns not in table: {missing[:5]}")
+    if not cols:
+        raise ValueError("no feature columns (expected Nuclei_*, Cells_*, Cytoplasm_*)")
+    return cols
+
+
+def aggregate_wells(cells: pd.DataFrame, features: Sequence[str] | None = None, how: str = "median") -> pd.DataFrame:
+    """Single cells -> one row per (Metadata_Plate, Metadata_Well) with ``Metadata_n_cells``.
+
+    ``how``: ``"median"`` (pycytominer default) or ``"mean"``. Extra ``Metadata_*`` columns that
+    are constant within every well are kept.
+    """
+    if how not in ("median", "mean"):
+        raise ValueError(f"how must be 'median' or 'mean', got {how!r}")
+    for col in (META_PLATE, META_WELL):
+        if col not in cells.columns:
+            raise ValueError(f"cells table has no {col} column")
+    feats = _features(cells, features)
+    keys = [META_PLATE, META_WELL]
+    grouped = cells.groupby(keys, sort=True)
+    out = getattr(grouped[feats], how)()
+    out.insert(0, META_N_CELLS, grouped.size())
+    extra = [c for c in cells.columns if c.startswith("Metadata_") and c not in keys and c != META_N_CELLS]
+    if extra:
+        nunique = grouped[extra].nunique(dropna=False)
+        constant = [c for c in extra if (nunique[c] <= 1).all()]
+        if constant:
+            out = grouped[constant].first().join(out)
+    return out.reset_index()
+
+
+def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None = META_PLATE,
+                          method: str = "robust_z", features: Sequence[str] | None = None,
+                          eps: float = 1e-6) -> pd.DataFrame:
+    """Normalise each feature to the control wells of its group (plate), see module docstring.
+
+    control_mask: boolean array/Series aligned with ``profiles`` rows. Every group must contain
+    at least one control well (ValueError naming the group otherwise). Returns a copy with the
+    features replaced by normalised values; metadata columns untouched.
+    """
+    if method not in ("robust_z", "standardize"):
+        raise ValueError(f"method must be 'robust_z' or 'standardize', got {method!r}")
+    feats = _features(profiles, features)
+    mask = np.asarray(control_mask, dtype=bool)
+    if mask.shape != (len(profiles),):
+        raise ValueError(f"control_mask has shape {mask.shape}, expected ({len(profiles)},)")
+    out = profiles.copy()
+    values = profiles[feats].to_numpy(dtype=np.float64)
+    result = np.empty_like(values)
+    groups = profiles[by].to_numpy() if by is not None else np.zeros(len(profiles))
+    for group in pd.unique(groups):
+        rows = groups == group
+        ctrl = values[rows & mask]
+        if ctrl.shape[0] == 0:
+            raise ValueError(f"{by or 'table'} {group!r} has no control wells to normalise to")
+        if method == "robust_z":
+            center = np.median(ctrl, axis=0)
+            scale = MAD_SCALE * np.median(np.abs(ctrl - center), axis=0)
+        else:
+            center = ctrl.mean(axis=0)
+            scale = ctrl.std(axis=0)
+        result[rows] = (values[rows] - center) / (scale + eps)
+    out[feats] = result
+    return out
+
+
+def phenotypic_activity(normalized: pd.DataFrame | np.ndarray, features: Sequence[str] | None = None,
+                        clip: float | None = 10.0) -> np.ndarray:
+    """``||clip(z)||_2 / sqrt(F)`` per row of normalised profiles (``N`` x ``F`` -> ``N``)."""
+    if isinstance(normalized, pd.DataFrame):
+        z = normalized[_features(normalized, features)].to_numpy(dtype=np.float64)
+    else:
+        z = np.asarray(normalized, dtype=np.float64)
+        if z.ndim != 2:
+            raise ValueError(f"normalized must be N x F, got shape {z.shape}")
+    if clip is not None:
+        z = np.clip(z, -clip, clip)
+    return np.sqrt(np.sum(z * z, axis=1) / max(z.shape[1], 1))
+
+
+def feature_select(table: pd.DataFrame, features: Sequence[str] | None = None, *,
+                   drop_bookkeeping: bool = True, min_std: float = 1e-8) -> list[str]:
+    """Feature columns worth modelling: finite everywhere, not constant, not bookkeeping."""
+    feats = _features(table, features)
+    keep = []
+    for col in feats:
+        if drop_bookkeeping and any(tag in col for tag in _BOOKKEEPING):
+            continue
+        values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.all(np.isfinite(values)) or np.std(values) <= min_std:
+            continue
+        keep.append(col)
+    return keep

@@ -1,0 +1,379 @@
+"""Read a lab's results folder into single-cell tables (one :class:`PlateResult` per plate).
+
+Layout (see :mod:`lab_io.schema`)::
+
+    RESULTS_DIR/<barcode>/Images/r..c..f..p..-chN....tiff
+    RESULTS_DIR/<barcode>/analysis/<barcode>-<well>-<site>/{Image,Nuclei,Cells,Cytoplasm}.csv
+
+``RESULTS_DIR`` may also be a single plate folder. Plate folders with ``analysis/`` are read from
+the CellProfiler tables (real CellProfiler output with ~1,900 columns per compartment works too);
+plate folders with only ``Images/`` are measured here with :mod:`lab_io.morphology`
+(images-only ingest; Phenix files grouped by well and field, channels in ``chN`` order).
+
+Single-cell rows: compartments are merged per object within a field, as pycytominer does:
+``Cells.Parent_Nuclei -> Nuclei.ObjectNumber`` and ``Cytoplasm.Parent_Cells -> Cells.ObjectNumber``
+(inner joins), every other compartment column prefixed (``Nuclei_AreaShape_Area``,
+``Cells_Intensity_MeanIntensity_Actin``, ...), and ``Metadata_Plate``, ``Metadata_Well``
+(canonical ``A01``), ``Metadata_Site``, ``Metadata_ObjectNumber`` (the cell) in front.
+
+Validation is strict; every problem raises :class:`ResultsError` naming the file, plate and
+well: empty files, a final line without newline (a file cut mid-write), ragged rows, duplicate
+or missing required columns, non-numeric values in numeric columns, ``Metadata_Plate`` not equal
+to the plate folder's barcode, unparseable wells, object counts that disagree with Image.csv's
+``Count_*`` (a file cut at a row boundary), missing object tables, unreadable TIFFs, missing
+channels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from lab_io.schema import CHANNELS, COMPARTMENTS, META_PLATE, META_SITE, META_WELL, normalize_well
+
+logger = logging.getLogger(__name__)
+
+META_OBJECT = "Metadata_ObjectNumber"
+_LINK_COLUMNS = ("ImageNumber", "ObjectNumber", "Parent_Nuclei", "Parent_Cells")
+_REQUIRED = {
+    "Image": ("ImageNumber", META_PLATE, META_WELL),
+    "Nuclei": ("ImageNumber", "ObjectNumber"),
+    "Cells": ("ImageNumber", "ObjectNumber", "Parent_Nuclei"),
+    "Cytoplasm": ("ImageNumber", "ObjectNumber", "Parent_Cells"),
+}
+
+
+class ResultsError(ValueError):
+    """A results folder is malformed; the message names the file, plate and well."""
+
+
+@dataclass(frozen=True)
+class PlateResult:
+    """One plate's measurements.
+
+    cells: single-cell rows (``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``,
+    ``Metadata_ObjectNumber``, then ``Nuclei_*``, ``Cells_*``, ``Cytoplasm_*`` features).
+    image_count: number of fields measured (site folders read, or Phenix fields). sources: files
+    read, relative to the plate folder. skipped_sites: site folders with only Image.csv, skipped
+    because ``allow_missing_objects`` was set.
+    fingerprint: sha256 over the relative paths and bytes of those files (idempotent re-import).
+    from_images: True when measured here from images (no analysis/ folder).
+    """
+
+    barcode: str
+    cells: pd.DataFrame
+    image_count: int
+    sources: tuple[str, ...]
+    fingerprint: str
+    from_images: bool = False
+    skipped_sites: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------
+# merge (shared with the synthetic lab's in-memory path)
+# ----------------------------------------------------------------------------------------------
+
+def _keys(image_number: pd.Series, object_number: pd.Series) -> pd.Index:
+    return pd.Index(image_number.to_numpy(np.int64) * (1 << 32) + object_number.to_numpy(np.int64))
+
+
+def merge_compartments(image: pd.DataFrame, nuclei: pd.DataFrame, cells: pd.DataFrame,
+                       cytoplasm: pd.DataFrame) -> pd.DataFrame:
+    """Per-compartment CellProfiler tables of one site folder -> single-cell rows (see module doc).
+
+    Inner joins: a cell is kept when its parent nucleus, its cytoplasm and its image row exist.
+    Compartment columns must be numeric (``read_results`` checks that before merging).
+    """
+    cell_keys = _keys(cells["ImageNumber"], cells["ObjectNumber"])
+    nuc_pos = _keys(nuclei["ImageNumber"], nuclei["ObjectNumber"]).get_indexer(
+        _keys(cells["ImageNumber"], cells["Parent_Nuclei"]))
+    cyto_pos = pd.Index(_keys(cytoplasm["ImageNumber"], cytoplasm["Parent_Cells"])).get_indexer(cell_keys)
+    img_pos = pd.Index(image["ImageNumber"].to_numpy(np.int64)).get_indexer(cells["ImageNumber"].to_numpy(np.int64))
+    keep = (nuc_pos >= 0) & (cyto_pos >= 0) & (img_pos >= 0)
+    rows = {"Cells": np.flatnonzero(keep), "Nuclei": nuc_pos[keep], "Cytoplasm": cyto_pos[keep]}
+    blocks, names = [], []
+    for comp, table in (("Nuclei", nuclei), ("Cells", cells), ("Cytoplasm", cytoplasm)):
+        cols = [c for c in table.columns if c not in _LINK_COLUMNS]
+        blocks.append(table[cols].to_numpy(dtype=np.float64)[rows[comp]])
+        names.extend(f"{comp}_{c}" for c in cols)
+    features = pd.DataFrame(np.hstack(blocks) if blocks else None, columns=names)
+    img_rows = img_pos[keep]
+    meta = pd.DataFrame({
+        META_PLATE: image[META_PLATE].to_numpy()[img_rows],
+        META_WELL: image[META_WELL].to_numpy()[img_rows],
+        META_SITE: (image[META_SITE].to_numpy()[img_rows] if META_SITE in image.columns
+                    else np.ones(int(keep.sum()), dtype=np.int64)),
+        META_OBJECT: cells["ObjectNumber"].to_numpy(np.int64)[keep],
+    })
+    return pd.concat([meta, features], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# strict CSV reading
+# ----------------------------------------------------------------------------------------------
+
+def _where(path: Path, barcode: str, well: str | None) -> str:
+    return f"{path} (plate {barcode}, well {well or 'unknown'})"
+
+
+def _read_csv_strict(path: Path, raw: bytes, barcode: str, well: str | None, kind: str) -> pd.DataFrame:
+    where = _where(path, barcode, well)
+    if not raw.strip():
+        raise ResultsError(f"{where}: empty file")
+    if not raw.endswith(b"\n"):
+        raise ResultsError(f"{where}: truncated (the last line has no newline; file cut mid-row?)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ResultsError(f"{where}: not UTF-8 text ({err})") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader)
+    if len(set(header)) != len(header):
+        dup = sorted({h for h in header if header.count(h) > 1})
+        raise ResultsError(f"{where}: duplicate columns {dup[:5]}")
+    for line_no, row in enumerate(reader, start=2):
+        if len(row) != len(header):
+            raise ResultsError(f"{where}: line {line_no} has {len(row)} fields, the header has {len(header)}")
+    try:
+        table = pd.read_csv(io.StringIO(text), on_bad_lines="error", low_memory=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ResultsError(f"{where}: cannot parse ({err})") from None
+    missing = [c for c in _REQUIRED[kind] if c not in table.columns]
+    if missing:
+        raise ResultsError(f"{where}: missing required columns {missing}")
+    numeric = set(table.columns) if kind != "Image" else {
+        c for c in table.columns if c in ("ImageNumber", META_SITE) or c.startswith("Count_")}
+    text_columns = [c for c, dtype in table.dtypes.items() if c in numeric and not pd.api.types.is_numeric_dtype(dtype)]
+    for col in text_columns:
+        values = pd.to_numeric(table[col], errors="coerce")
+        bad = values.isna() & table[col].notna()
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ResultsError(f"{where}: column {col!r} line {i + 2}: non-numeric value {table[col].iloc[i]!r}")
+        table[col] = values
+    if kind == "Image" and table.empty:
+        raise ResultsError(f"{where}: no image rows")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# plate folders
+# ----------------------------------------------------------------------------------------------
+
+def _is_plate_dir(path: Path) -> bool:
+    return (path / "analysis").is_dir() or (path / "Images").is_dir()
+
+
+def plate_dirs(results_dir: str | Path) -> list[Path]:
+    """Plate folders of a results folder (or the folder itself if it is one); hidden ones skipped."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ResultsError(f"{results_dir}: results folder does not exist")
+    if _is_plate_dir(results_dir):
+        return [results_dir]
+    plates = sorted(p for p in results_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_plate_dir(p))
+    if not plates:
+        raise ResultsError(f"{results_dir}: no plate folders (expected <barcode>/analysis or <barcode>/Images)")
+    return plates
+
+
+def _site_well_hint(site_dir: Path, barcode: str) -> str | None:
+    rest = site_dir.name[len(barcode) + 1:] if site_dir.name.startswith(barcode + "-") else site_dir.name
+    try:
+        return normalize_well(rest.rsplit("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _read_file(path: Path, plate_dir: Path, hasher, sources: list[str]) -> bytes:
+    raw = path.read_bytes()
+    rel = path.relative_to(plate_dir).as_posix()
+    hasher.update(rel.encode() + b"\0" + raw + b"\0")
+    sources.append(rel)
+    return raw
+
+
+def _check_image(image: pd.DataFrame, image_path: Path, barcode: str, hint: str | None) -> pd.DataFrame:
+    plates = set(image[META_PLATE].astype(str).str.strip())
+    if plates != {barcode}:
+        raise ResultsError(f"{_where(image_path, barcode, hint)}: Metadata_Plate {sorted(plates)} does not match "
+                           f"the plate folder barcode {barcode!r}")
+    wells = []
+    for w in image[META_WELL].astype(str):
+        try:
+            wells.append(normalize_well(w))
+        except ValueError as err:
+            raise ResultsError(f"{_where(image_path, barcode, w)}: unparseable Metadata_Well ({err})") from None
+    return image.assign(**{META_WELL: wells, META_PLATE: barcode})
+
+
+def _check_counts(image: pd.DataFrame, tables: dict[str, pd.DataFrame], site_dir: Path, barcode: str) -> None:
+    """Count_<compartment> in Image.csv must equal the object rows (catches files cut at a row end)."""
+    for comp in COMPARTMENTS:
+        col = f"Count_{comp}"
+        if col not in image.columns:
+            continue
+        found = tables[comp].groupby("ImageNumber").size()
+        for number, expected, well in zip(image["ImageNumber"], image[col], image[META_WELL]):
+            got = int(found.get(number, 0))
+            if np.isfinite(expected) and got != int(expected):
+                raise ResultsError(f"{_where(site_dir / f'{comp}.csv', barcode, well)}: {got} objects for image "
+                                   f"{number} but Image.csv {col} = {int(expected)} (truncated file?)")
+
+
+def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_dir: Path,
+               allow_missing_objects: bool) -> pd.DataFrame | None:
+    """One site folder -> single-cell rows, or None when it has only Image.csv and that is allowed."""
+    hint = _site_well_hint(site_dir, barcode)
+    image_path = site_dir / "Image.csv"
+    if not image_path.exists():
+        raise ResultsError(f"{_where(image_path, barcode, hint)}: missing")
+    image = _read_csv_strict(image_path, _read_file(image_path, plate_dir, hasher, sources), barcode, hint, "Image")
+    image = _check_image(image, image_path, barcode, hint)
+    well = image[META_WELL].iloc[0]
+    missing = [c for c in COMPARTMENTS if not (site_dir / f"{c}.csv").exists()]
+    if missing:
+        if allow_missing_objects and len(missing) == len(COMPARTMENTS):
+            logger.warning("%s: no object tables (only Image.csv); site skipped", _where(site_dir, barcode, well))
+            return None
+        raise ResultsError(f"{_where(site_dir / (missing[0] + '.csv'), barcode, well)}: missing "
+                           f"(Image.csv is there; object tables {missing} are not)")
+    tables = {}
+    for comp in COMPARTMENTS:
+        path = site_dir / f"{comp}.csv"
+        tables[comp] = _read_csv_strict(path, _read_file(path, plate_dir, hasher, sources), barcode, well, comp)
+    _check_counts(image, tables, site_dir, barcode)
+    return merge_compartments(image, tables["Nuclei"], tables["Cells"], tables["Cytoplasm"])
+
+
+def _site_sort_key(site_dir: Path) -> tuple:
+    """``<barcode>-<well>-<site>`` sorts by name with a numeric site (``-2`` before ``-10``)."""
+    head, _, site = site_dir.name.rpartition("-")
+    return (head, int(site)) if site.isdigit() else (site_dir.name, 0)
+
+
+def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -> PlateResult:
+    hasher = hashlib.sha256()
+    sources: list[str] = []
+    frames, skipped = [], []
+    site_dirs = sorted((p for p in (plate_dir / "analysis").iterdir() if p.is_dir()), key=_site_sort_key)
+    if not site_dirs:
+        raise ResultsError(f"{plate_dir / 'analysis'} (plate {barcode}, well unknown): no site folders")
+    for site_dir in site_dirs:
+        cells = _read_site(site_dir, barcode, hasher, sources, plate_dir, allow_missing_objects)
+        if cells is None:
+            skipped.append(site_dir.name)
+        else:
+            frames.append(cells)
+    if not frames:
+        raise ResultsError(f"{plate_dir / 'analysis'} (plate {barcode}, well unknown): no site has object tables")
+    cells = pd.concat(frames, ignore_index=True)
+    _check_unique_sites(cells, plate_dir, barcode)
+    return PlateResult(barcode, cells, len(frames), tuple(sources), hasher.hexdigest(), from_images=False,
+                       skipped_sites=tuple(skipped))
+
+
+def _check_unique_sites(cells: pd.DataFrame, plate_dir: Path, barcode: str) -> None:
+    dup = cells.duplicated([META_WELL, META_SITE, META_OBJECT])
+    if dup.any():
+        row = cells[dup].iloc[0]
+        raise ResultsError(f"{plate_dir} (plate {barcode}, well {row[META_WELL]}): site {row[META_SITE]} "
+                           f"appears in more than one analysis folder")
+
+
+def _channel_names(n_channels: int, channel_names: Sequence[str] | None) -> list[str]:
+    if channel_names is not None:
+        return list(channel_names)
+    if n_channels == len(CHANNELS):
+        return list(CHANNELS)
+    return ["DNA"] + [f"Ch{c}" for c in range(2, n_channels + 1)]
+
+
+def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | None) -> PlateResult:
+    import tifffile
+
+    from lab_io.morphology import measure_field
+    from lab_io.phenix import parse_phenix_name
+
+    images_dir = plate_dir / "Images"
+    groups: dict[tuple[str, int], dict[int, Path]] = {}
+    for path in sorted(images_dir.iterdir()):
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            continue
+        try:
+            key = parse_phenix_name(path.name)
+        except ValueError as err:
+            raise ResultsError(f"{_where(path, barcode, None)}: {err}") from None
+        groups.setdefault((key.well, key.field), {})[key.channel] = path
+    if not groups:
+        raise ResultsError(f"{images_dir} (plate {barcode}, well unknown): no Phenix TIFF files")
+    all_channels = sorted({c for chans in groups.values() for c in chans})
+    names = _channel_names(len(all_channels), channel_names)
+    if len(names) != len(all_channels):
+        raise ResultsError(f"{images_dir} (plate {barcode}): {len(all_channels)} channels {all_channels} but "
+                           f"{len(names)} channel names {names}")
+    hasher = hashlib.sha256()
+    sources: list[str] = []
+    frames = []
+    for (well, site), chans in sorted(groups.items()):
+        missing = [c for c in all_channels if c not in chans]
+        if missing:
+            raise ResultsError(f"{images_dir} (plate {barcode}, well {well}): field {site} lacks channels {missing}")
+        planes = []
+        for c in all_channels:
+            path = chans[c]
+            raw = path.read_bytes()
+            rel = path.relative_to(plate_dir).as_posix()
+            hasher.update(rel.encode() + b"\0" + raw + b"\0")
+            sources.append(rel)
+            try:
+                plane = tifffile.imread(io.BytesIO(raw))
+            except Exception as err:  # tifffile raises several types for corrupt files
+                raise ResultsError(f"{_where(path, barcode, well)}: cannot read TIFF ({type(err).__name__}: {err})") from None
+            if plane.ndim != 2:
+                raise ResultsError(f"{_where(path, barcode, well)}: cannot read TIFF as a single-plane image "
+                                   f"(got shape {plane.shape})")
+            planes.append(plane)
+        if len({p.shape for p in planes}) != 1:
+            raise ResultsError(f"{images_dir} (plate {barcode}, well {well}): field {site} channels differ in size")
+        tables = measure_field(np.stack(planes), names)
+        image = pd.DataFrame([{"ImageNumber": 1, META_PLATE: barcode, META_WELL: well, META_SITE: site}])
+        frames.append(merge_compartments(image, tables["Nuclei"], tables["Cells"], tables["Cytoplasm"]))
+    cells = pd.concat(frames, ignore_index=True)
+    return PlateResult(barcode, cells, len(groups), tuple(sources), hasher.hexdigest(), from_images=True)
+
+
+def read_plate(plate_dir: str | Path, *, channel_names: Sequence[str] | None = None,
+               allow_missing_objects: bool = False) -> PlateResult:
+    """One plate folder -> :class:`PlateResult` (barcode = folder name); see :func:`read_results`."""
+    plate_dir = Path(plate_dir)
+    barcode = plate_dir.name
+    if (plate_dir / "analysis").is_dir():
+        result = _read_analysis(plate_dir, barcode, allow_missing_objects)
+    elif (plate_dir / "Images").is_dir():
+        result = _read_images(plate_dir, barcode, channel_names)
+    else:
+        raise ResultsError(f"{plate_dir} (plate {barcode}, well unknown): neither analysis/ nor Images/ present")
+    logger.info("read plate %s: %d cells in %d fields", barcode, len(result.cells), result.image_count)
+    return result
+
+
+def read_results(results_dir: str | Path, *, channel_names: Sequence[str] | None = None,
+                 allow_missing_objects: bool = False) -> list[PlateResult]:
+    """A results folder (folder of plate folders, or one plate folder) -> one PlateResult per plate.
+
+    ``channel_names`` names the Phenix channels ``ch1..chN`` for images-only plates (default
+    :data:`lab_io.schema.CHANNELS` for 3 channels, else ``DNA, Ch2, ...``); ch1 must be DNA.
+    ``allow_missing_objects``: a site folder with only ``Image.csv`` is skipped (logged, listed in
+    ``skipped_sites``) instead of raising; a folder missing only some object tables always raises.
+    """
+    return [read_plate(p, channel_names=channel_names, allow_missing_objects=allow_missing_objects)
+            for p in plate_dirs(results_dir)]

@@ -1,0 +1,203 @@
+"""``loop assay``: train, sample and evaluate the image virtual assay (thin wrappers over models/).
+
+Intended full commands on the 2-core CPU (defaults: autoencoder <= 12 min, each member <= 40 min)::
+
+    # plate hold-out: train on every plate but Week4_27821, evaluate on it
+    loop assay train --data ../shared/data/bbbc021 --out runs/holdout --exclude-plate Week4_27821 --members 3 --executor ray
+    loop assay evaluate --model runs/holdout --data ../shared/data/bbbc021 --plate Week4_27821 --json runs/holdout/eval.json
+    # unseen dose: train without 15 uM
+    loop assay train --data ../shared/data/bbbc021 --out runs/no15 --exclude-dose 15 --members 3 --executor ray
+    loop assay sample --model runs/no15 --compound cyclohexamide --dose-um 15 --controls Week4_27801 --n 64 --out gen.npz
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+assay_app = typer.Typer(help="Image virtual assay: conditional flow matching on single-cell crops.",
+                        no_args_is_help=True)
+log = logging.getLogger("loop.assay")
+
+
+def _setup(threads: Optional[int]) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@assay_app.command("train")
+def train(
+    data: Path = typer.Option(..., "--data", help="Crops folder (crops.npz + crops_metadata.csv)."),
+    out: Path = typer.Option(..., "--out", help="Model folder (created; an existing one is resumed)."),
+    mode: str = typer.Option("noise", "--mode", help="Source of the flow: noise | control."),
+    members: int = typer.Option(1, "--members", min=1, help="Ensemble size K."),
+    executor: str = typer.Option("local", "--executor", help="local | ray (one task per member)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
+    exclude_plate: List[str] = typer.Option([], "--exclude-plate", help="Plate to leave out (repeatable)."),
+    exclude_dose: List[float] = typer.Option([], "--exclude-dose", help="Treated dose in uM to leave out (repeatable)."),
+    seed: int = typer.Option(0, "--seed"),
+    ae_minutes: float = typer.Option(12.0, "--ae-minutes", help="Autoencoder wall-clock budget."),
+    ae_steps: int = typer.Option(2000, "--ae-steps"),
+    flow_minutes: float = typer.Option(40.0, "--flow-minutes", help="Per-member flow wall-clock budget."),
+    flow_steps: int = typer.Option(4000, "--flow-steps"),
+    hidden_dim: int = typer.Option(192, "--hidden-dim"),
+    depth: int = typer.Option(6, "--depth"),
+    heads: int = typer.Option(6, "--heads"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    time_scheme: str = typer.Option("logit_normal", "--time-scheme", help="uniform | logit_normal."),
+    image_size: int = typer.Option(64, "--image-size", help="Centre crop in px the model works at (multiple of 8)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+):
+    """Train (or resume) an image assay ensemble."""
+    _setup(threads)
+    from lab_io.crops import CropsError, load_crops
+    from models.image_assay import ImageAssayConfig, train_image_assay
+
+    try:
+        crops = load_crops(data)
+        base = ImageAssayConfig()
+        flow = replace(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
+                       time_scheme=time_scheme, dit=replace(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads))
+        config = replace(base, n_members=members, seed=seed, image_size=image_size, exclude_plates=tuple(exclude_plate),
+                         exclude_doses_um=tuple(float(d) for d in exclude_dose), flow=flow,
+                         autoencoder=replace(base.autoencoder, max_minutes=ae_minutes, max_steps=ae_steps))
+        assay = train_image_assay(crops, out, config, executor=executor, ray_address=ray_address, source=str(data))
+    except (CropsError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"trained image assay {assay.version} ({assay.n_members} member(s)) in {out}")
+
+
+def _controls(assay, controls: str, plate: Optional[str]):
+    """(PlateControls, plate id, real crops of that plate or None) from a folder or a plate id."""
+    from lab_io.crops import load_crops
+
+    path = Path(controls)
+    if path.is_dir():
+        crops = load_crops(path)
+        plates = crops.plates if plate is None else [plate]
+        if len(plates) != 1:
+            raise ValueError(f"{path}: holds plates {crops.plates}; choose one with --plate")
+        on_plate = crops.subset((crops.metadata["plate"] == plates[0]).to_numpy())
+        ctrl = on_plate.subset(on_plate.is_control)
+        if len(ctrl) == 0:
+            raise ValueError(f"{path}: plate {plates[0]} has no DMSO cells to condition on")
+        return assay.encode_controls(ctrl.images, str(path)), plates[0], on_plate
+    return assay.plate_controls(controls), controls, None
+
+
+@assay_app.command("sample")
+def sample(
+    model: Path = typer.Option(..., "--model", help="Model folder."),
+    compound: str = typer.Option(..., "--compound", help="Compound name known to the model, SMILES, or DMSO."),
+    dose_um: float = typer.Option(..., "--dose-um", help="Dose in micromolar."),
+    controls: str = typer.Option(..., "--controls", help="Crops folder with the plate's DMSO cells, or a training plate id."),
+    plate: Optional[str] = typer.Option(None, "--plate", help="Plate inside --controls when it holds several."),
+    n: int = typer.Option(64, "--n", min=1, help="Cells to generate."),
+    out: Path = typer.Option(..., "--out", help="Output .npz (images uint16 n x H x W x C); a montage PNG goes beside it."),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler | heun."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """Generate cells for a compound at a dose on a plate, plus a montage next to real cells."""
+    _setup(threads)
+    from lab_io.crops import CropsError
+    from models.image_assay import ImageAssay, resolve_compound
+    from models.image_eval import save_montage
+
+    try:
+        assay = ImageAssay.load(model)
+        fp = resolve_compound(assay, compound)
+        z_ctrl, plate_id, real_plate = _controls(assay, controls, plate)
+        images = assay.generate_ensemble(fp, dose_um, z_ctrl, n, seed, n_steps=steps, sampler=sampler,
+                                         guidance_scale=guidance)
+    except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
+        _fail(str(err))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez_compressed(tmp, images=images, compound=compound, dose_um=dose_um, plate=plate_id, seed=seed,
+                        model_version=assay.version, channel_names=np.asarray(assay.channel_names))
+    tmp.replace(out)
+    real = _real_reference(real_plate, compound, dose_um, assay.config.image_size)
+    png = out.with_suffix(".png")
+    save_montage(images, real, png, title=f"{compound} {dose_um:g} uM on {plate_id}")
+    typer.echo(f"wrote {out} ({len(images)} cells) and {png}")
+
+
+def _real_reference(real_plate, compound: str, dose_um: float, size: int):
+    """Real crops to show beside generated ones: same compound and dose on the plate, else its DMSO cells."""
+    from models.image_flow import centre_crop
+
+    if real_plate is None:
+        return None
+    meta = real_plate.metadata
+    same = ((meta["compound"].str.lower() == compound.lower()) & np.isclose(meta["concentration_um"], dose_um)).to_numpy()
+    chosen = real_plate.subset(same) if same.any() else real_plate.subset(real_plate.is_control)
+    return centre_crop(chosen.images, size)
+
+
+def _fmt(v) -> str:
+    return "    n/a" if v is None else f"{v:8.4g}"
+
+
+@assay_app.command("evaluate")
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="Model folder."),
+    data: Path = typer.Option(..., "--data", help="Crops folder (any; plates unseen in training are fine)."),
+    json_out: Path = typer.Option(..., "--json", help="Output JSON."),
+    plate: List[str] = typer.Option([], "--plate", help="Evaluate only these plates (repeatable)."),
+    dose: List[float] = typer.Option([], "--dose", help="Evaluate only these doses in uM (repeatable)."),
+    n_per_condition: int = typer.Option(200, "--n", help="Generated (and copy-control) cells per condition."),
+    max_real: Optional[int] = typer.Option(None, "--max-real", help="Subsample real treated cells per condition (default: all)."),
+    cross_doses: bool = typer.Option(False, "--cross-doses", help="Also score cells generated at the other doses."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: model config)."),
+    inception: bool = typer.Option(True, "--inception/--no-inception", help="Inception metrics (slow on CPU); off: null."),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """FID / KID (Inception and morphology) per treated condition, next to the baselines."""
+    _setup(threads)
+    from lab_io.crops import CropsError, load_crops
+    from models.image_assay import ImageAssay
+    from models.image_eval import evaluate_assay
+
+    try:
+        assay = ImageAssay.load(model)
+        crops = load_crops(data)
+        result = evaluate_assay(assay, crops, n_per_condition=n_per_condition, seed=seed, plates=plate or None,
+                                doses_um=dose or None, n_steps=steps, source=str(data), max_real=max_real,
+                                cross_doses=cross_doses, guidance_scale=guidance,
+                                inception=inception)
+    except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
+        _fail(str(err))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_out.with_name(json_out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(json_out)
+    for cond in result["conditions"]:
+        typer.echo(f"{cond['plate']} {cond['compound']} {cond['dose_um']:g} uM (n_real={cond['n_real']}):")
+        rows = [(name, cond[name]) for name in ("model", "copy_control", "unconditional", "real_floor")]
+        rows += [(f"model@{d}uM", m) for d, m in cond.get("model_at_dose", {}).items()]
+        for name, m in rows:
+            typer.echo(f"  {name:>14}: " + "  ".join(f"{k} {_fmt(m[k])}" for k in
+                                                      ("fid_inception", "kid_inception", "fid_morph", "kid_morph")))
+        if "ensemble_disagreement" in cond:
+            typer.echo(f"  ensemble disagreement (mean member-profile variance): {cond['ensemble_disagreement']:.4f}")
+    typer.echo(f"wrote {json_out}")

@@ -1,0 +1,157 @@
+"""``loop backtest``: simulated campaigns against the synthetic lab.
+
+Each (seed, policy) runs the real loop — the same propose, lab, ingest and train functions
+the CLI calls — in a throw-away campaign folder, and scores it with the lab's ground truth
+(reachable only here, through ``GroundTruth.for_smiles``): the cumulative fraction of the
+library's ground-truth actives that the campaign has measured after each round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lab_io.ground_truth import GroundTruth
+from loop.campaign import Campaign, CampaignConfig
+from loop.ingest import ingest_results
+from loop.lab import run_synthetic_lab
+from loop.library import add_virtual_library, load_compounds
+from loop.propose import POLICIES, propose
+from loop.status import campaign_status
+from loop.train import train_assay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BacktestConfig:
+    n_compounds: int = 5000
+    n_rounds: int = 3
+    batch_wells: int = 96
+    n_seeds: int = 5
+    policies: tuple[str, ...] = ("loop", "random")
+    library_seed: int = 0
+    dose_um: float = 10.0
+    n_negative_controls: int = 16
+    lab_world_seed: int = 0
+    assay: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)
+
+
+def run_backtest(config: BacktestConfig, work_dir: Path | None = None) -> dict:
+    """Returns ``{"policies": {name: {"hit_fraction_mean": [...], "hit_fraction_sd": [...]}}, ...}``."""
+    unknown = [p for p in config.policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    keep = work_dir is not None
+    root = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix="loop-backtest-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        template = _library_template(root / "template", config)
+        actives = _ground_truth_actives(template, config)
+        log.info("backtest library: %d compounds, %d ground-truth actives", config.n_compounds, len(actives))
+        curves = {p: [] for p in config.policies}
+        for seed in range(config.n_seeds):
+            for policy in config.policies:
+                run_dir = root / f"seed{seed}-{policy}"
+                curves[policy].append(_run_campaign(template, run_dir, policy, seed, config, actives))
+                log.info("seed %d %s: %s", seed, policy, ", ".join(f"{f:.3f}" for f in curves[policy][-1]))
+                if not keep:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return {
+        "config": dataclasses.asdict(config),
+        "n_actives": len(actives),
+        "policies": {
+            p: {
+                "hit_fraction_mean": np.mean(c, axis=0).tolist(),
+                "hit_fraction_sd": np.std(c, axis=0, ddof=1).tolist() if len(c) > 1 else [0.0] * config.n_rounds,
+                "per_seed": [list(map(float, row)) for row in c],
+            }
+            for p, c in curves.items()
+        },
+    }
+
+
+def _library_template(path: Path, config: BacktestConfig) -> Path:
+    """A campaign with the library registered once, copied for every (seed, policy)."""
+    campaign_config = CampaignConfig(
+        dose_um=config.dose_um, layout=dict(n_negative_controls=config.n_negative_controls),
+        lab_world_seed=config.lab_world_seed, assay=dict(config.assay), selection=dict(config.selection),
+    )
+    campaign = Campaign.init(path, campaign_config)
+    add_virtual_library(campaign, config.n_compounds, seed=config.library_seed)
+    campaign.engine.dispose()
+    return path
+
+
+def _ground_truth_actives(template: Path, config: BacktestConfig) -> set[str]:
+    compounds = load_compounds(Campaign.open(template))
+    truth = GroundTruth(world_seed=config.lab_world_seed).for_smiles(compounds["smiles"].tolist())
+    return set(compounds["compound_id"][truth["is_active"].to_numpy()])
+
+
+def _run_campaign(template: Path, run_dir: Path, policy: str, seed: int, config: BacktestConfig,
+                  actives: set[str]) -> list[float]:
+    shutil.copytree(template, run_dir)
+    campaign = Campaign.open(run_dir)
+    campaign.config = dataclasses.replace(campaign.config, seed=seed)
+    fractions = []
+    for round_index in range(1, config.n_rounds + 1):
+        result = propose(campaign, config.batch_wells, policy=policy, seed=seed * 1000 + round_index)
+        results_dir = run_dir / "results" / f"round-{round_index:03d}"
+        run_synthetic_lab(result.out_dir, results_dir, campaign=campaign, seed=seed * 1000 + round_index,
+                          write_images=False)
+        ingest_results(campaign, results_dir)
+        fractions.append(_found_fraction(campaign, actives))
+        if policy in ("loop", "greedy_mean") and round_index < config.n_rounds:
+            train_assay(campaign)
+    status = campaign_status(campaign)
+    log.debug("campaign %s: %s", run_dir, status)
+    campaign.engine.dispose()
+    return fractions
+
+
+def _found_fraction(campaign: Campaign, actives: set[str]) -> float:
+    from sqlmodel import select
+
+    from loop import store
+
+    with campaign.session() as session:
+        measured = set(session.exec(select(store.Measurement.compound_id)).all())
+    return len(measured & actives) / max(len(actives), 1)
+
+
+def plot_curves(result: dict, png: Path) -> Path:
+    """Cumulative fraction of actives found per round, mean ± sd over seeds, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for name, curve in result["policies"].items():
+        mean = np.asarray(curve["hit_fraction_mean"])
+        sd = np.asarray(curve["hit_fraction_sd"])
+        rounds = np.arange(1, len(mean) + 1)
+        ax.plot(rounds, mean, marker="o", label=name)
+        ax.fill_between(rounds, mean - sd, mean + sd, alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("fraction of actives found")
+    ax.set_xticks(np.arange(1, len(mean) + 1))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return png

@@ -1,0 +1,153 @@
+"""The campaign: one folder holding a loop's configuration, store and files.
+
+    campaign/
+      campaign.json                 CampaignConfig (to_json / from_json)
+      campaign.db                   SQLite store (default; any SQLAlchemy URL instead)
+      library/fingerprints.npy      packed Morgan fingerprints, row = Compound.fp_row
+      rounds/round-NNN/             plate files emitted for the lab, round config
+      measurements/<barcode>.*      ingested single cells and well profiles (Parquet)
+      models/<version>/             trained virtual assays
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from loop import store
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "campaign.json"
+DB_FILE = "campaign.db"
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """Everything that decides what the loop does; saved in ``campaign.json`` and with every round."""
+
+    seed: int = 0
+    dose_um: float = 10.0
+    # Plate layout (lab_io.platemap.PlateLayoutConfig keyword arguments).
+    layout: dict[str, Any] = field(default_factory=dict)
+    # Batch selection (acquisition.select.SelectionConfig keyword arguments).
+    selection: dict[str, Any] = field(default_factory=dict)
+    # Virtual assay (models.config.FeatureAssayConfig keyword arguments).
+    assay: dict[str, Any] = field(default_factory=dict)
+    # Synthetic lab used by `loop lab run` and backtests (lab_io.synthetic_lab.SyntheticLabConfig).
+    lab: dict[str, Any] = field(default_factory=dict)
+    lab_world_seed: int = 0
+    # A well is a hit when its activity exceeds the plate's DMSO activity mean + hit_sd x sd.
+    hit_sd: float = 3.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CampaignConfig":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown campaign config keys: {unknown}")
+        return cls(**data)
+
+
+class CampaignError(RuntimeError):
+    """A campaign folder is missing, malformed or inconsistent."""
+
+
+class Campaign:
+    """A campaign folder, its config and its store."""
+
+    def __init__(self, root: Path, config: CampaignConfig, engine: Engine):
+        self.root = Path(root)
+        self.config = config
+        self.engine = engine
+
+    # -- opening -----------------------------------------------------------------------
+    @classmethod
+    def init(cls, root: Path, config: CampaignConfig | None = None, db_url: str | None = None) -> "Campaign":
+        root = Path(root)
+        if (root / CONFIG_FILE).exists():
+            raise CampaignError(f"{root / CONFIG_FILE} already exists: this folder is a campaign")
+        root.mkdir(parents=True, exist_ok=True)
+        config = config or CampaignConfig()
+        _atomic_write_text(root / CONFIG_FILE, config.to_json())
+        for sub in ("library", "rounds", "measurements", "models"):
+            (root / sub).mkdir(exist_ok=True)
+        return cls(root, config, store.make_engine(resolve_db_url(root, db_url)))
+
+    @classmethod
+    def open(cls, root: Path, db_url: str | None = None) -> "Campaign":
+        root = Path(root)
+        path = root / CONFIG_FILE
+        if not path.exists():
+            raise CampaignError(f"no campaign at {root} (missing {CONFIG_FILE}); run `loop init` first")
+        try:
+            config = CampaignConfig.from_json(path.read_text())
+        except (ValueError, TypeError) as exc:
+            raise CampaignError(f"{path}: {exc}") from exc
+        return cls(root, config, store.make_engine(resolve_db_url(root, db_url)))
+
+    def session(self) -> Session:
+        return Session(self.engine)
+
+    # -- paths -------------------------------------------------------------------------
+    @property
+    def fingerprints_path(self) -> Path:
+        return self.root / "library" / "fingerprints.npy"
+
+    def round_dir(self, index: int) -> Path:
+        return self.root / "rounds" / f"round-{index:03d}"
+
+    @property
+    def measurements_dir(self) -> Path:
+        return self.root / "measurements"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def relative(self, path: Path) -> str:
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def absolute(self, rel: str) -> Path:
+        path = Path(rel)
+        return path if path.is_absolute() else self.root / path
+
+    # -- fingerprints ------------------------------------------------------------------
+    def load_fingerprints(self) -> np.ndarray:
+        """uint8 n_compounds x 256 packed Morgan fingerprints (row = Compound.fp_row)."""
+        if not self.fingerprints_path.exists():
+            return np.zeros((0, 256), dtype=np.uint8)
+        return np.load(self.fingerprints_path, mmap_mode="r")
+
+    def save_fingerprints(self, fingerprints: np.ndarray) -> None:
+        tmp = self.fingerprints_path.with_suffix(".tmp.npy")
+        np.save(tmp, np.ascontiguousarray(fingerprints, dtype=np.uint8))
+        os.replace(tmp, self.fingerprints_path)
+
+
+def resolve_db_url(root: Path, db_url: str | None) -> str:
+    """``--db-url`` beats ``LOOP_DB_URL`` beats the SQLite file in the campaign folder."""
+    return db_url or os.environ.get("LOOP_DB_URL") or f"sqlite:///{Path(root).resolve() / DB_FILE}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,272 @@
+"""``loop``: the command line of the lab-in-the-loop system (typer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(help="Virtual assays in a closed loop with a Cell Painting lab.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+library_app = typer.Typer(help="Compound libraries.", no_args_is_help=True)
+lab_app = typer.Typer(help="The synthetic lab (stands in for the wet lab).", no_args_is_help=True)
+app.add_typer(library_app, name="library")
+app.add_typer(lab_app, name="lab")
+
+console = Console(stderr=True)
+out = Console()
+log = logging.getLogger("loop")
+
+
+class State:
+    campaign_dir: Path = Path("campaign")
+    db_url: Optional[str] = None
+
+
+state = State()
+
+
+@app.callback()
+def main(
+    campaign: Path = typer.Option(Path("campaign"), "--campaign", envvar="LOOP_CAMPAIGN",
+                                  help="Campaign folder."),
+    db_url: Optional[str] = typer.Option(None, "--db-url", envvar="LOOP_DB_URL",
+                                         help="SQLAlchemy URL of the store (default: SQLite in the campaign)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+):
+    state.campaign_dir = campaign
+    state.db_url = db_url
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+    for noisy in ("prefect", "httpx", "ray", "botorch", "linear_operator"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from loop.runtime import configure_torch_threads
+
+    configure_torch_threads()
+
+
+@contextmanager
+def _cli_errors():
+    """Known failures become one red line and exit code 1, not a traceback."""
+    from lab_io.results import ResultsError
+    from loop.campaign import CampaignError
+    from loop.ingest import IngestError
+    from loop.train import NothingToTrainOn
+
+    try:
+        yield
+    except (CampaignError, IngestError, ResultsError, NothingToTrainOn, ValueError, FileNotFoundError,
+            FileExistsError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=1) from None
+
+
+def _open():
+    from loop.campaign import Campaign
+
+    return Campaign.open(state.campaign_dir, db_url=state.db_url)
+
+
+@app.command()
+def init(
+    seed: int = typer.Option(0, help="Campaign seed."),
+    dose_um: float = typer.Option(10.0, "--dose-um", help="Dose at which compounds are proposed (uM)."),
+    n_controls: int = typer.Option(16, "--n-controls", help="DMSO wells per plate."),
+    empty_edge: bool = typer.Option(False, "--empty-edge/--no-empty-edge", help="Leave the outer ring empty."),
+    config: Optional[Path] = typer.Option(None, help="A campaign.json to start from."),
+):
+    """Create a campaign folder and its store."""
+    from loop.campaign import Campaign, CampaignConfig
+
+    with _cli_errors():
+        if config is not None:
+            cfg = CampaignConfig.from_json(config.read_text())
+        else:
+            cfg = CampaignConfig(seed=seed, dose_um=dose_um,
+                                 layout=dict(n_negative_controls=n_controls, empty_edge=empty_edge))
+        campaign = Campaign.init(state.campaign_dir, cfg, db_url=state.db_url)
+    out.print(f"initialised campaign at {campaign.root}")
+
+
+@library_app.command("add")
+def library_add(
+    file: Optional[Path] = typer.Argument(None, help="CSV/TSV/SMI/Parquet with a SMILES column."),
+    virtual: int = typer.Option(0, "--virtual", help="Instead of FILE: register N compounds of the embedded "
+                                                     "combinatorial library."),
+    seed: int = typer.Option(0, help="Seed of the embedded library."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Worker processes (default: all cores)."),
+):
+    """Register compounds (RDKit standardisation, InChIKey de-duplication, Morgan fingerprints)."""
+    from loop.library import add_library_file, add_virtual_library
+
+    with _cli_errors():
+        campaign = _open()
+        if (file is None) == (virtual <= 0):
+            raise ValueError("give either FILE or --virtual N")
+        with console.status("standardising and fingerprinting compounds..."):
+            if file is not None:
+                if not file.exists():
+                    raise FileNotFoundError(f"{file}: no such file")
+                report = add_library_file(campaign, file, n_jobs=jobs)
+            else:
+                report = add_virtual_library(campaign, virtual, seed=seed)
+    out.print(f"{report.source}: {report.n_added} added, {report.n_already_registered} already registered, "
+              f"{report.n_duplicate_in_file} duplicates in file, {report.n_invalid} invalid (skipped)")
+    for line, raw, reason in report.errors[:10]:
+        out.print(f"  line {line}: {raw!r}: {reason}")
+
+
+@app.command()
+def train(
+    executor: str = typer.Option("local", help="local | ray"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS"),
+    members: Optional[int] = typer.Option(None, "--members", help="Ensemble size (default from config)."),
+):
+    """Train a new virtual-assay ensemble on everything ingested."""
+    from loop.train import train_assay
+
+    with _cli_errors():
+        campaign = _open()
+        overrides = {} if members is None else {"n_members": members}
+        with console.status(f"training the virtual assay ensemble ({executor})..."):
+            ensemble = train_assay(campaign, executor=executor, ray_address=ray_address, config_overrides=overrides)
+    out.print(f"model version {ensemble.version}: {ensemble.n_members} members")
+
+
+@app.command()
+def propose(
+    budget: int = typer.Option(384, "--budget", help="Wells to fill, controls included."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the plate files "
+                                                               "(default: a round folder in the campaign)."),
+    policy: str = typer.Option("loop", help="loop | random | greedy_mean | diversity_only"),
+    seed: Optional[int] = typer.Option(None, help="Seed (default: derived from campaign seed and round)."),
+):
+    """Score candidates with the virtual assay and write plate maps for the lab."""
+    from loop.propose import propose as run_propose
+
+    with _cli_errors():
+        campaign = _open()
+        with console.status("scoring candidates and laying out plates..."):
+            result = run_propose(campaign, budget, out_dir=out_dir, policy=policy, seed=seed)
+    out.print(f"round {result.round_index}: {result.n_treatments} compounds, {result.n_wells} wells on "
+              f"{len(result.barcodes)} plate(s) ({', '.join(result.barcodes)})")
+    out.print(f"plate files: {result.out_dir}")
+    for name, path in sorted(result.files.items()):
+        out.print(f"  {name}: {path}")
+
+
+@lab_app.command("run")
+def lab_run(
+    plates_dir: Path = typer.Argument(..., help="Folder of plate files written by `loop propose`."),
+    results_dir: Path = typer.Option(..., "--out", help="Where the lab writes its results."),
+    seed: int = typer.Option(0, help="Lab seed (noise, cell placement)."),
+    no_images: bool = typer.Option(False, "--no-images", help="Write CellProfiler tables only."),
+):
+    """Run plates through the synthetic lab: Phenix TIFFs + CellProfiler tables."""
+    from loop.lab import run_synthetic_lab
+
+    with _cli_errors():
+        campaign = _open() if (state.campaign_dir / "campaign.json").exists() else None
+        with console.status("the synthetic lab is imaging plates..."):
+            barcodes = run_synthetic_lab(plates_dir, results_dir, campaign=campaign, seed=seed,
+                                         write_images=not no_images)
+    out.print(f"lab returned {len(barcodes)} plate(s) in {results_dir}: {', '.join(barcodes)}")
+
+
+@app.command()
+def ingest(results_dir: Path = typer.Argument(..., help="Results folder returned by the lab.")):
+    """Import plate results (one transaction per plate; re-imports are no-ops)."""
+    from loop.ingest import ingest_results
+
+    with _cli_errors():
+        campaign = _open()
+        if not results_dir.exists():
+            raise FileNotFoundError(f"{results_dir}: no such results folder")
+        with console.status("reading and checking results..."):
+            reports = ingest_results(campaign, results_dir)
+    table = Table(title="ingest QC")
+    for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits",
+                "missing wells"):
+        table.add_column(col)
+    for r in reports:
+        table.add_row(r.barcode, r.status, str(r.n_wells), str(r.n_cells),
+                      f"{r.cells_per_well_median:.0f}, {r.cells_per_well_min}",
+                      f"{r.control_activity_mean:.2f} ± {r.control_activity_sd:.2f}", str(r.n_hits),
+                      str(len(r.missing_wells)))
+    out.print(table)
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Rounds, plates pending and returned, compounds, measurements, model versions, hits."""
+    from loop.status import campaign_status
+
+    with _cli_errors():
+        info = campaign_status(_open())
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    table = Table(title=f"campaign {info['campaign']}", show_header=False)
+    for key, value in info.items():
+        if key != "campaign":
+            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    out.print(table)
+
+
+@app.command()
+def backtest(
+    compounds: int = typer.Option(5000, help="Library size (synthetic lab)."),
+    rounds: int = typer.Option(3, help="Rounds per seed."),
+    batch_size: int = typer.Option(96, "--batch-size", help="Wells per round, controls included."),
+    seeds: int = typer.Option(5, help="Number of seeds."),
+    policies: str = typer.Option("loop,random", help="Comma-separated policies."),
+    profiles: Optional[Path] = typer.Option(None, "--profiles", help="Real profile table (CSV/Parquet): "
+                                                                     "backtest by lookup instead of the "
+                                                                     "synthetic lab."),
+    control_label: str = typer.Option("DMSO", "--control-label"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the curves as JSON."),
+    png_out: Optional[Path] = typer.Option(None, "--png", help="Curves figure (default next to --json)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Keep the simulated campaigns here."),
+):
+    """Simulated rounds: the loop's policy against random; cumulative fraction of actives found."""
+    from loop.backtest import BacktestConfig, plot_curves, run_backtest
+
+    with _cli_errors():
+        if profiles is not None:
+            raise ValueError("--profiles (real-profile backtest) is not implemented yet (issue #4)")
+        cfg = BacktestConfig(n_compounds=compounds, n_rounds=rounds, batch_wells=batch_size, n_seeds=seeds,
+                             policies=tuple(p.strip() for p in policies.split(",") if p.strip()))
+        result = run_backtest(cfg, work_dir=work_dir)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+        out.print(f"wrote {json_out}")
+    png = png_out or (json_out.with_suffix(".png") if json_out else Path("backtest.png"))
+    plot_curves(result, png)
+    out.print(f"wrote {png}")
+    for name, curve in result["policies"].items():
+        means = ", ".join(f"{m:.3f}±{s:.3f}" for m, s in zip(curve["hit_fraction_mean"], curve["hit_fraction_sd"]))
+        out.print(f"{name:>15}: {means}")
+
+
+def _mount_assay_app() -> None:
+    try:
+        from loop.assay_cli import assay_app
+    except ImportError as exc:  # pragma: no cover - only while the image assay is absent
+        log.debug("image assay CLI unavailable: %s", exc)
+        return
+    app.add_typer(assay_app, name="assay")
+
+
+_mount_assay_app()
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,201 @@
+"""``loop ingest RESULTS_DIR``: import what the lab returned.
+
+Order of work: parse every plate in the folder, check every plate against the campaign
+(barcode emitted by us, wells in its map), and only then write. A whole plate is one
+transaction; re-importing identical results is a no-op that says so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlmodel import Session, select
+
+from lab_io import profiles as profiling
+from lab_io.results import PlateResult, read_results
+from lab_io.schema import (
+    META_COMPOUND,
+    META_DOSE,
+    META_PLATE,
+    META_ROLE,
+    META_WELL,
+    WellRole,
+)
+from loop import store
+from loop.campaign import Campaign
+
+log = logging.getLogger(__name__)
+
+
+class IngestError(ValueError):
+    """Results that do not belong to this campaign or do not match its plate maps."""
+
+
+@dataclass(frozen=True)
+class PlateQC:
+    barcode: str
+    status: str  # imported | already imported
+    n_wells: int = 0
+    n_cells: int = 0
+    cells_per_well_median: float = 0.0
+    cells_per_well_min: int = 0
+    control_activity_mean: float = float("nan")
+    control_activity_sd: float = float("nan")
+    n_hits: int = 0
+    missing_wells: list[str] = field(default_factory=list)
+
+
+def ingest_results(campaign: Campaign, results_dir: Path) -> list[PlateQC]:
+    """Import every plate under ``results_dir``; nothing is written unless all plates check out."""
+    results_dir = Path(results_dir)
+    plates = read_results(results_dir)
+    if not plates:
+        raise IngestError(f"{results_dir}: no plate folders with results found")
+    with campaign.session() as session:
+        plans = [_check_plate(session, plate, results_dir) for plate in plates]
+    reports = []
+    for plate, well_map in plans:
+        if well_map is None:
+            log.info("plate %s: these results were already imported; nothing to do", plate.barcode)
+            reports.append(PlateQC(barcode=plate.barcode, status="already imported"))
+            continue
+        reports.append(_record_plate(campaign, plate, well_map))
+    return reports
+
+
+def _check_plate(session: Session, plate: PlateResult, results_dir: Path) -> tuple[PlateResult, pd.DataFrame | None]:
+    row = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).first()
+    if row is None:
+        raise IngestError(
+            f"{results_dir / plate.barcode}: plate barcode {plate.barcode!r} was not emitted by this campaign"
+        )
+    if row.status == "returned":
+        if row.results_fingerprint == plate.fingerprint:
+            return plate, None
+        raise IngestError(
+            f"{results_dir / plate.barcode}: plate {plate.barcode} was already imported from different files; "
+            "refusing to overwrite its measurements"
+        )
+    wells = session.exec(select(store.Well).where(store.Well.barcode == plate.barcode)).all()
+    well_map = pd.DataFrame(
+        [dict(well=w.well, role=w.role, compound_id=w.compound_id, dose_um=w.dose_um) for w in wells]
+    )
+    used = set(well_map.loc[well_map["role"] != WellRole.empty.value, "well"])
+    measured = set(plate.cells[META_WELL].unique())
+    outside = sorted(measured - used)
+    if outside:
+        raise IngestError(
+            f"{results_dir / plate.barcode}: plate {plate.barcode} has results for well(s) {', '.join(outside[:10])} "
+            "that are not in its plate map (empty or unknown)"
+        )
+    return plate, well_map
+
+
+def annotate_cells(cells: pd.DataFrame, well_map: pd.DataFrame) -> pd.DataFrame:
+    """Attach compound, dose and role from the plate map to single-cell rows."""
+    lookup = well_map.set_index("well")
+    wells = cells[META_WELL]
+    out = cells.copy()
+    out[META_COMPOUND] = wells.map(lookup["compound_id"]).fillna("").astype(str).to_numpy()
+    out[META_DOSE] = wells.map(lookup["dose_um"]).astype(float).to_numpy()
+    out[META_ROLE] = wells.map(lookup["role"]).astype(str).to_numpy()
+    return out
+
+
+def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
+    """Per-well median profiles normalised to the plate's DMSO wells, with activity and hit calls."""
+    wells = profiling.aggregate_wells(cells)  # carries the per-well constant Metadata_* columns
+    controls = (wells[META_ROLE] == WellRole.negative_control.value).to_numpy()
+    if not controls.any():
+        raise IngestError(f"plate {wells[META_PLATE].iloc[0]}: no negative-control (DMSO) wells with cells")
+    features = profiling.feature_select(wells)
+    normalized = profiling.normalize_to_controls(wells, controls, features=features)
+    activity = profiling.phenotypic_activity(normalized, features)
+    ctrl = activity[controls]
+    threshold = ctrl.mean() + hit_sd * ctrl.std(ddof=1) if controls.sum() > 1 else np.inf
+    is_hit = (activity > threshold) & (normalized[META_ROLE] == WellRole.treatment.value).to_numpy()
+    return pd.concat([normalized, pd.DataFrame({"Metadata_activity": activity, "Metadata_is_hit": is_hit},
+                                               index=normalized.index)], axis=1)
+
+
+def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame) -> PlateQC:
+    cells = annotate_cells(plate.cells, well_map)
+    wells = well_profiles(cells, campaign.config.hit_sd)
+    cells_path = campaign.measurements_dir / f"{plate.barcode}.cells.parquet"
+    profiles_path = campaign.measurements_dir / f"{plate.barcode}.wells.parquet"
+    written = _write_parquets({cells_path: cells, profiles_path: wells})
+    n_cells = cells.groupby(META_WELL).size()
+    measured = wells.set_index(META_WELL)
+    mapped = well_map[well_map["role"] != WellRole.empty.value]
+    try:
+        with campaign.session() as session:
+            # Every mapped well gets a row: a well the lab imaged but where no cell survived
+            # (e.g. a toxic compound) is a measurement too, with n_cells = 0 and no profile.
+            rows = [
+                dict(
+                    barcode=plate.barcode,
+                    well=w["well"],
+                    role=w["role"],
+                    compound_id=w["compound_id"] or None,
+                    dose_um=float(w["dose_um"]),
+                    n_cells=int(n_cells.get(w["well"], 0)),
+                    activity=float(measured.at[w["well"], "Metadata_activity"]) if w["well"] in measured.index
+                    else None,
+                    is_hit=bool(measured.at[w["well"], "Metadata_is_hit"]) if w["well"] in measured.index
+                    else False,
+                    cells_path=campaign.relative(cells_path),
+                    profiles_path=campaign.relative(profiles_path),
+                )
+                for w in mapped.to_dict("records")
+            ]
+            store.bulk_insert(session, store.Measurement, rows)
+            db_plate = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).one()
+            db_plate.status = "returned"
+            db_plate.results_fingerprint = plate.fingerprint
+            db_plate.returned_at = store.utcnow()
+            session.add(db_plate)
+            session.commit()
+    except Exception:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return _qc(plate.barcode, wells, n_cells, well_map)
+
+
+def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
+    written = []
+    try:
+        for path, frame in frames.items():
+            tmp = path.with_name(path.name + ".tmp")
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+            written.append(path)
+    except Exception:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, well_map: pd.DataFrame) -> PlateQC:
+    controls = wells[META_ROLE] == WellRole.negative_control.value
+    ctrl = wells.loc[controls, "Metadata_activity"]
+    expected = set(well_map.loc[well_map["role"] != WellRole.empty.value, "well"])
+    return PlateQC(
+        barcode=barcode,
+        status="imported",
+        n_wells=len(wells),
+        n_cells=int(n_cells.sum()),
+        cells_per_well_median=float(n_cells.median()),
+        cells_per_well_min=int(n_cells.min()),
+        control_activity_mean=float(ctrl.mean()),
+        control_activity_sd=float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan"),
+        n_hits=int(wells["Metadata_is_hit"].sum()),
+        missing_wells=sorted(expected - set(wells[META_WELL])),
+    )

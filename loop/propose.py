@@ -1,0 +1,202 @@
+"""``loop propose --budget 384``: choose compounds and emit the plate files for the lab.
+
+Reads top to bottom: candidates -> predictions -> selection -> plate layouts -> files -> store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sqlmodel import select
+
+from acquisition.objectives import phenotypic_activity
+from acquisition.select import SelectionConfig, select_batch, select_cold_start
+from lab_io.platemap import PlateLayoutConfig, design_plates, treatment_capacity, write_plate_files
+from lab_io.schema import WellRole
+from loop import store
+from loop.campaign import Campaign
+from loop.library import load_compounds
+from loop.train import latest_model
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("loop", "random", "greedy_mean", "diversity_only")
+
+
+@dataclass(frozen=True)
+class ProposalResult:
+    round_index: int
+    out_dir: Path
+    barcodes: list[str]
+    n_treatments: int
+    n_wells: int
+    policy: str
+    model_version: str | None
+    files: dict[str, Path]
+
+
+def next_round_index(campaign: Campaign) -> int:
+    with campaign.session() as session:
+        last = session.exec(select(store.Round.index).order_by(store.Round.index.desc())).first()
+    return 1 if last is None else int(last) + 1
+
+
+def candidate_table(campaign: Campaign) -> tuple[pd.DataFrame, np.ndarray]:
+    """Compounds never measured, with a flag for those on plates still in the lab (pending)."""
+    compounds = load_compounds(campaign)
+    with campaign.session() as session:
+        measured = set(session.exec(select(store.Measurement.compound_id).where(
+            store.Measurement.compound_id.is_not(None))).all())
+        pending = set(session.exec(
+            select(store.Well.compound_id)
+            .join(store.Plate, store.Plate.barcode == store.Well.barcode)
+            .where(store.Plate.status == "pending", store.Well.role == WellRole.treatment.value)
+        ).all())
+    candidates = compounds[~compounds["compound_id"].isin(measured)].reset_index(drop=True)
+    return candidates, candidates["compound_id"].isin(pending).to_numpy()
+
+
+def choose_compounds(
+    campaign: Campaign,
+    candidates: pd.DataFrame,
+    pending: np.ndarray,
+    q: int,
+    policy: str,
+    seed: int,
+) -> tuple[np.ndarray, pd.DataFrame, str | None]:
+    """Indices into ``candidates`` and a per-pick summary (acquisition value, member mean and sd)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    fps = np.asarray(campaign.load_fingerprints())[candidates["fp_row"].to_numpy()]
+    eligible = ~pending
+    rng = np.random.default_rng(seed)
+    model = None if policy in ("random", "diversity_only") else latest_model(campaign)
+    if policy == "random":
+        picks = rng.choice(np.flatnonzero(eligible), size=q, replace=False)
+        return picks, _summary(picks, None, "random"), None
+    if policy == "diversity_only" or model is None:
+        if model is None and policy != "diversity_only":
+            log.info("no trained virtual assay yet: cold start with a structurally diverse (MaxMin) batch")
+        picks = select_cold_start(fps, q, seed=seed, exclude=pending).indices
+        return picks, _summary(picks, None, "maxmin"), None
+    profiles = model.predict_profiles(fps, np.full(len(candidates), campaign.config.dose_um), seed=seed)
+    values = phenotypic_activity(torch.from_numpy(profiles)).numpy()  # K x N
+    sel_cfg = SelectionConfig(**{**campaign.config.selection, "seed": seed})
+    if policy == "greedy_mean":
+        sel_cfg = SelectionConfig(**{**campaign.config.selection, "seed": seed, "acquisition": "mean",
+                                     "diversity_penalty": 0.0, "exploration_fraction": 0.0})
+    best_f = _best_observed_activity(campaign)
+    selection = select_batch(values, fps, q, sel_cfg, exclude=pending, pending=np.flatnonzero(pending),
+                             best_f=best_f)
+    return selection.indices, _summary(selection.indices, values, sel_cfg.acquisition, selection.acq_values), \
+        model.version
+
+
+def _best_observed_activity(campaign: Campaign) -> float | None:
+    with campaign.session() as session:
+        best = session.exec(select(store.Measurement.activity).where(
+            store.Measurement.role == WellRole.treatment.value, store.Measurement.activity.is_not(None))
+            .order_by(store.Measurement.activity.desc())).first()
+    return None if best is None else float(best)
+
+
+def _summary(picks: np.ndarray, values: np.ndarray | None, acquisition: str,
+             acq_values: np.ndarray | None = None) -> pd.DataFrame:
+    n = len(picks)
+    if values is None:
+        return pd.DataFrame(dict(acquisition=[acquisition] * n, acq_value=np.full(n, np.nan),
+                                 pred_mean=np.full(n, np.nan), pred_sd=np.full(n, np.nan)))
+    member_values = np.asarray(values)[:, picks]
+    return pd.DataFrame(dict(
+        acquisition=[acquisition] * n,
+        acq_value=np.asarray(acq_values, dtype=float) if acq_values is not None else np.full(n, np.nan),
+        pred_mean=member_values.mean(axis=0),
+        pred_sd=member_values.std(axis=0, ddof=1) if member_values.shape[0] > 1 else np.zeros(n),
+    ))
+
+
+def propose(
+    campaign: Campaign,
+    budget_wells: int,
+    *,
+    out_dir: Path | None = None,
+    policy: str = "loop",
+    seed: int | None = None,
+) -> ProposalResult:
+    """Pick compounds for ``budget_wells`` wells (controls included) and write plate files."""
+    if budget_wells <= 0:
+        raise ValueError(f"--budget must be a positive number of wells, got {budget_wells}")
+    round_index = next_round_index(campaign)
+    seed = campaign.config.seed * 1000 + round_index if seed is None else seed
+    layout_cfg = PlateLayoutConfig(**campaign.config.layout)
+    candidates, pending = candidate_table(campaign)
+    n_eligible = int((~pending).sum())
+    if n_eligible == 0:
+        raise ValueError(f"{campaign.root}: no unmeasured, non-pending compounds left to propose")
+    q = min(treatment_capacity(budget_wells, layout_cfg), n_eligible)
+    if q <= 0:
+        raise ValueError(f"a budget of {budget_wells} wells cannot hold one treatment plus the plate's controls")
+
+    picks, summary, model_version = choose_compounds(campaign, candidates, pending, q, policy, seed)
+    chosen = candidates.iloc[picks].reset_index(drop=True)
+    treatments = [(cid, float(campaign.config.dose_um)) for cid in chosen["compound_id"]]
+    with campaign.session() as session:
+        n_plates = store.count(session, store.Plate)
+    layouts = design_plates(treatments, layout_cfg, seed=seed, plate_index_start=n_plates + 1,
+                           budget_wells=budget_wells)
+
+    out_dir = Path(out_dir) if out_dir is not None else campaign.round_dir(round_index) / "plates"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; choose another --out folder")
+    config_json = json.dumps(dict(campaign=json.loads(campaign.config.to_json()), policy=policy, seed=seed,
+                                  budget_wells=budget_wells, model_version=model_version))
+    try:
+        files = write_plate_files(layouts, chosen[["compound_id", "name", "smiles", "inchikey"]], out_dir)
+        (out_dir / "round_config.json").write_text(config_json)
+        _record_round(campaign, round_index, policy, model_version, out_dir, config_json, layouts, chosen, summary)
+    except Exception:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    n_wells = sum(int((lay.wells["role"] != WellRole.empty.value).sum()) for lay in layouts)
+    log.info("round %d: %d compounds on %d plate(s), %d wells -> %s", round_index, len(chosen), len(layouts),
+             n_wells, out_dir)
+    return ProposalResult(round_index, out_dir, [lay.barcode for lay in layouts], len(chosen), n_wells, policy,
+                          model_version, files)
+
+
+def _record_round(campaign, round_index, policy, model_version, out_dir, config_json, layouts, chosen, summary):
+    """Round, plates, wells and proposals in one transaction."""
+    with campaign.session() as session:
+        session.add(store.Round(index=round_index, policy=policy, model_version=model_version,
+                                out_dir=campaign.relative(out_dir), config_json=config_json))
+        for lay in layouts:
+            session.add(store.Plate(barcode=lay.barcode, plate_map_name=lay.plate_map_name, round_index=round_index,
+                                    layout_path=campaign.relative(out_dir)))
+        session.flush()
+        well_rows = [
+            dict(barcode=lay.barcode, well=w["well"], role=w["role"], compound_id=(w["compound_id"] or None),
+                 dose_um=float(w["dose_um"]))
+            for lay in layouts for w in lay.wells.to_dict("records")
+        ]
+        store.bulk_insert(session, store.Well, well_rows)
+        proposal_rows = [
+            dict(round_index=round_index, rank=i + 1, compound_id=cid, dose_um=float(campaign.config.dose_um),
+                 acquisition=s["acquisition"], acq_value=_none_if_nan(s["acq_value"]),
+                 pred_mean=_none_if_nan(s["pred_mean"]), pred_sd=_none_if_nan(s["pred_sd"]),
+                 model_version=model_version)
+            for i, (cid, s) in enumerate(zip(chosen["compound_id"], summary.to_dict("records")))
+        ]
+        store.bulk_insert(session, store.Proposal, proposal_rows)
+        session.commit()
+
+
+def _none_if_nan(value) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value

@@ -1,0 +1,35 @@
+"""``loop status``: what the campaign holds, in numbers."""
+
+from __future__ import annotations
+
+from sqlmodel import select
+
+from lab_io.schema import WellRole
+from loop import store
+from loop.campaign import Campaign
+
+
+def campaign_status(campaign: Campaign) -> dict:
+    """Counts of rounds, plates (pending / returned), compounds, measurements, model versions and hits."""
+    S = store
+    with campaign.session() as session:
+        latest = session.exec(select(S.ModelVersion.version).order_by(S.ModelVersion.id.desc())).first()
+        hit_compounds = set(session.exec(select(S.Measurement.compound_id).where(S.Measurement.is_hit)).all())
+        measured_compounds = set(session.exec(select(S.Measurement.compound_id).where(
+            S.Measurement.role == WellRole.treatment.value)).all())
+        return {
+            "campaign": str(campaign.root),
+            "rounds": store.count(session, S.Round),
+            "plates": {
+                "total": store.count(session, S.Plate),
+                "pending": store.count(session, S.Plate, S.Plate.status == "pending"),
+                "returned": store.count(session, S.Plate, S.Plate.status == "returned"),
+            },
+            "compounds": store.count(session, S.Compound),
+            "compounds_measured": len(measured_compounds),
+            "measurements": store.count(session, S.Measurement),
+            "model_versions": store.count(session, S.ModelVersion),
+            "latest_model": latest,
+            "hits": {"wells": store.count(session, S.Measurement, S.Measurement.is_hit),
+                     "compounds": len(hit_compounds)},
+        }

@@ -1,0 +1,153 @@
+"""Campaign store: sqlmodel tables for what the loop has registered, proposed and measured.
+
+Large arrays (fingerprints, per-cell features, predictions) live in NPY/Parquet files in
+the campaign folder; rows here reference them by path relative to the campaign root.
+
+SQLite file in the campaign folder by default; any SQLAlchemy URL via ``--db-url`` /
+``LOOP_DB_URL``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
+
+from sqlalchemy import event, insert
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, create_engine, func, select
+
+# Bulk inserts go through Core `insert()` with executemany in chunks of this size.
+BULK_CHUNK_ROWS = 20_000
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Compound(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    compound_id: str = Field(index=True, unique=True)
+    name: str = ""
+    smiles: str
+    inchikey: str = Field(index=True, unique=True)
+    fp_row: int = Field(index=True, description="row in library/fingerprints.npy")
+    source: str = ""
+    added_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Round(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    index: int = Field(index=True, unique=True)
+    policy: str = "loop"
+    model_version: Optional[str] = None
+    out_dir: str = ""
+    config_json: str = "{}"
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Plate(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    barcode: str = Field(index=True, unique=True)
+    plate_map_name: str
+    round_index: int = Field(index=True)
+    layout_path: str = ""
+    status: str = Field(default="pending", index=True, description="pending | returned")
+    results_fingerprint: Optional[str] = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    returned_at: Optional[dt.datetime] = None
+
+
+class Well(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    barcode: str = Field(index=True, foreign_key="plate.barcode")
+    well: str
+    role: str
+    compound_id: Optional[str] = Field(default=None, index=True)
+    dose_um: float = 0.0
+
+
+class Measurement(SQLModel, table=True):
+    """One measured well: summary numbers here, single cells in ``cells_path`` (Parquet)."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    barcode: str = Field(index=True, foreign_key="plate.barcode")
+    well: str
+    role: str
+    compound_id: Optional[str] = Field(default=None, index=True)
+    dose_um: float = 0.0
+    n_cells: int
+    activity: Optional[float] = Field(
+        default=None, description="phenotypic activity: robust-z distance from plate DMSO (None: no cells)")
+    is_hit: bool = False
+    cells_path: str
+    profiles_path: str
+
+
+class ModelVersion(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    version: str = Field(index=True, unique=True)
+    kind: str = "feature"
+    path: str
+    n_members: int
+    n_training_cells: int = 0
+    data_fingerprint: str = ""
+    config_json: str = "{}"
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Proposal(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    round_index: int = Field(index=True)
+    rank: int
+    compound_id: str = Field(index=True)
+    dose_um: float
+    acquisition: str
+    acq_value: Optional[float] = None
+    pred_mean: Optional[float] = Field(default=None, description="mean over members of the predicted objective")
+    pred_sd: Optional[float] = Field(default=None, description="sd over members (disagreement)")
+    model_version: Optional[str] = None
+
+
+def _enable_sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _set_pragmas(dbapi_connection, _record):  # pragma: no cover - trivial
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+
+def make_engine(db_url: str) -> Engine:
+    """Engine for ``db_url``; creates the tables if missing."""
+    engine = create_engine(db_url)
+    if engine.dialect.name == "sqlite":
+        _enable_sqlite_pragmas(engine)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def bulk_insert(session: Session, model: type[SQLModel], rows: Iterable[dict[str, Any]]) -> int:
+    """Insert many rows with executemany, in chunks; no ORM objects are built."""
+    rows = list(rows)
+    table = model.__table__  # type: ignore[attr-defined]
+    for start in range(0, len(rows), BULK_CHUNK_ROWS):
+        session.execute(insert(table), rows[start : start + BULK_CHUNK_ROWS])
+    return len(rows)
+
+
+def count(session: Session, model: type[SQLModel], *where) -> int:
+    stmt = select(func.count()).select_from(model)
+    for clause in where:
+        stmt = stmt.where(clause)
+    return int(session.exec(stmt).one())
+
+
+def existing_values(session: Session, column, values: Sequence[str]) -> set[str]:
+    """Which of ``values`` already exist in ``column`` (queried in chunks)."""
+    found: set[str] = set()
+    values = list(values)
+    for start in range(0, len(values), 900):
+        chunk = values[start : start + 900]
+        found.update(session.exec(select(column).where(column.in_(chunk))).all())
+    return found

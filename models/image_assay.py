@@ -1,0 +1,543 @@
+"""Image virtual assay: an ensemble of latent flow-matching members over single-cell crops.
+
+Training (``train_image_assay``) runs top to bottom:
+
+1. filter the crops (excluded plates / treated doses), centre-crop to ``image_size``;
+2. fit the robust per-channel intensity normalisation (:class:`models.image_flow.ChannelNorm`);
+3. train the shared autoencoder (resumable; it is part of the model and saved with it);
+4. encode every crop, standardise latents per channel, save them with their labels;
+5. train K flow members (seed ``seed + k`` and a bootstrap resample of compounds), one task per
+   member, locally or with Ray (``models.ray_executor.run_tasks``; 1 CPU or a GPU fraction each).
+   Each member folder holds its checkpoint (resumable), config, normalisation statistics and
+   data fingerprint.
+
+Model folder::
+
+    MODEL_DIR/assay.json             ImageAssayConfig, channel names, compounds, version
+    MODEL_DIR/normalisation.json     intensity percentiles + latent mean / std
+    MODEL_DIR/autoencoder/           config.json, checkpoint.pt, model.pt
+    MODEL_DIR/training_latents.pt    latents and labels the members train on
+    MODEL_DIR/control_bank.pt        up to ``control_bank_size`` DMSO cells (latents + crops) per training plate
+    MODEL_DIR/member_XXX/            config.json, checkpoint.pt, model.pt (EMA), normalisation.json,
+                                     data_fingerprint.json, train_log.json
+
+:class:`ImageAssay` implements :class:`models.virtual_assay.VirtualAssay`: generated cells are
+featurised with :func:`lab_io.morphology.featurize_crops`; a profile is the mean of a compound's
+cell features minus the mean of the same member's generated DMSO cells on the same plate, over
+their std (``profiles_from_cells``).
+
+Control mode decodes with *detail transfer* (``ImageAssayConfig.detail_transfer``): a generated
+cell is ``x_hat = D(z_1) + (x_0 - D(z_0))``, i.e. the flow's latent change applied to the real
+source control cell ``x_0`` (latent ``z_0``) while keeping the high-frequency detail the small
+autoencoder cannot reproduce. Noise mode decodes plainly (``x_hat = D(z_1)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lab_io.chem import morgan_fingerprints, unpack_fingerprints
+from lab_io.crops import CropSet, compound_smiles, is_control_compound
+from lab_io.morphology import cell_feature_names, featurize_crops
+from models.image_autoencoder import AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, train_autoencoder
+from models.image_dit import ImageDiT
+from models.image_flow import (
+    ChannelNorm, FlowConfig, LatentData, centre_crop, sample_latents, sampling_condition, save_json, save_torch,
+    source_indices, train_flow,
+)
+from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells
+
+logger = logging.getLogger(__name__)
+
+ASSAY_FILE = "assay.json"
+NORM_FILE = "normalisation.json"
+LATENTS_FILE = "training_latents.pt"
+BANK_FILE = "control_bank.pt"
+
+
+@dataclass(frozen=True)
+class ImageAssayConfig:
+    """Everything that defines a trained image assay (saved in ``assay.json``).
+
+    Defaults are the 2-core CPU configuration: autoencoder <= 12 min, each flow member <= 40 min.
+    """
+
+    n_members: int = 1
+    image_size: int = 64
+    seed: int = 0
+    dna_channel: int = 0
+    control_bank_size: int = 256
+    detail_transfer: bool = True
+    exclude_plates: tuple[str, ...] = ()
+    exclude_doses_um: tuple[float, ...] = ()
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ImageAssayConfig":
+        d = dict(d)
+        d["autoencoder"] = AutoencoderConfig.from_dict(d["autoencoder"])
+        d["flow"] = FlowConfig.from_dict(d["flow"])
+        d["exclude_plates"] = tuple(d["exclude_plates"])
+        d["exclude_doses_um"] = tuple(d["exclude_doses_um"])
+        return ImageAssayConfig(**d)
+
+
+# ----------------------------------------------------------------------------- data preparation
+def select_training_crops(crops: CropSet, config: ImageAssayConfig) -> CropSet:
+    """Drop excluded plates and excluded treated doses (DMSO is never dropped by dose)."""
+    meta = crops.metadata
+    keep = ~meta["plate"].isin(config.exclude_plates).to_numpy()
+    if config.exclude_doses_um:
+        dose_hit = np.isclose(meta["concentration_um"].to_numpy()[:, None], np.asarray(config.exclude_doses_um)[None]).any(1)
+        keep &= ~(dose_hit & ~crops.is_control)
+    kept = crops.subset(keep)
+    if len(kept) == 0:
+        raise ValueError("no crops left after excluding plates / doses")
+    return kept
+
+
+def data_fingerprint(crops: CropSet) -> str:
+    """sha256 of the training crops (pixels) and their plate / compound / dose labels."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(crops.images).tobytes())
+    cols = crops.metadata[["plate", "well", "compound", "concentration_um"]]
+    h.update(cols.to_csv(index=False).encode())
+    return h.hexdigest()
+
+
+def compound_table(crops: CropSet, source: str) -> tuple[list[str], np.ndarray]:
+    """Treated compound names (sorted) and their packed Morgan fingerprints ``uint8 n x 256``."""
+    smiles = compound_smiles(crops.metadata, source)
+    names = sorted(n for n, s in smiles.items() if s)
+    fps = morgan_fingerprints([smiles[n] for n in names]) if names else np.zeros((0, 256), np.uint8)
+    return names, fps
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """Per-channel standardisation of autoencoder latents: ``z_n = (z - mean) / std``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @staticmethod
+    def fit(z: Tensor) -> "LatentNorm":
+        zz = z.transpose(0, 1).flatten(1)
+        return LatentNorm(tuple(zz.mean(1).tolist()), tuple(zz.std(1).clamp_min(1e-6).tolist()))
+
+    def apply(self, z: Tensor) -> Tensor:
+        return (z - self._t(self.mean)) / self._t(self.std)
+
+    def invert(self, z: Tensor) -> Tensor:
+        return z * self._t(self.std) + self._t(self.mean)
+
+    @staticmethod
+    def _t(v: Sequence[float]) -> Tensor:
+        return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def _latent_data(z: Tensor, crops: CropSet, compounds: list[str], fps_packed: np.ndarray) -> LatentData:
+    meta = crops.metadata
+    plate_ids = crops.plates
+    plate = meta["plate"].map({p: i for i, p in enumerate(plate_ids)}).to_numpy()
+    control = crops.is_control
+    cidx = {c: i for i, c in enumerate(compounds)}
+    compound = np.asarray([-1 if ctrl else cidx[c] for c, ctrl in zip(meta["compound"], control)])
+    dose = np.where(control, 0.0, meta["concentration_um"].to_numpy(float))
+    return LatentData(z=z, plate=plate, compound=compound, dose_um=dose, plate_ids=plate_ids,
+                      compounds=compounds, fingerprint_bits=torch.from_numpy(unpack_fingerprints(fps_packed)))
+
+
+# ----------------------------------------------------------------------------- training
+def train_image_assay(
+    crops: CropSet,
+    out_dir: str | Path,
+    config: ImageAssayConfig,
+    *,
+    executor: Literal["local", "ray"] = "local",
+    ray_address: str | None = None,
+    source: str = "crops",
+) -> "ImageAssay":
+    """Train (or resume) an image assay on ``crops`` into ``out_dir``; returns the loaded assay."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume_config(out, config)
+    train = select_training_crops(crops, config)
+    images = centre_crop(train.images, config.image_size, source)
+    compounds, fps = compound_table(train, source)
+    fingerprint = data_fingerprint(train)
+    norm = ChannelNorm.fit(images, seed=config.seed)
+    x = norm.normalize(images)  # n x C x H x W
+    ae = _train_or_load_autoencoder(out / "autoencoder", x, replace(config.autoencoder, in_channels=x.shape[1]), config.seed)
+    z_raw = encode_all(ae, x)
+    latent_norm = LatentNorm.fit(z_raw)
+    z = latent_norm.apply(z_raw)
+    flow_cfg = replace(config.flow, dit=replace(config.flow.dit, latent_channels=z.shape[1], latent_size=z.shape[2]))
+    config = replace(config, autoencoder=replace(config.autoencoder, in_channels=x.shape[1]), flow=flow_cfg)
+    data = _latent_data(z, train, compounds, fps)
+    norm_dict = {"intensity": norm.to_dict(), "latent": asdict(latent_norm)}
+    save_json(out / NORM_FILE, norm_dict)
+    save_torch(out / LATENTS_FILE, asdict_latent_data(data))
+    save_torch(out / BANK_FILE, _control_bank(data, images, config.control_bank_size, config.seed))
+    assay_meta = {
+        "config": config.to_dict(), "channel_names": list(crops.channel_names), "compounds": compounds,
+        "fingerprints_packed_hex": [bytes(f).hex() for f in fps], "data_fingerprint": fingerprint,
+        "n_train_cells": int(len(train)), "train_plates": data.plate_ids, "source": str(source),
+    }
+    assay_meta["version"] = hashlib.sha256(json.dumps(assay_meta, sort_keys=True).encode()).hexdigest()[:12]
+    save_json(out / ASSAY_FILE, assay_meta)
+    kwargs = [{"model_dir": str(out), "member_index": k} for k in range(config.n_members)]
+    _run_members(kwargs, executor, ray_address)
+    return ImageAssay.load(out)
+
+
+def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
+    path = out / ASSAY_FILE
+    if not path.is_file():
+        return
+    stored = ImageAssayConfig.from_dict(json.loads(path.read_text())["config"])
+    if _comparable(stored) != _comparable(config):
+        raise ValueError(f"{path}: a model with a different configuration is already there; use another --out")
+
+
+def _comparable(config: ImageAssayConfig) -> ImageAssayConfig:
+    """Config without derived sizes, ensemble size and training budgets (which may change on resume)."""
+    budget = {"max_steps": 0, "max_minutes": 0.0, "checkpoint_every": 0}
+    return replace(config, n_members=0,
+                   autoencoder=replace(config.autoencoder, in_channels=0, max_steps=0, max_minutes=0.0),
+                   flow=replace(config.flow, **budget, dit=replace(config.flow.dit, latent_channels=0, latent_size=0)))
+
+
+def _train_or_load_autoencoder(ae_dir: Path, x: Tensor, cfg: AutoencoderConfig, seed: int) -> ImageAutoencoder:
+    ae_dir.mkdir(parents=True, exist_ok=True)
+    final, ckpt = ae_dir / "model.pt", ae_dir / "checkpoint.pt"
+    if final.is_file():
+        model = ImageAutoencoder(cfg)
+        model.load_state_dict(torch.load(final, weights_only=True, map_location="cpu"))
+        return model.eval()
+    state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.is_file() else None
+    t0 = time.perf_counter()
+    model, state = train_autoencoder(x, cfg, seed=seed, state=state, checkpoint_fn=lambda s: save_torch(ckpt, s),
+                                     device=training_device())
+    save_json(ae_dir / "config.json", cfg.to_dict())
+    save_json(ae_dir / "train_log.json", {"steps": state["step"], "seconds": time.perf_counter() - t0})
+    save_torch(final, model.state_dict())
+    return model
+
+
+def asdict_latent_data(d: LatentData) -> dict:
+    return {"z": d.z.half(), "plate": d.plate, "compound": d.compound, "dose_um": d.dose_um,
+            "plate_ids": d.plate_ids, "compounds": d.compounds, "fingerprint_bits": d.fingerprint_bits.bool()}
+
+
+def latent_data_from_dict(d: dict) -> LatentData:
+    return LatentData(z=d["z"].float(), plate=np.asarray(d["plate"]), compound=np.asarray(d["compound"]),
+                      dose_um=np.asarray(d["dose_um"]), plate_ids=list(d["plate_ids"]), compounds=list(d["compounds"]),
+                      fingerprint_bits=d["fingerprint_bits"].float())
+
+
+def _control_bank(data: LatentData, images: np.ndarray, size: int, seed: int) -> dict[str, dict]:
+    """plate -> {"z": latents (float16), "images": uint16 crops} of up to ``size`` DMSO cells."""
+    rng = np.random.default_rng([seed, 4242])
+    bank = {}
+    for i, plate in enumerate(data.plate_ids):
+        rows = data.controls_of_plate(i)
+        if len(rows):
+            rows = np.sort(rng.choice(rows, min(size, len(rows)), replace=False))
+            bank[plate] = {"z": data.z[rows].half(), "images": np.ascontiguousarray(images[rows])}
+    return bank
+
+
+@dataclass
+class PlateControls:
+    """A plate's DMSO cells as the model sees them: standardised latents ``n x c x h x w`` and the
+    uint16 crops ``n x H x W x C`` at the model size (None when only latents are known)."""
+
+    z: Tensor
+    images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+
+def _run_members(kwargs: list[dict], executor: str, ray_address: str | None) -> None:
+    if executor == "local":
+        for kw in kwargs:
+            train_member_task(**kw)
+    elif executor == "ray":
+        from models.ray_executor import run_tasks
+
+        gpus = 1.0 / len(kwargs) if torch.cuda.is_available() else 0.0
+        run_tasks(train_member_task, kwargs, address=ray_address, num_cpus_per_task=1, num_gpus_per_task=gpus)
+    else:
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+
+
+def training_device() -> str:
+    """``cuda`` when a GPU is visible to this process (Ray sets CUDA_VISIBLE_DEVICES per task), else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def member_seed(base_seed: int, member_index: int) -> int:
+    return int(base_seed) * 1000 + int(member_index)
+
+
+def train_member_task(model_dir: str, member_index: int) -> dict:
+    """Train (or resume) member ``member_index`` of the assay in ``model_dir`` (one Ray task)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(model_dir)
+    meta = json.loads((out / ASSAY_FILE).read_text())
+    config = ImageAssayConfig.from_dict(meta["config"])
+    data = latent_data_from_dict(torch.load(out / LATENTS_FILE, weights_only=False))
+    seed = member_seed(config.seed, member_index)
+    mdir = out / f"member_{member_index:03d}"
+    mdir.mkdir(exist_ok=True)
+    if (mdir / "model.pt").is_file():
+        logger.info("member %d already trained", member_index)
+        return {"member": member_index, "skipped": True}
+    identity = member_identity(config, seed, meta["data_fingerprint"])
+    if (mdir / "config.json").is_file() and (mdir / "checkpoint.pt").is_file():
+        stored = json.loads((mdir / "config.json").read_text())
+        if member_identity_key(stored) != member_identity_key(identity):
+            raise ValueError(f"{mdir / 'checkpoint.pt'}: checkpoint of a different member (seed, data or flow config); "
+                             "remove it or use another model folder")
+    save_json(mdir / "config.json", identity)
+    save_json(mdir / "data_fingerprint.json", {"sha256": meta["data_fingerprint"], "n_train_cells": meta["n_train_cells"],
+                                               "train_plates": meta["train_plates"]})
+    (mdir / NORM_FILE).write_text((out / NORM_FILE).read_text())
+    ckpt = mdir / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.is_file() else None
+    model, final = train_flow(data, config.flow, seed=seed, state=state, checkpoint_fn=lambda s: save_torch(ckpt, s),
+                              device=training_device())
+    save_torch(mdir / "model.pt", model.state_dict())
+    save_json(mdir / "train_log.json", {"steps": final["step"], "seconds": final["elapsed_s"]})
+    return {"member": member_index, "steps": final["step"], "seconds": final["elapsed_s"]}
+
+
+BUDGET_FIELDS = ("max_steps", "max_minutes", "checkpoint_every")
+
+
+def member_identity(config: ImageAssayConfig, seed: int, fingerprint: str) -> dict:
+    """What a member checkpoint belongs to (saved as the member's config.json)."""
+    return {"seed": seed, "data_fingerprint": fingerprint, "flow": config.flow.to_dict(),
+            "autoencoder": config.autoencoder.to_dict(), "image_size": config.image_size}
+
+
+def member_identity_key(identity: dict) -> str:
+    """The identity without training-budget fields: a larger budget resumes the same member."""
+    flow = {k: v for k, v in identity["flow"].items() if k not in BUDGET_FIELDS}
+    ae = {k: v for k, v in identity.get("autoencoder", {}).items() if k not in BUDGET_FIELDS}
+    return json.dumps({**identity, "flow": flow, "autoencoder": ae}, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- the trained assay
+def derive_seed(*parts) -> int:
+    return int(np.random.SeedSequence([abs(hash_int(p)) for p in parts]).generate_state(1)[0])
+
+
+def hash_int(x) -> int:
+    return int.from_bytes(hashlib.sha256(repr(x).encode()).digest()[:4], "little")
+
+
+class ImageAssay:
+    """A trained image assay (K members sharing one autoencoder). Implements ``VirtualAssay``."""
+
+    def __init__(self, model_dir: Path, meta: dict, config: ImageAssayConfig, norm: ChannelNorm,
+                 latent_norm: LatentNorm, autoencoder: ImageAutoencoder, members: list[ImageDiT],
+                 control_bank: dict[str, PlateControls]) -> None:
+        self.model_dir = model_dir
+        self.meta = meta
+        self.config = config
+        self.norm = norm
+        self.latent_norm = latent_norm
+        self.autoencoder = autoencoder
+        self.members = members
+        self.control_bank = control_bank
+        self.channel_names: list[str] = list(meta["channel_names"])
+        self.n_members = len(members)
+        self.feature_names: list[str] = cell_feature_names(self.channel_names)
+        self.version: str = meta["version"]
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, members: Sequence[int] | None = None) -> "ImageAssay":
+        d = Path(model_dir)
+        if not (d / ASSAY_FILE).is_file():
+            raise FileNotFoundError(f"{d / ASSAY_FILE}: not an image assay folder (train one with `loop assay train`)")
+        meta = json.loads((d / ASSAY_FILE).read_text())
+        config = ImageAssayConfig.from_dict(meta["config"])
+        nd = json.loads((d / NORM_FILE).read_text())
+        ae = ImageAutoencoder(config.autoencoder)
+        ae.load_state_dict(torch.load(d / "autoencoder" / "model.pt", weights_only=True, map_location="cpu"))
+        idx = list(range(config.n_members)) if members is None else list(members)
+        nets = []
+        for k in idx:
+            path = d / f"member_{k:03d}" / "model.pt"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: member {k} is not trained (rerun `loop assay train` to resume)")
+            net = ImageDiT(config.flow.dit)
+            net.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+            nets.append(net.eval())
+        bank = {p: PlateControls(v["z"].float(), v["images"]) if isinstance(v, dict) else PlateControls(v.float())
+                for p, v in torch.load(d / BANK_FILE, weights_only=False).items()}
+        return cls(d, meta, config, ChannelNorm.from_dict(nd["intensity"]), LatentNorm(**nd["latent"]),
+                   ae.eval(), nets, bank)
+
+    # -- images <-> latents
+    def encode_crops(self, images: np.ndarray, source: str = "crops") -> Tensor:
+        """uint16 ``N x H x W x C`` (centre-cropped to the model size) -> standardised latents."""
+        x = self.norm.normalize(centre_crop(images, self.config.image_size, source))
+        return self.latent_norm.apply(encode_all(self.autoencoder, x))
+
+    def decode_latents(self, z: Tensor) -> np.ndarray:
+        """Standardised latents ``N x c x h x w`` -> uint16 crops ``N x H x W x C``."""
+        return self.norm.denormalize(decode_all(self.autoencoder, self.latent_norm.invert(z)))
+
+    def encode_controls(self, images: np.ndarray, source: str = "crops") -> PlateControls:
+        """A plate's DMSO crops (uint16 ``n x H x W x C``, any size >= the model's) -> :class:`PlateControls`."""
+        if len(images) == 0:
+            raise ValueError(f"{source}: no control cells to condition on")
+        return PlateControls(self.encode_crops(images, source), centre_crop(images, self.config.image_size, source))
+
+    def plate_controls(self, plate_id: str | None, *, strict: bool = True) -> PlateControls | None:
+        """Stored control cells of a training plate.
+
+        ``None`` (or, with ``strict=False``, a plate without stored controls) means "unknown plate":
+        the null-plate token in noise mode, the pooled controls of all training plates in control
+        mode (which needs source cells). With ``strict=True`` an unknown plate id raises KeyError.
+        """
+        if plate_id is not None and plate_id in self.control_bank:
+            return self.control_bank[plate_id]
+        if plate_id is not None and strict:
+            raise KeyError(f"plate {plate_id!r} has no stored controls (training plates: {sorted(self.control_bank)}); "
+                           "pass that plate's DMSO crops instead")
+        if plate_id is not None:
+            logger.warning("plate %s unseen in training and no controls given: using the unknown-plate condition", plate_id)
+        if self.config.flow.mode == "noise":
+            return None
+        parts = list(self.control_bank.values())
+        images = None if any(p.images is None for p in parts) else np.concatenate([p.images for p in parts])
+        return PlateControls(torch.cat([p.z for p in parts]), images)
+
+    # -- generation
+    def generate_latents(self, member: int, fingerprint_packed: np.ndarray | None, dose_um: float,
+                         controls: PlateControls | None, n: int, seed: int, *, unconditional: bool = False,
+                         n_steps: int | None = None, sampler: str | None = None,
+                         guidance_scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+        """Latents ``z_1: n x c x h x w`` of member ``member`` for one condition (reproducible from
+        ``seed``) and, in control mode, the indices of the source control cells (else None)."""
+        cfg = self.config.flow
+        z_ctrl = controls.z if controls is not None else None
+        if cfg.mode == "control" and (z_ctrl is None or len(z_ctrl) == 0):
+            raise ValueError("a control-mode assay needs the plate's control cells (plate_id or controls)")
+        bits = None
+        if fingerprint_packed is not None:
+            bits = torch.from_numpy(unpack_fingerprints(np.asarray(fingerprint_packed, np.uint8).reshape(1, -1))[0])
+        cond = sampling_condition(bits, dose_um, z_ctrl, n, cfg.dit.latent_channels, unconditional=unconditional)
+        gen = torch.Generator().manual_seed(int(seed))
+        shape = (cfg.dit.latent_channels, cfg.dit.latent_size, cfg.dit.latent_size)
+        if cfg.mode == "noise":
+            idx, x_0 = None, torch.randn((n, *shape), generator=gen)
+        else:
+            idx = source_indices(n, len(z_ctrl), gen)
+            x_0 = z_ctrl[idx]
+        z_1 = sample_latents(self.members[member], cond, x_0, n_steps=n_steps or cfg.n_steps,
+                             sampler=sampler or cfg.sampler,
+                             guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale)
+        return z_1, idx
+
+    @torch.no_grad()
+    def generate(self, member: int, fingerprint_packed: np.ndarray | None, dose_um: float,
+                 controls: PlateControls | None, n: int, seed: int, **kwargs) -> np.ndarray:
+        """uint16 crops ``n x H x W x C`` (see :meth:`generate_latents`; detail transfer in control mode)."""
+        z_1, idx = self.generate_latents(member, fingerprint_packed, dose_um, controls, n, seed, **kwargs)
+        x_1 = decode_all(self.autoencoder, self.latent_norm.invert(z_1))  # n x C x H x W
+        if idx is not None and self.config.detail_transfer and controls.images is not None:
+            x_src = self.norm.normalize(controls.images[idx.numpy()])
+            x_src_hat = decode_all(self.autoencoder, self.latent_norm.invert(controls.z[idx]))
+            x_1 = x_1 + (x_src - x_src_hat)
+        return self.norm.denormalize(x_1)
+
+    def generate_ensemble(self, fingerprint_packed: np.ndarray | None, dose_um: float, controls: PlateControls | None,
+                          n: int, seed: int, **kwargs) -> np.ndarray:
+        """``n`` cells split across the K members (member k gets ``n // K`` or one more)."""
+        counts = [n // self.n_members + (k < n % self.n_members) for k in range(self.n_members)]
+        parts = [self.generate(k, fingerprint_packed, dose_um, controls, c, derive_seed(seed, k), **kwargs)
+                 for k, c in enumerate(counts) if c > 0]
+        return np.concatenate(parts)
+
+    # -- VirtualAssay protocol
+    def predict_cells(self, fingerprint: np.ndarray | None, dose_um: float, *, n_cells: int = 32, seed: int = 0,
+                      plate_id: str | None = None) -> np.ndarray:
+        """Generated crops in raw intensity units, float32 ``K x n_cells x H x W x C``."""
+        z_ctrl = self.plate_controls(plate_id, strict=False)
+        if fingerprint is not None:
+            fingerprint = check_fingerprints(np.asarray(fingerprint).reshape(1, -1))[0]
+        return np.stack([self.generate(k, fingerprint, dose_um, z_ctrl, n_cells, derive_seed(seed, k, "cells"))
+                         for k in range(self.n_members)]).astype(np.float32)
+
+    def featurize(self, crops: np.ndarray) -> np.ndarray:
+        feats, _ = featurize_crops(crops, self.channel_names, dna_channel=self.config.dna_channel)
+        return feats
+
+    def predict_profiles(self, fingerprints: np.ndarray, dose_um: np.ndarray, *, n_cells: int = 32, seed: int = 0,
+                         plate_id: str | None = None, batch_size: int = 256) -> np.ndarray:
+        """Per-member profiles ``float32 K x N x F`` (F = morphology features), normalised to each member's
+        generated DMSO cells on the same plate. Each compound's cells come from a seed derived from
+        (seed, member, compound index), so results do not depend on ``batch_size``."""
+        fps = check_fingerprints(fingerprints)
+        doses = check_doses(dose_um, len(fps))
+        if n_cells < 2 or batch_size < 1:
+            raise ValueError(f"n_cells must be >= 2 and batch_size >= 1, got {n_cells}, {batch_size}")
+        z_ctrl = self.plate_controls(plate_id, strict=False)
+        out = np.zeros((self.n_members, len(fps), len(self.feature_names)), np.float32)
+        for k in range(self.n_members):
+            ctrl = torch.from_numpy(self.featurize(self.generate(k, None, 1.0, z_ctrl, n_cells, derive_seed(seed, k, "dmso"))))
+            mean, std = ctrl.double().mean(0), ctrl.double().std(0, unbiased=False)
+            for i in range(len(fps)):
+                cells = self.featurize(self.generate(k, fps[i], float(doses[i]), z_ctrl, n_cells, derive_seed(seed, k, i)))
+                prof = profiles_from_cells(torch.from_numpy(cells).double()[None], mean, std)
+                out[k, i] = prof[0].float().numpy()
+        return out
+
+    def training_fingerprint(self, compound: str) -> np.ndarray | None:
+        """Packed fingerprint of a training compound name (case-insensitive); None if unknown."""
+        for name, hexfp in zip(self.meta["compounds"], self.meta["fingerprints_packed_hex"]):
+            if name.lower() == compound.strip().lower():
+                return np.frombuffer(bytes.fromhex(hexfp), dtype=np.uint8).copy()
+        return None
+
+
+def resolve_compound(assay: ImageAssay, name_or_smiles: str) -> np.ndarray | None:
+    """A compound name known to the model, ``DMSO`` (-> None) or a SMILES -> packed fingerprint."""
+    if is_control_compound([name_or_smiles])[0]:
+        return None
+    fp = assay.training_fingerprint(name_or_smiles)
+    if fp is not None:
+        return fp
+    try:
+        return morgan_fingerprints([name_or_smiles])[0]
+    except ValueError as err:
+        raise ValueError(f"{name_or_smiles!r} is neither a compound the model knows "
+                         f"({assay.meta['compounds']}) nor a valid SMILES") from err
+
+
+def fingerprint_of_compound(name: str, metadata_source: CropSet, source: str) -> np.ndarray | None:
+    """Packed fingerprint of a compound named in a crops folder (None for DMSO)."""
+    if is_control_compound([name])[0]:
+        return None
+    smiles = compound_smiles(metadata_source.metadata, source)[name]
+    return morgan_fingerprints([smiles])[0]

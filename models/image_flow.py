@@ -1,0 +1,431 @@
+"""One image flow-matching member: intensity normalisation, training data, training, sampling.
+
+A member maps a *source* to treated-cell latents (latents of the shared
+:mod:`models.image_autoencoder`), with the linear path of :mod:`models.flow_matching`::
+
+    x_t = (1 - t) x_0 + t x_1,    target v = x_1 - x_0,    v_theta = ImageDiT(x_t, t, cond)
+
+Source modes (``FlowConfig.mode``):
+
+* ``noise``: x_0 ~ N(0, I). The plate enters through the control-set encoder (see
+  :mod:`models.image_dit`), so a plate never seen in training is conditioned on its own DMSO
+  cells; with no controls the learned null-plate token is used.
+* ``control``: x_0 = DMSO control cells of the *same plate* as the target cells. Each training
+  batch is made of plate blocks (``block_size`` target cells of one plate and condition +
+  ``block_size`` controls of that plate); inside every block source and target are paired by
+  exact minibatch optimal transport (``ot.emd``, squared Euclidean cost on latents), never
+  across plates.
+
+Training data are drawn block by block: a block is one (plate, compound, dose) group; DMSO
+groups are drawn with probability ``control_fraction`` (teaching the null compound =
+control phenotype), treated groups otherwise, weighted by bootstrap counts of compounds.
+Label dropout (``label_dropout``: compound -> null; ``plate_dropout``: controls -> null-plate
+token) trains the unconditional branch used for classifier-free guidance and for the
+``unconditional`` baseline. Every random draw of step ``s`` comes from a generator seeded with
+``(seed, s)``; sampling is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import ot
+import torch
+from torch import Tensor
+
+from models.flow_matching import EMA, cfm_loss, sample_euler, sample_heun, sample_time
+from models.image_autoencoder import AutoencoderConfig
+from models.image_dit import (
+    ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig, ImageCondition, ImageDiT, control_summary,
+    control_summary_dim,
+)
+
+logger = logging.getLogger(__name__)
+
+SourceMode = Literal["noise", "control"]
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class FlowConfig:
+    """Options of one flow member (saved as JSON with it). Defaults: the 2-core CPU config."""
+
+    mode: SourceMode = "noise"
+    time_scheme: Literal["uniform", "logit_normal"] = "logit_normal"
+    label_dropout: float = 0.1
+    plate_dropout: float = 0.1
+    control_fraction: float = 0.25
+    batch_size: int = 128
+    block_size: int = 32
+    control_set_size: int = 64
+    lr: float = 4e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    max_steps: int = 4000
+    max_minutes: float = 40.0
+    checkpoint_every: int = 100
+    bootstrap: bool = True
+    sampler: Literal["euler", "heun"] = "euler"
+    n_steps: int = 20
+    guidance_scale: float = 1.0
+    dit: DiTConfig = field(default_factory=DiTConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("noise", "control"):
+            raise ValueError(f"mode must be 'noise' or 'control', got {self.mode!r}")
+        if self.batch_size % self.block_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of block_size {self.block_size}")
+        if self.sampler not in ("euler", "heun"):
+            raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "FlowConfig":
+        d = dict(d)
+        d["dit"] = DiTConfig.from_dict(d["dit"])
+        return FlowConfig(**d)
+
+
+# ----------------------------------------------------------------------------- normalisation
+@dataclass(frozen=True)
+class ChannelNorm:
+    """Robust per-channel intensity normalisation: ``x = 2 (v - lo) / (hi - lo) - 1`` with lo, hi the
+    ``q_low`` / ``q_high`` percentiles of the training crops (stored with the model)."""
+
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+    q_low: float = 0.5
+    q_high: float = 99.5
+
+    @staticmethod
+    def fit(images: np.ndarray, q_low: float = 0.5, q_high: float = 99.5, max_pixels: int = 4_000_000,
+            seed: int = 0) -> "ChannelNorm":
+        """Percentiles per channel of ``images: N x H x W x C`` (a fixed-seed pixel subsample when large)."""
+        flat = images.reshape(-1, images.shape[-1])
+        if len(flat) > max_pixels:
+            flat = flat[np.random.default_rng(seed).choice(len(flat), max_pixels, replace=False)]
+        lo = np.percentile(flat, q_low, axis=0)
+        hi = np.percentile(flat, q_high, axis=0)
+        hi = np.maximum(hi, lo + 1.0)
+        return ChannelNorm(tuple(float(v) for v in lo), tuple(float(v) for v in hi), q_low, q_high)
+
+    def normalize(self, images: np.ndarray) -> Tensor:
+        """uint16 ``N x H x W x C`` -> float32 ``N x C x H x W``."""
+        lo, hi = np.asarray(self.lo, np.float32), np.asarray(self.hi, np.float32)
+        if images.shape[-1] != len(lo):
+            raise ValueError(f"images have {images.shape[-1]} channels, normalisation has {len(lo)}")
+        x = (images.astype(np.float32) - lo) / (hi - lo) * 2.0 - 1.0
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+    def denormalize(self, x: Tensor) -> np.ndarray:
+        """float ``N x C x H x W`` -> uint16 ``N x H x W x C`` (clipped to the uint16 range)."""
+        lo, hi = np.asarray(self.lo, np.float32), np.asarray(self.hi, np.float32)
+        v = (x.detach().cpu().numpy().transpose(0, 2, 3, 1) + 1.0) / 2.0 * (hi - lo) + lo
+        return np.clip(np.rint(v), 0, 65535).astype(np.uint16)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ChannelNorm":
+        return ChannelNorm(tuple(d["lo"]), tuple(d["hi"]), d["q_low"], d["q_high"])
+
+
+def centre_crop(images: np.ndarray, size: int, source: str = "crops") -> np.ndarray:
+    """``N x H x W x C`` -> ``N x size x size x C`` (centre); error naming ``source`` if too small."""
+    h, w = images.shape[1:3]
+    if h < size or w < size:
+        raise ValueError(f"{source}: crops are {h}x{w} px, smaller than the model's {size} px")
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[:, top : top + size, left : left + size]
+
+
+# ----------------------------------------------------------------------------- training data
+@dataclass
+class LatentData:
+    """Latent training cells and their labels (all ``n`` rows aligned).
+
+    z: ``n x c x h x w`` normalised latents; plate: ``n`` int plate index into ``plate_ids``;
+    compound: ``n`` int index into ``compounds`` (-1 = DMSO); fingerprint_bits: ``n_compounds x 2048``;
+    dose_um: ``n`` (0 for DMSO).
+    """
+
+    z: Tensor
+    plate: np.ndarray
+    compound: np.ndarray
+    dose_um: np.ndarray
+    plate_ids: list[str]
+    compounds: list[str]
+    fingerprint_bits: Tensor
+
+    def groups(self) -> dict[tuple[int, int, float], np.ndarray]:
+        """(plate, compound, dose) -> row indices."""
+        keys = list(zip(self.plate.tolist(), self.compound.tolist(), np.round(self.dose_um, 6).tolist()))
+        out: dict[tuple[int, int, float], list[int]] = {}
+        for i, k in enumerate(keys):
+            out.setdefault(k, []).append(i)
+        return {k: np.asarray(v) for k, v in sorted(out.items())}
+
+    def controls_of_plate(self, plate: int) -> np.ndarray:
+        return np.flatnonzero((self.plate == plate) & (self.compound < 0))
+
+
+def bootstrap_compound_weights(n_compounds: int, seed: int, enabled: bool) -> np.ndarray:
+    """How often each compound is drawn in a bootstrap resample of compounds (ones if disabled)."""
+    if not enabled or n_compounds == 0:
+        return np.ones(n_compounds)
+    rng = np.random.default_rng([seed, 7919])
+    return np.bincount(rng.integers(0, n_compounds, n_compounds), minlength=n_compounds).astype(float)
+
+
+@dataclass
+class BlockSampler:
+    """Draws plate blocks for training (see module docstring)."""
+
+    data: LatentData
+    config: FlowConfig
+    compound_weights: np.ndarray
+
+    def __post_init__(self) -> None:
+        groups = self.data.groups()
+        self.control_groups = [k for k in groups if k[1] < 0]
+        self.treated_groups = [k for k in groups if k[1] >= 0 and self.compound_weights[k[1]] > 0]
+        self.rows = groups
+        if not self.control_groups:
+            raise ValueError("training data hold no DMSO control cells")
+        for k in groups:
+            if len(self.data.controls_of_plate(k[0])) == 0:
+                raise ValueError(f"plate {self.data.plate_ids[k[0]]} has treated cells but no DMSO cells")
+        w = np.asarray([self.compound_weights[k[1]] for k in self.treated_groups], dtype=float)
+        self.treated_p = w / w.sum() if len(w) else w
+
+    def draw(self, gen: torch.Generator, rng: np.random.Generator) -> tuple[Tensor, Tensor, ImageCondition]:
+        """One batch: ``x_0, x_1: b x c x h x w`` and conditions (``b`` rows, blocks of one plate)."""
+        cfg, data = self.config, self.data
+        n_blocks = cfg.batch_size // cfg.block_size
+        x0s, x1s, conds = [], [], []
+        for _ in range(n_blocks):
+            use_control = (not self.treated_groups) or rng.random() < cfg.control_fraction
+            if use_control:
+                key = self.control_groups[rng.integers(len(self.control_groups))]
+            else:
+                key = self.treated_groups[rng.choice(len(self.treated_groups), p=self.treated_p)]
+            rows = self.rows[key]
+            x1 = data.z[rng.choice(rows, cfg.block_size, replace=len(rows) < cfg.block_size)]
+            ctrl_rows = data.controls_of_plate(key[0])
+            summary_rows = rng.choice(ctrl_rows, min(cfg.control_set_size, len(ctrl_rows)), replace=False)
+            summary = control_summary(data.z[summary_rows])
+            if cfg.mode == "control":
+                x0 = data.z[rng.choice(ctrl_rows, cfg.block_size, replace=len(ctrl_rows) < cfg.block_size)]
+                x0, x1 = ot_pair(x0, x1)
+            else:
+                x0 = torch.randn(x1.shape, generator=gen)
+            x0s.append(x0)
+            x1s.append(x1)
+            conds.append(block_condition(data, key, summary, cfg.block_size))
+        cond = _cat_conditions(conds)
+        cond = _drop_labels(cond, cfg, rng)
+        return torch.cat(x0s), torch.cat(x1s), cond
+
+
+def ot_pair(x_0: Tensor, x_1: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact minibatch OT pairing of ``x_0: m x ...`` and ``x_1: n x ...`` (``ot.emd``, uniform weights,
+    squared Euclidean cost). For m == n the plan is a permutation; returns ``(x_0, x_1[perm])``
+    re-ordered so row i of each is a transport pair."""
+    a, b = x_0.flatten(1).double(), x_1.flatten(1).double()
+    cost = torch.cdist(a, b) ** 2
+    plan = ot.emd(np.full(len(a), 1.0 / len(a)), np.full(len(b), 1.0 / len(b)), cost.numpy())
+    i, j = np.nonzero(plan > 1e-12)
+    return x_0[torch.as_tensor(i)], x_1[torch.as_tensor(j)]
+
+
+def block_condition(data: LatentData, key: tuple[int, int, float], summary: Tensor, n: int) -> ImageCondition:
+    plate, compound, dose = key
+    bits = data.fingerprint_bits[compound] if compound >= 0 else torch.zeros(data.fingerprint_bits.shape[1])
+    treated = compound >= 0
+    return ImageCondition(
+        fingerprint_bits=bits.expand(n, -1),
+        log10_dose_um=torch.full((n,), float(np.log10(dose)) if treated else 0.0),
+        role=torch.full((n,), ROLE_COMPOUND if treated else ROLE_CONTROL, dtype=torch.long),
+        control_summary=summary.expand(n, -1),
+        has_controls=torch.ones(n, dtype=torch.bool),
+    )
+
+
+def _cat_conditions(conds: list[ImageCondition]) -> ImageCondition:
+    return ImageCondition(*(torch.cat([getattr(c, f) for c in conds]) for f in ImageCondition.__dataclass_fields__))
+
+
+def _drop_labels(cond: ImageCondition, cfg: FlowConfig, rng: np.random.Generator) -> ImageCondition:
+    b = cond.role.shape[0]
+    drop_cmp = torch.from_numpy(rng.random(b) < cfg.label_dropout)
+    keep_pl = torch.from_numpy(rng.random(b) >= cfg.plate_dropout)
+    role = torch.where(drop_cmp, torch.full_like(cond.role, ROLE_NULL), cond.role)
+    return ImageCondition(cond.fingerprint_bits, cond.log10_dose_um, role,
+                          cond.control_summary, cond.has_controls & keep_pl)
+
+
+# ----------------------------------------------------------------------------- training
+def train_flow(
+    data: LatentData,
+    config: FlowConfig,
+    *,
+    seed: int,
+    state: dict | None = None,
+    checkpoint_fn=None,
+    device: torch.device | str = "cpu",
+) -> tuple[ImageDiT, dict]:
+    """Train one member's velocity network on ``device``; returns (EMA model on CPU, eval mode, final state).
+
+    Batches are drawn on the CPU (same draws on any device) and moved to ``device``.
+
+    Stops after ``config.max_steps`` steps or ``config.max_minutes`` (wall clock, counted across
+    resumes). ``state`` resumes (model, optimizer, EMA, step); ``checkpoint_fn(state)`` is called
+    every ``config.checkpoint_every`` steps and at the end.
+    """
+    if data.z.shape[1] != config.dit.latent_channels or data.z.shape[2] != config.dit.latent_size:
+        raise ValueError(f"latents {tuple(data.z.shape[1:])} do not match the DiT config {config.dit}")
+    torch.manual_seed(seed)  # parameter initialisation only
+    model = ImageDiT(config.dit).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(model, decay=config.ema_decay)
+    step, elapsed_s = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        step, elapsed_s = int(state["step"]), float(state["elapsed_s"])
+        logger.info("resuming flow member at step %d (%.0f s done)", step, elapsed_s)
+    weights = bootstrap_compound_weights(len(data.compounds), seed, config.bootstrap)
+    sampler = BlockSampler(data, config, weights)
+    model.train()
+    t_start = time.perf_counter() - elapsed_s
+    while step < config.max_steps and time.perf_counter() - t_start < 60 * config.max_minutes:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rng = np.random.default_rng([seed, step])
+        x_0, x_1, cond = sampler.draw(gen, rng)
+        t = sample_time(x_0.shape[0], gen, config.time_scheme).to(device)
+        x_0, x_1, cond = x_0.to(device), x_1.to(device), cond.to(device)
+        for g in opt.param_groups:
+            g["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+        loss = cfm_loss(model, x_0, x_1, t, cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+        step += 1
+        if step % 50 == 0 or step == 1:
+            logger.info("flow step %d loss %.4f (%.0f s)", step, float(loss.detach()), time.perf_counter() - t_start)
+        if checkpoint_fn is not None and step % config.checkpoint_every == 0:
+            checkpoint_fn(_flow_state(model, opt, ema, step, time.perf_counter() - t_start))
+    final = _flow_state(model, opt, ema, step, time.perf_counter() - t_start)
+    if checkpoint_fn is not None:
+        checkpoint_fn(final)
+    ema_model = ema.averaged_copy(model).cpu().eval()
+    return ema_model, final
+
+
+def _flow_state(model, opt, ema, step: int, elapsed_s: float) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
+            "step": step, "elapsed_s": elapsed_s}
+
+
+# ----------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample_latents(
+    model: ImageDiT,
+    cond: ImageCondition,
+    x_0: Tensor,
+    *,
+    n_steps: int,
+    sampler: str = "euler",
+    guidance_scale: float = 1.0,
+) -> Tensor:
+    """Integrate the learned flow from ``x_0: b x c x h x w`` (noise or control latents) to t=1."""
+    model.eval()
+    uncond = cond.without_compound()
+    uncond_fn = (lambda x, t, _c: model(x, t, uncond)) if guidance_scale != 1.0 else None
+    integrate = {"euler": sample_euler, "heun": sample_heun}[sampler]
+    return integrate(model, x_0, n_steps, cond, guidance_scale=guidance_scale, uncond_velocity_fn=uncond_fn)
+
+
+def sampling_condition(
+    fingerprint_bits: Tensor | None,
+    dose_um: float,
+    z_controls: Tensor | None,
+    n: int,
+    latent_channels: int,
+    *,
+    unconditional: bool = False,
+) -> ImageCondition:
+    """Condition of ``n`` cells: a compound (unpacked bits ``2048``; ``None`` = DMSO control) at
+    ``dose_um`` on the plate whose control latents are ``z_controls: m x c x h x w``
+    (``None`` or empty = the learned null-plate token). ``unconditional``: the null compound
+    token (no compound / dose information), plate conditioning kept."""
+    treated = fingerprint_bits is not None and not unconditional
+    if treated and not dose_um > 0:
+        raise ValueError(f"dose_um must be > 0 for a compound, got {dose_um}")
+    bits = fingerprint_bits.float() if treated else torch.zeros(2048)
+    has = z_controls is not None and len(z_controls) > 0
+    summary = control_summary(z_controls) if has else torch.zeros(control_summary_dim(latent_channels))
+    return ImageCondition(
+        fingerprint_bits=bits.expand(n, -1),
+        log10_dose_um=torch.full((n,), float(np.log10(dose_um)) if treated else 0.0),
+        role=torch.full((n,), ROLE_NULL if unconditional else ROLE_COMPOUND if treated else ROLE_CONTROL,
+                        dtype=torch.long),
+        control_summary=summary.expand(n, -1),
+        has_controls=torch.full((n,), has, dtype=torch.bool),
+    )
+
+
+def source_indices(n: int, n_controls: int, generator: torch.Generator) -> Tensor:
+    """Which of ``n_controls`` control cells feed ``n`` samples: a random subset, or draws with
+    replacement when fewer than ``n``."""
+    if n_controls < 1:
+        raise ValueError("control mode needs the plate's control cells as the source")
+    if n_controls < n:
+        return torch.randint(0, n_controls, (n,), generator=generator)
+    return torch.randperm(n_controls, generator=generator)[:n]
+
+
+def source_latents(
+    mode: SourceMode,
+    n: int,
+    latent_shape: tuple[int, int, int],
+    z_controls: Tensor | None,
+    generator: torch.Generator,
+) -> Tensor:
+    """``x_0: n x c x h x w``: Gaussian noise, or (control mode) ``n`` control latents of the plate
+    (:func:`source_indices`)."""
+    if mode == "noise":
+        return torch.randn((n, *latent_shape), generator=generator)
+    if z_controls is None or len(z_controls) == 0:
+        raise ValueError("control mode needs the plate's control cells as the source")
+    return z_controls[source_indices(n, len(z_controls), generator)]
+
+
+# ----------------------------------------------------------------------------- persistence
+def save_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def save_torch(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def autoencoder_config_for(in_channels: int, base: AutoencoderConfig) -> AutoencoderConfig:
+    return replace(base, in_channels=in_channels)

@@ -1,0 +1,99 @@
+"""Run independent tasks as Ray tasks. The only module that imports ``ray``.
+
+``run_tasks(fn, kwargs_list)`` calls ``fn(**kwargs)`` for every kwargs dict as one Ray task
+and returns the results in order. ``fn`` must be importable (a module-level function).
+
+Connection: ``address`` argument, else the ``RAY_ADDRESS`` environment variable, else a
+Ray already initialised in this process, else a new local cluster started with:
+usage stats and auth off (``RAY_USAGE_STATS_ENABLED=0``, ``RAY_AUTH_MODE=disabled``), a
+short temp dir under /tmp (socket paths must stay < 108 chars), ~200 MB object store,
+no dashboard. A local cluster puts the repository root on the workers' ``PYTHONPATH``
+so task functions import. Starting one takes ~10 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+OBJECT_STORE_BYTES = 200 * 1024 * 1024
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+__all__ = ["ensure_ray", "run_tasks", "shutdown_ray"]
+
+_started_temp_dir: str | None = None  # temp dir of the local cluster this process started
+
+
+def _set_ray_environment() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None):
+    """Connect to / start Ray if needed; returns the ``ray`` module."""
+    _set_ray_environment()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=True)
+        return ray
+    global _started_temp_dir
+    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    _started_temp_dir = temp_dir
+    pythonpath = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    log.info("starting a local Ray cluster (temp dir %s)", temp_dir)
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    return ray
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray (stopping the local cluster and removing its temp dir if this process started it)."""
+    global _started_temp_dir
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if _started_temp_dir is not None:
+        shutil.rmtree(_started_temp_dir, ignore_errors=True)
+        _started_temp_dir = None
+
+
+def run_tasks(
+    fn: Callable[..., Any],
+    kwargs_list: Sequence[dict[str, Any]],
+    *,
+    address: str | None = None,
+    num_cpus_per_task: float = 1,
+    num_gpus_per_task: float = 0.0,
+) -> list[Any]:
+    """``[fn(**kw) for kw in kwargs_list]``, each call one Ray task; results in input order.
+
+    A failing task raises its original exception (as Ray re-raises it) after the other
+    tasks have been waited for, so their outputs are complete on disk.
+    """
+    if num_cpus_per_task <= 0 or num_gpus_per_task < 0:
+        raise ValueError("num_cpus_per_task must be > 0 and num_gpus_per_task >= 0")
+    ray = ensure_ray(address)
+    remote_fn = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task)(fn)
+    refs = [remote_fn.remote(**kwargs) for kwargs in kwargs_list]
+    ray.wait(refs, num_returns=len(refs))
+    return ray.get(refs)

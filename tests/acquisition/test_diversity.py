@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+
+from acquisition.diversity import (
+    maxmin_select,
+    penalized_greedy_select,
+    popcount_rows,
+    tanimoto_matrix,
+    tanimoto_to_set,
+)
+from acquisition.greedy import greedy_select
+
+
+def _random_fps(n, seed, density=0.1):
+    rng = np.random.default_rng(seed)
+    return np.packbits(rng.random((n, 2048)) < density, axis=1)
+
+
+def clustered_toy(n_clusters=6, per_cluster=20, seed=0):
+    """Clusters of near-duplicate fingerprints; cluster 0 has the best values."""
+    rng = np.random.default_rng(seed)
+    centres = rng.random((n_clusters, 2048)) < 0.08
+    cluster = np.repeat(np.arange(n_clusters), per_cluster)
+    bits = centres[cluster] ^ (rng.random((len(cluster), 2048)) < 0.005)
+    quality = -cluster + 0.1 * rng.standard_normal(len(cluster))
+    values = quality[None] + 0.05 * rng.standard_normal((4, len(cluster)))
+    return torch.as_tensor(values), np.packbits(bits, axis=1), cluster
+
+
+def test_popcount_table_matches_bitwise_count_and_unpacked_sum():
+    fps = _random_fps(50, 0)
+    expected = np.unpackbits(fps, axis=1).sum(axis=1)
+    assert np.array_equal(popcount_rows(fps), expected)
+    assert np.array_equal(popcount_rows(fps, use_table=True), expected)
+
+
+def test_tanimoto_closed_form():
+    a = np.packbits(np.array([[1, 1, 0, 0] + [0] * 2044, [0] * 2048], dtype=bool), axis=1)
+    b = np.packbits(np.array([[1, 0, 1, 0] + [0] * 2044], dtype=bool), axis=1)
+    sims = tanimoto_matrix(a, b)
+    assert sims[0, 0] == pytest.approx(1 / 3)  # |{0}| / |{0, 1, 2}|
+    assert sims[1, 0] == 0.0
+
+
+def test_tanimoto_matrix_matches_bruteforce_and_table():
+    a, b = _random_fps(30, 1), _random_fps(17, 2, density=0.2)
+    ua, ub = np.unpackbits(a, axis=1).astype(bool), np.unpackbits(b, axis=1).astype(bool)
+    inter = (ua[:, None] & ub[None]).sum(-1)
+    union = (ua[:, None] | ub[None]).sum(-1)
+    expected = inter / union
+    assert np.allclose(tanimoto_matrix(a, b), expected, atol=1e-6)
+    assert np.allclose(tanimoto_matrix(a, b, use_table=True), expected, atol=1e-6)
+    assert np.allclose(tanimoto_to_set(a, b), expected.max(axis=1), atol=1e-6)
+    assert np.allclose(np.diag(tanimoto_matrix(a, a)), 1.0)
+
+
+def test_tanimoto_to_empty_set_is_zero():
+    assert np.array_equal(tanimoto_to_set(_random_fps(5, 0), _random_fps(0, 0)), np.zeros(5))
+
+
+def test_maxmin_covers_clusters_and_honours_exclude():
+    _, fps, cluster = clustered_toy()
+    exclude = np.zeros(len(fps), dtype=bool)
+    exclude[cluster == 5] = True
+    picks = maxmin_select(fps, 5, seed=3, exclude=exclude)
+    assert sorted(cluster[picks].tolist()) == [0, 1, 2, 3, 4]
+    assert np.array_equal(picks, maxmin_select(fps, 5, seed=3, exclude=exclude))  # seeded
+    assert len(maxmin_select(fps, 500, seed=0, exclude=exclude)) == 100
+
+
+def test_zero_penalty_matches_exact_greedy_until_saturation():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(5, 200, generator=g, dtype=torch.float64)
+    fps = _random_fps(200, 4)
+    pending = np.array([3, 99])
+    exact, acq = greedy_select(values, 8, "qUCB", {"beta": 1.0}, pending=pending)
+    growing = int(torch.cumprod(torch.cat([torch.tensor([1]), (acq[1:] > acq[:-1]).int()]), 0).sum())
+    result = penalized_greedy_select(values, fps, 8, "qUCB", {"beta": 1.0},
+                                     diversity_penalty=0.0, pending=pending)
+    assert growing >= 3
+    assert result.n_joint >= growing
+    assert result.indices[:growing].tolist() == exact[:growing].tolist()
+
+
+def test_penalty_increases_diversity_vs_top_k():
+    values, fps, cluster = clustered_toy()
+    q = 6
+    top_k = np.argsort(-values.mean(0).numpy(), kind="stable")[:q]
+    diverse = penalized_greedy_select(values, fps, q, "mean", diversity_penalty=1.0).indices
+
+    def mean_distance(idx):
+        sims = tanimoto_matrix(fps[idx], fps[idx])
+        return float(1 - sims[np.triu_indices(q, 1)].mean())
+
+    assert len(set(cluster[top_k])) == 1  # pure exploitation stays in the best cluster
+    assert mean_distance(diverse) > mean_distance(top_k) + 0.3  # ~0.1 -> > 0.4
+    assert len(set(cluster[diverse])) >= 4
+    assert cluster[diverse[0]] == 0  # the best candidate is still picked first
+
+
+def test_scaffold_cap_pending_and_selected_honoured():
+    values, fps, cluster = clustered_toy()
+    pending = np.array([0])  # cluster 0, counts towards the cap
+    result = penalized_greedy_select(values, fps, 12, "qUCB", {"beta": 1.0}, diversity_penalty=0.2,
+                                     pending=pending, selected=[1, 2], scaffold_ids=cluster,
+                                     max_per_scaffold=3)
+    picks = result.indices
+    assert len(set(picks.tolist())) == 12
+    assert not np.isin(picks, [0, 1, 2]).any()
+    counts = np.bincount(cluster[np.concatenate([picks, [0, 1, 2]])], minlength=6)
+    assert counts.max() <= 3
+    assert result.n_joint < 12  # K = 4 members saturate before 12 picks
+
+
+def test_penalized_greedy_narrow_errors():
+    values, fps, _ = clustered_toy()
+    with pytest.raises(ValueError, match="diversity_penalty"):
+        penalized_greedy_select(values, fps, 2, "mean", diversity_penalty=1.5)
+    with pytest.raises(ValueError, match="rows"):
+        penalized_greedy_select(values, fps[:-1], 2, "mean")
+    with pytest.raises(ValueError, match="supports"):
+        penalized_greedy_select(values, fps, 2, "qLogEI")

@@ -1,0 +1,42 @@
+"""Prefect flows wrap the loop's functions: unit-tested with ``.fn()``, one real run in a test harness."""
+
+import pytest
+
+from lab_io.results import ResultsError
+from flows.lab_loop import ingest_flow, lab_round_flow, propose_flow, retrain_flow
+from loop.campaign import Campaign, CampaignConfig
+from loop.library import add_virtual_library
+from loop.status import campaign_status
+
+TINY = dict(assay=dict(n_members=2, n_steps=60, hidden_dim=32, batch_size=128),
+            lab=dict(image_size_px=96, cells_per_field=8.0))
+
+
+@pytest.fixture()
+def campaign_dir(tmp_path):
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=3, **TINY))
+    add_virtual_library(campaign, 60, seed=0)
+    return str(campaign.root)
+
+
+def test_lab_round_flow_fn_runs_the_whole_round(campaign_dir):
+    out = lab_round_flow.fn(campaign_dir, budget_wells=40, write_images=False)
+    status = campaign_status(Campaign.open(campaign_dir))
+    assert status["plates"]["returned"] == 1 and status["model_versions"] == 1
+    assert out["model_version"] == status["latest_model"]
+    assert out["proposal"]["n_treatments"] == 40 - 16
+
+
+def test_flows_are_thin_wrappers(campaign_dir, tmp_path):
+    proposal = propose_flow.fn(campaign_dir, budget_wells=30)
+    assert proposal["round_index"] == 1 and len(proposal["barcodes"]) == 1
+    with pytest.raises(RuntimeError, match="no measurements"):
+        retrain_flow.fn(campaign_dir)
+    with pytest.raises(ResultsError, match="missing"):
+        ingest_flow.fn(campaign_dir, str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_propose_flow_real_run(campaign_dir, prefect_harness):
+    result = propose_flow(campaign_dir, budget_wells=30)
+    assert result["n_treatments"] == 14

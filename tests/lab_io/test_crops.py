@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lab_io.crops import (
+    CropsError, CropSet, compound_smiles, is_control_compound, load_crops, shared_data_dir, write_crops,
+)
+
+
+def _crops(n=8, h=12, c=3, seed=0) -> CropSet:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60000, (n, h, h, c), dtype=np.uint16)
+    meta = pd.DataFrame({
+        "plate": ["P1"] * (n // 2) + ["P2"] * (n - n // 2),
+        "well": [f"B{i + 2:02d}" for i in range(n)],
+        "compound": ["DMSO", "cyclohexamide"] * (n // 2),
+        "concentration_um": [0.0, 15.0] * (n // 2),
+    })
+    return CropSet(images, meta, ("DNA", "Tubulin", "Actin")[:c] if c <= 3 else tuple(f"c{i}" for i in range(c)))
+
+
+def test_write_load_round_trip(tmp_path):
+    crops = _crops()
+    write_crops(crops, tmp_path / "c")
+    back = load_crops(tmp_path / "c")
+    assert np.array_equal(back.images, crops.images)
+    assert back.channel_names == crops.channel_names
+    assert list(back.metadata["compound"]) == list(crops.metadata["compound"])
+    assert back.plates == ["P1", "P2"]
+    assert list(back.is_control) == [True, False] * 4
+
+
+def test_row_column_reorders_metadata(tmp_path):
+    crops = _crops()
+    write_crops(crops, tmp_path)
+    meta = pd.read_csv(tmp_path / "crops_metadata.csv").iloc[::-1]
+    meta.to_csv(tmp_path / "crops_metadata.csv", index=False)
+    back = load_crops(tmp_path)
+    assert list(back.metadata["well"]) == list(crops.metadata["well"])
+
+
+def test_missing_images_names_file(tmp_path):
+    write_crops(_crops(), tmp_path)
+    (tmp_path / "crops.npz").unlink()
+    with pytest.raises(CropsError, match="crops.npz"):
+        load_crops(tmp_path)
+
+
+def test_wrong_dtype_names_file(tmp_path):
+    write_crops(_crops(), tmp_path)
+    np.savez(tmp_path / "crops.npz", images=np.zeros((8, 12, 12, 3), np.float32))
+    with pytest.raises(CropsError, match=r"crops\.npz.*uint16"):
+        load_crops(tmp_path)
+
+
+def test_missing_key_names_file(tmp_path):
+    write_crops(_crops(), tmp_path)
+    np.savez(tmp_path / "crops.npz", pixels=np.zeros((8, 12, 12, 3), np.uint16))
+    with pytest.raises(CropsError, match="no key 'images'"):
+        load_crops(tmp_path)
+
+
+def test_missing_column_and_row_count(tmp_path):
+    write_crops(_crops(), tmp_path)
+    meta = pd.read_csv(tmp_path / "crops_metadata.csv")
+    meta.drop(columns=["concentration_um"]).to_csv(tmp_path / "crops_metadata.csv", index=False)
+    with pytest.raises(CropsError, match=r"crops_metadata\.csv.*concentration_um"):
+        load_crops(tmp_path)
+    meta.iloc[:5].to_csv(tmp_path / "crops_metadata.csv", index=False)
+    with pytest.raises(CropsError, match="5 rows but crops.npz holds 8"):
+        load_crops(tmp_path)
+
+
+def test_bad_dose_names_line(tmp_path):
+    write_crops(_crops(), tmp_path)
+    meta = pd.read_csv(tmp_path / "crops_metadata.csv")
+    meta["concentration_um"] = meta["concentration_um"].astype(object)
+    meta.loc[3, "concentration_um"] = "lots"
+    meta.to_csv(tmp_path / "crops_metadata.csv", index=False)
+    with pytest.raises(CropsError, match="line 5"):
+        load_crops(tmp_path)
+
+
+def test_channels_json_mismatch(tmp_path):
+    write_crops(_crops(), tmp_path)
+    (tmp_path / "channels.json").write_text(json.dumps({"channel_names": ["DNA"]}))
+    with pytest.raises(CropsError, match="channels.json"):
+        load_crops(tmp_path)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(CropsError, match="not a folder"):
+        load_crops(tmp_path / "nope")
+
+
+def test_compound_smiles_fallback_and_column():
+    meta = pd.DataFrame({"compound": ["DMSO", "cyclohexamide"]})
+    table = compound_smiles(meta)
+    assert table["DMSO"] == ""
+    assert table["cyclohexamide"].startswith("C[C@H]1C[C@H](C)C(=O)")
+    meta = pd.DataFrame({"compound": ["mystery", "DMSO"], "smiles": ["CCO", ""]})
+    assert compound_smiles(meta)["mystery"] == "CCO"
+    with pytest.raises(CropsError, match="x.csv: no SMILES for compound 'unknownium'"):
+        compound_smiles(pd.DataFrame({"compound": ["unknownium"]}), "x.csv")
+
+
+def test_is_control_compound():
+    assert list(is_control_compound(["DMSO", "dmso ", "taxol"])) == [True, True, False]
+
+
+@pytest.mark.skipif(not (shared_data_dir() / "bbbc021" / "crops.npz").is_file(),
+                    reason="shared BBBC021 crops absent (../shared/data/bbbc021 or $LOOP_SHARED_DATA)")
+def test_loads_real_bbbc021():
+    crops = load_crops(shared_data_dir() / "bbbc021")
+    assert crops.images.shape == (5873, 68, 68, 3)
+    assert crops.channel_names == ("DNA", "Tubulin", "Actin")
+    assert "Week4_27821" in crops.plates
+    assert int(crops.is_control.sum()) == 842 + 899 + 534 + 1088 + 876

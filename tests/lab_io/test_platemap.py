@@ -1,0 +1,267 @@
+"""Tests for lab_io.platemap: layouts, capacity, files, round trip, validation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lab_io import platemap as pm
+from lab_io.schema import N_WELLS, WellRole, echo_well, parse_well
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("LOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
+CPJUMP1 = SHARED / "jump" / "platemaps"
+
+
+def make_compounds(n: int) -> pd.DataFrame:
+    ids = [f"C{i:05d}" for i in range(n)]
+    return pd.DataFrame({"compound_id": ids, "name": [f"cmpd {i}" for i in range(n)],
+                         "smiles": ["C" * (1 + i % 7) + "O" for i in range(n)],
+                         "inchikey": [f"KEY{i:011d}-UHFFFAOYSA-N" for i in range(n)]})
+
+
+def treatments(n: int, dose_um: float = 10.0) -> list[tuple[str, float]]:
+    return [(f"C{i:05d}", dose_um) for i in range(n)]
+
+
+def used_wells(layouts) -> int:
+    return sum(int((l.wells["role"] != WellRole.empty.value).sum()) for l in layouts)
+
+
+# ---------------------------------------------------------------- capacity and layout
+
+@pytest.mark.parametrize("empty_edge, per_plate", [(False, 384), (True, 308)])
+def test_treatment_capacity_closed_form(empty_edge, per_plate):
+    config = pm.PlateLayoutConfig(empty_edge=empty_edge)
+    assert config.usable_wells_per_plate == per_plate
+    assert pm.treatment_capacity(0, config) == 0
+    assert pm.treatment_capacity(16, config) == 0  # controls only: plate not opened
+    assert pm.treatment_capacity(17, config) == 1
+    assert pm.treatment_capacity(per_plate, config) == per_plate - 16
+    assert pm.treatment_capacity(per_plate + 10, config) == per_plate - 16
+    assert pm.treatment_capacity(2 * per_plate + 100, config) == 2 * (per_plate - 16) + 84
+
+
+@pytest.mark.parametrize("budget", [17, 100, 384, 385, 400, 900, 1200])
+def test_design_at_capacity_respects_budget(budget):
+    config = pm.PlateLayoutConfig(positive_control_id="POS", n_positive_controls=4)
+    n = pm.treatment_capacity(budget, config)
+    layouts = pm.design_plates(treatments(n), config, seed=0, budget_wells=budget)
+    assert used_wells(layouts) <= budget
+    with pytest.raises(ValueError, match="budget"):
+        pm.design_plates(treatments(n + 1), config, seed=0, budget_wells=budget)
+
+
+def test_layout_wells_controls_and_compounds():
+    config = pm.PlateLayoutConfig(positive_control_id="POS", n_positive_controls=8)
+    layouts = pm.design_plates(treatments(500), config, seed=1, campaign_tag="R01-")
+    assert [l.barcode for l in layouts] == ["LPR01-0001", "LPR01-0002"]
+    placed = []
+    for layout in layouts:
+        w = layout.wells
+        assert list(w.columns) == list(pm.WELL_COLUMNS) and len(w) == N_WELLS
+        assert w["well"].is_unique
+        assert all(parse_well(x) == (r, c) for x, r, c in zip(w["well"], w["row"], w["col"]))
+        assert set(w["role"]) <= {r.value for r in WellRole}
+        neg = layout.wells_with_role(WellRole.negative_control)
+        pos = layout.wells_with_role(WellRole.positive_control)
+        assert len(neg) == 16 and (neg["compound_id"] == "DMSO").all() and (neg["dose_um"] == 0).all()
+        assert neg["row"].nunique() >= 8 and neg["col"].nunique() >= 8
+        assert len(pos) == 8 and pos["row"].nunique() == 8 and pos["col"].nunique() == 8
+        assert (pos["compound_id"] == "POS").all()
+        empty = layout.wells_with_role(WellRole.empty)
+        assert (empty["compound_id"] == "").all() and (empty["dose_um"] == 0).all()
+        placed += layout.wells_with_role(WellRole.treatment)["compound_id"].tolist()
+    assert sorted(placed) == [c for c, _ in treatments(500)]  # each compound exactly once
+    sizes = [len(l.wells_with_role(WellRole.treatment)) for l in layouts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_layout_deterministic_and_seeded():
+    config = pm.PlateLayoutConfig()
+    a = pm.design_plates(treatments(100), config, seed=5)
+    b = pm.design_plates(treatments(100), config, seed=5)
+    c = pm.design_plates(treatments(100), config, seed=6)
+    pd.testing.assert_frame_equal(a[0].wells, b[0].wells)
+    assert not a[0].wells.equals(c[0].wells)
+
+
+def test_empty_edge_honoured_and_spill():
+    config = pm.PlateLayoutConfig(empty_edge=True)
+    n = 2 * config.treatments_per_plate + 1
+    layouts = pm.design_plates(treatments(n), config, seed=2, plate_index_start=7)
+    assert [l.barcode for l in layouts] == ["LP0007", "LP0008", "LP0009"]
+    for layout in layouts:
+        w = layout.wells
+        edge = (w["row"].isin([0, 15])) | (w["col"].isin([0, 23]))
+        assert (w.loc[edge, "role"] == WellRole.empty.value).all()
+        neg = layout.wells_with_role(WellRole.negative_control)
+        assert len(neg) == 16 and neg["row"].nunique() >= 8 and neg["col"].nunique() >= 8
+
+
+def test_design_rejects_bad_treatments():
+    config = pm.PlateLayoutConfig()
+    with pytest.raises(ValueError, match="dose_um"):
+        pm.design_plates([("A", 0.0)], config, seed=0)
+    with pytest.raises(ValueError, match="compound_id"):
+        pm.design_plates([("DMSO", 1.0)], config, seed=0)
+    with pytest.raises(ValueError, match="transfer_volume_nl"):
+        pm.design_plates([("A", 100.0)], config, seed=0)  # 400 nL > 50 nL
+    with pytest.raises(ValueError, match="positive_control_id"):
+        pm.PlateLayoutConfig(n_positive_controls=4)
+    assert pm.design_plates([], config, seed=0) == []
+
+
+def test_compound_volume_rounds_to_droplets():
+    config = pm.PlateLayoutConfig()
+    assert config.compound_volume_nl(10.0) == 40.0
+    assert config.compound_volume_nl(1.0) == 5.0  # 4 nL -> 5 nL (2 droplets)
+    assert config.compound_volume_nl(3.0) % 2.5 == 0
+
+
+# ---------------------------------------------------------------- files
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    config = pm.PlateLayoutConfig(positive_control_id="C00000", n_positive_controls=4)
+    doses = [(c, 10.0 if i % 2 else 1.0) for i, (c, _) in enumerate(treatments(420)[1:])]
+    layouts = pm.design_plates(doses, config, seed=11, campaign_tag="T-")
+    out = tmp_path_factory.mktemp("batch") / "plates"
+    files = pm.write_plate_files(layouts, make_compounds(420), out)
+    return layouts, out, files
+
+
+def test_written_files(written):
+    layouts, out, files = written
+    names = {f"{l.plate_map_name}.txt" for l in layouts} | {f"{l.barcode}.png" for l in layouts}
+    names |= {"barcode_platemap.csv", "compound_metadata.tsv", "picklist.csv", "source_platemap.csv"}
+    assert set(files) == names and all(p.is_file() for p in files.values())
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temporary leftovers
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".plates.tmp")]
+    pmap = pd.read_csv(out / f"{layouts[0].plate_map_name}.txt", sep="\t", dtype=str, keep_default_na=False)
+    assert list(pmap.columns) == list(pm.PLATEMAP_COLUMNS)
+    dmso = pmap[pmap["role"] == "negative_control"]
+    assert (dmso["broad_sample"] == "").all() and (dmso["solvent"] == "DMSO").all()
+    barcodes = pd.read_csv(out / "barcode_platemap.csv", dtype=str)
+    assert barcodes.columns.tolist() == ["Assay_Plate_Barcode", "Plate_Map_Name"]
+    meta = pd.read_csv(out / "compound_metadata.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert meta.columns[:4].tolist() == ["broad_sample", "pert_iname", "smiles", "InChIKey"]
+    assert meta.loc[meta["pert_iname"] == "DMSO", "control_type"].tolist() == ["negcon"]
+    assert meta.loc[meta["broad_sample"] == "C00000", "control_type"].tolist() == ["poscon"]
+
+
+def test_picklist_matches_maps(written):
+    layouts, out, _ = written
+    pick = pd.read_csv(out / "picklist.csv", dtype={"Source Well": str, "Destination Well": str})
+    assert pick.columns.tolist() == list(pm.PICKLIST_COLUMNS)
+    source = pd.read_csv(out / "source_platemap.csv", dtype=str, keep_default_na=False)
+    src_of = {(p, w): s for p, w, s in zip(source["Source Plate Name"], source["Source Well"], source["broad_sample"])}
+    assert pick["Source Plate Name"].str.startswith("SRC-").all()
+    assert (pick["Transfer Volume"] % 2.5 == 0).all()
+    for layout in layouts:
+        w = layout.wells
+        rows = pick[pick["Destination Plate Name"] == layout.barcode]
+        filled = w[w["role"] != WellRole.empty.value]
+        assert set(rows["Destination Well"]) == {echo_well(x) for x in filled["well"]}
+        per_well = rows.groupby("Destination Well")["Transfer Volume"].sum()
+        assert np.allclose(per_well, 50.0)  # every filled well: 50 nL DMSO in total
+        compound_rows = rows[rows["Sample ID"] != "DMSO"]
+        by_well = dict(zip(compound_rows["Destination Well"], compound_rows["Sample ID"]))
+        expected = {echo_well(x): c for x, c, r in zip(w["well"], w["compound_id"], w["role"])
+                    if r in ("treatment", "positive_control")}
+        assert by_well == expected
+        for p, sw, sample in zip(rows["Source Plate Name"], rows["Source Well"], rows["Sample ID"]):
+            assert src_of[(p, sw)] == ("" if sample == "DMSO" else sample)
+        dose = dict(zip(map(echo_well, w["well"]), w["dose_um"]))
+        for dw, vol in zip(compound_rows["Destination Well"], compound_rows["Transfer Volume"]):
+            assert vol == layout.config.compound_volume_nl(dose[dw])
+
+
+def test_round_trip(written):
+    layouts, out, _ = written
+    read, compounds = pm.read_plate_files(out)
+    assert [l.barcode for l in read] == [l.barcode for l in layouts]
+    for a, b in zip(layouts, read):
+        assert a.plate_map_name == b.plate_map_name
+        pd.testing.assert_frame_equal(a.wells, b.wells)
+    expected = make_compounds(420).set_index("compound_id")
+    assert len(compounds) == 420 and list(compounds.columns) == ["compound_id", "name", "smiles", "inchikey"]
+    got = compounds.set_index("compound_id")
+    pd.testing.assert_frame_equal(got.sort_index(), expected.loc[got.index].sort_index())
+
+
+def test_write_refuses_existing_folder_and_missing_compounds(tmp_path, written):
+    layouts, out, _ = written
+    with pytest.raises(ValueError, match="already exists"):
+        pm.write_plate_files(layouts, make_compounds(420), out)
+    with pytest.raises(ValueError, match="not in the compounds table"):
+        pm.write_plate_files(layouts, make_compounds(10), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
+    layouts = pm.design_plates(treatments(30), pm.PlateLayoutConfig(), seed=0)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full while drawing")
+
+    monkeypatch.setattr(pm, "_plot_plate", fail)
+    out = tmp_path / "plates"
+    with pytest.raises(RuntimeError, match="disk full"):
+        pm.write_plate_files(layouts, make_compounds(30), out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- reading errors
+
+def copy_batch(written, tmp_path) -> Path:
+    _, out, _ = written
+    dest = tmp_path / "copy"
+    dest.mkdir()
+    for p in out.iterdir():
+        (dest / p.name).write_bytes(p.read_bytes())
+    return dest
+
+
+def test_read_unknown_plate_map(written, tmp_path):
+    d = copy_batch(written, tmp_path)
+    (d / "barcode_platemap.csv").write_text("Assay_Plate_Barcode,Plate_Map_Name\nX1,NOPE\n")
+    with pytest.raises(ValueError, match=r"barcode_platemap\.csv.*NOPE"):
+        pm.read_plate_files(d)
+
+
+def test_read_invalid_and_duplicate_wells(written, tmp_path):
+    layouts, _, _ = written
+    d = copy_batch(written, tmp_path)
+    path = d / f"{layouts[0].plate_map_name}.txt"
+    lines = path.read_text().splitlines()
+    bad = lines.copy()
+    bad[5] = bad[5].replace("\tA05\t", "\tQ05\t")
+    path.write_text("\n".join(bad) + "\n")
+    with pytest.raises(ValueError, match=rf"{path.name} line 6.*Q05"):
+        pm.read_plate_files(d)
+    dup = lines.copy()
+    dup[5] = dup[5].replace("\tA05\t", "\tA04\t")
+    path.write_text("\n".join(dup) + "\n")
+    with pytest.raises(ValueError, match=rf"{path.name} line 6: duplicate well A04"):
+        pm.read_plate_files(d)
+
+
+@pytest.mark.skipif(not CPJUMP1.is_dir(), reason=f"shared data absent: {CPJUMP1}")
+def test_read_real_cpjump1_platemap():
+    layouts, compounds = pm.read_plate_files(CPJUMP1)
+    barcodes = pd.read_csv(CPJUMP1 / "barcode_platemap_CPJUMP1_10a.csv")
+    assert [l.barcode for l in layouts] == barcodes["Assay_Plate_Barcode"].tolist()
+    w = layouts[0].wells
+    assert layouts[0].plate_map_name == "C-7210-01-CMP-013"
+    assert (w["role"] == "negative_control").sum() == 64
+    assert (w["role"] == "treatment").sum() == 320
+    assert w.loc[w["well"] == "A01", "compound_id"].item() == "BRD-A86665761-001-01-1"
+    assert w.loc[w["role"] == "treatment", "dose_um"].isna().all()  # CPJUMP1 has no dose_um column
+    placed = set(w.loc[w["role"] == "treatment", "compound_id"])
+    assert placed <= set(compounds["compound_id"])
+    assert compounds["smiles"].str.len().gt(0).all()

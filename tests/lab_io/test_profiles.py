@@ -1,0 +1,94 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from lab_io.profiles import (
+    MAD_SCALE,
+    aggregate_wells,
+    feature_select,
+    normalize_to_controls,
+    phenotypic_activity,
+)
+
+
+def cells_table():
+    return pd.DataFrame({
+        "Metadata_Plate": ["P1"] * 5 + ["P2"] * 2,
+        "Metadata_Well": ["A01", "A01", "A01", "A02", "A02", "A01", "A01"],
+        "Metadata_compound": ["x", "x", "x", "DMSO", "DMSO", "y", "y"],
+        "Metadata_Site": [1, 1, 2, 1, 1, 1, 2],
+        "Nuclei_AreaShape_Area": [1.0, 2.0, 10.0, 4.0, 6.0, 3.0, 5.0],
+        "Cells_Intensity_MeanIntensity_DNA": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    })
+
+
+def test_aggregate_wells_median_and_counts():
+    prof = aggregate_wells(cells_table())
+    assert list(prof[["Metadata_Plate", "Metadata_Well"]].itertuples(index=False, name=None)) == [
+        ("P1", "A01"), ("P1", "A02"), ("P2", "A01")]
+    assert prof["Metadata_n_cells"].tolist() == [3, 2, 2]
+    assert prof["Nuclei_AreaShape_Area"].tolist() == [2.0, 5.0, 4.0]
+    assert prof["Metadata_compound"].tolist() == ["x", "DMSO", "y"]  # constant per well: kept
+    assert "Metadata_Site" not in prof.columns  # varies within a well: dropped
+    mean = aggregate_wells(cells_table(), how="mean")
+    assert mean["Nuclei_AreaShape_Area"].tolist() == pytest.approx([13 / 3, 5.0, 4.0])
+    with pytest.raises(ValueError, match="how"):
+        aggregate_wells(cells_table(), how="max")
+
+
+def test_robust_z_closed_form():
+    rng = np.random.default_rng(0)
+    prof = pd.DataFrame({"Metadata_Plate": ["P1"] * 6 + ["P2"] * 6, "Metadata_Well": [f"A{i:02d}" for i in range(1, 13)],
+                         "Cells_X": rng.normal(size=12), "Nuclei_Y": rng.normal(5, 2, size=12)})
+    ctrl = np.array([1, 1, 1, 0, 0, 0] * 2, dtype=bool)
+    out = normalize_to_controls(prof, ctrl)
+    for plate in ("P1", "P2"):
+        rows = (prof["Metadata_Plate"] == plate).to_numpy()
+        for col in ("Cells_X", "Nuclei_Y"):
+            c = prof.loc[rows & ctrl, col].to_numpy()
+            med = np.median(c)
+            mad = np.median(np.abs(c - med))
+            expected = (prof.loc[rows, col] - med) / (MAD_SCALE * mad + 1e-6)
+            assert np.allclose(out.loc[rows, col], expected)
+    assert out["Metadata_Well"].equals(prof["Metadata_Well"])
+    std = normalize_to_controls(prof, ctrl, method="standardize")
+    c = prof.loc[ctrl & (prof["Metadata_Plate"] == "P1").to_numpy(), "Cells_X"]
+    assert std.loc[0, "Cells_X"] == pytest.approx((prof.loc[0, "Cells_X"] - c.mean()) / (c.std(ddof=0) + 1e-6))
+
+
+def test_normalize_requires_controls_per_plate():
+    prof = pd.DataFrame({"Metadata_Plate": ["P1", "P2"], "Metadata_Well": ["A01", "A01"], "Cells_X": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="P2"):
+        normalize_to_controls(prof, [True, False])
+    with pytest.raises(ValueError, match="shape"):
+        normalize_to_controls(prof, [True])
+
+
+def test_phenotypic_activity_closed_form():
+    z = np.array([[3.0, 4.0], [0.0, 0.0], [100.0, 0.0]])
+    act = phenotypic_activity(z)
+    assert act == pytest.approx([5 / np.sqrt(2), 0.0, 10 / np.sqrt(2)])
+    assert phenotypic_activity(z, clip=None)[2] == pytest.approx(100 / np.sqrt(2))
+    df = pd.DataFrame(z, columns=["Cells_A", "Nuclei_B"]).assign(Metadata_Well=["A01", "A02", "A03"])
+    assert phenotypic_activity(df) == pytest.approx(act)
+
+
+def test_control_wells_score_about_one_and_treatment_higher():
+    rng = np.random.default_rng(3)
+    n_ctrl, n_feat = 200, 50
+    prof = pd.DataFrame(rng.normal(size=(n_ctrl + 1, n_feat)), columns=[f"Cells_F{i}" for i in range(n_feat)])
+    prof.iloc[-1] += 3.0
+    prof.insert(0, "Metadata_Plate", "P1")
+    prof.insert(1, "Metadata_Well", [f"W{i}" for i in range(n_ctrl + 1)])
+    mask = np.arange(n_ctrl + 1) < n_ctrl
+    act = phenotypic_activity(normalize_to_controls(prof, mask))
+    assert np.median(act[:n_ctrl]) == pytest.approx(0.95, abs=0.15)
+    assert act[-1] > 2.5
+
+
+def test_feature_select_drops_constant_nan_and_bookkeeping():
+    table = pd.DataFrame({"Metadata_Well": ["A01", "A02", "A03"], "Cells_Good": [1.0, 2.0, 3.0],
+                          "Cells_Constant": [1.0, 1.0, 1.0], "Nuclei_Nan": [1.0, np.nan, 2.0],
+                          "Nuclei_AreaShape_Center_X": [1.0, 5.0, 9.0], "Cells_Parent_Nuclei": [1, 2, 3]})
+    assert feature_select(table) == ["Cells_Good"]
+    assert "Nuclei_AreaShape_Center_X" in feature_select(table, drop_bookkeeping=False)

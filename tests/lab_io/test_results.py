@@ -1,0 +1,213 @@
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lab_io.ground_truth import GroundTruth
+from lab_io.results import ResultsError, merge_compartments, read_results
+from lab_io.synthetic_lab import SyntheticLab, SyntheticLabConfig
+
+SHARED = Path(os.environ.get("LOOP_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+BARCODE = "RES0001"
+
+
+@pytest.fixture(scope="module")
+def plate_template(tmp_path_factory):
+    """A 3-well synthetic results folder (DMSO in A01, A02; empty A03; DMSO in B01)."""
+    root = tmp_path_factory.mktemp("results_template")
+    plates = root / "plates"
+    plates.mkdir()
+    pd.DataFrame({"Assay_Plate_Barcode": [BARCODE], "Plate_Map_Name": ["MAP"]}).to_csv(plates / "barcode_platemap.csv", index=False)
+    pd.DataFrame({"plate_map_name": "MAP", "well_position": ["A01", "A02", "A03", "B01"], "broad_sample": "",
+                  "solvent": ["DMSO", "DMSO", "", "DMSO"], "dose_um": 0.0,
+                  "role": ["negative_control", "negative_control", "empty", "negative_control"]}).to_csv(
+        plates / "MAP.txt", sep="\t", index=False)
+    pd.DataFrame({"broad_sample": [""], "pert_iname": ["DMSO"], "smiles": ["CS(C)=O"], "InChIKey": [""]}).to_csv(
+        plates / "compound_metadata.tsv", sep="\t", index=False)
+    lab = SyntheticLab(GroundTruth(world_seed=0), seed=2, config=SyntheticLabConfig(image_size_px=112, cells_per_field=14))
+    lab.run_plates(plates, root / "results")
+    return root / "results"
+
+
+@pytest.fixture
+def results(tmp_path, plate_template):
+    dst = tmp_path / "results"
+    shutil.copytree(plate_template, dst)
+    return dst
+
+
+def site(results, well="A02"):
+    return results / BARCODE / "analysis" / f"{BARCODE}-{well}-1"
+
+
+def test_reads_plate_folder_and_folder_of_plates(results):
+    plates = read_results(results)
+    assert [p.barcode for p in plates] == [BARCODE]
+    plate = plates[0]
+    assert plate.image_count == 3 and not plate.from_images
+    cells = plate.cells
+    assert list(cells.columns[:4]) == ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber"]
+    assert set(cells["Metadata_Well"]) == {"A01", "A02", "B01"}
+    assert (cells["Metadata_Plate"] == BARCODE).all()
+    assert {"Nuclei_AreaShape_Area", "Cells_Intensity_MeanIntensity_Actin", "Cytoplasm_Texture_Contrast_Tubulin"} <= set(cells.columns)
+    counts = cells.groupby("Metadata_Well").size()
+    for well in ("A01", "A02", "B01"):
+        assert counts[well] == pd.read_csv(site(results, well) / "Image.csv").loc[0, "Count_Nuclei"]
+    single = read_results(results / BARCODE)[0]
+    assert single.fingerprint == plate.fingerprint
+    pd.testing.assert_frame_equal(single.cells, cells)
+    assert len(plate.sources) == 3 * 4 and plate.sources[0].startswith("analysis/")
+
+
+def test_cells_area_is_nucleus_plus_cytoplasm(results):
+    cells = read_results(results)[0].cells
+    assert np.allclose(cells["Cells_AreaShape_Area"], cells["Nuclei_AreaShape_Area"] + cells["Cytoplasm_AreaShape_Area"])
+
+
+def test_fingerprint_is_content_based(results, tmp_path, plate_template):
+    a = read_results(results)[0].fingerprint
+    assert read_results(plate_template)[0].fingerprint == a  # identical copy elsewhere
+    path = site(results) / "Nuclei.csv"
+    path.write_bytes(path.read_bytes())  # rewritten (new mtime), same bytes -> same fingerprint
+    assert read_results(results)[0].fingerprint == a
+    table = pd.read_csv(path)
+    table.loc[0, "AreaShape_Area"] += 1
+    table.to_csv(path, index=False)
+    assert read_results(results)[0].fingerprint != a
+
+
+def test_merge_links_objects_by_parent_ids():
+    image = pd.DataFrame({"ImageNumber": [7], "Metadata_Plate": ["P"], "Metadata_Well": ["A01"], "Metadata_Site": [1]})
+    nuclei = pd.DataFrame({"ImageNumber": [7, 7], "ObjectNumber": [1, 2], "AreaShape_Area": [10.0, 20.0]})
+    cells = pd.DataFrame({"ImageNumber": [7, 7, 7], "ObjectNumber": [1, 2, 3], "Parent_Nuclei": [2, 1, 9],
+                          "AreaShape_Area": [200.0, 100.0, 5.0]})
+    cyto = pd.DataFrame({"ImageNumber": [7, 7], "ObjectNumber": [1, 2], "Parent_Cells": [2, 1], "Parent_Nuclei": [1, 2],
+                         "AreaShape_Area": [90.0, 180.0]})
+    merged = merge_compartments(image, nuclei, cells, cyto)
+    assert merged["Metadata_ObjectNumber"].tolist() == [1, 2]  # cell 3 has no nucleus 9: dropped
+    assert merged["Cells_AreaShape_Area"].tolist() == [200.0, 100.0]
+    assert merged["Nuclei_AreaShape_Area"].tolist() == [20.0, 10.0]
+    assert merged["Cytoplasm_AreaShape_Area"].tolist() == [180.0, 90.0]
+    assert not any(c.endswith("Parent_Nuclei") or c.endswith("ImageNumber") for c in merged.columns)
+
+
+def expect_error(results, *fragments):
+    with pytest.raises(ResultsError) as info:
+        read_results(results)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+    return str(info.value)
+
+
+def test_truncated_csv_mid_row(results):
+    path = site(results) / "Cells.csv"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 40])
+    expect_error(results, str(path), BARCODE, "well A02", "truncated")
+
+
+def test_truncated_csv_at_row_boundary_caught_by_counts(results):
+    path = site(results) / "Nuclei.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+    expect_error(results, str(path), BARCODE, "well A02", "Count_Nuclei")
+
+
+def test_ragged_rows(results):
+    path = site(results) / "Cytoplasm.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].rstrip("\n") + ",42\n"
+    path.write_text("".join(lines))
+    expect_error(results, str(path), "well A02", "line 2")
+    lines[1] = ",".join(lines[1].split(",")[:-3]) + "\n"
+    path.write_text("".join(lines))
+    expect_error(results, str(path), "well A02", "line 2")
+
+
+def test_non_numeric_feature(results):
+    path = site(results) / "Nuclei.csv"
+    table = pd.read_csv(path)
+    table["AreaShape_Area"] = table["AreaShape_Area"].astype(object)
+    table.loc[1, "AreaShape_Area"] = "abc"
+    table.to_csv(path, index=False)
+    expect_error(results, str(path), "well A02", "AreaShape_Area", "'abc'", "line 3")
+
+
+def test_missing_required_column_and_empty_file(results):
+    path = site(results) / "Cells.csv"
+    pd.read_csv(path).drop(columns=["Parent_Nuclei"]).to_csv(path, index=False)
+    expect_error(results, str(path), "Parent_Nuclei")
+    path.write_text("")
+    expect_error(results, str(path), "empty")
+
+
+def test_plate_mismatch_and_bad_well(results):
+    path = site(results) / "Image.csv"
+    table = pd.read_csv(path)
+    table.assign(Metadata_Plate="OTHER").to_csv(path, index=False)
+    expect_error(results, str(path), BARCODE, "OTHER")
+    table.assign(Metadata_Well="Z99").to_csv(path, index=False)
+    expect_error(results, str(path), BARCODE, "Z99")
+
+
+def test_missing_object_tables(results):
+    (site(results) / "Cells.csv").unlink()
+    expect_error(results, "Cells.csv", "well A02", "missing")
+    (site(results) / "Nuclei.csv").unlink()
+    (site(results) / "Cytoplasm.csv").unlink()
+    expect_error(results, "well A02", "missing")
+    plate = read_results(results, allow_missing_objects=True)[0]
+    assert plate.skipped_sites == (f"{BARCODE}-A02-1",)
+    assert set(plate.cells["Metadata_Well"]) == {"A01", "B01"}
+
+
+def test_images_only_ingest_matches_the_tables(results):
+    expected = read_results(results)[0]
+    shutil.rmtree(results / BARCODE / "analysis")
+    plate = read_results(results)[0]
+    assert plate.from_images and plate.image_count == 3
+    assert all(s.startswith("Images/") for s in plate.sources)
+    pd.testing.assert_frame_equal(plate.cells, expected.cells, check_dtype=False, rtol=1e-9)
+
+
+def test_images_only_errors(results):
+    shutil.rmtree(results / BARCODE / "analysis")
+    images = results / BARCODE / "Images"
+    bad = images / "r01c02f01p01-ch2sk1fk1fl1.tiff"
+    bad.write_bytes(b"II*\x00garbage")
+    expect_error(results, str(bad), BARCODE, "well A02", "TIFF")
+    bad.unlink()
+    expect_error(results, BARCODE, "well A02", "lacks channels [2]")
+    (images / "notes.tiff").write_bytes(b"")
+    expect_error(results, "notes.tiff", "Phenix")
+
+
+def test_not_a_results_folder(tmp_path):
+    with pytest.raises(ResultsError, match="no plate folders"):
+        read_results(tmp_path)
+    with pytest.raises(ResultsError, match="does not exist"):
+        read_results(tmp_path / "nope")
+
+
+def test_real_cellprofiler_output():
+    plate_dir = SHARED / "cellprofiler" / "BR00121431"
+    if not plate_dir.exists():
+        pytest.skip(f"real CellProfiler output not found at {plate_dir} (set LOOP_SHARED_DATA)")
+    # The shipped sites -2 hold only Image.csv: strict reading refuses, the opt-in skips them.
+    with pytest.raises(ResultsError, match="BR00121431-A01-2.*plate BR00121431, well A01"):
+        read_results(plate_dir)
+    plate = read_results(plate_dir, allow_missing_objects=True)[0]
+    assert plate.barcode == "BR00121431" and plate.image_count == 2
+    assert plate.skipped_sites == ("BR00121431-A01-2", "BR00121431-A02-2")
+    cells = plate.cells
+    assert cells.groupby("Metadata_Well").size().to_dict() == {"A01": 89, "A02": 36}  # = Count_Nuclei
+    assert cells.shape[1] > 5000
+    for comp in ("Nuclei", "Cells", "Cytoplasm"):
+        assert f"{comp}_AreaShape_Area" in cells.columns
+    assert "Cells_Intensity_MeanIntensity_DNA" in cells.columns
+    assert (cells["Cells_AreaShape_Area"] > cells["Nuclei_AreaShape_Area"]).mean() > 0.95
+    again = read_results(plate_dir.parent, allow_missing_objects=True)[0]
+    assert again.fingerprint == plate.fingerprint

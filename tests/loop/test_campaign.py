@@ -1,0 +1,44 @@
+import pytest
+
+from loop.campaign import Campaign, CampaignConfig, CampaignError, resolve_db_url
+from loop import store
+
+
+def test_config_json_round_trip():
+    cfg = CampaignConfig(seed=3, dose_um=5.0, layout={"n_negative_controls": 24}, selection={"beta": 4.0})
+    assert CampaignConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown campaign config keys"):
+        CampaignConfig.from_json('{"seed": 1, "budgett": 3}')
+
+
+def test_init_open_and_refuse_reinit(tmp_path):
+    root = tmp_path / "c"
+    Campaign.init(root, CampaignConfig(seed=7))
+    assert Campaign.open(root).config.seed == 7
+    with pytest.raises(CampaignError, match="already exists"):
+        Campaign.init(root)
+
+
+def test_open_missing_campaign_names_folder(tmp_path):
+    with pytest.raises(CampaignError, match=str(tmp_path / "nope")):
+        Campaign.open(tmp_path / "nope")
+
+
+def test_db_url_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOOP_DB_URL", raising=False)
+    assert resolve_db_url(tmp_path, None).endswith("campaign.db")
+    monkeypatch.setenv("LOOP_DB_URL", "sqlite:///env.db")
+    assert resolve_db_url(tmp_path, None) == "sqlite:///env.db"
+    assert resolve_db_url(tmp_path, "sqlite:///flag.db") == "sqlite:///flag.db"
+
+
+def test_any_sqlalchemy_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    campaign = Campaign.init(tmp_path / "c", db_url=url)
+    assert (tmp_path / "elsewhere.db").exists()
+    assert not (tmp_path / "c" / "campaign.db").exists()
+    with campaign.session() as session:
+        assert store.count(session, store.Compound) == 0

@@ -1,0 +1,38 @@
+import json
+
+from typer.testing import CliRunner
+
+from loop.cli import app
+
+runner = CliRunner()
+
+
+def _loop(campaign, *args):
+    return runner.invoke(app, ["--campaign", str(campaign), *args], catch_exceptions=False)
+
+
+def test_init_library_propose_status(tmp_path):
+    campaign = tmp_path / "c"
+    assert _loop(campaign, "init", "--seed", "4").exit_code == 0
+    library = tmp_path / "lib.csv"
+    library.write_text("id,smiles\nA,CCO\nB,not_a_smiles\nC,c1ccccc1C(=O)O\nD,OCC\n")
+    result = _loop(campaign, "library", "add", str(library))
+    assert result.exit_code == 0, result.output
+    assert "2 added" in result.output and "1 invalid" in result.output and "line 3" in result.output
+    assert _loop(campaign, "library", "add", "--virtual", "30").exit_code == 0
+    result = _loop(campaign, "propose", "--budget", "40", "--out", str(tmp_path / "plates"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "plates" / "barcode_platemap.csv").exists()
+    status = json.loads(_loop(campaign, "status", "--json").stdout)
+    assert status["compounds"] == 32 and status["rounds"] == 1 and status["plates"]["pending"] == 1
+
+
+def test_errors_exit_nonzero_with_a_message(tmp_path):
+    result = _loop(tmp_path / "missing", "status")
+    assert result.exit_code == 1 and "loop init" in result.output
+    campaign = tmp_path / "c"
+    _loop(campaign, "init")
+    result = _loop(campaign, "ingest", str(tmp_path / "nowhere"))
+    assert result.exit_code == 1 and "nowhere" in result.output
+    result = _loop(campaign, "propose", "--budget", "0")
+    assert result.exit_code == 1 and "budget" in result.output

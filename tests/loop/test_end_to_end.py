@@ -1,0 +1,168 @@
+"""The whole loop on a tiny synthetic campaign: propose -> lab -> ingest -> train -> propose.
+
+One module-scoped campaign is built once; each test checks one promise of issue #2 on it.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lab_io.schema import N_COLS, N_ROWS, parse_well
+from loop.campaign import Campaign, CampaignConfig
+from loop.ingest import IngestError, ingest_results
+from loop.lab import run_synthetic_lab
+from loop.library import add_virtual_library
+from loop.propose import propose
+from loop.status import campaign_status
+from loop.train import train_assay
+from lab_io.results import ResultsError
+
+BUDGET = 96
+TINY_ASSAY = dict(n_members=3, n_steps=150, hidden_dim=64, batch_size=256)
+TINY_LAB = dict(image_size_px=128, cells_per_field=14.0)
+
+
+@pytest.fixture(scope="module")
+def round_one(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    campaign = Campaign.init(root / "campaign", CampaignConfig(seed=1, assay=TINY_ASSAY, lab=TINY_LAB))
+    add_virtual_library(campaign, 300, seed=0)
+    proposal = propose(campaign, BUDGET)
+    results = root / "results-1"
+    run_synthetic_lab(proposal.out_dir, results, campaign=campaign, seed=1)
+    status_before = campaign_status(campaign)
+    reports = ingest_results(campaign, results)
+    return dict(root=root, campaign=campaign, proposal=proposal, results=results, reports=reports,
+                status_before=status_before)
+
+
+def _status_counts(campaign):
+    s = campaign_status(campaign)
+    return (s["measurements"], s["plates"]["returned"], s["plates"]["pending"], s["compounds"])
+
+
+def test_plate_map_promises(round_one):
+    proposal = round_one["proposal"]
+    plates_dir = proposal.out_dir
+    barcodes = pd.read_csv(plates_dir / "barcode_platemap.csv")
+    maps = pd.concat([pd.read_csv(plates_dir / f"{name}.txt", sep="\t", keep_default_na=False)
+                      for name in barcodes["Plate_Map_Name"]])
+    for well in maps["well_position"]:
+        row, col = parse_well(well)
+        assert 0 <= row < N_ROWS and 0 <= col < N_COLS
+    used = maps[maps["role"] != "empty"]
+    assert len(used) <= BUDGET
+    treated = used[used["role"] == "treatment"]["broad_sample"]
+    assert treated.is_unique and len(treated) == proposal.n_treatments > 0
+    controls = used[used["role"] == "negative_control"]
+    rows = {parse_well(w)[0] for w in controls["well_position"]}
+    cols = {parse_well(w)[1] for w in controls["well_position"]}
+    assert len(rows) >= 8 and len(cols) >= 8
+    picklist = pd.read_csv(plates_dir / "picklist.csv")
+    dest = {(p, parse_well(w)) for p, w in zip(picklist["Destination Plate Name"], picklist["Destination Well"])}
+    mapped = {(b, parse_well(w)) for b, w in zip(
+        used["plate_map_name"].map(dict(zip(barcodes["Plate_Map_Name"], barcodes["Assay_Plate_Barcode"]))),
+        used["well_position"])}
+    assert dest == mapped
+    assert all((plates_dir / f"{b}.png").exists() for b in proposal.barcodes)
+
+
+def test_ingest_recorded_every_mapped_well(round_one):
+    campaign = round_one["campaign"]
+    status = campaign_status(campaign)
+    assert status["plates"]["returned"] == len(round_one["proposal"].barcodes)
+    assert status["plates"]["pending"] == 0
+    assert status["measurements"] == round_one["proposal"].n_wells
+    assert round_one["status_before"]["measurements"] == 0
+    qc = round_one["reports"][0]
+    assert qc.status == "imported" and qc.cells_per_well_min > 0
+
+
+def test_reingest_is_a_no_op(round_one):
+    campaign = round_one["campaign"]
+    before = _status_counts(campaign)
+    reports = ingest_results(campaign, round_one["results"])
+    assert all(r.status == "already imported" for r in reports)
+    assert _status_counts(campaign) == before
+
+
+def _copy_results(round_one, name):
+    dst = round_one["root"] / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(round_one["results"], dst)
+    return dst
+
+
+def test_unknown_barcode_is_rejected_and_nothing_changes(round_one):
+    campaign = round_one["campaign"]
+    before = _status_counts(campaign)
+    results = _copy_results(round_one, "unknown-barcode")
+    barcode = round_one["proposal"].barcodes[0]
+    plate = results / barcode
+    plate.rename(results / "XX9999")
+    with pytest.raises((IngestError, ResultsError), match="XX9999"):
+        ingest_results(campaign, results)
+    assert _status_counts(campaign) == before
+
+
+def test_truncated_file_is_rejected_naming_it(round_one):
+    campaign = round_one["campaign"]
+    before = _status_counts(campaign)
+    results = _copy_results(round_one, "truncated")
+    nuclei = sorted((results / round_one["proposal"].barcodes[0] / "analysis").glob("*/Nuclei.csv"))[3]
+    text = nuclei.read_bytes()
+    nuclei.write_bytes(text[: int(len(text) * 0.6)])
+    with pytest.raises(ResultsError, match="Nuclei.csv"):
+        ingest_results(campaign, results)
+    assert _status_counts(campaign) == before
+
+
+def test_well_outside_the_map_is_rejected_naming_it(tmp_path_factory):
+    """A fresh campaign (plates still pending) whose results carry a well the map left empty."""
+    root = tmp_path_factory.mktemp("outside")
+    campaign = Campaign.init(root / "c", CampaignConfig(seed=2, lab=TINY_LAB))
+    add_virtual_library(campaign, 40, seed=0)
+    proposal = propose(campaign, 40)
+    results = root / "results"
+    run_synthetic_lab(proposal.out_dir, results, campaign=campaign, seed=2, write_images=False)
+    barcode = proposal.barcodes[0]
+    layout = pd.read_csv(proposal.out_dir / f"{barcode}-MAP.txt", sep="\t", keep_default_na=False)
+    empty_well = layout.loc[layout["role"] == "empty", "well_position"].iloc[0]
+    analysis = results / barcode / "analysis"
+    src = sorted(analysis.iterdir())[0]
+    dst = analysis / f"{barcode}-{empty_well}-1"
+    shutil.copytree(src, dst)
+    image = pd.read_csv(dst / "Image.csv")
+    image["Metadata_Well"] = empty_well
+    image.to_csv(dst / "Image.csv", index=False)
+    before = _status_counts(campaign)
+    with pytest.raises(IngestError, match=empty_well):
+        ingest_results(campaign, results)
+    assert _status_counts(campaign) == before
+
+
+def _treated(plates_dir):
+    maps = pd.read_csv(plates_dir / "barcode_platemap.csv")["Plate_Map_Name"]
+    table = pd.concat([pd.read_csv(plates_dir / f"{m}.txt", sep="\t", keep_default_na=False) for m in maps])
+    return set(table.loc[table["role"] == "treatment", "broad_sample"])
+
+
+def test_train_then_propose_excludes_measured_compounds(round_one):
+    campaign = round_one["campaign"]
+    ensemble = train_assay(campaign)
+    assert ensemble.n_members == 3
+    measured = _treated(round_one["proposal"].out_dir)
+    second = propose(campaign, BUDGET)
+    assert second.model_version == ensemble.version
+    proposed = _treated(second.out_dir)
+    assert len(proposed) == second.n_treatments and not (proposed & measured)
+    third = propose(campaign, BUDGET)  # round 2 plates are pending: their compounds are not proposed again
+    again = _treated(third.out_dir)
+    assert again and not (again & proposed) and not (again & measured)
+    config = json.loads((second.out_dir / "round_config.json").read_text())
+    assert config["model_version"] == ensemble.version

@@ -1,0 +1,215 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from lab_io.crops import CropSet, load_crops, write_crops
+from models.image_assay import (
+    ImageAssay, ImageAssayConfig, resolve_compound, select_training_crops, train_image_assay,
+)
+from models.image_dit import DiTConfig
+from models.virtual_assay import VirtualAssay
+
+
+def _cell(rng, radius, size=20):
+    yy, xx = np.mgrid[:size, :size]
+    d2 = (yy - size / 2 + rng.normal()) ** 2 + (xx - size / 2 + rng.normal()) ** 2
+    dna = 3000 * np.exp(-d2 / (2 * radius**2)) + 200
+    cyto = 1500 * np.exp(-d2 / (2 * (2 * radius) ** 2)) + 150
+    img = np.stack([dna, cyto, 0.5 * cyto], -1) + rng.normal(0, 20, (size, size, 3))
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+def tiny_crops(seed=0) -> CropSet:
+    """24 synthetic 20 px cells: plate P1 (DMSO, 5 and 50 uM), plate P2 (DMSO, 15 uM); dose grows nuclei."""
+    rng = np.random.default_rng(seed)
+    rows = [("P1", 0.0), ("P1", 5.0), ("P1", 50.0), ("P2", 0.0), ("P2", 15.0)]
+    counts = [6, 4, 4, 6, 4]
+    images, meta = [], []
+    for (plate, dose), n in zip(rows, counts):
+        for i in range(n):
+            images.append(_cell(rng, 2.0 + 0.5 * np.log10(1 + dose)))
+            meta.append({"plate": plate, "well": f"C{i + 1:02d}", "compound": "DMSO" if dose == 0 else "cyclohexamide",
+                         "concentration_um": dose})
+    return CropSet(np.stack(images), pd.DataFrame(meta), ("DNA", "Tubulin", "Actin"))
+
+
+def tiny_config(**kw) -> ImageAssayConfig:
+    base = ImageAssayConfig(image_size=16, control_bank_size=4)
+    cfg = replace(
+        base, n_members=2,
+        autoencoder=replace(base.autoencoder, base_channels=8, latent_channels=4, batch_size=8, max_steps=3),
+        flow=replace(base.flow, batch_size=8, block_size=4, control_set_size=4, max_steps=3, n_steps=2,
+                     checkpoint_every=2, dit=DiTConfig(hidden_dim=16, depth=2, n_heads=2)),
+    )
+    return replace(cfg, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("assay")
+    crops = tiny_crops()
+    assay = train_image_assay(crops, out, tiny_config(exclude_plates=("P2",)))
+    return out, crops, assay
+
+
+def test_member_folders_hold_everything(trained):
+    out, _, assay = trained
+    for k in range(2):
+        files = {p.name for p in (out / f"member_{k:03d}").iterdir()}
+        assert {"checkpoint.pt", "config.json", "normalisation.json", "data_fingerprint.json", "model.pt"} <= files
+    seeds = {json.loads((out / f"member_{k:03d}" / "config.json").read_text())["seed"] for k in range(2)}
+    assert len(seeds) == 2
+    assert (out / "autoencoder" / "model.pt").is_file()
+    assert json.loads((out / "assay.json").read_text())["train_plates"] == ["P1"]
+    assert isinstance(assay, VirtualAssay)
+
+
+def test_generation_reproducible_and_unseen_plate(trained):
+    _, crops, assay = trained
+    fp = assay.training_fingerprint("cyclohexamide")
+    p2_ctrl = crops.subset(((crops.metadata["plate"] == "P2") & crops.is_control).to_numpy())
+    z = assay.encode_controls(p2_ctrl.images)  # unseen plate, conditioned on its own DMSO cells
+    a = assay.generate(0, fp, 15.0, z, 5, seed=3)
+    b = assay.generate(0, fp, 15.0, z, 5, seed=3)
+    c = assay.generate(0, fp, 15.0, z, 5, seed=4)
+    assert a.shape == (5, 16, 16, 3) and a.dtype == np.uint16
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert assay.generate_ensemble(fp, 15.0, z, 5, seed=0).shape == (5, 16, 16, 3)
+    with pytest.raises(KeyError, match="P2"):
+        assay.plate_controls("P2")
+
+
+def test_predict_profiles_protocol(trained):
+    _, _, assay = trained
+    fps = np.stack([assay.training_fingerprint("cyclohexamide")] * 2)
+    p = assay.predict_profiles(fps, np.array([5.0, 50.0]), n_cells=4, seed=1, plate_id="P1", batch_size=1)
+    q = assay.predict_profiles(fps, np.array([5.0, 50.0]), n_cells=4, seed=1, plate_id="P1", batch_size=2)
+    assert p.shape == (2, 2, len(assay.feature_names)) and p.dtype == np.float32
+    assert np.array_equal(p, q) and np.isfinite(p).all()
+    cells = assay.predict_cells(fps[0], 5.0, n_cells=3, seed=0, plate_id="P1")
+    assert cells.shape == (2, 3, 16, 16, 3) and cells.dtype == np.float32
+    with pytest.raises(ValueError, match="packed"):
+        assay.predict_profiles(np.zeros((2, 2048), np.uint8), np.ones(2))
+    with pytest.raises(ValueError, match="> 0"):
+        assay.predict_profiles(fps, np.array([5.0, -1.0]))
+
+
+def test_resume_skips_trained_members_and_rejects_other_config(trained):
+    out, crops, assay = trained
+    before = (out / "member_000" / "model.pt").stat().st_mtime_ns
+    again = train_image_assay(crops, out, tiny_config(exclude_plates=("P2",)))
+    assert again.version == assay.version
+    assert (out / "member_000" / "model.pt").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="different configuration"):
+        train_image_assay(crops, out, tiny_config(exclude_plates=("P1",)))
+
+
+def test_control_mode_trains_and_samples(tmp_path):
+    crops = tiny_crops()
+    cfg = tiny_config(n_members=1)
+    assay = train_image_assay(crops, tmp_path, replace(cfg, flow=replace(cfg.flow, mode="control")))
+    out = assay.generate(0, assay.training_fingerprint("cyclohexamide"), 15.0, assay.plate_controls("P2"), 3, seed=0)
+    assert out.shape == (3, 16, 16, 3)
+    with pytest.raises(ValueError, match="control-mode assay needs"):
+        assay.generate(0, None, 1.0, None, 3, seed=0)
+    pooled = assay.plate_controls(None)  # unknown plate in control mode: all training plates' controls
+    assert len(pooled) == len(assay.plate_controls("P1")) + len(assay.plate_controls("P2"))
+    assert pooled.images.shape[1:] == (16, 16, 3)
+
+
+def test_select_training_crops_and_resolve_compound(trained):
+    _, crops, assay = trained
+    kept = select_training_crops(crops, tiny_config(exclude_doses_um=(15.0,)))
+    assert 15.0 not in set(kept.metadata["concentration_um"]) and kept.is_control.sum() == crops.is_control.sum()
+    assert resolve_compound(assay, "DMSO") is None
+    assert np.array_equal(resolve_compound(assay, "Cyclohexamide"), assay.training_fingerprint("cyclohexamide"))
+    assert resolve_compound(assay, "CCO").shape == (256,)
+    with pytest.raises(ValueError, match="neither a compound"):
+        resolve_compound(assay, "not-a-smiles((")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="assay.json"):
+        ImageAssay.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_sample_and_evaluate(trained, tmp_path):
+    from loop.assay_cli import assay_app
+
+    out, crops, _ = trained
+    data = write_crops(crops, tmp_path / "crops")
+    runner = CliRunner()
+    res = runner.invoke(assay_app, ["sample", "--model", str(out), "--compound", "cyclohexamide", "--dose-um", "15",
+                                    "--controls", str(data), "--plate", "P2", "--n", "4", "--out", str(tmp_path / "g.npz")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "g.npz") as z:
+        assert z["images"].shape == (4, 16, 16, 3)
+    assert (tmp_path / "g.png").is_file()
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P2", "--n", "3",
+                                    "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    cond = json.loads((tmp_path / "e.json").read_text())["conditions"][0]
+    assert (cond["plate"], cond["dose_um"], cond["n_real"]) == ("P2", 15.0, 4)
+    for name in ("model", "copy_control", "unconditional", "real_floor"):
+        assert set(cond[name]) == {"fid_inception", "kid_inception", "fid_morph", "kid_morph"}
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "3",
+                                    "--cross-doses", "--no-inception", "--json", str(tmp_path / "e1.json")])
+    assert res.exit_code == 0, res.output
+    conds = {c["dose_um"]: c for c in json.loads((tmp_path / "e1.json").read_text())["conditions"]}
+    assert set(conds) == {5.0, 50.0} and set(conds[5.0]["model_at_dose"]) == {"50"}
+    assert conds[5.0]["ensemble_disagreement"] >= 0.0
+    assert conds[5.0]["model"]["fid_inception"] is None and conds[5.0]["model"]["fid_morph"] >= 0.0
+    res = runner.invoke(assay_app, ["sample", "--model", str(out), "--compound", "cyclohexamide", "--dose-um", "15",
+                                    "--controls", "NOPE", "--n", "2", "--out", str(tmp_path / "x.npz")])
+    assert res.exit_code == 1 and "NOPE" in res.output
+
+
+@pytest.mark.slow
+def test_ray_executor_trains_members(tmp_path, ray_cluster):
+    assay = train_image_assay(tiny_crops(), tmp_path, tiny_config(), executor="ray")
+    assert assay.n_members == 2
+
+
+def test_cli_train_tiny(tmp_path):
+    from loop.assay_cli import assay_app
+
+    data = write_crops(tiny_crops(), tmp_path / "crops")
+    res = CliRunner().invoke(assay_app, [
+        "train", "--data", str(data), "--out", str(tmp_path / "m"), "--members", "1", "--exclude-dose", "15",
+        "--ae-steps", "2", "--flow-steps", "2", "--hidden-dim", "16", "--depth", "2", "--heads", "2",
+        "--batch-size", "32", "--image-size", "16"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m" / "member_000" / "model.pt").is_file()
+    res = CliRunner().invoke(assay_app, ["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")])
+    assert res.exit_code == 1 and "nothing" in res.output
+
+
+def test_interrupted_member_resumes_with_larger_budget(tmp_path):
+    crops = tiny_crops()
+    cfg = tiny_config(n_members=1)
+    train_image_assay(crops, tmp_path, cfg)
+    member = tmp_path / "member_000"
+    (member / "model.pt").unlink()  # as if stopped after the last checkpoint
+    longer = replace(cfg, flow=replace(cfg.flow, max_steps=5))
+    train_image_assay(crops, tmp_path, longer)
+    assert json.loads((member / "train_log.json").read_text())["steps"] == 5
+    (member / "model.pt").unlink()
+    ident = json.loads((member / "config.json").read_text())
+    ident["seed"] += 1
+    (member / "config.json").write_text(json.dumps(ident))
+    with pytest.raises(ValueError, match="different member"):
+        train_image_assay(crops, tmp_path, longer)
+
+
+def test_unknown_plate_uses_unknown_plate_condition(trained):
+    _, _, assay = trained
+    fps = np.stack([assay.training_fingerprint("cyclohexamide")])
+    assert assay.plate_controls(None) is None  # noise mode: null-plate token
+    assert assay.plate_controls("P9", strict=False) is None
+    p = assay.predict_profiles(fps, np.array([5.0]), n_cells=3, seed=0, plate_id="P9")
+    assert p.shape == (2, 1, len(assay.feature_names))

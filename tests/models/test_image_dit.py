@@ -1,0 +1,85 @@
+import torch
+
+from models.image_dit import (
+    ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig, ImageCondition, ImageDiT, control_summary,
+    control_summary_dim, dose_features,
+)
+
+CFG = DiTConfig(latent_channels=3, latent_size=4, patch_size=2, hidden_dim=16, depth=4, n_heads=2)
+
+
+def _cond(b, role=ROLE_COMPOUND, has_controls=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ImageCondition(
+        fingerprint_bits=(torch.rand(b, 2048, generator=g) < 0.02).float(),
+        log10_dose_um=torch.full((b,), 1.0),
+        role=torch.full((b,), role, dtype=torch.long),
+        control_summary=torch.randn(b, control_summary_dim(3), generator=g),
+        has_controls=torch.full((b,), has_controls),
+    )
+
+
+def _perturbed_model(seed=0):
+    torch.manual_seed(seed)
+    model = ImageDiT(CFG)
+    with torch.no_grad():  # leave the adaLN-zero init so outputs depend on every input
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_zero_init_gives_zero_velocity():
+    model = ImageDiT(CFG)
+    v = model(torch.randn(2, 3, 4, 4), torch.rand(2), _cond(2))
+    assert v.shape == (2, 3, 4, 4)
+    assert torch.all(v == 0)
+
+
+def test_output_depends_on_every_token_and_condition():
+    model = _perturbed_model()
+    x, t = torch.randn(2, 3, 4, 4), torch.rand(2)
+    base = model(x, t, _cond(2))
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 1.0
+    assert not torch.allclose(model(x2, t, _cond(2)), base)
+    assert not torch.allclose(model(x, t, _cond(2, role=ROLE_CONTROL)), base)
+    assert not torch.allclose(model(x, t, _cond(2, role=ROLE_NULL)), model(x, t, _cond(2, role=ROLE_CONTROL)))
+    cond = _cond(2)
+    cond.log10_dose_um = torch.full((2,), 0.3)
+    assert not torch.allclose(model(x, t, cond), base)
+
+
+def test_tokens_ignore_masked_inputs():
+    model = _perturbed_model()
+    x, t = torch.randn(2, 3, 4, 4), torch.rand(2)
+    a, b = _cond(2, role=ROLE_CONTROL, seed=1), _cond(2, role=ROLE_CONTROL, seed=2)
+    a.has_controls[:] = False
+    b.has_controls[:] = False
+    # control token ignores fingerprint and dose; null-plate token ignores the control summary
+    assert torch.allclose(model(x, t, a), model(x, t, b))
+
+
+def test_without_compound_sets_null_role():
+    cond = _cond(3).without_compound()
+    assert torch.all(cond.role == ROLE_NULL)
+
+
+def test_control_summary_is_permutation_invariant():
+    z = torch.randn(10, 3, 4, 4)
+    s = control_summary(z)
+    assert s.shape == (control_summary_dim(3),)
+    assert torch.allclose(control_summary(z[torch.randperm(10)]), s, atol=1e-6)
+    # mean part equals the pooled mean latent
+    assert torch.allclose(s[: 3 * 16], z.mean(0).flatten(), atol=1e-6)
+
+
+def test_dose_features_smooth():
+    f = dose_features(torch.tensor([1.0, 1.0 + 1e-4]))
+    assert torch.allclose(f[0], f[1], atol=1e-3)
+    assert f[0, 0] == 0.0
+
+
+def test_no_long_skip_variant_runs():
+    model = ImageDiT(DiTConfig(**{**CFG.to_dict(), "long_skip": False, "depth": 3}))
+    assert len(model.skips) == 0
+    assert model(torch.randn(1, 3, 4, 4), torch.rand(1), _cond(1)).shape == (1, 3, 4, 4)

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from models.image_eval import (
+    channel_scale, compare, fid, inception_features, inception_weights_path, kid, morph_standardisation,
+    save_montage, to_rgb, FeatureSets,
+)
+
+
+def test_fid_closed_form_for_shifted_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    b = a + np.array([1.0, 2.0, 0.0])  # same covariance, mean shifted: FID = |mu_a - mu_b|^2
+    assert fid(a, b) == pytest.approx(5.0, rel=1e-6)
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kid_zero_for_same_distribution_positive_for_shift():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    assert abs(kid(a, b)) < 0.05 * kid(a, b + 1.5)
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        kid(a[:1], b)
+
+
+def test_to_rgb_channel_mapping():
+    scale = np.ones(1)
+    one = np.full((1, 2, 2, 1), 0.5)
+    assert torch.allclose(to_rgb(one, scale)[0, :, 0, 0], torch.tensor([0.5, 0.5, 0.5]))
+    two = np.stack([np.full((2, 2), 0.2), np.full((2, 2), 0.4)], -1)[None]
+    assert torch.allclose(to_rgb(two, np.ones(2))[0, :, 0, 0], torch.tensor([0.2, 0.4, 0.0]))
+    three = np.stack([np.full((2, 2), v) for v in (0.1, 0.2, 0.3)], -1)[None]
+    assert torch.allclose(to_rgb(three, np.ones(3))[0, :, 0, 0], torch.tensor([0.1, 0.2, 0.3]))
+    five = np.stack([np.full((2, 2), v) for v in (0.1, 0.3, 0.5, 0.7, 0.9)], -1)[None]
+    # channel i -> RGB[i * 3 // 5]: R = {0, 1}, G = {2, 3}, B = {4}
+    assert torch.allclose(to_rgb(five, np.ones(5))[0, :, 0, 0], torch.tensor([0.2, 0.6, 0.9]))
+    # scaling by the percentile and clipping to [0, 1]
+    assert torch.allclose(to_rgb(np.full((1, 1, 1, 1), 300.0), np.full(1, 100.0)), torch.ones(1, 3, 1, 1))
+
+
+def test_channel_scale_is_percentile():
+    x = np.arange(1000, dtype=np.uint16).reshape(10, 10, 10, 1)
+    assert channel_scale(x)[0] == pytest.approx(np.percentile(np.arange(1000), 99.5))
+
+
+def test_inception_weights_ship_with_fid_helper():
+    assert inception_weights_path().name == "default_1.pt"
+
+
+@pytest.mark.slow
+def test_inception_features_shape_and_determinism():
+    crops = np.random.default_rng(0).integers(0, 4000, (2, 20, 20, 3), dtype=np.uint16)
+    f1 = inception_features(crops, np.full(3, 4000.0))
+    f2 = inception_features(crops, np.full(3, 4000.0), batch_size=1)
+    assert f1.shape == (2, 2048) and np.allclose(f1, f2, atol=1e-4)
+
+
+def test_compare_uses_standardised_morph_features():
+    rng = np.random.default_rng(2)
+    real = FeatureSets(rng.normal(size=(120, 5)), rng.normal(size=(120, 3)) * 100)
+    same = FeatureSets(rng.normal(size=(120, 5)), rng.normal(size=(120, 3)) * 100)
+    mean, std = morph_standardisation(real.morph)
+    m = compare(same, real, mean, std)
+    assert set(m) == {"fid_inception", "kid_inception", "fid_morph", "kid_morph"}
+    assert m["fid_morph"] < 0.5  # standardised: scale 100 does not inflate it
+
+
+def test_save_montage(tmp_path):
+    gen = np.random.default_rng(0).integers(0, 1000, (5, 16, 16, 3), dtype=np.uint16)
+    path = save_montage(gen, gen[:3], tmp_path / "m.png", title="t", n_cols=4)
+    assert path.is_file() and path.stat().st_size > 1000

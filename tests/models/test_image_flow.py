@@ -1,0 +1,122 @@
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from models.image_dit import ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig
+from models.image_flow import (
+    BlockSampler, ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, ot_pair,
+    sample_latents, sampling_condition, source_latents, train_flow,
+)
+
+DIT = DiTConfig(latent_channels=2, latent_size=4, patch_size=2, hidden_dim=16, depth=2, n_heads=2)
+CFG = FlowConfig(batch_size=8, block_size=4, control_set_size=3, max_steps=4, checkpoint_every=2, n_steps=3,
+                 warmup_steps=2, dit=DIT)
+
+
+def _data(offsets=(0.0, 10.0), n_per_group=6, seed=0) -> LatentData:
+    """Two plates whose latents sit at distinct offsets; DMSO and one compound at two doses."""
+    g = torch.Generator().manual_seed(seed)
+    z, plate, compound, dose = [], [], [], []
+    for p, off in enumerate(offsets):
+        for c, d in ((-1, 0.0), (0, 5.0), (0, 50.0)):
+            z.append(torch.randn(n_per_group, 2, 4, 4, generator=g) * 0.1 + off + (0 if c < 0 else np.log10(d)))
+            plate += [p] * n_per_group
+            compound += [c] * n_per_group
+            dose += [d] * n_per_group
+    bits = torch.zeros(1, 2048)
+    bits[0, ::37] = 1
+    return LatentData(torch.cat(z), np.asarray(plate), np.asarray(compound), np.asarray(dose),
+                      ["P1", "P2"], ["cmpd"], bits)
+
+
+def test_channel_norm_round_trip_and_percentiles():
+    rng = np.random.default_rng(0)
+    images = rng.integers(100, 5000, (20, 8, 8, 2), dtype=np.uint16)
+    norm = ChannelNorm.fit(images)
+    x = norm.normalize(images)
+    assert x.shape == (20, 2, 8, 8)
+    assert np.allclose(norm.lo, np.percentile(images.reshape(-1, 2), 0.5, axis=0))
+    assert np.abs(norm.denormalize(x).astype(int) - images.astype(int)).max() <= 1
+    assert ChannelNorm.from_dict(norm.to_dict()) == norm
+
+
+def test_centre_crop():
+    img = np.arange(2 * 6 * 6 * 1).reshape(2, 6, 6, 1)
+    out = centre_crop(img, 4)
+    assert out.shape == (2, 4, 4, 1) and out[0, 0, 0, 0] == img[0, 1, 1, 0]
+    with pytest.raises(ValueError, match="my.npz: crops are 6x6"):
+        centre_crop(img, 8, "my.npz")
+
+
+def test_ot_pair_recovers_permutation():
+    g = torch.Generator().manual_seed(0)
+    x_0 = torch.randn(7, 2, 3, 3, generator=g)
+    perm = torch.randperm(7, generator=g)
+    x_1 = x_0[perm] + 0.01
+    a, b = ot_pair(x_0, x_1)
+    assert torch.allclose(b - a, torch.full_like(a, 0.01), atol=1e-6)
+
+
+def test_blocks_pair_within_one_plate():
+    data = _data()
+    cfg = replace(CFG, mode="control", control_fraction=0.3)
+    sampler = BlockSampler(data, cfg, np.ones(1))
+    for step in range(5):
+        x_0, x_1, cond = sampler.draw(torch.Generator().manual_seed(step), np.random.default_rng(step))
+        plate_0 = (x_0.mean(dim=(1, 2, 3)) > 5).view(-1, cfg.block_size)
+        plate_1 = (x_1.mean(dim=(1, 2, 3)) > 5).view(-1, cfg.block_size)
+        # every block: all sources and all targets from the same plate
+        assert torch.all(plate_0 == plate_0[:, :1]) and torch.all(plate_1 == plate_0)
+        assert set(cond.role.tolist()) <= {ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL}
+
+
+def test_bootstrap_weights():
+    assert np.array_equal(bootstrap_compound_weights(5, 0, enabled=False), np.ones(5))
+    w = bootstrap_compound_weights(5, 1, enabled=True)
+    assert w.sum() == 5 and np.array_equal(w, bootstrap_compound_weights(5, 1, enabled=True))
+    # a bootstrap resample leaves some compound out for most seeds
+    assert sum((bootstrap_compound_weights(5, s, enabled=True) == 0).any() for s in range(20)) >= 10
+
+
+@pytest.mark.parametrize("mode", ["noise", "control"])
+def test_train_resume_and_reproducible_sampling(mode):
+    data = _data()
+    cfg = replace(CFG, mode=mode)
+    saved = []
+    model, state = train_flow(data, cfg, seed=1, checkpoint_fn=lambda s: saved.append(copy.deepcopy(s)))
+    assert [s["step"] for s in saved] == [2, 4, 4]
+    resumed, _ = train_flow(data, cfg, seed=1, state=saved[0])
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    z_ctrl = data.z[data.controls_of_plate(0)]
+    cond = sampling_condition(data.fingerprint_bits[0], 15.0, z_ctrl, 5, 2)
+    outs = []
+    for _ in range(2):
+        x_0 = source_latents(mode, 5, (2, 4, 4), z_ctrl, torch.Generator().manual_seed(9))
+        outs.append(sample_latents(model, cond, x_0, n_steps=3, sampler="heun", guidance_scale=1.5))
+    assert outs[0].shape == (5, 2, 4, 4) and torch.equal(outs[0], outs[1])
+
+
+def test_sampling_condition_roles_and_checks():
+    bits = torch.ones(2048)
+    z = torch.randn(4, 2, 4, 4)
+    assert torch.all(sampling_condition(bits, 5.0, z, 3, 2).role == ROLE_COMPOUND)
+    assert torch.all(sampling_condition(None, 5.0, z, 3, 2).role == ROLE_CONTROL)
+    assert torch.all(sampling_condition(bits, 5.0, z, 3, 2, unconditional=True).role == ROLE_NULL)
+    null_plate = sampling_condition(bits, 5.0, None, 3, 2)
+    assert not null_plate.has_controls.any() and null_plate.control_summary.shape == (3, 2 * 16 + 2)
+    with pytest.raises(ValueError, match="dose_um must be > 0"):
+        sampling_condition(bits, 0.0, z, 3, 2)
+    with pytest.raises(ValueError, match="control mode needs"):
+        source_latents("control", 3, (2, 4, 4), None, torch.Generator())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mode"):
+        FlowConfig(mode="pixels")
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        FlowConfig(batch_size=10, block_size=4)
+    assert FlowConfig.from_dict(CFG.to_dict()) == CFG

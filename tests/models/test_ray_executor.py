@@ -1,0 +1,20 @@
+import json
+
+import pytest
+
+from models.ray_executor import run_tasks
+
+
+def test_rejects_bad_resources_before_starting_ray():
+    with pytest.raises(ValueError, match="num_cpus_per_task"):
+        run_tasks(dict, [{}], num_cpus_per_task=0)
+    with pytest.raises(ValueError, match="num_gpus_per_task"):
+        run_tasks(dict, [{}], num_gpus_per_task=-1)
+
+
+@pytest.mark.slow
+def test_run_tasks_keeps_order_and_raises_task_errors(ray_cluster):
+    out = run_tasks(json.loads, [{"s": f"[{i}, {i * i}]"} for i in range(4)], num_cpus_per_task=0.5)
+    assert out == [[0, 0], [1, 1], [2, 4], [3, 9]]
+    with pytest.raises(ValueError):  # json.JSONDecodeError, re-raised from the task
+        run_tasks(json.loads, [{"s": "[1]"}, {"s": "{not json"}])
