@@ -79,12 +79,19 @@ def convert_bbbc021(data_dir: Path) -> pd.DataFrame:
         .drop_duplicates([META_PLATE, META_WELL])
     )
     wells = wells.rename(columns={"Image_Metadata_Plate": META_PLATE, "Image_Metadata_Well": META_WELL})
-    table = wells.merge(meta, on=[META_PLATE, META_WELL], how="left")
+    table = wells.merge(meta, on=[META_PLATE, META_WELL], how="left").copy()
+    missing = table[META_COMPOUND].isna()
+    if missing.any():
+        first = table.loc[missing, [META_PLATE, META_WELL]].iloc[0].tolist()
+        raise ValueError(f"{data_dir}: {int(missing.sum())} wells of the per-well table are not in the image "
+                         f"table (first: plate {first[0]} well {first[1]})")
     lookup = dict(zip(smiles["compound"], smiles["smiles"].fillna("")))
-    table[META_SMILES] = table[META_COMPOUND].map(lookup).fillna("")
     moa_lookup = {(c, float(d)): m for c, d, m in zip(moa["compound"], moa["concentration"], moa["moa"])}
-    table[META_MOA] = [moa_lookup.get((c, float(d)), "DMSO" if c == "DMSO" else "")
-                       for c, d in zip(table[META_COMPOUND], table[META_DOSE])]
+    table = table.assign(**{
+        META_SMILES: table[META_COMPOUND].map(lookup).fillna(""),
+        META_MOA: [moa_lookup.get((c, float(d)), "DMSO" if c == "DMSO" else "")
+                   for c, d in zip(table[META_COMPOUND], table[META_DOSE])],
+    })
     meta_cols = [META_PLATE, META_WELL, META_COMPOUND, META_SMILES, META_DOSE, META_MOA]
     features = [c for c in table.columns if c not in meta_cols]
     return table[meta_cols + features]

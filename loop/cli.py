@@ -21,6 +21,8 @@ library_app = typer.Typer(help="Compound libraries.", no_args_is_help=True)
 lab_app = typer.Typer(help="The synthetic lab (stands in for the wet lab).", no_args_is_help=True)
 app.add_typer(library_app, name="library")
 app.add_typer(lab_app, name="lab")
+profiles_app = typer.Typer(help="Profile tables (pycytominer style).", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
 
 console = Console(stderr=True)
 out = Console()
@@ -226,26 +228,37 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 def backtest(
     compounds: int = typer.Option(5000, help="Library size (synthetic lab)."),
     rounds: int = typer.Option(3, help="Rounds per seed."),
-    batch_size: int = typer.Option(96, "--batch-size", help="Wells per round, controls included."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size",
+                                             help="Per round: wells incl. controls (synthetic lab, default 96) "
+                                                  "or conditions (--profiles, default 8)."),
     seeds: int = typer.Option(5, help="Number of seeds."),
-    policies: str = typer.Option("loop,random", help="Comma-separated policies."),
-    profiles: Optional[Path] = typer.Option(None, "--profiles", help="Real profile table (CSV/Parquet): "
-                                                                     "backtest by lookup instead of the "
-                                                                     "synthetic lab."),
-    control_label: str = typer.Option("DMSO", "--control-label"),
+    policies: Optional[str] = typer.Option(None, help="Comma-separated policies (default: loop,random for the "
+                                                      "synthetic lab; all four with --profiles)."),
+    profiles: Optional[Path] = typer.Option(None, "--profiles", help="Real profile table (CSV/Parquet): the lab "
+                                                                     "is replaced by looking up its wells."),
+    control_label: str = typer.Option("DMSO", "--control-label", help="Metadata_compound of control wells."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the curves as JSON."),
     png_out: Optional[Path] = typer.Option(None, "--png", help="Curves figure (default next to --json)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Keep the simulated campaigns here."),
 ):
-    """Simulated rounds: the loop's policy against random; cumulative fraction of actives found."""
+    """Simulated rounds, the loop's policy against baselines; cumulative fraction of hits found."""
     from loop.backtest import BacktestConfig, plot_curves, run_backtest
 
+    names = None if policies is None else tuple(p.strip() for p in policies.split(",") if p.strip())
     with _cli_errors():
         if profiles is not None:
-            raise ValueError("--profiles (real-profile backtest) is not implemented yet (issue #4)")
-        cfg = BacktestConfig(n_compounds=compounds, n_rounds=rounds, batch_wells=batch_size, n_seeds=seeds,
-                             policies=tuple(p.strip() for p in policies.split(",") if p.strip()))
-        result = run_backtest(cfg, work_dir=work_dir)
+            from lab_io.profile_table import read_profile_table
+            from loop.simulation import LOOKUP_POLICIES, LookupBacktestConfig, run_lookup_backtest
+
+            cfg = LookupBacktestConfig(n_rounds=rounds, batch_size=batch_size or 8, n_seeds=seeds,
+                                       policies=names or LOOKUP_POLICIES, control_label=control_label)
+            with console.status(f"backtesting on {profiles}..."):
+                result = run_lookup_backtest(read_profile_table(profiles), cfg)
+        else:
+            cfg = BacktestConfig(n_compounds=compounds, n_rounds=rounds, batch_wells=batch_size or 96,
+                                 n_seeds=seeds, policies=names or ("loop", "random"))
+            with console.status("backtesting against the synthetic lab..."):
+                result = run_backtest(cfg, work_dir=work_dir)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
         out.print(f"wrote {json_out}")
@@ -255,6 +268,23 @@ def backtest(
     for name, curve in result["policies"].items():
         means = ", ".join(f"{m:.3f}±{s:.3f}" for m, s in zip(curve["hit_fraction_mean"], curve["hit_fraction_sd"]))
         out.print(f"{name:>15}: {means}")
+
+
+@profiles_app.command("convert-bbbc021")
+def convert_bbbc021_cmd(
+    data_dir: Path = typer.Argument(..., help="The bbbc021 folder (per-well profiles, image table, SMILES)."),
+    out_file: Path = typer.Option(..., "--out", help="Profile table to write (.csv or .parquet)."),
+):
+    """BBBC021 per-well CellProfiler profiles -> a pycytominer-style profile table for backtests."""
+    from lab_io.profile_table import convert_bbbc021
+
+    with _cli_errors():
+        table = convert_bbbc021(data_dir)
+        if out_file.suffix == ".parquet":
+            table.to_parquet(out_file, index=False)
+        else:
+            table.to_csv(out_file, index=False)
+    out.print(f"wrote {out_file}: {len(table)} wells, {table['Metadata_smiles'].ne('').sum()} with SMILES")
 
 
 def _mount_assay_app() -> None:

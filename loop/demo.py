@@ -84,7 +84,7 @@ def main() -> None:
     result = run_demo(args.campaign, args.compounds, args.rounds, args.budget)
     console.rule("where everything is")
     for what, path in result["files"].items():
-        console.print(f"{what:>55}: {path}")
+        console.print(f"- {what}: {path}", soft_wrap=True)
     console.rule("campaign status")
     console.print_json(json.dumps(result["status"]))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s. Try: "

@@ -178,7 +178,7 @@ def train_autoencoder(
         opt.step()
         step += 1
         if step % 50 == 0 or step == 1:
-            logger.info("autoencoder step %d loss %.4f %s", step, float(loss), {k: round(v, 4) for k, v in parts.items()})
+            logger.info("autoencoder step %d loss %.4f %s", step, float(loss.detach()), {k: round(v, 4) for k, v in parts.items()})
         if checkpoint_fn is not None and step % checkpoint_every == 0:
             checkpoint_fn(_ae_state(model, opt, step, time.perf_counter() - t_start))
     final = _ae_state(model, opt, step, time.perf_counter() - t_start)

@@ -1,0 +1,238 @@
+"""Funnel: which candidates the virtual assay simulates before batch selection (10^3 - 10^6).
+
+``funnel_predict`` returns candidate indices and their per-member activities ``K x n`` for
+``acquisition.select.select_batch``:
+
+* ``N_eligible <= config.simulate_all_max``: every eligible candidate is simulated;
+* otherwise:
+  1. simulate a uniform random sample of ``sample_size`` eligible candidates;
+  2. train the fingerprint surrogate (``acquisition.surrogate``) on those member values
+     (plus measured activities when given);
+  3. prescreen the rest by surrogate UCB to ``shortlist_size`` candidates;
+  4. simulate the shortlist.
+  Candidates = sample + shortlist (both carry exact virtual-assay values, so the random
+  sample doubles as an unbiased exploration pool for ``select_batch``).
+
+Pending compounds (in the lab, never picked) are always simulated and returned, with their
+positions, so ``select_batch(pending=...)`` can still condition on them. Every simulation
+goes through ``acquisition.prediction_cache.predict_with_cache``: a (model version, InChIKey,
+dose, settings) simulated once is never simulated again. Sizes and per-stage seconds are
+logged and returned in ``FunnelResult.diagnostics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from acquisition.prediction_cache import PredictionCache, predict_with_cache
+from acquisition.surrogate import SurrogateConfig, prescreen, train_surrogate
+from models.virtual_assay import VirtualAssay, check_fingerprints
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FunnelConfig", "FunnelResult", "funnel_predict"]
+
+
+@dataclass(frozen=True)
+class FunnelConfig:
+    """Sizes and simulation options of the funnel (saved with each proposal).
+
+    Attributes:
+        sample_size: random eligible candidates simulated to train the surrogate.
+        shortlist_size: further candidates simulated, chosen by surrogate UCB.
+        simulate_all_max: simulate every eligible candidate when there are at most this many.
+        beta: surrogate UCB weight on the head standard deviation.
+        surrogate: ``SurrogateConfig``.
+        n_cells, plate_id, profile_dims: virtual-assay simulation settings (cache key).
+        batch_size: compounds per ``predict_profiles`` forward batch.
+        chunk_size: compounds simulated and cached per step (local executor).
+        executor: ``'local'`` or ``'ray'`` (``n_shards`` tasks via ``models.ray_executor``).
+        ray_address: Ray cluster address (None: ``RAY_ADDRESS`` or a local cluster).
+    """
+
+    sample_size: int = 10_000
+    shortlist_size: int = 5_000
+    simulate_all_max: int = 20_000
+    beta: float = 2.0
+    surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
+    n_cells: int = 32
+    plate_id: str | None = None
+    profile_dims: int | None = 0
+    batch_size: int = 256
+    chunk_size: int = 4096
+    executor: str = "local"
+    ray_address: str | None = None
+    n_shards: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("sample_size", "shortlist_size", "simulate_all_max", "batch_size", "chunk_size", "n_shards"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        if isinstance(self.surrogate, dict):  # from_dict / JSON round trip
+            object.__setattr__(self, "surrogate", SurrogateConfig(**self.surrogate))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FunnelConfig":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FunnelResult:
+    """Candidates for ``select_batch``.
+
+    Attributes:
+        indices: ``int64 n`` candidate indices into the funnel's inputs (ascending).
+        values: ``float32 K x n`` per-member phenotypic activity of those candidates.
+        profiles: ``float32 K x n x d`` kept profile dims (``config.profile_dims``) or None.
+        pending: positions in ``indices`` of the pending compounds (``select_batch(pending=...)``).
+        diagnostics: mode ('all' | 'funnel'), sizes, per-stage seconds, surrogate diagnostics, config.
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
+    profiles: np.ndarray | None
+    pending: np.ndarray
+    diagnostics: dict[str, Any]
+
+
+def _mask(mask: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if mask is None:
+        return np.zeros(n, dtype=bool)
+    mask = np.asarray(mask)
+    if mask.shape != (n,) or mask.dtype != bool:
+        raise ValueError(f"{name} must be a boolean mask of shape ({n},), got {mask.dtype} {mask.shape}")
+    return mask
+
+
+def _index_array(indices: Sequence[int] | np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if indices is None:
+        return np.zeros(0, dtype=np.int64)
+    indices = np.asarray(indices)
+    if indices.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-d integer index array, got {indices.dtype} {indices.shape}")
+    if indices.min() < 0 or indices.max() >= n:
+        raise ValueError(f"{name} indices must be in [0, {n}), got min {indices.min()} max {indices.max()}")
+    return np.unique(indices.astype(np.int64))
+
+
+def funnel_predict(
+    assay: VirtualAssay,
+    fingerprints: np.ndarray,
+    inchikeys: Sequence[str],
+    dose_um: float | np.ndarray,
+    *,
+    exclude: np.ndarray | None = None,
+    pending: np.ndarray | None = None,
+    measured_fingerprints: np.ndarray | None = None,
+    measured_activity: np.ndarray | None = None,
+    config: FunnelConfig = FunnelConfig(),
+    cache: PredictionCache | None = None,
+    seed: int = 0,
+) -> FunnelResult:
+    """Simulate the candidates worth selecting from (see module docstring).
+
+    Args:
+        assay: trained ``VirtualAssay`` (K members).
+        fingerprints: ``uint8 N x 256`` packed Morgan fingerprints of all candidates.
+        inchikeys: ``N`` InChIKeys (cache keys).
+        dose_um: scalar or ``N`` doses (micromolar). The surrogate is dose-blind.
+        exclude: ``N`` boolean mask of candidates never simulated or returned (e.g. measured).
+        pending: indices in flight: simulated and returned, never counted as picks.
+        measured_fingerprints, measured_activity: ``m x 256`` / ``m`` lab labels for the surrogate.
+        config: ``FunnelConfig``.
+        cache: ``PredictionCache`` (None: simulate without storing).
+        seed: simulation seed (common random numbers) and the funnel's sampling/training seed.
+
+    Returns:
+        ``FunnelResult``.
+    """
+    t_start = time.perf_counter()
+    fingerprints = check_fingerprints(fingerprints)
+    n = len(fingerprints)
+    inchikeys = np.asarray(inchikeys, dtype=object)
+    if inchikeys.shape != (n,):
+        raise ValueError(f"inchikeys must have shape ({n},) to match the fingerprints, got {inchikeys.shape}")
+    dose = np.asarray(dose_um, dtype=np.float64)
+    dose = np.full(n, float(dose)) if dose.ndim == 0 else dose
+    exclude = _mask(exclude, n, "exclude")
+    pending = _index_array(pending, n, "pending")
+    eligible = ~exclude
+    eligible[pending] = False
+    eligible_idx = np.flatnonzero(eligible)
+    sample_rng, surrogate_ss = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    simulate_kwargs = dict(seed=seed, n_cells=config.n_cells, plate_id=config.plate_id,
+                           profile_dims=config.profile_dims, batch_size=config.batch_size,
+                           chunk_size=config.chunk_size, executor=config.executor,
+                           ray_address=config.ray_address, n_shards=config.n_shards)
+
+    def simulate(rows: np.ndarray):
+        return predict_with_cache(assay, fingerprints[rows], inchikeys[rows], dose[rows], cache, **simulate_kwargs)
+
+    timings: dict[str, float] = {}
+    diagnostics: dict[str, Any] = dict(n_candidates=n, n_eligible=len(eligible_idx), n_pending=len(pending),
+                                       n_members=int(assay.n_members), config=config.to_dict())
+    if len(eligible_idx) <= config.simulate_all_max:
+        rows = np.union1d(eligible_idx, pending)
+        t0 = time.perf_counter()
+        result = simulate(rows)
+        timings["simulate_all_s"] = time.perf_counter() - t0
+        diagnostics.update(mode="all", n_simulated=result.n_simulated, n_cached=result.n_cached)
+        values, profiles = result.activity, result.profiles
+    else:
+        # 1. random sample (+ pending, simulated anyway)
+        sample = sample_rng.choice(eligible_idx, size=min(config.sample_size, len(eligible_idx)), replace=False)
+        first = np.union1d(sample, pending)
+        t0 = time.perf_counter()
+        first_pred = simulate(first)
+        timings["simulate_sample_s"] = time.perf_counter() - t0
+        # 2. surrogate on the simulated values (+ measured labels)
+        t0 = time.perf_counter()
+        surrogate, surrogate_diag = train_surrogate(
+            fingerprints[first], first_pred.activity, config=config.surrogate,
+            seed=int(surrogate_ss.integers(2**62)), measured_fingerprints=measured_fingerprints,
+            measured_activity=measured_activity)
+        timings["train_surrogate_s"] = time.perf_counter() - t0
+        # 3. prescreen everything not yet simulated
+        t0 = time.perf_counter()
+        blocked = ~eligible
+        blocked[first] = True
+        shortlist = prescreen(surrogate, fingerprints, config.shortlist_size, beta=config.beta, exclude=blocked,
+                              batch_size=config.surrogate.inference_batch_size)
+        timings["prescreen_s"] = time.perf_counter() - t0
+        # 4. simulate the shortlist
+        t0 = time.perf_counter()
+        short_pred = simulate(shortlist)
+        timings["simulate_shortlist_s"] = time.perf_counter() - t0
+        rows = np.concatenate([first, shortlist])
+        order = np.argsort(rows)
+        rows = rows[order]
+        values = np.concatenate([first_pred.activity, short_pred.activity], axis=1)[:, order]
+        profiles = None
+        if first_pred.profiles is not None:
+            profiles = np.concatenate([first_pred.profiles, short_pred.profiles], axis=1)[:, order]
+        diagnostics.update(mode="funnel", n_sample=len(sample), n_shortlist=len(shortlist),
+                           n_simulated=first_pred.n_simulated + short_pred.n_simulated,
+                           n_cached=first_pred.n_cached + short_pred.n_cached, surrogate=surrogate_diag)
+    timings["total_s"] = time.perf_counter() - t_start
+    diagnostics["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    diagnostics["n_returned"] = len(rows)
+    log.info("funnel (%s): %d candidates, %d eligible, %d pending -> %d returned (%d simulated, %d cached); %s",
+             diagnostics["mode"], n, len(eligible_idx), len(pending), len(rows), diagnostics["n_simulated"],
+             diagnostics["n_cached"], ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    return FunnelResult(indices=rows.astype(np.int64), values=values, profiles=profiles,
+                        pending=np.searchsorted(rows, pending).astype(np.int64), diagnostics=diagnostics)

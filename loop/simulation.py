@@ -1,0 +1,201 @@
+"""A lab replaced by a lookup table of real measured profiles (``loop backtest --profiles``).
+
+Candidates are the (compound, dose) conditions of a pycytominer-style profile table that
+have a SMILES. "Running" a condition reveals its real wells. Profiles are normalised per
+plate to the plate's control wells (robust z, ``lab_io.profiles.normalize_to_controls``)
+over the table's usable features (``feature_select``: finite, not constant, no bookkeeping).
+A condition's activity is ``phenotypic_activity`` of the mean normalised profile of its wells
+(RMS robust z: a control-like condition scores about 1); a **hit** is a condition in the top
+10% of activity.
+
+Each round, a policy picks ``batch_size`` conditions:
+  - ``random``: uniformly at random;
+  - ``diversity_only``: MaxMin on Morgan fingerprints (no model);
+  - ``greedy_mean``: the virtual assay's mean predicted activity, top-k (no diversity);
+  - ``loop``: the default proposal policy (``acquisition.select.select_batch``: qUCB over the
+    ensemble with a Tanimoto penalty and an exploration fraction).
+Round 1 of the model-based policies is the cold-start MaxMin batch (no data yet). Between
+rounds the virtual assay is retrained on every revealed well plus all control wells (which a
+lab measures on every plate), each well profile playing the part of one cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from acquisition.objectives import phenotypic_activity as member_activity
+from acquisition.select import SelectionConfig, select_batch, select_cold_start
+from lab_io import chem
+from lab_io import profiles as profiling
+from lab_io.profile_table import ProfileTable
+from lab_io.schema import CONTROL_COMPOUND_ID, META_COMPOUND, META_DOSE, META_PLATE, META_SMILES
+from models.config import FeatureAssayConfig, config_hash
+from models.ensemble import train_ensemble
+from models.training_data import FeatureTrainingSet
+
+log = logging.getLogger(__name__)
+
+HIT_QUANTILE = 0.90
+LOOKUP_POLICIES = ("loop", "random", "greedy_mean", "diversity_only")
+
+
+@dataclass(frozen=True)
+class LookupBacktestConfig:
+    n_rounds: int = 3
+    batch_size: int = 8
+    n_seeds: int = 5
+    policies: tuple[str, ...] = LOOKUP_POLICIES
+    control_label: str = "DMSO"
+    assay: dict = field(default_factory=lambda: dict(n_members=5, n_steps=400, hidden_dim=128, batch_size=128,
+                                                     p_drop_plate=0.5))
+    selection: dict = field(default_factory=dict)
+    n_predict_cells: int = 16
+
+
+@dataclass(frozen=True)
+class LookupLab:
+    """Conditions, their wells (normalised) and the hidden hit labels."""
+
+    conditions: pd.DataFrame  # compound, smiles, dose_um, activity, is_hit
+    fingerprints: np.ndarray  # uint8 n_conditions x 256
+    wells: pd.DataFrame  # normalised well profiles with Metadata_condition (-1 for controls)
+    features: list[str]
+    n_skipped_no_smiles: int
+
+    @property
+    def n_hits(self) -> int:
+        return int(self.conditions["is_hit"].sum())
+
+
+def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> LookupLab:
+    frame = table.frame.copy()
+    is_control = (frame[META_COMPOUND].astype(str) == control_label).to_numpy()
+    if not is_control.any():
+        raise ValueError(f"{table.source}: no control wells ({META_COMPOUND} == {control_label!r})")
+    plates_without = sorted(set(frame.loc[~is_control, META_PLATE]) - set(frame.loc[is_control, META_PLATE]))
+    if plates_without:
+        log.warning("%s: %d plate(s) without %s wells are dropped: %s", table.source, len(plates_without),
+                    control_label, ", ".join(map(str, plates_without[:5])))
+        keep = ~frame[META_PLATE].isin(plates_without).to_numpy()
+        frame, is_control = frame[keep].reset_index(drop=True), is_control[keep]
+    features = profiling.feature_select(frame, table.features)
+    normalized = profiling.normalize_to_controls(frame, is_control, features=features)
+    smiles = frame[META_SMILES].fillna("").astype(str).str.strip()
+    treated = ~is_control
+    no_smiles = treated & (smiles == "").to_numpy()
+    n_skipped = int(no_smiles.sum())
+    if n_skipped:
+        log.info("%s: %d treated wells without SMILES skipped", table.source, n_skipped)
+    usable = treated & ~no_smiles
+    keys = frame.loc[usable, [META_COMPOUND, META_DOSE]].astype({META_DOSE: float})
+    conditions = (keys.assign(smiles=smiles[usable].to_numpy()).drop_duplicates([META_COMPOUND, META_DOSE])
+                  .sort_values([META_COMPOUND, META_DOSE]).reset_index(drop=True))
+    if len(conditions) < 2:
+        raise ValueError(f"{table.source}: fewer than 2 treated (compound, dose) conditions with SMILES")
+    index = {(c, d): i for i, (c, d) in enumerate(zip(conditions[META_COMPOUND], conditions[META_DOSE]))}
+    condition = np.full(len(frame), -1, dtype=np.int64)
+    condition[usable] = [index[(c, float(d))] for c, d in keys.itertuples(index=False)]
+    normalized["Metadata_condition"] = condition
+    wells = normalized[(condition >= 0) | is_control].reset_index(drop=True)
+    z = wells.loc[wells["Metadata_condition"] >= 0].groupby("Metadata_condition")[features].mean()
+    activity = profiling.phenotypic_activity(z.to_numpy(), None)
+    conditions["activity"] = activity[np.argsort(z.index.to_numpy())]
+    conditions["is_hit"] = conditions["activity"] >= np.quantile(conditions["activity"], HIT_QUANTILE)
+    canonical = chem.featurize_smiles(conditions["smiles"].tolist(), n_jobs=1)
+    bad = [i for i, s in enumerate(canonical.canonical) if s is None]
+    if bad:
+        log.warning("%s: %d condition(s) with unparseable SMILES kept with empty fingerprints: %s", table.source,
+                    len(bad), ", ".join(conditions[META_COMPOUND].iloc[bad].astype(str).tolist()[:5]))
+    return LookupLab(conditions=conditions, fingerprints=canonical.fingerprints, wells=wells, features=features,
+                     n_skipped_no_smiles=n_skipped)
+
+
+def _training_cells(lab: LookupLab, measured: np.ndarray) -> tuple[pd.DataFrame, dict]:
+    """Revealed wells + every control well, as a single-'cell' table for the feature assay."""
+    cond = lab.wells["Metadata_condition"].to_numpy()
+    keep = (cond < 0) | np.isin(cond, np.flatnonzero(measured))
+    cells = lab.wells.loc[keep, [META_PLATE, "Metadata_Well", *lab.features]].copy()
+    cid = np.where(cond[keep] < 0, CONTROL_COMPOUND_ID, np.char.add("cond-", cond[keep].astype(str)))
+    cells[META_COMPOUND] = cid
+    doses = lab.conditions[META_DOSE].to_numpy()
+    cells[META_DOSE] = np.where(cond[keep] < 0, 0.0, doses[np.maximum(cond[keep], 0)])
+    lookup = {f"cond-{i}": lab.fingerprints[i] for i in np.flatnonzero(measured)}
+    return cells, lookup
+
+
+def _predict_activity(lab: LookupLab, measured: np.ndarray, config: LookupBacktestConfig, seed: int,
+                      work_dir: Path) -> np.ndarray:
+    cells, lookup = _training_cells(lab, measured)
+    train_set = FeatureTrainingSet.from_dataframe(cells, lookup, seed=seed, feature_names=lab.features,
+                                                  normalization="standard", source="profile table")
+    assay_config = FeatureAssayConfig(**{**config.assay, "base_seed": seed})
+    version = config_hash(assay_config, train_set.data_fingerprint)  # same data and options -> reuse
+    ensemble = train_ensemble(train_set, assay_config, work_dir / f"model-{version}")
+    profiles = ensemble.predict_profiles(lab.fingerprints, lab.conditions[META_DOSE].to_numpy(),
+                                         n_cells=config.n_predict_cells, seed=seed)
+    return member_activity(torch.from_numpy(profiles)).numpy()  # K x N
+
+
+def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: LookupBacktestConfig, seed: int,
+          work_dir: Path, rng: np.random.Generator) -> np.ndarray:
+    eligible = np.flatnonzero(~measured)
+    q = min(q, len(eligible))
+    if policy == "random":
+        return rng.choice(eligible, size=q, replace=False)
+    if policy == "diversity_only" or not measured.any():
+        return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured).indices
+    values = _predict_activity(lab, measured, config, seed, work_dir)
+    overrides = {"acquisition": "mean", "diversity_penalty": 0.0, "exploration_fraction": 0.0} \
+        if policy == "greedy_mean" else {}
+    selection_config = SelectionConfig(**{**config.selection, **overrides, "seed": seed})
+    return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured).indices
+
+
+def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> dict:
+    """Cumulative fraction of the table's hits found after each round, mean and sd over seeds."""
+    unknown = [p for p in config.policies if p not in LOOKUP_POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(LOOKUP_POLICIES)}")
+    lab = build_lookup_lab(table, config.control_label)
+    hits = lab.conditions["is_hit"].to_numpy()
+    log.info("%s: %d conditions with SMILES, %d hits (top %d%% activity), %d treated wells without SMILES "
+             "skipped", table.source, len(lab.conditions), lab.n_hits, round(100 * (1 - HIT_QUANTILE)),
+             lab.n_skipped_no_smiles)
+    curves: dict[str, list[list[float]]] = {p: [] for p in config.policies}
+    with tempfile.TemporaryDirectory(prefix="loop-lookup-") as tmp:
+        for seed in range(config.n_seeds):
+            for policy in config.policies:
+                rng = np.random.default_rng(seed)
+                measured = np.zeros(len(lab.conditions), dtype=bool)
+                found = []
+                for round_index in range(config.n_rounds):
+                    picks = _pick(policy, lab, measured, config.batch_size, config, seed * 100 + round_index,
+                                  Path(tmp), rng)
+                    measured[picks] = True
+                    found.append(float(hits[measured].sum() / max(hits.sum(), 1)))
+                curves[policy].append(found)
+                log.info("seed %d %-14s hits found: %s", seed, policy, ", ".join(f"{f:.2f}" for f in found))
+    return {
+        "source": table.source,
+        "config": dataclasses.asdict(config),
+        "n_conditions": len(lab.conditions),
+        "n_hits": lab.n_hits,
+        "n_skipped_no_smiles": lab.n_skipped_no_smiles,
+        "hit_definition": f"condition activity >= {HIT_QUANTILE:.0%} quantile of all conditions",
+        "policies": {
+            p: {
+                "hit_fraction_mean": np.mean(c, axis=0).tolist(),
+                "hit_fraction_sd": (np.std(c, axis=0, ddof=1) if len(c) > 1 else np.zeros(config.n_rounds)).tolist(),
+                "per_seed": c,
+            }
+            for p, c in curves.items()
+        },
+    }

@@ -1,0 +1,100 @@
+"""Tests for acquisition/surrogate.py (closed-form FakeAssay from test_prediction_cache)."""
+
+import numpy as np
+import pytest
+import torch
+
+from acquisition.surrogate import FingerprintSurrogate, SurrogateConfig, fingerprint_bags, prescreen, train_surrogate
+from test_prediction_cache import FakeAssay, clustered_library, random_fingerprints
+
+FAST = SurrogateConfig(n_heads=4, hidden_dim=32, n_epochs=20, batch_size=128)
+
+
+def member_activity(assay, fps, dose=10.0):
+    profiles = assay.predict_profiles(fps, np.full(len(fps), dose))
+    return np.linalg.norm(profiles, axis=-1) / np.sqrt(profiles.shape[-1])  # K x N
+
+
+def test_fingerprint_bags_sum_the_rows_of_the_set_bits():
+    rng = np.random.default_rng(0)
+    fps = random_fingerprints(7, rng)
+    fps[3] = 0  # an empty fingerprint is an empty bag
+    index, offsets = fingerprint_bags(fps)
+    embed = torch.nn.EmbeddingBag(2048, 5, mode="sum")
+    bits = torch.from_numpy(np.unpackbits(fps, axis=1).astype(np.float32))
+    torch.testing.assert_close(embed(index, offsets), bits @ embed.weight)
+
+
+def test_surrogate_ranks_planted_active_cluster_above_random():
+    rng = np.random.default_rng(1)
+    fps, motif, is_cluster = clustered_library(2400, 120, rng)  # 4.8% cluster
+    assay = FakeAssay(motif=motif, motif_weight=4.0)
+    values = member_activity(assay, fps)
+    train = rng.choice(len(fps), 600, replace=False)
+    model, diag = train_surrogate(fps[train], values[:, train], config=FAST, seed=0)
+    assert diag["n_train"] == 600 and diag["steps"] > 0 and diag["oob_spearman"] > 0.1  # the linear part is hard to learn from 600
+    rest = np.ones(len(fps), bool)
+    rest[train] = False
+    shortlist = prescreen(model, fps, 100, beta=1.0, exclude=~rest)
+    assert len(shortlist) == 100 and rest[shortlist].all()
+    base_rate = is_cluster[rest].mean()
+    assert is_cluster[shortlist].mean() > max(0.6, 8 * base_rate)
+
+
+def test_prescreen_orders_by_ucb_and_respects_exclude_and_size():
+    rng = np.random.default_rng(2)
+    fps = random_fingerprints(300, rng)
+    values = member_activity(FakeAssay(), fps)
+    model, _ = train_surrogate(fps, values, config=FAST, seed=0)
+    heads = model.predict_heads(fps)
+    assert heads.shape == (4, 300) and heads.dtype == np.float32
+    ucb = heads.mean(0) + 2.0 * heads.std(0, ddof=1)
+    top = prescreen(model, fps, 10, beta=2.0)
+    np.testing.assert_array_equal(top, np.argsort(-ucb, kind="stable")[:10])
+    exclude = np.ones(300, bool)
+    exclude[[5, 9]] = False
+    assert sorted(prescreen(model, fps, 10, exclude=exclude).tolist()) == [5, 9]
+    with pytest.raises(ValueError, match="shortlist_size"):
+        prescreen(model, fps, 0)
+    with pytest.raises(ValueError, match="exclude"):
+        prescreen(model, fps, 5, exclude=np.zeros(3, bool))
+
+
+def test_same_seed_same_model_and_heads_differ():
+    rng = np.random.default_rng(3)
+    fps = random_fingerprints(200, rng)
+    values = member_activity(FakeAssay(), fps)
+    a, _ = train_surrogate(fps, values, config=FAST, seed=5)
+    b, _ = train_surrogate(fps, values, config=FAST, seed=5)
+    np.testing.assert_array_equal(a.predict_heads(fps), b.predict_heads(fps))
+    heads = a.predict_heads(fps)
+    assert not np.allclose(heads[0], heads[1])
+
+
+def test_measured_labels_pull_predictions_towards_the_lab():
+    rng = np.random.default_rng(4)
+    fps = random_fingerprints(400, rng)
+    values = np.zeros((2, 400), np.float32) + 0.05 * rng.random((2, 400)).astype(np.float32)
+    measured = random_fingerprints(20, rng)
+    plain, _ = train_surrogate(fps, values, config=FAST, seed=0)
+    with_lab, diag = train_surrogate(fps, values, config=FAST, seed=0, measured_fingerprints=measured,
+                                     measured_activity=np.full(20, 3.0, np.float32))
+    assert diag["n_measured"] == 20
+    assert with_lab.predict_heads(measured).mean() > plain.predict_heads(measured).mean() + 1.0
+
+
+def test_mean_target_and_input_checks():
+    rng = np.random.default_rng(5)
+    fps = random_fingerprints(50, rng)
+    model, diag = train_surrogate(fps, np.ones(50, np.float32) + rng.random(50).astype(np.float32),
+                                  config=SurrogateConfig(n_heads=2, hidden_dim=8, n_epochs=2, target="mean",
+                                                         bootstrap=False), seed=0)
+    assert isinstance(model, FingerprintSurrogate) and np.isnan(diag["oob_spearman"])
+    with pytest.raises(ValueError, match="values must be K x n"):
+        train_surrogate(fps, np.ones((2, 49)), config=FAST)
+    with pytest.raises(ValueError, match="go together"):
+        train_surrogate(fps, np.ones(50), config=FAST, measured_fingerprints=fps[:2])
+    with pytest.raises(ValueError, match="packed uint8"):
+        train_surrogate(np.unpackbits(fps, axis=1), np.ones(50), config=FAST)
+    with pytest.raises(ValueError, match="target"):
+        SurrogateConfig(target="median")
