@@ -31,7 +31,7 @@ import numpy as np
 
 from acquisition.prediction_cache import PredictionCache, predict_with_cache
 from acquisition.surrogate import SurrogateConfig, prescreen, train_surrogate
-from models.virtual_assay import VirtualAssay, check_fingerprints
+from models.virtual_assay import VirtualAssay, check_doses, check_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class FunnelConfig:
         beta: surrogate UCB weight on the head standard deviation.
         surrogate: ``SurrogateConfig``.
         n_cells, plate_id, profile_dims: virtual-assay simulation settings (cache key).
+        simulation_seed: assay sampling seed (cache key); None: the ``seed`` of the call. Fix it
+            (e.g. the campaign seed) so that rounds with the same model version share the cache.
         batch_size: compounds per ``predict_profiles`` forward batch.
         chunk_size: compounds simulated and cached per step (local executor).
         executor: ``'local'`` or ``'ray'`` (``n_shards`` tasks via ``models.ray_executor``).
@@ -63,6 +65,7 @@ class FunnelConfig:
     n_cells: int = 32
     plate_id: str | None = None
     profile_dims: int | None = 0
+    simulation_seed: int | None = None
     batch_size: int = 256
     chunk_size: int = 4096
     executor: str = "local"
@@ -98,6 +101,8 @@ class FunnelResult:
         values: ``float32 K x n`` per-member phenotypic activity of those candidates.
         profiles: ``float32 K x n x d`` kept profile dims (``config.profile_dims``) or None.
         pending: positions in ``indices`` of the pending compounds (``select_batch(pending=...)``).
+        from_shortlist: ``bool n``, True where the candidate came from the surrogate shortlist
+            (False: random sample, pending, or everything simulated).
         diagnostics: mode ('all' | 'funnel'), sizes, per-stage seconds, surrogate diagnostics, config.
     """
 
@@ -105,6 +110,7 @@ class FunnelResult:
     values: np.ndarray
     profiles: np.ndarray | None
     pending: np.ndarray
+    from_shortlist: np.ndarray
     diagnostics: dict[str, Any]
 
 
@@ -156,7 +162,8 @@ def funnel_predict(
         measured_fingerprints, measured_activity: ``m x 256`` / ``m`` lab labels for the surrogate.
         config: ``FunnelConfig``.
         cache: ``PredictionCache`` (None: simulate without storing).
-        seed: simulation seed (common random numbers) and the funnel's sampling/training seed.
+        seed: the funnel's sampling/training seed, and the simulation seed (common random numbers)
+            unless ``config.simulation_seed`` is set.
 
     Returns:
         ``FunnelResult``.
@@ -168,14 +175,15 @@ def funnel_predict(
     if inchikeys.shape != (n,):
         raise ValueError(f"inchikeys must have shape ({n},) to match the fingerprints, got {inchikeys.shape}")
     dose = np.asarray(dose_um, dtype=np.float64)
-    dose = np.full(n, float(dose)) if dose.ndim == 0 else dose
+    dose = check_doses(np.full(n, float(dose)) if dose.ndim == 0 else dose, n)
     exclude = _mask(exclude, n, "exclude")
     pending = _index_array(pending, n, "pending")
     eligible = ~exclude
     eligible[pending] = False
     eligible_idx = np.flatnonzero(eligible)
     sample_rng, surrogate_ss = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    simulate_kwargs = dict(seed=seed, n_cells=config.n_cells, plate_id=config.plate_id,
+    simulation_seed = seed if config.simulation_seed is None else config.simulation_seed
+    simulate_kwargs = dict(seed=simulation_seed, n_cells=config.n_cells, plate_id=config.plate_id,
                            profile_dims=config.profile_dims, batch_size=config.batch_size,
                            chunk_size=config.chunk_size, executor=config.executor,
                            ray_address=config.ray_address, n_shards=config.n_shards)
@@ -193,6 +201,7 @@ def funnel_predict(
         timings["simulate_all_s"] = time.perf_counter() - t0
         diagnostics.update(mode="all", n_simulated=result.n_simulated, n_cached=result.n_cached)
         values, profiles = result.activity, result.profiles
+        from_shortlist = np.zeros(len(rows), dtype=bool)
     else:
         # 1. random sample (+ pending, simulated anyway)
         sample = sample_rng.choice(eligible_idx, size=min(config.sample_size, len(eligible_idx)), replace=False)
@@ -221,6 +230,7 @@ def funnel_predict(
         rows = np.concatenate([first, shortlist])
         order = np.argsort(rows)
         rows = rows[order]
+        from_shortlist = (np.arange(len(order)) >= len(first))[order]
         values = np.concatenate([first_pred.activity, short_pred.activity], axis=1)[:, order]
         profiles = None
         if first_pred.profiles is not None:
@@ -235,4 +245,5 @@ def funnel_predict(
              diagnostics["mode"], n, len(eligible_idx), len(pending), len(rows), diagnostics["n_simulated"],
              diagnostics["n_cached"], ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
     return FunnelResult(indices=rows.astype(np.int64), values=values, profiles=profiles,
-                        pending=np.searchsorted(rows, pending).astype(np.int64), diagnostics=diagnostics)
+                        pending=np.searchsorted(rows, pending).astype(np.int64), from_shortlist=from_shortlist,
+                        diagnostics=diagnostics)

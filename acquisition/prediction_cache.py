@@ -335,8 +335,9 @@ class PredictionCache:
         if settings.profile_dims == 0:
             profiles = np.zeros((n_members, n, 0), np.float32)
         elif profiles is None or np.ndim(profiles) != 3 or np.shape(profiles)[:2] != (n_members, n):
+            got = None if profiles is None else np.shape(profiles)
             raise ValueError(f"settings keep profile_dims={settings.profile_dims}: profiles must be "
-                             f"K x n x d = {n_members} x {n} x d, got {None if profiles is None else np.shape(profiles)}")
+                             f"K x n x d = {n_members} x {n} x d, got {got}")
         profiles = np.asarray(profiles, dtype=np.float32)
         if not (np.isfinite(activity).all() and np.isfinite(profiles).all()):
             raise ValueError("refusing to cache non-finite predictions")
@@ -397,8 +398,19 @@ def _simulate_task(assay, fingerprints, dose_um, settings, batch_size):
     return simulate_predictions(assay, fingerprints, dose_um, settings, batch_size)
 
 
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+def _simulate_chunked(assay, fingerprints, dose_um, settings, batch_size, chunk_size):
+    """Yield ``(positions, (activity K x b, profiles K x b x d))`` chunk by chunk (stored as they finish)."""
+    for start in range(0, len(fingerprints), chunk_size):
+        part = np.arange(start, min(start + chunk_size, len(fingerprints)))
+        yield part, simulate_predictions(assay, fingerprints[part], dose_um[part], settings, batch_size)
+
+
+def _simulate_sharded(assay, fingerprints, dose_um, settings, batch_size, n_shards, ray_address):
+    """``n_shards`` Ray tasks through ``models.ray_executor.run_tasks``; same output as ``_simulate_chunked``."""
+    parts = [p for p in np.array_split(np.arange(len(fingerprints)), min(n_shards, len(fingerprints))) if len(p)]
+    jobs = [dict(assay=assay, fingerprints=fingerprints[p], dose_um=dose_um[p], settings=settings,
+                 batch_size=batch_size) for p in parts]
+    return list(zip(parts, run_tasks(_simulate_task, jobs, address=ray_address, num_cpus_per_task=1)))
 
 
 def predict_with_cache(
@@ -470,17 +482,14 @@ def predict_with_cache(
     if len(missing):
         rows = unique_rows[missing]
         if executor == "ray":
-            parts = [p for p in np.array_split(np.arange(len(rows)), min(n_shards, len(rows))) if len(p)]
-            results = run_tasks(_simulate_task, [
-                dict(assay=assay, fingerprints=fingerprints[rows[p]], dose_um=dose[rows[p]], settings=settings,
-                     batch_size=batch_size) for p in parts], address=ray_address, num_cpus_per_task=1)
-            blocks = list(zip(parts, results))
+            blocks = _simulate_sharded(assay, fingerprints[rows], dose[rows], settings, batch_size, n_shards,
+                                       ray_address)
         else:
-            blocks = ((np.arange(len(rows))[sl], simulate_predictions(
-                assay, fingerprints[rows[sl]], dose[rows[sl]], settings, batch_size)) for sl in _chunks(len(rows), chunk_size))
+            blocks = _simulate_chunked(assay, fingerprints[rows], dose[rows], settings, batch_size, chunk_size)
         for part, (act, prof) in blocks:
             if act.shape != (n_members, len(part)):
-                raise ValueError(f"assay {assay.version} returned activity {act.shape}, expected {(n_members, len(part))}")
+                raise ValueError(f"assay {assay.version} returned activity {act.shape}, "
+                                 f"expected {(n_members, len(part))}")
             activity[:, missing[part]] = act
             if settings.profile_dims != 0:
                 if profiles is None:

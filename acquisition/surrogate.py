@@ -34,7 +34,7 @@ from models.virtual_assay import FINGERPRINT_N_BITS, check_fingerprints
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FingerprintSurrogate", "SurrogateConfig", "prescreen", "train_surrogate"]
+__all__ = ["FingerprintSurrogate", "SurrogateConfig", "fingerprint_bags", "prescreen", "train_surrogate"]
 
 _TARGETS = ("members", "mean")
 

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from sqlmodel import select
+
 from lab_io.ground_truth import GroundTruth
+from loop import store
 from loop.campaign import Campaign, CampaignConfig
 from loop.ingest import ingest_results
 from loop.lab import run_synthetic_lab
 from loop.library import add_virtual_library, load_compounds
-from loop.propose import POLICIES, propose
+from loop.propose import MODEL_POLICIES, POLICIES, propose
 from loop.status import campaign_status
 from loop.train import train_assay
 
@@ -42,6 +45,7 @@ class BacktestConfig:
     lab_world_seed: int = 0
     assay: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)
+    lab: dict = field(default_factory=dict)
 
 
 def run_backtest(config: BacktestConfig, work_dir: Path | None = None) -> dict:
@@ -57,11 +61,15 @@ def run_backtest(config: BacktestConfig, work_dir: Path | None = None) -> dict:
         actives = _ground_truth_actives(template, config)
         log.info("backtest library: %d compounds, %d ground-truth actives", config.n_compounds, len(actives))
         curves = {p: [] for p in config.policies}
+        classes = {p: [] for p in config.policies}
         for seed in range(config.n_seeds):
             for policy in config.policies:
                 run_dir = root / f"seed{seed}-{policy}"
-                curves[policy].append(_run_campaign(template, run_dir, policy, seed, config, actives))
-                log.info("seed %d %s: %s", seed, policy, ", ".join(f"{f:.3f}" for f in curves[policy][-1]))
+                fractions, n_classes = _run_campaign(template, run_dir, policy, seed, config, actives)
+                curves[policy].append(fractions)
+                classes[policy].append(n_classes)
+                log.info("seed %d %s: actives found %s; phenotype classes found %s", seed, policy,
+                         ", ".join(f"{f:.3f}" for f in fractions), n_classes)
                 if not keep:
                     shutil.rmtree(run_dir, ignore_errors=True)
     finally:
@@ -75,6 +83,9 @@ def run_backtest(config: BacktestConfig, work_dir: Path | None = None) -> dict:
                 "hit_fraction_mean": np.mean(c, axis=0).tolist(),
                 "hit_fraction_sd": np.std(c, axis=0, ddof=1).tolist() if len(c) > 1 else [0.0] * config.n_rounds,
                 "per_seed": [list(map(float, row)) for row in c],
+                "classes_found_mean": np.mean(classes[p], axis=0).tolist(),
+                "classes_found_sd": np.std(classes[p], axis=0, ddof=1).tolist() if len(c) > 1
+                else [0.0] * config.n_rounds,
             }
             for p, c in curves.items()
         },
@@ -86,6 +97,7 @@ def _library_template(path: Path, config: BacktestConfig) -> Path:
     campaign_config = CampaignConfig(
         dose_um=config.dose_um, layout=dict(n_negative_controls=config.n_negative_controls),
         lab_world_seed=config.lab_world_seed, assay=dict(config.assay), selection=dict(config.selection),
+        lab=dict(config.lab),
     )
     campaign = Campaign.init(path, campaign_config)
     add_virtual_library(campaign, config.n_compounds, seed=config.library_seed)
@@ -93,41 +105,41 @@ def _library_template(path: Path, config: BacktestConfig) -> Path:
     return path
 
 
-def _ground_truth_actives(template: Path, config: BacktestConfig) -> set[str]:
+def _ground_truth_actives(template: Path, config: BacktestConfig) -> dict[str, str]:
+    """compound_id -> phenotype class of every ground-truth active in the library."""
     compounds = load_compounds(Campaign.open(template))
     truth = GroundTruth(world_seed=config.lab_world_seed).for_smiles(compounds["smiles"].tolist())
-    return set(compounds["compound_id"][truth["is_active"].to_numpy()])
+    active = truth["is_active"].to_numpy()
+    return dict(zip(compounds["compound_id"][active], truth["phenotype_class"][active]))
 
 
 def _run_campaign(template: Path, run_dir: Path, policy: str, seed: int, config: BacktestConfig,
-                  actives: set[str]) -> list[float]:
+                  actives: dict[str, str]) -> tuple[list[float], list[int]]:
     shutil.copytree(template, run_dir)
     campaign = Campaign.open(run_dir)
     campaign.config = dataclasses.replace(campaign.config, seed=seed)
-    fractions = []
+    fractions, n_classes = [], []
     for round_index in range(1, config.n_rounds + 1):
         result = propose(campaign, config.batch_wells, policy=policy, seed=seed * 1000 + round_index)
         results_dir = run_dir / "results" / f"round-{round_index:03d}"
         run_synthetic_lab(result.out_dir, results_dir, campaign=campaign, seed=seed * 1000 + round_index,
                           write_images=False)
         ingest_results(campaign, results_dir)
-        fractions.append(_found_fraction(campaign, actives))
-        if policy in ("loop", "greedy_mean") and round_index < config.n_rounds:
+        found = _found_actives(campaign, actives)
+        fractions.append(len(found) / max(len(actives), 1))
+        n_classes.append(len({actives[c] for c in found}))
+        if policy in MODEL_POLICIES and round_index < config.n_rounds:
             train_assay(campaign)
     status = campaign_status(campaign)
     log.debug("campaign %s: %s", run_dir, status)
     campaign.engine.dispose()
-    return fractions
+    return fractions, n_classes
 
 
-def _found_fraction(campaign: Campaign, actives: set[str]) -> float:
-    from sqlmodel import select
-
-    from loop import store
-
+def _found_actives(campaign: Campaign, actives: dict[str, str]) -> set[str]:
     with campaign.session() as session:
         measured = set(session.exec(select(store.Measurement.compound_id)).all())
-    return len(measured & actives) / max(len(actives), 1)
+    return measured & set(actives)
 
 
 def plot_curves(result: dict, png: Path) -> Path:

@@ -27,7 +27,16 @@ from loop.train import latest_model
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("loop", "random", "greedy_mean", "diversity_only")
+POLICIES = ("loop", "random", "greedy_mean", "ucb_topk", "diversity_only")
+# Model-based policies differ only in how the batch is selected from the ensemble's predictions:
+#   loop        the campaign's SelectionConfig (qUCB + Tanimoto penalty + exploration fraction)
+#   greedy_mean mean predicted activity, top-k (no diversity, no exploration)
+#   ucb_topk    qUCB joint greedy without diversity or exploration (saturates after ~K picks)
+_POLICY_SELECTION = {
+    "greedy_mean": dict(acquisition="mean", diversity_penalty=0.0, exploration_fraction=0.0),
+    "ucb_topk": dict(acquisition="qUCB", diversity_penalty=0.0, exploration_fraction=0.0),
+}
+MODEL_POLICIES = ("loop", "greedy_mean", "ucb_topk")
 
 
 @dataclass(frozen=True)
@@ -88,10 +97,7 @@ def choose_compounds(
         return picks, _summary(picks, None, "maxmin"), None
     profiles = model.predict_profiles(fps, np.full(len(candidates), campaign.config.dose_um), seed=seed)
     values = phenotypic_activity(torch.from_numpy(profiles)).numpy()  # K x N
-    sel_cfg = SelectionConfig(**{**campaign.config.selection, "seed": seed})
-    if policy == "greedy_mean":
-        sel_cfg = SelectionConfig(**{**campaign.config.selection, "seed": seed, "acquisition": "mean",
-                                     "diversity_penalty": 0.0, "exploration_fraction": 0.0})
+    sel_cfg = SelectionConfig(**{**campaign.config.selection, **_POLICY_SELECTION.get(policy, {}), "seed": seed})
     best_f = _best_observed_activity(campaign)
     selection = select_batch(values, fps, q, sel_cfg, exclude=pending, pending=np.flatnonzero(pending),
                              best_f=best_f)

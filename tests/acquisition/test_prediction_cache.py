@@ -252,7 +252,9 @@ def _tiny_cells(seed: int = 0):
     return pd.concat(rows, ignore_index=True), fps
 
 
-def test_real_feature_ensemble_cached_equals_direct(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_ensemble(tmp_path_factory):
+    """A real 2-member FeatureAssayEnsemble trained for a few steps (seconds)."""
     from models.config import FeatureAssayConfig
     from models.ensemble import train_ensemble
     from models.training_data import FeatureTrainingSet
@@ -261,9 +263,15 @@ def test_real_feature_ensemble_cached_equals_direct(tmp_path):
     config = FeatureAssayConfig(n_members=2, n_steps=20, hidden_dim=32, n_blocks=1, cond_dim=16, fp_hidden_dim=16,
                                 batch_size=64, warmup_steps=2, log_every=10, write_loss_plot=False,
                                 n_control_cells=64, checkpoint_every=1000, n_sample_steps=2)
-    assay = train_ensemble(FeatureTrainingSet.from_dataframe(cells, fp_lookup), config, tmp_path / "model")
+    assay = train_ensemble(FeatureTrainingSet.from_dataframe(cells, fp_lookup), config,
+                           tmp_path_factory.mktemp("tiny_model"))
     rng = np.random.default_rng(3)
     fps = np.concatenate([np.stack([fp_lookup["A"], fp_lookup["B"]]), random_fingerprints(6, rng)])
+    return assay, fps
+
+
+def test_real_feature_ensemble_cached_equals_direct(tmp_path, tiny_ensemble):
+    assay, fps = tiny_ensemble
     keys = inchikeys(8)
     cache = PredictionCache(tmp_path / "cache")
     first = predict_with_cache(assay, fps[:5], keys[:5], 10.0, cache, seed=7, n_cells=16, batch_size=3)
@@ -273,3 +281,14 @@ def test_real_feature_ensemble_cached_equals_direct(tmp_path):
     np.testing.assert_allclose(full.activity, direct, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(full.activity[:, :5], first.activity)
     assert PredictionCache(tmp_path / "cache").n_entries(assay.version, SimulationSettings(n_cells=16, seed=7)) == 8
+
+
+@pytest.mark.slow
+def test_ray_shards_match_local(tmp_path, tiny_ensemble, ray_cluster):
+    assay, fps = tiny_ensemble
+    keys = inchikeys(8)
+    out = predict_with_cache(assay, fps, keys, 10.0, PredictionCache(tmp_path), seed=7, n_cells=16,
+                             executor="ray", n_shards=2)
+    assert out.n_simulated == 8
+    np.testing.assert_allclose(out.activity, direct_activity(assay, fps, 10.0, seed=7, n_cells=16),
+                               rtol=1e-4, atol=1e-5)

@@ -32,7 +32,8 @@ def test_surrogate_ranks_planted_active_cluster_above_random():
     values = member_activity(assay, fps)
     train = rng.choice(len(fps), 600, replace=False)
     model, diag = train_surrogate(fps[train], values[:, train], config=FAST, seed=0)
-    assert diag["n_train"] == 600 and diag["steps"] > 0 and diag["oob_spearman"] > 0.1  # the linear part is hard to learn from 600
+    # out-of-bag rank correlation is modest: the random linear part is hard to learn from 600 compounds
+    assert diag["n_train"] == 600 and diag["steps"] > 0 and diag["oob_spearman"] > 0.1
     rest = np.ones(len(fps), bool)
     rest[train] = False
     shortlist = prescreen(model, fps, 100, beta=1.0, exclude=~rest)

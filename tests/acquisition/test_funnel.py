@@ -1,0 +1,122 @@
+"""Tests for acquisition/funnel.py (closed-form FakeAssay from test_prediction_cache)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from acquisition.funnel import FunnelConfig, funnel_predict
+from acquisition.prediction_cache import PredictionCache
+from acquisition.select import SelectionConfig, select_batch
+from acquisition.surrogate import SurrogateConfig
+from test_prediction_cache import FakeAssay, clustered_library, direct_activity, inchikeys, random_fingerprints
+
+SMALL = FunnelConfig(sample_size=400, shortlist_size=200, simulate_all_max=500,
+                     surrogate=SurrogateConfig(n_heads=4, hidden_dim=32, n_epochs=20, batch_size=128))
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    rng = np.random.default_rng(0)
+    fps, motif, is_cluster = clustered_library(2850, 150, rng)
+    return fps, inchikeys(len(fps)), motif, is_cluster
+
+
+def test_funnel_finds_top_candidates_far_more_often_than_random(tmp_path, clustered):
+    fps, keys, motif, _ = clustered
+    assay = FakeAssay(motif=motif)
+    truth = direct_activity(FakeAssay(motif=motif), fps, 10.0).mean(axis=0)
+    top = np.argsort(-truth)[:50]
+    result = funnel_predict(assay, fps, keys, 10.0, config=SMALL, cache=PredictionCache(tmp_path), seed=0)
+    d = result.diagnostics
+    assert d["mode"] == "funnel" and (d["n_sample"], d["n_shortlist"]) == (400, 200)
+    assert len(result.indices) == 600 and result.values.shape == (3, 600)
+    assert np.all(np.diff(result.indices) > 0) and assay.n_predicted == 600
+    assert result.from_shortlist.sum() == 200
+    assert set(d["timings"]) >= {"simulate_sample_s", "train_surrogate_s", "prescreen_s", "simulate_shortlist_s",
+                                 "total_s"}
+    # values are the assay's own
+    np.testing.assert_allclose(result.values, direct_activity(FakeAssay(motif=motif), fps[result.indices], 10.0),
+                               rtol=1e-6)
+    recall = np.isin(top, result.indices).mean()
+    assert recall > 3 * len(result.indices) / len(fps)  # random would catch 20%
+    json.dumps(d)  # diagnostics are saved with the proposal
+
+
+def test_same_round_again_hits_the_cache_only(tmp_path, clustered):
+    fps, keys, motif, _ = clustered
+    cache = PredictionCache(tmp_path)
+    first = funnel_predict(FakeAssay(motif=motif), fps, keys, 10.0, config=SMALL, cache=cache, seed=3)
+    assay = FakeAssay(motif=motif)
+    again = funnel_predict(assay, fps, keys, 10.0, config=SMALL, cache=PredictionCache(tmp_path), seed=3)
+    assert assay.n_calls == 0 and again.diagnostics["n_simulated"] == 0
+    np.testing.assert_array_equal(again.indices, first.indices)
+    np.testing.assert_array_equal(again.values, first.values)
+
+
+def test_exclude_and_pending(clustered):
+    fps, keys, motif, _ = clustered
+    rng = np.random.default_rng(1)
+    exclude = rng.random(len(fps)) < 0.3
+    pending = rng.choice(np.flatnonzero(~exclude), 20, replace=False)
+    result = funnel_predict(FakeAssay(motif=motif), fps, keys, 10.0, exclude=exclude, pending=pending,
+                            config=SMALL, seed=0)
+    assert not exclude[result.indices].any()
+    np.testing.assert_array_equal(result.indices[result.pending], np.sort(pending))
+    assert len(result.indices) == 400 + 200 + 20
+    selection = select_batch(result.values, fps[result.indices], 16, SelectionConfig(seed=0),
+                             pending=result.pending)
+    picks = result.indices[selection.indices]
+    assert len(set(picks.tolist())) == 16 and not np.isin(picks, pending).any() and not exclude[picks].any()
+
+
+def test_small_library_is_simulated_whole():
+    rng = np.random.default_rng(2)
+    fps = random_fingerprints(120, rng)
+    exclude = np.zeros(120, bool)
+    exclude[:10] = True
+    assay = FakeAssay()
+    result = funnel_predict(assay, fps, inchikeys(120), np.full(120, 10.0), exclude=exclude, pending=[10, 11],
+                            config=SMALL, seed=0)
+    assert result.diagnostics["mode"] == "all" and assay.n_predicted == 110
+    np.testing.assert_array_equal(result.indices, np.arange(10, 120))
+    np.testing.assert_array_equal(result.pending, [0, 1])
+
+
+def test_config_round_trip_and_checks():
+    config = FunnelConfig(sample_size=7, surrogate=SurrogateConfig(n_heads=3))
+    assert FunnelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="shortlist_size"):
+        FunnelConfig(shortlist_size=0)
+    with pytest.raises(ValueError, match="executor"):
+        FunnelConfig(executor="spark")
+    fps = random_fingerprints(5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="inchikeys"):
+        funnel_predict(FakeAssay(), fps, inchikeys(4), 10.0)
+    with pytest.raises(ValueError, match="pending"):
+        funnel_predict(FakeAssay(), fps, inchikeys(5), 10.0, pending=[7])
+
+
+def test_sample_larger_than_eligible_leaves_an_empty_shortlist():
+    rng = np.random.default_rng(3)
+    fps = random_fingerprints(600, rng)
+    config = FunnelConfig(sample_size=1000, shortlist_size=50, simulate_all_max=500,
+                          surrogate=SurrogateConfig(n_heads=2, hidden_dim=8, n_epochs=1))
+    result = funnel_predict(FakeAssay(), fps, inchikeys(600), 10.0, config=config, seed=0)
+    assert result.diagnostics["n_shortlist"] == 0 and len(result.indices) == 600
+    assert not result.from_shortlist.any()
+    with pytest.raises(ValueError, match="dose_um"):
+        funnel_predict(FakeAssay(), fps, inchikeys(600), np.full(599, 10.0), config=config)
+
+
+def test_fixed_simulation_seed_shares_the_cache_across_round_seeds(tmp_path):
+    rng = np.random.default_rng(4)
+    fps = random_fingerprints(300, rng)
+    config = FunnelConfig(simulate_all_max=1000, simulation_seed=11)
+    cache = PredictionCache(tmp_path)
+    first = funnel_predict(FakeAssay(), fps, inchikeys(300), 10.0, config=config, cache=cache, seed=1)
+    assay = FakeAssay()
+    second = funnel_predict(assay, fps, inchikeys(300), 10.0, config=config, cache=cache, seed=2)
+    assert assay.n_calls == 0
+    np.testing.assert_array_equal(first.values, second.values)
+    np.testing.assert_allclose(first.values, direct_activity(FakeAssay(), fps, 10.0, seed=11), rtol=1e-6)
