@@ -59,7 +59,7 @@ class SurrogateConfig:
     n_heads: int = 6
     hidden_dim: int = 64
     n_epochs: int = 30
-    max_steps: int = 3000
+    max_steps: int = 1500
     batch_size: int = 256
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4

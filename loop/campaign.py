@@ -41,6 +41,8 @@ class CampaignConfig:
     layout: dict[str, Any] = field(default_factory=dict)
     # Batch selection (acquisition.select.SelectionConfig keyword arguments).
     selection: dict[str, Any] = field(default_factory=dict)
+    # Candidate simulation funnel (acquisition.funnel.FunnelConfig keyword arguments).
+    funnel: dict[str, Any] = field(default_factory=dict)
     # Virtual assay (models.config.FeatureAssayConfig keyword arguments).
     assay: dict[str, Any] = field(default_factory=dict)
     # Synthetic lab used by `loop lab run` and backtests (lab_io.synthetic_lab.SyntheticLabConfig).

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sqlmodel import select
 
-from acquisition.objectives import phenotypic_activity
+from acquisition.funnel import FunnelConfig, funnel_predict
+from acquisition.prediction_cache import PredictionCache
 from acquisition.select import SelectionConfig, select_batch, select_cold_start
 from lab_io.platemap import PlateLayoutConfig, design_plates, treatment_capacity, write_plate_files
 from lab_io.schema import WellRole
@@ -95,13 +95,17 @@ def choose_compounds(
             log.info("no trained virtual assay yet: cold start with a structurally diverse (MaxMin) batch")
         picks = select_cold_start(fps, q, seed=seed, exclude=pending).indices
         return picks, _summary(picks, None, "maxmin"), None
-    profiles = model.predict_profiles(fps, np.full(len(candidates), campaign.config.dose_um), seed=seed)
-    values = phenotypic_activity(torch.from_numpy(profiles)).numpy()  # K x N
+    # Simulate candidates once per member (cached); above FunnelConfig.simulate_all_max a fingerprint
+    # surrogate prescreens the library to a shortlist first. values: K x n over funnel.indices.
+    funnel_cfg = FunnelConfig.from_dict({"simulation_seed": campaign.config.seed, **campaign.config.funnel})
+    funnel = funnel_predict(model, fps, candidates["inchikey"].to_numpy(), campaign.config.dose_um,
+                            pending=np.flatnonzero(pending), config=funnel_cfg,
+                            cache=PredictionCache(campaign.root / "cache"), seed=seed)
     sel_cfg = SelectionConfig(**{**campaign.config.selection, **_POLICY_SELECTION.get(policy, {}), "seed": seed})
-    best_f = _best_observed_activity(campaign)
-    selection = select_batch(values, fps, q, sel_cfg, exclude=pending, pending=np.flatnonzero(pending),
-                             best_f=best_f)
-    return selection.indices, _summary(selection.indices, values, sel_cfg.acquisition, selection.acq_values), \
+    selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
+                             best_f=_best_observed_activity(campaign))
+    picks = funnel.indices[selection.indices]  # rows of `candidates`
+    return picks, _summary(selection.indices, funnel.values, sel_cfg.acquisition, selection.acq_values), \
         model.version
 
 
