@@ -88,17 +88,20 @@ class CompoundEncoder(nn.Module):
         self.bit_bias = nn.Parameter(torch.zeros(hidden_dim))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, out_dim))
 
-    def first_layer(self, packed: Tensor) -> Tensor:
-        """``Linear(unpack(packed))`` evaluated sparsely: ``b x 256 -> b x h``."""
+    def first_layer(self, packed: Tensor, bit_scale: float = 1.0) -> Tensor:
+        """``bit_scale * Linear(unpack(packed))`` evaluated sparsely: ``b x 256 -> b x h``.
+
+        ``bit_scale`` = 1 / (1 - p) when a fraction p of the bits was dropped (inverted dropout).
+        """
         bits = unpack_fingerprint_bits(packed)  # b x 2048
         rows, cols = bits.nonzero(as_tuple=True)
         counts = torch.bincount(rows, minlength=bits.shape[0])
         offsets = torch.cumsum(counts, 0) - counts
         summed = F.embedding_bag(cols, self.bit_weight, offsets, mode="sum")  # b x h
-        return summed + self.bit_bias
+        return summed * bit_scale + self.bit_bias
 
-    def forward(self, packed: Tensor) -> Tensor:
-        return self.out(self.first_layer(packed))  # b x d
+    def forward(self, packed: Tensor, bit_scale: float = 1.0) -> Tensor:
+        return self.out(self.first_layer(packed, bit_scale))  # b x d
 
 
 class DoseEmbedding(nn.Module):
@@ -173,13 +176,27 @@ class ConditionEncoder(nn.Module):
 
     def forward_indexed(
         self, fingerprint_table: Tensor, compound_index: Tensor, role: Tensor, log10_dose_um: Tensor,
-        plate_index: Tensor,
+        plate_index: Tensor, *, p_drop_bits: float = 0.0, generator: torch.Generator | None = None,
     ) -> Tensor:
         """Same as ``forward(fingerprint_table[compound_index], ...)`` but embeds each distinct
-        compound of the batch once (training batches repeat compounds). ``b x d``."""
+        compound of the batch once (training batches repeat compounds). ``b x d``.
+
+        ``p_drop_bits`` > 0 (training only) drops each set fingerprint bit with that probability,
+        drawn from ``generator``, and rescales the rest: the embedding must then rest on many
+        substructures rather than memorise a compound by its rare bits, so it generalises to
+        unseen neighbours.
+        """
         def embed(idx: Tensor) -> Tensor:
             uniq, inverse = torch.unique(compound_index[idx], return_inverse=True)
-            return self.compound(fingerprint_table[uniq])[inverse]
+            packed = fingerprint_table[uniq]  # u x 256
+            if p_drop_bits <= 0:
+                return self.compound(packed)[inverse]
+            keep = torch.rand((packed.shape[0], packed.shape[1] * 8), generator=generator,
+                              device=generator.device if generator is not None else packed.device) >= p_drop_bits
+            weights = (2 ** torch.arange(7, -1, -1, device=packed.device, dtype=torch.int32))  # big bit order
+            keep_bytes = (keep.to(packed.device).view(packed.shape[0], packed.shape[1], 8).int() * weights).sum(-1)
+            dropped = packed & keep_bytes.to(packed.dtype)
+            return self.compound(dropped, bit_scale=1.0 / (1.0 - p_drop_bits))[inverse]
 
         return self._encode(embed, role, log10_dose_um, plate_index)
 

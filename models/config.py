@@ -46,6 +46,7 @@ class FeatureAssayConfig:
     time_scheme: str = "uniform"
     p_drop_compound: float = 0.1  # label dropout -> null compound token (CFG)
     p_drop_plate: float = 0.2  # label dropout -> unknown plate token (unseen plates)
+    p_drop_bits: float = 0.0  # fingerprint bit dropout (generalisation to unseen compounds)
     checkpoint_every: int = 250
     log_every: int = 25
     write_loss_plot: bool = True
@@ -69,7 +70,7 @@ class FeatureAssayConfig:
             raise ValueError("warmup_steps, weight_decay and grad_clip_norm must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("p_drop_compound", "p_drop_plate"):
+        for name in ("p_drop_compound", "p_drop_plate", "p_drop_bits"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")

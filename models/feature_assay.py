@@ -433,7 +433,8 @@ def _train_step(net, optimizer, gen, config, x_1_all, compound_index, log10_dose
     role = torch.where(ci < 0, ROLE_CONTROL, ROLE_COMPOUND)
     role, plate = drop_labels(role, plate_index[idx], p_compound=config.p_drop_compound,
                               p_plate=config.p_drop_plate, generator=gen)
-    cond = net.condition.forward_indexed(fingerprints, ci.clamp(min=0), role, log10_dose[idx], plate)  # b x d
+    cond = net.condition.forward_indexed(fingerprints, ci.clamp(min=0), role, log10_dose[idx], plate,
+                                         p_drop_bits=config.p_drop_bits, generator=gen)  # b x d
     loss = cfm_loss(net, x_0, x_1, t, cond)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -106,3 +106,21 @@ def test_drop_labels_rates_and_seed():
     assert torch.equal(r, r2) and torch.equal(p, p2)
     r0, p0 = drop_labels(role, plate, p_compound=0.0, p_plate=0.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(r0, role) and torch.equal(p0, plate)
+
+
+def test_fingerprint_bit_dropout_is_seeded_unbiased_and_off_by_default():
+    enc = _encoder()
+    table = torch.from_numpy(_packed(4, seed=2))
+    index = torch.tensor([0, 1, 2, 3, 0])
+    role = torch.full((5,), ROLE_COMPOUND)
+    dose, plate = torch.zeros(5), torch.zeros(5, dtype=torch.long)
+    plain = enc(table[index], role, dose, plate)
+    assert torch.equal(enc.forward_indexed(table, index, role, dose, plate), plain)
+
+    def dropped(seed):
+        return enc.forward_indexed(table, index, role, dose, plate, p_drop_bits=0.3,
+                                   generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(dropped(1), dropped(1)) and not torch.equal(dropped(1), plain)
+    # different seeds drop different bits
+    assert not torch.equal(dropped(1), dropped(2))
