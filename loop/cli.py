@@ -288,11 +288,8 @@ def convert_bbbc021_cmd(
 
 
 def _mount_assay_app() -> None:
-    try:
-        from loop.assay_cli import assay_app
-    except ImportError as exc:  # pragma: no cover - only while the image assay is absent
-        log.debug("image assay CLI unavailable: %s", exc)
-        return
+    from loop.assay_cli import assay_app
+
     app.add_typer(assay_app, name="assay")
 
 
