@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,6 @@ app.add_typer(profiles_app, name="profiles")
 
 console = Console(stderr=True)
 out = Console()
-log = logging.getLogger("loop")
 
 
 class State:

@@ -7,7 +7,6 @@ transaction; re-importing identical results is a no-op that says so.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 from dataclasses import dataclass, field
