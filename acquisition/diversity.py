@@ -162,6 +162,7 @@ def maxmin_select(
     q: int,
     seed: int,
     exclude: np.ndarray | None = None,
+    priority: np.ndarray | None = None,
 ) -> np.ndarray:
     """MaxMin diverse subset (cold start), O(q N).
 
@@ -170,28 +171,50 @@ def maxmin_select(
         q: number of picks.
         seed: seeds the first pick (uniform among eligible).
         exclude: ``N`` boolean mask of candidates never to pick.
+        priority: ``N`` floats breaking ties between equally distant candidates, highest
+            first (e.g. ``log10 dose``: of a compound offered at several doses, whose
+            fingerprints are identical, MaxMin then takes the highest dose). The random
+            first pick is likewise moved to the highest-priority candidate with the same
+            fingerprint.
 
     Returns:
         ``int64 (min(q, n_eligible),)`` indices in pick order; pick ``t > 0`` maximises
-        the minimum Tanimoto distance to picks ``0..t-1`` (ties -> lowest index).
+        the minimum Tanimoto distance to picks ``0..t-1`` (ties -> highest priority,
+        then lowest index).
     """
     fps = check_fingerprints(fps_packed)
     n = len(fps)
     eligible = _eligible_numpy(n, exclude)
+    if priority is not None:
+        priority = np.asarray(priority, dtype=np.float64)
+        if priority.shape != (n,) or not np.isfinite(priority).all():
+            raise ValueError(f"priority must be {n} finite numbers, got shape {priority.shape}")
     n_pick = min(int(q), int(eligible.sum()))
     if n_pick == 0:
         return np.zeros(0, dtype=np.int64)
     counts = popcount_rows(fps)
     rng = np.random.default_rng(seed)
-    picks = [int(rng.choice(np.flatnonzero(eligible)))]
+    first = int(rng.choice(np.flatnonzero(eligible)))
     min_distance = np.full(n, np.inf, dtype=np.float32)
+    if priority is not None:
+        same = eligible & (1.0 - tanimoto_to_set(fps, fps[first:first + 1], counts=counts) <= 0.0)
+        first = _best_of(np.where(same, 0.0, -np.inf), priority)
+    picks = [first]
     for _ in range(n_pick - 1):
         last = picks[-1]
         eligible[last] = False
         distance = 1.0 - tanimoto_to_set(fps, fps[last:last + 1], counts=counts)
         np.minimum(min_distance, distance, out=min_distance)
-        picks.append(int(np.argmax(np.where(eligible, min_distance, -np.inf))))
+        picks.append(_best_of(np.where(eligible, min_distance, -np.inf), priority))
     return np.asarray(picks, dtype=np.int64)
+
+
+def _best_of(score: np.ndarray, priority: np.ndarray | None) -> int:
+    """Index of the largest ``score``; ties -> largest ``priority``, then lowest index."""
+    if priority is None:
+        return int(np.argmax(score))
+    tied = np.flatnonzero(score == score.max())
+    return int(tied[np.argmax(priority[tied])])
 
 
 @dataclass

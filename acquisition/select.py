@@ -268,6 +268,7 @@ def select_cold_start(
     q: int,
     seed: int,
     exclude: np.ndarray | None = None,
+    priority: np.ndarray | None = None,
 ) -> Selection:
     """Cold start (no model): MaxMin-diverse batch of ``q`` on Tanimoto distance.
 
@@ -276,11 +277,14 @@ def select_cold_start(
         q: batch size (> 0).
         seed: seeds the first pick.
         exclude: ``N`` boolean mask of candidates never to pick.
+        priority: ``N`` tie-breakers between identical fingerprints, highest first
+            (``log10 dose`` when candidates are (compound, dose) conditions: a first look
+            at a compound is at its highest dose, where a phenotype is most likely to show).
     """
     q = _check_q(q)
     fps = check_fingerprints(fingerprints)
     exclude = _check_exclude(exclude, len(fps))
-    indices = maxmin_select(fps, q, seed, exclude)
+    indices = maxmin_select(fps, q, seed, exclude, priority)
     if len(indices) < q:
         message = f"requested q={q} but only {len(indices)} candidates are eligible"
         warnings.warn(message, stacklevel=2)

@@ -14,9 +14,12 @@ Each round, a policy picks ``batch_size`` conditions:
   - ``greedy_mean``: the virtual assay's mean predicted activity, top-k (no diversity);
   - ``loop``: the default proposal policy (``acquisition.select.select_batch``: qUCB over the
     ensemble with a Tanimoto penalty and an exploration fraction).
-Round 1 of the model-based policies is the cold-start MaxMin batch (no data yet). Between
-rounds the virtual assay is retrained on every revealed well plus all control wells (which a
-lab measures on every plate), each well profile playing the part of one cell.
+Round 1 of the model-based policies is the cold-start MaxMin batch (no data yet), which takes
+each compound at its highest dose (identical fingerprints tie; ``log10 dose`` breaks the tie).
+Between rounds the virtual assay is retrained on every revealed well plus all control wells
+(which a lab measures on every plate), each well profile playing the part of one cell; a
+profile table has many more control wells than revealed ones, so half of each training batch
+is drawn from the controls and half from the revealed wells (``control_fraction=0.5``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class LookupBacktestConfig:
     policies: tuple[str, ...] = LOOKUP_POLICIES
     control_label: str = "DMSO"
     assay: dict = field(default_factory=lambda: dict(n_members=5, n_steps=400, hidden_dim=128, batch_size=128,
-                                                     p_drop_plate=0.5))
+                                                     p_drop_plate=0.5, control_fraction=0.5))
     selection: dict = field(default_factory=dict)
     n_predict_cells: int = 16
 
@@ -151,7 +154,8 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
     if policy == "random":
         return rng.choice(eligible, size=q, replace=False)
     if policy == "diversity_only" or not measured.any():
-        return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured).indices
+        priority = np.log10(lab.conditions[META_DOSE].to_numpy(dtype=float))  # a compound's first look: top dose
+        return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured, priority=priority).indices
     values = _predict_activity(lab, measured, config, seed, work_dir)
     overrides = {"acquisition": "mean", "diversity_penalty": 0.0, "exploration_fraction": 0.0} \
         if policy == "greedy_mean" else {}

@@ -47,6 +47,7 @@ class FeatureAssayConfig:
     p_drop_compound: float = 0.1  # label dropout -> null compound token (CFG)
     p_drop_plate: float = 0.2  # label dropout -> unknown plate token (unseen plates)
     p_drop_bits: float = 0.0  # fingerprint bit dropout (generalisation to unseen compounds)
+    control_fraction: float | None = None  # share of each batch drawn from control cells (None: uniform over cells)
     checkpoint_every: int = 250
     log_every: int = 25
     write_loss_plot: bool = True
@@ -74,6 +75,8 @@ class FeatureAssayConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
+        if self.control_fraction is not None and not 0.0 < self.control_fraction < 1.0:
+            raise ValueError(f"control_fraction must be in (0, 1) or None, got {self.control_fraction}")
         if self.time_scheme not in _TIME_SCHEMES:
             raise ValueError(f"time_scheme must be one of {_TIME_SCHEMES}, got {self.time_scheme!r}")
         if self.sampler not in _SAMPLERS:

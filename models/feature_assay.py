@@ -354,11 +354,13 @@ def train_member(
         loss_window = [torch.tensor(v) for v in ckpt["loss_window"]]
         log.info("%s: resuming at step %d / %d", out_dir, start_step, config.n_steps)
 
+    draw_rows = _row_sampler(compound_index, config, gen)
     t_start = time.perf_counter()
     net.train()
     for step in range(start_step, config.n_steps):
         _set_lr(optimizer, config, step)
-        loss = _train_step(net, optimizer, gen, config, x_1_all, compound_index, log10_dose, plate_index, fingerprints)
+        loss = _train_step(net, optimizer, gen, config, draw_rows(), x_1_all, compound_index, log10_dose, plate_index,
+                           fingerprints)
         ema.update(net)
         loss_window.append(loss.detach())
         done = step + 1
@@ -423,9 +425,33 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: FeatureAssayConfig, step: 
         group["lr"] = config.learning_rate * factor
 
 
-def _train_step(net, optimizer, gen, config, x_1_all, compound_index, log10_dose, plate_index, fingerprints) -> Tensor:
+def _row_sampler(compound_index: Tensor, config: FeatureAssayConfig, gen: torch.Generator):
+    """Returns a function drawing one batch of training-row indices (``batch_size``).
+
+    Uniform over rows by default; with ``config.control_fraction`` a fixed share of each batch is
+    drawn from the control rows and the rest from the treated rows, so that a table dominated by
+    control wells (a profile table: hundreds of DMSO wells, a few treated) still trains the
+    compound conditioning.
+    """
+    b, device = config.batch_size, compound_index.device
+    is_control = compound_index < 0
+    if config.control_fraction is None or bool(is_control.all()) or not bool(is_control.any()):
+        n = len(compound_index)
+        return lambda: torch.randint(n, (b,), generator=gen, device=gen.device).to(device)
+    control_rows, treated_rows = torch.nonzero(is_control).squeeze(1), torch.nonzero(~is_control).squeeze(1)
+    n_control = min(b - 1, max(1, round(config.control_fraction * b)))
+
+    def draw() -> Tensor:
+        c = torch.randint(len(control_rows), (n_control,), generator=gen, device=gen.device).to(device)
+        t = torch.randint(len(treated_rows), (b - n_control,), generator=gen, device=gen.device).to(device)
+        return torch.cat([control_rows[c], treated_rows[t]])  # b
+
+    return draw
+
+
+def _train_step(net, optimizer, gen, config, idx, x_1_all, compound_index, log10_dose, plate_index,
+                fingerprints) -> Tensor:
     b = config.batch_size
-    idx = torch.randint(len(x_1_all), (b,), generator=gen, device=gen.device).to(x_1_all.device)
     x_1 = x_1_all[idx]  # b x F
     x_0 = torch.randn(x_1.shape, generator=gen, device=gen.device).to(x_1.device)  # b x F
     t = sample_time(b, gen, config.time_scheme, device=x_1.device)  # b

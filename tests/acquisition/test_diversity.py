@@ -121,3 +121,16 @@ def test_penalized_greedy_narrow_errors():
         penalized_greedy_select(values, fps[:-1], 2, "mean")
     with pytest.raises(ValueError, match="supports"):
         penalized_greedy_select(values, fps, 2, "qLogEI")
+
+
+def test_maxmin_priority_breaks_ties_between_identical_fingerprints():
+    """A compound offered at 3 doses (identical fingerprints): MaxMin takes its highest dose."""
+    _, fps, cluster = clustered_toy(n_clusters=4, per_cluster=1)
+    fps = np.repeat(fps, 3, axis=0)  # 4 compounds x 3 doses
+    dose_um = np.tile([0.1, 10.0, 1.0], 4)
+    picks = maxmin_select(fps, 4, seed=0, priority=np.log10(dose_um))
+    assert sorted(picks // 3) == [0, 1, 2, 3]
+    assert np.all(dose_um[picks] == 10.0)
+    assert np.all(dose_um[maxmin_select(fps, 4, seed=0)[1:]] == 0.1)  # without: lowest index
+    with pytest.raises(ValueError, match="priority"):
+        maxmin_select(fps, 4, seed=0, priority=np.ones(5))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from lab_io.profile_table import ProfileTable, convert_bbbc021, read_profile_table
-from loop.simulation import HIT_QUANTILE, LookupBacktestConfig, build_lookup_lab, run_lookup_backtest
+from loop.simulation import HIT_QUANTILE, LookupBacktestConfig, _pick, build_lookup_lab, run_lookup_backtest
 
 SMILES = ["CCO", "CCN", "CCCl", "c1ccccc1O", "c1ccccc1N", "CC(=O)O", "CC(=O)N", "c1ccncc1", "C1CCCCC1O",
           "OC(=O)c1ccccc1", "Nc1ccc(Cl)cc1", "COc1ccccc1"]
@@ -44,6 +44,16 @@ def test_lookup_lab_conditions_hits_and_skips(tmp_path):
     assert lab.n_hits == int((lab.conditions["activity"] >= lab.conditions["activity"].quantile(HIT_QUANTILE)).sum())
     top = lab.conditions.sort_values("activity", ascending=False).head(3)
     assert set(top["Metadata_compound"]) <= {"cpd0", "cpd1", "cpd2"} and (top["Metadata_dose_um"] == 10).all()
+
+
+def test_cold_start_takes_each_compound_at_its_highest_dose(tmp_path):
+    lab = build_lookup_lab(read_profile_table(_table(tmp_path)))
+    config = LookupBacktestConfig()
+    measured = np.zeros(len(lab.conditions), dtype=bool)
+    for policy in ("loop", "diversity_only"):
+        picks = _pick(policy, lab, measured, 5, config, seed=3, work_dir=tmp_path, rng=np.random.default_rng(0))
+        chosen = lab.conditions.iloc[picks]
+        assert chosen["Metadata_compound"].is_unique and (chosen["Metadata_dose_um"] == 10.0).all()
 
 
 def test_lookup_backtest_json_shape_and_monotone(tmp_path):

@@ -184,3 +184,16 @@ def test_sampling_options_heun_guidance_bf16(trained):
     assert np.allclose(variants["bf16"], base, atol=0.1)
     # guidance pushes A further from the unconditional (mostly control-like) distribution
     assert variants["cfg"][0, 0] > base[0, 0] + 0.3 and np.all(np.abs(variants["cfg"][1]) < 0.7)
+
+
+def test_control_fraction_fixes_the_share_of_control_rows_per_batch():
+    compound_index = torch.tensor([-1] * 90 + [0] * 6 + [1] * 4)  # a control-dominated table
+    gen = torch.Generator().manual_seed(0)
+    config = FeatureAssayConfig(batch_size=40, control_fraction=0.25)
+    rows = torch.stack([feature_assay._row_sampler(compound_index, config, gen)() for _ in range(50)])
+    assert rows.shape == (50, 40)
+    assert torch.all((compound_index[rows] < 0).sum(dim=1) == 10)
+    uniform = feature_assay._row_sampler(compound_index, dataclasses.replace(config, control_fraction=None), gen)
+    assert (compound_index[uniform()] < 0).float().mean() > 0.5  # uniform draws follow the table
+    with pytest.raises(ValueError, match="control_fraction"):
+        FeatureAssayConfig(control_fraction=1.0)
