@@ -12,6 +12,7 @@ __all__ = ["FeatureAssayConfig", "config_from_dict", "config_hash"]
 
 _TIME_SCHEMES = ("uniform", "logit_normal")
 _SAMPLERS = ("euler", "heun")
+_FEATURE_TRANSFORMS = ("none", "asinh")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class FeatureAssayConfig:
     p_drop_plate: float = 0.2  # label dropout -> unknown plate token (unseen plates)
     p_drop_bits: float = 0.0  # fingerprint bit dropout (generalisation to unseen compounds)
     control_fraction: float | None = None  # share of each batch drawn from control cells (None: uniform over cells)
+    feature_transform: str = "asinh"  # train on asinh(z) of control-unit features z ("none": on z)
     checkpoint_every: int = 250
     log_every: int = 25
     write_loss_plot: bool = True
@@ -77,6 +79,8 @@ class FeatureAssayConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         if self.control_fraction is not None and not 0.0 < self.control_fraction < 1.0:
             raise ValueError(f"control_fraction must be in (0, 1) or None, got {self.control_fraction}")
+        if self.feature_transform not in _FEATURE_TRANSFORMS:
+            raise ValueError(f"feature_transform must be one of {_FEATURE_TRANSFORMS}, got {self.feature_transform!r}")
         if self.time_scheme not in _TIME_SCHEMES:
             raise ValueError(f"time_scheme must be one of {_TIME_SCHEMES}, got {self.time_scheme!r}")
         if self.sampler not in _SAMPLERS:

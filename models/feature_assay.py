@@ -3,14 +3,21 @@
 Model (all in the normalised feature space of ``FeatureNormalization``, F features)::
 
     x_0 ~ N(0, I_F)                      noise
-    x_1 = (x - center) / scale           one cell's features
+    x_1 = asinh((x - center) / scale)    one cell's features (``feature_transform='asinh'``,
+                                         the default; ``'none'`` drops the asinh)
     v_theta(x_t, t, cond)                residual MLP, adaLN-Zero conditioning (DiT style) on
                                          c = time_emb(t) + cond,
                                          cond = ConditionEncoder(compound | control | null,
                                                                  log10 dose, plate)
 
 trained with the CFM loss ``|| v_theta(x_t, t, cond) - (x_1 - x_0) ||^2`` and sampled by
-integrating the ODE from t=0 to 1 (Euler/Heun, ``config.n_sample_steps`` steps).
+integrating the ODE from t=0 to 1 (Euler/Heun, ``config.n_sample_steps`` steps); samples are
+mapped back with ``sinh`` so that profiles are computed in control units.
+
+Why asinh: cell features are heavy-tailed. In the synthetic lab's ``toxicity`` class a fraction
+of cells is apoptotic, with DNA intensities 15-25 control sd out; trained on the linear units,
+the flow never reached them (median profile RMS of toxic training compounds 0.30 predicted vs
+1.69 real, no better than inactive compounds); on asinh units it does (1.64 vs 1.69).
 
 The network takes cells grouped by condition, ``x_t: b x n x F`` with ``cond: b x d``
 (or ``b x F`` / ``b x d``), so per-condition work (embeddings, modulation) is done once
@@ -223,7 +230,7 @@ class FeatureAssayMember:
         with torch.autocast(x_0.device.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
             x_1 = sampler(net, x_0, cfg.n_sample_steps, cond,
                           guidance_scale=cfg.guidance_scale, uncond_velocity_fn=uncond_fn)
-        return x_1.float()
+        return from_model_space(x_1.float(), cfg)
 
     @torch.no_grad()
     def control_stats(self, z: Tensor, n_cells: int, plate_index: int) -> tuple[Tensor, Tensor]:
@@ -284,6 +291,21 @@ class FeatureAssayMember:
         z = self.noise(n_cells, seed)[:n_cells]
         cells = self.sample(cond, z.unsqueeze(0), plate)[0]  # n x F
         return self.normalization.invert(cells.cpu().numpy().astype(np.float64))
+
+
+def to_model_space(z: Tensor, config: FeatureAssayConfig) -> Tensor:
+    """Control-unit features ``z`` -> the space the flow models (``asinh(z)`` or ``z``).
+
+    Cell features are heavy-tailed: a subpopulation phenotype (apoptotic cells: condensed,
+    bright nuclei) sits 15-25 control sd out, where a Gaussian-source flow under-reaches;
+    ``asinh`` is linear near 0 and logarithmic in the tails, and exactly invertible.
+    """
+    return torch.asinh(z) if config.feature_transform == "asinh" else z
+
+
+def from_model_space(x: Tensor, config: FeatureAssayConfig) -> Tensor:
+    """Inverse of ``to_model_space``: back to control units (where profiles are computed)."""
+    return torch.sinh(x.clamp(-15.0, 15.0)) if config.feature_transform == "asinh" else x  # no overflow
 
 
 def _check_sizes(n_cells: int, batch_size: int) -> None:
@@ -408,7 +430,7 @@ def _member_tensors(train_set, config, seed, bootstrap, device):
     else:
         idx = np.arange(train_set.n_cells)
     # fancy indexing copies, so the tensors never alias (possibly read-only) training arrays
-    return (torch.from_numpy(train_set.normalized_x()[idx]).to(device),
+    return (to_model_space(torch.from_numpy(train_set.normalized_x()[idx]), config).to(device),
             torch.from_numpy(train_set.compound_index[idx]).to(device),
             torch.from_numpy(train_set.log10_dose_um[idx]).to(device),
             torch.from_numpy(train_set.plate_index[idx]).to(device))
