@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from acquisition.greedy import MAX_TYPE_ACQUISITIONS, member_utilities, thompson_members
+from acquisition.greedy import MAX_TYPE_ACQUISITIONS, as_bool_mask, member_utilities, thompson_members
 
 __all__ = [
     "PenalizedSelection",
@@ -149,12 +149,7 @@ def tanimoto_to_set(
 
 
 def _eligible_numpy(n: int, exclude: np.ndarray | None) -> np.ndarray:
-    if exclude is None:
-        return np.ones(n, dtype=bool)
-    exclude = np.asarray(exclude)
-    if exclude.shape != (n,) or exclude.dtype != bool:
-        raise ValueError(f"exclude must be a boolean mask of shape ({n},), got {exclude.dtype} {exclude.shape}")
-    return ~exclude
+    return ~as_bool_mask(exclude, n, "exclude")
 
 
 def maxmin_select(

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from acquisition.greedy import as_bool_mask, as_index_array
 from acquisition.prediction_cache import PredictionCache, predict_with_cache
 from acquisition.surrogate import SurrogateConfig, prescreen, train_surrogate
 from models.virtual_assay import VirtualAssay, check_doses, check_fingerprints
@@ -114,28 +115,6 @@ class FunnelResult:
     diagnostics: dict[str, Any]
 
 
-def _mask(mask: np.ndarray | None, n: int, name: str) -> np.ndarray:
-    if mask is None:
-        return np.zeros(n, dtype=bool)
-    mask = np.asarray(mask)
-    if mask.shape != (n,) or mask.dtype != bool:
-        raise ValueError(f"{name} must be a boolean mask of shape ({n},), got {mask.dtype} {mask.shape}")
-    return mask
-
-
-def _index_array(indices: Sequence[int] | np.ndarray | None, n: int, name: str) -> np.ndarray:
-    if indices is None:
-        return np.zeros(0, dtype=np.int64)
-    indices = np.asarray(indices)
-    if indices.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{name} must be a 1-d integer index array, got {indices.dtype} {indices.shape}")
-    if indices.min() < 0 or indices.max() >= n:
-        raise ValueError(f"{name} indices must be in [0, {n}), got min {indices.min()} max {indices.max()}")
-    return np.unique(indices.astype(np.int64))
-
-
 def funnel_predict(
     assay: VirtualAssay,
     fingerprints: np.ndarray,
@@ -176,8 +155,8 @@ def funnel_predict(
         raise ValueError(f"inchikeys must have shape ({n},) to match the fingerprints, got {inchikeys.shape}")
     dose = np.asarray(dose_um, dtype=np.float64)
     dose = check_doses(np.full(n, float(dose)) if dose.ndim == 0 else dose, n)
-    exclude = _mask(exclude, n, "exclude")
-    pending = _index_array(pending, n, "pending")
+    exclude = as_bool_mask(exclude, n, "exclude")
+    pending = as_index_array(pending, n, "pending")
     eligible = ~exclude
     eligible[pending] = False
     eligible_idx = np.flatnonzero(eligible)

@@ -66,6 +66,8 @@ from torch import Tensor
 __all__ = [
     "GREEDY_ACQUISITIONS",
     "MAX_TYPE_ACQUISITIONS",
+    "as_bool_mask",
+    "as_index_array",
     "as_member_values",
     "eligible_mask",
     "greedy_select",
@@ -93,7 +95,8 @@ def as_member_values(values: Tensor | np.ndarray) -> Tensor:
     return values
 
 
-def _as_index_array(indices: Sequence[int] | np.ndarray | Tensor | None, n: int, name: str) -> np.ndarray:
+def as_index_array(indices: Sequence[int] | np.ndarray | Tensor | None, n: int, name: str) -> np.ndarray:
+    """Validated sorted unique ``int64`` indices into ``n`` candidates (None or empty: none)."""
     if indices is None:
         return np.zeros(0, dtype=np.int64)
     array = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices)
@@ -104,6 +107,16 @@ def _as_index_array(indices: Sequence[int] | np.ndarray | Tensor | None, n: int,
     if array.min() < 0 or array.max() >= n:
         raise ValueError(f"{name} indices must be in [0, {n}), got min {array.min()} max {array.max()}")
     return np.unique(array.astype(np.int64))
+
+
+def as_bool_mask(mask: np.ndarray | Tensor | None, n: int, name: str) -> np.ndarray:
+    """Validated boolean mask of shape ``(n,)`` (None: all False)."""
+    if mask is None:
+        return np.zeros(n, dtype=bool)
+    mask = np.asarray(mask.cpu() if isinstance(mask, Tensor) else mask)
+    if mask.shape != (n,) or mask.dtype != bool:
+        raise ValueError(f"{name} must be a boolean mask of shape ({n},), got {mask.dtype} {mask.shape}")
+    return mask
 
 
 def eligible_mask(n: int, exclude: np.ndarray | Tensor | None, pending: np.ndarray,
@@ -194,7 +207,7 @@ def greedy_select(
         raise ValueError(f"q must be a positive integer, got {q}")
     _check_params(acqf, params)
     n_members, n = values.shape
-    pending_idx = _as_index_array(pending, n, "pending")
+    pending_idx = as_index_array(pending, n, "pending")
     eligible = eligible_mask(n, exclude, pending_idx, values.device)
     n_pick = min(int(q), int(eligible.sum()))
     if n_pick < q:

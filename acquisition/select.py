@@ -38,7 +38,7 @@ from acquisition.diversity import (
     penalized_greedy_select,
     tanimoto_matrix,
 )
-from acquisition.greedy import as_member_values
+from acquisition.greedy import as_bool_mask, as_index_array, as_member_values
 
 __all__ = ["SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "select_batch", "select_cold_start"]
 
@@ -105,28 +105,6 @@ def _check_q(q: int) -> int:
     return int(q)
 
 
-def _check_exclude(exclude: Any, n: int) -> np.ndarray:
-    if exclude is None:
-        return np.zeros(n, dtype=bool)
-    exclude = np.asarray(exclude.cpu() if isinstance(exclude, Tensor) else exclude)
-    if exclude.shape != (n,) or exclude.dtype != bool:
-        raise ValueError(f"exclude must be a boolean mask of shape ({n},), got {exclude.dtype} {exclude.shape}")
-    return exclude
-
-
-def _check_pending(pending: Any, n: int) -> np.ndarray:
-    if pending is None:
-        return np.zeros(0, dtype=np.int64)
-    pending = np.asarray(pending.cpu() if isinstance(pending, Tensor) else pending)
-    if pending.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if pending.ndim != 1 or not np.issubdtype(pending.dtype, np.integer):
-        raise ValueError(f"pending must be a 1-d integer index array, got {pending.dtype} {pending.shape}")
-    if pending.min() < 0 or pending.max() >= n:
-        raise ValueError(f"pending indices must be in [0, {n}), got min {pending.min()} max {pending.max()}")
-    return np.unique(pending.astype(np.int64))
-
-
 def _acquisition_params(config: SelectionConfig, best_f: float | None) -> tuple[str, dict[str, Any]]:
     acqf = "qEI" if config.acquisition == "qLogEI" else config.acquisition
     if acqf == "qUCB":
@@ -179,8 +157,8 @@ def select_batch(
     values = as_member_values(values)
     n_members, n = values.shape
     fps = check_fingerprints(fingerprints, n)
-    exclude = _check_exclude(exclude, n)
-    pending = _check_pending(pending, n)
+    exclude = as_bool_mask(exclude, n, "exclude")
+    pending = as_index_array(pending, n, "pending")
     if scaffold_ids is not None:
         scaffold_ids = np.asarray(scaffold_ids)
         if scaffold_ids.shape != (n,) or not np.issubdtype(scaffold_ids.dtype, np.integer):
@@ -283,7 +261,7 @@ def select_cold_start(
     """
     q = _check_q(q)
     fps = check_fingerprints(fingerprints)
-    exclude = _check_exclude(exclude, len(fps))
+    exclude = as_bool_mask(exclude, len(fps), "exclude")
     indices = maxmin_select(fps, q, seed, exclude, priority)
     if len(indices) < q:
         message = f"requested q={q} but only {len(indices)} candidates are eligible"
