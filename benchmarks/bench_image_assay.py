@@ -17,6 +17,10 @@ not depend on the weights).
 
     nice -n 10 .venv/bin/python benchmarks/bench_image_assay.py [--out bench_out/image_assay]
         [--threads 2] [--train-steps 5] [--n-cells 64] [--hidden-dim 192 --depth 6 --heads 6]
+        [--device cuda]
+
+With ``--device cuda`` the networks run on the GPU; batches are still drawn (and OT-paired) on
+the CPU, as in training, and the device is synchronised around every timed call.
 
 Writes ``results.json`` in ``--out`` and logs a summary.
 """
@@ -39,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab_io.crops import load_crops, shared_data_dir  # noqa: E402
 from models.image_assay import ImageAssay, ImageAssayConfig, LatentNorm, _latent_data  # noqa: E402
-from models.image_autoencoder import ImageAutoencoder, _augment  # noqa: E402
+from models.image_autoencoder import ImageAutoencoder, _augment, decode_all  # noqa: E402
 from models.image_dit import ImageDiT  # noqa: E402
 from models.image_flow import (  # noqa: E402
     BlockSampler, ChannelNorm, centre_crop, sample_latents, sampling_condition, source_latents,
@@ -59,39 +63,47 @@ def load_images(n: int, seed: int) -> tuple[np.ndarray, object]:
     raise SystemExit("the benchmark needs crops (../shared/data/bbbc021 or $LOOP_SHARED_DATA)")
 
 
-def time_steps(fn, n_steps: int, n_warmup: int = 1) -> float:
-    """Median seconds per call over ``n_steps`` calls after ``n_warmup`` (robust to a shared, busy CPU)."""
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(fn, n_steps: int, n_warmup: int = 1, device: str = "cpu") -> float:
+    """Median seconds per call over ``n_steps`` calls after ``n_warmup`` (robust to a shared, busy CPU;
+    CUDA work is synchronised before each clock read)."""
     for _ in range(n_warmup):
         fn()
     times = []
     for _ in range(n_steps):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
 
-def bench_autoencoder(x: torch.Tensor, config: ImageAssayConfig, n_steps: int) -> dict:
+def bench_autoencoder(x: torch.Tensor, config: ImageAssayConfig, n_steps: int, device: str) -> dict:
     cfg = replace(config.autoencoder, in_channels=x.shape[1])
-    model = ImageAutoencoder(cfg)
+    model = ImageAutoencoder(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
 
     def step():
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-        loss, _ = model.loss(_augment(x[idx], gen), gen)
+        loss, _ = model.loss(_augment(x[idx], gen).to(device), gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    sec = time_steps(step, n_steps)
+    sec = time_steps(step, n_steps, device=device)
     return {"batch_size": cfg.batch_size, "sec_per_step": sec, "images_per_s": cfg.batch_size / sec,
             "n_params": sum(p.numel() for p in model.parameters())}
 
 
-def bench_flow(data, config: ImageAssayConfig, n_steps: int) -> dict:
+def bench_flow(data, config: ImageAssayConfig, n_steps: int, device: str) -> dict:
     cfg = replace(config.flow, mode="control")
-    model = ImageDiT(cfg.dit)
+    model = ImageDiT(cfg.dit).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     sampler = BlockSampler(data, cfg, np.ones(len(data.compounds)))
     state = {"s": 0}
@@ -99,33 +111,36 @@ def bench_flow(data, config: ImageAssayConfig, n_steps: int) -> dict:
     def step():
         s = state["s"]
         gen, rng = torch.Generator().manual_seed(s), np.random.default_rng(s)
-        x_0, x_1, cond = sampler.draw(gen, rng)
-        loss = cfm_loss(model, x_0, x_1, sample_time(len(x_0), gen, cfg.time_scheme), cond)
+        x_0, x_1, cond = sampler.draw(gen, rng)  # drawn (and OT-paired) on the CPU, as in training
+        t = sample_time(len(x_0), gen, cfg.time_scheme).to(device)
+        loss = cfm_loss(model, x_0.to(device), x_1.to(device), t, cond.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         state["s"] += 1
 
-    sec = time_steps(step, n_steps)
+    sec = time_steps(step, n_steps, device=device)
     return {"batch_size": cfg.batch_size, "sec_per_step": sec, "cells_per_s": cfg.batch_size / sec,
             "n_params": sum(p.numel() for p in model.parameters())}
 
 
 def bench_sampling(model: ImageDiT, ae: ImageAutoencoder, latent_norm: LatentNorm, norm: ChannelNorm,
-                   z_ctrl: torch.Tensor, fp_bits: torch.Tensor, n_cells: int, mode: str, repeats: int = 3) -> dict:
+                   z_ctrl: torch.Tensor, fp_bits: torch.Tensor, n_cells: int, mode: str, repeats: int = 3,
+                   device: str = "cpu") -> dict:
     out = {}
+    model, ae = model.to(device).eval(), ae.to(device).eval()
     dit = model.config
     shape = (dit.latent_channels, dit.latent_size, dit.latent_size)
     for sampler, steps in (("euler", 8), ("euler", 20), ("euler", 50), ("heun", 20)):
-        cond = sampling_condition(fp_bits, 15.0, z_ctrl, n_cells, dit.latent_channels)
+        cond = sampling_condition(fp_bits, 15.0, z_ctrl, n_cells, dit.latent_channels).to(device)
 
         def run():
-            x_0 = source_latents(mode, n_cells, shape, z_ctrl, torch.Generator().manual_seed(0))
+            x_0 = source_latents(mode, n_cells, shape, z_ctrl, torch.Generator().manual_seed(0)).to(device)
             z = sample_latents(model, cond, x_0, n_steps=steps, sampler=sampler)
             with torch.no_grad():
-                norm.denormalize(ae.decode(latent_norm.invert(z)))
+                norm.denormalize(decode_all(ae, latent_norm.invert(z.cpu())))
 
-        sec = time_steps(run, repeats, n_warmup=1)
+        sec = time_steps(run, repeats, n_warmup=1, device=device)
         out[f"{sampler}_{steps}"] = {"n_cells": n_cells, "seconds": sec, "cells_per_s": n_cells / sec}
         log.info("sampling %s %d steps: %.1f cells/s", sampler, steps, n_cells / sec)
     return out
@@ -143,6 +158,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--model", type=Path, default=None, help="trained assay folder (optional)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings synchronise the device)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -157,7 +173,10 @@ def main() -> None:
     x = norm.normalize(centre_crop(crops.images, config.image_size))
     results = {"threads": args.threads, "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(),
                "data": source, "image_size": config.image_size, "channels": int(x.shape[1])}
-    results["autoencoder_train"] = bench_autoencoder(x, config, args.train_steps)
+    results["device"] = args.device
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name(args.device)
+    results["autoencoder_train"] = bench_autoencoder(x, config, args.train_steps, args.device)
     log.info("autoencoder training: %.1f images/s", results["autoencoder_train"]["images_per_s"])
 
     if args.model is not None:
@@ -181,14 +200,14 @@ def main() -> None:
     names = sorted(smiles)
     fps = morgan_fingerprints([smiles[n] for n in names])
     data = _latent_data(z, crops, names, fps)
-    results["flow_train"] = bench_flow(data, config, args.train_steps)
+    results["flow_train"] = bench_flow(data, config, args.train_steps, args.device)
     log.info("flow training: %.1f cells/s (%d params)", results["flow_train"]["cells_per_s"],
              results["flow_train"]["n_params"])
     ctrl_rows = data.controls_of_plate(0)
     z_ctrl = z[ctrl_rows[:256]]
     bits = torch.from_numpy(unpack_fingerprints(fps[:1])[0])
     results["sampling"] = bench_sampling(model, ae, latent_norm, norm, z_ctrl, bits, args.n_cells, "control",
-                                        repeats=args.repeats)
+                                        repeats=args.repeats, device=args.device)
     results["load_avg_end"] = os.getloadavg()
     results["config"] = config.to_dict()
     args.out.mkdir(parents=True, exist_ok=True)

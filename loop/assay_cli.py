@@ -1,6 +1,6 @@
 """``loop assay``: train, sample and evaluate the image virtual assay (thin wrappers over models/).
 
-Intended full commands on the 2-core CPU (defaults: autoencoder <= 12 min, each member <= 40 min)::
+Intended full commands on the 2-core CPU (defaults: autoencoder <= 12 min, each member 1,000 steps, <= 45 min)::
 
     # plate hold-out: train on every plate but Week4_27821, evaluate on it
     loop assay train --data ../shared/data/bbbc021 --out runs/holdout --exclude-plate Week4_27821 --members 3 --executor ray
@@ -44,23 +44,23 @@ def _fail(msg: str) -> None:
 def train(
     data: Path = typer.Option(..., "--data", help="Crops folder (crops.npz + crops_metadata.csv)."),
     out: Path = typer.Option(..., "--out", help="Model folder (created; an existing one is resumed)."),
-    mode: str = typer.Option("noise", "--mode", help="Source of the flow: noise | control."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Source of the flow: noise | control (default: control)."),
     members: int = typer.Option(1, "--members", min=1, help="Ensemble size K."),
     executor: str = typer.Option("local", "--executor", help="local | ray (one task per member)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
     exclude_plate: List[str] = typer.Option([], "--exclude-plate", help="Plate to leave out (repeatable)."),
     exclude_dose: List[float] = typer.Option([], "--exclude-dose", help="Treated dose in uM to leave out (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
-    ae_minutes: float = typer.Option(12.0, "--ae-minutes", help="Autoencoder wall-clock budget."),
-    ae_steps: int = typer.Option(2000, "--ae-steps"),
-    flow_minutes: float = typer.Option(40.0, "--flow-minutes", help="Per-member flow wall-clock budget."),
-    flow_steps: int = typer.Option(4000, "--flow-steps"),
-    hidden_dim: int = typer.Option(192, "--hidden-dim"),
-    depth: int = typer.Option(6, "--depth"),
-    heads: int = typer.Option(6, "--heads"),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    time_scheme: str = typer.Option("logit_normal", "--time-scheme", help="uniform | logit_normal."),
-    image_size: int = typer.Option(64, "--image-size", help="Centre crop in px the model works at (multiple of 8)."),
+    ae_minutes: Optional[float] = typer.Option(None, "--ae-minutes", help="Autoencoder wall-clock budget (default 12)."),
+    ae_steps: Optional[int] = typer.Option(None, "--ae-steps", help="Autoencoder steps (default 2000)."),
+    flow_minutes: Optional[float] = typer.Option(None, "--flow-minutes", help="Per-member flow wall-clock budget (default 45)."),
+    flow_steps: Optional[int] = typer.Option(None, "--flow-steps", help="Per-member flow steps (default 1000)."),
+    hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", help="DiT width (default 192)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="DiT blocks (default 6)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="DiT attention heads (default 6)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128)."),
+    time_scheme: Optional[str] = typer.Option(None, "--time-scheme", help="uniform | logit_normal (default)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre crop in px the model works at (multiple of 8; default 64)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ):
     """Train (or resume) an image assay ensemble."""
@@ -71,15 +71,22 @@ def train(
     try:
         crops = load_crops(data)
         base = ImageAssayConfig()
-        flow = replace(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
-                       time_scheme=time_scheme, dit=replace(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads))
-        config = replace(base, n_members=members, seed=seed, image_size=image_size, exclude_plates=tuple(exclude_plate),
-                         exclude_doses_um=tuple(float(d) for d in exclude_dose), flow=flow,
-                         autoencoder=replace(base.autoencoder, max_minutes=ae_minutes, max_steps=ae_steps))
+        dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads)
+        flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
+                         time_scheme=time_scheme)
+        config = replace(_override(base, image_size=image_size), n_members=members, seed=seed,
+                         exclude_plates=tuple(exclude_plate), exclude_doses_um=tuple(float(d) for d in exclude_dose),
+                         flow=replace(flow, dit=dit),
+                         autoencoder=_override(base.autoencoder, max_minutes=ae_minutes, max_steps=ae_steps))
         assay = train_image_assay(crops, out, config, executor=executor, ray_address=ray_address, source=str(data))
     except (CropsError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"trained image assay {assay.version} ({assay.n_members} member(s)) in {out}")
+
+
+def _override(config, **values):
+    """``config`` with the options the user gave (``None`` = keep the config's default)."""
+    return replace(config, **{k: v for k, v in values.items() if v is not None})
 
 
 def _controls(assay, controls: str, plate: Optional[str]):

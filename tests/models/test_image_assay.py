@@ -2,6 +2,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -42,7 +43,7 @@ def tiny_config(**kw) -> ImageAssayConfig:
     cfg = replace(
         base, n_members=2,
         autoencoder=replace(base.autoencoder, base_channels=8, latent_channels=4, batch_size=8, max_steps=3),
-        flow=replace(base.flow, batch_size=8, block_size=4, control_set_size=4, max_steps=3, n_steps=2,
+        flow=replace(base.flow, mode="noise", batch_size=8, block_size=4, control_set_size=4, max_steps=3, n_steps=2,
                      checkpoint_every=2, dit=DiTConfig(hidden_dim=16, depth=2, n_heads=2)),
     )
     return replace(cfg, **kw)
@@ -185,6 +186,13 @@ def test_cli_train_tiny(tmp_path):
         "--batch-size", "32", "--image-size", "16"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m" / "member_000" / "model.pt").is_file()
+    saved = ImageAssayConfig.from_dict(json.loads((tmp_path / "m" / "assay.json").read_text())["config"])
+    default = ImageAssayConfig()
+    # options given on the command line override; the rest are the config's defaults
+    assert (saved.flow.max_steps, saved.flow.dit.hidden_dim, saved.image_size) == (2, 16, 16)
+    assert (saved.flow.mode, saved.flow.max_minutes, saved.flow.time_scheme) == (
+        default.flow.mode, default.flow.max_minutes, default.flow.time_scheme)
+    assert saved.autoencoder.max_minutes == default.autoencoder.max_minutes
     res = CliRunner().invoke(assay_app, ["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")])
     assert res.exit_code == 1 and "nothing" in res.output
 
@@ -204,6 +212,22 @@ def test_interrupted_member_resumes_with_larger_budget(tmp_path):
     (member / "config.json").write_text(json.dumps(ident))
     with pytest.raises(ValueError, match="different member"):
         train_image_assay(crops, tmp_path, longer)
+
+
+def test_disagreement_uses_common_random_numbers(trained):
+    """Two copies of the same member disagree by exactly 0 (no Monte-Carlo noise); a member whose
+    output layer is perturbed disagrees by more."""
+    from models.image_eval import member_disagreement
+
+    out, crops, _ = trained
+    twins = ImageAssay.load(out, members=[0, 0])
+    fp = twins.training_fingerprint("cyclohexamide")
+    controls = twins.plate_controls("P1")
+    assert member_disagreement(twins, fp, 15.0, controls, n_cells=6, seed=0) == 0.0
+    other = ImageAssay.load(out, members=[0, 0])
+    with torch.no_grad():
+        other.members[1].final.bias.add_(torch.linspace(-2.0, 2.0, other.members[1].final.bias.numel()))
+    assert member_disagreement(other, fp, 15.0, controls, n_cells=6, seed=0) > 0.0
 
 
 def test_unknown_plate_uses_unknown_plate_condition(trained):

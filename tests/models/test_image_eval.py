@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from models.image_eval import (
-    channel_scale, compare, fid, inception_features, inception_weights_path, kid, morph_standardisation,
-    save_montage, to_rgb, FeatureSets,
+    MORPH_CLIP_SD, channel_scale, compare, fid, inception_features, inception_weights_path, kid, morph_standardisation,
+    save_montage, standardise_morph, to_rgb, FeatureSets,
 )
 
 
@@ -64,6 +64,22 @@ def test_compare_uses_standardised_morph_features():
     m = compare(same, real, mean, std)
     assert set(m) == {"fid_inception", "kid_inception", "fid_morph", "kid_morph"}
     assert m["fid_morph"] < 0.5  # standardised: scale 100 does not inflate it
+
+
+def test_one_broken_cell_does_not_decide_fid_morph():
+    rng = np.random.default_rng(3)
+    real = FeatureSets(np.zeros((300, 0)), rng.normal(size=(300, 4)))
+    gen = rng.normal(size=(300, 4))
+    mean, std = morph_standardisation(real.morph)
+    clean = compare(FeatureSets(np.zeros((300, 0)), gen), real, mean, std)["fid_morph"]
+    gen[0, 2] = 500.0  # one segmentation failure, 500 sd out
+    broken = compare(FeatureSets(np.zeros((300, 0)), gen), real, mean, std)["fid_morph"]
+    unclipped = fid((gen - mean) / std, (real.morph - mean) / std)
+    assert unclipped > 500  # what one cell did before clipping
+    # clipped at 10 sd the cell adds at most about (10^2 + 10^2/300) / 300 ~ 0.7 to the trace terms
+    assert broken - clean < 1.0
+    z = standardise_morph(np.array([[1e6, -1e6, 0.5]]), np.zeros(3), np.ones(3))
+    assert z.tolist() == [[MORPH_CLIP_SD, -MORPH_CLIP_SD, 0.5]]
 
 
 def test_save_montage(tmp_path):
