@@ -142,6 +142,19 @@ def train(
     out.print(f"model version {ensemble.version}: {ensemble.n_members} members")
 
 
+@app.command("use-assay")
+def use_assay(
+    model_dir: Path = typer.Argument(..., help="A trained image assay folder (`loop assay train --out ...`)."),
+):
+    """Make a trained image assay the campaign's virtual assay (`loop train` makes a feature one current again)."""
+    from loop.train import register_image_assay
+
+    with _cli_errors():
+        campaign = _open()
+        assay = register_image_assay(campaign, model_dir)
+    out.print(f"virtual assay is now image assay {assay.version} ({assay.n_members} members, {model_dir})")
+
+
 @app.command()
 def propose(
     budget: int = typer.Option(384, "--budget", help="Wells to fill, controls included."),

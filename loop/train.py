@@ -1,10 +1,17 @@
-"""``loop train``: (re)train the campaign's virtual assay on everything ingested."""
+"""``loop train``: (re)train the campaign's virtual assay on everything ingested.
+
+The campaign's *current* virtual assay is the model version registered or used last: a feature
+ensemble trained here (``kind='feature'``), or an image assay trained with ``loop assay train``
+on crops and made current with ``loop use-assay MODEL_DIR`` (``kind='image'``). Both implement
+``models.virtual_assay.VirtualAssay``, so ``propose`` works the same with either.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +25,7 @@ from loop.library import load_compounds
 from models.config import FeatureAssayConfig, config_hash
 from models.ensemble import FeatureAssayEnsemble, load_ensemble, train_ensemble
 from models.training_data import FeatureTrainingSet
+from models.virtual_assay import VirtualAssay
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,7 @@ def train_assay(
         existing = session.exec(select(store.ModelVersion).where(store.ModelVersion.version == version)).first()
     if existing is not None:
         log.info("virtual assay %s was already trained on exactly these data and options; reusing it", version)
+        _make_current(campaign, existing.version)
         return load_ensemble(campaign.absolute(existing.path))
     out_dir = campaign.models_dir / version  # an interrupted run resumes from its checkpoints
     ensemble = train_ensemble(train_set, config, out_dir, executor=executor, ray_address=ray_address)
@@ -93,7 +102,57 @@ def train_assay(
     return ensemble
 
 
-def latest_model(campaign: Campaign) -> FeatureAssayEnsemble | None:
+def register_image_assay(campaign: Campaign, model_dir: str | Path) -> VirtualAssay:
+    """Make a trained image assay folder (``loop assay train``) the campaign's current virtual assay.
+
+    The folder stays where it is (its path is recorded: relative when inside the campaign, else
+    absolute). Registering the same version again makes it current again. Raises
+    FileNotFoundError naming the folder when it holds no trained image assay."""
+    from models.image_assay import ImageAssay
+
+    model_dir = Path(model_dir).resolve()
+    assay = ImageAssay.load(model_dir)
     with campaign.session() as session:
-        row = session.exec(select(store.ModelVersion).order_by(store.ModelVersion.id.desc())).first()
-    return None if row is None else load_ensemble(campaign.absolute(row.path))
+        existing = session.exec(select(store.ModelVersion).where(store.ModelVersion.version == assay.version)).first()
+        if existing is not None and existing.kind != "image":
+            raise ValueError(f"{model_dir}: version {assay.version} is already registered as a {existing.kind} model")
+        if existing is None:
+            session.add(store.ModelVersion(
+                version=assay.version, kind="image", path=campaign.relative(model_dir), n_members=assay.n_members,
+                n_training_cells=int(assay.meta.get("n_train_cells", 0)),
+                data_fingerprint=str(assay.meta.get("data_fingerprint", "")),
+                config_json=json.dumps(assay.config.to_dict()),
+            ))
+            session.commit()
+    _make_current(campaign, assay.version)
+    log.info("image assay %s (%d members, %s) is now the campaign's virtual assay", assay.version, assay.n_members,
+             model_dir)
+    return assay
+
+
+def _make_current(campaign: Campaign, version: str) -> None:
+    with campaign.session() as session:
+        row = session.exec(select(store.ModelVersion).where(store.ModelVersion.version == version)).one()
+        row.created_at = store.utcnow()
+        session.add(row)
+        session.commit()
+
+
+def load_model(campaign: Campaign, row: store.ModelVersion) -> VirtualAssay:
+    """The virtual assay of a registered model version (feature ensemble or image assay)."""
+    path = campaign.absolute(row.path)
+    if row.kind == "image":
+        from models.image_assay import ImageAssay
+
+        return ImageAssay.load(path)
+    if row.kind != "feature":
+        raise ValueError(f"model version {row.version}: unknown kind {row.kind!r}")
+    return load_ensemble(path)
+
+
+def latest_model(campaign: Campaign) -> VirtualAssay | None:
+    """The current virtual assay: the version registered or (re)used last; None before any."""
+    with campaign.session() as session:
+        row = session.exec(select(store.ModelVersion).order_by(store.ModelVersion.created_at.desc(),
+                                                                store.ModelVersion.id.desc())).first()
+    return None if row is None else load_model(campaign, row)

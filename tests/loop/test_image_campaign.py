@@ -1,0 +1,55 @@
+"""A campaign can use an image assay (``loop use-assay``) as its virtual assay."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loop.campaign import Campaign, CampaignConfig
+from loop.cli import app
+from loop.library import add_library_file
+from loop.propose import propose
+from loop.status import campaign_status
+from loop.train import latest_model, register_image_assay
+from models.image_assay import ImageAssay, train_image_assay
+
+from image_helpers import tiny_config, tiny_crops
+
+SMILES = ["CCO", "CCN", "CCCl", "c1ccccc1O", "c1ccccc1N", "CC(=O)O", "CCOC(=O)C", "C1CCCCC1N", "OCCO", "NCCN"]
+
+
+@pytest.fixture(scope="module")
+def image_campaign(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image_campaign")
+    model_dir = root / "image_model"
+    train_image_assay(tiny_crops(), model_dir, tiny_config(exclude_plates=("P2",)))
+    campaign = Campaign.init(root / "campaign", CampaignConfig(seed=3, funnel={"n_cells": 4}))
+    library = root / "library.csv"
+    library.write_text("smiles,compound_id\n" + "".join(f"{s},cmp{i}\n" for i, s in enumerate(SMILES)))
+    add_library_file(campaign, library)
+    return campaign, model_dir
+
+
+def test_registered_image_assay_drives_propose(image_campaign):
+    campaign, model_dir = image_campaign
+    assert latest_model(campaign) is None
+    assay = register_image_assay(campaign, model_dir)
+    current = latest_model(campaign)
+    assert isinstance(current, ImageAssay) and current.version == assay.version
+    assert campaign_status(campaign)["latest_model"] == assay.version
+    proposal = propose(campaign, 40)
+    assert proposal.model_version == assay.version and proposal.n_treatments >= 1
+    config = json.loads((proposal.out_dir / "round_config.json").read_text())
+    assert config["model_version"] == assay.version
+    again = register_image_assay(campaign, model_dir)  # idempotent: still one version row
+    assert again.version == assay.version and campaign_status(campaign)["model_versions"] == 1
+
+
+def test_use_assay_cli_names_a_folder_without_a_model(image_campaign, tmp_path):
+    campaign, model_dir = image_campaign
+    runner = CliRunner()
+    res = runner.invoke(app, ["--campaign", str(campaign.root), "use-assay", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "nope" in res.output
+    res = runner.invoke(app, ["--campaign", str(campaign.root), "use-assay", str(model_dir)])
+    assert res.exit_code == 0, res.output
+    assert "image assay" in res.output
