@@ -512,8 +512,9 @@ class ImageAssay:
     def predict_profiles(self, fingerprints: np.ndarray, dose_um: np.ndarray, *, n_cells: int = 32, seed: int = 0,
                          plate_id: str | None = None, batch_size: int = 256) -> np.ndarray:
         """Per-member profiles ``float32 K x N x F`` (F = morphology features), normalised to each member's
-        generated DMSO cells on the same plate. Each compound's cells come from a seed derived from
-        (seed, member, compound index), so results do not depend on ``batch_size``."""
+        generated DMSO cells on the same plate. Every compound of a member starts from the same source
+        draws (common random numbers, as the feature assay does): differences between compounds reflect
+        the model, and a compound's profile does not depend on the other rows or on ``batch_size``."""
         fps = check_fingerprints(fingerprints)
         doses = check_doses(dose_um, len(fps))
         if n_cells < 2 or batch_size < 1:
@@ -524,7 +525,7 @@ class ImageAssay:
             ctrl = torch.from_numpy(self.featurize(self.generate(k, None, 1.0, z_ctrl, n_cells, derive_seed(seed, k, "dmso"))))
             mean, std = ctrl.double().mean(0), ctrl.double().std(0, unbiased=False)
             for i in range(len(fps)):
-                cells = self.featurize(self.generate(k, fps[i], float(doses[i]), z_ctrl, n_cells, derive_seed(seed, k, i)))
+                cells = self.featurize(self.generate(k, fps[i], float(doses[i]), z_ctrl, n_cells, derive_seed(seed, k, "cells")))
                 prof = profiles_from_cells(torch.from_numpy(cells).double()[None], mean, std)
                 out[k, i] = prof[0].float().numpy()
         return out

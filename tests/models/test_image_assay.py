@@ -59,6 +59,9 @@ def test_predict_profiles_protocol(trained):
     q = assay.predict_profiles(fps, np.array([5.0, 50.0]), n_cells=4, seed=1, plate_id="P1", batch_size=2)
     assert p.shape == (2, 2, len(assay.feature_names)) and p.dtype == np.float32
     assert np.array_equal(p, q) and np.isfinite(p).all()
+    # a compound's profile does not depend on the other rows of the call (as the prediction cache needs)
+    alone = assay.predict_profiles(fps[1:], np.array([50.0]), n_cells=4, seed=1, plate_id="P1")
+    assert np.array_equal(alone[:, 0], p[:, 1])
     cells = assay.predict_cells(fps[0], 5.0, n_cells=3, seed=0, plate_id="P1")
     assert cells.shape == (2, 3, 16, 16, 3) and cells.dtype == np.float32
     with pytest.raises(ValueError, match="packed"):
