@@ -138,7 +138,7 @@ def bench_sampling(model: ImageDiT, ae: ImageAutoencoder, latent_norm: LatentNor
             x_0 = source_latents(mode, n_cells, shape, z_ctrl, torch.Generator().manual_seed(0)).to(device)
             z = sample_latents(model, cond, x_0, n_steps=steps, sampler=sampler)
             with torch.no_grad():
-                norm.denormalize(decode_all(ae, latent_norm.invert(z.cpu())))
+                norm.denormalize(decode_all(ae, latent_norm.invert(z)))
 
         sec = time_steps(run, repeats, n_warmup=1, device=device)
         out[f"{sampler}_{steps}"] = {"n_cells": n_cells, "seconds": sec, "cells_per_s": n_cells / sec}

@@ -13,8 +13,8 @@ def campaign_status(campaign: Campaign) -> dict:
     """Counts of rounds, plates (pending / returned), compounds, measurements, model versions and hits."""
     S = store
     with campaign.session() as session:
-        latest = session.exec(select(S.ModelVersion.version).order_by(S.ModelVersion.created_at.desc(),
-                                                                      S.ModelVersion.id.desc())).first()
+        current = store.current_model_version(session)
+        latest = None if current is None else current.version
         hit_compounds = set(session.exec(select(S.Measurement.compound_id).where(S.Measurement.is_hit)).all())
         measured_compounds = set(session.exec(select(S.Measurement.compound_id).where(
             S.Measurement.role == WellRole.treatment.value)).all())

@@ -43,6 +43,7 @@ class Round(SQLModel, table=True):
     model_version: Optional[str] = None
     out_dir: str = ""
     config_json: str = "{}"
+    # When the version was trained or last made current (re-registered or reused); the newest is current.
     created_at: dt.datetime = Field(default_factory=utcnow)
 
 
@@ -134,6 +135,11 @@ def bulk_insert(session: Session, model: type[SQLModel], rows: Iterable[dict[str
     for start in range(0, len(rows), BULK_CHUNK_ROWS):
         session.execute(insert(table), rows[start : start + BULK_CHUNK_ROWS])
     return len(rows)
+
+
+def current_model_version(session: Session) -> "ModelVersion | None":
+    """The campaign's current virtual assay: the version trained or made current last."""
+    return session.exec(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())).first()
 
 
 def count(session: Session, model: type[SQLModel], *where) -> int:

@@ -123,8 +123,10 @@ def register_image_assay(campaign: Campaign, model_dir: str | Path) -> VirtualAs
                 data_fingerprint=str(assay.meta.get("data_fingerprint", "")),
                 config_json=json.dumps(assay.config.to_dict()),
             ))
-            session.commit()
-    _make_current(campaign, assay.version)
+        else:
+            existing.created_at = store.utcnow()  # current again
+            session.add(existing)
+        session.commit()
     log.info("image assay %s (%d members, %s) is now the campaign's virtual assay", assay.version, assay.n_members,
              model_dir)
     return assay
@@ -153,6 +155,5 @@ def load_model(campaign: Campaign, row: store.ModelVersion) -> VirtualAssay:
 def latest_model(campaign: Campaign) -> VirtualAssay | None:
     """The current virtual assay: the version registered or (re)used last; None before any."""
     with campaign.session() as session:
-        row = session.exec(select(store.ModelVersion).order_by(store.ModelVersion.created_at.desc(),
-                                                                store.ModelVersion.id.desc())).first()
+        row = store.current_model_version(session)
     return None if row is None else load_model(campaign, row)

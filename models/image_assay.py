@@ -144,14 +144,14 @@ class LatentNorm:
         return LatentNorm(tuple(zz.mean(1).tolist()), tuple(zz.std(1).clamp_min(1e-6).tolist()))
 
     def apply(self, z: Tensor) -> Tensor:
-        return (z - self._t(self.mean)) / self._t(self.std)
+        return (z - self._t(self.mean, z)) / self._t(self.std, z)
 
     def invert(self, z: Tensor) -> Tensor:
-        return z * self._t(self.std) + self._t(self.mean)
+        return z * self._t(self.std, z) + self._t(self.mean, z)
 
     @staticmethod
-    def _t(v: Sequence[float]) -> Tensor:
-        return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+    def _t(v: Sequence[float], like: Tensor) -> Tensor:
+        return torch.tensor(v, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
 
 
 def _latent_data(z: Tensor, crops: CropSet, compounds: list[str], fps_packed: np.ndarray) -> LatentData:

@@ -85,6 +85,8 @@ class FlowConfig:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of block_size {self.block_size}")
         if self.sampler not in ("euler", "heun"):
             raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
+        if self.time_scheme not in ("uniform", "logit_normal"):
+            raise ValueError(f"time_scheme must be 'uniform' or 'logit_normal', got {self.time_scheme!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -119,4 +119,6 @@ def test_config_validation():
         FlowConfig(mode="pixels")
     with pytest.raises(ValueError, match="multiple of block_size"):
         FlowConfig(batch_size=10, block_size=4)
+    with pytest.raises(ValueError, match="time_scheme"):
+        FlowConfig(time_scheme="cosine")  # refused before any training, not at the first flow step
     assert FlowConfig.from_dict(CFG.to_dict()) == CFG
