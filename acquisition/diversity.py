@@ -25,9 +25,16 @@ penalty).  The gain has two phases:
    would be zero for everything here, so the penalty could not trade quality against
    structure; the single-point value can (a penalised top-k, "local penalisation").
 
+Phenotype penalty (optional): with predicted profiles ``p_i`` (``N x F``, member mean, in
+control-normalised units) the score is further multiplied by ``max(0, 1 - mu * c_i)``, with
+``c_i = max(0, max_{j in S ∪ pending} cos(p_i, p_j))`` and ``mu = phenotype_penalty`` in
+``[0, 1]``: once a batch holds candidates predicted to shift cells one way, candidates
+predicted to shift them the same way yield to those predicted to do something else, so a
+batch spreads over predicted phenotypes as well as over chemotypes.
+
 ``thompson``: ``gain_i`` = pick ``t``'s member value minus its eligible minimum.
-The penalty factor is at most 1, so at each pick only the top candidates by gain need
-Tanimoto similarities: scoring stops once the best score reaches the largest gain not
+The penalty factors are at most 1, so at each pick only the top candidates by gain need
+similarities: scoring stops once the best score reaches the largest gain not
 yet scored (lazy evaluation, exact for the stated score).
 
 ``maxmin_select`` — cold start without a model: seeded random first pick, then
@@ -323,6 +330,8 @@ def penalized_greedy_select(
     max_per_scaffold: int | None = None,
     seed: int = 0,
     shortlist: int = 64,
+    profiles: np.ndarray | None = None,
+    phenotype_penalty: float = 0.0,
 ) -> PenalizedSelection:
     """Greedy batch maximising ``gain * (1 - lambda * max Tanimoto to picks)``.
 
@@ -341,6 +350,8 @@ def penalized_greedy_select(
         max_per_scaffold: cap on picks (+ pending + selected) per scaffold.
         seed: member order for ``thompson``.
         shortlist: initial number of top-gain candidates scored per pick.
+        profiles: ``N x F`` predicted profiles (member mean), for ``phenotype_penalty``.
+        phenotype_penalty: ``mu`` in ``[0, 1]``; needs ``profiles`` when > 0.
 
     Returns:
         ``PenalizedSelection`` (indices in pick order, scores, gains, similarities,
@@ -350,8 +361,14 @@ def penalized_greedy_select(
         raise ValueError(f"penalized greedy supports {MAX_TYPE_ACQUISITIONS + ('thompson',)}, got {acqf!r}")
     if not 0.0 <= diversity_penalty <= 1.0:
         raise ValueError(f"diversity_penalty must be in [0, 1], got {diversity_penalty}")
+    if not 0.0 <= phenotype_penalty <= 1.0:
+        raise ValueError(f"phenotype_penalty must be in [0, 1], got {phenotype_penalty}")
     n = values.shape[1]
     fps = check_fingerprints(fingerprints, n)
+    if phenotype_penalty > 0 and profiles is None:
+        raise ValueError("phenotype_penalty > 0 needs predicted profiles (N x F)")
+    if profiles is not None and len(profiles) != n:
+        raise ValueError(f"profiles have {len(profiles)} rows, expected {n}")
     pending = np.zeros(0, dtype=np.int64) if pending is None else np.asarray(pending, dtype=np.int64)
     selected = [int(i) for i in selected]
     eligible_np = np.ones(n, dtype=bool) if eligible is None else np.array(eligible, dtype=bool)
@@ -362,18 +379,21 @@ def penalized_greedy_select(
     eligible_t = torch.as_tensor(eligible_np, device=values.device)
     n_left = int(eligible_np.sum())
     scorer = _Scorer(values, acqf, params or {}, pending, seed, q, eligible_t)
-    similarity = _SimilarityCache(fps, [*pending.tolist(), *selected])  # penalty reference set
+    anchors = [*pending.tolist(), *selected]  # penalty reference set
+    penalties = [(_SimilarityCache(fps, anchors), diversity_penalty)]
+    if phenotype_penalty > 0:
+        penalties.append((_CosineCache(profiles, anchors), phenotype_penalty))
     picks, scores, gains_out, sims_out = [], [], [], []
     n_joint = 0
     while len(picks) < q and n_left > 0:
-        best, score, gain, sim = _best_penalized(scorer, eligible_t, similarity,
-                                                 diversity_penalty, shortlist)
+        best, score, gain, sim = _best_penalized(scorer, eligible_t, penalties, shortlist)
         n_joint += int(acqf != "thompson" and not scorer.saturated)
         picks.append(best)
         scores.append(score)
         gains_out.append(gain)
         sims_out.append(sim)
-        similarity.add_anchor(best)
+        for cache, _ in penalties:
+            cache.add_anchor(best)
         scorer.add(best)
         eligible_t[best] = False
         n_left -= 1
@@ -391,53 +411,88 @@ def penalized_greedy_select(
     )
 
 
-class _SimilarityCache:
-    """Max Tanimoto of candidates to the growing anchor list, updated incrementally.
+class _AnchorCache:
+    """Max similarity of candidates to a growing anchor list, updated incrementally.
 
     ``max_sim[i]`` covers ``anchors[:n_seen[i]]``; a candidate is only compared with
     anchors added since it was last scored, so each (candidate, anchor) pair costs once.
+    Subclasses define ``_to_set(group, anchor_idx)``: max similarity of each of ``group``
+    to the anchors ``anchor_idx``.
     """
 
-    def __init__(self, fps: np.ndarray, anchors: list[int]) -> None:
-        self.fps = fps
-        self.counts = popcount_rows(fps)
+    def __init__(self, n: int, anchors: list[int]) -> None:
         self.anchors = list(anchors)
-        self.max_sim = np.zeros(len(fps), dtype=np.float32)
-        self.n_seen = np.zeros(len(fps), dtype=np.int64)
+        self.max_sim = np.zeros(n, dtype=np.float32)
+        self.n_seen = np.zeros(n, dtype=np.int64)
 
     def add_anchor(self, index: int) -> None:
         self.anchors.append(index)
 
     def similarity(self, indices: np.ndarray) -> np.ndarray:
-        """``float32 len(indices)``: max Tanimoto of each candidate to all anchors."""
+        """``float32 len(indices)``: max similarity of each candidate to all anchors."""
         n_anchors = len(self.anchors)
         stale = indices[self.n_seen[indices] < n_anchors]
         for start in np.unique(self.n_seen[stale]):
             group = stale[self.n_seen[stale] == start]
-            anchor_idx = np.asarray(self.anchors[start:], dtype=np.int64)
-            sims = tanimoto_to_set(self.fps[group], self.fps[anchor_idx], counts=self.counts[group])
+            sims = self._to_set(group, np.asarray(self.anchors[start:], dtype=np.int64))
             self.max_sim[group] = np.maximum(self.max_sim[group], sims)
             self.n_seen[group] = n_anchors
         return self.max_sim[indices]
 
+    def _to_set(self, group: np.ndarray, anchor_idx: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
-def _best_penalized(scorer: _Scorer, eligible: Tensor, similarity: _SimilarityCache,
-                    penalty: float, shortlist: int) -> tuple[int, float, float, float]:
+
+class _SimilarityCache(_AnchorCache):
+    """Max Tanimoto of fingerprints to the anchors."""
+
+    def __init__(self, fps: np.ndarray, anchors: list[int]) -> None:
+        super().__init__(len(fps), anchors)
+        self.fps = fps
+        self.counts = popcount_rows(fps)
+
+    def _to_set(self, group: np.ndarray, anchor_idx: np.ndarray) -> np.ndarray:
+        return tanimoto_to_set(self.fps[group], self.fps[anchor_idx], counts=self.counts[group])
+
+
+class _CosineCache(_AnchorCache):
+    """Max cosine similarity (clipped at 0) of predicted profiles to the anchors'."""
+
+    def __init__(self, profiles: np.ndarray, anchors: list[int]) -> None:
+        profiles = np.asarray(profiles, dtype=np.float32)
+        if profiles.ndim != 2 or not np.isfinite(profiles).all():
+            raise ValueError(f"profiles must be a finite N x F array, got shape {profiles.shape}")
+        super().__init__(len(profiles), anchors)
+        self.unit = profiles / np.maximum(np.linalg.norm(profiles, axis=1, keepdims=True), 1e-12)
+
+    def _to_set(self, group: np.ndarray, anchor_idx: np.ndarray) -> np.ndarray:
+        return np.clip((self.unit[group] @ self.unit[anchor_idx].T).max(axis=1), 0.0, 1.0)
+
+
+def _best_penalized(scorer: _Scorer, eligible: Tensor, penalties: list[tuple[_AnchorCache, float]],
+                    shortlist: int) -> tuple[int, float, float, float]:
     """Lazy evaluation: score top-gain candidates until no unscored one can win.
 
     Unscored candidates have gain <= the smallest scored gain (``bound``) and penalty
-    factor <= 1, so once the best score reaches ``bound`` the winner is final.
+    factors <= 1, so once the best score reaches ``bound`` the winner is final. Returns
+    the winner, its score, gain and max Tanimoto to the anchors.
     """
     size = shortlist
     while True:
         top_idx, top_gains, bound = scorer.top(size, eligible)
-        sims = similarity.similarity(top_idx) if penalty > 0 else np.zeros(len(top_idx), np.float32)
-        scores = top_gains * np.clip(1.0 - penalty * sims, 0.0, None)
+        factor = np.ones(len(top_idx))
+        tanimoto = np.zeros(len(top_idx), np.float32)
+        for k, (cache, penalty) in enumerate(penalties):
+            if penalty > 0:
+                sims = cache.similarity(top_idx)
+                factor = factor * np.clip(1.0 - penalty * sims, 0.0, None)
+                tanimoto = sims if k == 0 else tanimoto
+        scores = top_gains * factor
         best_score = scores.max()
         winner = int(np.min(top_idx[scores == best_score]))  # ties -> lowest index
         pos = int(np.flatnonzero(top_idx == winner)[0])
         if best_score >= bound:
-            return winner, float(best_score), float(top_gains[pos]), float(sims[pos])
+            return winner, float(best_score), float(top_gains[pos]), float(tanimoto[pos])
         size *= 4
 
 

@@ -8,8 +8,9 @@ fingerprints, and returns exactly ``q`` distinct candidate indices, never measur
 1. exploitation, ``q - round(exploration_fraction * q)`` picks: the configured
    acquisition's marginal joint gain until the joint value saturates (about ``K``
    picks), then its single-point value, multiplied by the Tanimoto penalty
-   ``1 - diversity_penalty * max_sim`` to earlier picks and pending compounds
-   (``acquisition.diversity.penalized_greedy_select``);
+   ``1 - diversity_penalty * max_sim`` to earlier picks and pending compounds and, given
+   predicted profiles, by ``1 - phenotype_penalty * max_cos`` (cosine of predicted
+   profiles; ``acquisition.diversity.penalized_greedy_select``);
 2. exploration, the rest: member disagreement (``qPosteriorStandardDeviation``) with
    the same penalty, or MaxMin (``exploration_method='maxmin'``; also used when
    ``K == 1``, where members cannot disagree).
@@ -19,7 +20,8 @@ acquisition saturates) are exactly those of ``acquisition.greedy.greedy_select``
 BoTorch's ``optimize_acqf_discrete``.  ``qLogEI`` uses the ``qEI`` gains here (same
 improvement utility; the smoothing only matters for gradients).
 
-``select_cold_start`` (no model yet) is MaxMin on fingerprints.
+``select_cold_start`` (no model yet) picks a representative subset of the library
+(``acquisition.coverage``: greedy facility location on Tanimoto similarity), or MaxMin.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from acquisition.coverage import coverage_select
 from acquisition.diversity import (
     check_fingerprints,
     maxmin_select,
@@ -40,12 +43,13 @@ from acquisition.diversity import (
 )
 from acquisition.greedy import as_bool_mask, as_index_array, as_member_values
 
-__all__ = ["SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "select_batch", "select_cold_start"]
+__all__ = ["COLD_START_METHODS", "SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "select_batch", "select_cold_start"]
 
 logger = logging.getLogger(__name__)
 
 SELECTION_ACQUISITIONS = ("qUCB", "qEI", "qLogEI", "qPosteriorStandardDeviation", "thompson", "mean")
 _EXPLORATION_METHODS = ("std", "maxmin")
+COLD_START_METHODS = ("coverage", "maxmin")
 
 
 @dataclass(frozen=True)
@@ -56,18 +60,24 @@ class SelectionConfig:
         acquisition: one of ``SELECTION_ACQUISITIONS``.
         beta: qUCB exploration weight (``mu + sqrt(beta pi / 2) E|y - mu|``).
         diversity_penalty: Tanimoto penalty ``lambda`` in ``[0, 1]``.
+        phenotype_penalty: predicted-profile cosine penalty ``mu`` in ``[0, 1]`` (used
+            when ``select_batch`` gets ``profiles``).
         exploration_fraction: share of the batch picked for exploration, ``[0, 1]``.
         exploration_method: ``'std'`` (member disagreement) or ``'maxmin'``.
         max_per_scaffold: cap on picks per scaffold id (None: no cap).
+        cold_start_method: batch without a model (``select_cold_start``): one of
+            ``COLD_START_METHODS``.
         seed: seeds Thompson member order and MaxMin's first pick.
     """
 
     acquisition: str = "qUCB"
     beta: float = 2.0
     diversity_penalty: float = 0.5
+    phenotype_penalty: float = 0.0
     exploration_fraction: float = 0.1
     exploration_method: str = "std"
     max_per_scaffold: int | None = None
+    cold_start_method: str = "coverage"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,11 +88,16 @@ class SelectionConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not 0.0 <= self.diversity_penalty <= 1.0:
             raise ValueError(f"diversity_penalty must be in [0, 1], got {self.diversity_penalty}")
+        if not 0.0 <= self.phenotype_penalty <= 1.0:
+            raise ValueError(f"phenotype_penalty must be in [0, 1], got {self.phenotype_penalty}")
         if not 0.0 <= self.exploration_fraction <= 1.0:
             raise ValueError(f"exploration_fraction must be in [0, 1], got {self.exploration_fraction}")
         if self.exploration_method not in _EXPLORATION_METHODS:
             raise ValueError(f"exploration_method must be one of {_EXPLORATION_METHODS}, "
                              f"got {self.exploration_method!r}")
+        if self.cold_start_method not in COLD_START_METHODS:
+            raise ValueError(f"cold_start_method must be one of {COLD_START_METHODS}, "
+                             f"got {self.cold_start_method!r}")
         if self.max_per_scaffold is not None and self.max_per_scaffold < 1:
             raise ValueError(f"max_per_scaffold must be >= 1 or None, got {self.max_per_scaffold}")
 
@@ -134,6 +149,7 @@ def select_batch(
     pending: np.ndarray | None = None,
     scaffold_ids: np.ndarray | None = None,
     best_f: float | None = None,
+    profiles: np.ndarray | Tensor | None = None,
 ) -> Selection:
     """Select ``q`` diverse candidates by acquisition over ensemble members.
 
@@ -146,6 +162,8 @@ def select_batch(
         pending: indices in flight (never picked; condition the acquisition).
         scaffold_ids: ``N`` integer scaffold ids, for ``config.max_per_scaffold``.
         best_f: best observed objective (qEI, qLogEI).
+        profiles: ``K x N x F`` (or ``N x F``) predicted profiles; their member mean
+            feeds ``config.phenotype_penalty`` (without them that penalty is off).
 
     Returns:
         ``Selection``: ``indices`` int64 ``(q,)`` distinct (fewer, with a warning, if
@@ -169,9 +187,11 @@ def select_batch(
     eligible[pending] = False
     n_eligible = int(eligible.sum())
     n_explore = int(round(config.exploration_fraction * q))
+    mean_profiles = _mean_profiles(profiles, n_members, n)
+    phenotype_penalty = config.phenotype_penalty if mean_profiles is not None else 0.0
     common = dict(diversity_penalty=config.diversity_penalty, pending=pending,
                   scaffold_ids=scaffold_ids, max_per_scaffold=config.max_per_scaffold,
-                  seed=config.seed)
+                  seed=config.seed, profiles=mean_profiles, phenotype_penalty=phenotype_penalty)
 
     exploit = penalized_greedy_select(values, fps, q - n_explore, acqf, params,
                                       eligible=eligible, **common)
@@ -208,10 +228,25 @@ def select_batch(
         "n_joint_exploit": exploit.n_joint,
         "phase": ["exploit"] * n_exploit + ["explore"] * (len(indices) - n_exploit),
         "mean_pairwise_tanimoto": _mean_pairwise_similarity(fps[indices]),
+        "phenotype_penalty_applied": phenotype_penalty,
         "config": config.to_dict(),
     }
     return Selection(indices=indices, acq_values=np.asarray(scores, dtype=np.float64),
                      diagnostics=diagnostics)
+
+
+def _mean_profiles(profiles: np.ndarray | Tensor | None, n_members: int, n: int) -> np.ndarray | None:
+    """Member-mean predicted profiles ``N x F`` from ``K x N x F`` or ``N x F`` (None: none)."""
+    if profiles is None:
+        return None
+    profiles = np.asarray(profiles.detach().cpu() if isinstance(profiles, Tensor) else profiles, dtype=np.float32)
+    if profiles.ndim == 3 and profiles.shape[:2] == (n_members, n):
+        profiles = profiles.mean(axis=0)
+    if profiles.ndim != 2 or profiles.shape[0] != n or profiles.shape[1] == 0:
+        raise ValueError(f"profiles must be K x N x F ({n_members} x {n} x F) or N x F, got {profiles.shape}")
+    if not np.isfinite(profiles).all():
+        raise ValueError("profiles must be finite")
+    return profiles
 
 
 def _capped_maxmin(fps: np.ndarray, q: int, seed: int, blocked: np.ndarray,
@@ -247,22 +282,35 @@ def select_cold_start(
     seed: int,
     exclude: np.ndarray | None = None,
     priority: np.ndarray | None = None,
+    method: str = "coverage",
 ) -> Selection:
-    """Cold start (no model): MaxMin-diverse batch of ``q`` on Tanimoto distance.
+    """Cold start (no model): a representative (``coverage``) or spread-out (``maxmin``) batch.
+
+    ``coverage`` (default) is greedy facility location (``acquisition.coverage``): the
+    picks that best cover the library by Tanimoto similarity, with the excluded (measured
+    or in-flight) compounds counted as covered. ``maxmin`` maximises the smallest Tanimoto
+    distance between picks, which favours the library's outliers.
 
     Args:
         fingerprints: ``uint8 N x 256`` packed fingerprints.
         q: batch size (> 0).
-        seed: seeds the first pick.
-        exclude: ``N`` boolean mask of candidates never to pick.
+        seed: seeds MaxMin's first pick, or the coverage pool of a library larger than
+            ``acquisition.coverage.DEFAULT_MAX_POOL``.
+        exclude: ``N`` boolean mask of candidates never to pick (measured or in flight).
         priority: ``N`` tie-breakers between identical fingerprints, highest first
             (``log10 dose`` when candidates are (compound, dose) conditions: a first look
             at a compound is at its highest dose, where a phenotype is most likely to show).
+        method: one of ``COLD_START_METHODS``.
     """
     q = _check_q(q)
+    if method not in COLD_START_METHODS:
+        raise ValueError(f"cold-start method must be one of {COLD_START_METHODS}, got {method!r}")
     fps = check_fingerprints(fingerprints)
     exclude = as_bool_mask(exclude, len(fps), "exclude")
-    indices = maxmin_select(fps, q, seed, exclude, priority)
+    if method == "coverage":
+        indices = coverage_select(fps, q, seed, exclude, priority, covered=np.flatnonzero(exclude))
+    else:
+        indices = maxmin_select(fps, q, seed, exclude, priority)
     if len(indices) < q:
         message = f"requested q={q} but only {len(indices)} candidates are eligible"
         warnings.warn(message, stacklevel=2)
@@ -271,6 +319,6 @@ def select_cold_start(
         indices=indices,
         acq_values=np.full(len(indices), np.nan),
         diagnostics={"n_candidates": len(fps), "n_eligible": int((~exclude).sum()),
-                     "method": "maxmin", "seed": seed,
+                     "method": method, "seed": seed,
                      "mean_pairwise_tanimoto": _mean_pairwise_similarity(fps[indices])},
     )

@@ -5,6 +5,8 @@ Reads top to bottom: candidates -> predictions -> selection -> plate layouts -> 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import shutil
@@ -33,8 +35,8 @@ POLICIES = ("loop", "random", "greedy_mean", "ucb_topk", "diversity_only")
 #   greedy_mean mean predicted activity, top-k (no diversity, no exploration)
 #   ucb_topk    qUCB joint greedy without diversity or exploration (saturates after ~K picks)
 _POLICY_SELECTION = {
-    "greedy_mean": dict(acquisition="mean", diversity_penalty=0.0, exploration_fraction=0.0),
-    "ucb_topk": dict(acquisition="qUCB", diversity_penalty=0.0, exploration_fraction=0.0),
+    "greedy_mean": dict(acquisition="mean", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0),
+    "ucb_topk": dict(acquisition="qUCB", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0),
 }
 MODEL_POLICIES = ("loop", "greedy_mean", "ucb_topk")
 
@@ -91,19 +93,22 @@ def choose_compounds(
         picks = rng.choice(np.flatnonzero(eligible), size=q, replace=False)
         return picks, _summary(picks, None, "random"), None
     if policy == "diversity_only" or model is None:
+        method = SelectionConfig(**campaign.config.selection).cold_start_method
         if model is None and policy != "diversity_only":
-            log.info("no trained virtual assay yet: cold start with a structurally diverse (MaxMin) batch")
-        picks = select_cold_start(fps, q, seed=seed, exclude=pending).indices
-        return picks, _summary(picks, None, "maxmin"), None
+            log.info("no trained virtual assay yet: cold start with a structurally diverse (%s) batch", method)
+        picks = select_cold_start(fps, q, seed=seed, exclude=pending, method=method).indices
+        return picks, _summary(picks, None, method), None
     # Simulate candidates once per member (cached); above FunnelConfig.simulate_all_max a fingerprint
     # surrogate prescreens the library to a shortlist first. values: K x n over funnel.indices.
+    sel_cfg = SelectionConfig(**{**campaign.config.selection, **_POLICY_SELECTION.get(policy, {}), "seed": seed})
     funnel_cfg = FunnelConfig.from_dict({"simulation_seed": campaign.config.seed, **campaign.config.funnel})
+    if sel_cfg.phenotype_penalty > 0 and funnel_cfg.profile_dims == 0:  # the penalty compares whole profiles
+        funnel_cfg = dataclasses.replace(funnel_cfg, profile_dims=None)
     funnel = funnel_predict(model, fps, candidates["inchikey"].to_numpy(), campaign.config.dose_um,
                             pending=np.flatnonzero(pending), config=funnel_cfg,
                             cache=PredictionCache(campaign.root / "cache"), seed=seed)
-    sel_cfg = SelectionConfig(**{**campaign.config.selection, **_POLICY_SELECTION.get(policy, {}), "seed": seed})
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
-                             best_f=_best_observed_activity(campaign))
+                             best_f=_best_observed_activity(campaign), profiles=funnel.profiles)
     picks = funnel.indices[selection.indices]  # rows of `candidates`
     return picks, _summary(selection.indices, funnel.values, sel_cfg.acquisition, selection.acq_values), \
         model.version

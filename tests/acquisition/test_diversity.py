@@ -134,3 +134,13 @@ def test_maxmin_priority_breaks_ties_between_identical_fingerprints():
     assert np.all(dose_um[maxmin_select(fps, 4, seed=0)[1:]] == 0.1)  # without: lowest index
     with pytest.raises(ValueError, match="priority"):
         maxmin_select(fps, 4, seed=0, priority=np.ones(5))
+
+
+def test_phenotype_penalty_needs_profiles_with_one_row_per_candidate():
+    values, fps, _ = clustered_toy()
+    with pytest.raises(ValueError, match="needs predicted profiles"):
+        penalized_greedy_select(values, fps, 3, phenotype_penalty=0.5)
+    with pytest.raises(ValueError, match="rows"):
+        penalized_greedy_select(values, fps, 3, phenotype_penalty=0.5, profiles=np.ones((5, 2)))
+    with pytest.raises(ValueError, match=r"phenotype_penalty must be in \[0, 1\]"):
+        penalized_greedy_select(values, fps, 3, phenotype_penalty=2.0, profiles=np.ones((len(fps), 2)))

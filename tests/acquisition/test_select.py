@@ -87,12 +87,22 @@ def test_single_member_explores_with_maxmin():
     assert len(set(selection.indices.tolist())) == 8
 
 
-def test_cold_start_is_maxmin_and_seeded():
+@pytest.mark.parametrize("method", ["coverage", "maxmin"])
+def test_cold_start_one_pick_per_cluster_and_seeded(method):
     _, fps, cluster = clustered_library()
     exclude = cluster == 7
-    a = select_cold_start(fps, 7, seed=4, exclude=exclude)
+    a = select_cold_start(fps, 7, seed=4, exclude=exclude, method=method)
     assert sorted(cluster[a.indices].tolist()) == list(range(7))
-    assert np.array_equal(a.indices, select_cold_start(fps, 7, seed=4, exclude=exclude).indices)
+    assert np.array_equal(a.indices, select_cold_start(fps, 7, seed=4, exclude=exclude, method=method).indices)
+    assert a.diagnostics["method"] == method
+
+
+def test_cold_start_method_is_validated():
+    _, fps, _ = clustered_library()
+    with pytest.raises(ValueError, match="cold-start method"):
+        select_cold_start(fps, 3, seed=0, method="kmeans")
+    with pytest.raises(ValueError, match="cold_start_method"):
+        SelectionConfig(cold_start_method="kmeans")
 
 
 def test_narrow_errors_at_public_entry():
@@ -117,3 +127,48 @@ def test_narrow_errors_at_public_entry():
         SelectionConfig(diversity_penalty=2.0)
     with pytest.raises(ValueError, match="packed uint8"):
         select_cold_start(fps.astype(np.int64), 3, seed=0)
+
+
+def _two_phenotype_library(n_per=20, n_members=4, seed=0):
+    """Distinct structures; group 0 scores highest and shifts cells along e_0, group 1 less
+    and along e_1, group 2 (inactive) lowest and along e_2."""
+    rng = np.random.default_rng(seed)
+    n = 3 * n_per
+    fps = np.packbits(rng.random((n, 2048)) < 0.05, axis=1)
+    group = np.repeat([0, 1, 2], n_per)
+    values = np.array([2.0, 1.0, 0.0])[group][None] + 0.01 * rng.standard_normal((n_members, n))
+    profiles = np.zeros((n_members, n, 3))
+    profiles[:, np.arange(n), group] = 1.0
+    profiles += 0.01 * rng.standard_normal(profiles.shape)
+    return values, fps, group, profiles
+
+
+def test_phenotype_penalty_spreads_a_batch_over_predicted_phenotypes():
+    values, fps, group, profiles = _two_phenotype_library()
+    plain = SelectionConfig(diversity_penalty=0.0, exploration_fraction=0.0)
+    assert set(group[select_batch(values, fps, 10, plain, profiles=profiles).indices]) == {0}
+    spread = SelectionConfig(diversity_penalty=0.0, exploration_fraction=0.0, phenotype_penalty=0.9)
+    chosen = select_batch(values, fps, 10, spread, profiles=profiles)
+    # a pick of the second phenotype joins the batch; the best phenotype fills the rest, since the
+    # penalty asks whether a similar pick exists, not how many; the inactive group is never picked
+    assert (group[chosen.indices] == 1).sum() >= 1
+    assert (group[chosen.indices] == 2).sum() == 0
+    assert chosen.diagnostics["phenotype_penalty_applied"] == 0.9
+    # the same config without profiles falls back to the structural selection
+    assert np.array_equal(select_batch(values, fps, 10, spread).indices,
+                          select_batch(values, fps, 10, plain).indices)
+    # mu = 0 with profiles is exactly the plain selection; N x F member means work too
+    assert np.array_equal(select_batch(values, fps, 10, plain, profiles=profiles).indices,
+                          select_batch(values, fps, 10, plain).indices)
+    assert np.array_equal(select_batch(values, fps, 10, spread, profiles=profiles.mean(0)).indices,
+                          chosen.indices)
+
+
+def test_phenotype_penalty_errors():
+    values, fps, _, profiles = _two_phenotype_library()
+    with pytest.raises(ValueError, match="phenotype_penalty"):
+        SelectionConfig(phenotype_penalty=1.5)
+    with pytest.raises(ValueError, match="profiles must be"):
+        select_batch(values, fps, 4, SelectionConfig(phenotype_penalty=0.5), profiles=profiles[:, :-1])
+    with pytest.raises(ValueError, match="finite"):
+        select_batch(values, fps, 4, SelectionConfig(phenotype_penalty=0.5), profiles=profiles * np.nan)

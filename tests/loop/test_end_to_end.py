@@ -166,3 +166,20 @@ def test_train_then_propose_excludes_measured_compounds(round_one):
     assert again and not (again & proposed) and not (again & measured)
     config = json.loads((second.out_dir / "round_config.json").read_text())
     assert config["model_version"] == ensemble.version
+
+
+def test_phenotype_penalty_proposes_from_simulated_profiles(round_one, tmp_path):
+    import dataclasses
+
+    from loop.train import latest_model
+
+    root = shutil.copytree(round_one["campaign"].root, tmp_path / "campaign")
+    campaign = Campaign.open(root)
+    if latest_model(campaign) is None:
+        train_assay(campaign)
+    campaign.config = dataclasses.replace(campaign.config, selection={"phenotype_penalty": 0.5})
+    proposal = propose(campaign, BUDGET)
+    assert len(_treated(proposal.out_dir)) == proposal.n_treatments
+    settings = [json.loads(p.read_text()) for p in (root / "cache").rglob("settings.json")]
+    # whole profiles (every feature) were simulated and cached for the penalty
+    assert any(s["settings"]["profile_dims"] is None and s["profile_dims"] > 0 for s in settings)
