@@ -28,8 +28,8 @@ import heapq
 
 import numpy as np
 
-from acquisition.diversity import check_fingerprints, tanimoto_matrix, tanimoto_to_set
-from acquisition.greedy import as_bool_mask, as_index_array
+from acquisition.diversity import check_fingerprints, check_priority, tanimoto_matrix, tanimoto_to_set
+from acquisition.greedy import as_bool_mask, as_index_array, check_q
 
 __all__ = ["DEFAULT_MAX_POOL", "coverage_select"]
 
@@ -65,24 +65,21 @@ def coverage_select(
     """
     fps = check_fingerprints(fps_packed)
     n = len(fps)
-    if isinstance(q, bool) or int(q) != q or q <= 0:
-        raise ValueError(f"q must be a positive integer, got {q!r}")
+    q = check_q(q)
     if max_pool < 1:
         raise ValueError(f"max_pool must be >= 1, got {max_pool}")
     eligible = ~as_bool_mask(exclude, n, "exclude")
     covered = as_index_array(covered, n, "covered")
+    priority = check_priority(priority, n)
     if priority is None:
         priority = np.zeros(n)
-    priority = np.asarray(priority, dtype=np.float64)
-    if priority.shape != (n,) or not np.isfinite(priority).all():
-        raise ValueError(f"priority must be {n} finite numbers, got shape {priority.shape}")
     candidates = np.flatnonzero(eligible)
     if len(candidates) > max_pool:
         candidates = np.sort(np.random.default_rng(seed).choice(candidates, size=max_pool, replace=False))
         references = candidates
     else:
         references = np.arange(n) if n <= max_pool else candidates
-    n_pick = min(int(q), len(candidates))
+    n_pick = min(q, len(candidates))
     if n_pick == 0:
         return np.zeros(0, dtype=np.int64)
 

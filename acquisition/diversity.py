@@ -66,6 +66,7 @@ from acquisition.greedy import MAX_TYPE_ACQUISITIONS, as_bool_mask, member_utili
 
 __all__ = [
     "PenalizedSelection",
+    "check_priority",
     "maxmin_select",
     "penalized_greedy_select",
     "popcount_rows",
@@ -155,6 +156,16 @@ def tanimoto_to_set(
     return out
 
 
+def check_priority(priority: np.ndarray | None, n: int) -> np.ndarray | None:
+    """Tie-breakers between equal scores: ``N`` finite floats (None stays None)."""
+    if priority is None:
+        return None
+    priority = np.asarray(priority, dtype=np.float64)
+    if priority.shape != (n,) or not np.isfinite(priority).all():
+        raise ValueError(f"priority must be {n} finite numbers, got shape {priority.shape}")
+    return priority
+
+
 def _eligible_numpy(n: int, exclude: np.ndarray | None) -> np.ndarray:
     return ~as_bool_mask(exclude, n, "exclude")
 
@@ -187,10 +198,7 @@ def maxmin_select(
     fps = check_fingerprints(fps_packed)
     n = len(fps)
     eligible = _eligible_numpy(n, exclude)
-    if priority is not None:
-        priority = np.asarray(priority, dtype=np.float64)
-        if priority.shape != (n,) or not np.isfinite(priority).all():
-            raise ValueError(f"priority must be {n} finite numbers, got shape {priority.shape}")
+    priority = check_priority(priority, n)
     n_pick = min(int(q), int(eligible.sum()))
     if n_pick == 0:
         return np.zeros(0, dtype=np.int64)

@@ -109,6 +109,13 @@ def as_index_array(indices: Sequence[int] | np.ndarray | Tensor | None, n: int, 
     return np.unique(array.astype(np.int64))
 
 
+def check_q(q: int) -> int:
+    """A batch size: a positive integer (not a bool)."""
+    if isinstance(q, bool) or int(q) != q or q <= 0:
+        raise ValueError(f"q must be a positive integer, got {q!r}")
+    return int(q)
+
+
 def as_bool_mask(mask: np.ndarray | Tensor | None, n: int, name: str) -> np.ndarray:
     """Validated boolean mask of shape ``(n,)`` (None: all False)."""
     if mask is None:
@@ -203,8 +210,7 @@ def greedy_select(
     params = dict(params or {})
     if acqf not in GREEDY_ACQUISITIONS:
         raise ValueError(f"unknown acquisition {acqf!r}; valid names: {list(GREEDY_ACQUISITIONS)}")
-    if int(q) != q or q < 1:
-        raise ValueError(f"q must be a positive integer, got {q}")
+    q = check_q(q)
     _check_params(acqf, params)
     n_members, n = values.shape
     pending_idx = as_index_array(pending, n, "pending")

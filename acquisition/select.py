@@ -41,7 +41,7 @@ from acquisition.diversity import (
     penalized_greedy_select,
     tanimoto_matrix,
 )
-from acquisition.greedy import as_bool_mask, as_index_array, as_member_values
+from acquisition.greedy import as_bool_mask, as_index_array, as_member_values, check_q
 
 __all__ = ["COLD_START_METHODS", "SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "select_batch", "select_cold_start"]
 
@@ -114,12 +114,6 @@ class Selection:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_q(q: int) -> int:
-    if isinstance(q, bool) or int(q) != q or q <= 0:
-        raise ValueError(f"q must be a positive integer, got {q!r}")
-    return int(q)
-
-
 def _acquisition_params(config: SelectionConfig, best_f: float | None) -> tuple[str, dict[str, Any]]:
     acqf = "qEI" if config.acquisition == "qLogEI" else config.acquisition
     if acqf == "qUCB":
@@ -171,7 +165,7 @@ def select_batch(
         (exploration picks: penalised disagreement gain, or MaxMin distance),
         ``diagnostics`` (counts, rounds, phase per pick, mean pairwise Tanimoto, config).
     """
-    q = _check_q(q)
+    q = check_q(q)
     values = as_member_values(values)
     n_members, n = values.shape
     fps = check_fingerprints(fingerprints, n)
@@ -187,7 +181,7 @@ def select_batch(
     eligible[pending] = False
     n_eligible = int(eligible.sum())
     n_explore = int(round(config.exploration_fraction * q))
-    mean_profiles = _mean_profiles(profiles, n_members, n)
+    mean_profiles = _mean_profiles(profiles, n_members, n) if config.phenotype_penalty > 0 else None
     phenotype_penalty = config.phenotype_penalty if mean_profiles is not None else 0.0
     common = dict(diversity_penalty=config.diversity_penalty, pending=pending,
                   scaffold_ids=scaffold_ids, max_per_scaffold=config.max_per_scaffold,
@@ -302,7 +296,7 @@ def select_cold_start(
             at a compound is at its highest dose, where a phenotype is most likely to show).
         method: one of ``COLD_START_METHODS``.
     """
-    q = _check_q(q)
+    q = check_q(q)
     if method not in COLD_START_METHODS:
         raise ValueError(f"cold-start method must be one of {COLD_START_METHODS}, got {method!r}")
     fps = check_fingerprints(fingerprints)

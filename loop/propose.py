@@ -6,7 +6,6 @@ Reads top to bottom: candidates -> predictions -> selection -> plate layouts -> 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import shutil
