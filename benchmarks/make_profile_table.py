@@ -28,8 +28,10 @@ import numpy as np
 import pandas as pd
 
 from lab_io.ground_truth import GroundTruth
+from lab_io.profile_table import write_profile_table
 from lab_io.profiles import aggregate_wells
-from lab_io.schema import META_COMPOUND, META_DOSE, META_PLATE, META_SMILES, META_WELL, N_COLS, N_ROWS
+from lab_io.schema import (CONTROL_COMPOUND_ID, META_COMPOUND, META_DOSE, META_PLATE, META_SMILES, META_WELL,
+                           N_COLS, N_ROWS, WellRole, well_name)
 from lab_io.synthetic_lab import SyntheticLab, SyntheticLabConfig
 
 log = logging.getLogger("make_profile_table")
@@ -44,8 +46,19 @@ def read_hub_drugs(path: Path, max_smiles_length: int = 120) -> pd.DataFrame:
         raise FileNotFoundError(f"{path}: Repurposing Hub sample file not found (../shared/data/repurposing_hub)")
     hub = pd.read_csv(path, sep="\t", comment="!", usecols=["pert_iname", "smiles"])
     hub = hub.dropna().drop_duplicates("pert_iname")
-    hub = hub[~hub["pert_iname"].str.upper().isin(["DMSO", ""])]
+    hub = hub[~hub["pert_iname"].str.upper().isin([CONTROL_COMPOUND_ID.upper(), ""])]
     return hub[(hub["smiles"].str.len() <= max_smiles_length) & ~hub["smiles"].str.contains(" ")].reset_index(drop=True)
+
+
+def parse_doses(text: str) -> list[float]:
+    """``"1,3,10"`` -> ``[1.0, 3.0, 10.0]``; every dose a positive number."""
+    try:
+        doses_um = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--doses {text!r}: expected comma-separated numbers in uM, e.g. 1,3,10") from None
+    if not all(np.isfinite(d) and d > 0 for d in doses_um):
+        raise ValueError(f"--doses {text!r}: every dose must be a positive number of uM")
+    return doses_um
 
 
 def layout_wells(drugs: pd.DataFrame, doses_um: list[float], replicates: int, rng: np.random.Generator,
@@ -54,7 +67,7 @@ def layout_wells(drugs: pd.DataFrame, doses_um: list[float], replicates: int, rn
     conditions = [(d.pert_iname, d.smiles, dose) for d in drugs.itertuples() for dose in doses_um
                   for _ in range(replicates)]
     order = rng.permutation(len(conditions))
-    wells = [f"{chr(65 + r)}{c + 1:02d}" for r in range(N_ROWS) for c in range(N_COLS)]
+    wells = [well_name(r, c) for r in range(N_ROWS) for c in range(N_COLS)]
     per_plate = len(wells) - N_CONTROLS_PER_PLATE
     rows = []
     for plate in range(int(np.ceil(len(conditions) / per_plate))):
@@ -63,14 +76,14 @@ def layout_wells(drugs: pd.DataFrame, doses_um: list[float], replicates: int, rn
         barcode = f"{plate_prefix}{plate:02d}"
         for i, well in enumerate(wells):
             if i in controls:
-                rows.append(dict(barcode=barcode, well=well, compound_id="DMSO", smiles="", dose_um=0.0,
-                                 role="negative_control"))
+                rows.append(dict(barcode=barcode, well=well, compound_id=CONTROL_COMPOUND_ID, smiles="", dose_um=0.0,
+                                 role=WellRole.negative_control.value))
                 continue
             k = next(chunk, None)
             if k is not None:
                 name, smiles, dose = conditions[k]
                 rows.append(dict(barcode=barcode, well=well, compound_id=name, smiles=smiles, dose_um=dose,
-                                 role="treatment"))
+                                 role=WellRole.treatment.value))
     return pd.DataFrame(rows)
 
 
@@ -85,14 +98,17 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    doses_um = [float(x) for x in args.doses.split(",")]
+    doses_um = parse_doses(args.doses)
+    if args.n_drugs < 1 or args.replicates < 1:
+        raise ValueError(f"--n-drugs ({args.n_drugs}) and --replicates ({args.replicates}) must be >= 1")
     rng = np.random.default_rng(args.seed)
     hub = read_hub_drugs(args.hub)
     if args.n_drugs > len(hub):
         raise ValueError(f"--n-drugs {args.n_drugs}: {args.hub} has only {len(hub)} usable drugs")
     drugs = hub.iloc[rng.choice(len(hub), args.n_drugs, replace=False)].reset_index(drop=True)
     wells = layout_wells(drugs, doses_um, args.replicates, rng, plate_prefix=f"S{args.seed}-")
-    lab = SyntheticLab(GroundTruth(world_seed=args.seed), seed=args.seed, config=SyntheticLabConfig(write_images=False))
+    truth = GroundTruth(world_seed=args.seed)
+    lab = SyntheticLab(truth, seed=args.seed, config=SyntheticLabConfig(write_images=False))
     start = time.perf_counter()
     cells = lab.measure_plates(wells)
     log.info("measured %d wells in %.0f s", len(wells), time.perf_counter() - start)
@@ -100,14 +116,10 @@ def main() -> None:
                                  "smiles": META_SMILES, "dose_um": META_DOSE})
     table = meta[[META_PLATE, META_WELL, META_COMPOUND, META_SMILES, META_DOSE]].merge(
         aggregate_wells(cells), on=[META_PLATE, META_WELL], how="inner")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.suffix == ".parquet":
-        table.to_parquet(args.out, index=False)
-    else:
-        table.to_csv(args.out, index=False)
-    truth = GroundTruth(world_seed=args.seed).for_smiles(drugs["smiles"].tolist())
+    write_profile_table(table, args.out)
+    drug_truth = truth.for_smiles(drugs["smiles"].tolist())
     log.info("wrote %s: %d wells x %d columns; %d of %d drugs active in the lab's world %s", args.out, *table.shape,
-             int(truth["is_active"].sum()), len(drugs), truth["phenotype_class"].value_counts().to_dict())
+             int(drug_truth["is_active"].sum()), len(drugs), drug_truth["phenotype_class"].value_counts().to_dict())
 
 
 if __name__ == "__main__":

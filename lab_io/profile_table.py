@@ -8,6 +8,7 @@ and numeric feature columns (every non-``Metadata_`` column).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,23 @@ def read_profile_table(path: Path) -> ProfileTable:
                          f"{META_DOSE} is not a number")
     frame = frame.assign(**{META_DOSE: dose.astype(float)})
     return ProfileTable(frame=frame, features=features, source=str(path))
+
+
+def write_profile_table(table: pd.DataFrame, path: Path) -> Path:
+    """Write a profile table as Parquet (``.parquet``) or CSV (anything else), atomically:
+    an interrupted write leaves any earlier file at ``path`` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if path.suffix.lower() == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def convert_bbbc021(data_dir: Path) -> pd.DataFrame:

@@ -287,14 +287,11 @@ def convert_bbbc021_cmd(
     out_file: Path = typer.Option(..., "--out", help="Profile table to write (.csv or .parquet)."),
 ):
     """BBBC021 per-well CellProfiler profiles -> a pycytominer-style profile table for backtests."""
-    from lab_io.profile_table import convert_bbbc021
+    from lab_io.profile_table import convert_bbbc021, write_profile_table
 
     with _cli_errors():
         table = convert_bbbc021(data_dir)
-        if out_file.suffix == ".parquet":
-            table.to_parquet(out_file, index=False)
-        else:
-            table.to_csv(out_file, index=False)
+        write_profile_table(table, out_file)
     out.print(f"wrote {out_file}: {len(table)} wells, {table['Metadata_smiles'].ne('').sum()} with SMILES")
 
 

@@ -1,0 +1,29 @@
+import pandas as pd
+import pytest
+
+from lab_io.profile_table import read_profile_table, write_profile_table
+
+
+def _table():
+    return pd.DataFrame({"Metadata_Plate": ["P1", "P1"], "Metadata_Well": ["A01", "A02"],
+                         "Metadata_compound": ["DMSO", "taxol"], "Metadata_smiles": ["", "CCO"],
+                         "Metadata_dose_um": [0.0, 1.0], "Cells_Intensity_Mean": [1.0, 2.5]})
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.parquet"])
+def test_write_then_read_round_trips(tmp_path, name):
+    path = write_profile_table(_table(), tmp_path / "sub" / name)
+    table = read_profile_table(path)
+    assert table.features == ["Cells_Intensity_Mean"]
+    assert table.frame["Cells_Intensity_Mean"].tolist() == [1.0, 2.5]
+    assert [p.name for p in path.parent.iterdir()] == [name]  # no temporary file left
+
+
+def test_failed_write_keeps_the_earlier_file(tmp_path):
+    path = write_profile_table(_table(), tmp_path / "t.parquet")
+    before = path.read_bytes()
+    unwritable = _table().assign(Cells_Intensity_Mean=[object(), object()])  # parquet cannot store it
+    with pytest.raises(Exception):
+        write_profile_table(unwritable, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
