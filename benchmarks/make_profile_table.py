@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--doses", default="10", help="comma-separated doses in uM")
     parser.add_argument("--replicates", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="drug draw, layout, lab noise and the lab's world")
+    parser.add_argument("--active-fraction", type=float, default=0.08,
+                        help="about this share of drugs is active in the lab's world (GroundTruth)")
     parser.add_argument("--hub", type=Path, default=HUB)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -101,13 +103,15 @@ def main() -> None:
     doses_um = parse_doses(args.doses)
     if args.n_drugs < 1 or args.replicates < 1:
         raise ValueError(f"--n-drugs ({args.n_drugs}) and --replicates ({args.replicates}) must be >= 1")
+    if not 0.0 < args.active_fraction < 1.0:
+        raise ValueError(f"--active-fraction {args.active_fraction}: must be in (0, 1)")
     rng = np.random.default_rng(args.seed)
     hub = read_hub_drugs(args.hub)
     if args.n_drugs > len(hub):
         raise ValueError(f"--n-drugs {args.n_drugs}: {args.hub} has only {len(hub)} usable drugs")
     drugs = hub.iloc[rng.choice(len(hub), args.n_drugs, replace=False)].reset_index(drop=True)
     wells = layout_wells(drugs, doses_um, args.replicates, rng, plate_prefix=f"S{args.seed}-")
-    truth = GroundTruth(world_seed=args.seed)
+    truth = GroundTruth(world_seed=args.seed, active_fraction=args.active_fraction)
     lab = SyntheticLab(truth, seed=args.seed, config=SyntheticLabConfig(write_images=False))
     start = time.perf_counter()
     cells = lab.measure_plates(wells)
