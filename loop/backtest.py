@@ -143,7 +143,7 @@ def _found_actives(campaign: Campaign, actives: dict[str, str]) -> set[str]:
 
 
 def plot_curves(result: dict, png: Path) -> Path:
-    """Cumulative fraction of actives found per round, mean ± sd over seeds, one line per policy."""
+    """Cumulative fraction of actives (or table hits) found per round, mean ± sd over seeds, one line per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +157,10 @@ def plot_curves(result: dict, png: Path) -> Path:
         ax.plot(rounds, mean, marker="o", label=name)
         ax.fill_between(rounds, mean - sd, mean + sd, alpha=0.2)
     ax.set_xlabel("round")
-    ax.set_ylabel("fraction of actives found")
+    # profile-table backtests (loop.simulation) score hits, the synthetic lab ground-truth actives
+    ax.set_ylabel("fraction of hits found" if "hit_definition" in result else "fraction of actives found")
+    if "source" in result:
+        ax.set_title(Path(str(result["source"])).name, fontsize=9)
     ax.set_xticks(np.arange(1, len(mean) + 1))
     ax.legend()
     ax.grid(alpha=0.3)
