@@ -103,8 +103,6 @@ def main() -> None:
     doses_um = parse_doses(args.doses)
     if args.n_drugs < 1 or args.replicates < 1:
         raise ValueError(f"--n-drugs ({args.n_drugs}) and --replicates ({args.replicates}) must be >= 1")
-    if not 0.0 < args.active_fraction < 1.0:
-        raise ValueError(f"--active-fraction {args.active_fraction}: must be in (0, 1)")
     rng = np.random.default_rng(args.seed)
     hub = read_hub_drugs(args.hub)
     if args.n_drugs > len(hub):
