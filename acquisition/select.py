@@ -21,7 +21,8 @@ BoTorch's ``optimize_acqf_discrete``.  ``qLogEI`` uses the ``qEI`` gains here (s
 improvement utility; the smoothing only matters for gradients).
 
 ``select_cold_start`` (no model yet) picks a representative subset of the library
-(``acquisition.coverage``: greedy facility location on Tanimoto similarity), or MaxMin.
+(``acquisition.coverage``: greedy facility location on Tanimoto similarity), MaxMin, or a
+seeded random sample of each compound's top-priority (highest-dose) condition.
 """
 
 from __future__ import annotations
@@ -37,19 +38,21 @@ from torch import Tensor
 from acquisition.coverage import coverage_select
 from acquisition.diversity import (
     check_fingerprints,
+    check_priority,
     maxmin_select,
     penalized_greedy_select,
     tanimoto_matrix,
 )
 from acquisition.greedy import as_bool_mask, as_index_array, as_member_values, check_q
 
-__all__ = ["COLD_START_METHODS", "SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "select_batch", "select_cold_start"]
+__all__ = ["COLD_START_METHODS", "SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "diversity_method",
+           "select_batch", "select_cold_start"]
 
 logger = logging.getLogger(__name__)
 
 SELECTION_ACQUISITIONS = ("qUCB", "qEI", "qLogEI", "qPosteriorStandardDeviation", "thompson", "mean")
 _EXPLORATION_METHODS = ("std", "maxmin")
-COLD_START_METHODS = ("coverage", "maxmin")
+COLD_START_METHODS = ("coverage", "maxmin", "random")
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,14 @@ def _capped_maxmin(fps: np.ndarray, q: int, seed: int, blocked: np.ndarray,
     return picks
 
 
+def diversity_method(cold_start_method: str) -> str:
+    """Cold-start method of the model-free ``diversity_only`` baseline: the configured one,
+    except ``random`` (a random batch is the ``random`` baseline's job), which becomes ``coverage``."""
+    if cold_start_method not in COLD_START_METHODS:
+        raise ValueError(f"cold-start method must be one of {COLD_START_METHODS}, got {cold_start_method!r}")
+    return "coverage" if cold_start_method == "random" else cold_start_method
+
+
 def select_cold_start(
     fingerprints: np.ndarray,
     q: int,
@@ -278,12 +289,16 @@ def select_cold_start(
     priority: np.ndarray | None = None,
     method: str = "coverage",
 ) -> Selection:
-    """Cold start (no model): a representative (``coverage``) or spread-out (``maxmin``) batch.
+    """Cold start (no model): a representative (``coverage``), spread-out (``maxmin``) or
+    random (``random``) batch.
 
     ``coverage`` (default) is greedy facility location (``acquisition.coverage``): the
     picks that best cover the library by Tanimoto similarity, with the excluded (measured
     or in-flight) compounds counted as covered. ``maxmin`` maximises the smallest Tanimoto
-    distance between picks, which favours the library's outliers.
+    distance between picks, which favours the library's outliers. ``random`` is a seeded
+    uniform sample of the candidates that lead their fingerprint group by ``priority``
+    (each compound at its highest eligible dose: a primary screen), topped up uniformly
+    from the other eligible candidates when there are fewer than ``q`` of those.
 
     Args:
         fingerprints: ``uint8 N x 256`` packed fingerprints.
@@ -303,6 +318,8 @@ def select_cold_start(
     exclude = as_bool_mask(exclude, len(fps), "exclude")
     if method == "coverage":
         indices = coverage_select(fps, q, seed, exclude, priority, covered=np.flatnonzero(exclude))
+    elif method == "random":
+        indices = _random_leaders(fps, q, seed, exclude, check_priority(priority, len(fps)))
     else:
         indices = maxmin_select(fps, q, seed, exclude, priority)
     if len(indices) < q:
@@ -316,3 +333,23 @@ def select_cold_start(
                      "method": method, "seed": seed,
                      "mean_pairwise_tanimoto": _mean_pairwise_similarity(fps[indices])},
     )
+
+
+def _random_leaders(fps: np.ndarray, q: int, seed: int, exclude: np.ndarray,
+                    priority: np.ndarray | None) -> np.ndarray:
+    """Seeded uniform picks among eligible candidates with the top ``priority`` of their fingerprint."""
+    eligible = np.flatnonzero(~exclude)
+    rng = np.random.default_rng(seed)
+    if priority is None:
+        leaders = eligible
+    else:
+        _, group = np.unique(fps[eligible], axis=0, return_inverse=True)  # identical fingerprints
+        group = group.ravel()
+        best = np.full(group.max() + 1 if len(group) else 0, -np.inf)
+        np.maximum.at(best, group, priority[eligible])
+        leaders = eligible[priority[eligible] == best[group]]
+    picks = rng.choice(leaders, size=min(q, len(leaders)), replace=False)
+    if len(picks) < q:  # every leader taken: fill from the rest of the eligible candidates
+        rest = np.setdiff1d(eligible, picks)
+        picks = np.concatenate([picks, rng.choice(rest, size=min(q - len(picks), len(rest)), replace=False)])
+    return picks.astype(np.int64)

@@ -244,30 +244,39 @@ def backtest(
                                                   "or conditions (--profiles, default 8)."),
     seeds: int = typer.Option(5, help="Number of seeds."),
     policies: Optional[str] = typer.Option(None, help="Comma-separated policies (default: loop,random for the "
-                                                      "synthetic lab; all four with --profiles)."),
+                                                      "synthetic lab; all five with --profiles)."),
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="Real profile table (CSV/Parquet): the lab "
                                                                      "is replaced by looking up its wells."),
     control_label: str = typer.Option("DMSO", "--control-label", help="Metadata_compound of control wells."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the curves as JSON."),
     png_out: Optional[Path] = typer.Option(None, "--png", help="Curves figure (default next to --json)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Keep the simulated campaigns here."),
+    cold_start: Optional[str] = typer.Option(None, "--cold-start",
+                                             help="Round 1 of the model policies: coverage (default), maxmin, or "
+                                                  "random (a seeded sample, each compound at its top dose)."),
 ):
     """Simulated rounds, the loop's policy against baselines; cumulative fraction of hits found."""
     from loop.backtest import BacktestConfig, plot_curves, run_backtest
 
     names = None if policies is None else tuple(p.strip() for p in policies.split(",") if p.strip())
+    selection = {} if cold_start is None else {"cold_start_method": cold_start}
     with _cli_errors():
+        if selection:
+            from acquisition.select import SelectionConfig
+
+            SelectionConfig(**selection)  # a bad --cold-start fails here, before any work
         if profiles is not None:
             from lab_io.profile_table import read_profile_table
             from loop.simulation import LOOKUP_POLICIES, LookupBacktestConfig, run_lookup_backtest
 
             cfg = LookupBacktestConfig(n_rounds=rounds, batch_size=batch_size or 8, n_seeds=seeds,
-                                       policies=names or LOOKUP_POLICIES, control_label=control_label)
+                                       policies=names or LOOKUP_POLICIES, control_label=control_label,
+                                       selection=selection)
             with console.status(f"backtesting on {profiles}..."):
                 result = run_lookup_backtest(read_profile_table(profiles), cfg)
         else:
             cfg = BacktestConfig(n_compounds=compounds, n_rounds=rounds, batch_wells=batch_size or 96,
-                                 n_seeds=seeds, policies=names or ("loop", "random"))
+                                 n_seeds=seeds, policies=names or ("loop", "random"), selection=selection)
             with console.status("backtesting against the synthetic lab..."):
                 result = run_backtest(cfg, work_dir=work_dir)
     if json_out is not None:

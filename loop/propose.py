@@ -18,7 +18,7 @@ from sqlmodel import select
 
 from acquisition.funnel import FunnelConfig, funnel_predict
 from acquisition.prediction_cache import PredictionCache
-from acquisition.select import SelectionConfig, select_batch, select_cold_start
+from acquisition.select import SelectionConfig, diversity_method, select_batch, select_cold_start
 from lab_io.platemap import PlateLayoutConfig, design_plates, treatment_capacity, write_plate_files
 from lab_io.schema import WellRole
 from loop import store
@@ -93,8 +93,10 @@ def choose_compounds(
         return picks, _summary(picks, None, "random"), None
     if policy == "diversity_only" or model is None:
         method = SelectionConfig(**campaign.config.selection).cold_start_method
-        if model is None and policy != "diversity_only":
-            log.info("no trained virtual assay yet: cold start with a structurally diverse (%s) batch", method)
+        if policy == "diversity_only":
+            method = diversity_method(method)
+        else:
+            log.info("no trained virtual assay yet: cold start (%s batch)", method)
         picks = select_cold_start(fps, q, seed=seed, exclude=pending, method=method).indices
         return picks, _summary(picks, None, method), None
     # Simulate candidates once per member (cached); above FunnelConfig.simulate_all_max a fingerprint

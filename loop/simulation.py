@@ -15,11 +15,17 @@ Each round, a policy picks ``batch_size`` conditions:
     conditions counted as covered; ``acquisition.coverage``);
   - ``greedy_mean``: the virtual assay's mean predicted activity, top-k (no diversity);
   - ``loop``: the default proposal policy (``acquisition.select.select_batch``: qUCB over the
-    ensemble with a Tanimoto penalty and an exploration fraction).
+    ensemble with a Tanimoto penalty and an exploration fraction);
+  - ``gp_ucb``: a reference without a virtual assay: the loop's cold start, then believer-UCB
+    on a GP of measured log activity (Tanimoto x log-dose kernel; ``acquisition.tanimoto_gp``).
+    It shows whether the virtual assay beats a plain small-data optimiser on this table.
 Round 1 of the model-based policies is the cold-start batch (no data yet), which takes
 each compound at its highest dose (identical fingerprints tie; ``log10 dose`` breaks the tie).
 The coverage cold start is deterministic for tables up to ``DEFAULT_MAX_POOL`` conditions, so
-seeds share round 1 of ``loop`` and ``greedy_mean`` and differ in the models after it. On
+seeds share round 1 of ``loop`` and ``greedy_mean`` and differ in the models after it;
+``selection={"cold_start_method": "random"}`` (``loop backtest --cold-start random``) makes
+round 1 a seeded random sample of the compounds at their highest dose instead, different in
+every seed (``diversity_only`` keeps coverage). On
 BBBC021 it made round 1 find 1 of the 6 hits in every seed where MaxMin, which picks the
 structural outliers (cisplatin, chlorambucil, PP-2, mitoxantrone), found 0.6 on average.
 Between rounds the virtual assay is retrained on every revealed well plus all control wells
@@ -44,7 +50,8 @@ import pandas as pd
 import torch
 
 from acquisition.objectives import phenotypic_activity as member_activity
-from acquisition.select import SelectionConfig, select_batch, select_cold_start
+from acquisition.select import SelectionConfig, diversity_method, select_batch, select_cold_start
+from acquisition.tanimoto_gp import gp_ucb_batch
 from lab_io import chem
 from lab_io import profiles as profiling
 from lab_io.profile_table import ProfileTable
@@ -56,7 +63,7 @@ from models.training_data import FeatureTrainingSet
 log = logging.getLogger(__name__)
 
 HIT_QUANTILE = 0.90
-LOOKUP_POLICIES = ("loop", "random", "greedy_mean", "diversity_only")
+LOOKUP_POLICIES = ("loop", "random", "greedy_mean", "diversity_only", "gp_ucb")
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,7 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
     index = {(c, d): i for i, (c, d) in enumerate(zip(conditions[META_COMPOUND], conditions[META_DOSE]))}
     condition = np.full(len(frame), -1, dtype=np.int64)
     condition[usable] = [index[(c, float(d))] for c, d in keys.itertuples(index=False)]
-    normalized["Metadata_condition"] = condition
+    normalized = normalized.assign(Metadata_condition=condition)  # one new column, no fragmented frame
     wells = normalized[(condition >= 0) | is_control].reset_index(drop=True)
     z = wells.loc[wells["Metadata_condition"] >= 0].groupby("Metadata_condition")[features].mean()
     activity = profiling.phenotypic_activity(z.to_numpy(), None)
@@ -169,8 +176,13 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
     selection_config = SelectionConfig(**{**config.selection, **overrides, "seed": seed})
     if policy == "diversity_only" or not measured.any():
         priority = np.log10(lab.conditions[META_DOSE].to_numpy(dtype=float))  # a compound's first look: top dose
+        method = selection_config.cold_start_method
         return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured, priority=priority,
-                                 method=selection_config.cold_start_method).indices
+                                 method=diversity_method(method) if policy == "diversity_only" else method).indices
+    if policy == "gp_ucb":
+        log10_dose = np.log10(lab.conditions[META_DOSE].to_numpy(dtype=float))
+        log_activity = np.log(np.maximum(lab.conditions["activity"].to_numpy()[measured], 1e-6))
+        return gp_ucb_batch(lab.fingerprints, log10_dose, measured, log_activity, q)
     values, profiles = _predict(lab, measured, config, seed, work_dir)
     return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured, profiles=profiles).indices
 

@@ -97,6 +97,35 @@ def test_cold_start_one_pick_per_cluster_and_seeded(method):
     assert a.diagnostics["method"] == method
 
 
+def test_random_cold_start_takes_each_compound_at_its_top_dose_seeded_and_uniform():
+    _, fps, _ = clustered_library(n_clusters=4, per_cluster=10)
+    compound_fps = fps[::2]  # 20 distinct compounds ...
+    fps = np.repeat(compound_fps, 3, axis=0)  # ... at 3 doses each
+    log10_dose = np.tile([0.0, 0.5, 1.0], len(compound_fps))
+    exclude = np.zeros(len(fps), bool)
+    exclude[[2, 5]] = True  # compounds 0 and 1 measured at their top dose: 3.2 uM leads now
+    a = select_cold_start(fps, 20, seed=3, exclude=exclude, priority=log10_dose, method="random")
+    leads = {0: 1, 1: 4}  # compound -> index of its highest unmeasured dose
+    for i in a.indices:
+        assert not exclude[i]
+        assert i == leads.get(i // 3, 3 * (i // 3) + 2)
+    assert len(set((a.indices // 3).tolist())) == 20  # one condition per compound
+    assert np.array_equal(a.indices, select_cold_start(fps, 20, seed=3, exclude=exclude, priority=log10_dose,
+                                                       method="random").indices)
+    assert not np.array_equal(a.indices, select_cold_start(fps, 20, seed=4, exclude=exclude,
+                                                           priority=log10_dose, method="random").indices)
+    # more picks than compounds: the rest comes from the other eligible doses, still distinct
+    b = select_cold_start(fps, 30, seed=3, exclude=exclude, priority=log10_dose, method="random")
+    assert len(set(b.indices.tolist())) == 30 and not exclude[b.indices].any()
+    # uniform over leaders: every compound's top dose is picked about equally often
+    counts = np.zeros(len(fps))
+    for seed in range(400):
+        counts[select_cold_start(fps, 5, seed=seed, priority=log10_dose, method="random").indices] += 1
+    top = counts[2::3]
+    assert counts.sum() == top.sum() == 2000
+    assert top.min() > 60 and top.max() < 140  # expected 100 each (binomial sd ~9)
+
+
 def test_cold_start_method_is_validated():
     _, fps, _ = clustered_library()
     with pytest.raises(ValueError, match="cold-start method"):

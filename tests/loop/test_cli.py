@@ -36,3 +36,5 @@ def test_errors_exit_nonzero_with_a_message(tmp_path):
     assert result.exit_code == 1 and "nowhere" in result.output
     result = _loop(campaign, "propose", "--budget", "0")
     assert result.exit_code == 1 and "budget" in result.output
+    result = _loop(campaign, "backtest", "--profiles", str(tmp_path / "nowhere.csv"), "--cold-start", "kmeans")
+    assert result.exit_code == 1 and "cold_start_method" in result.output and "kmeans" in result.output

@@ -56,11 +56,27 @@ def test_cold_start_takes_each_compound_at_its_highest_dose(tmp_path):
         assert chosen["Metadata_compound"].is_unique and (chosen["Metadata_dose_um"] == 10.0).all()
 
 
+def test_random_cold_start_varies_with_the_seed_and_diversity_only_stays_deterministic(tmp_path):
+    lab = build_lookup_lab(read_profile_table(_table(tmp_path)))
+    config = LookupBacktestConfig(selection={"cold_start_method": "random"})
+    measured = np.zeros(len(lab.conditions), dtype=bool)
+
+    def pick(policy, seed):
+        return _pick(policy, lab, measured, 5, config, seed=seed, work_dir=tmp_path, rng=np.random.default_rng(0))
+
+    rounds_1 = {tuple(sorted(pick("loop", seed))) for seed in range(6)}
+    assert len(rounds_1) > 1  # seeds no longer share round 1
+    for picks in rounds_1:
+        chosen = lab.conditions.iloc[list(picks)]
+        assert chosen["Metadata_compound"].is_unique and (chosen["Metadata_dose_um"] == 10.0).all()
+    assert np.array_equal(pick("diversity_only", 0), pick("diversity_only", 5))  # coverage: seed-free here
+
+
 def test_lookup_backtest_json_shape_and_monotone(tmp_path):
     config = LookupBacktestConfig(n_rounds=2, batch_size=3, n_seeds=2,
                                   assay=dict(n_members=2, n_steps=40, hidden_dim=32, batch_size=64))
     result = run_lookup_backtest(read_profile_table(_table(tmp_path)), config)
-    assert set(result["policies"]) == {"loop", "random", "greedy_mean", "diversity_only"}
+    assert set(result["policies"]) == {"loop", "random", "greedy_mean", "diversity_only", "gp_ucb"}
     for curve in result["policies"].values():
         assert len(curve["hit_fraction_mean"]) == len(curve["hit_fraction_sd"]) == 2
         for per_seed in curve["per_seed"]:

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from acquisition.diversity import tanimoto_matrix
+from acquisition.tanimoto_gp import gp_posterior, gp_ucb_batch, kernel_columns
+
+
+def _library(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    bits = rng.random((n, 2048)) < 0.03
+    bits[: n // 2, :60] = True  # a family sharing a core
+    log10_dose = rng.choice([-1.0, 0.0, 1.0], size=n)
+    return np.packbits(bits, axis=1), log10_dose
+
+
+def _direct_posterior(kernel, obs, y, extra, noise):
+    """Posterior mean (given obs) and variance (given obs + believed extra picks), by plain solves."""
+    signal = y.var()
+    prior = signal * kernel
+    gram = prior[np.ix_(obs, obs)] + noise * signal * np.eye(len(obs))
+    mean = y.mean() + prior[:, obs] @ np.linalg.solve(gram, y - y.mean())
+    cond = list(obs) + list(extra)
+    gram = prior[np.ix_(cond, cond)] + noise * signal * np.eye(len(cond))
+    var = np.diag(prior) - np.einsum("ij,ji->i", prior[:, cond], np.linalg.solve(gram, prior[cond]))
+    return mean, var
+
+
+def test_picks_equal_a_direct_believer_ucb():
+    fps, log10_dose = _library()
+    kernel = tanimoto_matrix(fps, fps).astype(np.float64) * np.exp(-(log10_dose[:, None] - log10_dose) ** 2 / 2)
+    measured = np.zeros(len(fps), bool)
+    measured[[0, 3, 21, 30, 35]] = True
+    y = np.array([2.0, 1.5, 0.1, -0.3, 0.0])
+    picks = gp_ucb_batch(fps, log10_dose, measured, y, 6, beta=1.5, noise=0.2)
+    expected, blocked = [], measured.copy()
+    obs = np.flatnonzero(measured)
+    for _ in range(6):
+        mean, var = _direct_posterior(kernel, obs, y, expected, 0.2)
+        score = np.where(blocked, -np.inf, mean + 1.5 * np.sqrt(np.maximum(var, 0)))
+        expected.append(int(np.argmax(score)))
+        blocked[expected[-1]] = True
+    assert picks.tolist() == expected
+    assert np.allclose(kernel_columns(fps, log10_dose, np.array([4, 7]), 1.0), kernel[:, [4, 7]])
+
+
+def test_exploits_the_family_of_a_measured_active_and_never_repicks():
+    fps, log10_dose = _library()
+    measured = np.zeros(len(fps), bool)
+    measured[[0, 25, 30]] = True  # 0 is in the family (first half), 25 and 30 are not
+    y = np.array([3.0, 0.0, 0.1])
+    picks = gp_ucb_batch(fps, log10_dose, measured, y, 4, beta=0.0)  # pure exploitation
+    assert (picks < 20).all() and not measured[picks].any() and len(set(picks.tolist())) == 4
+    everything = gp_ucb_batch(fps, log10_dose, measured, y, 100)
+    assert sorted(everything.tolist()) == np.flatnonzero(~measured).tolist()
+
+
+def test_posterior_closed_forms():
+    fps, log10_dose = _library(n=6)
+    fps[5] = 0
+    fps[5, -1] = 1  # a bit no other compound has: Tanimoto 0 to every other
+    fps[4] = fps[0]
+    log10_dose[4] = log10_dose[0]  # condition 4 is condition 0 again
+    measured = np.array([True, True, True, False, False, False])
+    y = np.array([1.0, 2.0, 4.0])
+    mean, var = gp_posterior(fps, log10_dose, measured, y, noise=0.2)
+    expected_mean, expected_var = _direct_posterior(
+        tanimoto_matrix(fps, fps).astype(np.float64) * np.exp(-(log10_dose[:, None] - log10_dose) ** 2 / 2),
+        np.arange(3), y, [], 0.2)
+    assert np.allclose(mean, expected_mean) and np.allclose(var, expected_var)
+    assert mean[5] == pytest.approx(y.mean()) and var[5] == pytest.approx(y.var())  # unrelated: the prior
+    assert mean[4] == pytest.approx(mean[0]) and var[4] < 0.2 * y.var()  # a replicate: near its measurement
+
+
+def test_errors_name_the_problem():
+    fps, log10_dose = _library(n=10)
+    measured = np.zeros(10, bool)
+    with pytest.raises(ValueError, match="at least one measured"):
+        gp_ucb_batch(fps, log10_dose, measured, np.zeros(0), 2)
+    measured[:2] = True
+    with pytest.raises(ValueError, match="one finite value per measured"):
+        gp_ucb_batch(fps, log10_dose, measured, np.zeros(3), 2)
+    with pytest.raises(ValueError, match="log10_dose"):
+        gp_ucb_batch(fps, log10_dose[:5], measured, np.zeros(2), 2)
+    with pytest.raises(ValueError, match="noise > 0"):
+        gp_ucb_batch(fps, log10_dose, measured, np.zeros(2), 2, noise=0.0)
