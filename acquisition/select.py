@@ -45,8 +45,8 @@ from acquisition.diversity import (
 )
 from acquisition.greedy import as_bool_mask, as_index_array, as_member_values, check_q
 
-__all__ = ["COLD_START_METHODS", "SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "diversity_method",
-           "select_batch", "select_cold_start"]
+__all__ = ["COLD_START_METHODS", "SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "select_batch",
+           "select_cold_start"]
 
 logger = logging.getLogger(__name__)
 
@@ -273,14 +273,6 @@ def _capped_maxmin(fps: np.ndarray, q: int, seed: int, blocked: np.ndarray,
     return picks
 
 
-def diversity_method(cold_start_method: str) -> str:
-    """Cold-start method of the model-free ``diversity_only`` baseline: the configured one,
-    except ``random`` (a random batch is the ``random`` baseline's job), which becomes ``coverage``."""
-    if cold_start_method not in COLD_START_METHODS:
-        raise ValueError(f"cold-start method must be one of {COLD_START_METHODS}, got {cold_start_method!r}")
-    return "coverage" if cold_start_method == "random" else cold_start_method
-
-
 def select_cold_start(
     fingerprints: np.ndarray,
     q: int,
@@ -296,9 +288,10 @@ def select_cold_start(
     picks that best cover the library by Tanimoto similarity, with the excluded (measured
     or in-flight) compounds counted as covered. ``maxmin`` maximises the smallest Tanimoto
     distance between picks, which favours the library's outliers. ``random`` is a seeded
-    uniform sample of the candidates that lead their fingerprint group by ``priority``
-    (each compound at its highest eligible dose: a primary screen), topped up uniformly
-    from the other eligible candidates when there are fewer than ``q`` of those.
+    uniform sample of the eligible candidates; given ``priority``, only of those that lead
+    their fingerprint group by it (each compound at its highest eligible dose: a primary
+    screen; an empty fingerprint is a group of its own), topped up uniformly from the
+    other eligible candidates when there are fewer than ``q`` of those.
 
     Args:
         fingerprints: ``uint8 N x 256`` packed fingerprints.
@@ -345,6 +338,8 @@ def _random_leaders(fps: np.ndarray, q: int, seed: int, exclude: np.ndarray,
     else:
         _, group = np.unique(fps[eligible], axis=0, return_inverse=True)  # identical fingerprints
         group = group.ravel()
+        empty = ~fps[eligible].any(axis=1)  # unparseable SMILES: not one compound, each its own group
+        group[empty] = group.max() + 1 + np.arange(int(empty.sum()))
         best = np.full(group.max() + 1 if len(group) else 0, -np.inf)
         np.maximum.at(best, group, priority[eligible])
         leaders = eligible[priority[eligible] == best[group]]

@@ -16,7 +16,12 @@ spreads the batch.
 
 It answers "does the virtual assay beat a plain small-data Bayesian optimiser on my
 measurements?" (``loop backtest --profiles``, policy ``gp_ucb``). Cost per batch:
-``O(n^3 + (n + q) N)`` for ``n`` measured and ``N`` candidates; no ``N x N`` matrix.
+``O(n^3 + n^2 N + q (n + q) N)`` for ``n`` measured and ``N`` candidates, plus the
+``(n + q) N`` Tanimoto popcounts; no ``N x N`` matrix. Deterministic: no seed.
+
+A condition with an empty fingerprint (an unparseable SMILES) has Tanimoto 0 to
+everything, itself included, so its prior variance is 0: the GP knows nothing about it
+and ranks it at the prior mean, below every condition it is uncertain about.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ __all__ = ["gp_posterior", "gp_ucb_batch", "kernel_columns"]
 def kernel_columns(fingerprints: np.ndarray, log10_dose: np.ndarray, columns: np.ndarray,
                    dose_length: float) -> np.ndarray:
     """Prior correlations ``N x c`` between every condition and the ``columns`` conditions."""
+    if not dose_length > 0:
+        raise ValueError(f"dose_length must be > 0 decades, got {dose_length}")
     columns = np.asarray(columns, dtype=np.int64)
     tanimoto = tanimoto_matrix(fingerprints, fingerprints[columns]).astype(np.float64)  # N x c
     gap = log10_dose[:, None] - log10_dose[None, columns]
@@ -101,7 +108,8 @@ def _posterior(fps, log10_dose, obs, y, noise, dose_length):
     gram = k_obs[obs] + noise * signal * np.eye(len(obs))  # n x n
     weights = np.linalg.solve(gram, k_obs.T)  # n x N
     mean = y.mean() + weights.T @ (y - y.mean())  # N
-    var = np.maximum(signal - (k_obs * weights.T).sum(axis=1), 0.0)  # N (prior diagonal = signal)
+    prior_var = signal * fps.any(axis=1)  # N: Tanimoto(x, x) is 1, or 0 for an empty fingerprint
+    var = np.maximum(prior_var - (k_obs * weights.T).sum(axis=1), 0.0)  # N
     return mean, var, (signal, k_obs, weights)
 
 

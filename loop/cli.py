@@ -252,8 +252,10 @@ def backtest(
     png_out: Optional[Path] = typer.Option(None, "--png", help="Curves figure (default next to --json)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Keep the simulated campaigns here."),
     cold_start: Optional[str] = typer.Option(None, "--cold-start",
-                                             help="Round 1 of the model policies: coverage (default), maxmin, or "
-                                                  "random (a seeded sample, each compound at its top dose)."),
+                                             help="Cold start (round 1 of the model policies; every round of "
+                                                  "diversity_only, which keeps coverage for random): coverage "
+                                                  "(default), maxmin, or random (a seeded sample, each compound at "
+                                                  "its top dose)."),
 ):
     """Simulated rounds, the loop's policy against baselines; cumulative fraction of hits found."""
     from loop.backtest import BacktestConfig, plot_curves, run_backtest

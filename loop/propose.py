@@ -18,7 +18,7 @@ from sqlmodel import select
 
 from acquisition.funnel import FunnelConfig, funnel_predict
 from acquisition.prediction_cache import PredictionCache
-from acquisition.select import SelectionConfig, diversity_method, select_batch, select_cold_start
+from acquisition.select import COLD_START_METHODS, SelectionConfig, select_batch, select_cold_start
 from lab_io.platemap import PlateLayoutConfig, design_plates, treatment_capacity, write_plate_files
 from lab_io.schema import WellRole
 from loop import store
@@ -38,6 +38,14 @@ _POLICY_SELECTION = {
     "ucb_topk": dict(acquisition="qUCB", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0),
 }
 MODEL_POLICIES = ("loop", "greedy_mean", "ucb_topk")
+
+
+def diversity_method(cold_start_method: str) -> str:
+    """Cold-start method of the model-free ``diversity_only`` baseline, every round: the
+    configured one, except ``random`` (a random batch is the ``random`` baseline) -> coverage."""
+    if cold_start_method not in COLD_START_METHODS:
+        raise ValueError(f"cold-start method must be one of {COLD_START_METHODS}, got {cold_start_method!r}")
+    return "coverage" if cold_start_method == "random" else cold_start_method
 
 
 @dataclass(frozen=True)

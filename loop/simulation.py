@@ -17,15 +17,16 @@ Each round, a policy picks ``batch_size`` conditions:
   - ``loop``: the default proposal policy (``acquisition.select.select_batch``: qUCB over the
     ensemble with a Tanimoto penalty and an exploration fraction);
   - ``gp_ucb``: a reference without a virtual assay: the loop's cold start, then believer-UCB
-    on a GP of measured log activity (Tanimoto x log-dose kernel; ``acquisition.tanimoto_gp``).
-    It shows whether the virtual assay beats a plain small-data optimiser on this table.
+    on a GP of measured log activity (Tanimoto x log-dose kernel, fixed hyperparameters, beta 1;
+    ``acquisition.tanimoto_gp``; ignores ``selection`` and the seed after round 1). It shows
+    whether the virtual assay beats a plain small-data optimiser on this table.
 Round 1 of the model-based policies is the cold-start batch (no data yet), which takes
 each compound at its highest dose (identical fingerprints tie; ``log10 dose`` breaks the tie).
 The coverage cold start is deterministic for tables up to ``DEFAULT_MAX_POOL`` conditions, so
 seeds share round 1 of ``loop`` and ``greedy_mean`` and differ in the models after it;
 ``selection={"cold_start_method": "random"}`` (``loop backtest --cold-start random``) makes
 round 1 a seeded random sample of the compounds at their highest dose instead, different in
-every seed (``diversity_only`` keeps coverage). On
+every seed (``diversity_only``, which runs the cold start every round, then uses coverage). On
 BBBC021 it made round 1 find 1 of the 6 hits in every seed where MaxMin, which picks the
 structural outliers (cisplatin, chlorambucil, PP-2, mitoxantrone), found 0.6 on average.
 Between rounds the virtual assay is retrained on every revealed well plus all control wells
@@ -50,12 +51,13 @@ import pandas as pd
 import torch
 
 from acquisition.objectives import phenotypic_activity as member_activity
-from acquisition.select import SelectionConfig, diversity_method, select_batch, select_cold_start
+from acquisition.select import SelectionConfig, select_batch, select_cold_start
 from acquisition.tanimoto_gp import gp_ucb_batch
 from lab_io import chem
 from lab_io import profiles as profiling
 from lab_io.profile_table import ProfileTable
 from lab_io.schema import CONTROL_COMPOUND_ID, META_COMPOUND, META_DOSE, META_PLATE, META_SMILES
+from loop.propose import diversity_method
 from models.config import FeatureAssayConfig, config_hash
 from models.ensemble import train_ensemble
 from models.training_data import FeatureTrainingSet
@@ -123,7 +125,8 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
     index = {(c, d): i for i, (c, d) in enumerate(zip(conditions[META_COMPOUND], conditions[META_DOSE]))}
     condition = np.full(len(frame), -1, dtype=np.int64)
     condition[usable] = [index[(c, float(d))] for c, d in keys.itertuples(index=False)]
-    normalized = normalized.assign(Metadata_condition=condition)  # one new column, no fragmented frame
+    normalized = normalized.copy()  # consolidated: adding a column to a fragmented frame warns
+    normalized["Metadata_condition"] = condition
     wells = normalized[(condition >= 0) | is_control].reset_index(drop=True)
     z = wells.loc[wells["Metadata_condition"] >= 0].groupby("Metadata_condition")[features].mean()
     activity = profiling.phenotypic_activity(z.to_numpy(), None)

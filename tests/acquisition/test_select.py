@@ -124,6 +124,10 @@ def test_random_cold_start_takes_each_compound_at_its_top_dose_seeded_and_unifor
     top = counts[2::3]
     assert counts.sum() == top.sum() == 2000
     assert top.min() > 60 and top.max() < 140  # expected 100 each (binomial sd ~9)
+    # empty fingerprints (unparseable SMILES) are not one compound: each condition leads its own group
+    fps[:6] = 0
+    picks = select_cold_start(fps, 60, seed=0, priority=log10_dose, method="random").indices
+    assert set(range(6)) <= set(picks[:len(compound_fps) - 2 + 6].tolist())
 
 
 def test_cold_start_method_is_validated():

@@ -56,8 +56,9 @@ def test_exploits_the_family_of_a_measured_active_and_never_repicks():
 
 def test_posterior_closed_forms():
     fps, log10_dose = _library(n=6)
+    fps[:, -1] &= 0xFE  # clear the last bit everywhere ...
     fps[5] = 0
-    fps[5, -1] = 1  # a bit no other compound has: Tanimoto 0 to every other
+    fps[5, -1] = 1  # ... so that it is a bit no other compound has: Tanimoto 0 to every other
     fps[4] = fps[0]
     log10_dose[4] = log10_dose[0]  # condition 4 is condition 0 again
     measured = np.array([True, True, True, False, False, False])
@@ -83,3 +84,30 @@ def test_errors_name_the_problem():
         gp_ucb_batch(fps, log10_dose[:5], measured, np.zeros(2), 2)
     with pytest.raises(ValueError, match="noise > 0"):
         gp_ucb_batch(fps, log10_dose, measured, np.zeros(2), 2, noise=0.0)
+    with pytest.raises(ValueError, match="beta >= 0"):
+        gp_ucb_batch(fps, log10_dose, measured, np.zeros(2), 2, beta=-1.0)
+    with pytest.raises(ValueError, match="dose_length"):
+        kernel_columns(fps, log10_dose, np.array([0]), dose_length=0.0)
+
+
+def test_one_measurement_and_constant_values_still_spread_the_batch():
+    fps, log10_dose = _library()
+    measured = np.zeros(len(fps), bool)
+    measured[0] = True  # one value: no variance to scale the prior with (clamped, not NaN)
+    picks = gp_ucb_batch(fps, log10_dose, measured, np.array([2.0]), 5)
+    assert len(set(picks.tolist())) == 5 and not measured[picks].any()
+    mean, var = gp_posterior(fps, log10_dose, measured, np.array([2.0]))
+    assert np.isfinite(mean).all() and np.isfinite(var).all() and np.allclose(mean, 2.0)
+
+
+def test_empty_fingerprints_have_no_prior_variance():
+    fps, log10_dose = _library(n=12)
+    fps[[10, 11]] = 0  # unparseable SMILES are kept with empty fingerprints
+    measured = np.zeros(12, bool)
+    measured[[0, 5]] = True
+    y = np.array([1.0, 3.0])
+    mean, var = gp_posterior(fps, log10_dose, measured, y)
+    assert var[10] == var[11] == 0.0 and mean[10] == pytest.approx(y.mean())
+    assert (var[~measured][:8] > 0).all()
+    picks = gp_ucb_batch(fps, log10_dose, measured, y, 4)
+    assert not np.isin(picks, [10, 11]).any()  # the GP knows nothing about them: not its first picks
