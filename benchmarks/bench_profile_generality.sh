@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does `loop backtest --profiles` beat random on profile tables other than BBBC021? (issue #4)
 # Builds per-well tables of real Drug Repurposing Hub drugs measured by the synthetic lab
-# (benchmarks/make_profile_table.py) and backtests each with the default four policies.
+# (benchmarks/make_profile_table.py) and backtests each with the default policies (the four of issue #4 and the GP reference gp_ucb).
 #   rich_6dose:  150 drugs x 6 doses (0.04-10 uM), 2 replicates, ~30 % of drugs active   (~8 min)
 #   rich_1dose:  300 drugs at 10 uM, 2 replicates, ~30 % active (world 12)               (~6 min)
 #   rich_1dose_b: the same in world 13, where round 1 finds no hit                       (~6 min)
