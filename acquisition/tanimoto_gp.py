@@ -72,8 +72,8 @@ def gp_ucb_batch(
         ``int64 (min(q, n_unmeasured),)`` indices in pick order.
     """
     q = check_q(q)
-    fps, log10_dose, obs, y = _check(fingerprints, log10_dose, measured, y, beta, noise, dose_length)
-    measured = as_bool_mask(measured, len(fps), "measured")
+    fps, log10_dose, measured, y = _check(fingerprints, log10_dose, measured, y, beta, noise, dose_length)
+    obs = np.flatnonzero(measured)
     n = len(fps)
     mean, var, (signal, k_obs, weights) = _posterior(fps, log10_dose, obs, y, noise, dose_length)
     blocked = measured.copy()
@@ -97,8 +97,8 @@ def gp_ucb_batch(
 def gp_posterior(fingerprints: np.ndarray, log10_dose: np.ndarray, measured: np.ndarray, y: np.ndarray, *,
                  noise: float = 0.2, dose_length: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Posterior mean and variance ``N``, ``N`` of every condition given ``y`` at ``measured``."""
-    fps, log10_dose, obs, y = _check(fingerprints, log10_dose, measured, y, 0.0, noise, dose_length)
-    mean, var, _ = _posterior(fps, log10_dose, obs, y, noise, dose_length)
+    fps, log10_dose, measured, y = _check(fingerprints, log10_dose, measured, y, 0.0, noise, dose_length)
+    mean, var, _ = _posterior(fps, log10_dose, np.flatnonzero(measured), y, noise, dose_length)
     return mean, var
 
 
@@ -128,4 +128,4 @@ def _check(fingerprints, log10_dose, measured, y, beta, noise, dose_length):
         raise ValueError("the GP needs at least one measured condition (use a cold start first)")
     if not (beta >= 0 and noise > 0 and dose_length > 0):
         raise ValueError(f"need beta >= 0, noise > 0, dose_length > 0; got {beta}, {noise}, {dose_length}")
-    return fps, log10_dose, obs, y
+    return fps, log10_dose, measured, y

@@ -18,7 +18,7 @@ from sqlmodel import select
 
 from acquisition.funnel import FunnelConfig, funnel_predict
 from acquisition.prediction_cache import PredictionCache
-from acquisition.select import COLD_START_METHODS, SelectionConfig, select_batch, select_cold_start
+from acquisition.select import SelectionConfig, select_batch, select_cold_start
 from lab_io.platemap import PlateLayoutConfig, design_plates, treatment_capacity, write_plate_files
 from lab_io.schema import WellRole
 from loop import store
@@ -42,9 +42,8 @@ MODEL_POLICIES = ("loop", "greedy_mean", "ucb_topk")
 
 def diversity_method(cold_start_method: str) -> str:
     """Cold-start method of the model-free ``diversity_only`` baseline, every round: the
-    configured one, except ``random`` (a random batch is the ``random`` baseline) -> coverage."""
-    if cold_start_method not in COLD_START_METHODS:
-        raise ValueError(f"cold-start method must be one of {COLD_START_METHODS}, got {cold_start_method!r}")
+    configured one (validated by ``SelectionConfig``), except ``random`` (a random batch is the
+    ``random`` baseline) -> coverage."""
     return "coverage" if cold_start_method == "random" else cold_start_method
 
 

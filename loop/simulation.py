@@ -93,6 +93,11 @@ class LookupLab:
     n_skipped_no_smiles: int
 
     @property
+    def log10_dose(self) -> np.ndarray:
+        """``N`` log10 dose (uM) of every condition: the cold start's priority, the GP's dose input."""
+        return np.log10(self.conditions[META_DOSE].to_numpy(dtype=float))
+
+    @property
     def n_hits(self) -> int:
         return int(self.conditions["is_hit"].sum())
 
@@ -178,14 +183,12 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
                  "exploration_fraction": 0.0} if policy == "greedy_mean" else {}
     selection_config = SelectionConfig(**{**config.selection, **overrides, "seed": seed})
     if policy == "diversity_only" or not measured.any():
-        priority = np.log10(lab.conditions[META_DOSE].to_numpy(dtype=float))  # a compound's first look: top dose
-        method = selection_config.cold_start_method
-        return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured, priority=priority,
+        method = selection_config.cold_start_method  # log10 dose as priority: a compound's first look, top dose
+        return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured, priority=lab.log10_dose,
                                  method=diversity_method(method) if policy == "diversity_only" else method).indices
     if policy == "gp_ucb":
-        log10_dose = np.log10(lab.conditions[META_DOSE].to_numpy(dtype=float))
         log_activity = np.log(np.maximum(lab.conditions["activity"].to_numpy()[measured], 1e-6))
-        return gp_ucb_batch(lab.fingerprints, log10_dose, measured, log_activity, q)
+        return gp_ucb_batch(lab.fingerprints, lab.log10_dose, measured, log_activity, q)
     values, profiles = _predict(lab, measured, config, seed, work_dir)
     return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured, profiles=profiles).indices
 
