@@ -36,7 +36,7 @@ from models.virtual_assay import VirtualAssay, check_doses, check_fingerprints
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FunnelConfig", "FunnelResult", "funnel_predict"]
+__all__ = ["FunnelConfig", "FunnelResult", "funnel_predict", "simulate_activity"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,31 @@ class FunnelResult:
     diagnostics: dict[str, Any]
 
 
+def _simulate(assay, fingerprints, inchikeys, dose_um, config: FunnelConfig, cache, seed: int):
+    simulation_seed = seed if config.simulation_seed is None else config.simulation_seed
+    return predict_with_cache(assay, fingerprints, inchikeys, dose_um, cache, seed=simulation_seed,
+                              n_cells=config.n_cells, plate_id=config.plate_id, profile_dims=config.profile_dims,
+                              batch_size=config.batch_size, chunk_size=config.chunk_size, executor=config.executor,
+                              ray_address=config.ray_address, n_shards=config.n_shards)
+
+
+def simulate_activity(
+    assay: VirtualAssay,
+    fingerprints: np.ndarray,
+    inchikeys: Sequence[str],
+    dose_um: np.ndarray,
+    *,
+    config: FunnelConfig = FunnelConfig(),
+    cache: PredictionCache | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Per-member activity ``K x n`` of given compounds with the funnel's simulation settings
+    (e.g. the measured compounds, whose predictions ``acquisition.anchor`` compares with the lab's)."""
+    fingerprints = check_fingerprints(fingerprints)
+    dose = check_doses(np.asarray(dose_um, dtype=np.float64), len(fingerprints))
+    return _simulate(assay, fingerprints, np.asarray(inchikeys, dtype=object), dose, config, cache, seed).activity
+
+
 def funnel_predict(
     assay: VirtualAssay,
     fingerprints: np.ndarray,
@@ -161,14 +186,9 @@ def funnel_predict(
     eligible[pending] = False
     eligible_idx = np.flatnonzero(eligible)
     sample_rng, surrogate_ss = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    simulation_seed = seed if config.simulation_seed is None else config.simulation_seed
-    simulate_kwargs = dict(seed=simulation_seed, n_cells=config.n_cells, plate_id=config.plate_id,
-                           profile_dims=config.profile_dims, batch_size=config.batch_size,
-                           chunk_size=config.chunk_size, executor=config.executor,
-                           ray_address=config.ray_address, n_shards=config.n_shards)
 
     def simulate(rows: np.ndarray):
-        return predict_with_cache(assay, fingerprints[rows], inchikeys[rows], dose[rows], cache, **simulate_kwargs)
+        return _simulate(assay, fingerprints[rows], inchikeys[rows], dose[rows], config, cache, seed)
 
     timings: dict[str, float] = {}
     diagnostics: dict[str, Any] = dict(n_candidates=n, n_eligible=len(eligible_idx), n_pending=len(pending),

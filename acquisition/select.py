@@ -20,9 +20,14 @@ acquisition saturates) are exactly those of ``acquisition.greedy.greedy_select``
 BoTorch's ``optimize_acqf_discrete``.  ``qLogEI`` uses the ``qEI`` gains here (same
 improvement utility; the smoothing only matters for gradients).
 
-``select_cold_start`` (no model yet) picks a representative subset of the library
-(``acquisition.coverage``: greedy facility location on Tanimoto similarity), MaxMin, or a
-seeded random sample of each compound's top-priority (highest-dose) condition.
+``select_cold_start`` (no model yet) picks a seeded random sample (``random``, the default),
+one seeded random compound from each of ``q`` coverage strata (``stratified``), a
+representative subset of the library (``coverage``: greedy facility location on Tanimoto
+similarity, ``acquisition.coverage``) or MaxMin, each compound at its top-priority (highest) dose.
+
+The loop's default batch after the cold start is not ``select_batch`` but the ensemble
+anchored on the measurements (``SelectionConfig.measurement_anchor``, ``acquisition.anchor``);
+the caller (``loop.propose``, ``loop.simulation``) routes by that flag.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 SELECTION_ACQUISITIONS = ("qUCB", "qEI", "qLogEI", "qPosteriorStandardDeviation", "thompson", "mean")
 _EXPLORATION_METHODS = ("std", "maxmin")
-COLD_START_METHODS = ("coverage", "maxmin", "random")
+COLD_START_METHODS = ("coverage", "maxmin", "random", "stratified")
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class SelectionConfig:
         max_per_scaffold: cap on picks per scaffold id (None: no cap).
         cold_start_method: batch without a model (``select_cold_start``): one of
             ``COLD_START_METHODS``.
+        measurement_anchor: pick by believer-UCB on a GP over the measurements whose prior
+            mean is the ensemble's prediction weighted by its out-of-bag skill
+            (``acquisition.anchor``; the default). The fields above except
+            ``cold_start_method`` and ``seed`` then do not apply: the GP's posterior
+            variance, shrunk by each pick, spreads the batch. False: ``select_batch``.
+        anchor_beta: UCB weight of the anchored GP's posterior standard deviation.
         seed: seeds Thompson member order and MaxMin's first pick.
     """
 
@@ -80,7 +91,9 @@ class SelectionConfig:
     exploration_fraction: float = 0.1
     exploration_method: str = "std"
     max_per_scaffold: int | None = None
-    cold_start_method: str = "coverage"
+    cold_start_method: str = "random"
+    measurement_anchor: bool = True
+    anchor_beta: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +102,8 @@ class SelectionConfig:
                              f"{list(SELECTION_ACQUISITIONS)}")
         if not self.beta >= 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not self.anchor_beta >= 0:
+            raise ValueError(f"anchor_beta must be >= 0, got {self.anchor_beta}")
         if not 0.0 <= self.diversity_penalty <= 1.0:
             raise ValueError(f"diversity_penalty must be in [0, 1], got {self.diversity_penalty}")
         if not 0.0 <= self.phenotype_penalty <= 1.0:
@@ -279,7 +294,7 @@ def select_cold_start(
     seed: int,
     exclude: np.ndarray | None = None,
     priority: np.ndarray | None = None,
-    method: str = "coverage",
+    method: str = "random",
 ) -> Selection:
     """Cold start (no model): a representative (``coverage``), spread-out (``maxmin``) or
     random (``random``) batch.
@@ -291,7 +306,10 @@ def select_cold_start(
     uniform sample of the eligible candidates; given ``priority``, only of those that lead
     their fingerprint group by it (each compound at its highest eligible dose: a primary
     screen; an empty fingerprint is a group of its own), topped up uniformly from the
-    other eligible candidates when there are fewer than ``q`` of those.
+    other eligible candidates when there are fewer than ``q`` of those. ``stratified``
+    splits those leaders into ``q`` strata by their most similar ``coverage`` pick and draws
+    one uniformly from each: representative like ``coverage``, but a different batch in
+    every seed, and each stratum's central compound is no likelier than its others.
 
     Args:
         fingerprints: ``uint8 N x 256`` packed fingerprints.
@@ -313,6 +331,8 @@ def select_cold_start(
         indices = coverage_select(fps, q, seed, exclude, priority, covered=np.flatnonzero(exclude))
     elif method == "random":
         indices = _random_leaders(fps, q, seed, exclude, check_priority(priority, len(fps)))
+    elif method == "stratified":
+        indices = _stratified_leaders(fps, q, seed, exclude, check_priority(priority, len(fps)))
     else:
         indices = maxmin_select(fps, q, seed, exclude, priority)
     if len(indices) < q:
@@ -328,23 +348,50 @@ def select_cold_start(
     )
 
 
+def _leaders(fps: np.ndarray, exclude: np.ndarray, priority: np.ndarray | None) -> np.ndarray:
+    """Eligible candidates with the top ``priority`` of their fingerprint (all eligible without one)."""
+    eligible = np.flatnonzero(~exclude)
+    if priority is None:
+        return eligible
+    _, group = np.unique(fps[eligible], axis=0, return_inverse=True)  # identical fingerprints
+    group = group.ravel()
+    empty = ~fps[eligible].any(axis=1)  # unparseable SMILES: not one compound, each its own group
+    group[empty] = group.max() + 1 + np.arange(int(empty.sum()))
+    best = np.full(group.max() + 1 if len(group) else 0, -np.inf)
+    np.maximum.at(best, group, priority[eligible])
+    return eligible[priority[eligible] == best[group]]
+
+
+def _fill(picks: np.ndarray, q: int, exclude: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Top ``picks`` up to ``q`` with uniform picks from the other eligible candidates."""
+    if len(picks) < q:
+        rest = np.setdiff1d(np.flatnonzero(~exclude), picks)
+        picks = np.concatenate([picks, rng.choice(rest, size=min(q - len(picks), len(rest)), replace=False)])
+    return np.asarray(picks, dtype=np.int64)
+
+
 def _random_leaders(fps: np.ndarray, q: int, seed: int, exclude: np.ndarray,
                     priority: np.ndarray | None) -> np.ndarray:
     """Seeded uniform picks among eligible candidates with the top ``priority`` of their fingerprint."""
-    eligible = np.flatnonzero(~exclude)
     rng = np.random.default_rng(seed)
-    if priority is None:
-        leaders = eligible
-    else:
-        _, group = np.unique(fps[eligible], axis=0, return_inverse=True)  # identical fingerprints
-        group = group.ravel()
-        empty = ~fps[eligible].any(axis=1)  # unparseable SMILES: not one compound, each its own group
-        group[empty] = group.max() + 1 + np.arange(int(empty.sum()))
-        best = np.full(group.max() + 1 if len(group) else 0, -np.inf)
-        np.maximum.at(best, group, priority[eligible])
-        leaders = eligible[priority[eligible] == best[group]]
-    picks = rng.choice(leaders, size=min(q, len(leaders)), replace=False)
-    if len(picks) < q:  # every leader taken: fill from the rest of the eligible candidates
-        rest = np.setdiff1d(eligible, picks)
-        picks = np.concatenate([picks, rng.choice(rest, size=min(q - len(picks), len(rest)), replace=False)])
-    return picks.astype(np.int64)
+    leaders = _leaders(fps, exclude, priority)
+    return _fill(rng.choice(leaders, size=min(q, len(leaders)), replace=False), q, exclude, rng)
+
+
+def _stratified_leaders(fps: np.ndarray, q: int, seed: int, exclude: np.ndarray,
+                        priority: np.ndarray | None, max_pool: int = 16_384, chunk: int = 8_192) -> np.ndarray:
+    """One seeded uniform pick per coverage stratum: the ``q`` facility-location centres split the
+    leaders (as in ``_random_leaders``; above ``max_pool`` a seeded uniform sample of them, which
+    keeps the Tanimoto assignment at ``max_pool x q``) by their most similar centre."""
+    rng = np.random.default_rng([seed, 13])
+    centres = coverage_select(fps, q, seed, exclude, priority, covered=np.flatnonzero(exclude))
+    leaders = _leaders(fps, exclude, priority)
+    if len(leaders) > max(max_pool, q):
+        leaders = np.sort(rng.choice(leaders, size=max(max_pool, q), replace=False))
+    if len(centres) == 0 or len(leaders) == 0:
+        return _fill(np.zeros(0, dtype=np.int64), q, exclude, rng)
+    stratum = np.concatenate([tanimoto_matrix(fps[leaders[i:i + chunk]], fps[centres]).argmax(axis=1)
+                              for i in range(0, len(leaders), chunk)])
+    picks = [rng.choice(leaders[stratum == k]) if (stratum == k).any() else centre
+             for k, centre in enumerate(centres)]
+    return _fill(np.unique(picks), q, exclude, rng)

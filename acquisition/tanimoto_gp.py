@@ -19,6 +19,12 @@ measurements?" (``loop backtest --profiles``, policy ``gp_ucb``). Cost per batch
 ``O(n^3 + n^2 N + q (n + q) N)`` for ``n`` measured and ``N`` candidates, plus the
 ``(n + q) N`` Tanimoto popcounts; no ``N x N`` matrix. Deterministic: no seed.
 
+``prior_mean`` replaces the constant prior mean by any ``N`` vector (the loop passes the
+virtual assay's calibrated prediction, ``acquisition.anchor``): the GP then models the
+residuals ``y - prior_mean`` (a constant plus the kernel above, ``s2`` their variance), so
+the posterior is the prior mean corrected near measured conditions. ``pending`` conditions
+(plates in the lab) are never picked and are conditioned on first, like earlier picks.
+
 A condition with an empty fingerprint (an unparseable SMILES) has Tanimoto 0 to
 everything, itself included, so its prior variance is 0: the GP knows nothing about it
 and ranks it at the prior mean, below every condition it is uncertain about.
@@ -55,65 +61,82 @@ def gp_ucb_batch(
     beta: float = 1.0,
     noise: float = 0.2,
     dose_length: float = 1.0,
+    prior_mean: np.ndarray | None = None,
+    pending: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``q`` distinct unmeasured conditions by believer-UCB on the GP posterior.
+    """``q`` distinct unmeasured, non-pending conditions by believer-UCB on the GP posterior.
 
     Args:
         fingerprints: ``uint8 N x 256`` packed Morgan fingerprints.
         log10_dose: ``N`` log10 dose (uM); a constant for single-dose libraries.
         measured: ``N`` boolean mask of measured conditions (never picked).
         y: values at ``measured`` (in index order), e.g. log phenotypic activity.
-        q: batch size (> 0); fewer picks when fewer conditions are unmeasured.
+        q: batch size (> 0); fewer picks when fewer conditions are eligible.
         beta: UCB weight of the posterior standard deviation (>= 0).
         noise: noise variance as a share of the signal variance (> 0).
         dose_length: length scale of the dose factor in decades (> 0).
+        prior_mean: ``N`` prior mean (default: constant, the mean of ``y``).
+        pending: ``N`` boolean mask of conditions in flight: never picked, believed first.
 
     Returns:
-        ``int64 (min(q, n_unmeasured),)`` indices in pick order.
+        ``int64 (min(q, n_eligible),)`` indices in pick order.
     """
     q = check_q(q)
-    fps, log10_dose, measured, y = _check(fingerprints, log10_dose, measured, y, beta, noise, dose_length)
+    fps, log10_dose, measured, y, prior_mean = _check(fingerprints, log10_dose, measured, y, beta, noise,
+                                                      dose_length, prior_mean)
+    pending = np.zeros(len(fps), dtype=bool) if pending is None else as_bool_mask(pending, len(fps), "pending")
+    pending = pending & ~measured
     obs = np.flatnonzero(measured)
-    n = len(fps)
-    mean, var, (signal, k_obs, weights) = _posterior(fps, log10_dose, obs, y, noise, dose_length)
-    blocked = measured.copy()
-    believed: list[np.ndarray] = []  # scaled posterior covariance columns of earlier picks
+    mean, var, (signal, k_obs, weights) = _posterior(fps, log10_dose, obs, y, prior_mean, noise, dose_length)
+    believed: list[np.ndarray] = []  # scaled posterior covariance columns of pending and earlier picks
+
+    def believe(index: int) -> np.ndarray:
+        """Condition on ``index`` as if measured at its posterior mean: only the variance shrinks."""
+        column = signal * kernel_columns(fps, log10_dose, np.array([index]), dose_length)[:, 0]
+        column -= weights.T @ k_obs[index]  # posterior cov(., index) given the measurements
+        for earlier in believed:  # ... and given the pending conditions and earlier picks
+            column -= earlier * earlier[index]
+        column /= np.sqrt(max(column[index] + noise * signal, 1e-12))
+        believed.append(column)
+        return np.maximum(var - column ** 2, 0.0)
+
+    for index in np.flatnonzero(pending):
+        var = believe(int(index))
+    blocked = measured | pending
     picks: list[int] = []
-    for _ in range(min(q, n - len(obs))):
+    for _ in range(min(q, int((~blocked).sum()))):
         score = np.where(blocked, -np.inf, mean + beta * np.sqrt(var))
         pick = int(np.argmax(score))
         picks.append(pick)
         blocked[pick] = True
-        column = signal * kernel_columns(fps, log10_dose, np.array([pick]), dose_length)[:, 0]
-        column -= weights.T @ k_obs[pick]  # posterior cov(., pick) given the measurements
-        for earlier in believed:  # ... and given the earlier picks
-            column -= earlier * earlier[pick]
-        column /= np.sqrt(max(column[pick] + noise * signal, 1e-12))
-        believed.append(column)
-        var = np.maximum(var - column ** 2, 0.0)
+        var = believe(pick)
     return np.asarray(picks, dtype=np.int64)
 
 
 def gp_posterior(fingerprints: np.ndarray, log10_dose: np.ndarray, measured: np.ndarray, y: np.ndarray, *,
-                 noise: float = 0.2, dose_length: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                 noise: float = 0.2, dose_length: float = 1.0,
+                 prior_mean: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Posterior mean and variance ``N``, ``N`` of every condition given ``y`` at ``measured``."""
-    fps, log10_dose, measured, y = _check(fingerprints, log10_dose, measured, y, 0.0, noise, dose_length)
-    mean, var, _ = _posterior(fps, log10_dose, np.flatnonzero(measured), y, noise, dose_length)
+    fps, log10_dose, measured, y, prior_mean = _check(fingerprints, log10_dose, measured, y, 0.0, noise,
+                                                      dose_length, prior_mean)
+    mean, var, _ = _posterior(fps, log10_dose, np.flatnonzero(measured), y, prior_mean, noise, dose_length)
     return mean, var
 
 
-def _posterior(fps, log10_dose, obs, y, noise, dose_length):
-    signal = max(float(y.var()), 1e-6)
+def _posterior(fps, log10_dose, obs, y, prior_mean, noise, dose_length):
+    residual = y - prior_mean[obs]  # n: what the prior mean does not explain
+    offset = residual.mean()
+    signal = max(float(residual.var()), 1e-6)
     k_obs = signal * kernel_columns(fps, log10_dose, obs, dose_length)  # N x n
     gram = k_obs[obs] + noise * signal * np.eye(len(obs))  # n x n
     weights = np.linalg.solve(gram, k_obs.T)  # n x N
-    mean = y.mean() + weights.T @ (y - y.mean())  # N
+    mean = prior_mean + offset + weights.T @ (residual - offset)  # N
     prior_var = signal * fps.any(axis=1)  # N: Tanimoto(x, x) is 1, or 0 for an empty fingerprint
     var = np.maximum(prior_var - (k_obs * weights.T).sum(axis=1), 0.0)  # N
     return mean, var, (signal, k_obs, weights)
 
 
-def _check(fingerprints, log10_dose, measured, y, beta, noise, dose_length):
+def _check(fingerprints, log10_dose, measured, y, beta, noise, dose_length, prior_mean):
     fps = check_fingerprints(fingerprints)
     n = len(fps)
     measured = as_bool_mask(measured, n, "measured")
@@ -128,4 +151,9 @@ def _check(fingerprints, log10_dose, measured, y, beta, noise, dose_length):
         raise ValueError("the GP needs at least one measured condition (use a cold start first)")
     if not (beta >= 0 and noise > 0 and dose_length > 0):
         raise ValueError(f"need beta >= 0, noise > 0, dose_length > 0; got {beta}, {noise}, {dose_length}")
-    return fps, log10_dose, measured, y
+    if prior_mean is None:
+        prior_mean = np.zeros(n)
+    prior_mean = np.asarray(prior_mean, dtype=np.float64)
+    if prior_mean.shape != (n,) or not np.isfinite(prior_mean).all():
+        raise ValueError(f"prior_mean must be {n} finite numbers, got shape {prior_mean.shape}")
+    return fps, log10_dose, measured, y, prior_mean

@@ -253,9 +253,10 @@ def backtest(
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Keep the simulated campaigns here."),
     cold_start: Optional[str] = typer.Option(None, "--cold-start",
                                              help="Cold start (round 1 of the model policies; every round of "
-                                                  "diversity_only, which keeps coverage for random): coverage "
-                                                  "(default), maxmin, or random (a seeded sample, each compound at "
-                                                  "its top dose)."),
+                                                  "diversity_only, which uses coverage unless maxmin): random "
+                                                  "(default: a seeded sample, each compound at its top dose), "
+                                                  "stratified (one seeded pick per coverage stratum), coverage or "
+                                                  "maxmin."),
 ):
     """Simulated rounds, the loop's policy against baselines; cumulative fraction of hits found."""
     from loop.backtest import BacktestConfig, plot_curves, run_backtest

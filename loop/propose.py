@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from sqlmodel import select
 
-from acquisition.funnel import FunnelConfig, funnel_predict
+from acquisition.anchor import anchored_ucb_batch
+from acquisition.funnel import FunnelConfig, funnel_predict, simulate_activity
 from acquisition.prediction_cache import PredictionCache
 from acquisition.select import SelectionConfig, select_batch, select_cold_start
 from lab_io.platemap import PlateLayoutConfig, design_plates, treatment_capacity, write_plate_files
@@ -30,21 +31,26 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("loop", "random", "greedy_mean", "ucb_topk", "diversity_only")
 # Model-based policies differ only in how the batch is selected from the ensemble's predictions:
-#   loop        the campaign's SelectionConfig (qUCB + Tanimoto penalty + exploration fraction)
+#   loop        the campaign's SelectionConfig (default: believer-UCB on a GP over the measurements whose
+#               prior mean is the ensemble's prediction weighted by its out-of-bag skill, acquisition.anchor;
+#               measurement_anchor=False: qUCB + Tanimoto penalty + exploration fraction)
 #   greedy_mean mean predicted activity, top-k (no diversity, no exploration)
 #   ucb_topk    qUCB joint greedy without diversity or exploration (saturates after ~K picks)
 _POLICY_SELECTION = {
-    "greedy_mean": dict(acquisition="mean", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0),
-    "ucb_topk": dict(acquisition="qUCB", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0),
+    "greedy_mean": dict(acquisition="mean", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0,
+                        measurement_anchor=False),
+    "ucb_topk": dict(acquisition="qUCB", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0,
+                     measurement_anchor=False),
 }
 MODEL_POLICIES = ("loop", "greedy_mean", "ucb_topk")
 
 
 def diversity_method(cold_start_method: str) -> str:
     """Cold-start method of the model-free ``diversity_only`` baseline, every round: the
-    configured one (validated by ``SelectionConfig``), except ``random`` (a random batch is the
-    ``random`` baseline) -> coverage."""
-    return "coverage" if cold_start_method == "random" else cold_start_method
+    configured one (validated by ``SelectionConfig``) if it is a deterministic diversity method
+    (``coverage``, ``maxmin``), else coverage (``random`` is the ``random`` baseline, and
+    ``stratified`` is random within coverage strata)."""
+    return cold_start_method if cold_start_method in ("coverage", "maxmin") else "coverage"
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ def candidate_table(campaign: Campaign) -> tuple[pd.DataFrame, np.ndarray]:
     compounds = load_compounds(campaign)
     with campaign.session() as session:
         measured = set(session.exec(select(store.Measurement.compound_id).where(
-            store.Measurement.compound_id.is_not(None))).all())
+            store.Measurement.compound_id.is_not(None), store.Measurement.dose_um > 0)).all())
         pending = set(session.exec(
             select(store.Well.compound_id)
             .join(store.Plate, store.Plate.barcode == store.Well.barcode)
@@ -115,11 +121,51 @@ def choose_compounds(
     funnel = funnel_predict(model, fps, candidates["inchikey"].to_numpy(), campaign.config.dose_um,
                             pending=np.flatnonzero(pending), config=funnel_cfg,
                             cache=PredictionCache(campaign.root / "cache"), seed=seed)
+    measured = measured_conditions(campaign) if sel_cfg.measurement_anchor else None
+    if measured is not None and len(measured):
+        chosen = _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed)
+        return funnel.indices[chosen], _summary(chosen, funnel.values, "anchored_gp_ucb"), model.version
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
                              best_f=_best_observed_activity(campaign), profiles=funnel.profiles)
     picks = funnel.indices[selection.indices]  # rows of `candidates`
     return picks, _summary(selection.indices, funnel.values, sel_cfg.acquisition, selection.acq_values), \
         model.version
+
+
+def measured_conditions(campaign: Campaign) -> pd.DataFrame:
+    """One row per measured (compound, dose): compound_id, dose_um, inchikey, fp_row and the mean
+    phenotypic activity of its treatment wells (wells without cells or without a dose are left out)."""
+    with campaign.session() as session:
+        rows = session.exec(select(store.Measurement.compound_id, store.Measurement.dose_um,
+                                   store.Measurement.activity).where(
+            store.Measurement.role == WellRole.treatment.value, store.Measurement.activity.is_not(None),
+            store.Measurement.compound_id.is_not(None), store.Measurement.dose_um > 0)).all()
+    wells = pd.DataFrame(rows, columns=["compound_id", "dose_um", "activity"])
+    conditions = wells.groupby(["compound_id", "dose_um"], as_index=False)["activity"].mean()
+    compounds = load_compounds(campaign)[["compound_id", "inchikey", "fp_row"]]
+    return conditions.merge(compounds, on="compound_id", how="inner")
+
+
+def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed) -> np.ndarray:
+    """Believer-UCB on the anchored GP (``acquisition.anchor``) over the measured conditions and the
+    funnel's candidates; returns positions in ``funnel.indices``."""
+    measured_fps = np.asarray(campaign.load_fingerprints())[measured["fp_row"].to_numpy()]
+    measured_values = simulate_activity(model, measured_fps, measured["inchikey"].to_numpy(),
+                                        measured["dose_um"].to_numpy(), config=funnel_cfg,
+                                        cache=PredictionCache(campaign.root / "cache"), seed=seed)
+    n_measured, n_candidates = len(measured), len(funnel.indices)
+    dose_um = np.concatenate([measured["dose_um"].to_numpy(float), np.full(n_candidates, campaign.config.dose_um)])
+    is_measured = np.arange(n_measured + n_candidates) < n_measured
+    pending = np.zeros(n_measured + n_candidates, dtype=bool)
+    pending[n_measured + funnel.pending] = True
+    out_of_bag = model.out_of_bag(measured["compound_id"].tolist()) if hasattr(model, "out_of_bag") else None
+    picks, anchor = anchored_ucb_batch(
+        np.concatenate([measured_values, funnel.values], axis=1), np.concatenate([measured_fps, fps[funnel.indices]]),
+        np.log10(dose_um), is_measured, measured["activity"].to_numpy(float), q, out_of_bag=out_of_bag,
+        pending=pending, beta=sel_cfg.anchor_beta)
+    log.info("anchored GP over %d measured conditions: ensemble weight %.2f (fitted on %d out-of-bag)",
+             n_measured, anchor.weight, anchor.n_out_of_bag)
+    return picks - n_measured
 
 
 def _best_observed_activity(campaign: Campaign) -> float | None:

@@ -14,21 +14,23 @@ Each round, a policy picks ``batch_size`` conditions:
     representative subset by greedy facility location on Morgan fingerprints, measured
     conditions counted as covered; ``acquisition.coverage``);
   - ``greedy_mean``: the virtual assay's mean predicted activity, top-k (no diversity);
-  - ``loop``: the default proposal policy (``acquisition.select.select_batch``: qUCB over the
-    ensemble with a Tanimoto penalty and an exploration fraction);
+  - ``loop``: the default proposal policy: believer-UCB on a GP over the measured conditions
+    whose prior mean is the virtual assay's predicted log activity, weighted by how well the
+    members predicted the measured conditions their bootstrap left out (``acquisition.anchor``);
+    with ``selection={"measurement_anchor": False}`` the ensemble-only ``select_batch`` (qUCB
+    over the members with a Tanimoto penalty and an exploration fraction);
   - ``gp_ucb``: a reference without a virtual assay: the loop's cold start, then believer-UCB
     on a GP of measured log activity (Tanimoto x log-dose kernel, fixed hyperparameters, beta 1;
     ``acquisition.tanimoto_gp``; ignores ``selection`` and the seed after round 1). It shows
     whether the virtual assay beats a plain small-data optimiser on this table.
 Round 1 of the model-based policies is the cold-start batch (no data yet), which takes
 each compound at its highest dose (identical fingerprints tie; ``log10 dose`` breaks the tie).
-The coverage cold start is deterministic for tables up to ``DEFAULT_MAX_POOL`` conditions, so
-seeds share round 1 of ``loop`` and ``greedy_mean`` and differ in the models after it;
-``selection={"cold_start_method": "random"}`` (``loop backtest --cold-start random``) makes
-round 1 a seeded random sample of the compounds at their highest dose instead, different in
-every seed (``diversity_only``, which runs the cold start every round, then uses coverage). On
-BBBC021 it made round 1 find 1 of the 6 hits in every seed where MaxMin, which picks the
-structural outliers (cisplatin, chlorambucil, PP-2, mitoxantrone), found 0.6 on average.
+By default it is a seeded random sample of those (``SelectionConfig.cold_start_method``,
+``loop backtest --cold-start``), different in every seed. The ``coverage`` cold start is
+deterministic for tables up to ``DEFAULT_MAX_POOL`` conditions, so all seeds would share
+round 1 and each table would be one bet (it was the default until that bet was measured to
+lose on 3 of 10 tables); ``stratified`` draws one compound per coverage stratum.
+``diversity_only`` runs the cold start every round, with coverage unless ``maxmin``.
 Between rounds the virtual assay is retrained on every revealed well plus all control wells
 (which a lab measures on every plate), each well profile playing the part of one cell; a
 profile table has many more control wells than revealed ones, so half of each training batch
@@ -50,6 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from acquisition.anchor import anchored_ucb_batch, log_activity
 from acquisition.objectives import phenotypic_activity as member_activity
 from acquisition.select import SelectionConfig, select_batch, select_cold_start
 from acquisition.tanimoto_gp import gp_ucb_batch
@@ -160,8 +163,9 @@ def _training_cells(lab: LookupLab, measured: np.ndarray) -> tuple[pd.DataFrame,
 
 
 def _predict(lab: LookupLab, measured: np.ndarray, config: LookupBacktestConfig, seed: int,
-             work_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Per-member activity ``K x N`` and predicted profiles ``K x N x F`` of every condition."""
+             work_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-member activity ``K x N`` and predicted profiles ``K x N x F`` of every condition, and
+    ``K x n`` True where a member's bootstrap left measured condition ``i`` out."""
     cells, lookup = _training_cells(lab, measured)
     train_set = FeatureTrainingSet.from_dataframe(cells, lookup, seed=seed, feature_names=lab.features,
                                                   normalization="standard", source="profile table")
@@ -170,7 +174,8 @@ def _predict(lab: LookupLab, measured: np.ndarray, config: LookupBacktestConfig,
     ensemble = train_ensemble(train_set, assay_config, work_dir / f"model-{version}")
     profiles = ensemble.predict_profiles(lab.fingerprints, lab.conditions[META_DOSE].to_numpy(),
                                          n_cells=config.n_predict_cells, seed=seed)
-    return member_activity(torch.from_numpy(profiles)).numpy(), profiles
+    out_of_bag = ensemble.out_of_bag([f"cond-{i}" for i in np.flatnonzero(measured)])
+    return member_activity(torch.from_numpy(profiles)).numpy(), profiles, out_of_bag
 
 
 def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: LookupBacktestConfig, seed: int,
@@ -180,16 +185,22 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
     if policy == "random":
         return rng.choice(eligible, size=q, replace=False)
     overrides = {"acquisition": "mean", "diversity_penalty": 0.0, "phenotype_penalty": 0.0,
-                 "exploration_fraction": 0.0} if policy == "greedy_mean" else {}
+                 "exploration_fraction": 0.0, "measurement_anchor": False} if policy == "greedy_mean" else {}
     selection_config = SelectionConfig(**{**config.selection, **overrides, "seed": seed})
     if policy == "diversity_only" or not measured.any():
         method = selection_config.cold_start_method  # log10 dose as priority: a compound's first look, top dose
         return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured, priority=lab.log10_dose,
                                  method=diversity_method(method) if policy == "diversity_only" else method).indices
+    activity = lab.conditions["activity"].to_numpy()[measured]
     if policy == "gp_ucb":
-        log_activity = np.log(np.maximum(lab.conditions["activity"].to_numpy()[measured], 1e-6))
-        return gp_ucb_batch(lab.fingerprints, lab.log10_dose, measured, log_activity, q)
-    values, profiles = _predict(lab, measured, config, seed, work_dir)
+        return gp_ucb_batch(lab.fingerprints, lab.log10_dose, measured, log_activity(activity), q)
+    values, profiles, out_of_bag = _predict(lab, measured, config, seed, work_dir)
+    if selection_config.measurement_anchor:
+        picks, anchor = anchored_ucb_batch(values, lab.fingerprints, lab.log10_dose, measured, activity, q,
+                                           out_of_bag=out_of_bag, beta=selection_config.anchor_beta)
+        log.debug("anchored GP: ensemble weight %.2f from %d out-of-bag conditions", anchor.weight,
+                  anchor.n_out_of_bag)
+        return picks
     return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured, profiles=profiles).indices
 
 

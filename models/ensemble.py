@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -104,6 +105,12 @@ class FeatureAssayEnsemble:
                 m.predict_cells(fingerprint, dose_um, n_cells=n_cells, seed=seed, plate_id=plate_id)
                 for m in self.members
             ])
+
+    def out_of_bag(self, compound_ids: Sequence[str]) -> np.ndarray:
+        """``bool K x n``: True where member ``k`` did not train on compound ``i`` (its bootstrap
+        left it out, or it was never in the training data): that member's prediction of it is
+        out of sample (``acquisition.anchor`` fits its trust in the ensemble on those)."""
+        return ~np.stack([m.in_bag(compound_ids) for m in self.members])
 
 
 def train_ensemble(

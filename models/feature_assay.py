@@ -47,6 +47,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -158,6 +159,8 @@ class FeatureAssayMember:
     seed: int
     data_fingerprint: str
     member_dir: Path
+    bootstrap: bool = False
+    compound_ids: tuple[str, ...] | None = None  # training compounds (None: written before they were saved)
 
     @classmethod
     def load(cls, member_dir: Path, *, device: torch.device | str = "cpu") -> "FeatureAssayMember":
@@ -176,7 +179,24 @@ class FeatureAssayMember:
         net.load_state_dict(state["model"])
         net.to(device).eval()
         return cls(net, config, normalization, tuple(meta["plate_ids"]), tuple(meta["feature_names"]),
-                   int(meta["seed"]), str(meta["data_fingerprint"]), member_dir)
+                   int(meta["seed"]), str(meta["data_fingerprint"]), member_dir, bool(meta.get("bootstrap", False)),
+                   tuple(meta["compound_ids"]) if "compound_ids" in meta else None)
+
+    def in_bag(self, compound_ids: Sequence[str]) -> np.ndarray:
+        """``n`` bool: True where the member trained on the compound (its bootstrap drew it).
+
+        Compounds outside its training set are out of bag. A member saved before its
+        training compounds were recorded counts every compound as in bag (no honest
+        prediction can be claimed for any).
+        """
+        compound_ids = [str(c) for c in compound_ids]
+        if self.compound_ids is None:
+            return np.ones(len(compound_ids), dtype=bool)
+        drawn = set(self.compound_ids)
+        if self.bootstrap and self.compound_ids:
+            draws = bootstrap_draws(len(self.compound_ids), self.seed)
+            drawn = {self.compound_ids[i] for i in np.unique(draws)}
+        return np.array([c in drawn for c in compound_ids], dtype=bool)
 
     @property
     def device(self) -> torch.device:
@@ -407,6 +427,12 @@ def train_member(
     return out_dir
 
 
+def bootstrap_draws(n_compounds: int, seed: int) -> np.ndarray:
+    """``n_compounds`` compound indices drawn with replacement: member ``seed``'s resample."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "bootstrap"))
+    return torch.randint(n_compounds, (n_compounds,), generator=gen).numpy()
+
+
 def _member_identity(train_set: FeatureTrainingSet, config: FeatureAssayConfig, seed: int, bootstrap: bool) -> dict:
     return {"config": config.to_dict(), "seed": int(seed), "bootstrap": bool(bootstrap),
             "data_fingerprint": train_set.data_fingerprint}
@@ -424,9 +450,7 @@ def _check_identity(out_dir: Path, stored: dict, identity: dict) -> None:
 def _member_tensors(train_set, config, seed, bootstrap, device):
     """Training tensors (after the compound bootstrap): x_1 ``c x F``, compound ``c``, log-dose ``c``, plate ``c``."""
     if bootstrap and train_set.n_compounds > 0:
-        gen = torch.Generator().manual_seed(derive_seed(seed, "bootstrap"))
-        draws = torch.randint(train_set.n_compounds, (train_set.n_compounds,), generator=gen).numpy()
-        idx = train_set.bootstrap_cells(draws)
+        idx = train_set.bootstrap_cells(bootstrap_draws(train_set.n_compounds, seed))
     else:
         idx = np.arange(train_set.n_cells)
     # fancy indexing copies, so the tensors never alias (possibly read-only) training arrays
@@ -506,6 +530,7 @@ def _write_member(out_dir, net, ema, train_set, config, identity, history, train
         "plate_ids": list(train_set.plate_ids),
         "n_train_cells": int(n_train_cells),
         "n_compounds": train_set.n_compounds,
+        "compound_ids": list(train_set.compound_ids),  # with seed and bootstrap: the member's bag
         "build_options": train_set.build_options,
         "train_seconds": round(train_seconds, 3),
         "torch_version": torch.__version__,

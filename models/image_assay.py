@@ -56,7 +56,7 @@ from lab_io.morphology import cell_feature_names, featurize_crops
 from models.image_autoencoder import AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, train_autoencoder
 from models.image_dit import ImageDiT
 from models.image_flow import (
-    ChannelNorm, FlowConfig, LatentData, centre_crop, sample_latents, sampling_condition, save_json, save_torch,
+    ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, sample_latents, sampling_condition, save_json, save_torch,
     source_indices, train_flow,
 )
 from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells
@@ -375,6 +375,7 @@ class ImageAssay:
         self.n_members = len(members)
         self.feature_names: list[str] = cell_feature_names(self.channel_names)
         self.version: str = meta["version"]
+        self.member_indices: list[int] = list(range(len(members)))  # which trained members (``load(members=)``)
 
     @classmethod
     def load(cls, model_dir: str | Path, *, members: Sequence[int] | None = None) -> "ImageAssay":
@@ -397,8 +398,22 @@ class ImageAssay:
             nets.append(net.eval())
         bank = {p: PlateControls(v["z"].float(), v["images"]) if isinstance(v, dict) else PlateControls(v.float())
                 for p, v in torch.load(d / BANK_FILE, weights_only=False).items()}
-        return cls(d, meta, config, ChannelNorm.from_dict(nd["intensity"]), LatentNorm(**nd["latent"]),
-                   ae.eval(), nets, bank)
+        assay = cls(d, meta, config, ChannelNorm.from_dict(nd["intensity"]), LatentNorm(**nd["latent"]),
+                    ae.eval(), nets, bank)
+        assay.member_indices = idx
+        return assay
+
+    def out_of_bag(self, compound_ids: Sequence[str]) -> np.ndarray:
+        """``bool K x n``: True where member ``k`` did not train on compound ``i`` (its bootstrap of
+        the training compounds left it out, or it is not one of them, e.g. a campaign's compounds
+        for an assay trained on another image set)."""
+        compounds = {str(c): i for i, c in enumerate(self.meta["compounds"])}
+        rows = []
+        for k in self.member_indices:
+            drawn = bootstrap_compound_weights(len(compounds), member_seed(self.config.seed, k),
+                                               self.config.flow.bootstrap) > 0
+            rows.append([str(c) not in compounds or not drawn[compounds[str(c)]] for c in compound_ids])
+        return np.asarray(rows, dtype=bool).reshape(len(self.member_indices), len(compound_ids))
 
     @property
     def device(self) -> torch.device:

@@ -130,12 +130,39 @@ def test_random_cold_start_takes_each_compound_at_its_top_dose_seeded_and_unifor
     assert set(range(6)) <= set(picks[:len(compound_fps) - 2 + 6].tolist())
 
 
+def test_stratified_cold_start_draws_one_leader_per_coverage_stratum():
+    _, fps, cluster = clustered_library(n_clusters=4, per_cluster=10)
+    fps = np.repeat(fps, 2, axis=0)  # 40 compounds at 2 doses each
+    cluster = np.repeat(cluster, 2)
+    log10_dose = np.tile([0.0, 1.0], 40)
+    picks = [select_cold_start(fps, 4, seed=s, priority=log10_dose, method="stratified").indices
+             for s in range(60)]
+    for batch in picks:
+        assert len(batch) == 4 and (log10_dose[batch] == 1.0).all()  # each compound at its top dose
+        assert np.array_equal(np.sort(cluster[batch]), np.arange(4))  # one per structural cluster (stratum)
+    assert np.array_equal(picks[0], select_cold_start(fps, 4, seed=0, priority=log10_dose,
+                                                      method="stratified").indices)
+    exclude = np.zeros(80, bool)
+    exclude[[1, 3]] = True  # compounds 0 and 1 measured at their top dose: their low dose leads now
+    for s in range(20):
+        batch = select_cold_start(fps, 8, seed=s, exclude=exclude, priority=log10_dose, method="stratified").indices
+        assert len(set(batch.tolist())) == 8 and not exclude[batch].any()
+        assert all(log10_dose[i] == 1.0 or exclude[i + 1] for i in batch)
+    assert len({tuple(p) for p in picks}) > 30  # a different batch in (almost) every seed
+    counts = np.bincount(np.concatenate(picks), minlength=80)
+    assert (counts[cluster == 2] > 0).sum() >= 8  # draws spread over a stratum, not its centre alone
+    more = select_cold_start(fps, 50, seed=1, priority=log10_dose, method="stratified").indices
+    assert len(set(more.tolist())) == 50  # more strata than leaders: topped up, distinct
+
+
 def test_cold_start_method_is_validated():
     _, fps, _ = clustered_library()
     with pytest.raises(ValueError, match="cold-start method"):
         select_cold_start(fps, 3, seed=0, method="kmeans")
     with pytest.raises(ValueError, match="cold_start_method"):
         SelectionConfig(cold_start_method="kmeans")
+    with pytest.raises(ValueError, match="anchor_beta must be >= 0"):
+        SelectionConfig(anchor_beta=-0.5)
 
 
 def test_narrow_errors_at_public_entry():

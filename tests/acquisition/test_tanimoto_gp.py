@@ -111,3 +111,37 @@ def test_empty_fingerprints_have_no_prior_variance():
     assert (var[~measured][:8] > 0).all()
     picks = gp_ucb_batch(fps, log10_dose, measured, y, 4)
     assert not np.isin(picks, [10, 11]).any()  # the GP knows nothing about them: not its first picks
+
+
+def test_prior_mean_is_corrected_by_the_residuals():
+    fps, log10_dose = _library(n=30)
+    kernel = tanimoto_matrix(fps, fps).astype(np.float64) * np.exp(-(log10_dose[:, None] - log10_dose) ** 2 / 2)
+    measured = np.zeros(30, bool)
+    measured[[1, 4, 17, 25]] = True
+    y = np.array([1.0, 0.5, 2.0, -1.0])
+    prior_mean = np.linspace(-1.0, 1.0, 30)
+    mean, var = gp_posterior(fps, log10_dose, measured, y, prior_mean=prior_mean)
+    residual = y - prior_mean[measured]  # the GP models what the prior mean does not explain
+    expected_mean, expected_var = _direct_posterior(kernel, np.flatnonzero(measured), residual, [], 0.2)
+    assert np.allclose(mean, prior_mean + expected_mean) and np.allclose(var, expected_var)
+    # a constant prior mean is absorbed by the residuals' constant: same posterior, same picks
+    assert np.allclose(gp_posterior(fps, log10_dose, measured, y, prior_mean=np.full(30, 7.0))[0],
+                       gp_posterior(fps, log10_dose, measured, y)[0])
+    assert (gp_ucb_batch(fps, log10_dose, measured, y, 5, prior_mean=np.full(30, -3.0)).tolist()
+            == gp_ucb_batch(fps, log10_dose, measured, y, 5).tolist())
+    with pytest.raises(ValueError, match="prior_mean must be 30 finite"):
+        gp_posterior(fps, log10_dose, measured, y, prior_mean=np.zeros(29))
+
+
+def test_pending_conditions_are_believed_before_the_picks():
+    fps, log10_dose = _library()
+    measured = np.zeros(len(fps), bool)
+    measured[[0, 3, 21, 30, 35]] = True
+    y = np.array([2.0, 1.5, 0.1, -0.3, 0.0])
+    free = gp_ucb_batch(fps, log10_dose, measured, y, 6)
+    pending = np.zeros(len(fps), bool)
+    pending[free[:2]] = True  # the first two picks are already in the lab
+    with_pending = gp_ucb_batch(fps, log10_dose, measured, y, 4, pending=pending)
+    assert with_pending.tolist() == free[2:].tolist()
+    pending[measured] = True  # a measured condition flagged pending is ignored, not believed twice
+    assert gp_ucb_batch(fps, log10_dose, measured, y, 4, pending=pending).tolist() == free[2:].tolist()

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sqlmodel import select
 
 from lab_io.schema import N_COLS, N_ROWS, parse_well
+from loop import store
 from loop.campaign import Campaign, CampaignConfig
 from loop.ingest import IngestError, ingest_results
 from loop.lab import run_synthetic_lab
@@ -166,6 +168,9 @@ def test_train_then_propose_excludes_measured_compounds(round_one):
     assert again and not (again & proposed) and not (again & measured)
     config = json.loads((second.out_dir / "round_config.json").read_text())
     assert config["model_version"] == ensemble.version
+    with campaign.session() as session:  # the default: the ensemble anchored on the round-1 measurements
+        used = set(session.exec(select(store.Proposal.acquisition).where(store.Proposal.round_index >= 2)).all())
+    assert used == {"anchored_gp_ucb"}
 
 
 def test_phenotype_penalty_proposes_from_simulated_profiles(round_one, tmp_path):
@@ -177,7 +182,8 @@ def test_phenotype_penalty_proposes_from_simulated_profiles(round_one, tmp_path)
     campaign = Campaign.open(root)
     if latest_model(campaign) is None:
         train_assay(campaign)
-    campaign.config = dataclasses.replace(campaign.config, selection={"phenotype_penalty": 0.5})
+    campaign.config = dataclasses.replace(campaign.config, selection={"phenotype_penalty": 0.5,
+                                                                      "measurement_anchor": False})
     proposal = propose(campaign, BUDGET)
     assert len(_treated(proposal.out_dir)) == proposal.n_treatments
     settings = [json.loads(p.read_text()) for p in (root / "cache").rglob("settings.json")]

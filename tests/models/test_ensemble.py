@@ -105,3 +105,18 @@ def test_train_ensemble_through_ray(ray_cluster, data, tmp_path):
     fp, dose = _query(fps)
     assert np.allclose(ens.predict_profiles(fp, dose, n_cells=8), local.predict_profiles(fp, dose, n_cells=8),
                        atol=1e-4)
+
+
+def test_out_of_bag_matches_what_each_member_learned(ensemble, data):
+    """The recorded bag is the one trained on: members that left C out cannot predict its -2 shift."""
+    _, fps = data
+    out_of_bag = ensemble.out_of_bag(["A", "B", "C", "never-measured"])
+    assert out_of_bag.shape == (3, 4) and out_of_bag[:, 3].all()
+    assert out_of_bag[:, 2].any() and not out_of_bag[:, 2].all()  # (the spread test above relies on it)
+    fp, dose = _query(fps)
+    c_shift = ensemble.predict_profiles(fp, dose, n_cells=64, seed=0)[:, 2, 0]
+    assert (c_shift[~out_of_bag[:, 2]] < -1.5).all() and (c_shift[out_of_bag[:, 2]] > -1.0).all()
+    member = load_ensemble(ensemble.model_dir).members[0]
+    assert member.bootstrap and sorted(member.compound_ids) == ["A", "B", "C"]
+    unrecorded = type(member)(**{**member.__dict__, "compound_ids": None})  # saved before bags were recorded
+    assert unrecorded.in_bag(["A", "zzz"]).all()

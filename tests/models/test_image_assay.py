@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 from lab_io.crops import CropSet, load_crops, write_crops
 from models.image_assay import (
-    ImageAssay, ImageAssayConfig, resolve_compound, select_training_crops, train_image_assay,
+    ImageAssay, ImageAssayConfig, member_seed, resolve_compound, select_training_crops, train_image_assay,
 )
+from models.image_flow import bootstrap_compound_weights
 from models.image_dit import DiTConfig
 from models.virtual_assay import VirtualAssay
 
@@ -68,6 +69,17 @@ def test_predict_profiles_protocol(trained):
         assay.predict_profiles(np.zeros((2, 2048), np.uint8), np.ones(2))
     with pytest.raises(ValueError, match="> 0"):
         assay.predict_profiles(fps, np.array([5.0, -1.0]))
+
+
+def test_out_of_bag_follows_each_members_bootstrap(trained):
+    out, _, assay = trained
+    compounds = assay.meta["compounds"]
+    oob = assay.out_of_bag([*compounds, "campaign-compound"])  # a compound it never trained on
+    assert oob.shape == (2, len(compounds) + 1) and oob[:, -1].all()
+    for row, k in zip(oob, assay.member_indices):
+        drawn = bootstrap_compound_weights(len(compounds), member_seed(assay.config.seed, k), assay.config.flow.bootstrap) > 0
+        assert (row[:-1] == ~drawn).all()
+    assert ImageAssay.load(out, members=[1]).out_of_bag(compounds).tolist() == [oob[1, :-1].tolist()]
 
 
 def test_resume_skips_trained_members_and_rejects_other_config(trained):
