@@ -11,7 +11,8 @@ ensemble's prediction, weighted by how well it predicted measurements it was not
     z(x)    = mean over members of log predicted activity           (N, every condition)
     z_oob   = the same, over the members whose bootstrap left the measured condition out
     y       = measured log activity                                  (n, measured conditions)
-    b, a    = least-squares slope and intercept of y on z_oob, b clipped to [0, max_weight]
+    b, a    = least-squares slope of y on z_oob clipped to [0, max_weight], and the intercept
+              given b, over the measured conditions with an out-of-bag member
     m(x)    = a + b z(x)                                             the GP's prior mean
 
 Members train on bootstrap resamples of the measured compounds (``FeatureAssayConfig.bootstrap``),
@@ -19,7 +20,8 @@ so about a third of the members never saw a given measured condition: their pred
 is an honest test. ``b = 0`` (no skill shown, fewer than ``min_points`` out-of-bag
 predictions, or a negative slope) leaves the measurement-only GP; ``b > 0`` adds the
 ensemble where it has shown skill. The GP then models the residuals ``y - m`` (at measured
-conditions ``m`` uses ``z_oob``, so the residuals are out-of-sample too), which corrects the
+conditions ``m`` uses ``z_oob`` where some member left the condition out, so those residuals
+are out-of-sample too), which corrects the
 prior mean near measured conditions and gives the posterior standard deviation for UCB.
 
 Log activity because activity is a positive distance (about 1 for a control-like condition)
@@ -101,7 +103,8 @@ def fit_anchor(
     if has_oob.sum() >= min_points and np.ptp(z_oob[has_oob]) > 0:
         slope = np.polyfit(z_oob[has_oob], y[has_oob], 1)[0]
         weight = float(np.clip(slope, 0.0, max_weight))
-    intercept = float(np.mean(y - weight * z_oob))
+    fitted = has_oob if has_oob.any() else np.ones(n_obs, dtype=bool)
+    intercept = float(np.mean(y[fitted] - weight * z_oob[fitted]))
     prior_mean = intercept + weight * z
     prior_mean[measured] = intercept + weight * z_oob  # out-of-sample residuals at measured conditions
     return Anchor(prior_mean=prior_mean, weight=weight, intercept=intercept, n_out_of_bag=int(has_oob.sum()))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 SELECTION_ACQUISITIONS = ("qUCB", "qEI", "qLogEI", "qPosteriorStandardDeviation", "thompson", "mean")
 _EXPLORATION_METHODS = ("std", "maxmin")
 COLD_START_METHODS = ("coverage", "maxmin", "random", "stratified")
+_SELECT_BATCH_FIELDS = ("acquisition", "beta", "diversity_penalty", "phenotype_penalty", "exploration_fraction",
+                        "exploration_method", "max_per_scaffold")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,12 @@ class SelectionConfig:
                              f"got {self.cold_start_method!r}")
         if self.max_per_scaffold is not None and self.max_per_scaffold < 1:
             raise ValueError(f"max_per_scaffold must be >= 1 or None, got {self.max_per_scaffold}")
+        if self.measurement_anchor:
+            ignored = [f.name for f in fields(self) if f.name in _SELECT_BATCH_FIELDS
+                       and getattr(self, f.name) != f.default]
+            if ignored:
+                logger.warning("SelectionConfig: %s apply to select_batch only; the anchored loop "
+                               "(measurement_anchor=True) ignores them", ", ".join(ignored))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

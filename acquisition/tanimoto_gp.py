@@ -27,7 +27,8 @@ the posterior is the prior mean corrected near measured conditions. ``pending`` 
 
 A condition with an empty fingerprint (an unparseable SMILES) has Tanimoto 0 to
 everything, itself included, so its prior variance is 0: the GP knows nothing about it
-and ranks it at the prior mean, below every condition it is uncertain about.
+and ranks it at its prior mean (with a constant prior mean: below every condition it is
+uncertain about).
 """
 
 from __future__ import annotations

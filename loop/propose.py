@@ -159,6 +159,10 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
     pending = np.zeros(n_measured + n_candidates, dtype=bool)
     pending[n_measured + funnel.pending] = True
     out_of_bag = model.out_of_bag(measured["compound_id"].tolist()) if hasattr(model, "out_of_bag") else None
+    if out_of_bag is None or not out_of_bag.any():
+        log.warning("model %s reports no out-of-bag member for any measured compound (no bootstrap, or trained "
+                    "before bags were recorded): its weight is 0, the batch comes from the measurements alone; "
+                    "retrain (`loop train`) to let it count", model.version)
     picks, anchor = anchored_ucb_batch(
         np.concatenate([measured_values, funnel.values], axis=1), np.concatenate([measured_fps, fps[funnel.indices]]),
         np.log10(dose_um), is_measured, measured["activity"].to_numpy(float), q, out_of_bag=out_of_bag,

@@ -165,7 +165,7 @@ def _training_cells(lab: LookupLab, measured: np.ndarray) -> tuple[pd.DataFrame,
 def _predict(lab: LookupLab, measured: np.ndarray, config: LookupBacktestConfig, seed: int,
              work_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-member activity ``K x N`` and predicted profiles ``K x N x F`` of every condition, and
-    ``K x n`` True where a member's bootstrap left measured condition ``i`` out."""
+    ``K x n`` True where a member's bootstrap left measured condition ``i``'s compound out."""
     cells, lookup = _training_cells(lab, measured)
     train_set = FeatureTrainingSet.from_dataframe(cells, lookup, seed=seed, feature_names=lab.features,
                                                   normalization="standard", source="profile table")
@@ -174,8 +174,23 @@ def _predict(lab: LookupLab, measured: np.ndarray, config: LookupBacktestConfig,
     ensemble = train_ensemble(train_set, assay_config, work_dir / f"model-{version}")
     profiles = ensemble.predict_profiles(lab.fingerprints, lab.conditions[META_DOSE].to_numpy(),
                                          n_cells=config.n_predict_cells, seed=seed)
-    out_of_bag = ensemble.out_of_bag([f"cond-{i}" for i in np.flatnonzero(measured)])
-    return member_activity(torch.from_numpy(profiles)).numpy(), profiles, out_of_bag
+    return member_activity(torch.from_numpy(profiles)).numpy(), profiles, _compound_out_of_bag(lab, measured, ensemble)
+
+
+def _compound_out_of_bag(lab: LookupLab, measured: np.ndarray, ensemble) -> np.ndarray:
+    """``K x n``: member ``k`` left out every measured condition of condition ``i``'s compound.
+
+    Members bootstrap conditions (the training unit here), but a member that left out one dose
+    of a compound and trained on another has seen that compound: its prediction is not out of
+    sample, so a condition counts as out of bag only when its whole compound was left out."""
+    index = np.flatnonzero(measured)
+    left_out = ensemble.out_of_bag([f"cond-{i}" for i in index])  # K x n, per condition
+    compound = lab.conditions[META_COMPOUND].to_numpy()[index]
+    out = left_out.copy()
+    for name in np.unique(compound):
+        rows = compound == name
+        out[:, rows] = left_out[:, rows].all(axis=1, keepdims=True)
+    return out
 
 
 def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: LookupBacktestConfig, seed: int,

@@ -429,8 +429,8 @@ def train_member(
 
 def bootstrap_draws(n_compounds: int, seed: int) -> np.ndarray:
     """``n_compounds`` compound indices drawn with replacement: member ``seed``'s resample."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, "bootstrap"))
-    return torch.randint(n_compounds, (n_compounds,), generator=gen).numpy()
+    gen = torch.Generator().manual_seed(derive_seed(int(seed), "bootstrap"))
+    return torch.randint(int(n_compounds), (int(n_compounds),), generator=gen).numpy()
 
 
 def _member_identity(train_set: FeatureTrainingSet, config: FeatureAssayConfig, seed: int, bootstrap: bool) -> dict:

@@ -100,3 +100,21 @@ def test_convert_bbbc021_real_profiles():
     assert (table.loc[table["Metadata_compound"] == "DMSO", "Metadata_dose_um"] == 0).all()
     lab = build_lookup_lab(ProfileTable(table, [c for c in table if not c.startswith("Metadata_")], "bbbc021"))
     assert len(lab.conditions) > 40 and 4 <= lab.n_hits <= 8
+
+
+def test_a_condition_is_out_of_bag_only_when_its_whole_compound_is(tmp_path):
+    from loop.simulation import _compound_out_of_bag
+
+    lab = build_lookup_lab(read_profile_table(_table(tmp_path)))  # 12 compounds x 2 doses, sorted
+    measured = np.zeros(len(lab.conditions), bool)
+    measured[[0, 1, 2, 5]] = True  # cpd0 at both doses, cpd1 at 1 uM, cpd10 at 10 uM
+
+    class Members:  # what each of 2 members' condition bootstrap left out
+        def out_of_bag(self, ids):
+            assert ids == ["cond-0", "cond-1", "cond-2", "cond-5"]
+            return np.array([[True, False, True, True], [True, True, False, True]])
+
+    out = _compound_out_of_bag(lab, measured, Members())
+    assert lab.conditions["Metadata_compound"].iloc[[0, 1]].nunique() == 1  # one compound, two doses
+    # member 0 trained on cpd0 at one dose: neither dose is out of bag for it; member 1 left cpd0 out
+    assert out.tolist() == [[False, False, True, True], [True, True, False, True]]
