@@ -135,15 +135,15 @@ def choose_compounds(
 def measured_conditions(campaign: Campaign) -> pd.DataFrame:
     """One row per measured (compound, dose): compound_id, dose_um, inchikey, fp_row and the mean
     phenotypic activity of its treatment wells (wells without cells or without a dose are left out)."""
-    with campaign.session() as session:
-        rows = session.exec(select(store.Measurement.compound_id, store.Measurement.dose_um,
-                                   store.Measurement.activity).where(
-            store.Measurement.role == WellRole.treatment.value, store.Measurement.activity.is_not(None),
-            store.Measurement.compound_id.is_not(None), store.Measurement.dose_um > 0)).all()
-    wells = pd.DataFrame(rows, columns=["compound_id", "dose_um", "activity"])
-    conditions = wells.groupby(["compound_id", "dose_um"], as_index=False)["activity"].mean()
-    compounds = load_compounds(campaign)[["compound_id", "inchikey", "fp_row"]]
-    return conditions.merge(compounds, on="compound_id", how="inner")
+    with campaign.session() as session:  # joined in SQL: the library (up to 10^6 rows) is not read again
+        rows = session.exec(
+            select(store.Measurement.compound_id, store.Measurement.dose_um, store.Measurement.activity,
+                   store.Compound.inchikey, store.Compound.fp_row)
+            .join(store.Compound, store.Compound.compound_id == store.Measurement.compound_id)
+            .where(store.Measurement.role == WellRole.treatment.value, store.Measurement.activity.is_not(None),
+                   store.Measurement.dose_um > 0)).all()
+    wells = pd.DataFrame(rows, columns=["compound_id", "dose_um", "activity", "inchikey", "fp_row"])
+    return wells.groupby(["compound_id", "dose_um", "inchikey", "fp_row"], as_index=False)["activity"].mean()
 
 
 def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed) -> np.ndarray:
