@@ -83,6 +83,10 @@ class SelectionConfig:
             ``cold_start_method`` and ``seed`` then do not apply: the GP's posterior
             variance, shrunk by each pick, spreads the batch. False: ``select_batch``.
         anchor_beta: UCB weight of the anchored GP's posterior standard deviation.
+        anchor_prior_weight: prior mean ``b_0`` of the ensemble's weight in the anchored GP
+            (a log-log slope; ``acquisition.anchor``).
+        anchor_prior_sd: its prior standard deviation ``tau`` (``inf``: the out-of-bag
+            least-squares slope alone; ``0``: the weight is ``anchor_prior_weight``).
         seed: seeds Thompson member order and MaxMin's first pick.
     """
 
@@ -96,6 +100,8 @@ class SelectionConfig:
     cold_start_method: str = "random"
     measurement_anchor: bool = True
     anchor_beta: float = 1.0
+    anchor_prior_weight: float = 0.3
+    anchor_prior_sd: float = 0.2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +112,9 @@ class SelectionConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not self.anchor_beta >= 0:
             raise ValueError(f"anchor_beta must be >= 0, got {self.anchor_beta}")
+        if not (0 <= self.anchor_prior_weight <= 3.0 and self.anchor_prior_sd >= 0):
+            raise ValueError(f"anchor_prior_weight must be in [0, 3] and anchor_prior_sd >= 0, got "
+                             f"{self.anchor_prior_weight}, {self.anchor_prior_sd}")
         if not 0.0 <= self.diversity_penalty <= 1.0:
             raise ValueError(f"diversity_penalty must be in [0, 1], got {self.diversity_penalty}")
         if not 0.0 <= self.phenotype_penalty <= 1.0:

@@ -38,7 +38,7 @@ import numpy as np
 from acquisition.diversity import check_fingerprints, tanimoto_matrix
 from acquisition.greedy import as_bool_mask, check_q
 
-__all__ = ["gp_posterior", "gp_ucb_batch", "kernel_columns"]
+__all__ = ["gp_posterior", "gp_ucb_batch", "gp_ucb_scored", "kernel_columns"]
 
 
 def kernel_columns(fingerprints: np.ndarray, log10_dose: np.ndarray, columns: np.ndarray,
@@ -82,6 +82,25 @@ def gp_ucb_batch(
     Returns:
         ``int64 (min(q, n_eligible),)`` indices in pick order.
     """
+    return gp_ucb_scored(fingerprints, log10_dose, measured, y, q, beta=beta, noise=noise, dose_length=dose_length,
+                         prior_mean=prior_mean, pending=pending)[0]
+
+
+def gp_ucb_scored(
+    fingerprints: np.ndarray,
+    log10_dose: np.ndarray,
+    measured: np.ndarray,
+    y: np.ndarray,
+    q: int,
+    *,
+    beta: float = 1.0,
+    noise: float = 0.2,
+    dose_length: float = 1.0,
+    prior_mean: np.ndarray | None = None,
+    pending: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``gp_ucb_batch``'s picks and each pick's UCB ``mean + beta sd`` when it was picked
+    (``float64``, in ``y``'s units; the sd is conditioned on the earlier picks and pending)."""
     q = check_q(q)
     fps, log10_dose, measured, y, prior_mean = _check(fingerprints, log10_dose, measured, y, beta, noise,
                                                       dose_length, prior_mean)
@@ -105,13 +124,15 @@ def gp_ucb_batch(
         var = believe(int(index))
     blocked = measured | pending
     picks: list[int] = []
+    scores: list[float] = []
     for _ in range(min(q, int((~blocked).sum()))):
         score = np.where(blocked, -np.inf, mean + beta * np.sqrt(var))
         pick = int(np.argmax(score))
         picks.append(pick)
+        scores.append(float(score[pick]))
         blocked[pick] = True
         var = believe(pick)
-    return np.asarray(picks, dtype=np.int64)
+    return np.asarray(picks, dtype=np.int64), np.asarray(scores, dtype=np.float64)
 
 
 def gp_posterior(fingerprints: np.ndarray, log10_dose: np.ndarray, measured: np.ndarray, y: np.ndarray, *,

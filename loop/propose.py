@@ -123,8 +123,8 @@ def choose_compounds(
                             cache=PredictionCache(campaign.root / "cache"), seed=seed)
     measured = measured_conditions(campaign) if sel_cfg.measurement_anchor else None
     if measured is not None and len(measured):
-        chosen = _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed)
-        return funnel.indices[chosen], _summary(chosen, funnel.values, "anchored_gp_ucb"), model.version
+        chosen, ucb = _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed)
+        return funnel.indices[chosen], _summary(chosen, funnel.values, "anchored_gp_ucb", ucb), model.version
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
                              best_f=_best_observed_activity(campaign), profiles=funnel.profiles)
     picks = funnel.indices[selection.indices]  # rows of `candidates`
@@ -146,9 +146,10 @@ def measured_conditions(campaign: Campaign) -> pd.DataFrame:
     return wells.groupby(["compound_id", "dose_um", "inchikey", "fp_row"], as_index=False)["activity"].mean()
 
 
-def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed) -> np.ndarray:
+def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg,
+                     seed) -> tuple[np.ndarray, np.ndarray]:
     """Believer-UCB on the anchored GP (``acquisition.anchor``) over the measured conditions and the
-    funnel's candidates; returns positions in ``funnel.indices``."""
+    funnel's candidates; returns positions in ``funnel.indices`` and each pick's UCB (log activity)."""
     measured_fps = np.asarray(campaign.load_fingerprints())[measured["fp_row"].to_numpy()]
     measured_values = simulate_activity(model, measured_fps, measured["inchikey"].to_numpy(),
                                         measured["dose_um"].to_numpy(), config=funnel_cfg,
@@ -161,15 +162,16 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
     out_of_bag = model.out_of_bag(measured["compound_id"].tolist()) if hasattr(model, "out_of_bag") else None
     if out_of_bag is None or not out_of_bag.any():
         log.warning("model %s reports no out-of-bag member for any measured compound (no bootstrap, or trained "
-                    "before bags were recorded): its weight is 0, the batch comes from the measurements alone; "
-                    "retrain (`loop train`) to let it count", model.version)
-    picks, anchor = anchored_ucb_batch(
+                    "before bags were recorded): its weight stays at the prior %.2f, untested on the measurements; "
+                    "retrain (`loop train`) to let them test it", model.version, sel_cfg.anchor_prior_weight)
+    batch = anchored_ucb_batch(
         np.concatenate([measured_values, funnel.values], axis=1), np.concatenate([measured_fps, fps[funnel.indices]]),
         np.log10(dose_um), is_measured, measured["activity"].to_numpy(float), q, out_of_bag=out_of_bag,
-        pending=pending, beta=sel_cfg.anchor_beta)
-    log.info("anchored GP over %d measured conditions: ensemble weight %.2f (fitted on %d out-of-bag)",
-             n_measured, anchor.weight, anchor.n_out_of_bag)
-    return picks - n_measured
+        pending=pending, beta=sel_cfg.anchor_beta, prior_weight=sel_cfg.anchor_prior_weight,
+        prior_sd=sel_cfg.anchor_prior_sd)
+    log.info("anchored GP over %d measured conditions: ensemble weight %.2f (%d out-of-bag conditions)",
+             n_measured, batch.anchor.weight, batch.anchor.n_out_of_bag)
+    return batch.indices - n_measured, batch.ucb
 
 
 def _best_observed_activity(campaign: Campaign) -> float | None:

@@ -211,11 +211,13 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
         return gp_ucb_batch(lab.fingerprints, lab.log10_dose, measured, log_activity(activity), q)
     values, profiles, out_of_bag = _predict(lab, measured, config, seed, work_dir)
     if selection_config.measurement_anchor:
-        picks, anchor = anchored_ucb_batch(values, lab.fingerprints, lab.log10_dose, measured, activity, q,
-                                           out_of_bag=out_of_bag, beta=selection_config.anchor_beta)
-        log.debug("anchored GP: ensemble weight %.2f from %d out-of-bag conditions", anchor.weight,
-                  anchor.n_out_of_bag)
-        return picks
+        batch = anchored_ucb_batch(values, lab.fingerprints, lab.log10_dose, measured, activity, q,
+                                   out_of_bag=out_of_bag, beta=selection_config.anchor_beta,
+                                   prior_weight=selection_config.anchor_prior_weight,
+                                   prior_sd=selection_config.anchor_prior_sd)
+        log.debug("anchored GP: ensemble weight %.2f, %d out-of-bag conditions", batch.anchor.weight,
+                  batch.anchor.n_out_of_bag)
+        return batch.indices
     return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured, profiles=profiles).indices
 
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy.stats import linregress
 
 from acquisition.anchor import anchored_ucb_batch, fit_anchor, log_activity
 from acquisition.tanimoto_gp import gp_posterior, gp_ucb_batch
@@ -29,6 +30,32 @@ def test_recovers_the_out_of_bag_slope_and_intercept():
     assert fit_anchor(z_members, measured, y, out_of_bag, max_weight=1.5).weight == 1.5
 
 
+def test_the_weight_is_the_posterior_mean_of_the_slope():
+    """Least squares (scipy's linregress: slope, standard error) combined with the N(b_0, tau^2) prior."""
+    rng = np.random.default_rng(5)
+    z_members = rng.normal(size=(3, 40))
+    measured = np.zeros(40, bool)
+    measured[:12] = True
+    out_of_bag = np.ones((3, 12), bool)
+    z_oob = z_members[:, :12].mean(0)
+    y = 0.5 + 0.8 * z_oob + rng.normal(scale=0.5, size=12)
+    fit = linregress(z_oob, y)
+    for prior_weight, prior_sd in [(0.3, 0.2), (0.0, 0.5), (1.0, 0.05)]:
+        precision, data_precision = 1 / prior_sd ** 2, 1 / fit.stderr ** 2
+        expected = (prior_weight * precision + fit.slope * data_precision) / (precision + data_precision)
+        anchor = fit_anchor(z_members, measured, y, out_of_bag, prior_weight=prior_weight, prior_sd=prior_sd)
+        assert anchor.weight == pytest.approx(expected)
+        assert min(prior_weight, fit.slope) < anchor.weight < max(prior_weight, fit.slope)
+        assert anchor.intercept == pytest.approx(np.mean(y - anchor.weight * z_oob))
+    assert fit_anchor(z_members, measured, y, out_of_bag, prior_sd=np.inf).weight == pytest.approx(fit.slope)
+    assert fit_anchor(z_members, measured, y, out_of_bag, prior_sd=0.0).weight == 0.3
+    # no out-of-bag evidence: the prior weight
+    assert fit_anchor(z_members, measured, y, None).weight == 0.3
+    assert fit_anchor(z_members, measured, y, None, prior_weight=0.7).weight == 0.7
+    with pytest.raises(ValueError, match="prior_weight"):
+        fit_anchor(z_members, measured, y, None, prior_weight=4.0)
+
+
 def test_no_skill_shown_means_the_measurement_only_gp():
     rng = np.random.default_rng(2)
     fps, log10_dose = _library()
@@ -37,17 +64,19 @@ def test_no_skill_shown_means_the_measurement_only_gp():
     measured[[0, 5, 22, 40, 41, 50]] = True
     activity = np.array([4.0, 3.0, 1.0, 0.9, 1.2, 1.1])
     plain = gp_ucb_batch(fps, log10_dose, measured, np.log(activity), 6)
-    # no member out of bag, too few out-of-bag conditions, or a negative slope: weight 0
+    # no member out of bag, or too few out-of-bag conditions, and a prior weight of 0
     two_out = np.zeros((5, 6), bool)
     two_out[0, :2] = True  # only two measured conditions predicted out of bag: below min_points
     for out_of_bag in (None, two_out):
-        picks, anchor = anchored_ucb_batch(values, fps, log10_dose, measured, activity, 6, out_of_bag=out_of_bag)
-        assert anchor.weight == 0.0 and picks.tolist() == plain.tolist()
+        batch = anchored_ucb_batch(values, fps, log10_dose, measured, activity, 6, out_of_bag=out_of_bag,
+                                   prior_weight=0.0)
+        assert batch.anchor.weight == 0.0 and batch.indices.tolist() == plain.tolist()
+        batch = anchored_ucb_batch(values, fps, log10_dose, measured, activity, 6, out_of_bag=out_of_bag)
+        assert batch.anchor.weight == 0.3  # the default prior, untested
     anti = values.copy()
     anti[:, measured] = np.exp(-np.log(activity))  # predicts the measured conditions backwards
-    picks, anchor = anchored_ucb_batch(anti, fps, log10_dose, measured, activity, 6,
-                                       out_of_bag=np.ones((5, 6), bool))
-    assert anchor.weight == 0.0 and picks.tolist() == plain.tolist()
+    batch = anchored_ucb_batch(anti, fps, log10_dose, measured, activity, 6, out_of_bag=np.ones((5, 6), bool))
+    assert batch.anchor.weight == 0.0 and batch.indices.tolist() == plain.tolist()  # evidence overrules the prior
 
 
 def test_a_skilled_ensemble_steers_the_batch():
@@ -56,12 +85,13 @@ def test_a_skilled_ensemble_steers_the_batch():
     measured = np.zeros(60, bool)
     measured[::6] = True
     values = np.tile(truth, (4, 1)) * np.exp(np.random.default_rng(4).normal(scale=0.05, size=(4, 60)))
-    picks, anchor = anchored_ucb_batch(values, fps, log10_dose, measured, truth[measured], 5,
-                                       out_of_bag=np.ones((4, measured.sum()), bool), beta=0.0)
-    assert anchor.weight == pytest.approx(1.0, abs=0.1)
+    batch = anchored_ucb_batch(values, fps, log10_dose, measured, truth[measured], 5,
+                               out_of_bag=np.ones((4, measured.sum()), bool), beta=0.0)
+    assert batch.anchor.weight == pytest.approx(1.0, abs=0.1)
     best = np.argsort(-np.where(measured, -np.inf, truth))[:5]
-    assert set(picks.tolist()) == set(best.tolist())
-    mean, _ = gp_posterior(fps, log10_dose, measured, np.log(truth[measured]), prior_mean=anchor.prior_mean)
+    assert set(batch.indices.tolist()) == set(best.tolist())
+    mean, _ = gp_posterior(fps, log10_dose, measured, np.log(truth[measured]), prior_mean=batch.anchor.prior_mean)
+    assert np.allclose(batch.ucb, mean[batch.indices])  # beta = 0: the UCB is the posterior mean
     assert np.corrcoef(mean[~measured], np.log(truth[~measured]))[0, 1] > 0.95
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from acquisition.diversity import tanimoto_matrix
-from acquisition.tanimoto_gp import gp_posterior, gp_ucb_batch, kernel_columns
+from acquisition.tanimoto_gp import gp_posterior, gp_ucb_batch, gp_ucb_scored, kernel_columns
 
 
 def _library(n=40, seed=0):
@@ -32,14 +32,18 @@ def test_picks_equal_a_direct_believer_ucb():
     measured[[0, 3, 21, 30, 35]] = True
     y = np.array([2.0, 1.5, 0.1, -0.3, 0.0])
     picks = gp_ucb_batch(fps, log10_dose, measured, y, 6, beta=1.5, noise=0.2)
-    expected, blocked = [], measured.copy()
+    expected, expected_scores, blocked = [], [], measured.copy()
     obs = np.flatnonzero(measured)
     for _ in range(6):
         mean, var = _direct_posterior(kernel, obs, y, expected, 0.2)
         score = np.where(blocked, -np.inf, mean + 1.5 * np.sqrt(np.maximum(var, 0)))
         expected.append(int(np.argmax(score)))
+        expected_scores.append(score[expected[-1]])
         blocked[expected[-1]] = True
     assert picks.tolist() == expected
+    scored_picks, scores = gp_ucb_scored(fps, log10_dose, measured, y, 6, beta=1.5, noise=0.2)
+    assert scored_picks.tolist() == expected and np.allclose(scores, expected_scores)
+    assert (np.diff(scores) <= 1e-12).all()  # believing a pick only shrinks variances: scores never rise
     assert np.allclose(kernel_columns(fps, log10_dose, np.array([4, 7]), 1.0), kernel[:, [4, 7]])
 
 

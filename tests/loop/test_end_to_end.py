@@ -169,8 +169,10 @@ def test_train_then_propose_excludes_measured_compounds(round_one):
     config = json.loads((second.out_dir / "round_config.json").read_text())
     assert config["model_version"] == ensemble.version
     with campaign.session() as session:  # the default: the ensemble anchored on the round-1 measurements
-        used = set(session.exec(select(store.Proposal.acquisition).where(store.Proposal.round_index >= 2)).all())
-    assert used == {"anchored_gp_ucb"}
+        rows = session.exec(select(store.Proposal.acquisition, store.Proposal.acq_value)
+                            .where(store.Proposal.round_index >= 2)).all()
+    assert {acquisition for acquisition, _ in rows} == {"anchored_gp_ucb"}
+    assert all(value is not None and np.isfinite(value) for _, value in rows)  # each pick's UCB is kept
 
 
 def test_phenotype_penalty_proposes_from_simulated_profiles(round_one, tmp_path):
