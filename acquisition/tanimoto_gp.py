@@ -52,38 +52,11 @@ def kernel_columns(fingerprints: np.ndarray, log10_dose: np.ndarray, columns: np
     return tanimoto * np.exp(-gap ** 2 / (2.0 * dose_length ** 2))
 
 
-def gp_ucb_batch(
-    fingerprints: np.ndarray,
-    log10_dose: np.ndarray,
-    measured: np.ndarray,
-    y: np.ndarray,
-    q: int,
-    *,
-    beta: float = 1.0,
-    noise: float = 0.2,
-    dose_length: float = 1.0,
-    prior_mean: np.ndarray | None = None,
-    pending: np.ndarray | None = None,
-) -> np.ndarray:
-    """``q`` distinct unmeasured, non-pending conditions by believer-UCB on the GP posterior.
-
-    Args:
-        fingerprints: ``uint8 N x 256`` packed Morgan fingerprints.
-        log10_dose: ``N`` log10 dose (uM); a constant for single-dose libraries.
-        measured: ``N`` boolean mask of measured conditions (never picked).
-        y: values at ``measured`` (in index order), e.g. log phenotypic activity.
-        q: batch size (> 0); fewer picks when fewer conditions are eligible.
-        beta: UCB weight of the posterior standard deviation (>= 0).
-        noise: noise variance as a share of the signal variance (> 0).
-        dose_length: length scale of the dose factor in decades (> 0).
-        prior_mean: ``N`` prior mean (default: constant, the mean of ``y``).
-        pending: ``N`` boolean mask of conditions in flight: never picked, believed first.
-
-    Returns:
-        ``int64 (min(q, n_eligible),)`` indices in pick order.
-    """
-    return gp_ucb_scored(fingerprints, log10_dose, measured, y, q, beta=beta, noise=noise, dose_length=dose_length,
-                         prior_mean=prior_mean, pending=pending)[0]
+def gp_ucb_batch(fingerprints: np.ndarray, log10_dose: np.ndarray, measured: np.ndarray, y: np.ndarray, q: int,
+                 **options) -> np.ndarray:
+    """``q`` distinct unmeasured, non-pending conditions by believer-UCB on the GP posterior:
+    ``gp_ucb_scored``'s picks without their scores (same arguments)."""
+    return gp_ucb_scored(fingerprints, log10_dose, measured, y, q, **options)[0]
 
 
 def gp_ucb_scored(
@@ -99,8 +72,25 @@ def gp_ucb_scored(
     prior_mean: np.ndarray | None = None,
     pending: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``gp_ucb_batch``'s picks and each pick's UCB ``mean + beta sd`` when it was picked
-    (``float64``, in ``y``'s units; the sd is conditioned on the earlier picks and pending)."""
+    """``q`` distinct unmeasured, non-pending conditions by believer-UCB, and each pick's UCB.
+
+    Args:
+        fingerprints: ``uint8 N x 256`` packed Morgan fingerprints.
+        log10_dose: ``N`` log10 dose (uM); a constant for single-dose libraries.
+        measured: ``N`` boolean mask of measured conditions (never picked).
+        y: values at ``measured`` (in index order), e.g. log phenotypic activity.
+        q: batch size (> 0); fewer picks when fewer conditions are eligible.
+        beta: UCB weight of the posterior standard deviation (>= 0).
+        noise: noise variance as a share of the signal variance (> 0).
+        dose_length: length scale of the dose factor in decades (> 0).
+        prior_mean: ``N`` prior mean (default: constant, the mean of ``y``).
+        pending: ``N`` boolean mask of conditions in flight: never picked, believed first.
+
+    Returns:
+        ``int64 (min(q, n_eligible),)`` indices in pick order, and ``float64`` each pick's
+        ``mean + beta sd`` when it was picked (``y``'s units; the sd conditioned on the
+        pending conditions and the earlier picks, so the scores never rise).
+    """
     q = check_q(q)
     fps, log10_dose, measured, y, prior_mean = _check(fingerprints, log10_dose, measured, y, beta, noise,
                                                       dose_length, prior_mean)
