@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -257,17 +258,17 @@ def backtest(
                                                   "(default: a seeded sample, each compound at its top dose), "
                                                   "stratified (one seeded pick per coverage stratum), coverage or "
                                                   "maxmin."),
+    selection_json: Optional[str] = typer.Option(None, "--selection",
+                                                 help="SelectionConfig fields as a JSON object, e.g. "
+                                                      "'{\"anchor_prior_weight\": 0.5, \"anchor_beta\": 2}' "
+                                                      "(--cold-start wins over its cold_start_method)."),
 ):
     """Simulated rounds, the loop's policy against baselines; cumulative fraction of hits found."""
     from loop.backtest import BacktestConfig, plot_curves, run_backtest
 
     names = None if policies is None else tuple(p.strip() for p in policies.split(",") if p.strip())
-    selection = {} if cold_start is None else {"cold_start_method": cold_start}
     with _cli_errors():
-        if selection:
-            from acquisition.select import SelectionConfig
-
-            SelectionConfig(**selection)  # a bad --cold-start fails here, before any work
+        selection = _selection_options(selection_json, cold_start)  # bad options fail here, before any work
         if profiles is not None:
             from lab_io.profile_table import read_profile_table
             from loop.simulation import LOOKUP_POLICIES, LookupBacktestConfig, run_lookup_backtest
@@ -291,6 +292,26 @@ def backtest(
     for name, curve in result["policies"].items():
         means = ", ".join(f"{m:.3f}±{s:.3f}" for m, s in zip(curve["hit_fraction_mean"], curve["hit_fraction_sd"]))
         out.print(f"{name:>15}: {means}")
+
+
+def _selection_options(selection_json: str | None, cold_start: str | None) -> dict:
+    """``--selection`` JSON merged with ``--cold-start``, checked by building the SelectionConfig."""
+    from acquisition.select import SelectionConfig
+
+    try:
+        selection = {} if selection_json is None else json.loads(selection_json)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--selection is not valid JSON ({exc}): {selection_json}") from None
+    if not isinstance(selection, dict):
+        raise ValueError(f"--selection must be a JSON object of SelectionConfig fields, got {selection_json}")
+    if cold_start is not None:
+        selection["cold_start_method"] = cold_start
+    valid = {f.name for f in dataclasses.fields(SelectionConfig)} - {"seed"}  # seeds come from --seeds
+    unknown = sorted(set(selection) - valid)
+    if unknown:
+        raise ValueError(f"--selection: unknown field(s) {unknown}; valid: {', '.join(sorted(valid))}")
+    SelectionConfig(**selection)
+    return selection
 
 
 @profiles_app.command("convert-bbbc021")

@@ -38,3 +38,8 @@ def test_errors_exit_nonzero_with_a_message(tmp_path):
     assert result.exit_code == 1 and "budget" in result.output
     result = _loop(campaign, "backtest", "--profiles", str(tmp_path / "nowhere.csv"), "--cold-start", "kmeans")
     assert result.exit_code == 1 and "cold_start_method" in result.output and "kmeans" in result.output
+    for bad, message in [("{not json", "not valid JSON"), ("[1]", "JSON object"),
+                          ('{"anchor_prior_wieght": 0.5}', "anchor_prior_wieght"),
+                          ('{"anchor_prior_sd": -1}', "anchor_prior_sd")]:
+        result = _loop(campaign, "backtest", "--profiles", str(tmp_path / "nowhere.csv"), "--selection", bad)
+        assert result.exit_code == 1 and message in result.output, result.output
