@@ -163,7 +163,8 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
     if out_of_bag is None or not out_of_bag.any():
         log.warning("model %s reports no out-of-bag member for any measured compound (no bootstrap, or trained "
                     "before bags were recorded): its weight stays at the prior %.2f, untested on the measurements; "
-                    "retrain (`loop train`) to let them test it", model.version, sel_cfg.anchor_prior_weight)
+                    "the next model `loop train` makes (after the next ingest) records its bags",
+                    model.version, sel_cfg.anchor_prior_weight)
     batch = anchored_ucb_batch(
         np.concatenate([measured_values, funnel.values], axis=1), np.concatenate([measured_fps, fps[funnel.indices]]),
         np.log10(dose_um), is_measured, measured["activity"].to_numpy(float), q, out_of_bag=out_of_bag,
