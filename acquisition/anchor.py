@@ -29,7 +29,8 @@ conditions about equally well. Hence the prior: ``b`` is a log-log slope (an ela
 shrunk-towards-controls ensemble until the measurements say otherwise. The best slope on
 the unmeasured conditions, known only to a backtest, was 0.3 to 0.9 on BBBC021 and 0.0 to
 0.2 on the synthetic real-drug tables; out-of-bag evidence moves ``b`` towards the data as
-``se`` shrinks, a negative slope pulls it to 0 (the measurement-only GP), and without
+``se`` shrinks, a negative slope pulls it towards 0 (reached, the measurement-only GP,
+once the slope is clearly negative), and without
 out-of-bag evidence (fewer than ``min_points`` conditions) ``b = b_0``. ``tau = inf`` is the
 plain least-squares slope, ``tau = 0`` the fixed weight ``b_0``.
 
@@ -54,6 +55,7 @@ from acquisition.tanimoto_gp import gp_ucb_scored
 __all__ = ["Anchor", "AnchoredBatch", "anchored_ucb_batch", "fit_anchor", "log_activity"]
 
 ACTIVITY_FLOOR = 1e-6
+MAX_WEIGHT = 3.0  # default upper clip of the ensemble's weight b
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def fit_anchor(
     *,
     prior_weight: float = 0.3,
     prior_sd: float = 0.2,
-    max_weight: float = 3.0,
+    max_weight: float = MAX_WEIGHT,
     min_points: int = 3,
 ) -> Anchor:
     """Prior mean ``a + b z`` from the out-of-bag fit of measured ``y`` on member predictions.
@@ -98,7 +100,7 @@ def fit_anchor(
         measured: ``N`` boolean mask of measured conditions.
         y: measured log activity, one per measured condition (index order).
         out_of_bag: ``K x n`` boolean, True where member ``k`` did not train on measured
-            condition ``i``; None: no member is out of bag (then ``b = 0``).
+            condition ``i``; None: no member is out of bag (then ``b = b_0``).
         prior_weight: ``b_0``, the slope before any out-of-bag evidence.
         prior_sd: ``tau``, its prior standard deviation (``inf``: least squares alone;
             ``0``: ``b = b_0``).
@@ -135,7 +137,9 @@ def fit_anchor(
     fitted = has_oob if has_oob.any() else np.ones(n_obs, dtype=bool)
     intercept = float(np.mean(y[fitted] - weight * z_oob[fitted]))
     prior_mean = intercept + weight * z
-    prior_mean[measured] = intercept + weight * z_oob  # out-of-sample residuals at measured conditions
+    # out-of-sample residuals at measured conditions (where no member left one out: the in-bag
+    # mean, whose residual looks smaller than an honest one would)
+    prior_mean[measured] = intercept + weight * z_oob
     return Anchor(prior_mean=prior_mean, weight=weight, intercept=intercept, n_out_of_bag=int(has_oob.sum()))
 
 
@@ -165,7 +169,7 @@ def anchored_ucb_batch(
     beta: float = 1.0,
     prior_weight: float = 0.3,
     prior_sd: float = 0.2,
-    max_weight: float = 3.0,
+    max_weight: float = MAX_WEIGHT,
 ) -> AnchoredBatch:
     """``q`` unmeasured, non-pending conditions by believer-UCB on the anchored GP.
 

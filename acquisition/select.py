@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from acquisition.anchor import MAX_WEIGHT
 from acquisition.coverage import coverage_select
 from acquisition.diversity import (
     check_fingerprints,
@@ -112,8 +113,8 @@ class SelectionConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not self.anchor_beta >= 0:
             raise ValueError(f"anchor_beta must be >= 0, got {self.anchor_beta}")
-        if not (0 <= self.anchor_prior_weight <= 3.0 and self.anchor_prior_sd >= 0):
-            raise ValueError(f"anchor_prior_weight must be in [0, 3] and anchor_prior_sd >= 0, got "
+        if not (0 <= self.anchor_prior_weight <= MAX_WEIGHT and self.anchor_prior_sd >= 0):
+            raise ValueError(f"anchor_prior_weight must be in [0, {MAX_WEIGHT}] and anchor_prior_sd >= 0, got "
                              f"{self.anchor_prior_weight}, {self.anchor_prior_sd}")
         if not 0.0 <= self.diversity_penalty <= 1.0:
             raise ValueError(f"diversity_penalty must be in [0, 1], got {self.diversity_penalty}")

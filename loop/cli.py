@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -306,12 +307,34 @@ def _selection_options(selection_json: str | None, cold_start: str | None) -> di
         raise ValueError(f"--selection must be a JSON object of SelectionConfig fields, got {selection_json}")
     if cold_start is not None:
         selection["cold_start_method"] = cold_start
-    valid = {f.name for f in dataclasses.fields(SelectionConfig)} - {"seed"}  # seeds come from --seeds
-    unknown = sorted(set(selection) - valid)
+    defaults = {f.name: f.default for f in dataclasses.fields(SelectionConfig) if f.name != "seed"}  # --seeds
+    unknown = sorted(set(selection) - set(defaults))
     if unknown:
-        raise ValueError(f"--selection: unknown field(s) {unknown}; valid: {', '.join(sorted(valid))}")
+        raise ValueError(f"--selection: unknown field(s) {unknown}; valid: {', '.join(sorted(defaults))}")
+    for name, value in selection.items():
+        _check_selection_value(name, value, defaults[name])
     SelectionConfig(**selection)
     return selection
+
+
+def _check_selection_value(name: str, value, default) -> None:
+    """A ``--selection`` value must have its field's type (JSON's true is not a weight, "inf" not a
+    number) and be finite (the saved configs stay plain JSON: use 1e6 for a flat prior)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)) or name == "max_per_scaffold":
+        ok = (is_number and math.isfinite(value)) or (value is None and default is None)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        if isinstance(default, bool):
+            expected = "true or false"
+        elif isinstance(default, str):
+            expected = f"a string like {default!r}"
+        else:
+            expected = "a finite number" + ("" if default is None else f" like {default}")
+        raise ValueError(f"--selection: {name} must be {expected}, got {value!r}")
 
 
 @profiles_app.command("convert-bbbc021")

@@ -40,6 +40,9 @@ def test_errors_exit_nonzero_with_a_message(tmp_path):
     assert result.exit_code == 1 and "cold_start_method" in result.output and "kmeans" in result.output
     for bad, message in [("{not json", "not valid JSON"), ("[1]", "JSON object"),
                           ('{"anchor_prior_wieght": 0.5}', "anchor_prior_wieght"),
-                          ('{"anchor_prior_sd": -1}', "anchor_prior_sd")]:
+                          ('{"anchor_prior_sd": -1}', "anchor_prior_sd"),
+                          ('{"anchor_prior_sd": "inf"}', "finite number"), ('{"anchor_prior_sd": Infinity}', "finite"),
+                          ('{"measurement_anchor": "false"}', "true or false"),
+                          ('{"anchor_prior_weight": true}', "finite number")]:
         result = _loop(campaign, "backtest", "--profiles", str(tmp_path / "nowhere.csv"), "--selection", bad)
         assert result.exit_code == 1 and message in result.output, result.output
