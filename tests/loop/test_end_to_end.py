@@ -191,3 +191,37 @@ def test_phenotype_penalty_proposes_from_simulated_profiles(round_one, tmp_path)
     settings = [json.loads(p.read_text()) for p in (root / "cache").rglob("settings.json")]
     # whole profiles (every feature) were simulated and cached for the penalty
     assert any(s["settings"]["profile_dims"] is None and s["profile_dims"] > 0 for s in settings)
+
+
+def test_anchored_proposal_from_a_prescreened_shortlist_with_pending(round_one, tmp_path, caplog):
+    """Above ``simulate_all_max`` the surrogate prescreens; the anchored GP then runs over the
+    measured conditions plus the shortlist, pending compounds believed and never proposed."""
+    import dataclasses
+
+    from loop.propose import candidate_table
+    from loop.train import latest_model
+
+    root = shutil.copytree(round_one["campaign"].root, tmp_path / "campaign")
+    campaign = Campaign.open(root)
+    if latest_model(campaign) is None:
+        train_assay(campaign)
+    campaign.config = dataclasses.replace(campaign.config, funnel={"simulate_all_max": 20, "sample_size": 30,
+                                                                   "shortlist_size": 15})
+    measured = _treated(round_one["proposal"].out_dir)
+    # 24 treatments a round: at least 60 of the 300 compounds stay eligible whichever tests ran before
+    first = propose(campaign, 40)
+    picked = _treated(first.out_dir)
+    _, pending = candidate_table(campaign)
+    assert pending.sum() >= len(picked) > 0
+    with caplog.at_level("INFO", logger="acquisition.funnel"):
+        second = propose(campaign, 40)  # the first proposal's plates are now in flight
+    assert "prescreen" in caplog.text  # the surrogate shortlisted: more eligible compounds than 20
+    again = _treated(second.out_dir)
+    assert len(again) == second.n_treatments and not (again & picked) and not (again & measured)
+    config = json.loads((second.out_dir / "round_config.json").read_text())
+    assert config["campaign"]["funnel"]["simulate_all_max"] == 20
+    with campaign.session() as session:
+        rows = session.exec(select(store.Proposal.acquisition, store.Proposal.acq_value)
+                            .where(store.Proposal.round_index == second.round_index)).all()
+    assert {acquisition for acquisition, _ in rows} == {"anchored_gp_ucb"}
+    assert all(np.isfinite(value) for _, value in rows)
