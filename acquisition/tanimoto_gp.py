@@ -98,24 +98,29 @@ def gp_ucb_scored(
     pending = pending & ~measured
     obs = np.flatnonzero(measured)
     mean, var, (signal, k_obs, weights) = _posterior(fps, log10_dose, obs, y, prior_mean, noise, dose_length)
-    believed: list[np.ndarray] = []  # scaled posterior covariance columns of pending and earlier picks
+    blocked = measured | pending
+    n_picks = min(q, int((~blocked).sum()))
+    # scaled posterior covariance columns of the pending conditions and earlier picks, one row each
+    believed = np.empty((int(pending.sum()) + n_picks, len(fps)))
+    n_believed = 0
 
     def believe(index: int) -> np.ndarray:
         """Condition on ``index`` as if measured at its posterior mean: only the variance shrinks."""
+        nonlocal n_believed
         column = signal * kernel_columns(fps, log10_dose, np.array([index]), dose_length)[:, 0]
         column -= weights.T @ k_obs[index]  # posterior cov(., index) given the measurements
-        for earlier in believed:  # ... and given the pending conditions and earlier picks
-            column -= earlier * earlier[index]
+        earlier = believed[:n_believed]  # ... and given the pending conditions and earlier picks
+        column -= earlier.T @ earlier[:, index]
         column /= np.sqrt(max(column[index] + noise * signal, 1e-12))
-        believed.append(column)
+        believed[n_believed] = column
+        n_believed += 1
         return np.maximum(var - column ** 2, 0.0)
 
     for index in np.flatnonzero(pending):
         var = believe(int(index))
-    blocked = measured | pending
     picks: list[int] = []
     scores: list[float] = []
-    for _ in range(min(q, int((~blocked).sum()))):
+    for _ in range(n_picks):
         score = np.where(blocked, -np.inf, mean + beta * np.sqrt(var))
         pick = int(np.argmax(score))
         picks.append(pick)
