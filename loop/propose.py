@@ -36,7 +36,7 @@ POLICIES = ("loop", "random", "greedy_mean", "ucb_topk", "diversity_only")
 #               measurement_anchor=False: qUCB + Tanimoto penalty + exploration fraction)
 #   greedy_mean mean predicted activity, top-k (no diversity, no exploration)
 #   ucb_topk    qUCB joint greedy without diversity or exploration (saturates after ~K picks)
-_POLICY_SELECTION = {
+POLICY_SELECTION = {
     "greedy_mean": dict(acquisition="mean", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0,
                         measurement_anchor=False),
     "ucb_topk": dict(acquisition="qUCB", diversity_penalty=0.0, phenotype_penalty=0.0, exploration_fraction=0.0,
@@ -114,7 +114,7 @@ def choose_compounds(
         return picks, _summary(picks, None, method), None
     # Simulate candidates once per member (cached); above FunnelConfig.simulate_all_max a fingerprint
     # surrogate prescreens the library to a shortlist first. values: K x n over funnel.indices.
-    sel_cfg = SelectionConfig(**{**campaign.config.selection, **_POLICY_SELECTION.get(policy, {}), "seed": seed})
+    sel_cfg = SelectionConfig(**{**campaign.config.selection, **POLICY_SELECTION.get(policy, {}), "seed": seed})
     funnel_cfg = FunnelConfig.from_dict({"simulation_seed": campaign.config.seed, **campaign.config.funnel})
     if sel_cfg.phenotype_penalty > 0 and funnel_cfg.profile_dims == 0:  # the penalty compares whole profiles
         funnel_cfg = dataclasses.replace(funnel_cfg, profile_dims=None)

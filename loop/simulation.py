@@ -60,7 +60,7 @@ from lab_io import chem
 from lab_io import profiles as profiling
 from lab_io.profile_table import ProfileTable
 from lab_io.schema import CONTROL_COMPOUND_ID, META_COMPOUND, META_DOSE, META_PLATE, META_SMILES
-from loop.propose import diversity_method
+from loop.propose import POLICY_SELECTION, diversity_method
 from models.config import FeatureAssayConfig, config_hash
 from models.ensemble import train_ensemble
 from models.training_data import FeatureTrainingSet
@@ -199,9 +199,7 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
     q = min(q, len(eligible))
     if policy == "random":
         return rng.choice(eligible, size=q, replace=False)
-    overrides = {"acquisition": "mean", "diversity_penalty": 0.0, "phenotype_penalty": 0.0,
-                 "exploration_fraction": 0.0, "measurement_anchor": False} if policy == "greedy_mean" else {}
-    selection_config = SelectionConfig(**{**config.selection, **overrides, "seed": seed})
+    selection_config = SelectionConfig(**{**config.selection, **POLICY_SELECTION.get(policy, {}), "seed": seed})
     if policy == "diversity_only" or not measured.any():
         method = selection_config.cold_start_method  # log10 dose as priority: a compound's first look, top dose
         return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured, priority=lab.log10_dose,

@@ -56,8 +56,8 @@ from lab_io.morphology import cell_feature_names, featurize_crops
 from models.image_autoencoder import AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, train_autoencoder
 from models.image_dit import ImageDiT
 from models.image_flow import (
-    ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, sample_latents, sampling_condition, save_json, save_torch,
-    source_indices, train_flow,
+    ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, sample_latents, sampling_condition,
+    save_json, save_torch, source_indices, train_flow,
 )
 from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells
 
