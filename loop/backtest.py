@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections import Counter
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,9 @@ def run_backtest(config: BacktestConfig, work_dir: Path | None = None) -> dict:
     try:
         template = _library_template(root / "template", config)
         actives = _ground_truth_actives(template, config)
-        log.info("backtest library: %d compounds, %d ground-truth actives", config.n_compounds, len(actives))
+        per_class = dict(sorted(Counter(actives.values()).items(), key=lambda kv: -kv[1]))
+        log.info("backtest library: %d compounds, %d ground-truth actives (%s)", config.n_compounds, len(actives),
+                 ", ".join(f"{name} {n}" for name, n in per_class.items()))
         curves = {p: [] for p in config.policies}
         classes = {p: [] for p in config.policies}
         for seed in range(config.n_seeds):
@@ -78,6 +81,7 @@ def run_backtest(config: BacktestConfig, work_dir: Path | None = None) -> dict:
     return {
         "config": dataclasses.asdict(config),
         "n_actives": len(actives),
+        "actives_per_class": per_class,
         "policies": {
             p: {
                 "hit_fraction_mean": np.mean(c, axis=0).tolist(),

@@ -253,6 +253,8 @@ def backtest(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the curves as JSON."),
     png_out: Optional[Path] = typer.Option(None, "--png", help="Curves figure (default next to --json)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Keep the simulated campaigns here."),
+    world_seed: int = typer.Option(0, "--world-seed", help="Synthetic lab: which hidden world (structure -> "
+                                                           "phenotype map) the library is screened in."),
     cold_start: Optional[str] = typer.Option(None, "--cold-start",
                                              help="Cold start (round 1 of the model policies; every round of "
                                                   "diversity_only, which uses coverage unless maxmin): random "
@@ -281,7 +283,8 @@ def backtest(
                 result = run_lookup_backtest(read_profile_table(profiles), cfg)
         else:
             cfg = BacktestConfig(n_compounds=compounds, n_rounds=rounds, batch_wells=batch_size or 96,
-                                 n_seeds=seeds, policies=names or ("loop", "random"), selection=selection)
+                                 n_seeds=seeds, policies=names or ("loop", "random"), selection=selection,
+                                 lab_world_seed=world_seed)
             with console.status("backtesting against the synthetic lab..."):
                 result = run_backtest(cfg, work_dir=work_dir)
     if json_out is not None:
@@ -292,7 +295,9 @@ def backtest(
     out.print(f"wrote {png}")
     for name, curve in result["policies"].items():
         means = ", ".join(f"{m:.3f}±{s:.3f}" for m, s in zip(curve["hit_fraction_mean"], curve["hit_fraction_sd"]))
-        out.print(f"{name:>15}: {means}")
+        classes = curve.get("classes_found_mean")
+        found = "" if classes is None else "; phenotype classes found " + ", ".join(f"{c:.1f}" for c in classes)
+        out.print(f"{name:>15}: {means}{found}")
 
 
 def _selection_options(selection_json: str | None, cold_start: str | None) -> dict:
