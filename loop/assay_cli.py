@@ -202,6 +202,7 @@ def evaluate(
         typer.echo(f"{cond['plate']} {cond['compound']} {cond['dose_um']:g} uM (n_real={cond['n_real']}):")
         rows = [(name, cond[name]) for name in ("model", "copy_control", "unconditional", "real_floor")]
         rows += [(f"model@{d}uM", m) for d, m in cond.get("model_at_dose", {}).items()]
+        rows += [(f"real@{d}uM", m) for d, m in cond.get("real_at_dose", {}).items()]
         for name, m in rows:
             typer.echo(f"  {name:>14}: " + "  ".join(f"{k} {_fmt(m[k])}" for k in
                                                       ("fid_inception", "kid_inception", "fid_morph", "kid_morph")))

@@ -224,7 +224,9 @@ def evaluate_assay(
     each compared with all ``n_real`` real treated cells of the condition (or a random ``max_real`` of
     them; real_floor: half vs half). With ``cross_doses``, ``model_at_dose`` adds the metrics of
     cells generated at every *other* treated dose of the compound on the plate against this
-    condition's real cells (is the generated dose closer than the neighbouring doses?). With
+    condition's real cells (is the generated dose closer than the neighbouring doses?), and
+    ``real_at_dose`` the same for the *real* cells of those doses (at most ``n_per_condition`` of
+    each): how far apart the doses really are, the scale on which ``model_at_dose`` is read. With
     K > 1 members, ``ensemble_disagreement`` is the variance across members of their profiles
     (``disagreement_cells`` cells per member, normalised to the member's generated DMSO cells on
     the plate), averaged over features;
@@ -240,6 +242,7 @@ def evaluate_assay(
     size = assay.config.image_size
     names, dna = assay.channel_names, assay.config.dna_channel
     rng = np.random.default_rng(seed)
+    subsample_rng = np.random.default_rng([seed, 1])  # real_at_dose only: the other draws stay as they were
     meta = crops.metadata
     results = []
     for plate in crops.plates if plates is None else plates:
@@ -295,15 +298,20 @@ def evaluate_assay(
             if assay.n_members > 1:
                 results[-1]["ensemble_disagreement"] = member_disagreement(
                     assay, fp, float(dose), z_ctrl, disagreement_cells, seed)
-        for entry in [r for r in results if r["plate"] == plate]:
-            real_feats = entry.pop("_real")
-            if not cross_doses:
-                continue
+        on_this_plate = [r for r in results if r["plate"] == plate]
+        real_sets = {(r["compound"], r["dose_um"]): r.pop("_real") for r in on_this_plate}
+        for entry in on_this_plate if cross_doses else []:
+            real_feats = real_sets[(entry["compound"], entry["dose_um"])]
             mean, std = morph_standardisation(real_feats.morph)
-            entry["model_at_dose"] = {}
+            entry["model_at_dose"], entry["real_at_dose"] = {}, {}
             other = sorted(d for (c, d) in generated if c == entry["compound"] and d != entry["dose_um"])
             for d in other:
                 entry["model_at_dose"][f"{d:g}"] = compare(generated[(entry["compound"], d)], real_feats, mean, std, seed=seed)
+                real_other = real_sets[(entry["compound"], d)]
+                keep = np.sort(subsample_rng.choice(len(real_other.morph), min(n_per_condition, len(real_other.morph)),
+                                                    replace=False))
+                subset = FeatureSets(real_other.inception[keep], real_other.morph[keep])
+                entry["real_at_dose"][f"{d:g}"] = compare(subset, real_feats, mean, std, seed=seed)
     if not results:
         raise ValueError(f"{source}: no treated condition with DMSO cells on the same plate to evaluate")
     return {

@@ -145,7 +145,8 @@ def test_cli_sample_and_evaluate(trained, tmp_path):
                                     "--cross-doses", "--no-inception", "--json", str(tmp_path / "e1.json")])
     assert res.exit_code == 0, res.output
     conds = {c["dose_um"]: c for c in json.loads((tmp_path / "e1.json").read_text())["conditions"]}
-    assert set(conds) == {5.0, 50.0} and set(conds[5.0]["model_at_dose"]) == {"50"}
+    assert set(conds) == {5.0, 50.0} and set(conds[5.0]["model_at_dose"]) == set(conds[5.0]["real_at_dose"]) == {"50"}
+    assert conds[5.0]["real_at_dose"]["50"]["fid_morph"] >= 0.0
     assert conds[5.0]["ensemble_disagreement"] >= 0.0
     assert conds[5.0]["model"]["fid_inception"] is None and conds[5.0]["model"]["fid_morph"] >= 0.0
     res = runner.invoke(assay_app, ["sample", "--model", str(out), "--compound", "cyclohexamide", "--dose-um", "15",
