@@ -88,6 +88,9 @@ class SelectionConfig:
             (a log-log slope; ``acquisition.anchor``).
         anchor_prior_sd: its prior standard deviation ``tau`` (``inf``: the out-of-bag
             least-squares slope alone; ``0``: the weight is ``anchor_prior_weight``).
+        anchor_attenuation: correct that out-of-bag slope for regression dilution (one or
+            two members' noise flattens it more than the K-member mean's; acquisition.anchor;
+            off: no measured effect on the backtests).
         seed: seeds Thompson member order and MaxMin's first pick.
     """
 
@@ -103,6 +106,7 @@ class SelectionConfig:
     anchor_beta: float = 1.0
     anchor_prior_weight: float = 0.3
     anchor_prior_sd: float = 0.2
+    anchor_attenuation: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -169,9 +169,10 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
         np.concatenate([measured_values, funnel.values], axis=1), np.concatenate([measured_fps, fps[funnel.indices]]),
         np.log10(dose_um), is_measured, measured["activity"].to_numpy(float), q, out_of_bag=out_of_bag,
         pending=pending, beta=sel_cfg.anchor_beta, prior_weight=sel_cfg.anchor_prior_weight,
-        prior_sd=sel_cfg.anchor_prior_sd)
-    log.info("anchored GP over %d measured conditions: ensemble weight %.2f (%d out-of-bag conditions)",
-             n_measured, batch.anchor.weight, batch.anchor.n_out_of_bag)
+        prior_sd=sel_cfg.anchor_prior_sd, attenuation=sel_cfg.anchor_attenuation)
+    log.info("anchored GP over %d measured conditions: ensemble weight %.2f (%d out-of-bag conditions, "
+             "slope dilution-corrected x%.2f)", n_measured, batch.anchor.weight, batch.anchor.n_out_of_bag,
+             batch.anchor.dilution)
     return batch.indices - n_measured, batch.ucb
 
 

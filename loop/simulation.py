@@ -212,11 +212,18 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
         batch = anchored_ucb_batch(values, lab.fingerprints, lab.log10_dose, measured, activity, q,
                                    out_of_bag=out_of_bag, beta=selection_config.anchor_beta,
                                    prior_weight=selection_config.anchor_prior_weight,
-                                   prior_sd=selection_config.anchor_prior_sd)
-        log.debug("anchored GP: ensemble weight %.2f, %d out-of-bag conditions", batch.anchor.weight,
-                  batch.anchor.n_out_of_bag)
+                                   prior_sd=selection_config.anchor_prior_sd,
+                                   attenuation=selection_config.anchor_attenuation)
+        log.debug("anchored GP: ensemble weight %.2f, %d out-of-bag conditions, dilution x%.2f",
+                  batch.anchor.weight, batch.anchor.n_out_of_bag, batch.anchor.dilution)
         return batch.indices
     return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured, profiles=profiles).indices
+
+
+def random_expected_fraction(n_conditions: int, batch_size: int, n_rounds: int) -> list[float]:
+    """Expected cumulative fraction of the hits that uniform random batches (without replacement)
+    have measured after each round: ``min(r B, N) / N``, whatever the hits are."""
+    return [min(r * batch_size, n_conditions) / n_conditions for r in range(1, n_rounds + 1)]
 
 
 def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> dict:
@@ -250,6 +257,10 @@ def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> di
         "n_hits": lab.n_hits,
         "n_skipped_no_smiles": lab.n_skipped_no_smiles,
         "hit_definition": f"condition activity >= {HIT_QUANTILE:.0%} quantile of all conditions",
+        # what the random policy finds on average (each condition is picked by round r with
+        # probability r B / N): the yardstick its few seeded draws scatter around
+        "random_expected_hit_fraction": random_expected_fraction(len(lab.conditions), config.batch_size,
+                                                                 config.n_rounds),
         "policies": {
             p: {
                 "hit_fraction_mean": np.mean(c, axis=0).tolist(),

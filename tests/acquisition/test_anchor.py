@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import linregress
 
-from acquisition.anchor import anchored_ucb_batch, fit_anchor, log_activity
+from acquisition.anchor import anchored_ucb_batch, dilution_ratio, fit_anchor, log_activity
 from acquisition.tanimoto_gp import gp_posterior, gp_ucb_batch
 
 
@@ -28,6 +28,48 @@ def test_recovers_the_out_of_bag_slope_and_intercept():
     assert np.allclose(anchor.prior_mean[8:], 1.0 + 2.0 * z_members[:, 8:].mean(0))  # full ensemble
     assert np.allclose(anchor.prior_mean[:8], y)  # out-of-sample at the measured conditions
     assert fit_anchor(z_members, measured, y, out_of_bag, max_weight=1.5).weight == 1.5
+    # with the dilution correction the slope is rescaled by r, exactly (y has no noise, so se = 0)
+    ratio = dilution_ratio(z_members, measured, out_of_bag.sum(0))
+    assert ratio > 1
+    corrected = fit_anchor(z_members, measured, y, out_of_bag, max_weight=3 * ratio, attenuation=True)
+    assert corrected.weight == pytest.approx(2.0 * ratio) and corrected.dilution == pytest.approx(ratio)
+
+
+def test_dilution_ratio_closed_forms():
+    rng = np.random.default_rng(3)
+    measured = np.zeros(400, bool)
+    measured[:10] = True
+    n_oob = np.array([1, 1, 2, 4, 1, 2, 1, 1, 3, 1])
+    # members identical (no member noise): no dilution
+    same = np.repeat(rng.normal(size=(1, 400)), 5, axis=0)
+    assert dilution_ratio(same, measured, n_oob) == 1.0
+    # members share nothing (no signal): r = K mean(1 / n_oob), up to the sampling error of the variances
+    noise = rng.normal(size=(5, 20000))
+    assert dilution_ratio(noise, np.zeros(20000, bool), n_oob) == pytest.approx(5 * np.mean(1 / n_oob), rel=0.05)
+    # signal v and member noise s2: r = (v + s2 mean(1/n_oob)) / (v + s2 / K)
+    signal, members = rng.normal(scale=0.8, size=20000), rng.normal(scale=0.5, size=(5, 20000))
+    expected = (0.64 + 0.25 * np.mean(1 / n_oob)) / (0.64 + 0.25 / 5)
+    assert dilution_ratio(signal + members, np.zeros(20000, bool), n_oob) == pytest.approx(expected, rel=0.03)
+    assert dilution_ratio(signal[None, :], np.zeros(20000, bool), n_oob) == 1.0  # one member: nothing to estimate
+
+
+def test_the_corrected_slope_is_the_slope_on_the_ensemble_mean():
+    """Members = signal + independent noise; y depends on the signal. The out-of-bag fit (one member per
+    measured condition) is flattened by that member's noise; corrected, it estimates the slope of y on the
+    K-member mean, which is what the prior mean a + b z uses (checked on the unmeasured conditions)."""
+    rng = np.random.default_rng(4)
+    n, n_measured, k = 6000, 3000, 4
+    signal = rng.normal(size=n)
+    z_members = signal + rng.normal(scale=1.0, size=(k, n))
+    y = 0.2 + 0.6 * signal + rng.normal(scale=0.3, size=n)
+    measured = np.arange(n) < n_measured
+    out_of_bag = np.zeros((k, n_measured), bool)
+    out_of_bag[rng.integers(0, k, n_measured), np.arange(n_measured)] = True  # one member left each out
+    target = linregress(z_members[:, ~measured].mean(0), y[~measured]).slope  # 0.6 * 1 / (1 + 1/4) = 0.48
+    raw = fit_anchor(z_members, measured, y[measured], out_of_bag, prior_sd=np.inf).weight
+    corrected = fit_anchor(z_members, measured, y[measured], out_of_bag, prior_sd=np.inf, attenuation=True).weight
+    assert raw == pytest.approx(0.3, abs=0.03)  # 0.6 * 1 / (1 + 1)
+    assert corrected == pytest.approx(target, abs=0.03) and target == pytest.approx(0.48, abs=0.03)
 
 
 def test_the_weight_is_the_posterior_mean_of_the_slope():
