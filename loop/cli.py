@@ -298,6 +298,9 @@ def backtest(
         classes = curve.get("classes_found_mean")
         found = "" if classes is None else "; phenotype classes found " + ", ".join(f"{c:.1f}" for c in classes)
         out.print(f"{name:>15}: {means}{found}")
+    if "random_expected_hit_fraction" in result:
+        expected = ", ".join(f"{f:.3f}" for f in result["random_expected_hit_fraction"])
+        out.print(f"{'random expected':>15}: {expected} (the mean over all random draws)")
 
 
 def _selection_options(selection_json: str | None, cold_start: str | None) -> dict:

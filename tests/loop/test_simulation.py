@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from lab_io.profile_table import ProfileTable, convert_bbbc021, read_profile_table
-from loop.simulation import HIT_QUANTILE, LookupBacktestConfig, _pick, build_lookup_lab, run_lookup_backtest
+from loop.simulation import (HIT_QUANTILE, LookupBacktestConfig, _pick, build_lookup_lab, random_expected_fraction,
+                             run_lookup_backtest)
 
 SMILES = ["CCO", "CCN", "CCCl", "c1ccccc1O", "c1ccccc1N", "CC(=O)O", "CC(=O)N", "c1ccncc1", "C1CCCCC1O",
           "OC(=O)c1ccccc1", "Nc1ccc(Cl)cc1", "COc1ccccc1"]
@@ -77,6 +78,8 @@ def test_lookup_backtest_json_shape_and_monotone(tmp_path):
                                   assay=dict(n_members=2, n_steps=40, hidden_dim=32, batch_size=64))
     result = run_lookup_backtest(read_profile_table(_table(tmp_path)), config)
     assert set(result["policies"]) == {"loop", "random", "greedy_mean", "diversity_only", "gp_ucb"}
+    n = result["n_conditions"]
+    assert result["random_expected_hit_fraction"] == pytest.approx([3 / n, 6 / n])
     for curve in result["policies"].values():
         assert len(curve["hit_fraction_mean"]) == len(curve["hit_fraction_sd"]) == 2
         for per_seed in curve["per_seed"]:
@@ -118,3 +121,19 @@ def test_a_condition_is_out_of_bag_only_when_its_whole_compound_is(tmp_path):
     assert lab.conditions["Metadata_compound"].iloc[[0, 1]].nunique() == 1  # one compound, two doses
     # member 0 trained on cpd0 at one dose: neither dose is out of bag for it; member 1 left cpd0 out
     assert out.tolist() == [[False, False, True, True], [True, True, False, True]]
+
+
+def test_random_expected_fraction_is_the_mean_of_random_batches():
+    """Monte Carlo over the random policy's own picks: the cumulative hit fraction averages r B / N."""
+    lab_hits = np.zeros(50, dtype=bool)
+    lab_hits[[1, 7, 8, 30, 49]] = True
+    rng = np.random.default_rng(0)
+    found = np.zeros(4)
+    n_draws = 4000
+    for _ in range(n_draws):
+        measured = np.zeros(50, dtype=bool)
+        for r in range(4):
+            measured[rng.choice(np.flatnonzero(~measured), size=min(15, (~measured).sum()), replace=False)] = True
+            found[r] += lab_hits[measured].sum() / lab_hits.sum()
+    assert found / n_draws == pytest.approx(random_expected_fraction(50, 15, 4), abs=0.01)
+    assert random_expected_fraction(50, 15, 4) == [0.3, 0.6, 0.9, 1.0]
