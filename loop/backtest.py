@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections import Counter
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
