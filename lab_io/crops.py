@@ -235,12 +235,14 @@ def _smiles_table() -> dict[str, str]:
     return table
 
 
-def compound_smiles(metadata: pd.DataFrame, source: str | Path = "crops metadata") -> dict[str, str]:
+def compound_smiles(metadata: pd.DataFrame, source: str | Path = "crops metadata", *,
+                    strict: bool = True) -> dict[str, str]:
     """compound name -> SMILES for every compound in ``metadata`` ("" for DMSO).
 
     Uses the metadata's ``smiles`` column when present, else the BBBC021 name table
     (``shared/data/bbbc021/compounds_smiles_matched.csv``) and the embedded fallback.
-    Raises :class:`CropsError` naming ``source`` and the compound when none is found.
+    A compound with no SMILES raises :class:`CropsError` naming ``source`` and the compound, or
+    with ``strict=False`` is left out of the result (BBBC021's AstraZeneca compounds have none).
     """
     known = _smiles_table()
     out: dict[str, str] = {}
@@ -255,7 +257,8 @@ def compound_smiles(metadata: pd.DataFrame, source: str | Path = "crops metadata
             vals = [s for s in group["smiles"] if isinstance(s, str) and s.strip()]
             smi = vals[0].strip() if vals else ""
         smi = smi or known.get(name.strip().lower(), "")
-        if not smi:
+        if smi:
+            out[name] = smi
+        elif strict:
             raise CropsError(f"{source}: no SMILES for compound {name!r} (add a 'smiles' column)")
-        out[name] = smi
     return out

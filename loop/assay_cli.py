@@ -172,6 +172,7 @@ def evaluate(
     dose: List[float] = typer.Option([], "--dose", help="Evaluate only these doses in uM (repeatable)."),
     n_per_condition: int = typer.Option(200, "--n", help="Generated (and copy-control) cells per condition."),
     max_real: Optional[int] = typer.Option(None, "--max-real", help="Subsample real treated cells per condition (default: all)."),
+    min_real: int = typer.Option(10, "--min-real", help="Skip (and list) conditions with fewer real cells."),
     cross_doses: bool = typer.Option(False, "--cross-doses", help="Also score cells generated at the other doses."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: model config)."),
     inception: bool = typer.Option(True, "--inception/--no-inception", help="Inception metrics (slow on CPU); off: null."),
@@ -191,7 +192,7 @@ def evaluate(
         result = evaluate_assay(assay, crops, n_per_condition=n_per_condition, seed=seed, plates=plate or None,
                                 doses_um=dose or None, n_steps=steps, source=str(data), max_real=max_real,
                                 cross_doses=cross_doses, guidance_scale=guidance,
-                                inception=inception)
+                                inception=inception, min_real=min_real)
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(str(err))
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,4 +209,8 @@ def evaluate(
                                                       ("fid_inception", "kid_inception", "fid_morph", "kid_morph")))
         if "ensemble_disagreement" in cond:
             typer.echo(f"  ensemble disagreement (mean member-profile variance): {cond['ensemble_disagreement']:.4f}")
+    for s in result["skipped"]:
+        where = " ".join(str(x) for x in (s["plate"], s["compound"]) if x)
+        dose_text = "" if s["dose_um"] is None else f" {s['dose_um']:g} uM"
+        typer.echo(f"skipped {where}{dose_text} (n_real={s['n_real']}): {s['reason']}")
     typer.echo(f"wrote {json_out}")

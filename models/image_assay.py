@@ -567,9 +567,22 @@ def resolve_compound(assay: ImageAssay, name_or_smiles: str) -> np.ndarray | Non
                          f"({assay.meta['compounds']}) nor a valid SMILES") from err
 
 
-def fingerprint_of_compound(name: str, metadata_source: CropSet, source: str) -> np.ndarray | None:
-    """Packed fingerprint of a compound named in a crops folder (None for DMSO)."""
-    if is_control_compound([name])[0]:
-        return None
-    smiles = compound_smiles(metadata_source.metadata, source)[name]
-    return morgan_fingerprints([smiles])[0]
+def compound_fingerprints(assay: ImageAssay, metadata, source: str) -> dict[str, np.ndarray | None]:
+    """Packed fingerprint of every compound named in a crops table (None for DMSO).
+
+    A name the model trained on keeps its training fingerprint; any other compound is looked up
+    by SMILES (the table's ``smiles`` column, else the BBBC021 name table). Compounds with
+    neither are left out, and the caller decides (``evaluate_assay`` skips their conditions)."""
+    smiles = compound_smiles(metadata, source, strict=False)
+    out: dict[str, np.ndarray | None] = {}
+    for name in metadata["compound"].astype(str).unique():
+        if is_control_compound([name])[0]:
+            out[name] = None
+        elif (fp := assay.training_fingerprint(name)) is not None:
+            out[name] = fp
+        elif smiles.get(name):
+            try:
+                out[name] = morgan_fingerprints([smiles[name]])[0]
+            except ValueError:
+                logger.warning("%s: compound %r has an unparseable SMILES %r", source, name, smiles[name])
+    return out

@@ -158,6 +158,7 @@ def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[
 #: texture or shape feature; unclipped, that single cell decides fid_morph through the covariance
 #: trace (measured: one of 300 generated cells at 183 sd tripled the trace).
 MORPH_CLIP_SD = 10.0
+MIN_REAL_CELLS = 10
 
 
 def standardise_morph(morph: np.ndarray, morph_mean: np.ndarray, morph_std: np.ndarray) -> np.ndarray:
@@ -209,6 +210,7 @@ def evaluate_assay(
     disagreement_cells: int = 64,
     guidance_scale: float | None = None,
     inception: bool = True,
+    min_real: int = MIN_REAL_CELLS,
 ) -> dict:
     """Evaluate an :class:`models.image_assay.ImageAssay` on a crops set, condition by condition.
 
@@ -231,12 +233,18 @@ def evaluate_assay(
     (``disagreement_cells`` cells per member, normalised to the member's generated DMSO cells on
     the plate), averaged over features;
     at the model's image size (real crops centre-cropped, never resampled).
+
+    Conditions that cannot be scored are skipped with a warning and listed in ``skipped``
+    (plate, compound, dose_um, n_real, reason): a plate without DMSO cells, a compound that is
+    neither a training compound nor has a SMILES (BBBC021's AstraZeneca compounds), or fewer
+    than ``min_real`` real cells (the real floor splits them in two halves). ValueError when
+    nothing is left to score.
     Returns ``{"conditions": [{plate, compound, dose_um, n_real, n_generated, model, copy_control,
-    unconditional, real_floor}], ...}`` with each metric dict holding fid_inception, kid_inception,
+    unconditional, real_floor}], "skipped": [...], ...}`` with each metric dict holding fid_inception, kid_inception,
     fid_morph, kid_morph.
     """
     from lab_io.crops import is_control_compound
-    from models.image_assay import fingerprint_of_compound
+    from models.image_assay import compound_fingerprints
     from models.image_flow import centre_crop
 
     size = assay.config.image_size
@@ -244,7 +252,17 @@ def evaluate_assay(
     rng = np.random.default_rng(seed)
     subsample_rng = np.random.default_rng([seed, 1])  # real_at_dose only: the other draws stay as they were
     meta = crops.metadata
-    results = []
+    if min_real < 4:
+        raise ValueError(f"min_real must be >= 4 (two halves of >= 2 real cells), got {min_real}")
+    if max_real is not None and max_real < 4:
+        raise ValueError(f"max_real must be >= 4 (two halves of >= 2 real cells), got {max_real}")
+    fingerprints = compound_fingerprints(assay, meta, source)
+    results, skipped = [], []
+
+    def skip(plate, compound, dose, n_real, reason):
+        logger.warning("%s: plate %s %s %s skipped: %s", source, plate, compound or "", "" if dose is None else
+                       f"{dose:g} uM", reason)
+        skipped.append({"plate": plate, "compound": compound, "dose_um": dose, "n_real": n_real, "reason": reason})
     for plate in crops.plates if plates is None else plates:
         on_plate = (meta["plate"] == plate).to_numpy()
         if not on_plate.any():
@@ -254,7 +272,7 @@ def evaluate_assay(
         if not treated.any():
             continue
         if not ctrl.any():
-            logger.warning("%s: plate %s has no DMSO cells to condition on; skipped", source, plate)
+            skip(plate, None, None, int(treated.sum()), "no DMSO cells on the plate to condition on")
             continue
         plate_images = centre_crop(crops.images[on_plate], size, source)
         scale = channel_scale(plate_images)
@@ -272,11 +290,18 @@ def evaluate_assay(
             if doses_um is not None and not np.isclose(dose, doses_um).any():
                 continue
             index = np.asarray(index)
+            if str(compound) not in fingerprints:
+                skip(plate, str(compound), float(dose), len(index),
+                     "not a training compound and no SMILES (add a 'smiles' column to the crops metadata)")
+                continue
+            if len(index) < min_real:
+                skip(plate, str(compound), float(dose), len(index), f"fewer than {min_real} real cells")
+                continue
             if max_real is not None and len(index) > max_real:
                 index = np.sort(rng.choice(index, max_real, replace=False))
             real = centre_crop(crops.images[index], size, source)
             logger.info("plate %s %s %g uM: %d real cells", plate, compound, dose, len(real))
-            fp = fingerprint_of_compound(str(compound), crops, source)
+            fp = fingerprints[str(compound)]
             gen = assay.generate_ensemble(fp, float(dose), z_ctrl, n_per_condition, seed, n_steps=n_steps,
                                           guidance_scale=guidance_scale)
             real_feats = featurize_set(real, scale, names, dna, inception=inception)
@@ -313,13 +338,16 @@ def evaluate_assay(
                 subset = FeatureSets(real_other.inception[keep], real_other.morph[keep])
                 entry["real_at_dose"][f"{d:g}"] = compare(subset, real_feats, mean, std, seed=seed)
     if not results:
-        raise ValueError(f"{source}: no treated condition with DMSO cells on the same plate to evaluate")
+        reasons = "; ".join(f"{s['plate']} {s['compound'] or ''}: {s['reason']}" for s in skipped[:5])
+        raise ValueError(f"{source}: no treated condition with DMSO cells on the same plate to evaluate"
+                         + (f" ({len(skipped)} skipped: {reasons})" if skipped else ""))
     return {
         "model_version": assay.version, "n_members": assay.n_members, "image_size_px": size,
         "n_per_condition": n_per_condition, "seed": seed, "sampler": assay.config.flow.sampler,
         "n_steps": n_steps or assay.config.flow.n_steps, "max_real": max_real,
         "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
         "conditions": results,
+        "skipped": skipped,
         "protocol": "Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], "
                     "zero-pad to 96 px, resize to 299; morph: lab_io.morphology features standardised by the real cells, "
                     f"clipped to +-{MORPH_CLIP_SD:g} sd",

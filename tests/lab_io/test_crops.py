@@ -104,6 +104,8 @@ def test_compound_smiles_fallback_and_column():
     assert compound_smiles(meta)["mystery"] == "CCO"
     with pytest.raises(CropsError, match="x.csv: no SMILES for compound 'unknownium'"):
         compound_smiles(pd.DataFrame({"compound": ["unknownium"]}), "x.csv")
+    lenient = compound_smiles(pd.DataFrame({"compound": ["unknownium", "cyclohexamide"]}), strict=False)
+    assert set(lenient) == {"cyclohexamide"}
 
 
 def test_is_control_compound():

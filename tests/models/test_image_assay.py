@@ -135,14 +135,14 @@ def test_cli_sample_and_evaluate(trained, tmp_path):
         assert z["images"].shape == (4, 16, 16, 3)
     assert (tmp_path / "g.png").is_file()
     res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P2", "--n", "3",
-                                    "--json", str(tmp_path / "e.json")])
+                                    "--min-real", "4", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
     cond = json.loads((tmp_path / "e.json").read_text())["conditions"][0]
     assert (cond["plate"], cond["dose_um"], cond["n_real"]) == ("P2", 15.0, 4)
     for name in ("model", "copy_control", "unconditional", "real_floor"):
         assert set(cond[name]) == {"fid_inception", "kid_inception", "fid_morph", "kid_morph"}
     res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "3",
-                                    "--cross-doses", "--no-inception", "--json", str(tmp_path / "e1.json")])
+                                    "--min-real", "4", "--cross-doses", "--no-inception", "--json", str(tmp_path / "e1.json")])
     assert res.exit_code == 0, res.output
     conds = {c["dose_um"]: c for c in json.loads((tmp_path / "e1.json").read_text())["conditions"]}
     assert set(conds) == {5.0, 50.0} and set(conds[5.0]["model_at_dose"]) == set(conds[5.0]["real_at_dose"]) == {"50"}
@@ -152,6 +152,42 @@ def test_cli_sample_and_evaluate(trained, tmp_path):
     res = runner.invoke(assay_app, ["sample", "--model", str(out), "--compound", "cyclohexamide", "--dose-um", "15",
                                     "--controls", "NOPE", "--n", "2", "--out", str(tmp_path / "x.npz")])
     assert res.exit_code == 1 and "NOPE" in res.output
+
+
+def test_evaluate_skips_conditions_it_cannot_score(trained, tmp_path):
+    """A new plate holding a compound without SMILES, one with a SMILES column entry the model never
+    saw, and a condition with too few cells: the scorable ones are scored, the rest listed as skipped."""
+    from loop.assay_cli import assay_app
+
+    out, crops, _ = trained
+    p2 = crops.subset((crops.metadata["plate"] == "P2").to_numpy())
+    extra = p2.subset(~p2.is_control)
+    meta = extra.metadata
+    parts = [p2]
+    for compound, smiles, n in (("AZ-unknown", "", 4), ("ethanol", "CCO", 4), ("ethanol", "CCO", 2)):
+        m = meta.iloc[:n].assign(compound=compound, smiles=smiles)
+        if n == 2:
+            m = m.assign(concentration_um=1.0)
+        parts.append(CropSet(extra.images[:n], m.reset_index(drop=True), crops.channel_names))
+    merged = CropSet(np.concatenate([c.images for c in parts]),
+                     pd.concat([c.metadata for c in parts], ignore_index=True), crops.channel_names)
+    data = write_crops(merged, tmp_path / "crops")
+    runner = CliRunner()
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "3", "--min-real",
+                                    "4", "--no-inception", "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "e.json").read_text())
+    scored = {(c["compound"], c["dose_um"]) for c in result["conditions"]}
+    assert scored == {("cyclohexamide", 15.0), ("ethanol", 15.0)}
+    skipped = {(s["compound"], s["dose_um"]): s for s in result["skipped"]}
+    assert set(skipped) == {("AZ-unknown", 15.0), ("ethanol", 1.0)}
+    assert "SMILES" in skipped[("AZ-unknown", 15.0)]["reason"] and skipped[("ethanol", 1.0)]["n_real"] == 2
+    assert "skipped P2 AZ-unknown 15 uM" in res.output
+    # nothing left to score: a clear error naming the folder and why
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "3", "--min-real",
+                                    "50", "--no-inception", "--json", str(tmp_path / "none.json")])
+    assert res.exit_code == 1 and "fewer than 50 real cells" in res.output and str(data) in res.output
+    assert not (tmp_path / "none.json").exists()
 
 
 @pytest.mark.slow
