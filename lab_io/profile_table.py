@@ -2,7 +2,9 @@
 
 A profile table has one row per well: ``Metadata_Plate``, ``Metadata_Well``,
 ``Metadata_compound``, ``Metadata_smiles``, ``Metadata_dose_um``, optional ``Metadata_moa``,
-and numeric feature columns (every non-``Metadata_`` column).
+and numeric feature columns (every numeric non-``Metadata_`` column; text columns such as
+CellProfiler's ``Image_FileName_*`` are ignored with a warning). An empty dose is allowed (control
+wells often have none); a dose that is not a number is an error naming the row.
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ def read_profile_table(path: Path) -> ProfileTable:
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; found {list(frame.columns[:8])}...")
     features = [c for c in frame.columns if not c.startswith("Metadata_")]
+    text = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
+    if text:  # e.g. CellProfiler's Image_FileName_* / Image_PathName_* left in a table
+        log.warning("%s: %d non-numeric column(s) without the Metadata_ prefix are not features and are ignored: %s",
+                    path, len(text), ", ".join(text[:5]) + (" ..." if len(text) > 5 else ""))
+        features = [c for c in features if c not in text]
     if not features:
-        raise ValueError(f"{path}: no feature columns (every column starts with Metadata_)")
-    bad = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
-    if bad:
-        raise ValueError(f"{path}: non-numeric feature column(s) {bad[:5]}")
+        raise ValueError(f"{path}: no numeric feature columns (every other column starts with Metadata_)")
     dose = pd.to_numeric(frame[META_DOSE], errors="coerce")
-    if dose.isna().any():
-        row = int(np.flatnonzero(dose.isna().to_numpy())[0])
+    bad_text = dose.isna().to_numpy() & frame[META_DOSE].notna().to_numpy()
+    if bad_text.any():  # "10 uM" and the like; an empty cell (e.g. a DMSO well) is left to the caller
+        row = int(np.flatnonzero(bad_text)[0])
         raise ValueError(f"{path}: row {row + 2} ({frame[META_PLATE].iloc[row]} {frame[META_WELL].iloc[row]}): "
-                         f"{META_DOSE} is not a number")
+                         f"{META_DOSE} {frame[META_DOSE].iloc[row]!r} is not a number (give doses in uM)")
     frame = frame.assign(**{META_DOSE: dose.astype(float)})
     return ProfileTable(frame=frame, features=features, source=str(path))
 

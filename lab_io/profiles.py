@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -81,6 +82,7 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
         raise ValueError(f"control_mask has shape {mask.shape}, expected ({len(profiles)},)")
     out = profiles.copy()
     values = profiles[feats].to_numpy(dtype=np.float64)
+    values = np.where(np.isfinite(values), values, np.nan)  # a missing value stays missing, and is ignored
     result = np.empty_like(values)
     groups = profiles[by].to_numpy() if by is not None else np.zeros(len(profiles))
     for group in pd.unique(groups):
@@ -88,12 +90,14 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
         ctrl = values[rows & mask]
         if ctrl.shape[0] == 0:
             raise ValueError(f"{by or 'table'} {group!r} has no control wells to normalise to")
-        if method == "robust_z":
-            center = np.median(ctrl, axis=0)
-            scale = MAD_SCALE * np.median(np.abs(ctrl - center), axis=0)
-        else:
-            center = ctrl.mean(axis=0)
-            scale = ctrl.std(axis=0)
+        with warnings.catch_warnings():  # an all-missing column gives NaN, which feature_select drops
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if method == "robust_z":
+                center = np.nanmedian(ctrl, axis=0)
+                scale = MAD_SCALE * np.nanmedian(np.abs(ctrl - center), axis=0)
+            else:
+                center = np.nanmean(ctrl, axis=0)
+                scale = np.nanstd(ctrl, axis=0)
         result[rows] = (values[rows] - center) / (scale + eps)
     out[feats] = result
     return out
@@ -114,15 +118,19 @@ def phenotypic_activity(normalized: pd.DataFrame | np.ndarray, features: Sequenc
 
 
 def feature_select(table: pd.DataFrame, features: Sequence[str] | None = None, *,
-                   drop_bookkeeping: bool = True, min_std: float = 1e-8) -> list[str]:
-    """Feature columns worth modelling: finite everywhere, not constant, not bookkeeping."""
+                   drop_bookkeeping: bool = True, min_std: float = 1e-8,
+                   max_nonfinite_fraction: float = 0.0) -> list[str]:
+    """Feature columns worth modelling: not bookkeeping, at most ``max_nonfinite_fraction`` of
+    the rows missing or infinite (default: none; pycytominer's ``drop_na_columns`` uses 0.05),
+    and not constant over their finite values."""
     feats = _features(table, features)
     keep = []
     for col in feats:
         if drop_bookkeeping and any(tag in col for tag in _BOOKKEEPING):
             continue
         values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
-        if not np.all(np.isfinite(values)) or np.std(values) <= min_std:
+        finite = np.isfinite(values)
+        if finite.sum() < 2 or 1.0 - finite.mean() > max_nonfinite_fraction or np.std(values[finite]) <= min_std:
             continue
         keep.append(col)
     return keep

@@ -3,7 +3,9 @@
 Candidates are the (compound, dose) conditions of a pycytominer-style profile table that
 have a SMILES. "Running" a condition reveals its real wells. Profiles are normalised per
 plate to the plate's control wells (robust z, ``lab_io.profiles.normalize_to_controls``)
-over the table's usable features (``feature_select``: finite, not constant, no bookkeeping).
+over the table's usable features (``feature_select``: at most 5% of the wells missing, not
+constant, no bookkeeping; the few missing values left are set to the plate's control median).
+Treated wells without a SMILES or without a positive dose are skipped and counted.
 A condition's activity is ``phenotypic_activity`` of the mean normalised profile of its wells
 (RMS robust z: a control-like condition scores about 1); a **hit** is a condition in the top
 10% of activity.
@@ -59,7 +61,7 @@ from acquisition.tanimoto_gp import gp_ucb_batch
 from lab_io import chem
 from lab_io import profiles as profiling
 from lab_io.profile_table import ProfileTable
-from lab_io.schema import CONTROL_COMPOUND_ID, META_COMPOUND, META_DOSE, META_PLATE, META_SMILES
+from lab_io.schema import CONTROL_COMPOUND_ID, META_COMPOUND, META_DOSE, META_PLATE, META_SMILES, META_WELL
 from loop.propose import POLICY_SELECTION, diversity_method
 from models.config import FeatureAssayConfig, config_hash
 from models.ensemble import train_ensemble
@@ -68,6 +70,7 @@ from models.training_data import FeatureTrainingSet
 log = logging.getLogger(__name__)
 
 HIT_QUANTILE = 0.90
+MAX_MISSING_FRACTION = 0.05  # a feature missing in more wells is dropped (pycytominer's drop_na_columns cutoff)
 LOOKUP_POLICIES = ("loop", "random", "greedy_mean", "diversity_only", "gp_ucb")
 
 
@@ -94,6 +97,7 @@ class LookupLab:
     wells: pd.DataFrame  # normalised well profiles with Metadata_condition (-1 for controls)
     features: list[str]
     n_skipped_no_smiles: int
+    n_skipped_no_dose: int = 0
 
     @property
     def log10_dose(self) -> np.ndarray:
@@ -116,15 +120,31 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
                     control_label, ", ".join(map(str, plates_without[:5])))
         keep = ~frame[META_PLATE].isin(plates_without).to_numpy()
         frame, is_control = frame[keep].reset_index(drop=True), is_control[keep]
-    features = profiling.feature_select(frame, table.features)
+    features = profiling.feature_select(frame, table.features, max_nonfinite_fraction=MAX_MISSING_FRACTION)
+    if not features:
+        raise ValueError(f"{table.source}: no usable feature column (each is constant or more than "
+                         f"{MAX_MISSING_FRACTION:.0%} missing)")
     normalized = profiling.normalize_to_controls(frame, is_control, features=features)
+    missing = ~np.isfinite(normalized[features].to_numpy(dtype=float))
+    if missing.any():  # a few missing values in kept features: the plate's control centre (z = 0)
+        log.warning("%s: %d missing feature value(s) in %d well(s) set to their plate's control median",
+                    table.source, int(missing.sum()), int(missing.any(axis=1).sum()))
+        normalized[features] = normalized[features].fillna(0.0).replace([np.inf, -np.inf], 0.0)
     smiles = frame[META_SMILES].fillna("").astype(str).str.strip()
     treated = ~is_control
     no_smiles = treated & (smiles == "").to_numpy()
     n_skipped = int(no_smiles.sum())
     if n_skipped:
         log.info("%s: %d treated wells without SMILES skipped", table.source, n_skipped)
-    usable = treated & ~no_smiles
+    dose = frame[META_DOSE].to_numpy(dtype=float)
+    no_dose = treated & ~no_smiles & ~(np.isfinite(dose) & (dose > 0))
+    n_skipped_dose = int(no_dose.sum())
+    if n_skipped_dose:
+        first = np.flatnonzero(no_dose)[0]
+        log.warning("%s: %d treated wells with SMILES but no positive %s skipped (first: plate %s well %s)",
+                    table.source, n_skipped_dose, META_DOSE, frame[META_PLATE].iloc[first],
+                    frame[META_WELL].iloc[first])
+    usable = treated & ~no_smiles & ~no_dose
     keys = frame.loc[usable, [META_COMPOUND, META_DOSE]].astype({META_DOSE: float})
     conditions = (keys.assign(smiles=smiles[usable].to_numpy()).drop_duplicates([META_COMPOUND, META_DOSE])
                   .sort_values([META_COMPOUND, META_DOSE]).reset_index(drop=True))
@@ -146,7 +166,7 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
         log.warning("%s: %d condition(s) with unparseable SMILES kept with empty fingerprints: %s", table.source,
                     len(bad), ", ".join(conditions[META_COMPOUND].iloc[bad].astype(str).tolist()[:5]))
     return LookupLab(conditions=conditions, fingerprints=canonical.fingerprints, wells=wells, features=features,
-                     n_skipped_no_smiles=n_skipped)
+                     n_skipped_no_smiles=n_skipped, n_skipped_no_dose=n_skipped_dose)
 
 
 def _training_cells(lab: LookupLab, measured: np.ndarray) -> tuple[pd.DataFrame, dict]:
@@ -256,6 +276,7 @@ def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> di
         "n_conditions": len(lab.conditions),
         "n_hits": lab.n_hits,
         "n_skipped_no_smiles": lab.n_skipped_no_smiles,
+        "n_skipped_no_dose": lab.n_skipped_no_dose,
         "hit_definition": f"condition activity >= {HIT_QUANTILE:.0%} quantile of all conditions",
         # what the random policy finds on average (each condition is picked by round r with
         # probability r B / N): the yardstick its few seeded draws scatter around

@@ -27,3 +27,22 @@ def test_failed_write_keeps_the_earlier_file(tmp_path):
         write_profile_table(unwritable, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_text_columns_are_ignored_and_empty_control_doses_allowed(tmp_path):
+    frame = _table().assign(Image_FileName_DNA=["a.tif", "b.tif"])
+    frame.loc[0, "Metadata_dose_um"] = None  # a DMSO well without a dose
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    table = read_profile_table(tmp_path / "t.csv")
+    assert table.features == ["Cells_Intensity_Mean"]
+    assert pd.isna(table.frame["Metadata_dose_um"].iloc[0]) and table.frame["Metadata_dose_um"].iloc[1] == 1.0
+
+
+def test_dose_that_is_not_a_number_names_the_row(tmp_path):
+    frame = _table().assign(Metadata_dose_um=["0", "10 uM"])
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"t.csv: row 3 \(P1 A02\): Metadata_dose_um '10 uM' is not a number"):
+        read_profile_table(tmp_path / "t.csv")
+    frame.assign(Cells_Intensity_Mean=["x", "y"], Metadata_dose_um=[0.0, 1.0]).to_csv(tmp_path / "u.csv", index=False)
+    with pytest.raises(ValueError, match="u.csv: no numeric feature columns"):
+        read_profile_table(tmp_path / "u.csv")

@@ -92,3 +92,15 @@ def test_feature_select_drops_constant_nan_and_bookkeeping():
                           "Nuclei_AreaShape_Center_X": [1.0, 5.0, 9.0], "Cells_Parent_Nuclei": [1, 2, 3]})
     assert feature_select(table) == ["Cells_Good"]
     assert "Nuclei_AreaShape_Center_X" in feature_select(table, drop_bookkeeping=False)
+    # pycytominer-style tolerance: one missing value in three is kept at a 0.4 cutoff, not at 0.3
+    assert feature_select(table, max_nonfinite_fraction=0.4) == ["Cells_Good", "Nuclei_Nan"]
+    assert feature_select(table, max_nonfinite_fraction=0.3) == ["Cells_Good"]
+
+
+def test_normalize_to_controls_ignores_missing_values():
+    prof = pd.DataFrame({"Metadata_Plate": "P1", "Cells_x": [1.0, 2.0, 3.0, np.nan, 7.0, np.inf]})
+    mask = np.array([True, True, True, True, False, False])
+    z = normalize_to_controls(prof, mask)["Cells_x"].to_numpy()
+    expected = (7.0 - 2.0) / (1.4826 * 1.0 + 1e-6)  # median 2 and MAD 1 of the finite controls 1, 2, 3
+    assert z[4] == pytest.approx(expected, rel=1e-3)
+    assert np.isnan(z[3]) and np.isnan(z[5])  # missing stays missing

@@ -95,6 +95,26 @@ def test_profile_table_errors_name_the_problem(tmp_path):
         build_lookup_lab(read_profile_table(_table(tmp_path)), control_label="PBS")
 
 
+def test_lookup_lab_tolerates_what_real_tables_hold(tmp_path):
+    """Text columns, DMSO wells without a dose, treated wells with dose 0, a feature missing in
+    many wells (dropped) and one missing in a single well (kept, set to the control median)."""
+    frame = pd.read_csv(_table(tmp_path))
+    clean = build_lookup_lab(read_profile_table(_table(tmp_path)))
+    frame["Image_FileName_DNA"] = "x.tif"
+    frame.loc[frame["Metadata_compound"] == "DMSO", "Metadata_dose_um"] = np.nan
+    zero = (frame["Metadata_compound"] == "cpd5") & (frame["Metadata_dose_um"] == 1.0)
+    frame.loc[zero, "Metadata_dose_um"] = 0.0
+    frame.loc[frame.index[:10], "Cells_Feature_5"] = np.nan  # 10 of 117 wells: over the 5% cutoff
+    frame.loc[frame.index[40], "Cells_Feature_0"] = np.nan
+    frame.to_csv(tmp_path / "messy.csv", index=False)
+    lab = build_lookup_lab(read_profile_table(tmp_path / "messy.csv"))
+    assert lab.features == [f"Cells_Feature_{k}" for k in range(5)]
+    assert lab.n_skipped_no_dose == int(zero.sum()) == 3 and lab.n_skipped_no_smiles == 3
+    assert len(lab.conditions) == len(clean.conditions) - 1
+    assert np.isfinite(lab.wells[lab.features].to_numpy()).all()
+    assert set(lab.conditions.loc[lab.conditions["is_hit"], "Metadata_compound"]) <= {"cpd0", "cpd1", "cpd2"}
+
+
 @pytest.mark.skipif(not (SHARED / "bbbc021").exists(), reason="../shared/data/bbbc021 not present")
 def test_convert_bbbc021_real_profiles():
     table = convert_bbbc021(SHARED / "bbbc021")
