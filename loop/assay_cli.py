@@ -58,6 +58,8 @@ def train(
     hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", help="DiT width (default 192)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="DiT blocks (default 6)."),
     heads: Optional[int] = typer.Option(None, "--heads", help="DiT attention heads (default 6)."),
+    prior_scale: Optional[float] = typer.Option(None, "--prior-scale", help="Randomized prior function amplitude "
+                                                "per member (0: none; see models.image_dit.RandomizedPrior)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128)."),
     time_scheme: Optional[str] = typer.Option(None, "--time-scheme", help="uniform | logit_normal (default)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre crop in px the model works at (multiple of 8; default 64)."),
@@ -71,7 +73,7 @@ def train(
     try:
         crops = load_crops(data)
         base = ImageAssayConfig()
-        dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads)
+        dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads, prior_scale=prior_scale)
         flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
                          time_scheme=time_scheme)
         config = replace(_override(base, image_size=image_size), n_members=members, seed=seed,

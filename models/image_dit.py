@@ -9,6 +9,11 @@
 * Long skip connections (U-ViT, Bao et al. 2023): block ``L-1-i`` of the second half gets the
   output of block ``i`` of the first half through ``Linear(2d -> d)``.
 * Final adaLN + linear (zero-init) -> unpatchify.
+* Optional randomized prior function (Osband et al. 2018; ``DiTConfig.prior_scale > 0``): a
+  fixed, untrained random function of (fingerprint, log10 dose) is added to the velocity of
+  treated cells (:class:`RandomizedPrior`). Each ensemble member draws its own with its seed; its
+  trained network learns to cancel it where there are data, so members agree at measured
+  conditions and disagree between and beyond them (an unmeasured dose or compound).
 
 Conditioning (:class:`ImageCondition`):
 
@@ -55,6 +60,14 @@ class DiTConfig:
     n_heads: int = 6
     mlp_ratio: float = 4.0
     long_skip: bool = True
+    prior_scale: float = 0.0  # randomized prior function amplitude (0: none)
+    prior_features: int = 64  # random Fourier features of the prior
+    prior_dose_scale: float = 0.4  # prior's length scale in log10 dose units (decades)
+
+    def __post_init__(self) -> None:
+        if self.prior_scale < 0 or self.prior_dose_scale <= 0 or self.prior_features < 1:
+            raise ValueError("prior_scale must be >= 0, prior_dose_scale > 0 and prior_features >= 1, got "
+                             f"{self.prior_scale}, {self.prior_dose_scale}, {self.prior_features}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,6 +153,46 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+class RandomizedPrior(nn.Module):
+    """Fixed random function ``p(fingerprint, log10 dose) -> b x c`` (one offset per latent channel,
+    the same at every position and time; 0 for control and null roles).
+
+    Random Fourier features of a Gaussian process over log10 dose (length scale
+    ``dose_scale`` decades) whose phase also depends on a random projection of the fingerprint
+    (so another compound gets another function)::
+
+        r = 2 bits @ P / sqrt(max(1, sum bits))                  P: 2048 x m, N(0, 1)
+        f_j = sqrt(2 / m) cos(omega_j * log10 dose + r_j + phi_j)   omega_j ~ N(0, 1 / dose_scale^2)
+        p = scale * f @ A                                        A: m x c, N(0, 1)
+
+    so each output has variance ``scale^2`` over draws and, as m grows, correlation
+    ``exp(-d^2 / (2 dose_scale^2)) * exp(-4 (1 - cos(bits, bits')))`` between doses ``d`` decades
+    apart of compounds whose fingerprints have cosine similarity ``cos`` (unrelated compounds:
+    about 0.02). Its tensors are buffers drawn from the
+    global generator at construction (``train_flow`` seeds it per member), saved with the member,
+    never trained.
+    """
+
+    def __init__(self, latent_channels: int, n_features: int, scale: float, dose_scale: float) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.register_buffer("projection", torch.randn(FINGERPRINT_BITS, n_features))
+        self.register_buffer("omega", torch.randn(n_features) / dose_scale)
+        self.register_buffer("phase", torch.rand(n_features) * 2 * math.pi)
+        self.register_buffer("amplitude", torch.randn(n_features, latent_channels))
+
+    def features(self, cond: ImageCondition) -> Tensor:
+        """``f: b x m`` random Fourier features of (fingerprint, log10 dose)."""
+        bits = cond.fingerprint_bits  # b x 2048
+        r = 2.0 * bits @ self.projection / bits.sum(-1, keepdim=True).clamp(min=1.0).sqrt()  # b x m
+        arg = cond.log10_dose_um.unsqueeze(-1) * self.omega + r + self.phase  # b x m
+        return math.sqrt(2.0 / self.omega.numel()) * torch.cos(arg)
+
+    def forward(self, cond: ImageCondition) -> Tensor:
+        p = self.scale * self.features(cond) @ self.amplitude  # b x c
+        return torch.where((cond.role == ROLE_COMPOUND).unsqueeze(-1), p, torch.zeros_like(p))
+
+
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, n_heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -196,6 +249,8 @@ class ImageDiT(nn.Module):
         for m in (self.final_ada, self.final):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        self.prior = (RandomizedPrior(c, cfg.prior_features, cfg.prior_scale, cfg.prior_dose_scale)
+                      if cfg.prior_scale > 0 else None)  # drawn last: the other weights init as without it
 
     def embed_condition(self, t: Tensor, cond: ImageCondition) -> Tensor:
         """``c: b x d`` = time + compound (or control / null token) + plate (control set or null token)."""
@@ -228,4 +283,7 @@ class ImageDiT(nn.Module):
                 stack.append(x)
         shift, scale = self.final_ada(F.silu(cvec)).chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(x), shift, scale))  # b x n x cpp
-        return out.view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        v = out.view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        if self.prior is not None:
+            v = v + self.prior(cond)[:, :, None, None]  # b x c -> b x c x 1 x 1
+        return v

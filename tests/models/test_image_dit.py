@@ -1,7 +1,9 @@
+import numpy as np
+import pytest
 import torch
 
 from models.image_dit import (
-    ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig, ImageCondition, ImageDiT, control_summary,
+    ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig, ImageCondition, ImageDiT, RandomizedPrior, control_summary,
     control_summary_dim, dose_features,
 )
 
@@ -83,3 +85,51 @@ def test_no_long_skip_variant_runs():
     model = ImageDiT(DiTConfig(**{**CFG.to_dict(), "long_skip": False, "depth": 3}))
     assert len(model.skips) == 0
     assert model(torch.randn(1, 3, 4, 4), torch.rand(1), _cond(1)).shape == (1, 3, 4, 4)
+
+
+def _dose_cond(log10_doses, role=ROLE_COMPOUND, bits_seed=0):
+    """One compound (the same fingerprint in every row) at several doses."""
+    cond = _cond(len(log10_doses), role=role, seed=bits_seed)
+    cond.fingerprint_bits = cond.fingerprint_bits[:1].expand(len(log10_doses), -1)
+    cond.log10_dose_um = torch.as_tensor(log10_doses, dtype=torch.float32)
+    return cond
+
+
+def test_randomized_prior_kernel_closed_form():
+    # f(u1) . f(u2) -> E cos(omega (u1 - u2)) = exp(-d^2 / (2 l^2)) for omega ~ N(0, 1 / l^2)
+    torch.manual_seed(0)
+    prior = RandomizedPrior(latent_channels=3, n_features=40_000, scale=2.0, dose_scale=0.4)
+    f = prior.features(_dose_cond([0.0, 0.0, 0.2, 0.5, 1.0]))
+    gram = f @ f.T
+    for j, d in zip(range(1, 5), (0.0, 0.2, 0.5, 1.0)):
+        assert abs(float(gram[0, j]) - float(np.exp(-d**2 / (2 * 0.4**2)))) < 0.02
+    # two compounds at one dose: exp(-4 (1 - cosine of their fingerprints))
+    a, b = _dose_cond([0.3], bits_seed=1), _dose_cond([0.3], bits_seed=2)
+    b.fingerprint_bits = torch.maximum(a.fingerprint_bits, b.fingerprint_bits)  # shares a's bits plus others
+    cos = float(torch.nn.functional.cosine_similarity(a.fingerprint_bits, b.fingerprint_bits))
+    assert 0.5 < cos < 0.9
+    assert abs(float(prior.features(a) @ prior.features(b).T) - np.exp(-4 * (1 - cos))) < 0.02
+    assert torch.allclose(prior(a), 2.0 * prior.features(a) @ prior.amplitude)
+
+
+def test_randomized_prior_only_moves_treated_cells_and_is_saved():
+    cfg = DiTConfig(**{**CFG.to_dict(), "prior_scale": 1.0})
+    torch.manual_seed(3)
+    model = ImageDiT(cfg)
+    x, t = torch.randn(2, 3, 4, 4), torch.rand(2)
+    v = model(x, t, _dose_cond([0.0, 1.0]))  # zero-init network: the velocity is the prior alone
+    assert torch.allclose(v, model.prior(_dose_cond([0.0, 1.0]))[:, :, None, None].expand_as(v))
+    assert not torch.allclose(v[0], v[1])  # depends on dose
+    for role in (ROLE_CONTROL, ROLE_NULL):
+        assert torch.all(model(x, t, _dose_cond([0.0, 1.0], role=role)) == 0)
+    torch.manual_seed(4)
+    other = ImageDiT(cfg)  # another member draws another prior
+    assert not torch.allclose(other(x, t, _dose_cond([0.0, 1.0])), v)
+    other.load_state_dict(model.state_dict())  # the prior is part of the checkpoint
+    assert torch.equal(other(x, t, _dose_cond([0.0, 1.0])), v)
+    # without a prior the other weights initialise exactly as before
+    torch.manual_seed(3)
+    plain = ImageDiT(CFG)
+    assert all(torch.equal(a, model.state_dict()[k]) for k, a in plain.state_dict().items())
+    with pytest.raises(ValueError, match="prior_scale"):
+        DiTConfig(prior_scale=-1.0)

@@ -122,3 +122,32 @@ def test_config_validation():
     with pytest.raises(ValueError, match="time_scheme"):
         FlowConfig(time_scheme="cosine")  # refused before any training, not at the first flow step
     assert FlowConfig.from_dict(CFG.to_dict()) == CFG
+
+
+def test_randomized_prior_members_agree_on_data_and_disagree_between_doses():
+    """Members with randomized prior functions (Osband et al. 2018) fit the measured doses 1 and
+    100 uM, and disagree at the unmeasured 10 uM far more than at the measured ones."""
+    g = torch.Generator().manual_seed(0)
+    z, compound, dose = [], [], []
+    for c, d, shift in ((-1, 0.0, 0.0), (0, 1.0, 1.0), (0, 100.0, 2.0)):
+        z.append(torch.randn(16, 2, 4, 4, generator=g) * 0.3 + shift)
+        compound += [c] * 16
+        dose += [d] * 16
+    bits = torch.zeros(1, 2048)
+    bits[0, ::37] = 1
+    data = LatentData(torch.cat(z), np.zeros(48, dtype=int), np.asarray(compound), np.asarray(dose), ["P1"], ["cmpd"],
+                      bits)
+    dit = replace(DIT, hidden_dim=32, prior_scale=1.0)
+    cfg = replace(CFG, mode="control", batch_size=32, block_size=16, control_set_size=8, max_steps=250, warmup_steps=20,
+                  lr=2e-3, ema_decay=0.99, bootstrap=False, plate_dropout=0.0, checkpoint_every=10_000, dit=dit)
+    z_ctrl = data.z[data.controls_of_plate(0)]
+    means = {1.0: [], 10.0: [], 100.0: []}  # dose -> per-member mean latent (2 channels)
+    for k in range(3):
+        model, _ = train_flow(data, cfg, seed=k)
+        for d in means:
+            out = sample_latents(model, sampling_condition(bits[0], d, z_ctrl, 16, 2), z_ctrl, n_steps=8)
+            means[d].append(out.mean(dim=(0, 2, 3)))
+    for d, target in ((1.0, 1.0), (100.0, 2.0)):
+        assert torch.allclose(torch.stack(means[d]), torch.full((3, 2), target), atol=0.1)
+    disagreement = {d: float(torch.stack(m).var(0).mean()) for d, m in means.items()}
+    assert disagreement[10.0] > 20 * max(disagreement[1.0], disagreement[100.0], 1e-3)
