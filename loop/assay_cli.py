@@ -5,8 +5,8 @@ Intended full commands on the 2-core CPU (defaults: autoencoder <= 12 min, each 
     # plate hold-out: train on every plate but Week4_27821, evaluate on it
     loop assay train --data ../shared/data/bbbc021 --out runs/holdout --exclude-plate Week4_27821 --members 3 --executor ray
     loop assay evaluate --model runs/holdout --data ../shared/data/bbbc021 --plate Week4_27821 --json runs/holdout/eval.json
-    # unseen dose: train without 15 uM
-    loop assay train --data ../shared/data/bbbc021 --out runs/no15 --exclude-dose 15 --members 3 --executor ray
+    # unseen dose: train without 15 uM (randomized priors: members disagree where no dose was measured)
+    loop assay train --data ../shared/data/bbbc021 --out runs/no15 --exclude-dose 15 --members 3 --prior-scale 0.05 --executor ray
     loop assay sample --model runs/no15 --compound cyclohexamide --dose-um 15 --controls Week4_27801 --n 64 --out gen.npz
 """
 
