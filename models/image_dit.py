@@ -168,9 +168,8 @@ class RandomizedPrior(nn.Module):
     so each output has variance ``scale^2`` over draws and, as m grows, correlation
     ``exp(-d^2 / (2 dose_scale^2)) * exp(-4 (1 - cos(bits, bits')))`` between doses ``d`` decades
     apart of compounds whose fingerprints have cosine similarity ``cos`` (unrelated compounds:
-    about 0.02). Its tensors are buffers drawn from the
-    global generator at construction (``train_flow`` seeds it per member), saved with the member,
-    never trained.
+    about 0.02). Its tensors are buffers drawn from the global generator at construction
+    (``train_flow`` seeds it per member), saved with the member, never trained.
     """
 
     def __init__(self, latent_channels: int, n_features: int, scale: float, dose_scale: float) -> None:
