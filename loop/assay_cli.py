@@ -61,6 +61,8 @@ def train(
     prior_scale: Optional[float] = typer.Option(None, "--prior-scale", help="Randomized prior function amplitude "
                                                 "per member (0: none; see models.image_dit.RandomizedPrior)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128)."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="Flow learning rate after warm-up: "
+                                              "constant | cosine (decays to 0 at the last step)."),
     time_scheme: Optional[str] = typer.Option(None, "--time-scheme", help="uniform | logit_normal (default)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre crop in px the model works at (multiple of 8; default 64)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
@@ -75,7 +77,7 @@ def train(
         base = ImageAssayConfig()
         dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads, prior_scale=prior_scale)
         flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
-                         time_scheme=time_scheme)
+                         time_scheme=time_scheme, lr_schedule=lr_schedule)
         config = replace(_override(base, image_size=image_size), n_members=members, seed=seed,
                          exclude_plates=tuple(exclude_plate), exclude_doses_um=tuple(float(d) for d in exclude_dose),
                          flow=replace(flow, dit=dit),
@@ -180,6 +182,8 @@ def evaluate(
     inception: bool = typer.Option(True, "--inception/--no-inception", help="Inception metrics (slow on CPU); off: null."),
     seed: int = typer.Option(0, "--seed"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler | heun (default: model config); "
+                                          "model and unconditional are sampled alike."),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
     """FID / KID (Inception and morphology) per treated condition, next to the baselines."""
@@ -192,7 +196,7 @@ def evaluate(
         assay = ImageAssay.load(model)
         crops = load_crops(data)
         result = evaluate_assay(assay, crops, n_per_condition=n_per_condition, seed=seed, plates=plate or None,
-                                doses_um=dose or None, n_steps=steps, source=str(data), max_real=max_real,
+                                doses_um=dose or None, n_steps=steps, sampler=sampler, source=str(data), max_real=max_real,
                                 cross_doses=cross_doses, guidance_scale=guidance,
                                 inception=inception, min_real=min_real)
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:

@@ -204,6 +204,7 @@ def evaluate_assay(
     plates: Sequence[str] | None = None,
     doses_um: Sequence[float] | None = None,
     n_steps: int | None = None,
+    sampler: str | None = None,
     source: str = "crops",
     max_real: int | None = None,
     cross_doses: bool = False,
@@ -256,6 +257,8 @@ def evaluate_assay(
         raise ValueError(f"min_real must be >= 4 (two halves of >= 2 real cells), got {min_real}")
     if max_real is not None and max_real < 4:
         raise ValueError(f"max_real must be >= 4 (two halves of >= 2 real cells), got {max_real}")
+    if sampler not in (None, "euler", "heun"):
+        raise ValueError(f"sampler must be 'euler' or 'heun', got {sampler!r}")
     fingerprints = compound_fingerprints(assay, meta, source)
     results, skipped = [], []
 
@@ -282,7 +285,7 @@ def evaluate_assay(
         logger.info("plate %s: featurising %d copy-control cells", plate, len(copy_idx))
         copy_feats = featurize_set(ctrl_images[copy_idx], scale, names, dna, inception=inception)
         uncond = assay.generate_ensemble(None, 1.0, z_ctrl, n_per_condition, seed + 1, unconditional=True, n_steps=n_steps,
-                                         guidance_scale=1.0)
+                                         sampler=sampler, guidance_scale=1.0)
         uncond_feats = featurize_set(uncond, scale, names, dna, inception=inception)
         groups = meta[treated].groupby(["compound", "concentration_um"], sort=True).groups
         generated: dict[tuple[str, float], FeatureSets] = {}
@@ -303,7 +306,7 @@ def evaluate_assay(
             logger.info("plate %s %s %g uM: %d real cells", plate, compound, dose, len(real))
             fp = fingerprints[str(compound)]
             gen = assay.generate_ensemble(fp, float(dose), z_ctrl, n_per_condition, seed, n_steps=n_steps,
-                                          guidance_scale=guidance_scale)
+                                          sampler=sampler, guidance_scale=guidance_scale)
             real_feats = featurize_set(real, scale, names, dna, inception=inception)
             gen_feats = featurize_set(gen, scale, names, dna, inception=inception)
             generated[(str(compound), float(dose))] = gen_feats
@@ -343,7 +346,7 @@ def evaluate_assay(
                          + (f" ({len(skipped)} skipped: {reasons})" if skipped else ""))
     return {
         "model_version": assay.version, "n_members": assay.n_members, "image_size_px": size,
-        "n_per_condition": n_per_condition, "seed": seed, "sampler": assay.config.flow.sampler,
+        "n_per_condition": n_per_condition, "seed": seed, "sampler": sampler or assay.config.flow.sampler,
         "n_steps": n_steps or assay.config.flow.n_steps, "max_real": max_real,
         "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
         "conditions": results,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -55,7 +56,10 @@ SourceMode = Literal["noise", "control"]
 @dataclass(frozen=True)
 class FlowConfig:
     """Options of one flow member (saved as JSON with it). Defaults: the 2-core CPU config
-    (control mode; 1,000 steps of batch 128 take about 22 min on 2 CPU cores, 30 s on an H100)."""
+    (control mode; 1,000 steps of batch 128 take about 22 min on 2 CPU cores, 30 s on an H100).
+
+    ``lr_schedule`` (:func:`learning_rate`): ``constant`` after the warm-up (default) or ``cosine``
+    down to 0 at ``max_steps``; a resume with a larger ``max_steps`` stretches the cosine from there."""
 
     mode: SourceMode = "control"
     time_scheme: Literal["uniform", "logit_normal"] = "logit_normal"
@@ -66,6 +70,7 @@ class FlowConfig:
     block_size: int = 32
     control_set_size: int = 64
     lr: float = 4e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
@@ -87,6 +92,8 @@ class FlowConfig:
             raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
         if self.time_scheme not in ("uniform", "logit_normal"):
             raise ValueError(f"time_scheme must be 'uniform' or 'logit_normal', got {self.time_scheme!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -319,7 +326,7 @@ def train_flow(
         t = sample_time(x_0.shape[0], gen, config.time_scheme).to(device)
         x_0, x_1, cond = x_0.to(device), x_1.to(device), cond.to(device)
         for g in opt.param_groups:
-            g["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+            g["lr"] = learning_rate(step, config)
         loss = cfm_loss(model, x_0, x_1, t, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -336,6 +343,17 @@ def train_flow(
         checkpoint_fn(final)
     ema_model = ema.averaged_copy(model).cpu().eval()
     return ema_model, final
+
+
+def learning_rate(step: int, config: FlowConfig) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup_steps``, then
+    constant, or (``lr_schedule="cosine"``) ``lr * (1 + cos(pi * s)) / 2`` with ``s`` going from 0 after
+    the warm-up to 1 at ``max_steps``."""
+    warm = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+    if config.lr_schedule == "constant" or step < config.warmup_steps:
+        return warm
+    s = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * s))
 
 
 def _flow_state(model, opt, ema, step: int, elapsed_s: float) -> dict:

@@ -122,7 +122,7 @@ def test_load_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_sample_and_evaluate(trained, tmp_path):
+def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch):
     from loop.assay_cli import assay_app
 
     out, crops, _ = trained
@@ -149,6 +149,21 @@ def test_cli_sample_and_evaluate(trained, tmp_path):
     assert conds[5.0]["real_at_dose"]["50"]["fid_morph"] >= 0.0
     assert conds[5.0]["ensemble_disagreement"] >= 0.0
     assert conds[5.0]["model"]["fid_inception"] is None and conds[5.0]["model"]["fid_morph"] >= 0.0
+    calls = []
+    original = ImageAssay.generate_ensemble
+    monkeypatch.setattr(ImageAssay, "generate_ensemble",
+                        lambda self, *a, **k: calls.append((k["sampler"], k["n_steps"])) or original(self, *a, **k))
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "3",
+                                    "--min-real", "4", "--no-inception", "--sampler", "heun", "--steps", "2",
+                                    "--json", str(tmp_path / "heun.json")])
+    assert res.exit_code == 0, res.output
+    heun = json.loads((tmp_path / "heun.json").read_text())
+    assert (heun["sampler"], heun["n_steps"]) == ("heun", 2)
+    assert len(calls) == 3 and set(calls) == {("heun", 2)}  # unconditional, then the two doses
+    monkeypatch.undo()
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--sampler", "rk4",
+                                    "--json", str(tmp_path / "rk4.json")])
+    assert res.exit_code == 1 and "sampler must be" in res.output and not (tmp_path / "rk4.json").exists()
     res = runner.invoke(assay_app, ["sample", "--model", str(out), "--compound", "cyclohexamide", "--dose-um", "15",
                                     "--controls", "NOPE", "--n", "2", "--out", str(tmp_path / "x.npz")])
     assert res.exit_code == 1 and "NOPE" in res.output
@@ -203,13 +218,14 @@ def test_cli_train_tiny(tmp_path):
     res = CliRunner().invoke(assay_app, [
         "train", "--data", str(data), "--out", str(tmp_path / "m"), "--members", "1", "--exclude-dose", "15",
         "--ae-steps", "2", "--flow-steps", "2", "--hidden-dim", "16", "--depth", "2", "--heads", "2",
-        "--batch-size", "32", "--image-size", "16"])
+        "--batch-size", "32", "--image-size", "16", "--lr-schedule", "cosine"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m" / "member_000" / "model.pt").is_file()
     saved = ImageAssayConfig.from_dict(json.loads((tmp_path / "m" / "assay.json").read_text())["config"])
     default = ImageAssayConfig()
     # options given on the command line override; the rest are the config's defaults
-    assert (saved.flow.max_steps, saved.flow.dit.hidden_dim, saved.image_size) == (2, 16, 16)
+    assert (saved.flow.max_steps, saved.flow.dit.hidden_dim, saved.image_size, saved.flow.lr_schedule) == (
+        2, 16, 16, "cosine")
     assert (saved.flow.mode, saved.flow.max_minutes, saved.flow.time_scheme) == (
         default.flow.mode, default.flow.max_minutes, default.flow.time_scheme)
     assert saved.autoencoder.max_minutes == default.autoencoder.max_minutes

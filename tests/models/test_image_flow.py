@@ -8,7 +8,7 @@ import torch
 from models.image_dit import ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig
 from models.image_flow import (
     BlockSampler, ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, ot_pair,
-    sample_latents, sampling_condition, source_latents, train_flow,
+    learning_rate, sample_latents, sampling_condition, source_latents, train_flow,
 )
 
 DIT = DiTConfig(latent_channels=2, latent_size=4, patch_size=2, hidden_dim=16, depth=2, n_heads=2)
@@ -121,7 +121,26 @@ def test_config_validation():
         FlowConfig(batch_size=10, block_size=4)
     with pytest.raises(ValueError, match="time_scheme"):
         FlowConfig(time_scheme="cosine")  # refused before any training, not at the first flow step
+    with pytest.raises(ValueError, match="lr_schedule"):
+        FlowConfig(lr_schedule="linear")
     assert FlowConfig.from_dict(CFG.to_dict()) == CFG
+    old = {k: v for k, v in CFG.to_dict().items() if k != "lr_schedule"}  # a model saved before the option
+    assert FlowConfig.from_dict(old).lr_schedule == "constant"
+
+
+def test_learning_rate_warmup_then_constant_or_cosine():
+    cfg = FlowConfig(lr=1e-3, warmup_steps=10, max_steps=110)
+    assert learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(109, cfg) == pytest.approx(1e-3)
+    cos = replace(cfg, lr_schedule="cosine")
+    assert [learning_rate(s, cos) for s in (0, 4, 9)] == [learning_rate(s, cfg) for s in (0, 4, 9)]
+    assert learning_rate(10, cos) == pytest.approx(1e-3)  # s = 0 right after the warm-up
+    assert learning_rate(60, cos) == pytest.approx(0.5e-3)  # s = 1/2: cos = 0
+    assert learning_rate(35, cos) == pytest.approx(1e-3 * (1 + np.cos(np.pi / 4)) / 2)
+    assert learning_rate(110, cos) == pytest.approx(0.0, abs=1e-12)
+    lrs = [learning_rate(s, cos) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_randomized_prior_members_agree_on_data_and_disagree_between_doses():
