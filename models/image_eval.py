@@ -246,7 +246,7 @@ def evaluate_assay(
     """
     from lab_io.crops import is_control_compound
     from models.image_assay import compound_fingerprints
-    from models.image_flow import centre_crop
+    from models.image_flow import centre_crop, check_sampler
 
     size = assay.config.image_size
     names, dna = assay.channel_names, assay.config.dna_channel
@@ -257,8 +257,8 @@ def evaluate_assay(
         raise ValueError(f"min_real must be >= 4 (two halves of >= 2 real cells), got {min_real}")
     if max_real is not None and max_real < 4:
         raise ValueError(f"max_real must be >= 4 (two halves of >= 2 real cells), got {max_real}")
-    if sampler not in (None, "euler", "heun"):
-        raise ValueError(f"sampler must be 'euler' or 'heun', got {sampler!r}")
+    if sampler is not None:
+        check_sampler(sampler)  # before any featurising
     fingerprints = compound_fingerprints(assay, meta, source)
     results, skipped = [], []
 

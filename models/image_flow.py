@@ -53,6 +53,16 @@ SourceMode = Literal["noise", "control"]
 
 
 # ----------------------------------------------------------------------------- configuration
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun}  # fixed-step integrators by name
+
+
+def check_sampler(name: str) -> str:
+    """``name`` if it is a key of :data:`SAMPLERS`, else ValueError naming the valid ones."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be 'euler' or 'heun', got {name!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class FlowConfig:
     """Options of one flow member (saved as JSON with it). Defaults: the 2-core CPU config
@@ -88,8 +98,7 @@ class FlowConfig:
             raise ValueError(f"mode must be 'noise' or 'control', got {self.mode!r}")
         if self.batch_size % self.block_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of block_size {self.block_size}")
-        if self.sampler not in ("euler", "heun"):
-            raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
+        check_sampler(self.sampler)
         if self.time_scheme not in ("uniform", "logit_normal"):
             raise ValueError(f"time_scheme must be 'uniform' or 'logit_normal', got {self.time_scheme!r}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -376,7 +385,7 @@ def sample_latents(
     model.eval()
     uncond = cond.without_compound()
     uncond_fn = (lambda x, t, _c: model(x, t, uncond)) if guidance_scale != 1.0 else None
-    integrate = {"euler": sample_euler, "heun": sample_heun}[sampler]
+    integrate = SAMPLERS[check_sampler(sampler)]
     return integrate(model, x_0, n_steps, cond, guidance_scale=guidance_scale, uncond_velocity_fn=uncond_fn)
 
 
