@@ -60,10 +60,14 @@ def train(
     heads: Optional[int] = typer.Option(None, "--heads", help="DiT attention heads (default 6)."),
     prior_scale: Optional[float] = typer.Option(None, "--prior-scale", help="Randomized prior function amplitude "
                                                 "per member (0: none; see models.image_dit.RandomizedPrior)."),
+    final_conv: Optional[bool] = typer.Option(None, "--final-conv/--no-final-conv", help="3x3 conv on the DiT's "
+                                              "unpatchified velocity (smooths patch seams; U-ViT; default on)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128)."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="Flow learning rate after warm-up: "
                                               "constant | cosine (decays to 0 at the last step)."),
     time_scheme: Optional[str] = typer.Option(None, "--time-scheme", help="uniform | logit_normal (default)."),
+    source_noise: Optional[float] = typer.Option(None, "--source-noise", help="Control mode: sigma of Gaussian noise "
+                                                 "added to the source control latents, in training and sampling (default 0)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre crop in px the model works at (multiple of 8; default 64)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ):
@@ -75,9 +79,10 @@ def train(
     try:
         crops = load_crops(data)
         base = ImageAssayConfig()
-        dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads, prior_scale=prior_scale)
+        dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads, prior_scale=prior_scale,
+                        final_conv=final_conv)
         flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
-                         time_scheme=time_scheme, lr_schedule=lr_schedule)
+                         time_scheme=time_scheme, lr_schedule=lr_schedule, source_noise=source_noise)
         config = replace(_override(base, image_size=image_size), n_members=members, seed=seed,
                          exclude_plates=tuple(exclude_plate), exclude_doses_um=tuple(float(d) for d in exclude_dose),
                          flow=replace(flow, dit=dit),

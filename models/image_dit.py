@@ -8,7 +8,10 @@
   vector ``c: b x d`` = time embedding + compound embedding + plate (control-set) embedding.
 * Long skip connections (U-ViT, Bao et al. 2023): block ``L-1-i`` of the second half gets the
   output of block ``i`` of the first half through ``Linear(2d -> d)``.
-* Final adaLN + linear (zero-init) -> unpatchify.
+* Final adaLN + linear (zero-init) -> unpatchify. Optionally (``DiTConfig.final_conv``, as in
+  U-ViT) a zero-initialised 3x3 convolution of the unpatchified velocity is added to it: each
+  token predicts its own ``p x p`` patch, and without it nothing ties the values on either side
+  of a patch edge, so generated latents show seams that real latents do not have.
 * Optional randomized prior function (Osband et al. 2018; ``DiTConfig.prior_scale > 0``): a
   fixed, untrained random function of (fingerprint, log10 dose) is added to the velocity of
   treated cells (:class:`RandomizedPrior`). Each ensemble member draws its own with its seed; its
@@ -60,6 +63,7 @@ class DiTConfig:
     n_heads: int = 6
     mlp_ratio: float = 4.0
     long_skip: bool = True
+    final_conv: bool = True  # 3x3 conv on the unpatchified velocity (U-ViT); models saved before it: False
     prior_scale: float = 0.0  # randomized prior function amplitude (0: none)
     prior_features: int = 64  # random Fourier features of the prior
     prior_dose_scale: float = 0.4  # prior's length scale in log10 dose units (decades)
@@ -74,7 +78,7 @@ class DiTConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "DiTConfig":
-        return DiTConfig(**d)
+        return DiTConfig(**{"final_conv": False, **d})  # configs saved before the option had no final conv
 
 
 @dataclass
@@ -245,9 +249,11 @@ class ImageDiT(nn.Module):
         self.final_norm = nn.RMSNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, c * p * p)
-        for m in (self.final_ada, self.final):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.final_conv = nn.Conv2d(c, c, 3, padding=1) if cfg.final_conv else None
+        for m in (self.final_ada, self.final, self.final_conv):
+            if m is not None:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
         self.prior = (RandomizedPrior(c, cfg.prior_features, cfg.prior_scale, cfg.prior_dose_scale)
                       if cfg.prior_scale > 0 else None)  # drawn last: the other weights init as without it
 
@@ -283,6 +289,8 @@ class ImageDiT(nn.Module):
         shift, scale = self.final_ada(F.silu(cvec)).chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(x), shift, scale))  # b x n x cpp
         v = out.view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        if self.final_conv is not None:  # lets neighbouring patches share their edges
+            v = v + self.final_conv(v)  # b x c x h x w
         if self.prior is not None:
             v = v + self.prior(cond)[:, :, None, None]  # b x c -> b x c x 1 x 1
         return v

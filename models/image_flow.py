@@ -14,7 +14,10 @@ Source modes (``FlowConfig.mode``):
   batch is made of plate blocks (``block_size`` target cells of one plate and condition +
   ``block_size`` controls of that plate); inside every block source and target are paired by
   exact minibatch optimal transport (``ot.emd``, squared Euclidean cost on latents), never
-  across plates.
+  across plates. ``source_noise`` = sigma > 0 adds ``sigma * N(0, I)`` to the paired control
+  latents (after pairing, in training and in sampling alike; CellFlux's noise injection): the
+  ODE is then not a deterministic map of the plate's controls, and has its own randomness to
+  spread the treated cells beyond what the control cells alone give.
 
 Training data are drawn block by block: a block is one (plate, compound, dose) group; DMSO
 groups are drawn with probability ``control_fraction`` (teaching the null compound =
@@ -69,7 +72,10 @@ class FlowConfig:
     (control mode; 1,000 steps of batch 128 take about 22 min on 2 CPU cores, 30 s on an H100).
 
     ``lr_schedule`` (:func:`learning_rate`): ``constant`` after the warm-up (default) or ``cosine``
-    down to 0 at ``max_steps``; a resume with a larger ``max_steps`` stretches the cosine from there."""
+    down to 0 at ``max_steps``; a resume with a larger ``max_steps`` stretches the cosine from there.
+    ``source_noise``: sigma of the Gaussian noise added to the control source latents (control
+    mode only; latents are standardised, so sigma is in latent standard deviations; 0 = none,
+    the default). See :func:`add_source_noise`."""
 
     mode: SourceMode = "control"
     time_scheme: Literal["uniform", "logit_normal"] = "logit_normal"
@@ -91,6 +97,7 @@ class FlowConfig:
     sampler: Literal["euler", "heun"] = "euler"
     n_steps: int = 20
     guidance_scale: float = 1.0
+    source_noise: float = 0.0
     dit: DiTConfig = field(default_factory=DiTConfig)
 
     def __post_init__(self) -> None:
@@ -103,6 +110,10 @@ class FlowConfig:
             raise ValueError(f"time_scheme must be 'uniform' or 'logit_normal', got {self.time_scheme!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not (math.isfinite(self.source_noise) and self.source_noise >= 0):
+            raise ValueError(f"source_noise must be a finite sigma >= 0, got {self.source_noise}")
+        if self.source_noise > 0 and self.mode != "control":
+            raise ValueError(f"source_noise applies to the control source; mode {self.mode!r} already starts from noise")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -246,6 +257,7 @@ class BlockSampler:
             if cfg.mode == "control":
                 x0 = data.z[rng.choice(ctrl_rows, cfg.block_size, replace=len(ctrl_rows) < cfg.block_size)]
                 x0, x1 = ot_pair(x0, x1)
+                x0 = add_source_noise(x0, cfg.source_noise, gen)
             else:
                 x0 = torch.randn(x1.shape, generator=gen)
             x0s.append(x0)
@@ -265,6 +277,14 @@ def ot_pair(x_0: Tensor, x_1: Tensor) -> tuple[Tensor, Tensor]:
     plan = ot.emd(np.full(len(a), 1.0 / len(a)), np.full(len(b), 1.0 / len(b)), cost.numpy())
     i, j = np.nonzero(plan > 1e-12)
     return x_0[torch.as_tensor(i)], x_1[torch.as_tensor(j)]
+
+
+def add_source_noise(x_0: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    """``x_0 + sigma * eps`` with ``eps ~ N(0, I)`` drawn from ``generator`` (``x_0`` itself, and no
+    draw, when ``sigma == 0``, so models without the option sample exactly as before)."""
+    if sigma == 0:
+        return x_0
+    return x_0 + sigma * torch.randn(x_0.shape, generator=generator).to(x_0)
 
 
 def block_condition(data: LatentData, key: tuple[int, int, float], summary: Tensor, n: int) -> ImageCondition:
@@ -434,14 +454,15 @@ def source_latents(
     latent_shape: tuple[int, int, int],
     z_controls: Tensor | None,
     generator: torch.Generator,
+    source_noise: float = 0.0,
 ) -> Tensor:
     """``x_0: n x c x h x w``: Gaussian noise, or (control mode) ``n`` control latents of the plate
-    (:func:`source_indices`)."""
+    (:func:`source_indices`) plus ``source_noise`` (:func:`add_source_noise`)."""
     if mode == "noise":
         return torch.randn((n, *latent_shape), generator=generator)
     if z_controls is None or len(z_controls) == 0:
         raise ValueError("control mode needs the plate's control cells as the source")
-    return z_controls[source_indices(n, len(z_controls), generator)]
+    return add_source_noise(z_controls[source_indices(n, len(z_controls), generator)], source_noise, generator)
 
 
 # ----------------------------------------------------------------------------- persistence

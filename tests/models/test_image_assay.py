@@ -88,8 +88,12 @@ def test_resume_skips_trained_members_and_rejects_other_config(trained):
     again = train_image_assay(crops, out, tiny_config(exclude_plates=("P2",)))
     assert again.version == assay.version
     assert (out / "member_000" / "model.pt").stat().st_mtime_ns == before
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match="different configuration.*exclude_plates=.*P2.*P1"):
         train_image_assay(crops, out, tiny_config(exclude_plates=("P1",)))
+    cfg = tiny_config(exclude_plates=("P2",))
+    no_conv = replace(cfg, flow=replace(cfg.flow, dit=replace(cfg.flow.dit, final_conv=False)))
+    with pytest.raises(ValueError, match=r"flow\.dit\.final_conv=True/False"):
+        train_image_assay(crops, out, no_conv)
 
 
 def test_control_mode_trains_and_samples(tmp_path):
@@ -100,6 +104,13 @@ def test_control_mode_trains_and_samples(tmp_path):
     assert out.shape == (3, 16, 16, 3)
     with pytest.raises(ValueError, match="control-mode assay needs"):
         assay.generate(0, None, 1.0, None, 3, seed=0)
+    fp, ctrl = assay.training_fingerprint("cyclohexamide"), assay.plate_controls("P2")
+    z_clean, idx_clean = assay.generate_latents(0, fp, 15.0, ctrl, 4, seed=1)
+    assay.config = replace(assay.config, flow=replace(assay.config.flow, source_noise=0.5))
+    z_a, idx_a = assay.generate_latents(0, fp, 15.0, ctrl, 4, seed=1)
+    z_b, _ = assay.generate_latents(0, fp, 15.0, ctrl, 4, seed=1)
+    # same source cells, noisier start, reproducible from the seed
+    assert torch.equal(idx_a, idx_clean) and torch.equal(z_a, z_b) and not torch.allclose(z_a, z_clean)
     pooled = assay.plate_controls(None)  # unknown plate in control mode: all training plates' controls
     assert len(pooled) == len(assay.plate_controls("P1")) + len(assay.plate_controls("P2"))
     assert pooled.images.shape[1:] == (16, 16, 3)
@@ -218,14 +229,15 @@ def test_cli_train_tiny(tmp_path):
     res = CliRunner().invoke(assay_app, [
         "train", "--data", str(data), "--out", str(tmp_path / "m"), "--members", "1", "--exclude-dose", "15",
         "--ae-steps", "2", "--flow-steps", "2", "--hidden-dim", "16", "--depth", "2", "--heads", "2",
-        "--batch-size", "32", "--image-size", "16", "--lr-schedule", "cosine"])
+        "--batch-size", "32", "--image-size", "16", "--lr-schedule", "cosine", "--source-noise", "0.25",
+        "--no-final-conv"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m" / "member_000" / "model.pt").is_file()
     saved = ImageAssayConfig.from_dict(json.loads((tmp_path / "m" / "assay.json").read_text())["config"])
     default = ImageAssayConfig()
     # options given on the command line override; the rest are the config's defaults
-    assert (saved.flow.max_steps, saved.flow.dit.hidden_dim, saved.image_size, saved.flow.lr_schedule) == (
-        2, 16, 16, "cosine")
+    assert (saved.flow.max_steps, saved.flow.dit.hidden_dim, saved.image_size, saved.flow.lr_schedule,
+            saved.flow.source_noise, saved.flow.dit.final_conv) == (2, 16, 16, "cosine", 0.25, False)
     assert (saved.flow.mode, saved.flow.max_minutes, saved.flow.time_scheme) == (
         default.flow.mode, default.flow.max_minutes, default.flow.time_scheme)
     assert saved.autoencoder.max_minutes == default.autoencoder.max_minutes

@@ -21,9 +21,9 @@ def _cond(b, role=ROLE_COMPOUND, has_controls=True, seed=0):
     )
 
 
-def _perturbed_model(seed=0):
+def _perturbed_model(seed=0, final_conv=True):
     torch.manual_seed(seed)
-    model = ImageDiT(CFG)
+    model = ImageDiT(DiTConfig(**{**CFG.to_dict(), "final_conv": final_conv}))
     with torch.no_grad():  # leave the adaLN-zero init so outputs depend on every input
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -85,6 +85,27 @@ def test_no_long_skip_variant_runs():
     model = ImageDiT(DiTConfig(**{**CFG.to_dict(), "long_skip": False, "depth": 3}))
     assert len(model.skips) == 0
     assert model(torch.randn(1, 3, 4, 4), torch.rand(1), _cond(1)).shape == (1, 3, 4, 4)
+
+
+def test_final_conv_adds_a_3x3_convolution_of_the_patch_velocity():
+    """``final_conv``: v = u + conv3x3(u) with u the patch-wise velocity of the same network
+    without it (reference: F.conv2d with the layer's kernel), zero at initialisation; old
+    configs (no key) load without it."""
+    plain = _perturbed_model(final_conv=False)
+    conv = ImageDiT(DiTConfig(**{**CFG.to_dict(), "final_conv": True}))
+    assert torch.all(conv(torch.randn(2, 3, 4, 4), torch.rand(2), _cond(2)) == 0)  # zero-initialised
+    missing = conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["final_conv.bias", "final_conv.weight"]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        conv.final_conv.weight.copy_(0.2 * torch.randn(3, 3, 3, 3, generator=g))
+        conv.final_conv.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x, t = torch.randn(2, 3, 4, 4), torch.rand(2)
+    u = plain(x, t, _cond(2))
+    expected = u + torch.nn.functional.conv2d(u, conv.final_conv.weight, conv.final_conv.bias, padding=1)
+    assert torch.allclose(conv.eval()(x, t, _cond(2)), expected, atol=1e-6)
+    old = {k: v for k, v in CFG.to_dict().items() if k != "final_conv"}
+    assert DiTConfig.from_dict(old).final_conv is False and ImageDiT(DiTConfig.from_dict(old)).final_conv is None
 
 
 def _dose_cond(log10_doses, role=ROLE_COMPOUND, bits_seed=0):

@@ -7,8 +7,8 @@ import torch
 
 from models.image_dit import ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig
 from models.image_flow import (
-    BlockSampler, ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, ot_pair,
-    learning_rate, sample_latents, sampling_condition, source_latents, train_flow,
+    BlockSampler, ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, centre_crop,
+    ot_pair, learning_rate, sample_latents, sampling_condition, source_latents, train_flow,
 )
 
 DIT = DiTConfig(latent_channels=2, latent_size=4, patch_size=2, hidden_dim=16, depth=2, n_heads=2)
@@ -124,8 +124,35 @@ def test_config_validation():
     with pytest.raises(ValueError, match="lr_schedule"):
         FlowConfig(lr_schedule="linear")
     assert FlowConfig.from_dict(CFG.to_dict()) == CFG
-    old = {k: v for k, v in CFG.to_dict().items() if k != "lr_schedule"}  # a model saved before the option
-    assert FlowConfig.from_dict(old).lr_schedule == "constant"
+    old = {k: v for k, v in CFG.to_dict().items() if k not in ("lr_schedule", "source_noise")}  # saved before both
+    assert (FlowConfig.from_dict(old).lr_schedule, FlowConfig.from_dict(old).source_noise) == ("constant", 0.0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="source_noise must be a finite sigma >= 0"):
+            FlowConfig(source_noise=bad)
+    with pytest.raises(ValueError, match="source_noise applies to the control source"):
+        FlowConfig(mode="noise", source_noise=0.5)
+
+
+def test_source_noise_is_gaussian_added_after_ot_pairing():
+    """Same draws with and without ``source_noise``: targets and pairs are identical, and the
+    sources differ by sigma * N(0, I) (checked on 2,048 values: mean 0, sd sigma)."""
+    data = _data(n_per_group=40)
+    cfg = replace(CFG, mode="control", batch_size=64, block_size=32, control_set_size=8)
+    sigma = 0.7
+    draws = [BlockSampler(data, replace(cfg, source_noise=s), np.ones(1)).draw(
+        torch.Generator().manual_seed(0), np.random.default_rng(0)) for s in (0.0, sigma)]
+    (x0_clean, x1_clean, _), (x0_noisy, x1_noisy, _) = draws
+    assert torch.equal(x1_clean, x1_noisy)
+    eps = (x0_noisy - x0_clean) / sigma
+    assert abs(float(eps.mean())) < 0.1 and abs(float(eps.std()) - 1.0) < 0.1
+    z_ctrl = data.z[data.controls_of_plate(0)]
+    clean = source_latents("control", 5, (2, 4, 4), z_ctrl, torch.Generator().manual_seed(3))
+    assert any(torch.equal(clean[0], z) for z in z_ctrl)  # sigma 0: the control latents themselves
+    noisy = [source_latents("control", 5, (2, 4, 4), z_ctrl, torch.Generator().manual_seed(3), source_noise=sigma)
+             for _ in range(2)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], clean)
+    x = torch.randn(3, 2)
+    assert add_source_noise(x, 0.0, torch.Generator()) is x
 
 
 def test_learning_rate_warmup_then_constant_or_cosine():
