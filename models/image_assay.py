@@ -56,8 +56,8 @@ from lab_io.morphology import cell_feature_names, featurize_crops
 from models.image_autoencoder import AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, train_autoencoder
 from models.image_dit import ImageDiT
 from models.image_flow import (
-    ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, centre_crop, sample_latents,
-    sampling_condition, save_json, save_torch, source_indices, train_flow,
+    ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, control_source, sample_latents,
+    sampling_condition, save_json, save_torch, train_flow,
 )
 from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells
 
@@ -214,8 +214,8 @@ def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
     if not path.is_file():
         return
     stored = ImageAssayConfig.from_dict(json.loads(path.read_text())["config"])
-    if _comparable(stored) != _comparable(config):
-        differ = _differing_fields(_comparable(stored).to_dict(), _comparable(config).to_dict())
+    differ = _differing_fields(_comparable(stored).to_dict(), _comparable(config).to_dict())
+    if differ:
         raise ValueError(f"{path}: a model with a different configuration is already there "
                          f"({', '.join(differ)}: stored vs requested); use another --out, or the stored "
                          "model's options to resume it")
@@ -498,8 +498,7 @@ class ImageAssay:
         if cfg.mode == "noise":
             idx, x_0 = None, torch.randn((n, *shape), generator=gen)
         else:
-            idx = source_indices(n, len(z_ctrl), gen)
-            x_0 = add_source_noise(z_ctrl[idx], cfg.source_noise, gen)
+            x_0, idx = control_source(n, z_ctrl, gen, cfg.source_noise)
         z_1 = sample_latents(self.members[member], cond.to(self.device), x_0.to(self.device),
                              n_steps=n_steps or cfg.n_steps, sampler=sampler or cfg.sampler,
                              guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale)

@@ -460,9 +460,17 @@ def source_latents(
     (:func:`source_indices`) plus ``source_noise`` (:func:`add_source_noise`)."""
     if mode == "noise":
         return torch.randn((n, *latent_shape), generator=generator)
+    return control_source(n, z_controls, generator, source_noise)[0]
+
+
+def control_source(n: int, z_controls: Tensor | None, generator: torch.Generator,
+                   source_noise: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Control-mode source: ``(x_0: n x c x h x w, idx: n)``, the plate's control latents
+    ``z_controls[idx]`` (:func:`source_indices`) plus ``source_noise`` (:func:`add_source_noise`)."""
     if z_controls is None or len(z_controls) == 0:
         raise ValueError("control mode needs the plate's control cells as the source")
-    return add_source_noise(z_controls[source_indices(n, len(z_controls), generator)], source_noise, generator)
+    idx = source_indices(n, len(z_controls), generator)
+    return add_source_noise(z_controls[idx], source_noise, generator), idx
 
 
 # ----------------------------------------------------------------------------- persistence
