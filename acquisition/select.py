@@ -211,6 +211,8 @@ def select_batch(
     fps = check_fingerprints(fingerprints, n)
     exclude = as_bool_mask(exclude, n, "exclude")
     pending = as_index_array(pending, n, "pending")
+    if config.max_per_scaffold is not None and scaffold_ids is None:
+        raise ValueError(f"max_per_scaffold={config.max_per_scaffold} needs scaffold_ids (one integer per candidate)")
     if scaffold_ids is not None:
         scaffold_ids = np.asarray(scaffold_ids)
         if scaffold_ids.shape != (n,) or not np.issubdtype(scaffold_ids.dtype, np.integer):

@@ -260,6 +260,30 @@ def morgan_fingerprints(
     return np.concatenate([packed for packed, _ in parts], axis=0)
 
 
+def murcko_scaffold_ids(smiles: Sequence[str], *, strict: bool = True) -> np.ndarray:
+    """SMILES (N) -> int64 ``N`` ids of their Bemis–Murcko scaffolds (ring systems and the linkers
+    between them, side chains removed; RDKit ``MurckoScaffold``), numbered in order of first
+    appearance. Compounds with the same scaffold share an id; an acyclic compound has no
+    scaffold and gets an id of its own. For ``SelectionConfig.max_per_scaffold``.
+
+    Raises ValueError naming the first SMILES RDKit cannot parse; with ``strict=False`` such a
+    SMILES gets an id of its own instead.
+    """
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    ids: dict[str, int] = {}
+    out = np.empty(len(smiles), dtype=np.int64)
+    with rdBase.BlockLogs():
+        for i, smi in enumerate(smiles):
+            mol = Chem.MolFromSmiles(smi) if isinstance(smi, str) and smi.strip() else None
+            if mol is None and strict:
+                raise ValueError(f"cannot find the scaffold of SMILES #{i} {smi!r}: RDKit cannot parse it")
+            scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=mol) if mol is not None else ""
+            key = scaffold if scaffold else f"no-scaffold#{i}"
+            out[i] = ids.setdefault(key, len(ids))
+    return out
+
+
 def unpack_fingerprints(packed: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Packed ``N x B`` uint8 -> ``N x 8B`` 0/1 array of ``dtype`` (float32 by default)."""
     packed = _as_packed(packed, "packed")

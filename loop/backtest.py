@@ -58,8 +58,8 @@ def run_backtest(config: BacktestConfig, work_dir: Path | None = None) -> dict:
     root = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix="loop-backtest-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        template = _library_template(root / "template", config)
-        actives = _ground_truth_actives(template, config)
+        template = library_template(root / "template", config)
+        actives = ground_truth_actives(template, config)
         per_class = dict(sorted(Counter(actives.values()).items(), key=lambda kv: -kv[1]))
         log.info("backtest library: %d compounds, %d ground-truth actives (%s)", config.n_compounds, len(actives),
                  ", ".join(f"{name} {n}" for name, n in per_class.items()))
@@ -96,7 +96,7 @@ def run_backtest(config: BacktestConfig, work_dir: Path | None = None) -> dict:
     }
 
 
-def _library_template(path: Path, config: BacktestConfig) -> Path:
+def library_template(path: Path, config: BacktestConfig) -> Path:
     """A campaign with the library registered once, copied for every (seed, policy)."""
     campaign_config = CampaignConfig(
         dose_um=config.dose_um, layout=dict(n_negative_controls=config.n_negative_controls),
@@ -109,7 +109,7 @@ def _library_template(path: Path, config: BacktestConfig) -> Path:
     return path
 
 
-def _ground_truth_actives(template: Path, config: BacktestConfig) -> dict[str, str]:
+def ground_truth_actives(template: Path, config: BacktestConfig) -> dict[str, str]:
     """compound_id -> phenotype class of every ground-truth active in the library."""
     compounds = load_compounds(Campaign.open(template))
     truth = GroundTruth(world_seed=config.lab_world_seed).for_smiles(compounds["smiles"].tolist())

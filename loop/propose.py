@@ -20,6 +20,7 @@ from acquisition.anchor import anchored_ucb_batch
 from acquisition.funnel import FunnelConfig, funnel_predict, simulate_activity
 from acquisition.prediction_cache import PredictionCache
 from acquisition.select import SelectionConfig, select_batch, select_cold_start
+from lab_io.chem import murcko_scaffold_ids
 from lab_io.platemap import PlateLayoutConfig, design_plates, treatment_capacity, write_plate_files
 from lab_io.schema import WellRole
 from loop import store
@@ -125,8 +126,12 @@ def choose_compounds(
     if measured is not None and len(measured):
         chosen, ucb = _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed)
         return funnel.indices[chosen], _summary(chosen, funnel.values, "anchored_gp_ucb", ucb), model.version
+    scaffold_ids = None
+    if sel_cfg.max_per_scaffold is not None:  # the cap counts Bemis-Murcko scaffolds of the funnel's candidates
+        scaffold_ids = murcko_scaffold_ids(candidates["smiles"].iloc[funnel.indices].tolist())
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
-                             best_f=_best_observed_activity(campaign), profiles=funnel.profiles)
+                             scaffold_ids=scaffold_ids, best_f=_best_observed_activity(campaign),
+                             profiles=funnel.profiles)
     picks = funnel.indices[selection.indices]  # rows of `candidates`
     return picks, _summary(selection.indices, funnel.values, sel_cfg.acquisition, selection.acq_values), \
         model.version

@@ -237,7 +237,11 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
         log.debug("anchored GP: ensemble weight %.2f, %d out-of-bag conditions, dilution x%.2f",
                   batch.anchor.weight, batch.anchor.n_out_of_bag, batch.anchor.dilution)
         return batch.indices
-    return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured, profiles=profiles).indices
+    scaffold_ids = None
+    if selection_config.max_per_scaffold is not None:  # unparseable SMILES: a scaffold of their own
+        scaffold_ids = chem.murcko_scaffold_ids(lab.conditions["smiles"].tolist(), strict=False)
+    return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured, scaffold_ids=scaffold_ids,
+                        profiles=profiles).indices
 
 
 def random_expected_fraction(n_conditions: int, batch_size: int, n_rounds: int) -> list[float]:

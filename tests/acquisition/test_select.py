@@ -181,6 +181,8 @@ def test_narrow_errors_at_public_entry():
         select_batch(values, fps, 4, SelectionConfig(acquisition="qEI"))
     with pytest.raises(ValueError, match="scaffold_ids"):
         select_batch(values, fps, 4, scaffold_ids=np.zeros(3, dtype=int))
+    with pytest.raises(ValueError, match="max_per_scaffold=2 needs scaffold_ids"):
+        select_batch(values, fps, 4, SelectionConfig(max_per_scaffold=2))
     with pytest.raises(ValueError, match="unknown acquisition"):
         SelectionConfig(acquisition="qKG")
     with pytest.raises(ValueError, match="diversity_penalty"):

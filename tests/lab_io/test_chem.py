@@ -252,3 +252,15 @@ def test_featurize_fingerprint_of_standardised_mol_equals_canonical_smiles_fp():
     ok = [i for i, c in enumerate(result.canonical) if c is not None]
     np.testing.assert_array_equal(result.fingerprints[ok],
                                   chem.morgan_fingerprints([result.canonical[i] for i in ok], n_jobs=1))
+
+
+# ---------------------------------------------------------------- scaffolds
+
+def test_murcko_scaffold_ids_group_series_and_keep_acyclic_apart():
+    smiles = ["Clc1ccc(cc1)C(=O)NCC", "c1ccccc1", "CCO", "OC(=O)c1ccccc1", "CCCO", "CN1CCN(CC1)c1ccccc1",
+              "c1ccc(cc1)N1CCNCC1"]
+    ids = chem.murcko_scaffold_ids(smiles)
+    assert ids.dtype == np.int64 and ids.tolist() == [0, 0, 1, 0, 2, 3, 3]  # benzene, ethanol, propanol, phenylpiperazine
+    with pytest.raises(ValueError, match="#1 'C1CC'"):
+        chem.murcko_scaffold_ids(["CCO", "C1CC"])
+    assert chem.murcko_scaffold_ids(["c1ccccc1", "C1CC", "Cc1ccccc1"], strict=False).tolist() == [0, 1, 0]

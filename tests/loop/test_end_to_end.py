@@ -38,8 +38,9 @@ def round_one(tmp_path_factory):
     run_synthetic_lab(proposal.out_dir, results, campaign=campaign, seed=1)
     status_before = campaign_status(campaign)
     reports = ingest_results(campaign, results)
+    snapshot = shutil.copytree(campaign.root, root / "after-round-one")  # no model, no plates in flight
     return dict(root=root, campaign=campaign, proposal=proposal, results=results, reports=reports,
-                status_before=status_before)
+                status_before=status_before, snapshot=snapshot)
 
 
 def _status_counts(campaign):
@@ -225,3 +226,33 @@ def test_anchored_proposal_from_a_prescreened_shortlist_with_pending(round_one, 
                             .where(store.Proposal.round_index == second.round_index)).all()
     assert {acquisition for acquisition, _ in rows} == {"anchored_gp_ucb"}
     assert all(np.isfinite(value) for _, value in rows)
+
+
+def test_scaffold_cap_applies_to_proposals_and_pending(round_one, tmp_path, monkeypatch):
+    """``max_per_scaffold`` caps each scaffold's picks in a proposal, counting plates in flight.
+    The virtual library's Bemis-Murcko scaffolds are nearly all distinct (289 in 300 compounds),
+    so the test groups compounds coarsely (SMILES length mod 10) to make the cap bind."""
+    import dataclasses
+
+    import loop.propose
+    from loop.library import load_compounds
+    from loop.propose import candidate_table, choose_compounds
+    from loop.train import latest_model
+
+    def coarse_ids(smiles, strict=True):
+        return np.array([len(s) % 10 for s in smiles], dtype=np.int64)
+
+    monkeypatch.setattr(loop.propose, "murcko_scaffold_ids", coarse_ids)
+    campaign = Campaign.open(shutil.copytree(round_one["snapshot"], tmp_path / "campaign"))
+    train_assay(campaign)
+    smiles = load_compounds(campaign).set_index("compound_id")["smiles"]
+    candidates, pending = candidate_table(campaign)
+    uncapped, _, _ = choose_compounds(campaign, candidates, pending, 24, "ucb_topk", seed=0)
+    assert np.bincount(coarse_ids(candidates["smiles"].iloc[uncapped])).max() > 3  # the cap below binds
+    campaign.config = dataclasses.replace(campaign.config, selection={
+        "measurement_anchor": False, "max_per_scaffold": 3, "diversity_penalty": 0.0, "exploration_fraction": 0.0})
+    first = _treated(propose(campaign, 40).out_dir)  # 24 treatments, at most 3 in each of 10 groups
+    with pytest.warns(UserWarning, match="only 6 candidates"):
+        second = _treated(propose(campaign, 40).out_dir)  # the first round is pending: 30 - 24 = 6 left
+    assert len(first) == 24 and len(second) == 6
+    assert np.bincount(coarse_ids(smiles[sorted(first | second)])).max() == 3

@@ -1,0 +1,157 @@
+"""Diverse selection against pure qUCB top-k on the synthetic lab: one batch, one ensemble.
+
+Issue #4 asks that, on the synthetic lab, diverse selection finds at least as many actives as
+pure qUCB top-k and more distinct phenotype classes. ``loop backtest`` answers it over whole
+campaigns, where the random first round and three rounds of feedback blur the selection step
+itself. This benchmark isolates that step: per (world, seed) it runs one seeded random round
+through the real loop (propose, synthetic lab, ingest, train the default feature assay), then
+asks every selection policy for a batch from the *same* trained ensemble and the same
+candidates, and scores each batch against the lab's hidden truth (``GroundTruth``): the
+ground-truth actives in it and the phenotype classes among them.
+
+Policies (``loop.propose.choose_compounds``; nothing is recorded in the campaign):
+
+- ``ucb_topk``: qUCB (beta 2) joint greedy, no diversity, no exploration;
+- ``greedy_mean``: top-k by member-mean activity;
+- ``diverse``: ``select_batch`` with the default diversity (``measurement_anchor=False``:
+  qUCB, Tanimoto penalty 0.5, 10 % exploration by member disagreement);
+- ``phenotype``: ``diverse`` plus the predicted-profile cosine penalty (``phenotype_penalty=0.5``);
+- ``phenotype_only``: qUCB with the cosine penalty alone (no Tanimoto penalty, no exploration);
+- ``loop``: the default proposal (believer-UCB on the anchored GP, ``acquisition.anchor``);
+- ``random``: a seeded random batch.
+
+Run: ``nice -n 10 .venv/bin/python benchmarks/bench_diverse_selection.py --worlds 0 1 --seeds 5
+--json out.json`` (about 2 minutes per (world, seed) on 2 cores, one torch thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lab_io.platemap import PlateLayoutConfig, treatment_capacity
+from loop.backtest import BacktestConfig, ground_truth_actives, library_template
+from loop.campaign import Campaign
+from loop.ingest import ingest_results
+from loop.lab import run_synthetic_lab
+from loop.propose import candidate_table, choose_compounds, propose
+from loop.runtime import configure_torch_threads
+from loop.train import train_assay
+
+log = logging.getLogger("bench_diverse_selection")
+
+# policy name -> (propose policy, SelectionConfig overrides)
+VARIANTS = {
+    "ucb_topk": ("ucb_topk", {}),
+    "greedy_mean": ("greedy_mean", {}),
+    "diverse": ("loop", {"measurement_anchor": False}),
+    "phenotype": ("loop", {"measurement_anchor": False, "phenotype_penalty": 0.5}),
+    "phenotype_only": ("loop", {"measurement_anchor": False, "phenotype_penalty": 0.5, "diversity_penalty": 0.0,
+                                "exploration_fraction": 0.0}),
+    "loop": ("loop", {}),
+    "random": ("random", {}),
+}
+
+
+def score_batch(compound_ids: list[str], actives: dict[str, str]) -> dict:
+    hits = [c for c in compound_ids if c in actives]
+    return {"n_picks": len(compound_ids), "n_actives": len(hits), "n_classes": len({actives[c] for c in hits})}
+
+
+def run_world_seed(template: Path, run_dir: Path, seed: int, batch_wells: int, budgets_wells: list[int],
+                   actives: dict[str, str]) -> dict:
+    """One random round, one trained ensemble, every policy's batch at every budget."""
+    shutil.copytree(template, run_dir)
+    campaign = Campaign.open(run_dir)
+    campaign.config = dataclasses.replace(campaign.config, seed=seed)
+    first = propose(campaign, batch_wells, policy="random", seed=seed * 1000 + 1)
+    results_dir = run_dir / "results" / "round-001"
+    run_synthetic_lab(first.out_dir, results_dir, campaign=campaign, seed=seed * 1000 + 1, write_images=False)
+    ingest_results(campaign, results_dir)
+    train_assay(campaign)
+    candidates, pending = candidate_table(campaign)
+    layout = PlateLayoutConfig(**campaign.config.layout)
+    base_selection = dict(campaign.config.selection)
+    out: dict = {"n_candidates": len(candidates),
+                 "candidate_actives": int(candidates["compound_id"].isin(actives).sum())}
+    for budget in budgets_wells:
+        q = treatment_capacity(budget, layout)
+        for name, (policy, overrides) in VARIANTS.items():
+            campaign.config = dataclasses.replace(campaign.config, selection={**base_selection, **overrides})
+            picks, _, _ = choose_compounds(campaign, candidates, pending, q, policy, seed * 1000 + 2)
+            out[f"{name}@{budget}"] = score_batch(candidates["compound_id"].iloc[picks].tolist(), actives)
+    campaign.config = dataclasses.replace(campaign.config, selection=base_selection)
+    campaign.engine.dispose()
+    return out
+
+
+def summarise(per_seed: list[dict], budgets_wells: list[int]) -> dict:
+    table = {}
+    for budget in budgets_wells:
+        for name in VARIANTS:
+            rows = [s[f"{name}@{budget}"] for s in per_seed]
+            actives = np.array([r["n_actives"] for r in rows], dtype=float)
+            classes = np.array([r["n_classes"] for r in rows], dtype=float)
+            table[f"{name}@{budget}"] = {
+                "n_picks": rows[0]["n_picks"],
+                "actives_mean": float(actives.mean()), "actives_sd": float(actives.std(ddof=1)) if len(rows) > 1 else 0.0,
+                "classes_mean": float(classes.mean()),
+                "actives_per_seed": actives.astype(int).tolist(), "classes_per_seed": classes.astype(int).tolist(),
+            }
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--compounds", type=int, default=5000)
+    parser.add_argument("--batch-wells", type=int, default=96, help="wells of the random first round")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[96, 384], help="wells per proposed batch")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("loop", "models", "acquisition", "lab_io"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_torch_threads()
+    result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "policies": {name: {"propose_policy": p, "selection": o} for name, (p, o) in VARIANTS.items()},
+              "worlds": {}}
+    root = Path(tempfile.mkdtemp(prefix="bench-diverse-"))
+    try:
+        for world in args.worlds:
+            config = BacktestConfig(n_compounds=args.compounds, lab_world_seed=world, batch_wells=args.batch_wells)
+            template = library_template(root / f"world{world}-template", config)
+            actives = ground_truth_actives(template, config)
+            per_seed = []
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                start = time.perf_counter()
+                row = run_world_seed(template, root / f"world{world}-seed{seed}", seed, args.batch_wells,
+                                     args.budgets, actives)
+                per_seed.append(row)
+                log.info("world %d seed %d (%.0f s): %s", world, seed, time.perf_counter() - start,
+                         "; ".join(f"{k} {v['n_actives']}/{v['n_classes']}" for k, v in row.items()
+                                   if isinstance(v, dict)))
+                shutil.rmtree(root / f"world{world}-seed{seed}", ignore_errors=True)
+            result["worlds"][str(world)] = {"n_actives": len(actives), "per_seed": per_seed,
+                                            "summary": summarise(per_seed, args.budgets)}
+            for key, row in result["worlds"][str(world)]["summary"].items():
+                log.info("world %d %-18s actives %.1f ± %.1f, classes %.1f", world, key, row["actives_mean"],
+                         row["actives_sd"], row["classes_mean"])
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
