@@ -59,7 +59,8 @@ def train(
     depth: Optional[int] = typer.Option(None, "--depth", help="DiT blocks (default 6)."),
     heads: Optional[int] = typer.Option(None, "--heads", help="DiT attention heads (default 6)."),
     prior_scale: Optional[float] = typer.Option(None, "--prior-scale", help="Randomized prior function amplitude "
-                                                "per member (0: none; see models.image_dit.RandomizedPrior)."),
+                                                "per member (0: none; default 0.1 when --members > 1, else 0; "
+                                                "see models.image_dit.RandomizedPrior)."),
     final_conv: Optional[bool] = typer.Option(None, "--final-conv/--no-final-conv", help="3x3 conv on the DiT's "
                                               "unpatchified velocity (smooths patch seams; U-ViT; default on)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128)."),
@@ -76,6 +77,12 @@ def train(
     from lab_io.crops import CropsError, load_crops
     from models.image_assay import ImageAssayConfig, train_image_assay
 
+    from models.image_dit import ENSEMBLE_PRIOR_SCALE
+
+    if prior_scale is None and members > 1:  # members then disagree where there are no data
+        prior_scale = ENSEMBLE_PRIOR_SCALE
+        log.info("%d members: randomized prior functions of scale %g (--prior-scale 0 turns them off)", members,
+                 prior_scale)
     try:
         crops = load_crops(data)
         base = ImageAssayConfig()

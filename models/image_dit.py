@@ -157,6 +157,13 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+# `loop assay train`'s prior scale for an ensemble (K > 1) when none is given. Three members
+# without 15 uM cells (README, session 14): at 0.05 the unseen dose's disagreement was 1.0-1.5x
+# the trained doses', within sampling noise; at 0.1 2.5-14x, with the unseen dose's FID-morph
+# unchanged (36 against 35 on Week4_27801).
+ENSEMBLE_PRIOR_SCALE = 0.1
+
+
 class RandomizedPrior(nn.Module):
     """Fixed random function ``p(fingerprint, log10 dose) -> b x c`` (one offset per latent channel,
     the same at every position and time; 0 for control and null roles).

@@ -241,8 +241,25 @@ def test_cli_train_tiny(tmp_path):
     assert (saved.flow.mode, saved.flow.max_minutes, saved.flow.time_scheme) == (
         default.flow.mode, default.flow.max_minutes, default.flow.time_scheme)
     assert saved.autoencoder.max_minutes == default.autoencoder.max_minutes
+    assert saved.flow.dit.prior_scale == 0.0  # one member: no randomized prior
     res = CliRunner().invoke(assay_app, ["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")])
     assert res.exit_code == 1 and "nothing" in res.output
+
+
+def test_cli_ensemble_gets_randomized_priors_unless_told(tmp_path):
+    from loop.assay_cli import assay_app
+    from models.image_dit import ENSEMBLE_PRIOR_SCALE
+
+    data = write_crops(tiny_crops(), tmp_path / "crops")
+    tiny = ["--ae-steps", "1", "--flow-steps", "1", "--hidden-dim", "16", "--depth", "1", "--heads", "2",
+            "--batch-size", "32", "--image-size", "16"]
+    for name, extra, expected in [("k2", [], ENSEMBLE_PRIOR_SCALE), ("k2-off", ["--prior-scale", "0"], 0.0)]:
+        out = tmp_path / name
+        res = CliRunner().invoke(assay_app, ["train", "--data", str(data), "--out", str(out), "--members", "2",
+                                             *tiny, *extra])
+        assert res.exit_code == 0, res.output
+        saved = ImageAssayConfig.from_dict(json.loads((out / "assay.json").read_text())["config"])
+        assert saved.flow.dit.prior_scale == expected
 
 
 def test_interrupted_member_resumes_with_larger_budget(tmp_path):
