@@ -38,11 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from lab_io.platemap import PlateLayoutConfig, treatment_capacity
-from loop.backtest import BacktestConfig, ground_truth_actives, library_template
-from loop.campaign import Campaign
-from loop.ingest import ingest_results
-from loop.lab import run_synthetic_lab
-from loop.propose import candidate_table, choose_compounds, propose
+from loop.backtest import BacktestConfig, ground_truth_actives, library_template, run_round, start_run
+from loop.propose import candidate_table, choose_compounds
 from loop.runtime import configure_torch_threads
 from loop.train import train_assay
 
@@ -69,13 +66,8 @@ def score_batch(compound_ids: list[str], actives: dict[str, str]) -> dict:
 def run_world_seed(template: Path, run_dir: Path, seed: int, batch_wells: int, budgets_wells: list[int],
                    actives: dict[str, str]) -> dict:
     """One random round, one trained ensemble, every policy's batch at every budget."""
-    shutil.copytree(template, run_dir)
-    campaign = Campaign.open(run_dir)
-    campaign.config = dataclasses.replace(campaign.config, seed=seed)
-    first = propose(campaign, batch_wells, policy="random", seed=seed * 1000 + 1)
-    results_dir = run_dir / "results" / "round-001"
-    run_synthetic_lab(first.out_dir, results_dir, campaign=campaign, seed=seed * 1000 + 1, write_images=False)
-    ingest_results(campaign, results_dir)
+    campaign = start_run(template, run_dir, seed)
+    run_round(campaign, 1, batch_wells, "random", seed)
     train_assay(campaign)
     candidates, pending = candidate_table(campaign)
     layout = PlateLayoutConfig(**campaign.config.layout)

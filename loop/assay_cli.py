@@ -76,7 +76,6 @@ def train(
     _setup(threads)
     from lab_io.crops import CropsError, load_crops
     from models.image_assay import ImageAssayConfig, train_image_assay
-
     from models.image_dit import ENSEMBLE_PRIOR_SCALE
 
     if prior_scale is None and members > 1:  # members then disagree where there are no data

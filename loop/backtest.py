@@ -117,18 +117,29 @@ def ground_truth_actives(template: Path, config: BacktestConfig) -> dict[str, st
     return dict(zip(compounds["compound_id"][active], truth["phenotype_class"][active]))
 
 
-def _run_campaign(template: Path, run_dir: Path, policy: str, seed: int, config: BacktestConfig,
-                  actives: dict[str, str]) -> tuple[list[float], list[int]]:
+def start_run(template: Path, run_dir: Path, seed: int) -> Campaign:
+    """A copy of the library template at ``run_dir``, seeded ``seed``."""
     shutil.copytree(template, run_dir)
     campaign = Campaign.open(run_dir)
     campaign.config = dataclasses.replace(campaign.config, seed=seed)
+    return campaign
+
+
+def run_round(campaign: Campaign, round_index: int, batch_wells: int, policy: str, seed: int) -> None:
+    """Propose ``batch_wells`` wells by ``policy``, measure them in the synthetic lab (no images), ingest."""
+    result = propose(campaign, batch_wells, policy=policy, seed=seed * 1000 + round_index)
+    results_dir = campaign.root / "results" / f"round-{round_index:03d}"
+    run_synthetic_lab(result.out_dir, results_dir, campaign=campaign, seed=seed * 1000 + round_index,
+                      write_images=False)
+    ingest_results(campaign, results_dir)
+
+
+def _run_campaign(template: Path, run_dir: Path, policy: str, seed: int, config: BacktestConfig,
+                  actives: dict[str, str]) -> tuple[list[float], list[int]]:
+    campaign = start_run(template, run_dir, seed)
     fractions, n_classes = [], []
     for round_index in range(1, config.n_rounds + 1):
-        result = propose(campaign, config.batch_wells, policy=policy, seed=seed * 1000 + round_index)
-        results_dir = run_dir / "results" / f"round-{round_index:03d}"
-        run_synthetic_lab(result.out_dir, results_dir, campaign=campaign, seed=seed * 1000 + round_index,
-                          write_images=False)
-        ingest_results(campaign, results_dir)
+        run_round(campaign, round_index, config.batch_wells, policy, seed)
         found = _found_actives(campaign, actives)
         fractions.append(len(found) / max(len(actives), 1))
         n_classes.append(len({actives[c] for c in found}))

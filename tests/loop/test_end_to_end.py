@@ -237,7 +237,6 @@ def test_scaffold_cap_applies_to_proposals_and_pending(round_one, tmp_path, monk
     import loop.propose
     from loop.library import load_compounds
     from loop.propose import candidate_table, choose_compounds
-    from loop.train import latest_model
 
     def coarse_ids(smiles, strict=True):
         return np.array([len(s) % 10 for s in smiles], dtype=np.int64)
