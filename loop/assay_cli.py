@@ -63,6 +63,9 @@ def train(
                                                 "see models.image_dit.RandomizedPrior)."),
     final_conv: Optional[bool] = typer.Option(None, "--final-conv/--no-final-conv", help="3x3 conv on the DiT's "
                                               "unpatchified velocity (smooths patch seams; U-ViT; default on)."),
+    dose_gate: Optional[bool] = typer.Option(None, "--dose-gate/--no-dose-gate", help="Blend the control token into "
+                                             "the compound embedding along a learned Hill curve of dose, so doses "
+                                             "below the trained ones approach the control cells (default on)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128)."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="Flow learning rate after warm-up: "
                                               "constant | cosine (decays to 0 at the last step)."),
@@ -86,7 +89,7 @@ def train(
         crops = load_crops(data)
         base = ImageAssayConfig()
         dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads, prior_scale=prior_scale,
-                        final_conv=final_conv)
+                        final_conv=final_conv, dose_gate=dose_gate)
         flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
                          time_scheme=time_scheme, lr_schedule=lr_schedule, source_noise=source_noise)
         config = replace(_override(base, image_size=image_size), n_members=members, seed=seed,

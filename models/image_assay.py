@@ -190,9 +190,10 @@ def train_image_assay(
     z_raw = encode_all(ae, x)
     latent_norm = LatentNorm.fit(z_raw)
     z = latent_norm.apply(z_raw)
-    flow_cfg = replace(config.flow, dit=replace(config.flow.dit, latent_channels=z.shape[1], latent_size=z.shape[2]))
-    config = replace(config, autoencoder=replace(config.autoencoder, in_channels=x.shape[1]), flow=flow_cfg)
     data = _latent_data(z, train, compounds, fps)
+    flow_cfg = replace(config.flow, dit=replace(config.flow.dit, latent_channels=z.shape[1], latent_size=z.shape[2],
+                                                dose_range_um=treated_dose_range(data.dose_um)))
+    config = replace(config, autoencoder=replace(config.autoencoder, in_channels=x.shape[1]), flow=flow_cfg)
     norm_dict = {"intensity": norm.to_dict(), "latent": asdict(latent_norm)}
     save_json(out / NORM_FILE, norm_dict)
     save_torch(out / LATENTS_FILE, asdict_latent_data(data))
@@ -207,6 +208,13 @@ def train_image_assay(
     kwargs = [{"model_dir": str(out), "member_index": k} for k in range(config.n_members)]
     _run_members(kwargs, executor, ray_address)
     return ImageAssay.load(out)
+
+
+def treated_dose_range(dose_um: np.ndarray) -> tuple[float, float] | None:
+    """(lowest, highest) treated dose in the training cells (DMSO rows have dose 0); None if none."""
+    treated = np.asarray(dose_um, dtype=np.float64)
+    treated = treated[treated > 0]
+    return (float(treated.min()), float(treated.max())) if len(treated) else None
 
 
 def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
@@ -238,7 +246,8 @@ def _comparable(config: ImageAssayConfig) -> ImageAssayConfig:
     budget = {"max_steps": 0, "max_minutes": 0.0, "checkpoint_every": 0}
     return replace(config, n_members=0,
                    autoencoder=replace(config.autoencoder, in_channels=0, max_steps=0, max_minutes=0.0),
-                   flow=replace(config.flow, **budget, dit=replace(config.flow.dit, latent_channels=0, latent_size=0)))
+                   flow=replace(config.flow, **budget,
+                                dit=replace(config.flow.dit, latent_channels=0, latent_size=0, dose_range_um=None)))
 
 
 def _train_or_load_autoencoder(ae_dir: Path, x: Tensor, cfg: AutoencoderConfig, seed: int) -> ImageAutoencoder:

@@ -21,7 +21,10 @@
 Conditioning (:class:`ImageCondition`):
 
 * compound: packed-bit Morgan fingerprint unpacked to 2048 floats and log10-dose features,
-  through an MLP (so unseen compounds and doses get an embedding). The compound slot has a
+  through an MLP (so unseen compounds and doses get an embedding). With ``DiTConfig.dose_gate``
+  the compound embedding is blended with the control token along a learned Hill curve of dose
+  (:meth:`ImageDiT.dose_gate`), so the prediction returns to the control cells as the dose goes
+  to 0 instead of extrapolating the dose features below the trained doses. The compound slot has a
   role per cell: ``ROLE_COMPOUND`` (fingerprint + dose), ``ROLE_CONTROL`` (DMSO: a learned
   control token) or ``ROLE_NULL`` (label dropout: a separate learned null token = the
   "unconditional" model, the marginal over all training cells of the plate, used for
@@ -49,6 +52,8 @@ CONTROL_POOL = 4
 ROLE_COMPOUND = 0
 ROLE_CONTROL = 1
 ROLE_NULL = 2
+GATE_DECADES_BELOW = 1.0  # the gate's midpoint may sit down to this many decades below the lowest trained dose
+GATE_MIN_HILL = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,18 +72,26 @@ class DiTConfig:
     prior_scale: float = 0.0  # randomized prior function amplitude (0: none)
     prior_features: int = 64  # random Fourier features of the prior
     prior_dose_scale: float = 0.4  # prior's length scale in log10 dose units (decades)
+    dose_gate: bool = True  # Hill-curve blend control token -> compound embedding; models saved before it: False
+    dose_range_um: tuple[float, float] | None = None  # lowest and highest treated training dose (set from the data)
 
     def __post_init__(self) -> None:
         if self.prior_scale < 0 or self.prior_dose_scale <= 0 or self.prior_features < 1:
             raise ValueError("prior_scale must be >= 0, prior_dose_scale > 0 and prior_features >= 1, got "
                              f"{self.prior_scale}, {self.prior_dose_scale}, {self.prior_features}")
+        if self.dose_range_um is not None:
+            lo, hi = self.dose_range_um
+            if not 0 < lo <= hi:
+                raise ValueError(f"dose_range_um must be (lowest, highest) treated dose > 0, got {self.dose_range_um}")
+            object.__setattr__(self, "dose_range_um", (float(lo), float(hi)))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "DiTConfig":
-        return DiTConfig(**{"final_conv": False, **d})  # configs saved before the option had no final conv
+        # configs saved before these options had neither a final conv nor a dose gate
+        return DiTConfig(**{"final_conv": False, "dose_gate": False, **d})
 
 
 @dataclass
@@ -257,7 +270,8 @@ class ImageDiT(nn.Module):
         self.final_ada = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, c * p * p)
         self.final_conv = nn.Conv2d(c, c, 3, padding=1) if cfg.final_conv else None
-        for m in (self.final_ada, self.final, self.final_conv):
+        self.gate_head = nn.Linear(d, 2) if cfg.dose_gate and cfg.dose_range_um is not None else None
+        for m in (self.final_ada, self.final, self.final_conv, self.gate_head):
             if m is not None:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -270,12 +284,34 @@ class ImageDiT(nn.Module):
         c_t = self.t_mlp(timestep_embedding(t, d))  # b x d
         fp = self.fp_mlp(cond.fingerprint_bits)  # b x d
         c_cmp = self.compound_mlp(torch.cat([fp, dose_features(cond.log10_dose_um)], dim=-1))  # b x d
+        if self.gate_head is not None:
+            g = self.dose_gate(fp, cond.log10_dose_um).unsqueeze(-1)  # b x 1
+            c_cmp = self.control_token + g * (c_cmp - self.control_token)
         role = cond.role.unsqueeze(-1)
         c_cmp = torch.where(role == ROLE_COMPOUND, c_cmp,
                             torch.where(role == ROLE_CONTROL, self.control_token, self.null_token).expand_as(c_cmp))
         c_pl = self.control_mlp(cond.control_summary)  # b x d
         c_pl = torch.where(cond.has_controls.unsqueeze(-1), c_pl, self.null_plate.expand_as(c_pl))
         return c_t + c_cmp + c_pl
+
+    def dose_gate(self, fp: Tensor, log10_dose_um: Tensor) -> Tensor:
+        """``g: b`` in (0, 1), a Hill curve of dose per compound: how far the compound embedding
+        replaces the control token (0: a control cell; 1: the full compound embedding)::
+
+            g = sigmoid(ln(10) * n * (log10 dose - m))
+            m = lo + (hi - lo) * sigmoid(a)   lo = log10(lowest trained dose) - 1, hi = log10(highest)
+            n = 0.5 + softplus(b)             (a, b) = gate_head(fingerprint embedding: b x d)
+
+        The midpoint ``m`` (log10 EC50) is kept within the trained doses and one decade below, so
+        far below the lowest trained dose every compound looks like the control, and an untrained
+        compound's curve sits where the training compounds' do. At initialisation (``a = b = 0``)
+        ``m`` is mid-range and ``n`` about 1.2."""
+        lo_um, hi_um = self.config.dose_range_um
+        lo, hi = math.log10(lo_um) - GATE_DECADES_BELOW, math.log10(hi_um)
+        a, b = self.gate_head(fp).unbind(-1)  # b, b
+        midpoint = lo + (hi - lo) * torch.sigmoid(a)
+        hill = GATE_MIN_HILL + F.softplus(b)
+        return torch.sigmoid(math.log(10.0) * hill * (log10_dose_um - midpoint))
 
     def forward(self, x_t: Tensor, t: Tensor, cond: ImageCondition) -> Tensor:
         b, c, h, w = x_t.shape  # b x c x h x w latents

@@ -34,7 +34,10 @@ def test_member_folders_hold_everything(trained):
     seeds = {json.loads((out / f"member_{k:03d}" / "config.json").read_text())["seed"] for k in range(2)}
     assert len(seeds) == 2
     assert (out / "autoencoder" / "model.pt").is_file()
-    assert json.loads((out / "assay.json").read_text())["train_plates"] == ["P1"]
+    meta = json.loads((out / "assay.json").read_text())
+    assert meta["train_plates"] == ["P1"]
+    assert meta["config"]["flow"]["dit"]["dose_range_um"] == [5.0, 50.0]  # P1's treated doses: the dose gate's range
+    assert all(net.gate_head is not None for net in assay.members)
     assert isinstance(assay, VirtualAssay)
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from models.image_dit import (
-    ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig, ImageCondition, ImageDiT, RandomizedPrior, control_summary,
-    control_summary_dim, dose_features,
+    GATE_DECADES_BELOW, GATE_MIN_HILL, ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig, ImageCondition, ImageDiT,
+    RandomizedPrior, control_summary, control_summary_dim, dose_features,
 )
 
 CFG = DiTConfig(latent_channels=3, latent_size=4, patch_size=2, hidden_dim=16, depth=4, n_heads=2)
@@ -114,6 +114,55 @@ def _dose_cond(log10_doses, role=ROLE_COMPOUND, bits_seed=0):
     cond.fingerprint_bits = cond.fingerprint_bits[:1].expand(len(log10_doses), -1)
     cond.log10_dose_um = torch.as_tensor(log10_doses, dtype=torch.float32)
     return cond
+
+
+def _gated_model(dose_range_um=(5.0, 50.0)):
+    torch.manual_seed(1)
+    model = ImageDiT(DiTConfig(**{**CFG.to_dict(), "dose_range_um": dose_range_um}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_dose_gate_is_a_bounded_hill_curve():
+    """g = sigmoid(ln 10 * n * (log10 dose - m)), m in [log10(lowest dose) - 1, log10(highest)],
+    n >= 0.5, with (m, n) from the fingerprint embedding."""
+    model = _gated_model()
+    cond = _dose_cond(np.linspace(-3, 3, 13).tolist())
+    fp = model.fp_mlp(cond.fingerprint_bits)
+    a, b = model.gate_head(fp).unbind(-1)
+    lo, hi = np.log10(5.0) - GATE_DECADES_BELOW, np.log10(50.0)
+    m = lo + (hi - lo) * torch.sigmoid(a)
+    n = GATE_MIN_HILL + torch.nn.functional.softplus(b)
+    g = model.dose_gate(fp, cond.log10_dose_um)
+    assert torch.allclose(g, torch.sigmoid(np.log(10) * n * (cond.log10_dose_um - m)), atol=1e-6)
+    assert torch.all(g[1:] > g[:-1])  # increasing in dose
+    with torch.no_grad():  # the midpoint saturates at the ends of its range, never beyond
+        for bias, edge in ((50.0, hi), (-50.0, lo)):
+            model.gate_head.bias[0] = bias
+            at_edge = model.dose_gate(fp[:1], torch.tensor([edge], dtype=torch.float32))
+            assert abs(float(at_edge) - 0.5) < 1e-5
+    assert DiTConfig.from_dict(DiTConfig(dose_range_um=[5, 50]).to_dict()).dose_range_um == (5.0, 50.0)
+    with pytest.raises(ValueError, match="dose_range_um"):
+        DiTConfig(dose_range_um=(50.0, 5.0))
+
+
+def test_dose_gate_returns_to_the_control_below_the_trained_doses():
+    """Far below the trained doses a compound's velocity is the control cells' (the ungated model
+    extrapolates its dose features there instead); within them it is the compound's own."""
+    model = _gated_model()
+    x, t = torch.randn(3, 3, 4, 4), torch.rand(3)
+    low = _dose_cond([-6.0, -6.0, -6.0], bits_seed=4)
+    control = _dose_cond([-6.0, -6.0, -6.0], role=ROLE_CONTROL, bits_seed=4)
+    assert torch.allclose(model(x, t, low), model(x, t, control), atol=1e-5)
+    trained = _dose_cond([1.0, 1.0, 1.0], bits_seed=4)
+    assert not torch.allclose(model(x, t, trained), model(x, t, control), atol=1e-3)
+    ungated = ImageDiT(DiTConfig(**{**CFG.to_dict(), "dose_gate": False, "dose_range_um": (5.0, 50.0)}))
+    assert ungated.gate_head is None
+    old = {k: v for k, v in CFG.to_dict().items() if k not in ("dose_gate", "dose_range_um")}
+    assert DiTConfig.from_dict(old).dose_gate is False  # models saved before the gate load without it
+    assert ImageDiT(CFG).gate_head is None  # no treated doses known: nothing to gate
 
 
 def test_randomized_prior_kernel_closed_form():
