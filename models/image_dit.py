@@ -53,7 +53,7 @@ ROLE_COMPOUND = 0
 ROLE_CONTROL = 1
 ROLE_NULL = 2
 GATE_DECADES_BELOW = 1.0  # the gate's midpoint may sit down to this many decades below the lowest trained dose
-GATE_MIN_HILL = 0.5
+GATE_MIN_HILL = 0.5  # the gate's Hill coefficient is at least this (a curve over at most about 4 decades)
 
 
 @dataclass(frozen=True)
