@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compound", default="cyclohexamide")
     p.add_argument("--doses", default="0.015,0.15,1.5,5,15,50", help="comma-separated doses in uM")
     p.add_argument("--n", type=int, default=240, help="cells per set (generated, and at most this many real)")
+    p.add_argument("--disagreement-cells", type=int, default=64, help="cells per member for the disagreement "
+                   "(as `loop assay evaluate`)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
@@ -98,7 +100,8 @@ def main(argv=None) -> dict:
         cells = assay.generate_ensemble(fingerprint, dose, controls, args.n, args.seed)
         rows[f"generated {dose:g} uM"] = featurize_set(cells, scale, names, dna, inception=False)
         if assay.n_members > 1:
-            disagreement[f"{dose:g}"] = round(member_disagreement(assay, fingerprint, dose, controls, 64, args.seed), 4)
+            spread = member_disagreement(assay, fingerprint, dose, controls, args.disagreement_cells, args.seed)
+            disagreement[f"{dose:g}"] = round(spread, 4)
     table = {}
     for real_name, r in real_feats.items():
         mean, std = morph_standardisation(r.morph)

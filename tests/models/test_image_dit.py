@@ -21,9 +21,10 @@ def _cond(b, role=ROLE_COMPOUND, has_controls=True, seed=0):
     )
 
 
-def _perturbed_model(seed=0, final_conv=True):
+def _perturbed_model(seed=0, **config):
+    """CFG (with ``config`` fields replaced) with every weight nudged off its initialisation."""
     torch.manual_seed(seed)
-    model = ImageDiT(DiTConfig(**{**CFG.to_dict(), "final_conv": final_conv}))
+    model = ImageDiT(DiTConfig(**{**CFG.to_dict(), **config}))
     with torch.no_grad():  # leave the adaLN-zero init so outputs depend on every input
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -116,19 +117,10 @@ def _dose_cond(log10_doses, role=ROLE_COMPOUND, bits_seed=0):
     return cond
 
 
-def _gated_model(dose_range_um=(5.0, 50.0)):
-    torch.manual_seed(1)
-    model = ImageDiT(DiTConfig(**{**CFG.to_dict(), "dose_range_um": dose_range_um}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 def test_dose_gate_is_a_bounded_hill_curve():
     """g = sigmoid(ln 10 * n * (log10 dose - m)), m in [log10(lowest dose) - 1, log10(highest)],
     n >= 0.5, with (m, n) from the fingerprint embedding."""
-    model = _gated_model()
+    model = _perturbed_model(seed=1, dose_range_um=(5.0, 50.0))
     cond = _dose_cond(np.linspace(-3, 3, 13).tolist())
     fp = model.fp_mlp(cond.fingerprint_bits)
     a, b = model.gate_head(fp).unbind(-1)
@@ -151,7 +143,7 @@ def test_dose_gate_is_a_bounded_hill_curve():
 def test_dose_gate_returns_to_the_control_below_the_trained_doses():
     """Far below the trained doses a compound's velocity is the control cells' (the ungated model
     extrapolates its dose features there instead); within them it is the compound's own."""
-    model = _gated_model()
+    model = _perturbed_model(seed=1, dose_range_um=(5.0, 50.0))
     x, t = torch.randn(3, 3, 4, 4), torch.rand(3)
     low = _dose_cond([-6.0, -6.0, -6.0], bits_seed=4)
     control = _dose_cond([-6.0, -6.0, -6.0], role=ROLE_CONTROL, bits_seed=4)
