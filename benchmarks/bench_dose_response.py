@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def real_sets(crops, plate: str, compound: str, size: int, n: int, rng: np.random.Generator):
-    """(source DMSO indices, {name: real crops}) for the plate: the reference DMSO half and each treated dose."""
+    """(source DMSO indices, {name: real crops}, per-channel scale) for the plate: the reference DMSO
+    half and each treated dose, and the plate's intensity scale (``models.image_eval.channel_scale``)."""
     meta = crops.metadata
     on_plate = (meta["plate"] == plate).to_numpy()
     if not on_plate.any():
@@ -75,7 +76,10 @@ def real_sets(crops, plate: str, compound: str, size: int, n: int, rng: np.rando
     treated = on_plate & (meta["compound"].astype(str) == compound).to_numpy()
     for dose in sorted(meta.loc[treated, "concentration_um"].unique()):
         sets[f"{dose:g} uM"] = np.flatnonzero(treated & np.isclose(meta["concentration_um"], dose))[:n]
-    return source, {name: centre_crop(crops.images[idx], size) for name, idx in sets.items()}
+    plate_crops = centre_crop(crops.images[on_plate], size)
+    positions = np.cumsum(on_plate) - 1  # crop index -> row of plate_crops
+    real = {name: plate_crops[positions[idx]] for name, idx in sets.items()}
+    return source, real, channel_scale(plate_crops)
 
 
 def main(argv=None) -> dict:
@@ -88,8 +92,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{args.model}: {args.compound!r} is not a training compound of this assay")
     crops = load_crops(args.data)
     size, names, dna = assay.config.image_size, assay.channel_names, assay.config.dna_channel
-    source, real = real_sets(crops, args.plate, args.compound, size, args.n, np.random.default_rng(args.seed))
-    scale = channel_scale(centre_crop(crops.images[(crops.metadata["plate"] == args.plate).to_numpy()], size))
+    source, real, scale = real_sets(crops, args.plate, args.compound, size, args.n, np.random.default_rng(args.seed))
     real_feats = {name: featurize_set(x, scale, names, dna, inception=False) for name, x in real.items()}
     controls = assay.encode_controls(crops.images[source])
     rows = {"copy_control": featurize_set(centre_crop(crops.images[source[: args.n]], size), scale, names, dna,
