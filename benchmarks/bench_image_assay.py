@@ -7,7 +7,9 @@ synthetic uint16 noise — speed does not depend on the pixels):
 2. flow (DiT) training throughput (cells / s, batch ``FlowConfig.batch_size``, control mode with
    per-plate OT pairing, i.e. the most expensive mode);
 3. sampling throughput (cells / s, including decoding to uint16 crops) at 8, 20 and 50 Euler
-   steps (and Heun at 20), for a batch of ``--n-cells`` cells from one member.
+   steps (and Heun at 20), for a batch of ``--n-cells`` cells from one member, without guidance
+   and, as the assay samples by default, with classifier-free guidance (``FlowConfig.guidance_scale``:
+   a second, unconditional velocity per step).
 
 Times are medians over repeated steps / runs; the 1-minute load average before and after is
 saved with the results because the CPU is shared.
@@ -126,23 +128,26 @@ def bench_flow(data, config: ImageAssayConfig, n_steps: int, device: str) -> dic
 
 def bench_sampling(model: ImageDiT, ae: ImageAutoencoder, latent_norm: LatentNorm, norm: ChannelNorm,
                    z_ctrl: torch.Tensor, fp_bits: torch.Tensor, n_cells: int, mode: str, repeats: int = 3,
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", guidance_scale: float = 1.0) -> dict:
     out = {}
     model, ae = model.to(device).eval(), ae.to(device).eval()
     dit = model.config
     shape = (dit.latent_channels, dit.latent_size, dit.latent_size)
-    for sampler, steps in (("euler", 8), ("euler", 20), ("euler", 50), ("heun", 20)):
+    runs = [("euler", 8), ("euler", 20), ("euler", 50), ("heun", 20)]
+    for (sampler, steps), w in [(r, 1.0) for r in runs] + ([(r, guidance_scale) for r in runs]
+                                                              if guidance_scale != 1.0 else []):
         cond = sampling_condition(fp_bits, 15.0, z_ctrl, n_cells, dit.latent_channels).to(device)
 
         def run():
             x_0 = source_latents(mode, n_cells, shape, z_ctrl, torch.Generator().manual_seed(0)).to(device)
-            z = sample_latents(model, cond, x_0, n_steps=steps, sampler=sampler)
+            z = sample_latents(model, cond, x_0, n_steps=steps, sampler=sampler, guidance_scale=w)
             with torch.no_grad():
                 norm.denormalize(decode_all(ae, latent_norm.invert(z)))
 
         sec = time_steps(run, repeats, n_warmup=1, device=device)
-        out[f"{sampler}_{steps}"] = {"n_cells": n_cells, "seconds": sec, "cells_per_s": n_cells / sec}
-        log.info("sampling %s %d steps: %.1f cells/s", sampler, steps, n_cells / sec)
+        name = f"{sampler}_{steps}" + ("" if w == 1.0 else f"_guidance{w:g}")
+        out[name] = {"n_cells": n_cells, "seconds": sec, "cells_per_s": n_cells / sec, "guidance_scale": w}
+        log.info("sampling %s %d steps, guidance %g: %.1f cells/s", sampler, steps, w, n_cells / sec)
     return out
 
 
@@ -207,7 +212,8 @@ def main() -> None:
     z_ctrl = z[ctrl_rows[:256]]
     bits = torch.from_numpy(unpack_fingerprints(fps[:1])[0])
     results["sampling"] = bench_sampling(model, ae, latent_norm, norm, z_ctrl, bits, args.n_cells, "control",
-                                        repeats=args.repeats, device=args.device)
+                                        repeats=args.repeats, device=args.device,
+                                        guidance_scale=config.flow.guidance_scale)
     results["load_avg_end"] = os.getloadavg()
     results["config"] = config.to_dict()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,11 @@ def train(
     dose_gate: Optional[bool] = typer.Option(None, "--dose-gate/--no-dose-gate", help="Blend the control token into "
                                              "the compound embedding along a learned Hill curve of dose, so doses "
                                              "below the trained ones approach the control cells (default on)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale saved with "
+                                             "the model for sampling (default 1.6; 1 = none)."),
+    plain_decode: bool = typer.Option(False, "--plain-decode", help="Decode without the shot-noise gain on the "
+                                      "transferred detail and without the plate's pixel floor (the decoding of "
+                                      "models saved before both; see models.image_assay)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128)."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="Flow learning rate after warm-up: "
                                               "constant | cosine (decays to 0 at the last step)."),
@@ -91,7 +96,10 @@ def train(
         dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads, prior_scale=prior_scale,
                         final_conv=final_conv, dose_gate=dose_gate)
         flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
-                         time_scheme=time_scheme, lr_schedule=lr_schedule, source_noise=source_noise)
+                         time_scheme=time_scheme, lr_schedule=lr_schedule, source_noise=source_noise,
+                         guidance_scale=guidance)
+        if plain_decode:
+            base = replace(base, detail_shot_noise=False, pixel_floor_percentile=None)
         config = replace(_override(base, image_size=image_size), n_members=members, seed=seed,
                          exclude_plates=tuple(exclude_plate), exclude_doses_um=tuple(float(d) for d in exclude_dose),
                          flow=replace(flow, dit=dit),

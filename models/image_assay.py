@@ -27,9 +27,16 @@ cell features minus the mean of the same member's generated DMSO cells on the sa
 their std (``profiles_from_cells``).
 
 Control mode decodes with *detail transfer* (``ImageAssayConfig.detail_transfer``): a generated
-cell is ``x_hat = D(z_1) + (x_0 - D(z_0))``, i.e. the flow's latent change applied to the real
+cell is ``x_hat = D(z_1) + g * (x_0 - D(z_0))``, i.e. the flow's latent change applied to the real
 source control cell ``x_0`` (latent ``z_0``) while keeping the high-frequency detail the small
-autoencoder cannot reproduce. Noise mode decodes plainly (``x_hat = D(z_1)``).
+autoencoder cannot reproduce. With ``detail_shot_noise`` the residual's gain is
+``g = sqrt(D(z_1) / D(z_0))`` per pixel and channel in raw intensity units (shot noise grows as the
+square root of the signal; :func:`shot_noise_gain`), else 1. Noise mode decodes plainly
+(``x_hat = D(z_1)``). Either way, with ``pixel_floor_percentile`` no generated pixel is darker than
+that percentile of the conditioning plate's DMSO pixels, per channel
+(:meth:`PlateControls.pixel_floor`): the camera's dark level, which the decoder and a transferred
+residual otherwise undershoot (README, session 16: the cells' minimum DNA intensity came out
+1.4-1.8 sd too dark).
 
 Devices: training runs on the GPU when one is visible (batches are still drawn on the CPU, so a
 seed gives the same batches anywhere); :meth:`ImageAssay.to` moves a loaded assay to a device
@@ -82,6 +89,8 @@ class ImageAssayConfig:
     dna_channel: int = 0
     control_bank_size: int = 256
     detail_transfer: bool = True
+    detail_shot_noise: bool = True  # residual gain sqrt(D(z_1) / D(z_0)); models saved before it: False
+    pixel_floor_percentile: float | None = 0.1  # clamp to the plate's DMSO pixel percentile; before: None
     exclude_plates: tuple[str, ...] = ()
     exclude_doses_um: tuple[float, ...] = ()
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -92,12 +101,17 @@ class ImageAssayConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "ImageAssayConfig":
-        d = dict(d)
+        d = {"detail_shot_noise": False, "pixel_floor_percentile": None, **d}  # saved before these decode options
         d["autoencoder"] = AutoencoderConfig.from_dict(d["autoencoder"])
         d["flow"] = FlowConfig.from_dict(d["flow"])
         d["exclude_plates"] = tuple(d["exclude_plates"])
         d["exclude_doses_um"] = tuple(d["exclude_doses_um"])
         return ImageAssayConfig(**d)
+
+    def __post_init__(self) -> None:
+        q = self.pixel_floor_percentile
+        if q is not None and not 0.0 <= q <= 50.0:
+            raise ValueError(f"pixel_floor_percentile must be None or in [0, 50], got {q}")
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -242,11 +256,13 @@ def _differing_fields(stored: dict, requested: dict, prefix: str = "") -> list[s
 
 
 def _comparable(config: ImageAssayConfig) -> ImageAssayConfig:
-    """Config without derived sizes, ensemble size and training budgets (which may change on resume)."""
+    """Config without derived sizes, ensemble size, training budgets, sampling and decode options
+    (which may change on resume)."""
     budget = {"max_steps": 0, "max_minutes": 0.0, "checkpoint_every": 0}
-    return replace(config, n_members=0,
+    sampling = {"n_steps": 0, "sampler": "euler", "guidance_scale": 1.0, "guidance_reference": "null"}
+    return replace(config, n_members=0, detail_shot_noise=False, pixel_floor_percentile=None,
                    autoencoder=replace(config.autoencoder, in_channels=0, max_steps=0, max_minutes=0.0),
-                   flow=replace(config.flow, **budget,
+                   flow=replace(config.flow, **budget, **sampling,
                                 dit=replace(config.flow.dit, latent_channels=0, latent_size=0, dose_range_um=None)))
 
 
@@ -297,6 +313,16 @@ class PlateControls:
 
     z: Tensor
     images: np.ndarray | None = None
+    _floors: dict[float, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def pixel_floor(self, percentile: float) -> np.ndarray | None:
+        """uint16 ``C``: per-channel ``percentile`` of the crops' pixels (cached); None without crops."""
+        if self.images is None:
+            return None
+        if percentile not in self._floors:
+            flat = self.images.reshape(-1, self.images.shape[-1])
+            self._floors[percentile] = np.percentile(flat, percentile, axis=0).astype(np.uint16)
+        return self._floors[percentile]
 
     def __len__(self) -> int:
         return len(self.z)
@@ -510,7 +536,8 @@ class ImageAssay:
             x_0, idx = control_source(n, z_ctrl, gen, cfg.source_noise)
         z_1 = sample_latents(self.members[member], cond.to(self.device), x_0.to(self.device),
                              n_steps=n_steps or cfg.n_steps, sampler=sampler or cfg.sampler,
-                             guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale)
+                             guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+                             guidance_reference=cfg.guidance_reference)
         return z_1.cpu(), idx
 
     @torch.no_grad()
@@ -522,8 +549,12 @@ class ImageAssay:
         if idx is not None and self.config.detail_transfer and controls.images is not None:
             x_src = self.norm.normalize(controls.images[idx.numpy()])
             x_src_hat = decode_all(self.autoencoder, self.latent_norm.invert(controls.z[idx]))
-            x_1 = x_1 + (x_src - x_src_hat)
-        return self.norm.denormalize(x_1)
+            gain = shot_noise_gain(x_1, x_src_hat, self.norm) if self.config.detail_shot_noise else 1.0
+            x_1 = x_1 + gain * (x_src - x_src_hat)
+        crops = self.norm.denormalize(x_1)  # n x H x W x C
+        q = self.config.pixel_floor_percentile
+        floor = None if controls is None or q is None else controls.pixel_floor(q)
+        return crops if floor is None else np.maximum(crops, floor)
 
     def generate_ensemble(self, fingerprint_packed: np.ndarray | None, dose_um: float, controls: PlateControls | None,
                           n: int, seed: int, **kwargs) -> np.ndarray:
@@ -574,6 +605,18 @@ class ImageAssay:
             if name.lower() == compound.strip().lower():
                 return np.frombuffer(bytes.fromhex(hexfp), dtype=np.uint8).copy()
         return None
+
+
+MAX_SHOT_NOISE_GAIN = 3.0  # a residual is amplified at most 3x (a pixel 9x brighter than its source's)
+
+
+def shot_noise_gain(x_1: Tensor, x_0_hat: Tensor, norm: ChannelNorm) -> Tensor:
+    """``sqrt(D(z_1) / D(z_0))`` per pixel and channel, ``n x C x H x W``, from two decoded sets in
+    normalised units, compared in raw intensities (+1, so a dark pixel cannot divide by 0) and
+    clipped to ``[0, MAX_SHOT_NOISE_GAIN]``: a brighter generated pixel carries a proportionally
+    larger share of its source's photon noise and texture, a dimmer one a smaller share."""
+    raw_1, raw_0 = norm.to_raw(x_1).clamp_min(0.0), norm.to_raw(x_0_hat).clamp_min(0.0)
+    return ((raw_1 + 1.0) / (raw_0 + 1.0)).sqrt().clamp(0.0, MAX_SHOT_NOISE_GAIN)
 
 
 def resolve_compound(assay: ImageAssay, name_or_smiles: str) -> np.ndarray | None:

@@ -122,6 +122,11 @@ class ImageCondition:
         return ImageCondition(self.fingerprint_bits, self.log10_dose_um, torch.full_like(self.role, ROLE_NULL),
                               self.control_summary, self.has_controls)
 
+    def as_control(self) -> "ImageCondition":
+        """Same plate conditioning, treated cells relabelled as DMSO (the control-referenced CFG branch)."""
+        role = torch.where(self.role == ROLE_COMPOUND, torch.full_like(self.role, ROLE_CONTROL), self.role)
+        return ImageCondition(self.fingerprint_bits, self.log10_dose_um, role, self.control_summary, self.has_controls)
+
 
 def control_summary_dim(latent_channels: int) -> int:
     return latent_channels * CONTROL_POOL * CONTROL_POOL + latent_channels

@@ -75,7 +75,12 @@ class FlowConfig:
     down to 0 at ``max_steps``; a resume with a larger ``max_steps`` stretches the cosine from there.
     ``source_noise``: sigma of the Gaussian noise added to the control source latents (control
     mode only; latents are standardised, so sigma is in latent standard deviations; 0 = none,
-    the default). See :func:`add_source_noise`."""
+    the default). See :func:`add_source_noise`.
+    ``guidance_scale`` / ``guidance_reference``: classifier-free guidance at sampling
+    (:func:`sample_latents`); 1.6 against the null token by default since session 16 (configs saved
+    before keep the 1.0 they stored): the conditional flow falls short of the treated cells (the
+    latent mean travels about 0.9 of the way), and guidance restores the distance (README, session
+    16: FID-morph at a trained dose 32.8 -> 21.4 on Week4_27801)."""
 
     mode: SourceMode = "control"
     time_scheme: Literal["uniform", "logit_normal"] = "logit_normal"
@@ -96,7 +101,8 @@ class FlowConfig:
     bootstrap: bool = True
     sampler: Literal["euler", "heun"] = "euler"
     n_steps: int = 20
-    guidance_scale: float = 1.0
+    guidance_scale: float = 1.6
+    guidance_reference: Literal["null", "control"] = "null"
     source_noise: float = 0.0
     dit: DiTConfig = field(default_factory=DiTConfig)
 
@@ -112,6 +118,12 @@ class FlowConfig:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not (math.isfinite(self.source_noise) and self.source_noise >= 0):
             raise ValueError(f"source_noise must be a finite sigma >= 0, got {self.source_noise}")
+        check_guidance_reference(self.guidance_reference)
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite w >= 0, got {self.guidance_scale}")
+        if self.guidance_scale != 1.0 and self.guidance_reference == "null" and self.label_dropout == 0:
+            raise ValueError(f"guidance_scale {self.guidance_scale} against the null token needs label_dropout > 0 "
+                             "(label dropout is what trains the null token); use guidance_scale 1")
         if self.source_noise > 0 and self.mode != "control":
             raise ValueError(f"source_noise applies to the control source; mode {self.mode!r} already starts from noise")
 
@@ -120,7 +132,7 @@ class FlowConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "FlowConfig":
-        d = dict(d)
+        d = {"guidance_reference": "null", "guidance_scale": 1.0, **d}  # saved before these options
         d["dit"] = DiTConfig.from_dict(d["dit"])
         return FlowConfig(**d)
 
@@ -156,10 +168,15 @@ class ChannelNorm:
         x = (images.astype(np.float32) - lo) / (hi - lo) * 2.0 - 1.0
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
+    def to_raw(self, x: Tensor) -> Tensor:
+        """float ``N x C x H x W`` normalised -> raw intensities, same shape (unclipped)."""
+        lo = torch.tensor(self.lo, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        hi = torch.tensor(self.hi, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x + 1.0) / 2.0 * (hi - lo) + lo
+
     def denormalize(self, x: Tensor) -> np.ndarray:
         """float ``N x C x H x W`` -> uint16 ``N x H x W x C`` (clipped to the uint16 range)."""
-        lo, hi = np.asarray(self.lo, np.float32), np.asarray(self.hi, np.float32)
-        v = (x.detach().cpu().numpy().transpose(0, 2, 3, 1) + 1.0) / 2.0 * (hi - lo) + lo
+        v = self.to_raw(x.detach().cpu().float()).numpy().transpose(0, 2, 3, 1)
         return np.clip(np.rint(v), 0, 65535).astype(np.uint16)
 
     def to_dict(self) -> dict:
@@ -391,6 +408,15 @@ def _flow_state(model, opt, ema, step: int, elapsed_s: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- sampling
+GUIDANCE_REFERENCES = ("null", "control")
+
+
+def check_guidance_reference(reference: str) -> str:
+    if reference not in GUIDANCE_REFERENCES:
+        raise ValueError(f"guidance_reference must be one of {GUIDANCE_REFERENCES}, got {reference!r}")
+    return reference
+
+
 @torch.no_grad()
 def sample_latents(
     model: ImageDiT,
@@ -400,11 +426,17 @@ def sample_latents(
     n_steps: int,
     sampler: str = "euler",
     guidance_scale: float = 1.0,
+    guidance_reference: str = "null",
 ) -> Tensor:
-    """Integrate the learned flow from ``x_0: b x c x h x w`` (noise or control latents) to t=1."""
+    """Integrate the learned flow from ``x_0: b x c x h x w`` (noise or control latents) to t=1.
+
+    Classifier-free guidance ``v = v_ref + w (v_cond - v_ref)`` with ``w = guidance_scale``;
+    ``guidance_reference`` picks ``v_ref``: ``'null'`` the null compound token (the usual CFG), or
+    ``'control'`` the same cells labelled DMSO, which scales the compound's effect over the plate's
+    control cells by ``w`` and leaves DMSO cells (and compounds whose dose gate is closed) as they are."""
     model.eval()
-    uncond = cond.without_compound()
-    uncond_fn = (lambda x, t, _c: model(x, t, uncond)) if guidance_scale != 1.0 else None
+    reference = cond.as_control() if check_guidance_reference(guidance_reference) == "control" else cond.without_compound()
+    uncond_fn = (lambda x, t, _c: model(x, t, reference)) if guidance_scale != 1.0 else None
     integrate = SAMPLERS[check_sampler(sampler)]
     return integrate(model, x_0, n_steps, cond, guidance_scale=guidance_scale, uncond_velocity_fn=uncond_fn)
 

@@ -9,9 +9,10 @@ from typer.testing import CliRunner
 
 from lab_io.crops import CropSet, load_crops, write_crops
 from models.image_assay import (
-    ImageAssay, ImageAssayConfig, member_seed, resolve_compound, select_training_crops, train_image_assay,
+    MAX_SHOT_NOISE_GAIN, ImageAssay, ImageAssayConfig, PlateControls, _comparable, member_seed, resolve_compound,
+    select_training_crops, shot_noise_gain, train_image_assay,
 )
-from models.image_flow import bootstrap_compound_weights
+from models.image_flow import ChannelNorm, bootstrap_compound_weights
 from models.image_dit import DiTConfig
 from models.virtual_assay import VirtualAssay
 
@@ -117,6 +118,58 @@ def test_control_mode_trains_and_samples(tmp_path):
     pooled = assay.plate_controls(None)  # unknown plate in control mode: all training plates' controls
     assert len(pooled) == len(assay.plate_controls("P1")) + len(assay.plate_controls("P2"))
     assert pooled.images.shape[1:] == (16, 16, 3)
+
+
+def test_shot_noise_gain_closed_form():
+    norm = ChannelNorm(lo=(0.0,), hi=(2.0,))  # raw = x + 1
+    raw_1, raw_0 = torch.tensor([15.0, 3.0, 99.0, -5.0]), torch.tensor([3.0, 3.0, 0.0, 3.0])
+    gain = shot_noise_gain((raw_1 - 1).view(1, 1, 1, 4), (raw_0 - 1).view(1, 1, 1, 4), norm).flatten()
+    # sqrt((r1 + 1) / (r0 + 1)): 4x brighter -> 2; unchanged -> 1; clipped at the maximum; negative raw -> 0
+    assert torch.allclose(gain, torch.tensor([2.0, 1.0, MAX_SHOT_NOISE_GAIN, 0.5]))
+
+
+def test_plate_pixel_floor_is_a_cached_percentile():
+    images = np.random.default_rng(0).integers(100, 5000, (7, 8, 8, 3)).astype(np.uint16)
+    controls = PlateControls(torch.zeros(7, 2, 2, 2), images)
+    floor = controls.pixel_floor(2.0)
+    assert floor.dtype == np.uint16
+    assert np.array_equal(floor, np.percentile(images.reshape(-1, 3), 2.0, axis=0).astype(np.uint16))
+    assert controls.pixel_floor(2.0) is floor
+    assert PlateControls(torch.zeros(7, 2, 2, 2)).pixel_floor(2.0) is None
+
+
+def test_detail_transfer_returns_an_unmoved_source_cell_above_the_plate_floor(tmp_path, monkeypatch):
+    """If the flow leaves a latent where it started, detail transfer gives back the source crop
+    itself (gain 1 with or without the shot-noise gain); the floor then lifts pixels below the
+    plate's DMSO percentile to it and nothing else."""
+    cfg = tiny_config(n_members=1, pixel_floor_percentile=None)
+    assay = train_image_assay(tiny_crops(), tmp_path, replace(cfg, flow=replace(cfg.flow, mode="control")))
+    controls = assay.plate_controls("P1")
+    monkeypatch.setattr(assay, "generate_latents",
+                        lambda member, fp, dose, ctrl, n, seed, **kw: (ctrl.z[torch.arange(n)], torch.arange(n)))
+    source = controls.images[:4].astype(np.int64)
+    for shot_noise in (False, True):
+        assay.config = replace(assay.config, detail_shot_noise=shot_noise, pixel_floor_percentile=None)
+        assert np.abs(assay.generate(0, None, 1.0, controls, 4, seed=0) - source).max() <= 1
+    assay.config = replace(assay.config, pixel_floor_percentile=40.0)
+    floor = controls.pixel_floor(40.0).astype(np.int64)
+    lifted = assay.generate(0, None, 1.0, controls, 4, seed=0).astype(np.int64)
+    assert (source < floor).any() and (lifted >= floor).all()
+    assert np.abs(lifted - np.maximum(source, floor)).max() <= 1
+
+
+def test_decode_options_load_and_resume():
+    cfg = tiny_config()
+    assert (cfg.detail_shot_noise, cfg.pixel_floor_percentile) == (True, 0.1)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("detail_shot_noise", "pixel_floor_percentile")}
+    loaded = ImageAssayConfig.from_dict(old)  # models saved before these options decode as they did
+    assert (loaded.detail_shot_noise, loaded.pixel_floor_percentile) == (False, None)
+    assert ImageAssayConfig.from_dict(cfg.to_dict()) == cfg
+    assert _comparable(loaded) == _comparable(cfg)  # decode options never block resuming a model
+    unguided = replace(cfg, flow=replace(cfg.flow, guidance_scale=1.0, n_steps=50, sampler="heun"))
+    assert _comparable(unguided) == _comparable(cfg)  # nor do sampling options
+    with pytest.raises(ValueError, match="pixel_floor_percentile"):
+        tiny_config(pixel_floor_percentile=60.0)
 
 
 def test_select_training_crops_and_resolve_compound(trained):
@@ -233,7 +286,7 @@ def test_cli_train_tiny(tmp_path):
         "train", "--data", str(data), "--out", str(tmp_path / "m"), "--members", "1", "--exclude-dose", "15",
         "--ae-steps", "2", "--flow-steps", "2", "--hidden-dim", "16", "--depth", "2", "--heads", "2",
         "--batch-size", "32", "--image-size", "16", "--lr-schedule", "cosine", "--source-noise", "0.25",
-        "--no-final-conv"])
+        "--no-final-conv", "--plain-decode", "--guidance", "1.2"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m" / "member_000" / "model.pt").is_file()
     saved = ImageAssayConfig.from_dict(json.loads((tmp_path / "m" / "assay.json").read_text())["config"])
@@ -241,6 +294,7 @@ def test_cli_train_tiny(tmp_path):
     # options given on the command line override; the rest are the config's defaults
     assert (saved.flow.max_steps, saved.flow.dit.hidden_dim, saved.image_size, saved.flow.lr_schedule,
             saved.flow.source_noise, saved.flow.dit.final_conv) == (2, 16, 16, "cosine", 0.25, False)
+    assert (saved.detail_shot_noise, saved.pixel_floor_percentile, saved.flow.guidance_scale) == (False, None, 1.2)
     assert (saved.flow.mode, saved.flow.max_minutes, saved.flow.time_scheme) == (
         default.flow.mode, default.flow.max_minutes, default.flow.time_scheme)
     assert saved.autoencoder.max_minutes == default.autoencoder.max_minutes

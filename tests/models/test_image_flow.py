@@ -100,6 +100,30 @@ def test_train_resume_and_reproducible_sampling(mode):
     assert outs[0].shape == (5, 2, 4, 4) and torch.equal(outs[0], outs[1])
 
 
+def test_guidance_reference_scales_the_effect_over_null_or_control():
+    """One Euler step from t=0 is x_0 + v_ref + w (v_cond - v_ref); against the control reference
+    DMSO cells are left exactly as the unguided flow moves them."""
+    from models.image_dit import ImageDiT
+
+    g = torch.Generator().manual_seed(0)
+    model = ImageDiT(DIT).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    z, x_0, t = torch.randn(4, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g), torch.zeros(3)
+    cond = sampling_condition(torch.ones(2048), 5.0, z, 3, 2)
+    v_cmp, v_ctrl, v_null = (model(x_0, t, c) for c in (cond, cond.as_control(), cond.without_compound()))
+    assert not torch.allclose(v_ctrl, v_null) and not torch.allclose(v_cmp, v_ctrl)
+    for reference, v_ref in (("control", v_ctrl), ("null", v_null)):
+        out = sample_latents(model, cond, x_0, n_steps=1, guidance_scale=2.0, guidance_reference=reference)
+        assert torch.allclose(out, x_0 + v_ref + 2.0 * (v_cmp - v_ref), atol=1e-5)
+    dmso = sampling_condition(None, 5.0, z, 3, 2)
+    assert torch.equal(sample_latents(model, dmso, x_0, n_steps=2, guidance_scale=2.0, guidance_reference="control"),
+                       sample_latents(model, dmso, x_0, n_steps=2, guidance_scale=1.0))
+    with pytest.raises(ValueError, match="guidance_reference"):
+        sample_latents(model, cond, x_0, n_steps=1, guidance_scale=2.0, guidance_reference="dmso")
+
+
 def test_sampling_condition_roles_and_checks():
     bits = torch.ones(2048)
     z = torch.randn(4, 2, 4, 4)
@@ -124,8 +148,20 @@ def test_config_validation():
     with pytest.raises(ValueError, match="lr_schedule"):
         FlowConfig(lr_schedule="linear")
     assert FlowConfig.from_dict(CFG.to_dict()) == CFG
-    old = {k: v for k, v in CFG.to_dict().items() if k not in ("lr_schedule", "source_noise")}  # saved before both
-    assert (FlowConfig.from_dict(old).lr_schedule, FlowConfig.from_dict(old).source_noise) == ("constant", 0.0)
+    old = {k: v for k, v in CFG.to_dict().items()
+           if k not in ("lr_schedule", "source_noise", "guidance_scale", "guidance_reference")}  # saved before these
+    loaded = FlowConfig.from_dict(old)
+    assert (loaded.lr_schedule, loaded.source_noise, loaded.guidance_scale, loaded.guidance_reference) == (
+        "constant", 0.0, 1.0, "null")
+    assert (FlowConfig().guidance_scale, FlowConfig().guidance_reference) == (1.6, "null")
+    with pytest.raises(ValueError, match="guidance_reference"):
+        FlowConfig(guidance_reference="dmso")
+    with pytest.raises(ValueError, match="needs label_dropout > 0"):
+        FlowConfig(label_dropout=0.0)  # the default guidance needs a trained null token
+    assert FlowConfig(label_dropout=0.0, guidance_scale=1.0).label_dropout == 0.0
+    assert FlowConfig(label_dropout=0.0, guidance_reference="control").guidance_scale == 1.6
+    with pytest.raises(ValueError, match="guidance_scale must be a finite"):
+        FlowConfig(guidance_scale=float("nan"))
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="source_noise must be a finite sigma >= 0"):
             FlowConfig(source_noise=bad)
