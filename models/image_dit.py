@@ -117,15 +117,17 @@ class ImageCondition:
     def to(self, device: torch.device | str) -> "ImageCondition":
         return ImageCondition(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
+    def with_role(self, role: Tensor) -> "ImageCondition":
+        """Same cells and plate conditioning, compound slot roles ``role: b``."""
+        return ImageCondition(self.fingerprint_bits, self.log10_dose_um, role, self.control_summary, self.has_controls)
+
     def without_compound(self) -> "ImageCondition":
         """Same plate conditioning, null compound token (unconditional / CFG branch)."""
-        return ImageCondition(self.fingerprint_bits, self.log10_dose_um, torch.full_like(self.role, ROLE_NULL),
-                              self.control_summary, self.has_controls)
+        return self.with_role(torch.full_like(self.role, ROLE_NULL))
 
     def as_control(self) -> "ImageCondition":
         """Same plate conditioning, treated cells relabelled as DMSO (the control-referenced CFG branch)."""
-        role = torch.where(self.role == ROLE_COMPOUND, torch.full_like(self.role, ROLE_CONTROL), self.role)
-        return ImageCondition(self.fingerprint_bits, self.log10_dose_um, role, self.control_summary, self.has_controls)
+        return self.with_role(torch.where(self.role == ROLE_COMPOUND, torch.full_like(self.role, ROLE_CONTROL), self.role))
 
 
 def control_summary_dim(latent_channels: int) -> int:
