@@ -133,9 +133,10 @@ def bench_sampling(model: ImageDiT, ae: ImageAutoencoder, latent_norm: LatentNor
     model, ae = model.to(device).eval(), ae.to(device).eval()
     dit = model.config
     shape = (dit.latent_channels, dit.latent_size, dit.latent_size)
-    runs = [("euler", 8), ("euler", 20), ("euler", 50), ("heun", 20)]
-    for (sampler, steps), w in [(r, 1.0) for r in runs] + ([(r, guidance_scale) for r in runs]
-                                                              if guidance_scale != 1.0 else []):
+    scales = [1.0] if guidance_scale == 1.0 else [1.0, guidance_scale]
+    runs = [(sampler, steps, w) for w in scales for sampler, steps in (("euler", 8), ("euler", 20), ("euler", 50),
+                                                                       ("heun", 20))]
+    for sampler, steps, w in runs:
         cond = sampling_condition(fp_bits, 15.0, z_ctrl, n_cells, dit.latent_channels).to(device)
 
         def run():

@@ -127,7 +127,8 @@ class ImageCondition:
 
     def as_control(self) -> "ImageCondition":
         """Same plate conditioning, treated cells relabelled as DMSO (the control-referenced CFG branch)."""
-        return self.with_role(torch.where(self.role == ROLE_COMPOUND, torch.full_like(self.role, ROLE_CONTROL), self.role))
+        treated = self.role == ROLE_COMPOUND
+        return self.with_role(torch.where(treated, torch.full_like(self.role, ROLE_CONTROL), self.role))
 
 
 def control_summary_dim(latent_channels: int) -> int:

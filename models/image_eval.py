@@ -246,7 +246,7 @@ def evaluate_assay(
     """
     from lab_io.crops import is_control_compound
     from models.image_assay import compound_fingerprints
-    from models.image_flow import centre_crop, check_sampler
+    from models.image_flow import centre_crop, check_guidance_scale, check_sampler
 
     size = assay.config.image_size
     names, dna = assay.channel_names, assay.config.dna_channel
@@ -259,6 +259,8 @@ def evaluate_assay(
         raise ValueError(f"max_real must be >= 4 (two halves of >= 2 real cells), got {max_real}")
     if sampler is not None:
         check_sampler(sampler)  # before any featurising
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
     fingerprints = compound_fingerprints(assay, meta, source)
     results, skipped = [], []
 

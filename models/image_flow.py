@@ -119,8 +119,7 @@ class FlowConfig:
         if not (math.isfinite(self.source_noise) and self.source_noise >= 0):
             raise ValueError(f"source_noise must be a finite sigma >= 0, got {self.source_noise}")
         check_guidance_reference(self.guidance_reference)
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be a finite w >= 0, got {self.guidance_scale}")
+        check_guidance_scale(self.guidance_scale)
         if self.guidance_scale != 1.0 and self.guidance_reference == "null" and self.label_dropout == 0:
             raise ValueError(f"guidance_scale {self.guidance_scale} against the null token needs label_dropout > 0 "
                              "(label dropout is what trains the null token); use guidance_scale 1")
@@ -417,6 +416,12 @@ def check_guidance_reference(reference: str) -> str:
     return reference
 
 
+def check_guidance_scale(scale: float) -> float:
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite w >= 0, got {scale}")
+    return scale
+
+
 @torch.no_grad()
 def sample_latents(
     model: ImageDiT,
@@ -435,7 +440,9 @@ def sample_latents(
     ``'control'`` the same cells labelled DMSO, which scales the compound's effect over the plate's
     control cells by ``w`` and leaves DMSO cells (and compounds whose dose gate is closed) as they are."""
     model.eval()
-    reference = cond.as_control() if check_guidance_reference(guidance_reference) == "control" else cond.without_compound()
+    check_guidance_scale(guidance_scale)
+    control_ref = check_guidance_reference(guidance_reference) == "control"
+    reference = cond.as_control() if control_ref else cond.without_compound()
     uncond_fn = (lambda x, t, _c: model(x, t, reference)) if guidance_scale != 1.0 else None
     integrate = SAMPLERS[check_sampler(sampler)]
     return integrate(model, x_0, n_steps, cond, guidance_scale=guidance_scale, uncond_velocity_fn=uncond_fn)

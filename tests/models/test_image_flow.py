@@ -122,6 +122,8 @@ def test_guidance_reference_scales_the_effect_over_null_or_control():
                        sample_latents(model, dmso, x_0, n_steps=2, guidance_scale=1.0))
     with pytest.raises(ValueError, match="guidance_reference"):
         sample_latents(model, cond, x_0, n_steps=1, guidance_scale=2.0, guidance_reference="dmso")
+    with pytest.raises(ValueError, match="guidance_scale must be a finite"):
+        sample_latents(model, cond, x_0, n_steps=1, guidance_scale=-1.0)
 
 
 def test_sampling_condition_roles_and_checks():
