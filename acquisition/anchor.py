@@ -216,16 +216,19 @@ def anchored_ucb_batch(
     prior_sd: float = 0.2,
     max_weight: float = MAX_WEIGHT,
     attenuation: bool = False,
+    log_scale: bool = True,
 ) -> AnchoredBatch:
     """``q`` unmeasured, non-pending conditions by believer-UCB on the anchored GP.
 
     Args:
         member_values: ``K x N`` predicted phenotypic activity (>= 0) of every condition,
-            measured ones included.
+            measured ones included (with ``log_scale=False``: any objective, e.g. similarity
+            to a target phenotype, on its own scale).
         fingerprints: ``uint8 N x 256`` packed Morgan fingerprints.
         log10_dose: ``N`` log10 dose (uM).
         measured: ``N`` boolean mask of measured conditions (never picked).
-        activity: measured phenotypic activity, one per measured condition (index order).
+        activity: measured phenotypic activity (or the objective), one per measured condition
+            (index order).
         q: batch size.
         out_of_bag: ``K x n`` (members x measured) True where a member did not train on it.
         pending: ``N`` boolean mask of conditions in flight: never picked, believed first.
@@ -233,15 +236,18 @@ def anchored_ucb_batch(
         prior_weight, prior_sd: prior ``N(b_0, tau^2)`` of the ensemble's weight ``b``.
         max_weight: upper clip of the ensemble's weight ``b``.
         attenuation: correct the out-of-bag slope for regression dilution (:func:`fit_anchor`).
+        log_scale: model log activity (activity is a positive distance with a long upper
+            tail); False: the values as they are (an objective that can be negative).
 
     Returns:
         ``AnchoredBatch``: ``int64`` picks in order, their UCB (``mean + beta sd`` of log
-        activity, the sd conditioned on earlier picks), and the fitted ``Anchor``.
+        activity, or of the values, the sd conditioned on earlier picks), and the fitted ``Anchor``.
     """
-    member_log_values = log_activity(as_member_values(member_values).numpy())
-    y = log_activity(activity)
-    anchor = fit_anchor(member_log_values, measured, y, out_of_bag, prior_weight=prior_weight, prior_sd=prior_sd,
-                        max_weight=max_weight, attenuation=attenuation)
+    member_values = as_member_values(member_values).numpy().astype(np.float64)
+    transform = log_activity if log_scale else np.asarray
+    y = transform(np.asarray(activity, dtype=np.float64))
+    anchor = fit_anchor(transform(member_values), measured, y, out_of_bag, prior_weight=prior_weight,
+                        prior_sd=prior_sd, max_weight=max_weight, attenuation=attenuation)
     picks, ucb = gp_ucb_scored(fingerprints, log10_dose, measured, y, q, beta=beta, prior_mean=anchor.prior_mean,
                                pending=pending)
     return AnchoredBatch(indices=picks, ucb=ucb, anchor=anchor)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -99,7 +99,8 @@ class FunnelResult:
 
     Attributes:
         indices: ``int64 n`` candidate indices into the funnel's inputs (ascending).
-        values: ``float32 K x n`` per-member phenotypic activity of those candidates.
+        values: ``float32 K x n`` per-member phenotypic activity of those candidates (or the
+            ``objective`` given to ``funnel_predict``).
         profiles: ``float32 K x n x d`` kept profile dims (``config.profile_dims``) or None.
         pending: positions in ``indices`` of the pending compounds (``select_batch(pending=...)``).
         from_shortlist: ``bool n``, True where the candidate came from the surrogate shortlist
@@ -132,12 +133,22 @@ def simulate_activity(
     config: FunnelConfig = FunnelConfig(),
     cache: PredictionCache | None = None,
     seed: int = 0,
+    objective: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Per-member activity ``K x n`` of given compounds with the funnel's simulation settings
-    (e.g. the measured compounds, whose predictions ``acquisition.anchor`` compares with the lab's)."""
+    (e.g. the measured compounds, whose predictions ``acquisition.anchor`` compares with the lab's),
+    or the ``objective`` of their profiles (as in ``funnel_predict``)."""
     fingerprints = check_fingerprints(fingerprints)
     dose = check_doses(np.asarray(dose_um, dtype=np.float64), len(fingerprints))
-    return _simulate(assay, fingerprints, np.asarray(inchikeys, dtype=object), dose, config, cache, seed).activity
+    check_objective_settings(objective, config)
+    prediction = _simulate(assay, fingerprints, np.asarray(inchikeys, dtype=object), dose, config, cache, seed)
+    return prediction.activity if objective is None else np.asarray(objective(prediction.profiles), np.float32)
+
+
+def check_objective_settings(objective, config: FunnelConfig) -> None:
+    if objective is not None and config.profile_dims is not None:
+        raise ValueError(f"an objective needs whole simulated profiles (profile_dims=None), got "
+                         f"profile_dims={config.profile_dims}")
 
 
 def funnel_predict(
@@ -153,6 +164,7 @@ def funnel_predict(
     config: FunnelConfig = FunnelConfig(),
     cache: PredictionCache | None = None,
     seed: int = 0,
+    objective: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> FunnelResult:
     """Simulate the candidates worth selecting from (see module docstring).
 
@@ -168,6 +180,10 @@ def funnel_predict(
         cache: ``PredictionCache`` (None: simulate without storing).
         seed: the funnel's sampling/training seed, and the simulation seed (common random numbers)
             unless ``config.simulation_seed`` is set.
+        objective: maps simulated profiles ``K x n x F`` to the values ``K x n`` that replace
+            phenotypic activity everywhere, the surrogate's targets and the returned
+            ``values`` included (e.g. ``ObjectiveConfig.build`` through ``member_objective_values``);
+            needs ``config.profile_dims=None``, and ``measured_activity`` is then in its units.
 
     Returns:
         ``FunnelResult``.
@@ -187,8 +203,15 @@ def funnel_predict(
     eligible_idx = np.flatnonzero(eligible)
     sample_rng, surrogate_ss = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
 
+    check_objective_settings(objective, config)
+
     def simulate(rows: np.ndarray):
         return _simulate(assay, fingerprints[rows], inchikeys[rows], dose[rows], config, cache, seed)
+
+    def values_of(prediction) -> np.ndarray:  # K x n
+        if objective is None:
+            return prediction.activity
+        return np.asarray(objective(prediction.profiles), dtype=np.float32)
 
     timings: dict[str, float] = {}
     diagnostics: dict[str, Any] = dict(n_candidates=n, n_eligible=len(eligible_idx), n_pending=len(pending),
@@ -199,7 +222,7 @@ def funnel_predict(
         result = simulate(rows)
         timings["simulate_all_s"] = time.perf_counter() - t0
         diagnostics.update(mode="all", n_simulated=result.n_simulated, n_cached=result.n_cached)
-        values, profiles = result.activity, result.profiles
+        values, profiles = values_of(result), result.profiles
         from_shortlist = np.zeros(len(rows), dtype=bool)
     else:
         # 1. random sample (+ pending, simulated anyway)
@@ -211,7 +234,7 @@ def funnel_predict(
         # 2. surrogate on the simulated values (+ measured labels)
         t0 = time.perf_counter()
         surrogate, surrogate_diag = train_surrogate(
-            fingerprints[first], first_pred.activity, config=config.surrogate,
+            fingerprints[first], values_of(first_pred), config=config.surrogate,
             seed=int(surrogate_ss.integers(2**62)), measured_fingerprints=measured_fingerprints,
             measured_activity=measured_activity)
         timings["train_surrogate_s"] = time.perf_counter() - t0
@@ -230,7 +253,7 @@ def funnel_predict(
         order = np.argsort(rows)
         rows = rows[order]
         from_shortlist = (np.arange(len(order)) >= len(first))[order]
-        values = np.concatenate([first_pred.activity, short_pred.activity], axis=1)[:, order]
+        values = np.concatenate([values_of(first_pred), values_of(short_pred)], axis=1)[:, order]
         profiles = None
         if first_pred.profiles is not None:
             profiles = np.concatenate([first_pred.profiles, short_pred.profiles], axis=1)[:, order]

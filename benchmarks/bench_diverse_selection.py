@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from lab_io.platemap import PlateLayoutConfig, treatment_capacity
-from loop.backtest import BacktestConfig, ground_truth_actives, library_template, run_round, start_run
+from bench_common import start_benchmark, synthetic_worlds
+from loop.backtest import run_round, start_run
 from loop.propose import candidate_table, choose_compounds
-from loop.runtime import configure_torch_threads
 from loop.train import train_assay
 
 log = logging.getLogger("bench_diverse_selection")
@@ -111,19 +111,12 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[96, 384], help="wells per proposed batch")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("loop", "models", "acquisition", "lab_io"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    configure_torch_threads()
-    result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    result = {"args": start_benchmark(args),
               "policies": {name: {"propose_policy": p, "selection": o} for name, (p, o) in VARIANTS.items()},
               "worlds": {}}
     root = Path(tempfile.mkdtemp(prefix="bench-diverse-"))
     try:
-        for world in args.worlds:
-            config = BacktestConfig(n_compounds=args.compounds, lab_world_seed=world, batch_wells=args.batch_wells)
-            template = library_template(root / f"world{world}-template", config)
-            actives = ground_truth_actives(template, config)
+        for world, template, actives in synthetic_worlds(root, args.worlds, args.compounds, args.batch_wells):
             per_seed = []
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 start = time.perf_counter()

@@ -43,6 +43,9 @@ class CampaignConfig:
     selection: dict[str, Any] = field(default_factory=dict)
     # Candidate simulation funnel (acquisition.funnel.FunnelConfig keyword arguments).
     funnel: dict[str, Any] = field(default_factory=dict)
+    # What proposals maximise (acquisition.objectives.ObjectiveConfig keyword arguments; default:
+    # phenotypic activity; `loop objective set` adds a target phenotype).
+    objective: dict[str, Any] = field(default_factory=dict)
     # Virtual assay (models.config.FeatureAssayConfig keyword arguments).
     assay: dict[str, Any] = field(default_factory=dict)
     # Synthetic lab used by `loop lab run` and backtests (lab_io.synthetic_lab.SyntheticLabConfig).
@@ -103,6 +106,11 @@ class Campaign:
 
     def session(self) -> Session:
         return Session(self.engine)
+
+    def save_config(self, config: CampaignConfig) -> None:
+        """Replace ``campaign.json`` atomically (a crash leaves the old file) and use ``config``."""
+        _atomic_write_text(self.root / CONFIG_FILE, config.to_json())
+        self.config = config
 
     # -- paths -------------------------------------------------------------------------
     @property

@@ -24,6 +24,8 @@ app.add_typer(library_app, name="library")
 app.add_typer(lab_app, name="lab")
 profiles_app = typer.Typer(help="Profile tables (pycytominer style).", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
+objective_app = typer.Typer(help="What proposals maximise: activity, or a target phenotype.", no_args_is_help=True)
+app.add_typer(objective_app, name="objective")
 
 console = Console(stderr=True)
 out = Console()
@@ -177,6 +179,57 @@ def propose(
     out.print(f"plate files: {result.out_dir}")
     for name, path in sorted(result.files.items()):
         out.print(f"  {name}: {path}")
+
+
+@objective_app.command("set")
+def objective_set(
+    target_compound: Optional[str] = typer.Option(None, "--target-compound",
+                                                  help="Compound id or name whose measured wells give the target."),
+    target_dose_um: Optional[float] = typer.Option(None, "--target-dose-um",
+                                                   help="Only its wells at this dose (default: all doses)."),
+    target_profile: Optional[Path] = typer.Option(None, "--target-profile",
+                                                  help="Profile table (CSV/Parquet, normalised to controls): "
+                                                       "its median row is the target."),
+    profile_compound: Optional[str] = typer.Option(None, "--profile-compound",
+                                                   help="Only the rows of this Metadata_compound of --target-profile."),
+    similarity_weight: Optional[float] = typer.Option(None, "--similarity-weight",
+                                                      help="Weight of cosine similarity to the target "
+                                                           "(default 1 with a target, else 0)."),
+    activity_weight: Optional[float] = typer.Option(None, "--activity-weight",
+                                                    help="Weight of phenotypic activity (default 0 with a target, "
+                                                         "else 1)."),
+):
+    """Set the objective of later proposals (no target: back to phenotypic activity)."""
+    from loop.objective import describe, measured_target, set_objective, table_target
+
+    with _cli_errors():
+        if target_compound is not None and target_profile is not None:
+            raise ValueError("give --target-compound or --target-profile, not both")
+        if target_dose_um is not None and target_compound is None:
+            raise ValueError("--target-dose-um goes with --target-compound")
+        if profile_compound is not None and target_profile is None:
+            raise ValueError("--profile-compound goes with --target-profile")
+        campaign = _open()
+        target = None
+        if target_compound is not None:
+            target = measured_target(campaign, target_compound, target_dose_um)
+        elif target_profile is not None:
+            target = table_target(target_profile, profile_compound)
+        config = set_objective(
+            campaign, target=target,
+            activity_weight=activity_weight if activity_weight is not None else (0.0 if target else 1.0),
+            similarity_weight=similarity_weight if similarity_weight is not None else (1.0 if target else 0.0))
+    out.print(f"objective of {campaign.root}: {describe(config)}")
+
+
+@objective_app.command("show")
+def objective_show():
+    """Print the campaign's objective."""
+    from loop.objective import campaign_objective, describe
+
+    with _cli_errors():
+        config = campaign_objective(_open())
+    out.print(describe(config))
 
 
 @lab_app.command("run")

@@ -6,6 +6,7 @@ Reads top to bottom: candidates -> predictions -> selection -> plate layouts -> 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -26,6 +27,7 @@ from lab_io.schema import WellRole
 from loop import store
 from loop.campaign import Campaign
 from loop.library import load_compounds
+from loop.objective import campaign_objective, describe, measured_objective_values
 from loop.train import latest_model
 
 log = logging.getLogger(__name__)
@@ -117,24 +119,41 @@ def choose_compounds(
     # surrogate prescreens the library to a shortlist first. values: K x n over funnel.indices.
     sel_cfg = SelectionConfig(**{**campaign.config.selection, **POLICY_SELECTION.get(policy, {}), "seed": seed})
     funnel_cfg = FunnelConfig.from_dict({"simulation_seed": campaign.config.seed, **campaign.config.funnel})
-    if sel_cfg.phenotype_penalty > 0 and funnel_cfg.profile_dims == 0:  # the penalty compares whole profiles
-        funnel_cfg = dataclasses.replace(funnel_cfg, profile_dims=None)
+    objective_cfg = campaign_objective(campaign)
+    objective = None
+    if objective_cfg.uses_target:  # values become the objective of whole predicted profiles
+        objective = functools.partial(objective_cfg.member_values, feature_names=model.feature_names)
+        log.info("objective: %s", describe(objective_cfg))
+    if (sel_cfg.phenotype_penalty > 0 or objective is not None) and funnel_cfg.profile_dims == 0:
+        funnel_cfg = dataclasses.replace(funnel_cfg, profile_dims=None)  # both compare whole profiles
     funnel = funnel_predict(model, fps, candidates["inchikey"].to_numpy(), campaign.config.dose_um,
                             pending=np.flatnonzero(pending), config=funnel_cfg,
-                            cache=PredictionCache(campaign.root / "cache"), seed=seed)
+                            cache=PredictionCache(campaign.root / "cache"), seed=seed, objective=objective)
     measured = measured_conditions(campaign) if sel_cfg.measurement_anchor else None
     if measured is not None and len(measured):
-        chosen, ucb = _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed)
+        chosen, ucb = _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed,
+                                       objective_cfg)
         return funnel.indices[chosen], _summary(chosen, funnel.values, "anchored_gp_ucb", ucb), model.version
     scaffold_ids = None
     if sel_cfg.max_per_scaffold is not None:  # the cap counts Bemis-Murcko scaffolds of the funnel's candidates
         scaffold_ids = murcko_scaffold_ids(candidates["smiles"].iloc[funnel.indices].tolist())
+    if objective is not None:
+        check_target_acquisition(sel_cfg)
+    best_f = None if objective is not None else _best_observed_activity(campaign)
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
-                             scaffold_ids=scaffold_ids, best_f=_best_observed_activity(campaign),
+                             scaffold_ids=scaffold_ids, best_f=best_f,
                              profiles=funnel.profiles)
     picks = funnel.indices[selection.indices]  # rows of `candidates`
     return picks, _summary(selection.indices, funnel.values, sel_cfg.acquisition, selection.acq_values), \
         model.version
+
+
+def check_target_acquisition(config: SelectionConfig) -> None:
+    """qEI / qLogEI improve on the best observed value, which exists for activity only."""
+    if config.acquisition in ("qEI", "qLogEI"):
+        raise ValueError(f"acquisition {config.acquisition} needs the best observed objective, which a target "
+                         f"phenotype does not have yet; use qUCB, thompson, mean or qPosteriorStandardDeviation "
+                         f"with `loop objective set`")
 
 
 def measured_conditions(campaign: Campaign) -> pd.DataFrame:
@@ -151,14 +170,20 @@ def measured_conditions(campaign: Campaign) -> pd.DataFrame:
     return wells.groupby(["compound_id", "dose_um", "inchikey", "fp_row"], as_index=False)["activity"].mean()
 
 
-def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg,
-                     seed) -> tuple[np.ndarray, np.ndarray]:
+def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed,
+                     objective_cfg) -> tuple[np.ndarray, np.ndarray]:
     """Believer-UCB on the anchored GP (``acquisition.anchor``) over the measured conditions and the
-    funnel's candidates; returns positions in ``funnel.indices`` and each pick's UCB (log activity)."""
+    funnel's candidates; returns positions in ``funnel.indices`` and each pick's UCB (log activity,
+    or the target objective: then the measured values are the objective of the measured profiles)."""
     measured_fps = np.asarray(campaign.load_fingerprints())[measured["fp_row"].to_numpy()]
+    objective, observed = None, measured["activity"].to_numpy(float)
+    if objective_cfg.uses_target:
+        objective = functools.partial(objective_cfg.member_values, feature_names=model.feature_names)
+        observed = measured_objective_values(campaign, measured, objective_cfg, model.feature_names)
     measured_values = simulate_activity(model, measured_fps, measured["inchikey"].to_numpy(),
                                         measured["dose_um"].to_numpy(), config=funnel_cfg,
-                                        cache=PredictionCache(campaign.root / "cache"), seed=seed)
+                                        cache=PredictionCache(campaign.root / "cache"), seed=seed,
+                                        objective=objective)
     n_measured, n_candidates = len(measured), len(funnel.indices)
     dose_um = np.concatenate([measured["dose_um"].to_numpy(float), np.full(n_candidates, campaign.config.dose_um)])
     is_measured = np.arange(n_measured + n_candidates) < n_measured
@@ -172,9 +197,9 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
                     model.version, sel_cfg.anchor_prior_weight)
     batch = anchored_ucb_batch(
         np.concatenate([measured_values, funnel.values], axis=1), np.concatenate([measured_fps, fps[funnel.indices]]),
-        np.log10(dose_um), is_measured, measured["activity"].to_numpy(float), q, out_of_bag=out_of_bag,
+        np.log10(dose_um), is_measured, observed, q, out_of_bag=out_of_bag,
         pending=pending, beta=sel_cfg.anchor_beta, prior_weight=sel_cfg.anchor_prior_weight,
-        prior_sd=sel_cfg.anchor_prior_sd, attenuation=sel_cfg.anchor_attenuation)
+        prior_sd=sel_cfg.anchor_prior_sd, attenuation=sel_cfg.anchor_attenuation, log_scale=objective is None)
     log.info("anchored GP over %d measured conditions: ensemble weight %.2f (%d out-of-bag conditions, "
              "slope dilution-corrected x%.2f)", n_measured, batch.anchor.weight, batch.anchor.n_out_of_bag,
              batch.anchor.dilution)

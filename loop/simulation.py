@@ -182,10 +182,12 @@ def _training_cells(lab: LookupLab, measured: np.ndarray) -> tuple[pd.DataFrame,
     return cells, lookup
 
 
-def _predict(lab: LookupLab, measured: np.ndarray, config: LookupBacktestConfig, seed: int,
-             work_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-member activity ``K x N`` and predicted profiles ``K x N x F`` of every condition, and
-    ``K x n`` True where a member's bootstrap left measured condition ``i``'s compound out."""
+def predict_conditions(lab: LookupLab, measured: np.ndarray, config: LookupBacktestConfig, seed: int,
+                       work_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train the virtual assay on the ``measured`` conditions' wells (plus every control well) and
+    return per-member activity ``K x N`` and predicted profiles ``K x N x F`` (``lab.features``) of
+    every condition, and ``K x n`` True where a member's bootstrap left measured condition ``i``'s
+    compound out."""
     cells, lookup = _training_cells(lab, measured)
     train_set = FeatureTrainingSet.from_dataframe(cells, lookup, seed=seed, feature_names=lab.features,
                                                   normalization="standard", source="profile table")
@@ -227,7 +229,7 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
     activity = lab.conditions["activity"].to_numpy()[measured]
     if policy == "gp_ucb":
         return gp_ucb_batch(lab.fingerprints, lab.log10_dose, measured, log_activity(activity), q)
-    values, profiles, out_of_bag = _predict(lab, measured, config, seed, work_dir)
+    values, profiles, out_of_bag = predict_conditions(lab, measured, config, seed, work_dir)
     if selection_config.measurement_anchor:
         batch = anchored_ucb_batch(values, lab.fingerprints, lab.log10_dose, measured, activity, q,
                                    out_of_bag=out_of_bag, beta=selection_config.anchor_beta,

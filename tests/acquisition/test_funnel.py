@@ -1,11 +1,14 @@
 """Tests for acquisition/funnel.py (closed-form FakeAssay from test_prediction_cache)."""
 
+import dataclasses
+import functools
 import json
 
 import numpy as np
 import pytest
 
 from acquisition.funnel import FunnelConfig, funnel_predict
+from acquisition.objectives import ObjectiveConfig
 from acquisition.prediction_cache import PredictionCache
 from acquisition.select import SelectionConfig, select_batch
 from acquisition.surrogate import SurrogateConfig
@@ -120,3 +123,20 @@ def test_fixed_simulation_seed_shares_the_cache_across_round_seeds(tmp_path):
     assert assay.n_calls == 0
     np.testing.assert_array_equal(first.values, second.values)
     np.testing.assert_allclose(first.values, direct_activity(FakeAssay(), fps, 10.0, seed=11), rtol=1e-6)
+
+
+@pytest.mark.parametrize("simulate_all_max", [5000, 500])  # everything simulated / surrogate prescreen
+def test_objective_replaces_activity_everywhere(clustered, simulate_all_max):
+    fps, keys, motif, _ = clustered
+    target = ObjectiveConfig(similarity_weight=1.0, target_features=("Cells_Fake_1", "Cells_Fake_2"),
+                             target_values=(1.0, -1.0), target_label="t")
+    assay = FakeAssay(motif=motif)
+    objective = functools.partial(target.member_values, feature_names=assay.feature_names)
+    config = dataclasses.replace(SMALL, simulate_all_max=simulate_all_max, profile_dims=None)
+    result = funnel_predict(assay, fps, keys, 10.0, config=config, seed=0, objective=objective)
+    profiles = FakeAssay(motif=motif).predict_profiles(fps[result.indices], np.full(len(result.indices), 10.0))
+    np.testing.assert_allclose(result.values, target.member_values(profiles, assay.feature_names), rtol=1e-5,
+                               atol=1e-6)
+    assert result.values.min() < 0  # cosine values, not activity
+    with pytest.raises(ValueError, match="profile_dims=None"):
+        funnel_predict(assay, fps, keys, 10.0, config=SMALL, seed=0, objective=objective)

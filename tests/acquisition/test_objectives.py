@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -6,8 +8,10 @@ import torch
 
 from acquisition.ensemble_model import CachedEnsembleModel, MemberSampler
 from acquisition.objectives import (
+    ObjectiveConfig,
     activity_objective,
     member_objective_values,
+    target_similarity,
     target_similarity_objective,
     weighted_objective,
 )
@@ -55,3 +59,80 @@ def test_bad_inputs_raise():
         target_similarity_objective(np.zeros(3))
     with pytest.raises(ValueError, match="at least one"):
         weighted_objective([])
+
+
+def _rms(x):
+    return np.sqrt((x ** 2).mean(-1))
+
+
+def _similarity(a, b, floor_z=1.0):
+    """Cosine with the control-noise floor: a . b / (|b| sqrt(|a|^2 + F floor^2))."""
+    return (a @ b) / (np.sqrt((a ** 2).sum(-1) + a.shape[-1] * floor_z ** 2) * np.linalg.norm(b))
+
+
+def test_objective_config_closed_form_matches_features_by_name():
+    rng = np.random.default_rng(0)
+    names = ["Cells_A", "Cells_B", "Nuclei_C", "Cytoplasm_D"]
+    profiles = rng.normal(size=(3, 7, 4)).astype(np.float32)  # K x n x F
+    # target in another order, with a feature the assay does not predict (ignored)
+    config = ObjectiveConfig(activity_weight=0.5, similarity_weight=2.0,
+                             target_features=("Nuclei_C", "Cells_A", "Image_Extra"),
+                             target_values=(1.5, -0.5, 9.0), target_label="ref")
+    values = config.member_values(profiles, names)
+    expected = 0.5 * _rms(profiles) + 2.0 * _similarity(profiles[..., [2, 0]], np.array([1.5, -0.5]))
+    assert values.shape == (3, 7)
+    np.testing.assert_allclose(values, expected, rtol=1e-5)
+    # the default is activity alone, equal to the activity objective
+    np.testing.assert_allclose(ObjectiveConfig().member_values(profiles, names), _rms(profiles), rtol=1e-6)
+    # both sides are clipped to +-clip_z before the cosine: a near-zero-MAD feature cannot take it over
+    clipped = dataclasses.replace(config, target_values=(1.5, -5000.0, 9.0), clip_z=1.0)
+    expected = 0.5 * _rms(np.clip(profiles, -1, 1)) + 2.0 * _similarity(np.clip(profiles[..., [2, 0]], -1, 1),
+                                                        np.array([1.0, -1.0]))
+    np.testing.assert_allclose(clipped.member_values(profiles, names), expected, rtol=1e-5)
+
+
+def test_noise_floor_discounts_weak_profiles_not_strong_ones():
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    direction = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64) / math.sqrt(2)
+    weak, strong = 0.1 * direction, 100.0 * direction  # same direction, |p| 0.1 and 100
+    plain = target_similarity(torch.stack([weak, strong]), target)
+    floored = target_similarity(torch.stack([weak, strong]), target, floor_z=1.0)
+    assert plain.tolist() == pytest.approx([1.0, 1.0])
+    # |p| / sqrt(|p|^2 + F) with F = 4
+    assert floored.tolist() == pytest.approx([0.1 / math.sqrt(0.01 + 4), 100 / math.sqrt(1e4 + 4)])
+    assert floored[0] < 0.06 and floored[1] > 0.999
+
+
+def test_objective_config_round_trips_through_json():
+    config = ObjectiveConfig(activity_weight=0.0, similarity_weight=1.0, target_features=("Cells_A", "Cells_B"),
+                             target_values=(1.0, 2.0), target_label="C0001 measured")
+    again = ObjectiveConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.uses_target and not ObjectiveConfig().uses_target
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(activity_weight=0.0), "cannot both be 0"),
+    (dict(activity_weight=-1.0), "activity_weight"),
+    (dict(similarity_weight=float("nan")), "similarity_weight"),
+    (dict(similarity_weight=1.0), "needs a target"),
+    (dict(target_features=("Cells_A",), target_values=()), "1 feature names but 0 values"),
+    (dict(target_features=("Cells_A", "Cells_A"), target_values=(1.0, 2.0)), "unique"),
+    (dict(target_features=("Cells_A", "Cells_B"), target_values=(0.0, 0.0)), "not all zero"),
+    (dict(target_features=("Cells_A", "Cells_B"), target_values=(1.0, float("inf"))), "finite"),
+    (dict(clip_z=0.0), "clip_z"),
+    (dict(floor_z=-1.0), "floor_z"),
+])
+def test_objective_config_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ObjectiveConfig(**kwargs)
+
+
+def test_target_sharing_too_few_features_with_the_assay_is_refused():
+    config = ObjectiveConfig(similarity_weight=1.0, target_features=("Cells_A", "Cells_Z"), target_values=(1.0, 1.0),
+                             target_label="ref")
+    with pytest.raises(ValueError, match="'ref' shares 1 of its 2 features"):
+        config.build(["Cells_A", "Cells_B"])
+    zero_on_shared = ObjectiveConfig(similarity_weight=1.0, target_features=("Cells_A", "Cells_B", "Cells_Z"),
+                                     target_values=(0.0, 0.0, 1.0), target_label="ref")
+    with pytest.raises(ValueError, match="zero on every feature"):
+        zero_on_shared.build(["Cells_A", "Cells_B"])

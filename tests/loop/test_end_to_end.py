@@ -255,3 +255,73 @@ def test_scaffold_cap_applies_to_proposals_and_pending(round_one, tmp_path, monk
         second = _treated(propose(campaign, 40).out_dir)  # the first round is pending: 30 - 24 = 6 left
     assert len(first) == 24 and len(second) == 6
     assert np.bincount(coarse_ids(smiles[sorted(first | second)])).max() == 3
+
+
+def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path):
+    """`loop objective set --target-compound`: the target is the median of the compound's measured
+    wells, and proposals maximise the predicted profiles' similarity to it."""
+    from typer.testing import CliRunner
+
+    from acquisition.funnel import FunnelConfig
+    from acquisition.objectives import ObjectiveConfig
+    from acquisition.select import SelectionConfig, select_batch
+    from lab_io.schema import feature_columns
+    from loop.cli import app
+    from loop.objective import measured_objective_values, measured_target
+    from loop.propose import candidate_table, measured_conditions
+
+    root = shutil.copytree(round_one["snapshot"], tmp_path / "campaign")  # no plates in flight
+    campaign = Campaign.open(root)
+    model = train_assay(campaign)
+    with campaign.session() as session:
+        top = session.exec(select(store.Measurement).where(store.Measurement.role == "treatment",
+                                                           store.Measurement.activity.is_not(None))
+                           .order_by(store.Measurement.activity.desc())).first()
+        unmeasured = session.exec(select(store.Compound.compound_id).where(
+            store.Compound.compound_id.not_in(select(store.Measurement.compound_id).where(
+                store.Measurement.compound_id.is_not(None))))).first()
+    wells = pd.read_parquet(campaign.absolute(top.profiles_path))
+    expected = wells.loc[wells["Metadata_compound"] == top.compound_id, feature_columns(wells.columns)].median()
+    target = measured_target(campaign, top.compound_id)
+    assert dict(zip(target.features, target.values)) == pytest.approx(expected.dropna().to_dict())
+    with pytest.raises(ValueError, match=f"{unmeasured}.*no measured treatment wells"):
+        measured_target(campaign, unmeasured)
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["--campaign", str(root), "objective", "set", "--target-compound", "no-such"])
+    assert bad.exit_code == 1 and "no-such" in bad.output
+    ok = runner.invoke(app, ["--campaign", str(root), "objective", "set", "--target-compound", top.compound_id])
+    assert ok.exit_code == 0, ok.output
+    campaign = Campaign.open(root)
+    objective = ObjectiveConfig.from_dict(campaign.config.objective)
+    assert objective.uses_target and objective.activity_weight == 0 and objective.target_label == target.label
+    assert "similarity" in runner.invoke(app, ["--campaign", str(root), "objective", "show"]).output
+
+    candidates, _ = candidate_table(campaign)
+    proposal = propose(campaign, BUDGET, policy="greedy_mean")
+    # the same batch from values computed independently: every candidate simulated with the funnel's
+    # settings, the objective applied, greedy_mean's selection
+    fps = np.asarray(campaign.load_fingerprints())[candidates["fp_row"].to_numpy()]
+    profiles = model.predict_profiles(fps, np.full(len(fps), campaign.config.dose_um),
+                                      n_cells=FunnelConfig().n_cells, seed=campaign.config.seed)
+    similarity = objective.member_values(profiles, model.feature_names)  # K x n
+    greedy = SelectionConfig(acquisition="mean", diversity_penalty=0.0, exploration_fraction=0.0,
+                             measurement_anchor=False)
+    best = select_batch(similarity, fps, proposal.n_treatments, greedy).indices
+    assert _treated(proposal.out_dir) == set(candidates["compound_id"].iloc[best])
+    activity = ObjectiveConfig().member_values(profiles, model.feature_names)
+    assert set(best) != set(select_batch(activity, fps, proposal.n_treatments, greedy).indices)
+    config = json.loads((proposal.out_dir / "round_config.json").read_text())
+    assert config["campaign"]["objective"]["target_label"] == target.label
+    # the default policy: the anchored GP on the similarity, where measured conditions score their
+    # measured profiles; the reference itself is the measured condition most similar to the target
+    measured = measured_conditions(campaign)
+    observed = measured_objective_values(campaign, measured, objective, model.feature_names)
+    assert measured["compound_id"].iloc[int(np.argmax(observed))] == top.compound_id
+    assert observed.max() > 0.5 and np.isfinite(observed).all()
+    second = propose(campaign, BUDGET)
+    with campaign.session() as session:
+        rows = session.exec(select(store.Proposal.acquisition, store.Proposal.acq_value)
+                            .where(store.Proposal.round_index == second.round_index)).all()
+    assert {acquisition for acquisition, _ in rows} == {"anchored_gp_ucb"}
+    assert all(np.isfinite(value) for _, value in rows)

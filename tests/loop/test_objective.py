@@ -1,0 +1,58 @@
+"""loop/objective.py: target profiles from profile tables, and the objective saved with the campaign."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from acquisition.objectives import ObjectiveConfig
+from loop.campaign import Campaign
+from loop.objective import Target, campaign_objective, describe, set_objective, table_target
+
+
+def _table(tmp_path, suffix=".csv"):
+    frame = pd.DataFrame({
+        "Metadata_Plate": ["P1"] * 4, "Metadata_Well": ["A01", "A02", "A03", "A04"],
+        "Metadata_compound": ["taxol", "taxol", "taxol", "DMSO"],
+        "Cells_AreaShape_Area": [1.0, 3.0, 5.0, 0.0], "Nuclei_Intensity_MeanIntensity_DNA": [2.0, np.nan, -4.0, 0.0],
+        "Image_Count_Cells": [7.0, 8.0, 9.0, 10.0],  # not a compartment feature
+    })
+    path = tmp_path / f"profiles{suffix}"
+    frame.to_parquet(path) if suffix == ".parquet" else frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_table_target_is_the_median_row_of_the_chosen_compound(tmp_path, suffix):
+    path = _table(tmp_path, suffix)
+    target = table_target(path, "taxol")
+    assert target.features == ("Cells_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA")
+    assert target.values == pytest.approx((3.0, -1.0))  # medians; the missing value is skipped
+    assert "taxol" in target.label and "3 row(s)" in target.label
+    assert table_target(path).values == pytest.approx((2.0, 0.0))  # every row
+
+
+def test_table_target_errors_name_the_file(tmp_path):
+    path = _table(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        table_target(tmp_path / "nope.csv")
+    with pytest.raises(ValueError, match=f"{path}.*'aspirin'"):
+        table_target(path, "aspirin")
+    bare = tmp_path / "bare.csv"
+    pd.DataFrame({"Metadata_compound": ["x"], "Image_Count_Cells": [1.0]}).to_csv(bare, index=False)
+    with pytest.raises(ValueError, match="no feature columns"):
+        table_target(bare)
+
+
+def test_objective_is_saved_with_the_campaign_and_validated(tmp_path):
+    campaign = Campaign.init(tmp_path / "c")
+    assert campaign_objective(campaign) == ObjectiveConfig() and describe(ObjectiveConfig()) == "phenotypic activity"
+    target = Target(("Cells_A", "Cells_B"), (1.0, -2.0), "ref wells")
+    config = set_objective(campaign, target=target, activity_weight=0.5, similarity_weight=1.0)
+    reopened = Campaign.open(tmp_path / "c")
+    assert campaign_objective(reopened) == config and config.target_values == (1.0, -2.0)
+    assert describe(config) == "0.5 x activity + 1 x similarity to ref wells (2 features)"
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        set_objective(reopened, target=target, activity_weight=0.0, similarity_weight=0.0)
+    assert campaign_objective(Campaign.open(tmp_path / "c")) == config  # a refused objective changes nothing
+    set_objective(reopened, target=None, activity_weight=1.0, similarity_weight=0.0)
+    assert not campaign_objective(Campaign.open(tmp_path / "c")).uses_target
