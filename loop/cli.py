@@ -275,7 +275,7 @@ def ingest(results_dir: Path = typer.Argument(..., help="Results folder returned
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """Rounds, plates pending and returned, compounds, measurements, model versions, hits."""
+    """Rounds, plates pending and returned, compounds, measurements, model versions, hits, objective."""
     from loop.status import campaign_status
 
     with _cli_errors():

@@ -7,10 +7,12 @@ from sqlmodel import select
 from lab_io.schema import WellRole
 from loop import store
 from loop.campaign import Campaign
+from loop.objective import campaign_objective, describe
 
 
 def campaign_status(campaign: Campaign) -> dict:
-    """Counts of rounds, plates (pending / returned), compounds, measurements, model versions and hits."""
+    """Counts of rounds, plates (pending / returned), compounds, measurements, model versions and hits,
+    and what proposals maximise."""
     S = store
     with campaign.session() as session:
         current = store.current_model_version(session)
@@ -33,4 +35,5 @@ def campaign_status(campaign: Campaign) -> dict:
             "latest_model": latest,
             "hits": {"wells": store.count(session, S.Measurement, S.Measurement.is_hit),
                      "compounds": len(hit_compounds)},
+            "objective": describe(campaign_objective(campaign)),
         }

@@ -7,6 +7,7 @@ import pytest
 from acquisition.objectives import ObjectiveConfig
 from loop.campaign import Campaign
 from loop.objective import Target, campaign_objective, describe, set_objective, table_target
+from loop.status import campaign_status
 
 
 def _table(tmp_path, suffix=".csv"):
@@ -51,6 +52,7 @@ def test_objective_is_saved_with_the_campaign_and_validated(tmp_path):
     reopened = Campaign.open(tmp_path / "c")
     assert campaign_objective(reopened) == config and config.target_values == (1.0, -2.0)
     assert describe(config) == "0.5 x activity + 1 x similarity to ref wells (2 features)"
+    assert campaign_status(reopened)["objective"] == describe(config)
     with pytest.raises(ValueError, match="cannot both be 0"):
         set_objective(reopened, target=target, activity_weight=0.0, similarity_weight=0.0)
     assert campaign_objective(Campaign.open(tmp_path / "c")) == config  # a refused objective changes nothing
