@@ -23,11 +23,15 @@ def image_campaign(tmp_path_factory):
     root = tmp_path_factory.mktemp("image_campaign")
     model_dir = root / "image_model"
     train_image_assay(tiny_crops(), model_dir, tiny_config(exclude_plates=("P2",)))
+    return _campaign_with_library(root), model_dir
+
+
+def _campaign_with_library(root):
     campaign = Campaign.init(root / "campaign", CampaignConfig(seed=3, funnel={"n_cells": 4}))
     library = root / "library.csv"
     library.write_text("smiles,compound_id\n" + "".join(f"{s},cmp{i}\n" for i, s in enumerate(SMILES)))
     add_library_file(campaign, library)
-    return campaign, model_dir
+    return campaign
 
 
 def test_registered_image_assay_drives_propose(image_campaign):
@@ -53,3 +57,21 @@ def test_use_assay_cli_names_a_folder_without_a_model(image_campaign, tmp_path):
     res = runner.invoke(app, ["--campaign", str(campaign.root), "use-assay", str(model_dir)])
     assert res.exit_code == 0, res.output
     assert "image assay" in res.output
+
+
+def test_image_assay_proposes_for_a_target_phenotype(image_campaign, tmp_path):
+    """The target objective needs whole predicted profiles: the image assay's featurised cells."""
+    from loop.objective import Target, set_objective
+
+    _, model_dir = image_campaign
+    campaign = _campaign_with_library(tmp_path)
+    assay = register_image_assay(campaign, model_dir)
+    names = assay.feature_names[:6]
+    set_objective(campaign, target=Target(tuple(names), (2.0, -1.0, 0.5, 1.0, -2.0, 1.5), "test target"),
+                  activity_weight=0.0, similarity_weight=1.0)
+    proposal = propose(campaign, 40)
+    config = json.loads((proposal.out_dir / "round_config.json").read_text())
+    assert proposal.n_treatments >= 1 and config["campaign"]["objective"]["target_features"] == names
+    with pytest.raises(ValueError, match="shares 0 of its 2 features"):
+        set_objective(campaign, target=Target(("Cells_Nope_A", "Cells_Nope_B"), (1.0, 1.0), "other pipeline"),
+                      activity_weight=0.0, similarity_weight=1.0)
