@@ -140,12 +140,13 @@ def simulate_activity(
     or the ``objective`` of their profiles (as in ``funnel_predict``)."""
     fingerprints = check_fingerprints(fingerprints)
     dose = check_doses(np.asarray(dose_um, dtype=np.float64), len(fingerprints))
-    check_objective_settings(objective, config)
+    _check_objective_settings(objective, config)
     prediction = _simulate(assay, fingerprints, np.asarray(inchikeys, dtype=object), dose, config, cache, seed)
     return prediction.activity if objective is None else np.asarray(objective(prediction.profiles), np.float32)
 
 
-def check_objective_settings(objective, config: FunnelConfig) -> None:
+def _check_objective_settings(objective, config: FunnelConfig) -> None:
+    """An objective reads whole profiles, which the cache keeps only with ``profile_dims=None``."""
     if objective is not None and config.profile_dims is not None:
         raise ValueError(f"an objective needs whole simulated profiles (profile_dims=None), got "
                          f"profile_dims={config.profile_dims}")
@@ -182,7 +183,7 @@ def funnel_predict(
             unless ``config.simulation_seed`` is set.
         objective: maps simulated profiles ``K x n x F`` to the values ``K x n`` that replace
             phenotypic activity everywhere, the surrogate's targets and the returned
-            ``values`` included (e.g. ``ObjectiveConfig.build`` through ``member_objective_values``);
+            ``values`` included (e.g. ``ObjectiveConfig.member_values`` with the assay's features);
             needs ``config.profile_dims=None``, and ``measured_activity`` is then in its units.
 
     Returns:
@@ -203,7 +204,7 @@ def funnel_predict(
     eligible_idx = np.flatnonzero(eligible)
     sample_rng, surrogate_ss = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
 
-    check_objective_settings(objective, config)
+    _check_objective_settings(objective, config)
 
     def simulate(rows: np.ndarray):
         return _simulate(assay, fingerprints[rows], inchikeys[rows], dose[rows], config, cache, seed)

@@ -153,9 +153,10 @@ def member_objective_values(
 class ObjectiveConfig:
     """What the loop maximises per candidate (saved in the campaign and with every proposal).
 
-    ``value = activity_weight * activity(p) + similarity_weight * cos(p[S], target[S])`` for a
+    ``value = activity_weight * activity(p) + similarity_weight * sim(p[S], target[S])`` for a
     predicted profile ``p``, where ``S`` is the features the target and the virtual assay share
-    by name. The default, activity alone, is the loop's phenotypic-activity screen; a target
+    by name and ``sim`` the cosine with a control-noise floor (``target_similarity``), both
+    profiles clipped to ``clip_z``. The default, activity alone, is the loop's phenotypic-activity screen; a target
     with ``similarity_weight > 0`` turns it into a search for compounds that phenocopy it.
 
     Attributes:

@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from lab_io.platemap import PlateLayoutConfig, treatment_capacity
-from bench_common import start_benchmark, synthetic_worlds
+from bench_common import each_world, start_benchmark
 from loop.backtest import run_round, start_run
 from loop.propose import candidate_table, choose_compounds
 from loop.train import train_assay
@@ -63,8 +63,8 @@ def score_batch(compound_ids: list[str], actives: dict[str, str]) -> dict:
     return {"n_picks": len(compound_ids), "n_actives": len(hits), "n_classes": len({actives[c] for c in hits})}
 
 
-def run_world_seed(template: Path, run_dir: Path, seed: int, batch_wells: int, budgets_wells: list[int],
-                   actives: dict[str, str]) -> dict:
+def run_world_seed(template: Path, run_dir: Path, seed: int, actives: dict[str, str], *, batch_wells: int,
+                   budgets_wells: list[int]) -> dict:
     """One random round, one trained ensemble, every policy's batch at every budget."""
     campaign = start_run(template, run_dir, seed)
     run_round(campaign, 1, batch_wells, "random", seed)
@@ -83,6 +83,10 @@ def run_world_seed(template: Path, run_dir: Path, seed: int, batch_wells: int, b
     campaign.config = dataclasses.replace(campaign.config, selection=base_selection)
     campaign.engine.dispose()
     return out
+
+
+def describe(row: dict) -> str:
+    return "; ".join(f"{k} {v['n_actives']}/{v['n_classes']}" for k, v in row.items() if isinstance(v, dict))
 
 
 def summarise(per_seed: list[dict], budgets_wells: list[int]) -> dict:
@@ -116,17 +120,8 @@ def main() -> None:
               "worlds": {}}
     root = Path(tempfile.mkdtemp(prefix="bench-diverse-"))
     try:
-        for world, template, actives in synthetic_worlds(root, args.worlds, args.compounds, args.batch_wells):
-            per_seed = []
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
-                start = time.perf_counter()
-                row = run_world_seed(template, root / f"world{world}-seed{seed}", seed, args.batch_wells,
-                                     args.budgets, actives)
-                per_seed.append(row)
-                log.info("world %d seed %d (%.0f s): %s", world, seed, time.perf_counter() - start,
-                         "; ".join(f"{k} {v['n_actives']}/{v['n_classes']}" for k, v in row.items()
-                                   if isinstance(v, dict)))
-                shutil.rmtree(root / f"world{world}-seed{seed}", ignore_errors=True)
+        run = functools.partial(run_world_seed, batch_wells=args.batch_wells, budgets_wells=args.budgets)
+        for world, actives, per_seed in each_world(root, args, run, describe):
             result["worlds"][str(world)] = {"n_actives": len(actives), "per_seed": per_seed,
                                             "summary": summarise(per_seed, args.budgets)}
             for key, row in result["worlds"][str(world)]["summary"].items():

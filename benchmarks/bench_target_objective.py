@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from sqlmodel import select
 
 from lab_io.platemap import PlateLayoutConfig, treatment_capacity
 from loop import store
-from bench_common import start_benchmark, synthetic_worlds
+from bench_common import each_world, start_benchmark
 from loop.backtest import run_round, start_run
 from loop.objective import measured_target, set_objective
 from loop.propose import candidate_table, choose_compounds
@@ -68,8 +68,8 @@ def measured_hits(campaign) -> list[tuple[str, float]]:
     return sorted(((c, float(a)) for c, a in rows), key=lambda r: -r[1])
 
 
-def run_world_seed(template: Path, run_dir: Path, seed: int, random_rounds: int, batch_wells: int, budget: int,
-                   actives: dict[str, str]) -> dict:
+def run_world_seed(template: Path, run_dir: Path, seed: int, actives: dict[str, str], *, random_rounds: int,
+                   batch_wells: int, budget: int) -> dict:
     campaign = start_run(template, run_dir, seed)
     for round_index in range(1, random_rounds + 1):
         run_round(campaign, round_index, batch_wells, "random", seed)
@@ -101,6 +101,11 @@ def run_world_seed(template: Path, run_dir: Path, seed: int, random_rounds: int,
     return out
 
 
+def describe(row: dict) -> str:
+    return "; ".join(f"{cls}: " + " ".join(f"{n} {r[n]['class_actives']}" for n in VARIANTS)
+                     + f" random {r['random_expected']:.1f}" for cls, r in row["classes"].items())
+
+
 def summarise(per_seed: list[dict]) -> dict:
     table: dict = {}
     for name in [*VARIANTS, "random_expected"]:
@@ -128,17 +133,9 @@ def main() -> None:
                            for k, v in VARIANTS.items()}, "worlds": {}}
     root = Path(tempfile.mkdtemp(prefix="bench-target-"))
     try:
-        for world, template, actives in synthetic_worlds(root, args.worlds, args.compounds, args.batch_wells):
-            per_seed = []
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
-                start = time.perf_counter()
-                row = run_world_seed(template, root / f"world{world}-seed{seed}", seed, args.random_rounds,
-                                     args.batch_wells, args.budget, actives)
-                per_seed.append(row)
-                log.info("world %d seed %d (%.0f s): %s", world, seed, time.perf_counter() - start, "; ".join(
-                    f"{cls}: " + " ".join(f"{n} {r[n]['class_actives']}" for n in VARIANTS)
-                    + f" random {r['random_expected']:.1f}" for cls, r in row["classes"].items()))
-                shutil.rmtree(root / f"world{world}-seed{seed}", ignore_errors=True)
+        run = functools.partial(run_world_seed, random_rounds=args.random_rounds, batch_wells=args.batch_wells,
+                                budget=args.budget)
+        for world, _, per_seed in each_world(root, args, run, describe):
             result["worlds"][str(world)] = {"per_seed": per_seed, "summary": summarise(per_seed)}
             for name, row in result["worlds"][str(world)]["summary"].items():
                 log.info("world %d %-16s class actives %.2f (actives %s) over %d references", world, name,

@@ -19,6 +19,7 @@ from sqlmodel import select
 
 from acquisition.anchor import anchored_ucb_batch
 from acquisition.funnel import FunnelConfig, funnel_predict, simulate_activity
+from acquisition.objectives import ObjectiveConfig
 from acquisition.prediction_cache import PredictionCache
 from acquisition.select import SelectionConfig, select_batch, select_cold_start
 from lab_io.chem import murcko_scaffold_ids
@@ -120,9 +121,8 @@ def choose_compounds(
     sel_cfg = SelectionConfig(**{**campaign.config.selection, **POLICY_SELECTION.get(policy, {}), "seed": seed})
     funnel_cfg = FunnelConfig.from_dict({"simulation_seed": campaign.config.seed, **campaign.config.funnel})
     objective_cfg = campaign_objective(campaign)
-    objective = None
-    if objective_cfg.uses_target:  # values become the objective of whole predicted profiles
-        objective = functools.partial(objective_cfg.member_values, feature_names=model.feature_names)
+    objective = _target_objective(objective_cfg, model)  # None: the activity screen
+    if objective is not None:
         log.info("objective: %s", describe(objective_cfg))
     if (sel_cfg.phenotype_penalty > 0 or objective is not None) and funnel_cfg.profile_dims == 0:
         funnel_cfg = dataclasses.replace(funnel_cfg, profile_dims=None)  # both compare whole profiles
@@ -138,7 +138,7 @@ def choose_compounds(
     if sel_cfg.max_per_scaffold is not None:  # the cap counts Bemis-Murcko scaffolds of the funnel's candidates
         scaffold_ids = murcko_scaffold_ids(candidates["smiles"].iloc[funnel.indices].tolist())
     if objective is not None:
-        check_target_acquisition(sel_cfg)
+        _check_target_acquisition(sel_cfg)
     best_f = None if objective is not None else _best_observed_activity(campaign)
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
                              scaffold_ids=scaffold_ids, best_f=best_f,
@@ -148,7 +148,15 @@ def choose_compounds(
         model.version
 
 
-def check_target_acquisition(config: SelectionConfig) -> None:
+def _target_objective(objective_cfg: ObjectiveConfig, model):
+    """Predicted profiles ``K x n x F`` -> the target objective ``K x n``; None without a target
+    (then the values are the cached phenotypic activity)."""
+    if not objective_cfg.uses_target:
+        return None
+    return functools.partial(objective_cfg.member_values, feature_names=model.feature_names)
+
+
+def _check_target_acquisition(config: SelectionConfig) -> None:
     """qEI / qLogEI improve on the best observed value, which exists for activity only."""
     if config.acquisition in ("qEI", "qLogEI"):
         raise ValueError(f"acquisition {config.acquisition} needs the best observed objective, which a target "
@@ -176,9 +184,8 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
     funnel's candidates; returns positions in ``funnel.indices`` and each pick's UCB (log activity,
     or the target objective: then the measured values are the objective of the measured profiles)."""
     measured_fps = np.asarray(campaign.load_fingerprints())[measured["fp_row"].to_numpy()]
-    objective, observed = None, measured["activity"].to_numpy(float)
-    if objective_cfg.uses_target:
-        objective = functools.partial(objective_cfg.member_values, feature_names=model.feature_names)
+    objective, observed = _target_objective(objective_cfg, model), measured["activity"].to_numpy(float)
+    if objective is not None:
         observed = measured_objective_values(campaign, measured, objective_cfg, model.feature_names)
     measured_values = simulate_activity(model, measured_fps, measured["inchikey"].to_numpy(),
                                         measured["dose_um"].to_numpy(), config=funnel_cfg,
