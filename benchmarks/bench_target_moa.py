@@ -118,6 +118,27 @@ def run_seed(table, lab, moa, seed: int, n_measured: int, q: int, work_dir: Path
     return rows
 
 
+def plot_summary(summary: dict, q: int, png: Path) -> Path:
+    """Bar chart: same-MoA picks per batch, one bar per method (the figure for the README)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*METHODS, "random"]
+    values = [summary[m]["same_moa_per_batch"] for m in names]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    ax.barh(names[::-1], values[::-1], color=["0.6" if n in ("random", "tanimoto") else "C0" for n in names[::-1]])
+    ax.set_xlabel(f"same-MoA compounds among {q} picks (mean over {summary['n_references']} references)")
+    ax.set_title("BBBC021: search for a reference compound's phenotype", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", type=Path, required=True)
@@ -125,6 +146,7 @@ def main() -> None:
     parser.add_argument("--measured", type=int, default=24, help="conditions revealed before the target search")
     parser.add_argument("--q", type=int, default=8, help="conditions picked per reference")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--png", type=Path, default=None, help="bar chart of the summary")
     args = parser.parse_args()
     result = {"args": start_benchmark(args), "per_seed": []}
     table = read_profile_table(args.profiles)
@@ -149,6 +171,8 @@ def main() -> None:
                  result["summary"][m]["same_moa_per_batch"], 100 * result["summary"][m]["references_with_any"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
+    if args.png:
+        log.info("wrote %s", plot_summary(result["summary"], args.q, args.png))
 
 
 if __name__ == "__main__":
