@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -268,7 +269,9 @@ def evaluate_assay(
         logger.warning("%s: plate %s %s %s skipped: %s", source, plate, compound or "", "" if dose is None else
                        f"{dose:g} uM", reason)
         skipped.append({"plate": plate, "compound": compound, "dose_um": dose, "n_real": n_real, "reason": reason})
-    for plate in crops.plates if plates is None else plates:
+    plate_list = crops.plates if plates is None else plates
+    n_conditions, n_seen, started = _count_conditions(meta, crops.is_control, plate_list, doses_um), 0, time.perf_counter()
+    for plate in plate_list:
         on_plate = (meta["plate"] == plate).to_numpy()
         if not on_plate.any():
             raise ValueError(f"{source}: no crops of plate {plate!r}")
@@ -295,6 +298,7 @@ def evaluate_assay(
             if doses_um is not None and not np.isclose(dose, doses_um).any():
                 continue
             index = np.asarray(index)
+            n_seen += 1
             if str(compound) not in fingerprints:
                 skip(plate, str(compound), float(dose), len(index),
                      "not a training compound and no SMILES (add a 'smiles' column to the crops metadata)")
@@ -328,6 +332,7 @@ def evaluate_assay(
             if assay.n_members > 1:
                 results[-1]["ensemble_disagreement"] = member_disagreement(
                     assay, fp, float(dose), z_ctrl, disagreement_cells, seed)
+            _log_progress(f"plate {plate} {compound} {dose:g} uM", n_seen, n_conditions, time.perf_counter() - started)
         on_this_plate = [r for r in results if r["plate"] == plate]
         real_sets = {(r["compound"], r["dose_um"]): r.pop("_real") for r in on_this_plate}
         for entry in on_this_plate if cross_doses else []:
@@ -357,6 +362,20 @@ def evaluate_assay(
                     "zero-pad to 96 px, resize to 299; morph: lab_io.morphology features standardised by the real cells, "
                     f"clipped to +-{MORPH_CLIP_SD:g} sd",
     }
+
+
+def _count_conditions(meta, is_control: np.ndarray, plates: Sequence[str], doses_um) -> int:
+    """Treated (plate, compound, dose) conditions ``evaluate_assay`` will visit (for its progress log)."""
+    treated = meta[~is_control & meta["plate"].isin(list(plates)).to_numpy()]
+    if doses_um is not None:
+        treated = treated[np.isclose(treated["concentration_um"].to_numpy(float)[:, None], doses_um).any(axis=1)]
+    return int(treated.groupby(["plate", "compound", "concentration_um"]).ngroups)
+
+
+def _log_progress(what: str, n_seen: int, n_total: int, elapsed_s: float) -> None:
+    left_min = elapsed_s / n_seen * max(n_total - n_seen, 0) / 60
+    logger.info("%s scored: condition %d of %d, %.0f s so far, about %.1f min left", what, n_seen, n_total,
+                elapsed_s, left_min)
 
 
 def member_disagreement(assay, fingerprint_packed, dose_um: float, controls, n_cells: int, seed: int) -> float:

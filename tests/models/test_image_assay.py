@@ -1,4 +1,5 @@
 import json
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -236,7 +237,7 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch):
     assert res.exit_code == 1 and "NOPE" in res.output
 
 
-def test_evaluate_skips_conditions_it_cannot_score(trained, tmp_path):
+def test_evaluate_skips_conditions_it_cannot_score(trained, tmp_path, caplog):
     """A new plate holding a compound without SMILES, one with a SMILES column entry the model never
     saw, and a condition with too few cells: the scorable ones are scored, the rest listed as skipped."""
     from loop.assay_cli import assay_app
@@ -255,9 +256,13 @@ def test_evaluate_skips_conditions_it_cannot_score(trained, tmp_path):
                      pd.concat([c.metadata for c in parts], ignore_index=True), crops.channel_names)
     data = write_crops(merged, tmp_path / "crops")
     runner = CliRunner()
-    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "3", "--min-real",
-                                    "4", "--no-inception", "--json", str(tmp_path / "e.json")])
+    with caplog.at_level(logging.INFO, logger="models.image_eval"):
+        res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "3", "--min-real",
+                                        "4", "--no-inception", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
+    # progress counts every condition visited, the skipped ones included (2 scored of 4)
+    progress = [r.getMessage() for r in caplog.records if "scored: condition" in r.getMessage()]
+    assert len(progress) == 2 and all(" of 4," in m for m in progress) and "min left" in progress[-1]
     result = json.loads((tmp_path / "e.json").read_text())
     scored = {(c["compound"], c["dose_um"]) for c in result["conditions"]}
     assert scored == {("cyclohexamide", 15.0), ("ethanol", 15.0)}
