@@ -31,14 +31,12 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from lab_io.platemap import PlateLayoutConfig, treatment_capacity
-from bench_common import each_world, start_benchmark
+from bench_common import add_world_arguments, each_world, start_benchmark
 from loop.backtest import run_round, start_run
 from loop.propose import candidate_table, choose_compounds
 from loop.train import train_assay
@@ -107,30 +105,21 @@ def summarise(per_seed: list[dict], budgets_wells: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--compounds", type=int, default=5000)
-    parser.add_argument("--batch-wells", type=int, default=96, help="wells of the random first round")
+    add_world_arguments(parser, worlds=[0, 1], batch_wells_help="wells of the random first round")
     parser.add_argument("--budgets", type=int, nargs="+", default=[96, 384], help="wells per proposed batch")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     result = {"args": start_benchmark(args),
               "policies": {name: {"propose_policy": p, "selection": o} for name, (p, o) in VARIANTS.items()},
               "worlds": {}}
-    root = Path(tempfile.mkdtemp(prefix="bench-diverse-"))
-    try:
-        run = functools.partial(run_world_seed, batch_wells=args.batch_wells, budgets_wells=args.budgets)
-        for world, actives, per_seed in each_world(root, args, run, describe):
-            result["worlds"][str(world)] = {"n_actives": len(actives), "per_seed": per_seed,
-                                            "summary": summarise(per_seed, args.budgets)}
-            for key, row in result["worlds"][str(world)]["summary"].items():
-                log.info("world %d %-18s actives %.1f ± %.1f, classes %.1f", world, key, row["actives_mean"],
-                         row["actives_sd"], row["classes_mean"])
-            if args.json:
-                args.json.write_text(json.dumps(result, indent=1))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    run = functools.partial(run_world_seed, batch_wells=args.batch_wells, budgets_wells=args.budgets)
+    for world, actives, per_seed in each_world(args, run, describe):
+        result["worlds"][str(world)] = {"n_actives": len(actives), "per_seed": per_seed,
+                                        "summary": summarise(per_seed, args.budgets)}
+        for key, row in result["worlds"][str(world)]["summary"].items():
+            log.info("world %d %-18s actives %.1f ± %.1f, classes %.1f", world, key, row["actives_mean"],
+                     row["actives_sd"], row["classes_mean"])
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +38,7 @@ from sqlmodel import select
 
 from lab_io.platemap import PlateLayoutConfig, treatment_capacity
 from loop import store
-from bench_common import each_world, start_benchmark
+from bench_common import add_world_arguments, each_world, start_benchmark
 from loop.backtest import run_round, start_run
 from loop.objective import measured_target, set_objective
 from loop.propose import candidate_table, choose_compounds
@@ -119,31 +117,22 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--compounds", type=int, default=5000)
+    add_world_arguments(parser, worlds=[0], batch_wells_help="wells of each random round")
     parser.add_argument("--random-rounds", type=int, default=1)
-    parser.add_argument("--batch-wells", type=int, default=96, help="wells of each random round")
     parser.add_argument("--budget", type=int, default=96, help="wells of the proposed batch")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     result = {"args": start_benchmark(args),
               "variants": {k: dict(zip(("policy", "activity_weight", "similarity_weight", "objective", "selection"), v))
                            for k, v in VARIANTS.items()}, "worlds": {}}
-    root = Path(tempfile.mkdtemp(prefix="bench-target-"))
-    try:
-        run = functools.partial(run_world_seed, random_rounds=args.random_rounds, batch_wells=args.batch_wells,
-                                budget=args.budget)
-        for world, _, per_seed in each_world(root, args, run, describe):
-            result["worlds"][str(world)] = {"per_seed": per_seed, "summary": summarise(per_seed)}
-            for name, row in result["worlds"][str(world)]["summary"].items():
-                log.info("world %d %-16s class actives %.2f (actives %s) over %d references", world, name,
-                         row["class_actives_mean"], row["actives_mean"], row["n_references"])
-            if args.json:
-                args.json.write_text(json.dumps(result, indent=1))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    run = functools.partial(run_world_seed, random_rounds=args.random_rounds, batch_wells=args.batch_wells,
+                            budget=args.budget)
+    for world, _, per_seed in each_world(args, run, describe):
+        result["worlds"][str(world)] = {"per_seed": per_seed, "summary": summarise(per_seed)}
+        for name, row in result["worlds"][str(world)]["summary"].items():
+            log.info("world %d %-16s class actives %.2f (actives %s) over %d references", world, name,
+                     row["class_actives_mean"], row["actives_mean"], row["n_references"])
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

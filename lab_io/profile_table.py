@@ -31,20 +31,28 @@ class ProfileTable:
     source: str
 
 
-def read_profile_table(path: Path) -> ProfileTable:
-    """Read and check a profile table; errors name the file, and the column or row at fault."""
+def read_table_file(path: Path) -> pd.DataFrame:
+    """A profile table's rows, from .csv(.gz), .tsv(.gz)/.txt or .parquet; errors name the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such profile table")
     suffixes = "".join(path.suffixes).lower()
-    if suffixes.endswith(".parquet"):
-        frame = pd.read_parquet(path)
-    elif suffixes.endswith((".csv", ".csv.gz")):
-        frame = pd.read_csv(path, low_memory=False)
-    elif suffixes.endswith((".tsv", ".tsv.gz", ".txt")):
-        frame = pd.read_csv(path, sep="\t", low_memory=False)
-    else:
-        raise ValueError(f"{path}: profile tables must be .csv, .tsv or .parquet")
+    try:
+        if suffixes.endswith(".parquet"):
+            return pd.read_parquet(path)
+        if suffixes.endswith((".csv", ".csv.gz")):
+            return pd.read_csv(path, low_memory=False)
+        if suffixes.endswith((".tsv", ".tsv.gz", ".txt")):
+            return pd.read_csv(path, sep="\t", low_memory=False)
+    except (ValueError, OSError) as err:  # parser, Arrow and decoding errors are ValueErrors
+        raise ValueError(f"{path}: cannot read the profile table ({err})") from err
+    raise ValueError(f"{path}: profile tables must be .csv, .tsv or .parquet")
+
+
+def read_profile_table(path: Path) -> ProfileTable:
+    """Read and check a profile table; errors name the file, and the column or row at fault."""
+    path = Path(path)
+    frame = read_table_file(path)
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; found {list(frame.columns[:8])}...")

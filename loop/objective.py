@@ -29,6 +29,7 @@ import pandas as pd
 from sqlmodel import select
 
 from acquisition.objectives import ObjectiveConfig
+from lab_io.profile_table import read_table_file
 from lab_io.schema import META_COMPOUND, META_DOSE, META_ROLE, META_WELL, WellRole, feature_columns
 from loop import store
 from loop.campaign import Campaign
@@ -78,11 +79,9 @@ def measured_target(campaign: Campaign, compound: str, dose_um: float | None = N
 
 
 def table_target(path: Path, compound: str | None = None) -> Target:
-    """Median row of a profile table (CSV or Parquet, features normalised to controls)."""
+    """Median row of a profile table (CSV, TSV or Parquet, features normalised to controls)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"target profile table {path} does not exist")
-    table = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    table = read_table_file(path)
     label = str(path)
     if compound is not None:
         if META_COMPOUND not in table.columns:

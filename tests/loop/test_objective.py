@@ -36,6 +36,10 @@ def test_table_target_errors_name_the_file(tmp_path):
     path = _table(tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         table_target(tmp_path / "nope.csv")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="broken.parquet: cannot read"):
+        table_target(broken)
     with pytest.raises(ValueError, match=f"{path}.*'aspirin'"):
         table_target(path, "aspirin")
     bare = tmp_path / "bare.csv"
