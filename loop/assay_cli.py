@@ -35,6 +35,26 @@ def _setup(threads: Optional[int]) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other value must name a usable torch device."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...): {err}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA GPU is visible to this process (use --device cpu or auto)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
+    return str(parsed)
+
+
+DEVICE_HELP = "auto (a GPU when one is visible, else the CPU), cpu or cuda[:i]: where sampling and Inception run."
+
+
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -146,6 +166,7 @@ def sample(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler | heun."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
     """Generate cells for a compound at a dose on a plate, plus a montage next to real cells."""
@@ -155,7 +176,7 @@ def sample(
     from models.image_eval import save_montage
 
     try:
-        assay = ImageAssay.load(model)
+        assay = ImageAssay.load(model).to(resolve_device(device))
         fp = resolve_compound(assay, compound)
         z_ctrl, plate_id, real_plate = _controls(assay, controls, plate)
         images = assay.generate_ensemble(fp, dose_um, z_ctrl, n, seed, n_steps=steps, sampler=sampler,
@@ -206,6 +227,7 @@ def evaluate(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler | heun (default: model config); "
                                           "model and unconditional are sampled alike."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
     """FID / KID (Inception and morphology) per treated condition, next to the baselines."""
@@ -215,7 +237,7 @@ def evaluate(
     from models.image_eval import evaluate_assay
 
     try:
-        assay = ImageAssay.load(model)
+        assay = ImageAssay.load(model).to(resolve_device(device))
         crops = load_crops(data)
         result = evaluate_assay(assay, crops, n_per_condition=n_per_condition, seed=seed, plates=plate or None,
                                 doses_um=dose or None, n_steps=steps, sampler=sampler, source=str(data), max_real=max_real,

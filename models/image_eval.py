@@ -58,10 +58,10 @@ def inception_weights_path() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def load_inception() -> torch.jit.ScriptModule:
-    """The FID InceptionV3 (TorchScript, CPU, eval): ``b x 3 x 299 x 299`` in INCEPTION_INPUT_RANGE -> 2048-d."""
-    model = torch.jit.load(str(inception_weights_path()), map_location="cpu")
+@functools.lru_cache(maxsize=2)
+def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
+    """The FID InceptionV3 (TorchScript, eval) on ``device``: ``b x 3 x 299 x 299`` in INCEPTION_INPUT_RANGE -> 2048-d."""
+    model = torch.jit.load(str(inception_weights_path()), map_location=device)
     return model.eval()
 
 
@@ -86,15 +86,17 @@ def to_rgb(crops: np.ndarray, scale: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inception_features(crops: np.ndarray, scale: np.ndarray, batch_size: int = 50) -> np.ndarray:
-    """``N x H x W x C`` raw crops -> float64 ``N x 2048`` Inception pool features."""
+def inception_features(crops: np.ndarray, scale: np.ndarray, batch_size: int = 50,
+                       device: torch.device | str = "cpu") -> np.ndarray:
+    """``N x H x W x C`` raw crops -> float64 ``N x 2048`` Inception pool features (the network runs on
+    ``device``; the result is on the CPU)."""
     if len(crops) == 0:
         return np.zeros((0, 2048))
-    model = load_inception()
+    model = load_inception(str(torch.device(device)))
     lo, hi = INCEPTION_INPUT_RANGE
     out = []
     for i in range(0, len(crops), batch_size):
-        x = to_rgb(crops[i : i + batch_size], scale)  # b x 3 x H x W
+        x = to_rgb(crops[i : i + batch_size], scale).to(device)  # b x 3 x H x W
         h, w = x.shape[2:]
         ph, pw = max(0, PAD_TO_PX - h), max(0, PAD_TO_PX - w)
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
@@ -102,7 +104,7 @@ def inception_features(crops: np.ndarray, scale: np.ndarray, batch_size: int = 5
         feats = model(x * (hi - lo) + lo)
         if feats.ndim > 2:
             feats = feats.mean(dim=tuple(range(2, feats.ndim)))
-        out.append(feats.double().numpy())
+        out.append(feats.double().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -148,9 +150,10 @@ class FeatureSets:
 
 
 def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[str], dna_channel: int = 0,
-                  *, inception: bool = True) -> FeatureSets:
-    """Both feature sets of crops ``N x H x W x C`` (``inception=False``: an empty ``N x 0`` Inception block)."""
-    inc = inception_features(crops, scale) if inception else np.zeros((len(crops), 0))
+                  *, inception: bool = True, device: torch.device | str = "cpu") -> FeatureSets:
+    """Both feature sets of crops ``N x H x W x C`` (``inception=False``: an empty ``N x 0`` Inception block;
+    the Inception network runs on ``device``)."""
+    inc = inception_features(crops, scale, device=device) if inception else np.zeros((len(crops), 0))
     return FeatureSets(inc, morph_features(crops, channel_names, dna_channel))
 
 
@@ -234,7 +237,8 @@ def evaluate_assay(
     K > 1 members, ``ensemble_disagreement`` is the variance across members of their profiles
     (``disagreement_cells`` cells per member, normalised to the member's generated DMSO cells on
     the plate), averaged over features;
-    at the model's image size (real crops centre-cropped, never resampled).
+    at the model's image size (real crops centre-cropped, never resampled). Inception features are
+    computed on the assay's device (:meth:`models.image_assay.ImageAssay.to`).
 
     Conditions that cannot be scored are skipped with a warning and listed in ``skipped``
     (plate, compound, dose_um, n_real, reason): a plate without DMSO cells, a compound that is
@@ -288,10 +292,10 @@ def evaluate_assay(
         z_ctrl = assay.encode_controls(crops.images[ctrl], source)
         copy_idx = rng.choice(len(ctrl_images), min(n_per_condition, len(ctrl_images)), replace=False)
         logger.info("plate %s: featurising %d copy-control cells", plate, len(copy_idx))
-        copy_feats = featurize_set(ctrl_images[copy_idx], scale, names, dna, inception=inception)
+        copy_feats = featurize_set(ctrl_images[copy_idx], scale, names, dna, inception=inception, device=assay.device)
         uncond = assay.generate_ensemble(None, 1.0, z_ctrl, n_per_condition, seed + 1, unconditional=True, n_steps=n_steps,
                                          sampler=sampler, guidance_scale=1.0)
-        uncond_feats = featurize_set(uncond, scale, names, dna, inception=inception)
+        uncond_feats = featurize_set(uncond, scale, names, dna, inception=inception, device=assay.device)
         groups = meta[treated].groupby(["compound", "concentration_um"], sort=True).groups
         generated: dict[tuple[str, float], FeatureSets] = {}
         for (compound, dose), index in groups.items():
@@ -313,8 +317,8 @@ def evaluate_assay(
             fp = fingerprints[str(compound)]
             gen = assay.generate_ensemble(fp, float(dose), z_ctrl, n_per_condition, seed, n_steps=n_steps,
                                           sampler=sampler, guidance_scale=guidance_scale)
-            real_feats = featurize_set(real, scale, names, dna, inception=inception)
-            gen_feats = featurize_set(gen, scale, names, dna, inception=inception)
+            real_feats = featurize_set(real, scale, names, dna, inception=inception, device=assay.device)
+            gen_feats = featurize_set(gen, scale, names, dna, inception=inception, device=assay.device)
             generated[(str(compound), float(dose))] = gen_feats
             mean, std = morph_standardisation(real_feats.morph)
             a, b = _halves(len(real), rng)

@@ -237,6 +237,47 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch):
     assert res.exit_code == 1 and "NOPE" in res.output
 
 
+def test_resolve_device():
+    import torch
+
+    from loop.assay_cli import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="only cpu and cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            resolve_device("cuda:0")
+
+
+def test_cli_device_option(trained, tmp_path):
+    """``--device cpu`` samples as the default does (same seed, same cells); a device that cannot be used
+    is refused before anything is written."""
+    import torch
+
+    from loop.assay_cli import assay_app
+
+    out, crops, _ = trained
+    data = write_crops(crops, tmp_path / "crops")
+    runner = CliRunner()
+    args = ["sample", "--model", str(out), "--compound", "cyclohexamide", "--dose-um", "15", "--controls", str(data),
+            "--plate", "P2", "--n", "3"]
+    for name, extra in (("a", []), ("b", ["--device", "cpu"])):
+        res = runner.invoke(assay_app, args + ["--out", str(tmp_path / f"{name}.npz")] + extra)
+        assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert np.array_equal(a["images"], b["images"])
+    bad = "cuda" if not torch.cuda.is_available() else "meta"
+    res = runner.invoke(assay_app, args + ["--out", str(tmp_path / "c.npz"), "--device", bad])
+    assert res.exit_code == 1 and f"--device '{bad}'" in res.output and not (tmp_path / "c.npz").exists()
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--device", bad,
+                                    "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 1 and f"--device '{bad}'" in res.output and not (tmp_path / "e.json").exists()
+
+
 def test_evaluate_skips_conditions_it_cannot_score(trained, tmp_path, caplog):
     """A new plate holding a compound without SMILES, one with a SMILES column entry the model never
     saw, and a condition with too few cells: the scorable ones are scored, the rest listed as skipped."""
