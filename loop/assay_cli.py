@@ -47,6 +47,9 @@ def resolve_device(device: str) -> str:
         raise ValueError(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...): {err}") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r}: no CUDA GPU is visible to this process (use --device cpu or auto)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: this process sees {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
     return str(parsed)

@@ -274,11 +274,12 @@ def evaluate_assay(
                        f"{dose:g} uM", reason)
         skipped.append({"plate": plate, "compound": compound, "dose_um": dose, "n_real": n_real, "reason": reason})
     plate_list = crops.plates if plates is None else plates
+    unknown = [p for p in plate_list if p not in set(crops.plates)]
+    if unknown:  # before any plate is scored: a typo must not cost the plates before it
+        raise ValueError(f"{source}: no crops of plate(s) {unknown} (plates there: {sorted(crops.plates)})")
     n_conditions, n_seen, started = _count_conditions(meta, crops.is_control, plate_list, doses_um), 0, time.perf_counter()
     for plate in plate_list:
         on_plate = (meta["plate"] == plate).to_numpy()
-        if not on_plate.any():
-            raise ValueError(f"{source}: no crops of plate {plate!r}")
         ctrl = on_plate & crops.is_control
         treated = on_plate & ~crops.is_control
         if not treated.any():
@@ -335,7 +336,8 @@ def evaluate_assay(
             })
             if assay.n_members > 1:
                 results[-1]["ensemble_disagreement"] = member_disagreement(
-                    assay, fp, float(dose), z_ctrl, disagreement_cells, seed)
+                    assay, fp, float(dose), z_ctrl, disagreement_cells, seed, n_steps=n_steps, sampler=sampler,
+                    guidance_scale=guidance_scale)
             _log_progress(f"plate {plate} {compound} {dose:g} uM", n_seen, n_conditions, time.perf_counter() - started)
         on_this_plate = [r for r in results if r["plate"] == plate]
         real_sets = {(r["compound"], r["dose_um"]): r.pop("_real") for r in on_this_plate}
@@ -369,8 +371,10 @@ def evaluate_assay(
 
 
 def _count_conditions(meta, is_control: np.ndarray, plates: Sequence[str], doses_um) -> int:
-    """Treated (plate, compound, dose) conditions ``evaluate_assay`` will visit (for its progress log)."""
-    treated = meta[~is_control & meta["plate"].isin(list(plates)).to_numpy()]
+    """Treated (plate, compound, dose) conditions ``evaluate_assay`` will visit (for its progress log):
+    those on the given plates that hold DMSO cells (a plate without them is skipped whole)."""
+    with_dmso = set(meta.loc[is_control, "plate"])
+    treated = meta[~is_control & meta["plate"].isin([p for p in plates if p in with_dmso]).to_numpy()]
     if doses_um is not None:
         treated = treated[np.isclose(treated["concentration_um"].to_numpy(float)[:, None], doses_um).any(axis=1)]
     return int(treated.groupby(["plate", "compound", "concentration_um"]).ngroups)
@@ -382,24 +386,27 @@ def _log_progress(what: str, n_seen: int, n_total: int, elapsed_s: float) -> Non
                 elapsed_s, left_min)
 
 
-def member_disagreement(assay, fingerprint_packed, dose_um: float, controls, n_cells: int, seed: int) -> float:
+def member_disagreement(assay, fingerprint_packed, dose_um: float, controls, n_cells: int, seed: int,
+                        **sampling) -> float:
     """Mean over morphology features of the variance across the K members of their profiles
     (member k: mean features of ``n_cells`` generated treated cells minus the mean of its generated
     DMSO cells, over their std; ``models.virtual_assay.profiles_from_cells``).
 
     Every member starts from the same source draws (common random numbers: the same control
     cells or noise, one seed for all members), so the variance measures how the members' flows
-    differ, not the Monte-Carlo noise of ``n_cells`` cells; identical members give exactly 0."""
+    differ, not the Monte-Carlo noise of ``n_cells`` cells; identical members give exactly 0.
+    ``sampling`` (``n_steps``, ``sampler``, ``guidance_scale``) goes to every ``assay.generate`` call, so
+    the disagreement is measured on cells sampled as the scored ones are."""
     from models.image_assay import derive_seed
     from models.virtual_assay import profiles_from_cells
 
     seed_dmso, seed_cells = derive_seed(seed, "dmso"), derive_seed(seed, "dis")
     profiles = []
     for k in range(assay.n_members):
-        ctrl = torch.from_numpy(morph_features(assay.generate(k, None, 1.0, controls, n_cells, seed_dmso),
+        ctrl = torch.from_numpy(morph_features(assay.generate(k, None, 1.0, controls, n_cells, seed_dmso, **sampling),
                                                assay.channel_names, assay.config.dna_channel))
         cells = torch.from_numpy(morph_features(assay.generate(k, fingerprint_packed, dose_um, controls, n_cells,
-                                                               seed_cells),
+                                                               seed_cells, **sampling),
                                                 assay.channel_names, assay.config.dna_channel))
         profiles.append(profiles_from_cells(cells[None], ctrl.mean(0), ctrl.std(0, unbiased=False))[0])
     stacked = torch.stack(profiles)  # K x F

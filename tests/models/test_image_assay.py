@@ -237,7 +237,7 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch):
     assert res.exit_code == 1 and "NOPE" in res.output
 
 
-def test_resolve_device():
+def test_resolve_device(monkeypatch):
     import torch
 
     from loop.assay_cli import resolve_device
@@ -251,6 +251,11 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU is visible"):
             resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0" and resolve_device("auto") == "cuda"
+    with pytest.raises(ValueError, match="sees 1 GPU"):
+        resolve_device("cuda:3")
 
 
 def test_cli_device_option(trained, tmp_path):
@@ -396,6 +401,21 @@ def test_disagreement_uses_common_random_numbers(trained):
     with torch.no_grad():
         other.members[1].final.bias.add_(torch.linspace(-2.0, 2.0, other.members[1].final.bias.numel()))
     assert member_disagreement(other, fp, 15.0, controls, n_cells=6, seed=0) > 0.0
+    # the sampling options of the scored cells reach every generated set
+    calls = []
+    original = ImageAssay.generate
+    other.generate = lambda *a, **k: calls.append(k) or original(other, *a, **k)
+    member_disagreement(other, fp, 15.0, controls, n_cells=4, seed=0, n_steps=2, sampler="heun", guidance_scale=1.0)
+    assert len(calls) == 4 and all(k == {"n_steps": 2, "sampler": "heun", "guidance_scale": 1.0} for k in calls)
+
+
+def test_evaluate_refuses_an_unknown_plate_before_scoring(trained, monkeypatch):
+    from models.image_eval import evaluate_assay
+
+    _, crops, assay = trained
+    monkeypatch.setattr(ImageAssay, "generate_ensemble", lambda *a, **k: pytest.fail("generated before the check"))
+    with pytest.raises(ValueError, match=r"no crops of plate\(s\) \['P9'\]"):
+        evaluate_assay(assay, crops, plates=["P1", "P9"], inception=False, source="here")
 
 
 def test_unknown_plate_uses_unknown_plate_condition(trained):
