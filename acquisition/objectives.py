@@ -71,26 +71,39 @@ def target_similarity(profiles: Tensor, target_profile: Tensor, eps: float = 1e-
     return dot / norms.clamp_min(eps)
 
 
-def activity_objective() -> GenericMCObjective:
-    """MC objective: phenotypic activity of each sampled profile."""
-    return GenericMCObjective(lambda samples, X=None: phenotypic_activity(samples))
+def activity_objective(clip_z: float | None = None) -> GenericMCObjective:
+    """MC objective: phenotypic activity of each sampled profile (clipped to ``+-clip_z`` first when given)."""
+    clip = math.inf if clip_z is None else float(clip_z)
+    return GenericMCObjective(lambda samples, X=None: phenotypic_activity(samples.clamp(-clip, clip)))
 
 
-def target_similarity_objective(target_profile: Tensor | np.ndarray) -> GenericMCObjective:
-    """MC objective: cosine similarity of each sampled profile to ``target_profile`` (F)."""
+def target_similarity_objective(target_profile: Tensor | np.ndarray, *, feature_index: Sequence[int] | None = None,
+                                clip_z: float | None = None, floor_z: float = 0.0) -> GenericMCObjective:
+    """MC objective: similarity (``target_similarity``) of each sampled profile to ``target_profile``.
+
+    ``feature_index``: the sampled profiles' features that ``target_profile`` (``len(feature_index)``)
+    describes, in order (None: all of them); ``clip_z`` clips profile and target to ``+-clip_z``;
+    ``floor_z`` is the control-noise floor of ``target_similarity``."""
     target = torch.as_tensor(np.asarray(target_profile) if not isinstance(target_profile, Tensor)
                              else target_profile)
     if target.ndim != 1:
         raise ValueError(f"target_profile must be 1-d (F,), got shape {tuple(target.shape)}")
     if not torch.isfinite(target).all() or torch.linalg.vector_norm(target.double()) == 0:
         raise ValueError("target_profile must be finite and non-zero")
+    index = None if feature_index is None else torch.as_tensor(list(feature_index), dtype=torch.long)
+    if index is not None and len(index) != len(target):
+        raise ValueError(f"feature_index has {len(index)} entries, target_profile {len(target)}")
+    clip = math.inf if clip_z is None else float(clip_z)
+    target = target.clamp(-clip, clip)
 
     def similarity(samples: Tensor, X: Tensor | None = None) -> Tensor:
+        if index is not None:
+            samples = samples.index_select(-1, index.to(samples.device))
         if samples.shape[-1] != target.shape[0]:
             raise ValueError(
                 f"profiles have {samples.shape[-1]} features, target_profile has {target.shape[0]}"
             )
-        return target_similarity(samples, target)
+        return target_similarity(samples.clamp(-clip, clip), target, floor_z=floor_z)
 
     return GenericMCObjective(similarity)
 
@@ -229,20 +242,12 @@ class ObjectiveConfig:
         with the assay.
         """
         terms: list[tuple[MCAcquisitionObjective, float]] = []
-        clip = math.inf if self.clip_z is None else float(self.clip_z)
         if self.activity_weight > 0:
-            terms.append((GenericMCObjective(lambda samples, X=None: phenotypic_activity(samples.clamp(-clip, clip))),
-                          self.activity_weight))
+            terms.append((activity_objective(self.clip_z), self.activity_weight))
         if self.uses_target:
             columns, target = self._shared_target(list(feature_names))
-            index = torch.as_tensor(columns)
-            target, floor_z = target.clamp(-clip, clip), float(self.floor_z)
-
-            def similarity(samples: Tensor, X: Tensor | None = None) -> Tensor:
-                shared = samples.index_select(-1, index.to(samples.device)).clamp(-clip, clip)
-                return target_similarity(shared, target, floor_z=floor_z)
-
-            terms.append((GenericMCObjective(similarity), self.similarity_weight))
+            terms.append((target_similarity_objective(target, feature_index=columns, clip_z=self.clip_z,
+                                                      floor_z=float(self.floor_z)), self.similarity_weight))
         return weighted_objective(terms)
 
     def member_values(self, profiles: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:

@@ -57,6 +57,17 @@ def test_bad_inputs_raise():
         member_objective_values(torch.zeros(3, 4), activity_objective())
     with pytest.raises(ValueError, match="non-zero"):
         target_similarity_objective(np.zeros(3))
+    with pytest.raises(ValueError, match="feature_index has 1 entries, target_profile 2"):
+        target_similarity_objective(np.ones(2), feature_index=[0])
+
+
+def test_similarity_on_selected_clipped_features():
+    """``feature_index`` picks and orders the sampled features; both sides are clipped before the cosine."""
+    samples = torch.tensor([[[50.0, 0.0, 3.0]]])  # 1 x 1 x 3
+    objective = target_similarity_objective(torch.tensor([4.0, 20.0]), feature_index=[2, 0], clip_z=10.0)
+    # shared (3, 10) against the clipped target (4, 10)
+    expected = (3 * 4 + 10 * 10) / (np.hypot(3, 10) * np.hypot(4, 10))
+    assert objective(samples).item() == pytest.approx(expected)
     with pytest.raises(ValueError, match="at least one"):
         weighted_objective([])
 
