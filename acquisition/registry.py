@@ -4,7 +4,8 @@ Names (all Monte-Carlo over the ensemble members, each member one sample via
 ``MemberSampler``):
 
 * ``qUCB`` — ``qUpperConfidenceBound(beta)``; per member ``mu + sqrt(beta pi / 2) |y_k - mu|``.
-* ``qEI`` — ``qExpectedImprovement(best_f)``; ``best_f`` = best observed objective.
+* ``qEI`` — ``qExpectedImprovement(best_f)``; ``best_f`` = the incumbent, on the scale of the values
+  (``loop propose``: the best member-mean predicted objective over the measured conditions).
 * ``qLogEI`` — ``qLogExpectedImprovement(best_f)`` (smoothed log of qEI).
 * ``qPosteriorStandardDeviation`` — member disagreement ``sqrt(pi/2) |y_k - mu|``
   (pure exploration; BoTorch's MC ``qPosteriorStandardDeviation``).

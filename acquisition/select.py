@@ -160,7 +160,7 @@ def _acquisition_params(config: SelectionConfig, best_f: float | None) -> tuple[
         return acqf, {"beta": config.beta}
     if acqf == "qEI":
         if best_f is None:
-            raise ValueError(f"acquisition {config.acquisition!r} needs best_f (best observed objective)")
+            raise ValueError(f"acquisition {config.acquisition!r} needs best_f (the incumbent objective value)")
         return acqf, {"best_f": float(best_f)}
     return acqf, {}
 
@@ -195,7 +195,7 @@ def select_batch(
         exclude: ``N`` boolean mask, True = already measured (never picked).
         pending: indices in flight (never picked; condition the acquisition).
         scaffold_ids: ``N`` integer scaffold ids, for ``config.max_per_scaffold``.
-        best_f: best observed objective (qEI, qLogEI).
+        best_f: the incumbent objective value, on the scale of ``member_values`` (qEI, qLogEI).
         profiles: ``K x N x F`` (or ``N x F``) predicted profiles; their member mean
             feeds ``config.phenotype_penalty`` (without them that penalty is off).
 

@@ -25,6 +25,7 @@ from lab_io.schema import (
     META_ROLE,
     META_WELL,
     WellRole,
+    feature_columns,
 )
 from loop import store
 from loop.campaign import Campaign
@@ -108,13 +109,19 @@ def annotate_cells(cells: pd.DataFrame, well_map: pd.DataFrame) -> pd.DataFrame:
 
 
 def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
-    """Per-well median profiles normalised to the plate's DMSO wells, with activity and hit calls."""
+    """Per-well median profiles normalised to the plate's DMSO wells, with activity and hit calls.
+
+    Only the features ``lab_io.profiles.feature_select`` keeps on this plate are in the table (all in
+    control units): bookkeeping columns (object locations, ids) and features constant or missing over
+    the plate's wells are left out, so every feature column a reader finds is normalised (a feature
+    left out is at the control centre, 0). The raw single-cell values stay in ``<barcode>.cells.parquet``."""
     wells = profiling.aggregate_wells(cells)  # carries the per-well constant Metadata_* columns
     controls = (wells[META_ROLE] == WellRole.negative_control.value).to_numpy()
     if not controls.any():
         raise IngestError(f"plate {wells[META_PLATE].iloc[0]}: no negative-control (DMSO) wells with cells")
     features = profiling.feature_select(wells)
-    normalized = profiling.normalize_to_controls(wells, controls, features=features)
+    left_out = [c for c in feature_columns(wells.columns) if c not in set(features)]
+    normalized = profiling.normalize_to_controls(wells.drop(columns=left_out), controls, features=features)
     activity = profiling.phenotypic_activity(normalized, features)
     ctrl = activity[controls]
     threshold = ctrl.mean() + hit_sd * ctrl.std(ddof=1) if controls.sum() > 1 else np.inf

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from sqlmodel import select
 
-from acquisition.objectives import ObjectiveConfig
+from acquisition.objectives import MIN_SHARED_FEATURES, ObjectiveConfig
 from lab_io.profile_table import read_table_file
 from lab_io.schema import META_COMPOUND, META_DOSE, META_ROLE, META_WELL, WellRole, feature_columns
 from loop import store
@@ -112,11 +112,18 @@ def measured_objective_values(campaign: Campaign, measured: pd.DataFrame, config
                               feature_names: list[str]) -> np.ndarray:
     """The objective of each measured condition (rows of ``loop.propose.measured_conditions``:
     ``compound_id``, ``dose_um``): the median normalised profile of its treatment wells, on the
-    virtual assay's ``feature_names`` (a feature the wells lack counts as 0, the control centre)."""
+    virtual assay's ``feature_names`` (a feature one plate's wells lack, which ingest could not
+    normalise there, counts as 0, the control centre). ValueError when the wells share fewer than
+    ``MIN_SHARED_FEATURES`` features with the assay (another pipeline's names: every value would be 0)."""
     with campaign.session() as session:
         paths = sorted(set(session.exec(select(store.Measurement.profiles_path)).all()))
     wells = pd.concat([pd.read_parquet(campaign.absolute(path)) for path in paths], ignore_index=True)
     wells = wells[wells[META_ROLE] == WellRole.treatment.value]
+    shared = [f for f in feature_names if f in wells.columns]
+    if len(shared) < MIN_SHARED_FEATURES:
+        raise ValueError(f"the measured wells in {campaign.measurements_dir} share {len(shared)} of the virtual "
+                         f"assay's {len(feature_names)} features (e.g. wells {feature_columns(wells.columns)[:3]}, "
+                         f"assay {list(feature_names[:3])}): their objective cannot be compared with its predictions")
     profiles = (wells.reindex(columns=[META_COMPOUND, META_DOSE, *feature_names]).fillna({f: 0.0 for f in feature_names})
                 .groupby([META_COMPOUND, META_DOSE])[feature_names].median())
     keys = pd.MultiIndex.from_arrays([measured["compound_id"], measured["dose_um"].astype(float)])

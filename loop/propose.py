@@ -122,24 +122,26 @@ def choose_compounds(
     funnel_cfg = FunnelConfig.from_dict({"simulation_seed": campaign.config.seed, **campaign.config.funnel})
     objective_cfg = campaign_objective(campaign)
     objective = _target_objective(objective_cfg, model)  # None: the activity screen
-    if objective is not None:
+    measured = measured_conditions(campaign) if sel_cfg.measurement_anchor else None
+    anchored = measured is not None and len(measured) > 0
+    if objective is not None:  # a target the model cannot predict fails before any candidate is simulated
+        objective_cfg.build(model.feature_names)
         log.info("objective: %s", describe(objective_cfg))
     if (sel_cfg.phenotype_penalty > 0 or objective is not None) and funnel_cfg.profile_dims == 0:
         funnel_cfg = dataclasses.replace(funnel_cfg, profile_dims=None)  # both compare whole profiles
     funnel = funnel_predict(model, fps, candidates["inchikey"].to_numpy(), campaign.config.dose_um,
                             pending=np.flatnonzero(pending), config=funnel_cfg,
                             cache=PredictionCache(campaign.root / "cache"), seed=seed, objective=objective)
-    measured = measured_conditions(campaign) if sel_cfg.measurement_anchor else None
-    if measured is not None and len(measured):
+    if anchored:
         chosen, ucb = _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed,
                                        objective_cfg)
         return funnel.indices[chosen], _summary(chosen, funnel.values, "anchored_gp_ucb", ucb), model.version
     scaffold_ids = None
     if sel_cfg.max_per_scaffold is not None:  # the cap counts Bemis-Murcko scaffolds of the funnel's candidates
         scaffold_ids = murcko_scaffold_ids(candidates["smiles"].iloc[funnel.indices].tolist())
-    if objective is not None:
-        _check_target_acquisition(sel_cfg)
-    best_f = None if objective is not None else _best_observed_activity(campaign)
+    best_f = None
+    if sel_cfg.acquisition in ("qEI", "qLogEI"):
+        best_f = _incumbent(campaign, model, funnel_cfg, seed, objective)
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
                              scaffold_ids=scaffold_ids, best_f=best_f,
                              profiles=funnel.profiles)
@@ -154,14 +156,6 @@ def _target_objective(objective_cfg: ObjectiveConfig, model):
     if not objective_cfg.uses_target:
         return None
     return functools.partial(objective_cfg.member_values, feature_names=model.feature_names)
-
-
-def _check_target_acquisition(config: SelectionConfig) -> None:
-    """qEI / qLogEI improve on the best observed value, which exists for activity only."""
-    if config.acquisition in ("qEI", "qLogEI"):
-        raise ValueError(f"acquisition {config.acquisition} needs the best observed objective, which a target "
-                         f"phenotype does not have yet; use qUCB, thompson, mean or qPosteriorStandardDeviation "
-                         f"with `loop objective set`")
 
 
 def measured_conditions(campaign: Campaign) -> pd.DataFrame:
@@ -213,12 +207,23 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
     return batch.indices - n_measured, batch.ucb
 
 
-def _best_observed_activity(campaign: Campaign) -> float | None:
-    with campaign.session() as session:
-        best = session.exec(select(store.Measurement.activity).where(
-            store.Measurement.role == WellRole.treatment.value, store.Measurement.activity.is_not(None))
-            .order_by(store.Measurement.activity.desc())).first()
-    return None if best is None else float(best)
+def _incumbent(campaign: Campaign, model, funnel_cfg: FunnelConfig, seed: int, objective) -> float | None:
+    """qEI / qLogEI's ``best_f``: the best member-mean *predicted* objective over the measured conditions
+    (BoTorch's plug-in incumbent for noisy observations), None before any measurement.
+
+    Not the best measured value: the lab's wells are robust z against its DMSO wells, the virtual
+    assay's profiles are in units of its generated control cells' sd, so a measured activity is on
+    another scale than the predictions it would be compared with (and a target's similarity has no
+    measured counterpart before its wells are re-scored). The model's own view of the incumbent is on
+    the scale of the candidates' values."""
+    measured = measured_conditions(campaign)
+    if measured.empty:
+        return None
+    fps = np.asarray(campaign.load_fingerprints())[measured["fp_row"].to_numpy()]
+    values = simulate_activity(model, fps, measured["inchikey"].to_numpy(),
+                               measured["dose_um"].to_numpy(), config=funnel_cfg,
+                               cache=PredictionCache(campaign.root / "cache"), seed=seed, objective=objective)
+    return float(np.asarray(values, np.float64).mean(axis=0).max())
 
 
 def _summary(picks: np.ndarray, values: np.ndarray | None, acquisition: str,

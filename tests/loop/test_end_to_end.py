@@ -257,7 +257,7 @@ def test_scaffold_cap_applies_to_proposals_and_pending(round_one, tmp_path, monk
     assert np.bincount(coarse_ids(smiles[sorted(first | second)])).max() == 3
 
 
-def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path):
+def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path, monkeypatch):
     """`loop objective set --target-compound`: the target is the median of the compound's measured
     wells, and proposals maximise the predicted profiles' similarity to it."""
     from typer.testing import CliRunner
@@ -319,9 +319,40 @@ def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path):
     observed = measured_objective_values(campaign, measured, objective, model.feature_names)
     assert measured["compound_id"].iloc[int(np.argmax(observed))] == top.compound_id
     assert observed.max() > 0.5 and np.isfinite(observed).all()
+    with pytest.raises(ValueError, match="share 0 of the virtual assay's 2 features"):
+        measured_objective_values(campaign, measured, objective, ["Cells_Nope_A", "Cells_Nope_B"])
     second = propose(campaign, BUDGET)
     with campaign.session() as session:
         rows = session.exec(select(store.Proposal.acquisition, store.Proposal.acq_value)
                             .where(store.Proposal.round_index == second.round_index)).all()
     assert {acquisition for acquisition, _ in rows} == {"anchored_gp_ucb"}
     assert all(np.isfinite(value) for _, value in rows)
+    # a target saved before the first model (nothing to check it against then) that the model cannot
+    # predict fails before any candidate is simulated, and nothing is recorded
+    import dataclasses
+
+    import loop.propose
+
+    n_rounds = campaign_status(campaign)["rounds"]
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.propose, "funnel_predict", lambda *a, **k: pytest.fail("simulated before the check"))
+        foreign = dataclasses.replace(objective, target_features=("Cells_Nope_A", "Cells_Nope_B"),
+                                      target_values=(1.0, 1.0))
+        campaign.save_config(dataclasses.replace(campaign.config, objective=foreign.to_dict()))
+        with pytest.raises(ValueError, match="shares 0 of its 2 features"):
+            propose(campaign, BUDGET)
+    # qEI with a target: the incumbent is the best member-mean predicted similarity of the measured
+    # conditions (the lab's wells are in other units than the predictions)
+    seen = {}
+    original = loop.propose.select_batch
+    monkeypatch.setattr(loop.propose, "select_batch", lambda *a, **k: seen.update(best_f=k["best_f"]) or original(*a, **k))
+    campaign.save_config(dataclasses.replace(campaign.config, objective=objective.to_dict(),
+                                             selection={"measurement_anchor": False, "acquisition": "qEI"}))
+    n_rounds += 1
+    propose(campaign, BUDGET)
+    measured_fps = np.asarray(campaign.load_fingerprints())[measured["fp_row"].to_numpy()]
+    predicted = objective.member_values(model.predict_profiles(measured_fps, measured["dose_um"].to_numpy(),
+                                                               n_cells=FunnelConfig().n_cells, seed=campaign.config.seed),
+                                        model.feature_names)
+    assert seen["best_f"] == pytest.approx(float(predicted.mean(axis=0).max()), rel=1e-5)
+    assert campaign_status(campaign)["rounds"] == n_rounds  # the refused proposal recorded nothing

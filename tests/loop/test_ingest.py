@@ -1,0 +1,40 @@
+"""loop/ingest.py: the per-well table ingest stores."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lab_io.schema import META_COMPOUND, META_DOSE, META_PLATE, META_ROLE, META_WELL, feature_columns
+from loop.ingest import IngestError, well_profiles
+
+
+def _cells(rng, roles=("negative_control",) * 4 + ("treatment",) * 2):
+    rows = []
+    for i, role in enumerate(roles):
+        for _ in range(20):
+            rows.append({META_PLATE: "P1", META_WELL: f"A{i + 1:02d}", META_ROLE: role,
+                         META_COMPOUND: "" if role != "treatment" else f"C{i}", META_DOSE: 10.0,
+                         "Cells_AreaShape_Area": rng.normal(100.0 + 40.0 * (role == "treatment"), 10.0),
+                         "Nuclei_Intensity_MeanIntensity_DNA": rng.normal(1.0, 0.1),
+                         "Cells_AreaShape_EulerNumber": 1.0,  # constant on the plate
+                         "Cells_Location_Center_X": rng.uniform(0.0, 1000.0)})  # bookkeeping
+    return pd.DataFrame(rows)
+
+
+def test_stored_well_features_are_all_in_control_units():
+    """Columns the plate cannot normalise (constant, bookkeeping) are left out rather than stored raw
+    next to the robust z of the others; activity and hits use the normalised ones."""
+    cells = _cells(np.random.default_rng(0))
+    wells = well_profiles(cells, hit_sd=3.0)
+    assert feature_columns(wells.columns) == ["Cells_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA"]
+    controls = wells[wells[META_ROLE] == "negative_control"]
+    assert controls["Cells_AreaShape_Area"].median() == pytest.approx(0.0, abs=1e-9)
+    treated = wells[wells[META_ROLE] == "treatment"]
+    assert (treated["Cells_AreaShape_Area"] > 5).all() and treated["Metadata_is_hit"].all()
+    assert len(wells) == 6 and set(wells[META_WELL]) == set(cells[META_WELL])
+
+
+def test_a_plate_without_dmso_wells_is_refused_by_name():
+    cells = _cells(np.random.default_rng(1), roles=("treatment",) * 3)
+    with pytest.raises(IngestError, match="plate P1: no negative-control"):
+        well_profiles(cells, hit_sd=3.0)
