@@ -58,6 +58,11 @@ deviation for UCB.
 
 Log activity because activity is a positive distance (about 1 for a control-like condition)
 with a long upper tail: on the log scale a hit's neighbours are not swamped by its size.
+An objective that can be negative (similarity to a target phenotype) is modelled as it is
+(``log_scale=False``); its predictions are first rescaled to the spread of the measured values
+(:func:`spread_ratio`), because predicted and measured profiles are normalised in different
+units (the members' generated control cells against the plate's DMSO wells), so that ``b``
+reads as on the log scale, measured change per predicted change, and ``b_0`` keeps its meaning.
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ import numpy as np
 from acquisition.greedy import as_bool_mask, as_member_values
 from acquisition.tanimoto_gp import gp_ucb_scored
 
-__all__ = ["Anchor", "AnchoredBatch", "anchored_ucb_batch", "dilution_ratio", "fit_anchor", "log_activity"]
+__all__ = ["Anchor", "AnchoredBatch", "anchored_ucb_batch", "dilution_ratio", "fit_anchor", "log_activity",
+           "spread_ratio"]
 
 ACTIVITY_FLOOR = 1e-6
 MAX_WEIGHT = 3.0  # default upper clip of the ensemble's weight b
@@ -88,7 +94,8 @@ class Anchor:
 
 @dataclass(frozen=True)
 class AnchoredBatch:
-    """Picks in order, each pick's UCB (log activity) when picked, and the fitted anchor."""
+    """Picks in order, each pick's UCB (log activity, or the objective on the linear scale) when
+    picked, and the fitted anchor."""
 
     indices: np.ndarray
     ucb: np.ndarray
@@ -115,9 +122,10 @@ def fit_anchor(
     """Prior mean ``a + b z`` from the out-of-bag fit of measured ``y`` on member predictions.
 
     Args:
-        member_log_values: ``K x N`` per-member log predicted activity of every condition.
+        member_log_values: ``K x N`` per-member log predicted activity of every condition (or a
+            linear objective, rescaled by :func:`spread_ratio`: ``anchored_ucb_batch(log_scale=False)``).
         measured: ``N`` boolean mask of measured conditions.
-        y: measured log activity, one per measured condition (index order).
+        y: measured log activity (or the objective), one per measured condition (index order).
         out_of_bag: ``K x n`` boolean, True where member ``k`` did not train on measured
             condition ``i``; None: no member is out of bag (then ``b = b_0``).
         prior_weight: ``b_0``, the slope before any out-of-bag evidence.
@@ -164,6 +172,23 @@ def fit_anchor(
     prior_mean[measured] = intercept + weight * z_oob
     return Anchor(prior_mean=prior_mean, weight=weight, intercept=intercept, n_out_of_bag=int(has_oob.sum()),
                   dilution=float(ratio))
+
+
+def spread_ratio(member_values: np.ndarray, measured: np.ndarray, y: np.ndarray) -> float:
+    """``sd(y) / sd(z)`` over the measured conditions (``z``: the member mean of ``member_values: K x N``),
+    1 when either is 0 or fewer than two conditions are measured.
+
+    On the log scale the slope ``b`` is an elasticity, free of units. A linear objective is not: the
+    virtual assay normalises its predicted profiles to its own generated control cells (single-cell
+    sd units) while measured wells are robust z against the plate's DMSO wells, so the same phenotype
+    scores on different scales. Multiplying the predictions by this ratio first puts ``b`` in
+    measured sd per predicted sd, where ``b_0`` means what it does on the log scale."""
+    measured = as_bool_mask(measured, member_values.shape[1], "measured")
+    if measured.sum() < 2:
+        return 1.0
+    sd_z = float(member_values.mean(axis=0)[measured].std())
+    sd_y = float(np.std(y))
+    return sd_y / sd_z if sd_z > 0 and sd_y > 0 else 1.0
 
 
 def dilution_ratio(member_log_values: np.ndarray, measured: np.ndarray, n_out_of_bag: np.ndarray) -> float:
@@ -237,7 +262,8 @@ def anchored_ucb_batch(
         max_weight: upper clip of the ensemble's weight ``b``.
         attenuation: correct the out-of-bag slope for regression dilution (:func:`fit_anchor`).
         log_scale: model log activity (activity is a positive distance with a long upper
-            tail); False: the values as they are (an objective that can be negative).
+            tail); False: the values as they are (an objective that can be negative), the
+            predictions rescaled to the measured values' spread first (:func:`spread_ratio`).
 
     Returns:
         ``AnchoredBatch``: ``int64`` picks in order, their UCB (``mean + beta sd`` of log
@@ -246,7 +272,10 @@ def anchored_ucb_batch(
     member_values = as_member_values(member_values).numpy().astype(np.float64)
     transform = log_activity if log_scale else np.asarray
     y = transform(np.asarray(activity, dtype=np.float64))
-    anchor = fit_anchor(transform(member_values), measured, y, out_of_bag, prior_weight=prior_weight,
+    z_members = transform(member_values)
+    if not log_scale:
+        z_members = z_members * spread_ratio(z_members, measured, y)
+    anchor = fit_anchor(z_members, measured, y, out_of_bag, prior_weight=prior_weight,
                         prior_sd=prior_sd, max_weight=max_weight, attenuation=attenuation)
     picks, ucb = gp_ucb_scored(fingerprints, log10_dose, measured, y, q, beta=beta, prior_mean=anchor.prior_mean,
                                pending=pending)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import linregress
 
-from acquisition.anchor import anchored_ucb_batch, dilution_ratio, fit_anchor, log_activity
+from acquisition.anchor import anchored_ucb_batch, dilution_ratio, fit_anchor, log_activity, spread_ratio
 from acquisition.tanimoto_gp import gp_posterior, gp_ucb_batch
 
 
@@ -135,6 +135,32 @@ def test_a_skilled_ensemble_steers_the_batch():
     mean, _ = gp_posterior(fps, log10_dose, measured, np.log(truth[measured]), prior_mean=batch.anchor.prior_mean)
     assert np.allclose(batch.ucb, mean[batch.indices])  # beta = 0: the UCB is the posterior mean
     assert np.corrcoef(mean[~measured], np.log(truth[~measured]))[0, 1] > 0.95
+
+
+def test_a_linear_objective_is_anchored_free_of_its_units():
+    """A similarity predicted on a tenth of the measured scale (cell-sd against well-z units) gets the
+    weight the same prediction on the measured scale gets: the picks, the UCB and the weight do not
+    depend on the predictions' units."""
+    fps, log10_dose = _library()
+    rng = np.random.default_rng(5)
+    truth = np.tanh(rng.normal(size=60))  # a similarity in [-1, 1]
+    measured = np.zeros(60, bool)
+    measured[::5] = True
+    values = truth + rng.normal(scale=0.3, size=(4, 60))
+    oob = rng.random((4, measured.sum())) < 0.5
+    runs = [anchored_ucb_batch(scale * values, fps, log10_dose, measured, truth[measured], 6, out_of_bag=oob,
+                               log_scale=False) for scale in (1.0, 0.1, 7.0)]
+    for run in runs[1:]:
+        assert run.indices.tolist() == runs[0].indices.tolist()
+        assert run.anchor.weight == pytest.approx(runs[0].anchor.weight)
+        assert np.allclose(run.ucb, runs[0].ucb)
+    ratio = spread_ratio(values, measured, truth[measured])
+    assert ratio == pytest.approx(truth[measured].std() / values.mean(0)[measured].std())
+    assert spread_ratio(0.1 * values, measured, truth[measured]) == pytest.approx(10 * ratio)
+    assert spread_ratio(values, measured, np.zeros(measured.sum())) == 1.0  # nothing to scale to
+    one = np.zeros(60, bool)
+    one[0] = True
+    assert spread_ratio(values, one, truth[:1]) == 1.0
 
 
 def test_errors_name_the_problem():
