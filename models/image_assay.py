@@ -35,7 +35,7 @@ square root of the signal; :func:`shot_noise_gain`), else 1. Noise mode decodes 
 (``x_hat = D(z_1)``). Either way, with ``pixel_floor_percentile`` no generated pixel is darker than
 that percentile of the conditioning plate's DMSO pixels, per channel
 (:meth:`PlateControls.pixel_floor`): the camera's dark level, which the decoder and a transferred
-residual otherwise undershoot (README, session 16: the cells' minimum DNA intensity came out
+residual otherwise undershoot (docs/STATUS_LOG.md, session 16: the cells' minimum DNA intensity came out
 1.4-1.8 sd too dark).
 
 Devices: training runs on the GPU when one is visible (batches are still drawn on the CPU, so a

@@ -179,7 +179,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 # `loop assay train`'s prior scale for an ensemble (K > 1) when none is given. Three members
-# without 15 uM cells (README, session 14): at 0.05 the unseen dose's disagreement was 1.0-1.5x
+# without 15 uM cells (docs/STATUS_LOG.md, session 14): at 0.05 the unseen dose's disagreement was 1.0-1.5x
 # the trained doses', within sampling noise; at 0.1 2.5-14x, with the unseen dose's FID-morph
 # unchanged (36 against 35 on Week4_27801).
 ENSEMBLE_PRIOR_SCALE = 0.1

@@ -79,7 +79,7 @@ class FlowConfig:
     ``guidance_scale`` / ``guidance_reference``: classifier-free guidance at sampling
     (:func:`sample_latents`); 1.6 against the null token by default since session 16 (configs saved
     before keep the 1.0 they stored): the conditional flow falls short of the treated cells (the
-    latent mean travels about 0.9 of the way), and guidance restores the distance (README, session
+    latent mean travels about 0.9 of the way), and guidance restores the distance (docs/STATUS_LOG.md, session
     16: FID-morph at a trained dose 32.8 -> 21.4 on Week4_27801)."""
 
     mode: SourceMode = "control"
