@@ -122,8 +122,8 @@ def choose_compounds(
     funnel_cfg = FunnelConfig.from_dict({"simulation_seed": campaign.config.seed, **campaign.config.funnel})
     objective_cfg = campaign_objective(campaign)
     objective = _target_objective(objective_cfg, model)  # None: the activity screen
-    measured = measured_conditions(campaign) if sel_cfg.measurement_anchor else None
-    anchored = measured is not None and len(measured) > 0
+    measured = measured_conditions(campaign)
+    anchored = sel_cfg.measurement_anchor and len(measured) > 0
     if objective is not None:  # a target the model cannot predict fails before any candidate is simulated
         objective_cfg.build(model.feature_names)
         log.info("objective: %s", describe(objective_cfg))
@@ -140,8 +140,12 @@ def choose_compounds(
     if sel_cfg.max_per_scaffold is not None:  # the cap counts Bemis-Murcko scaffolds of the funnel's candidates
         scaffold_ids = murcko_scaffold_ids(candidates["smiles"].iloc[funnel.indices].tolist())
     best_f = None
-    if sel_cfg.acquisition in ("qEI", "qLogEI"):
-        best_f = _incumbent(campaign, model, funnel_cfg, seed, objective)
+    if sel_cfg.acquisition in ("qEI", "qLogEI") and len(measured):
+        # the incumbent is the best member-mean *predicted* objective of the measured conditions
+        # (BoTorch's plug-in incumbent for noisy data): measured wells are robust z against DMSO
+        # wells, predictions are in units of the members' generated control cells
+        _, measured_values = _predict_measured(campaign, model, measured, funnel_cfg, seed, objective)
+        best_f = float(measured_values.astype(np.float64).mean(axis=0).max())
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
                              scaffold_ids=scaffold_ids, best_f=best_f,
                              profiles=funnel.profiles)
@@ -177,14 +181,10 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
     """Believer-UCB on the anchored GP (``acquisition.anchor``) over the measured conditions and the
     funnel's candidates; returns positions in ``funnel.indices`` and each pick's UCB (log activity,
     or the target objective: then the measured values are the objective of the measured profiles)."""
-    measured_fps = np.asarray(campaign.load_fingerprints())[measured["fp_row"].to_numpy()]
     objective, observed = _target_objective(objective_cfg, model), measured["activity"].to_numpy(float)
     if objective is not None:
         observed = measured_objective_values(campaign, measured, objective_cfg, model.feature_names)
-    measured_values = simulate_activity(model, measured_fps, measured["inchikey"].to_numpy(),
-                                        measured["dose_um"].to_numpy(), config=funnel_cfg,
-                                        cache=PredictionCache(campaign.root / "cache"), seed=seed,
-                                        objective=objective)
+    measured_fps, measured_values = _predict_measured(campaign, model, measured, funnel_cfg, seed, objective)
     n_measured, n_candidates = len(measured), len(funnel.indices)
     dose_um = np.concatenate([measured["dose_um"].to_numpy(float), np.full(n_candidates, campaign.config.dose_um)])
     is_measured = np.arange(n_measured + n_candidates) < n_measured
@@ -207,23 +207,15 @@ def _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_
     return batch.indices - n_measured, batch.ucb
 
 
-def _incumbent(campaign: Campaign, model, funnel_cfg: FunnelConfig, seed: int, objective) -> float | None:
-    """qEI / qLogEI's ``best_f``: the best member-mean *predicted* objective over the measured conditions
-    (BoTorch's plug-in incumbent for noisy observations), None before any measurement.
-
-    Not the best measured value: the lab's wells are robust z against its DMSO wells, the virtual
-    assay's profiles are in units of its generated control cells' sd, so a measured activity is on
-    another scale than the predictions it would be compared with (and a target's similarity has no
-    measured counterpart before its wells are re-scored). The model's own view of the incumbent is on
-    the scale of the candidates' values."""
-    measured = measured_conditions(campaign)
-    if measured.empty:
-        return None
+def _predict_measured(campaign: Campaign, model, measured: pd.DataFrame, funnel_cfg: FunnelConfig, seed: int,
+                      objective) -> tuple[np.ndarray, np.ndarray]:
+    """Fingerprints ``n x 256`` and per-member predicted values ``K x n`` (activity, or ``objective``) of
+    the measured conditions, simulated with the funnel's settings (cached)."""
     fps = np.asarray(campaign.load_fingerprints())[measured["fp_row"].to_numpy()]
-    values = simulate_activity(model, fps, measured["inchikey"].to_numpy(),
-                               measured["dose_um"].to_numpy(), config=funnel_cfg,
-                               cache=PredictionCache(campaign.root / "cache"), seed=seed, objective=objective)
-    return float(np.asarray(values, np.float64).mean(axis=0).max())
+    values = simulate_activity(model, fps, measured["inchikey"].to_numpy(), measured["dose_um"].to_numpy(),
+                               config=funnel_cfg, cache=PredictionCache(campaign.root / "cache"), seed=seed,
+                               objective=objective)
+    return fps, np.asarray(values)
 
 
 def _summary(picks: np.ndarray, values: np.ndarray | None, acquisition: str,
