@@ -11,10 +11,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "campaign.json"
 DB_FILE = "campaign.db"
+LOCK_FILE = ".write.lock"
+LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another to finish (a 10^6 library add takes ~5 min)
+_HELD: dict[str, int] = {}  # campaign lock files this process holds -> nesting depth
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,43 @@ class Campaign:
 
     def session(self) -> Session:
         return Session(self.engine)
+
+    @contextlib.contextmanager
+    def writing(self, what: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Hold the campaign's write lock (``<root>/.write.lock``, an OS file lock) while ``what`` runs.
+
+        Two writers that read the store and then write (``library add`` assigning fingerprint rows,
+        ``ingest`` checking a plate is not yet imported, ``propose`` numbering a round) would
+        otherwise interleave and corrupt what the other stored; the second waits up to
+        ``timeout_s`` seconds and then fails with a :class:`CampaignError` naming the campaign.
+        The lock is released when the block ends or the process dies; a block inside another block of
+        the same process on the same campaign just runs (the lock is already held)."""
+        path = self.root / LOCK_FILE
+        key = str(path.resolve())
+        if _HELD.get(key):
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
+        with open(path, "a+") as handle:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CampaignError(f"{self.root}: another loop command is writing to this campaign "
+                                            f"(lock {path} held for over {timeout_s:g} s); {what} did not start")
+                    time.sleep(0.2)
+            _HELD[key] = 1
+            try:
+                yield
+            finally:
+                _HELD[key] = 0
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def save_config(self, config: CampaignConfig) -> None:
         """Replace ``campaign.json`` atomically (a crash leaves the old file) and use ``config``."""

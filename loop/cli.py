@@ -124,7 +124,9 @@ def library_add(
             else:
                 report = add_virtual_library(campaign, virtual, seed=seed)
     out.print(f"{report.source}: {report.n_added} added, {report.n_already_registered} already registered, "
-              f"{report.n_duplicate_in_file} duplicates in file, {report.n_invalid} invalid (skipped)")
+              f"{report.n_duplicate_in_file} duplicates in file, {report.n_invalid} invalid (skipped)"
+              + (f", {report.n_id_conflicts} skipped (id registered for another structure)"
+                 if report.n_id_conflicts else ""))
     for line, raw, reason in report.errors[:10]:
         out.print(f"  line {line}: {raw!r}: {reason}")
 

@@ -1,7 +1,8 @@
 """``loop ingest RESULTS_DIR``: import what the lab returned.
 
 Order of work: parse every plate in the folder, check every plate against the campaign
-(barcode emitted by us, wells in its map), and only then write. A whole plate is one
+(barcode emitted by us, wells in its map), compute every plate's well profiles, and only then
+write, under the campaign's write lock (``Campaign.writing``). A whole plate is one
 transaction; re-importing identical results is a no-op that says so.
 """
 
@@ -52,21 +53,36 @@ class PlateQC:
 
 
 def ingest_results(campaign: Campaign, results_dir: Path) -> list[PlateQC]:
-    """Import every plate under ``results_dir``; nothing is written unless all plates check out."""
+    """Import every plate under ``results_dir``; nothing is written unless all plates check out and
+    every plate's profiles can be computed."""
     results_dir = Path(results_dir)
     plates = read_results(results_dir)
     if not plates:
         raise IngestError(f"{results_dir}: no plate folders with results found")
-    with campaign.session() as session:
-        plans = [_check_plate(session, plate, results_dir) for plate in plates]
-    reports = []
-    for plate, well_map in plans:
-        if well_map is None:
-            log.info("plate %s: these results were already imported; nothing to do", plate.barcode)
-            reports.append(PlateQC(barcode=plate.barcode, status="already imported"))
-            continue
-        reports.append(_record_plate(campaign, plate, well_map))
+    with campaign.writing(f"ingest of {results_dir}"):
+        with campaign.session() as session:
+            plans = [_check_plate(session, plate, results_dir) for plate in plates]
+        profiled = [(plate, well_map, None if well_map is None else _profile_plate(campaign, plate, well_map,
+                                                                                   results_dir))
+                    for plate, well_map in plans]
+        reports = []
+        for plate, well_map, tables in profiled:
+            if tables is None:
+                log.info("plate %s: these results were already imported; nothing to do", plate.barcode)
+                reports.append(PlateQC(barcode=plate.barcode, status="already imported"))
+                continue
+            reports.append(_record_plate(campaign, plate, well_map, *tables))
     return reports
+
+
+def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame,
+                   results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(annotated single cells, normalised well profiles) of one plate; errors name its folder."""
+    cells = annotate_cells(plate.cells, well_map)
+    try:
+        return cells, well_profiles(cells, campaign.config.hit_sd)
+    except (IngestError, ValueError) as err:
+        raise IngestError(f"{results_dir / plate.barcode}: plate {plate.barcode}: {err}") from err
 
 
 def _check_plate(session: Session, plate: PlateResult, results_dir: Path) -> tuple[PlateResult, pd.DataFrame | None]:
@@ -130,9 +146,8 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
                                                index=normalized.index)], axis=1)
 
 
-def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame) -> PlateQC:
-    cells = annotate_cells(plate.cells, well_map)
-    wells = well_profiles(cells, campaign.config.hit_sd)
+def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame, cells: pd.DataFrame,
+                  wells: pd.DataFrame) -> PlateQC:
     cells_path = campaign.measurements_dir / f"{plate.barcode}.cells.parquet"
     profiles_path = campaign.measurements_dir / f"{plate.barcode}.wells.parquet"
     written = _write_parquets({cells_path: cells, profiles_path: wells})
@@ -179,7 +194,11 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
     try:
         for path, frame in frames.items():
             tmp = path.with_name(path.name + ".tmp")
-            frame.to_parquet(tmp, index=False)
+            try:
+                frame.to_parquet(tmp, index=False)
+            except Exception:
+                tmp.unlink(missing_ok=True)
+                raise
             os.replace(tmp, path)
             written.append(path)
     except Exception:

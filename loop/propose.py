@@ -241,9 +241,16 @@ def propose(
     policy: str = "loop",
     seed: int | None = None,
 ) -> ProposalResult:
-    """Pick compounds for ``budget_wells`` wells (controls included) and write plate files."""
+    """Pick compounds for ``budget_wells`` wells (controls included) and write plate files (under the
+    campaign's write lock: a concurrent proposal would take the same round number and pending set)."""
     if budget_wells <= 0:
         raise ValueError(f"--budget must be a positive number of wells, got {budget_wells}")
+    with campaign.writing("propose"):
+        return _propose(campaign, budget_wells, out_dir, policy, seed)
+
+
+def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy: str,
+             seed: int | None) -> ProposalResult:
     round_index = next_round_index(campaign)
     seed = campaign.config.seed * 1000 + round_index if seed is None else seed
     layout_cfg = PlateLayoutConfig(**campaign.config.layout)

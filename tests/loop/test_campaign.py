@@ -42,3 +42,29 @@ def test_any_sqlalchemy_url(tmp_path):
     assert not (tmp_path / "c" / "campaign.db").exists()
     with campaign.session() as session:
         assert store.count(session, store.Compound) == 0
+
+
+
+def test_a_second_writer_waits_for_the_lock_and_then_fails_naming_the_campaign(tmp_path):
+    """Two processes writing one campaign would interleave (fingerprint rows, round numbers, plate
+    status); the lock makes the second wait, then refuse by name. Nested blocks of one process run."""
+    import subprocess
+    import sys
+    import time
+
+    campaign = Campaign.init(tmp_path / "c")
+    code = ("import sys, time\nfrom loop.campaign import Campaign\n"
+            "with Campaign.open(sys.argv[1]).writing('test holder'):\n"
+            "    print('held', flush=True)\n    time.sleep(5)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(campaign.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(CampaignError, match="another loop command is writing.*propose did not start"):
+            with campaign.writing("propose", timeout_s=0.5):
+                pass
+        assert time.monotonic() - started >= 0.5
+    finally:
+        holder.wait(30)
+    with campaign.writing("ingest"), campaign.writing("nested"):  # free again; nesting is fine
+        pass

@@ -38,3 +38,37 @@ def test_a_plate_without_dmso_wells_is_refused_by_name():
     cells = _cells(np.random.default_rng(1), roles=("treatment",) * 3)
     with pytest.raises(IngestError, match="plate P1: no negative-control"):
         well_profiles(cells, hit_sd=3.0)
+
+
+def test_a_plate_that_fails_its_profiles_stops_the_whole_import(tmp_path, monkeypatch):
+    """Two plates come back; the second cannot be profiled. Nothing of the first is stored either
+    (its files, its measurements, its status), and the error names the failing plate's folder."""
+    import loop.ingest
+    from loop.campaign import Campaign, CampaignConfig
+    from loop.ingest import ingest_results
+    from loop.lab import run_synthetic_lab
+    from loop.library import add_virtual_library
+    from loop.propose import propose
+    from loop.status import campaign_status
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=128, cells_per_field=8.0)))
+    add_virtual_library(campaign, 800, seed=0)
+    proposal = propose(campaign, 500)  # two plates
+    assert len(proposal.barcodes) == 2
+    run_synthetic_lab(proposal.out_dir, tmp_path / "results", campaign=campaign, seed=1, write_images=False)
+    original = loop.ingest.well_profiles
+    second = proposal.barcodes[1]
+
+    def failing(cells, hit_sd):
+        if (cells[META_PLATE] == second).all():
+            raise ValueError("no feature columns (expected Nuclei_*, Cells_*, Cytoplasm_*)")
+        return original(cells, hit_sd)
+
+    monkeypatch.setattr(loop.ingest, "well_profiles", failing)
+    with pytest.raises(IngestError, match=f"{second}: plate {second}: no feature columns"):
+        ingest_results(campaign, tmp_path / "results")
+    status = campaign_status(campaign)
+    assert status["measurements"] == 0 and status["plates"]["returned"] == 0
+    assert not list(campaign.measurements_dir.iterdir())
+    monkeypatch.undo()
+    assert [r.status for r in ingest_results(campaign, tmp_path / "results")] == ["imported", "imported"]
