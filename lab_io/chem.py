@@ -23,6 +23,7 @@ inputs run in-process.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import multiprocessing
@@ -465,10 +466,14 @@ def _read_delimited(path: Path, sep: str) -> _RawRows:
     columns: list[str] | None = None
     records: list[list[str]] = []
     line_numbers: list[int] = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    with _text_errors_named(path), open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, delimiter=sep)
+        start = 1
         for record in reader:
-            line = reader.line_num
+            line, start = start, reader.line_num + 1  # the record's first line; the next one's
+            if reader.line_num > line and any("\n" in field for field in record):
+                raise ValueError(f"{path} line {line}: a quoted field runs to line {reader.line_num} "
+                                 "(an unbalanced quote?); nothing was read")
             if not record or all(not field.strip() for field in record):
                 continue
             if columns is None:
@@ -486,18 +491,40 @@ def _read_delimited(path: Path, sep: str) -> _RawRows:
 def _read_smi(path: Path) -> _RawRows:
     """``.smi``: whitespace-separated SMILES then optional id (and name); optional header line."""
     rows = _RawRows([], [], [], [])
-    with open(path, encoding="utf-8-sig") as handle:
+    with _text_errors_named(path), open(path, encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             parts = line.split()
             if not parts or parts[0].startswith("#"):
                 continue
             if not rows.line_numbers and _looks_like_smi_header(parts):
                 continue
+            smiles, rest = _split_cx_extension(parts)
             rows.line_numbers.append(line_number)
-            rows.smiles.append(parts[0])
-            rows.ids.append(parts[1] if len(parts) > 1 else "")
-            rows.names.append(" ".join(parts[2:]))
+            rows.smiles.append(smiles)
+            rows.ids.append(rest[0] if rest else "")
+            rows.names.append(" ".join(rest[1:]))
     return rows
+
+
+def _split_cx_extension(parts: list[str]) -> tuple[str, list[str]]:
+    """``['C[C@H](N)C(=O)O', '|&1:1|', 'ALA1', ...]`` -> (SMILES with its CXSMILES block, the rest):
+    a ChemAxon extension block is part of the SMILES, not the compound id."""
+    if len(parts) > 1 and parts[1].startswith("|"):
+        for end in range(1, len(parts)):
+            if parts[end].endswith("|") and (end > 1 or len(parts[1]) > 1):
+                return " ".join(parts[: end + 1]), parts[end + 1:]
+    return parts[0], parts[1:]
+
+
+@contextlib.contextmanager
+def _text_errors_named(path: Path) -> Iterator[None]:
+    """Decoding and CSV-syntax errors of a library file become ValueErrors naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: cannot parse ({err}; an unbalanced quote?)") from None
 
 
 def _looks_like_smi_header(parts: list[str]) -> bool:
@@ -512,6 +539,10 @@ def _read_parquet(path: Path) -> _RawRows:
     frame = pd.read_parquet(path)
     columns = [str(c) for c in frame.columns]
     frame.columns = columns
+    for col in columns:  # integer ids with a missing value arrive as floats: 101, not 101.0
+        values = frame[col]
+        if pd.api.types.is_float_dtype(values) and values.notna().any() and (values.dropna() % 1 == 0).all():
+            frame[col] = values.astype("Int64")
     records = frame.astype(object).where(frame.notna(), "").astype(str).values.tolist()
     return _rows_from_records(path, columns, records, list(range(2, len(records) + 2)))
 

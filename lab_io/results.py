@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 META_OBJECT = "Metadata_ObjectNumber"
 _LINK_COLUMNS = ("ImageNumber", "ObjectNumber", "Parent_Nuclei", "Parent_Cells")
+# columns that identify one row of each table (a repeated key would merge the wrong objects)
+_UNIQUE_KEYS = {"Image": ("ImageNumber",), "Nuclei": ("ImageNumber", "ObjectNumber"),
+                "Cells": ("ImageNumber", "ObjectNumber"), "Cytoplasm": ("ImageNumber", "Parent_Cells")}
 _REQUIRED = {
     "Image": ("ImageNumber", META_PLATE, META_WELL),
     "Nuclei": ("ImageNumber", "ObjectNumber"),
@@ -135,15 +138,20 @@ def _read_csv_strict(path: Path, raw: bytes, barcode: str, well: str | None, kin
     except UnicodeDecodeError as err:
         raise ResultsError(f"{where}: not UTF-8 text ({err})") from None
     reader = csv.reader(io.StringIO(text))
-    header = next(reader)
-    if len(set(header)) != len(header):
-        dup = sorted({h for h in header if header.count(h) > 1})
-        raise ResultsError(f"{where}: duplicate columns {dup[:5]}")
-    for line_no, row in enumerate(reader, start=2):
-        if len(row) != len(header):
-            raise ResultsError(f"{where}: line {line_no} has {len(row)} fields, the header has {len(header)}")
+    line_no = 1
     try:
-        table = pd.read_csv(io.StringIO(text), on_bad_lines="error", low_memory=False)
+        header = next(reader)
+        if len(set(header)) != len(header):
+            dup = sorted({h for h in header if header.count(h) > 1})
+            raise ResultsError(f"{where}: duplicate columns {dup[:5]}")
+        for line_no, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise ResultsError(f"{where}: line {line_no} has {len(row)} fields, the header has {len(header)}")
+    except csv.Error as err:  # e.g. an unbalanced quote swallowing the rest of the file into one field
+        raise ResultsError(f"{where}: cannot parse near line {line_no + 1} ({err}; an unbalanced quote?)") from None
+    try:  # plate and well are text: a barcode 000123 stays 000123
+        table = pd.read_csv(io.StringIO(text), on_bad_lines="error", low_memory=False,
+                            dtype={META_PLATE: str, META_WELL: str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ResultsError(f"{where}: cannot parse ({err})") from None
     missing = [c for c in _REQUIRED[kind] if c not in table.columns]
@@ -161,6 +169,19 @@ def _read_csv_strict(path: Path, raw: bytes, barcode: str, well: str | None, kin
         table[col] = values
     if kind == "Image" and table.empty:
         raise ResultsError(f"{where}: no image rows")
+    for col in (c for c in _LINK_COLUMNS if c in table.columns):  # object links must be whole numbers
+        values = table[col].to_numpy(np.float64)
+        bad = ~np.isfinite(values) | (values != np.round(values))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ResultsError(f"{where}: column {col!r} line {i + 2}: {table[col].iloc[i]!r} is not an object number")
+    key = _UNIQUE_KEYS.get(kind)
+    if key and all(c in table.columns for c in key):
+        dup = table.duplicated(list(key))
+        if dup.any():
+            i = int(np.flatnonzero(dup.to_numpy())[0])
+            raise ResultsError(f"{where}: line {i + 2} repeats {dict(zip(key, table.loc[dup, list(key)].iloc[0]))} "
+                               f"({', '.join(key)} must identify one row)")
     return table
 
 
@@ -312,7 +333,12 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
             key = parse_phenix_name(path.name)
         except ValueError as err:
             raise ResultsError(f"{_where(path, barcode, None)}: {err}") from None
-        groups.setdefault((key.well, key.field), {})[key.channel] = path
+        chans = groups.setdefault((key.well, key.field), {})
+        if key.channel in chans:  # another focal plane or time point: one image per channel is measured
+            raise ResultsError(f"{_where(path, barcode, key.well)}: field {key.field} channel {key.channel} has "
+                               f"several images ({chans[key.channel].name} and {path.name}: focal planes or time "
+                               "points); export one image per field and channel, e.g. a maximum projection")
+        chans[key.channel] = path
     if not groups:
         raise ResultsError(f"{images_dir} (plate {barcode}, well unknown): no Phenix TIFF files")
     all_channels = sorted({c for chans in groups.values() for c in chans})

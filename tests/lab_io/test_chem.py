@@ -264,3 +264,24 @@ def test_murcko_scaffold_ids_group_series_and_keep_acyclic_apart():
     with pytest.raises(ValueError, match="#1 'C1CC'"):
         chem.murcko_scaffold_ids(["CCO", "C1CC"])
     assert chem.murcko_scaffold_ids(["c1ccccc1", "C1CC", "Cc1ccccc1"], strict=False).tolist() == [0, 1, 0]
+
+
+def test_library_files_a_spreadsheet_mangles_are_named_not_misread(tmp_path):
+    """An unbalanced quote would swallow every later row into one field; a Latin-1 export fails to
+    decode; a .smi CXSMILES block is not the compound id; integer ids with a gap stay integers."""
+    quote = tmp_path / "quote.csv"
+    quote.write_text('id,name,smiles\nX1,"bad name,CCO\nX2,n2,CCN\nX3,n3,CCCN\n')
+    with pytest.raises(ValueError, match=r"quote.csv line 2: a quoted field runs to line 4"):
+        chem.read_library(quote)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("id,name,smiles\nX1,caf\xe9ine,CCO\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv: not UTF-8 text \(byte 21"):
+        chem.read_library(latin)
+    smi = tmp_path / "cx.smi"
+    smi.write_text("C[C@H](N)C(=O)O |&1:1| ALA1 alanine\nCCO ETH ethanol\n")
+    table = chem.read_library(smi).table
+    assert table[["compound_id", "name"]].values.tolist() == [["ALA1", "alanine"], ["ETH", "ethanol"]]
+    parquet = tmp_path / "ids.parquet"
+    pd.DataFrame({"compound_id": [101, None, 103], "smiles": ["CCO", "CCN", "CCCO"]}).to_parquet(parquet)
+    ids = chem.read_library(parquet).table["compound_id"].tolist()
+    assert ids[0] == "101" and ids[2] == "103" and ids[1].startswith(chem.DERIVED_ID_PREFIX)

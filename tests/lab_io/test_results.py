@@ -153,6 +153,42 @@ def test_plate_mismatch_and_bad_well(results):
     expect_error(results, str(path), BARCODE, "Z99")
 
 
+def test_repeated_or_missing_object_keys_are_named(results):
+    """A repeated key would merge the wrong objects; an empty one is not an object number."""
+    path = site(results) / "Cytoplasm.csv"
+    table = pd.read_csv(path)
+    pd.concat([table, table.iloc[:1]]).to_csv(path, index=False)
+    expect_error(results, str(path), "well A02", f"line {len(table) + 2} repeats", "Parent_Cells")
+    table.to_csv(path, index=False)
+    path = site(results) / "Nuclei.csv"
+    nuclei = pd.read_csv(path)
+    nuclei.assign(ObjectNumber=nuclei["ObjectNumber"].astype(float).where(nuclei.index != 1)).to_csv(path, index=False)
+    expect_error(results, str(path), "'ObjectNumber' line 3", "not an object number")
+    nuclei.to_csv(path, index=False)
+    path = site(results) / "Image.csv"
+    image = pd.read_csv(path)
+    pd.concat([image, image]).to_csv(path, index=False)
+    expect_error(results, str(path), "line 3 repeats", "ImageNumber")
+
+
+def test_a_numeric_barcode_keeps_its_zeros(results, tmp_path):
+    """Plate folder 000123 with Metadata_Plate 000123: the column is text, not the number 123."""
+    plate = shutil.copytree(results / BARCODE, tmp_path / "numeric" / "000123")
+    for site_dir in (plate / "analysis").iterdir():
+        image = pd.read_csv(site_dir / "Image.csv", dtype={"Metadata_Plate": str})
+        image.assign(Metadata_Plate="000123").to_csv(site_dir / "Image.csv", index=False)
+        site_dir.rename(site_dir.with_name(site_dir.name.replace(BARCODE, "000123")))
+    assert read_results(tmp_path / "numeric")[0].barcode == "000123"
+
+
+def test_an_unbalanced_quote_is_named(results):
+    path = site(results) / "Nuclei.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = '"' + lines[2]
+    path.write_text("".join(lines))
+    expect_error(results, str(path), "well A02")
+
+
 def test_missing_object_tables(results):
     (site(results) / "Cells.csv").unlink()
     expect_error(results, "Cells.csv", "well A02", "missing")
@@ -183,6 +219,9 @@ def test_images_only_errors(results):
     expect_error(results, BARCODE, "well A02", "lacks channels [2]")
     (images / "notes.tiff").write_bytes(b"")
     expect_error(results, "notes.tiff", "Phenix")
+    (images / "notes.tiff").unlink()
+    shutil.copy(images / "r01c01f01p01-ch1sk1fk1fl1.tiff", images / "r01c01f01p02-ch1sk1fk1fl1.tiff")
+    expect_error(results, "well A01", "field 1 channel 1 has several images", "p02", "maximum projection")
 
 
 def test_not_a_results_folder(tmp_path):
