@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,13 +29,18 @@ from sqlmodel import Session
 
 from loop import store
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): campaign writes are not locked there
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "campaign.json"
 DB_FILE = "campaign.db"
 LOCK_FILE = ".write.lock"
 LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another to finish (a 10^6 library add takes ~5 min)
-_HELD: dict[str, int] = {}  # campaign lock files this process holds -> nesting depth
+_HELD: dict[tuple[str, int], int] = {}  # (campaign lock file, thread) this process holds -> depth
 
 
 @dataclass(frozen=True)
@@ -123,15 +128,17 @@ class Campaign:
         otherwise interleave and corrupt what the other stored; the second waits up to
         ``timeout_s`` seconds and then fails with a :class:`CampaignError` naming the campaign.
         The lock is released when the block ends or the process dies; a block inside another block of
-        the same process on the same campaign just runs (the lock is already held)."""
+        the same thread on the same campaign just runs (the lock is already held), another thread waits."""
         path = self.root / LOCK_FILE
-        key = str(path.resolve())
-        if _HELD.get(key):
-            _HELD[key] += 1
+        key = (str(path.resolve()), threading.get_ident())  # another thread of this process waits too
+        if fcntl is None or _HELD.get(key):
+            _HELD[key] = _HELD.get(key, 0) + 1
             try:
                 yield
             finally:
                 _HELD[key] -= 1
+                if not _HELD[key]:
+                    del _HELD[key]
             return
         with open(path, "a+") as handle:
             deadline = time.monotonic() + timeout_s
@@ -148,7 +155,7 @@ class Campaign:
             try:
                 yield
             finally:
-                _HELD[key] = 0
+                del _HELD[key]
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def save_config(self, config: CampaignConfig) -> None:

@@ -68,3 +68,23 @@ def test_a_second_writer_waits_for_the_lock_and_then_fails_naming_the_campaign(t
         holder.wait(30)
     with campaign.writing("ingest"), campaign.writing("nested"):  # free again; nesting is fine
         pass
+
+
+def test_another_thread_waits_for_the_lock(tmp_path):
+    import threading
+
+    campaign = Campaign.init(tmp_path / "c")
+    outcome = []
+
+    def second_writer():
+        try:
+            with campaign.writing("ingest", timeout_s=0.3):
+                outcome.append("ran")
+        except CampaignError as err:
+            outcome.append(str(err))
+
+    with campaign.writing("propose"):
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        thread.join(10)
+    assert len(outcome) == 1 and "ingest did not start" in outcome[0]
