@@ -577,6 +577,8 @@ def read_library(path: str | Path, n_jobs: int | None = None, fingerprints: bool
     if not path.is_file():
         raise ValueError(f"{path}: library file not found")
     raw = _read_raw_rows(path)
+    if not raw.smiles:
+        raise ValueError(f"{path}: no compound rows (only a header, comments or blank lines)")
     packed = None
     if fingerprints:
         featurized = featurize_smiles(raw.smiles, n_jobs=n_jobs)

@@ -1,6 +1,6 @@
 """Single-cell crops format: reader, writer and compound-name -> SMILES resolution.
 
-A crops folder (what ``../shared/data/bbbc021`` ships and what ingest writes)::
+A crops folder (what ``../shared/data/bbbc021`` ships; ``write_crops`` writes one)::
 
     DIR/
       crops.npz              key ``images``: uint16 array N x H x W x C (raw intensities)
@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -179,15 +179,22 @@ def load_crops(crops_dir: str | Path) -> CropSet:
     return CropSet(images=images, metadata=metadata, channel_names=channels)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _atomic_write_all(writers: dict[Path, Callable[[str], object]]) -> None:
+    """Write every file to a temporary beside it first and replace the targets only when all are
+    written: a failure leaves the earlier files of the folder together, never new images beside
+    old metadata."""
+    temps: dict[Path, str] = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for path, write in writers.items():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            temps[path] = tmp
+            write(tmp)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
 
 
 def write_crops(crops: CropSet, crops_dir: str | Path) -> Path:
@@ -207,12 +214,12 @@ def write_crops(crops: CropSet, crops_dir: str | Path) -> Path:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **{IMAGES_KEY: crops.images})
 
-    _atomic_write(crops_dir / IMAGES_FILE, _npz)
-    _atomic_write(crops_dir / METADATA_FILE, lambda tmp: meta.to_csv(tmp, index=False))
-    _atomic_write(
-        crops_dir / CHANNELS_FILE,
-        lambda tmp: Path(tmp).write_text(json.dumps({"channel_names": list(crops.channel_names)})),
-    )
+    _atomic_write_all({
+        crops_dir / IMAGES_FILE: _npz,
+        crops_dir / METADATA_FILE: lambda tmp: meta.to_csv(tmp, index=False),
+        crops_dir / CHANNELS_FILE: lambda tmp: Path(tmp).write_text(
+            json.dumps({"channel_names": list(crops.channel_names)})),
+    })
     return crops_dir
 
 

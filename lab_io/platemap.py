@@ -470,10 +470,13 @@ def write_plate_files(layouts: Sequence[PlateLayout], compounds: pd.DataFrame, o
 # --------------------------------------------------------------------------------------------
 
 def _read_table(path: Path, sep: str) -> pd.DataFrame:
+    """All cells as text with surrounding whitespace stripped (``BR001 `` is ``BR001``)."""
     try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"{path}: cannot parse: {err}") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    return table.apply(lambda col: col.str.strip())
 
 
 def _find_barcode_file(plates_dir: Path) -> Path:
@@ -546,6 +549,9 @@ def _read_platemap(path: Path, map_name: str) -> pd.DataFrame:
             except ValueError:
                 raise ValueError(f"{path} line {line}: invalid dose_um {dose_text!r} in well "
                                  f"{well_name(r, c)}") from None
+            if dose_text != "" and not (math.isfinite(doses[k]) and doses[k] > 0):
+                raise ValueError(f"{path} line {line}: dose_um {dose_text!r} in well {well_name(r, c)} must be "
+                                 "a number > 0 (leave it empty when unknown)")
     grid_rows, grid_cols = np.divmod(np.arange(N_WELLS), N_COLS)
     return pd.DataFrame({
         "well": [well_name(r, c) for r, c in zip(grid_rows, grid_cols)],

@@ -22,6 +22,8 @@ from lab_io.schema import META_COMPOUND, META_DOSE, META_MOA, META_PLATE, META_S
 log = logging.getLogger(__name__)
 
 REQUIRED = (META_PLATE, META_WELL, META_COMPOUND, META_SMILES, META_DOSE)
+IDENTIFIERS = (META_PLATE, META_WELL, META_COMPOUND)  # text, never empty: plate 0101 stays 0101
+_TEXT_COLUMNS = {c: str for c in (*IDENTIFIERS, META_SMILES)}
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,9 @@ def read_table_file(path: Path) -> pd.DataFrame:
         if suffixes.endswith(".parquet"):
             return pd.read_parquet(path)
         if suffixes.endswith((".csv", ".csv.gz")):
-            return pd.read_csv(path, low_memory=False)
+            return pd.read_csv(path, low_memory=False, dtype=_TEXT_COLUMNS)
         if suffixes.endswith((".tsv", ".tsv.gz", ".txt")):
-            return pd.read_csv(path, sep="\t", low_memory=False)
+            return pd.read_csv(path, sep="\t", low_memory=False, dtype=_TEXT_COLUMNS)
     except (ValueError, OSError) as err:  # parser, Arrow and decoding errors are ValueErrors
         raise ValueError(f"{path}: cannot read the profile table ({err})") from err
     raise ValueError(f"{path}: profile tables must be .csv, .tsv or .parquet")
@@ -56,6 +58,18 @@ def read_profile_table(path: Path) -> ProfileTable:
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; found {list(frame.columns[:8])}...")
+    for col in IDENTIFIERS:
+        empty = frame[col].isna().to_numpy() | (frame[col].astype(str).str.strip() == "").to_numpy()
+        if empty.any():
+            row = int(np.flatnonzero(empty)[0])
+            raise ValueError(f"{path}: row {row + 2}: empty {col} ({int(empty.sum())} such rows); every well needs "
+                             f"a plate, a well and a compound (the control label for control wells)")
+    frame = frame.assign(**{c: frame[c].astype(str).str.strip() for c in IDENTIFIERS})
+    repeated = frame.duplicated([META_PLATE, META_WELL])
+    if repeated.any():
+        row = int(np.flatnonzero(repeated.to_numpy())[0])
+        raise ValueError(f"{path}: row {row + 2} repeats plate {frame[META_PLATE].iloc[row]} well "
+                         f"{frame[META_WELL].iloc[row]} (a profile table has one row per well)")
     features = [c for c in frame.columns if not c.startswith("Metadata_")]
     text = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
     if text:  # e.g. CellProfiler's Image_FileName_* / Image_PathName_* left in a table

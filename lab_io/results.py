@@ -259,6 +259,8 @@ def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_d
         raise ResultsError(f"{_where(image_path, barcode, hint)}: missing")
     image = _read_csv_strict(image_path, _read_file(image_path, plate_dir, hasher, sources), barcode, hint, "Image")
     image = _check_image(image, image_path, barcode, hint)
+    if META_SITE not in image.columns:
+        image = image.assign(**{META_SITE: _sites_without_column(image, site_dir)})
     well = image[META_WELL].iloc[0]
     missing = [c for c in COMPARTMENTS if not (site_dir / f"{c}.csv").exists()]
     if missing:
@@ -275,6 +277,15 @@ def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_d
     return merge_compartments(image, tables["Nuclei"], tables["Cells"], tables["Cytoplasm"])
 
 
+def _sites_without_column(image: pd.DataFrame, site_dir: Path) -> np.ndarray:
+    """Sites of an Image.csv without ``Metadata_Site``: the folder's ``<barcode>-<well>-<site>`` number
+    when the table holds one image per well, else each image's ``ImageNumber`` (distinct within it)."""
+    _, _, suffix = site_dir.name.rpartition("-")
+    if suffix.isdigit() and not image[META_WELL].duplicated().any():
+        return np.full(len(image), int(suffix), dtype=np.int64)
+    return image["ImageNumber"].to_numpy(np.int64)
+
+
 def _site_sort_key(site_dir: Path) -> tuple:
     """``<barcode>-<well>-<site>`` sorts by name with a numeric site (``-2`` before ``-10``)."""
     head, _, site = site_dir.name.rpartition("-")
@@ -285,7 +296,8 @@ def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -
     hasher = hashlib.sha256()
     sources: list[str] = []
     frames, skipped = [], []
-    site_dirs = sorted((p for p in (plate_dir / "analysis").iterdir() if p.is_dir()), key=_site_sort_key)
+    site_dirs = sorted((p for p in (plate_dir / "analysis").iterdir() if p.is_dir() and not p.name.startswith(".")),
+                       key=_site_sort_key)  # hidden folders (.ipynb_checkpoints) are not sites
     if not site_dirs:
         raise ResultsError(f"{plate_dir / 'analysis'} (plate {barcode}, well unknown): no site folders")
     for site_dir in site_dirs:

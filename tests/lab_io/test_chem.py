@@ -285,3 +285,10 @@ def test_library_files_a_spreadsheet_mangles_are_named_not_misread(tmp_path):
     pd.DataFrame({"compound_id": [101, None, 103], "smiles": ["CCO", "CCN", "CCCO"]}).to_parquet(parquet)
     ids = chem.read_library(parquet).table["compound_id"].tolist()
     assert ids[0] == "101" and ids[2] == "103" and ids[1].startswith(chem.DERIVED_ID_PREFIX)
+
+
+def test_a_library_without_rows_is_an_error(tmp_path):
+    header = tmp_path / "header.csv"
+    header.write_text("id,smiles\n")
+    with pytest.raises(ValueError, match="header.csv: no compound rows"):
+        chem.read_library(header)

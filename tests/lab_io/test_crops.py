@@ -120,3 +120,17 @@ def test_loads_real_bbbc021():
     assert crops.channel_names == ("DNA", "Tubulin", "Actin")
     assert "Week4_27821" in crops.plates
     assert int(crops.is_control.sum()) == 842 + 899 + 534 + 1088 + 876
+
+
+def test_a_failed_write_leaves_the_earlier_folder_whole(tmp_path, monkeypatch):
+    """New images are never left beside old metadata: nothing is replaced until every file is written."""
+    import pandas as pd
+
+    first = _crops()
+    write_crops(first, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    second = CropSet(first.images[::-1].copy(), first.metadata, first.channel_names)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_crops(second, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file either

@@ -251,6 +251,31 @@ def test_read_invalid_and_duplicate_wells(written, tmp_path):
         pm.read_plate_files(d)
 
 
+def test_read_strips_spaces_and_refuses_bad_doses(written, tmp_path):
+    """A trailing space a spreadsheet left is not part of a barcode or a compound id; a dose must be > 0."""
+    layouts, _, _ = written
+    d = copy_batch(written, tmp_path)
+    barcodes = d / "barcode_platemap.csv"
+    barcodes.write_text(barcodes.read_text().replace(f"{layouts[0].barcode},", f"{layouts[0].barcode} ,"))
+    path = d / f"{layouts[0].plate_map_name}.txt"
+    lines = path.read_text().splitlines()
+    treated = next(i for i, line in enumerate(lines) if "\ttreatment" in line)
+    spaced = lines.copy()
+    fields = spaced[treated].split("\t")
+    fields[2] = fields[2] + "  "  # broad_sample
+    spaced[treated] = "\t".join(fields)
+    path.write_text("\n".join(spaced) + "\n")
+    read, compounds = pm.read_plate_files(d)
+    assert read[0].barcode == layouts[0].barcode
+    pd.testing.assert_frame_equal(read[0].wells, layouts[0].wells)
+    for bad_dose in ("nan", "-1"):
+        fields[4] = bad_dose  # dose_um
+        lines[treated] = "\t".join(fields)
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=rf"{path.name} line {treated + 1}: dose_um '{bad_dose}'.*> 0"):
+            pm.read_plate_files(d)
+
+
 @pytest.mark.skipif(not CPJUMP1.is_dir(), reason=f"shared data absent: {CPJUMP1}")
 def test_read_real_cpjump1_platemap():
     layouts, compounds = pm.read_plate_files(CPJUMP1)

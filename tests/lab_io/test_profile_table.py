@@ -46,3 +46,15 @@ def test_dose_that_is_not_a_number_names_the_row(tmp_path):
     frame.assign(Cells_Intensity_Mean=["x", "y"], Metadata_dose_um=[0.0, 1.0]).to_csv(tmp_path / "u.csv", index=False)
     with pytest.raises(ValueError, match="u.csv: no numeric feature columns"):
         read_profile_table(tmp_path / "u.csv")
+
+
+def test_identifiers_are_text_never_empty_and_one_row_per_well(tmp_path):
+    frame = _table().assign(Metadata_Plate=["0101", "0101"])
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    assert read_profile_table(tmp_path / "t.csv").frame["Metadata_Plate"].tolist() == ["0101", "0101"]
+    frame.assign(Metadata_compound=["DMSO", None]).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(ValueError, match=r"empty.csv: row 3: empty Metadata_compound"):
+        read_profile_table(tmp_path / "empty.csv")
+    frame.assign(Metadata_Well=["A01", "A01"]).to_csv(tmp_path / "twice.csv", index=False)
+    with pytest.raises(ValueError, match=r"twice.csv: row 3 repeats plate 0101 well A01"):
+        read_profile_table(tmp_path / "twice.csv")

@@ -181,6 +181,21 @@ def test_a_numeric_barcode_keeps_its_zeros(results, tmp_path):
     assert read_results(tmp_path / "numeric")[0].barcode == "000123"
 
 
+def test_sites_come_from_the_folders_when_image_csv_has_no_site_column(results):
+    """Two site folders of one well whose Image.csv lacks Metadata_Site are two sites, not a clash."""
+    expected = read_results(results)[0].cells
+    first = site(results, "A01")
+    second = first.with_name(first.name[:-1] + "2")
+    shutil.copytree(first, second)
+    for folder in (first, second):
+        image = pd.read_csv(folder / "Image.csv")
+        image.drop(columns=["Metadata_Site"]).to_csv(folder / "Image.csv", index=False)
+    cells = read_results(results)[0].cells
+    a01 = cells[cells["Metadata_Well"] == "A01"]
+    assert sorted(a01["Metadata_Site"].unique()) == [1, 2]
+    assert len(a01) == 2 * (expected["Metadata_Well"] == "A01").sum()
+
+
 def test_an_unbalanced_quote_is_named(results):
     path = site(results) / "Nuclei.csv"
     lines = path.read_text().splitlines(keepends=True)
