@@ -1,6 +1,7 @@
 """Single-cell crops format: reader, writer and compound-name -> SMILES resolution.
 
-A crops folder (what ``../shared/data/bbbc021`` ships; ``write_crops`` writes one)::
+A crops folder (what ``../shared/data/bbbc021`` ships, and what ``loop ingest --crops-px`` writes per
+plate from the lab's images, cut with :func:`cut_crops`)::
 
     DIR/
       crops.npz              key ``images``: uint16 array N x H x W x C (raw intensities)
@@ -167,16 +168,54 @@ def _read_channels(path: Path, n_channels: int) -> tuple[str, ...]:
 def load_crops(crops_dir: str | Path) -> CropSet:
     """Read a crops folder -> :class:`CropSet` (images uint16 ``N x H x W x C``, metadata).
 
-    Raises :class:`CropsError` naming the file on any missing or malformed part.
+    A folder without ``crops.npz`` whose sub-folders are crops folders (a campaign's
+    ``measurements/``, where ingest writes ``<barcode>.crops/`` per plate) is read as their union;
+    they must agree on crop size and channels. Raises :class:`CropsError` naming the file on any
+    missing or malformed part.
     """
     crops_dir = Path(crops_dir)
     if not crops_dir.is_dir():
         raise CropsError(f"{crops_dir}: not a folder (expected {IMAGES_FILE} + {METADATA_FILE})")
+    parts = sorted(p for p in crops_dir.iterdir() if p.is_dir() and (p / IMAGES_FILE).is_file())
+    if not (crops_dir / IMAGES_FILE).exists() and parts:
+        return _concatenate([load_crops(p) for p in parts], parts)
     images = _read_images(crops_dir / IMAGES_FILE)
     metadata = _read_metadata(crops_dir / METADATA_FILE, len(images))
     channels = _read_channels(crops_dir / CHANNELS_FILE, images.shape[3])
     logger.info("loaded %d crops %s from %s", len(images), images.shape[1:], crops_dir)
     return CropSet(images=images, metadata=metadata, channel_names=channels)
+
+
+def _concatenate(sets: list[CropSet], folders: list[Path]) -> CropSet:
+    first, where = sets[0], folders[0]
+    for crops, folder in zip(sets[1:], folders[1:]):
+        if crops.images.shape[1:] != first.images.shape[1:] or crops.channel_names != first.channel_names:
+            raise CropsError(f"{folder}: crops {crops.images.shape[1:]} with channels {list(crops.channel_names)} "
+                             f"do not match {where}'s {first.images.shape[1:]} {list(first.channel_names)}")
+    metadata = pd.concat([c.metadata.drop(columns=["row"], errors="ignore") for c in sets], ignore_index=True)
+    return CropSet(np.concatenate([c.images for c in sets]), metadata, first.channel_names)
+
+
+def cut_crops(field: np.ndarray, centres_yx: np.ndarray, size_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Square single-cell crops of a field ``C x H x W`` centred on each ``(y, x)`` centre.
+
+    Returns uint16 crops ``n' x size_px x size_px x C`` and the boolean mask (``n``) of the centres
+    cut: a crop that would reach beyond the field is not cut (no padding; a crops pipeline skips
+    cells at the border). The crop's top-left pixel is ``round(centre) - size_px // 2``."""
+    field = np.asarray(field)
+    if field.ndim != 3:
+        raise CropsError(f"cut_crops expects a C x H x W field, got shape {field.shape}")
+    if size_px < 2:
+        raise CropsError(f"crop size must be >= 2 px, got {size_px}")
+    centres = np.rint(np.asarray(centres_yx, dtype=np.float64).reshape(-1, 2)).astype(np.int64)
+    top_left = centres - size_px // 2
+    _, height, width = field.shape
+    inside = ((top_left >= 0).all(axis=1) & (top_left[:, 0] + size_px <= height)
+              & (top_left[:, 1] + size_px <= width))
+    out = np.empty((int(inside.sum()), size_px, size_px, field.shape[0]), dtype=np.uint16)
+    for i, (y, x) in enumerate(top_left[inside]):
+        out[i] = np.moveaxis(field[:, y:y + size_px, x:x + size_px], 0, -1)
+    return out, inside
 
 
 def _atomic_write_all(writers: dict[Path, Callable[[str], object]]) -> None:

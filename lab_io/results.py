@@ -27,9 +27,11 @@ channels.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -37,11 +39,15 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from lab_io.crops import CropSet, cut_crops
 from lab_io.schema import CHANNELS, COMPARTMENTS, META_PLATE, META_SITE, META_WELL, normalize_well
 
 logger = logging.getLogger(__name__)
 
 META_OBJECT = "Metadata_ObjectNumber"
+# nucleus centre (y, x) columns crops are cut at: this package's measurements, then CellProfiler's
+CENTRE_COLUMNS = (("Nuclei_AreaShape_Center_Y", "Nuclei_AreaShape_Center_X"),
+                  ("Nuclei_Location_Center_Y", "Nuclei_Location_Center_X"))
 _LINK_COLUMNS = ("ImageNumber", "ObjectNumber", "Parent_Nuclei", "Parent_Cells")
 # columns that identify one row of each table (a repeated key would merge the wrong objects)
 _UNIQUE_KEYS = {"Image": ("ImageNumber",), "Nuclei": ("ImageNumber", "ObjectNumber"),
@@ -78,6 +84,7 @@ class PlateResult:
     fingerprint: str
     from_images: bool = False
     skipped_sites: tuple[str, ...] = ()
+    crops: CropSet | None = None  # single-cell crops when read with crop_px (plate, well, site, object_number)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,10 +337,8 @@ def _channel_names(n_channels: int, channel_names: Sequence[str] | None) -> list
     return ["DNA"] + [f"Ch{c}" for c in range(2, n_channels + 1)]
 
 
-def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | None) -> PlateResult:
-    import tifffile
-
-    from lab_io.morphology import measure_field
+def _phenix_groups(plate_dir: Path, barcode: str) -> dict[tuple[str, int], dict[int, Path]]:
+    """``Images/`` Phenix TIFFs grouped by (well, field) then channel; one image per field and channel."""
     from lab_io.phenix import parse_phenix_name
 
     images_dir = plate_dir / "Images"
@@ -353,51 +358,142 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
         chans[key.channel] = path
     if not groups:
         raise ResultsError(f"{images_dir} (plate {barcode}, well unknown): no Phenix TIFF files")
+    return groups
+
+
+def _read_field(plate_dir: Path, barcode: str, well: str, site: int, chans: dict[int, Path],
+                all_channels: list[int], read_bytes) -> np.ndarray:
+    """One field's channels -> ``C x H x W`` (``read_bytes(path)`` returns a file's bytes)."""
+    import tifffile
+
+    missing = [c for c in all_channels if c not in chans]
+    if missing:
+        raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}, well {well}): field {site} lacks channels "
+                           f"{missing}")
+    planes = []
+    for c in all_channels:
+        path = chans[c]
+        try:
+            plane = tifffile.imread(io.BytesIO(read_bytes(path)))
+        except Exception as err:  # tifffile raises several types for corrupt files
+            raise ResultsError(f"{_where(path, barcode, well)}: cannot read TIFF ({type(err).__name__}: {err})") from None
+        if plane.ndim != 2:
+            raise ResultsError(f"{_where(path, barcode, well)}: cannot read TIFF as a single-plane image "
+                               f"(got shape {plane.shape})")
+        planes.append(plane)
+    if len({p.shape for p in planes}) != 1:
+        raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}, well {well}): field {site} channels differ "
+                           "in size")
+    return np.stack(planes)
+
+
+def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | None,
+                 crops: "_CropCollector | None" = None) -> PlateResult:
+    from lab_io.morphology import measure_field
+
+    groups = _phenix_groups(plate_dir, barcode)
     all_channels = sorted({c for chans in groups.values() for c in chans})
     names = _channel_names(len(all_channels), channel_names)
     if len(names) != len(all_channels):
-        raise ResultsError(f"{images_dir} (plate {barcode}): {len(all_channels)} channels {all_channels} but "
-                           f"{len(names)} channel names {names}")
+        raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}): {len(all_channels)} channels {all_channels} "
+                           f"but {len(names)} channel names {names}")
     hasher = hashlib.sha256()
     sources: list[str] = []
     frames = []
     for (well, site), chans in sorted(groups.items()):
-        missing = [c for c in all_channels if c not in chans]
-        if missing:
-            raise ResultsError(f"{images_dir} (plate {barcode}, well {well}): field {site} lacks channels {missing}")
-        planes = []
-        for c in all_channels:
-            path = chans[c]
-            raw = path.read_bytes()
-            rel = path.relative_to(plate_dir).as_posix()
-            hasher.update(rel.encode() + b"\0" + raw + b"\0")
-            sources.append(rel)
-            try:
-                plane = tifffile.imread(io.BytesIO(raw))
-            except Exception as err:  # tifffile raises several types for corrupt files
-                raise ResultsError(f"{_where(path, barcode, well)}: cannot read TIFF ({type(err).__name__}: {err})") from None
-            if plane.ndim != 2:
-                raise ResultsError(f"{_where(path, barcode, well)}: cannot read TIFF as a single-plane image "
-                                   f"(got shape {plane.shape})")
-            planes.append(plane)
-        if len({p.shape for p in planes}) != 1:
-            raise ResultsError(f"{images_dir} (plate {barcode}, well {well}): field {site} channels differ in size")
-        tables = measure_field(np.stack(planes), names)
+        field = _read_field(plate_dir, barcode, well, site, chans, all_channels,
+                            lambda path: _read_file(path, plate_dir, hasher, sources))
+        tables = measure_field(field, names)
         image = pd.DataFrame([{"ImageNumber": 1, META_PLATE: barcode, META_WELL: well, META_SITE: site}])
         frames.append(merge_compartments(image, tables["Nuclei"], tables["Cells"], tables["Cytoplasm"]))
+        if crops is not None:
+            crops.add(well, site, field, frames[-1], names)
     cells = pd.concat(frames, ignore_index=True)
-    return PlateResult(barcode, cells, len(groups), tuple(sources), hasher.hexdigest(), from_images=True)
+    return PlateResult(barcode, cells, len(groups), tuple(sources), hasher.hexdigest(), from_images=True,
+                       crops=None if crops is None else crops.result())
+
+
+def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, channel_names: Sequence[str] | None,
+                       crops: "_CropCollector") -> CropSet | None:
+    """Crops of a plate read from its CellProfiler tables, cut from its ``Images/`` at the tables'
+    nucleus centres (site = Phenix field); None without an ``Images/`` folder."""
+    if not (plate_dir / "Images").is_dir():
+        return None
+    groups = _phenix_groups(plate_dir, barcode)
+    all_channels = sorted({c for chans in groups.values() for c in chans})
+    names = _channel_names(len(all_channels), channel_names)
+    for (well, site), field_cells in cells.groupby([META_WELL, META_SITE], sort=True):
+        chans = groups.get((well, int(site)))
+        if chans is None:
+            raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}, well {well}): no images of field {site}, "
+                               "whose cells the tables hold")
+        field = _read_field(plate_dir, barcode, well, int(site), chans, all_channels, Path.read_bytes)
+        crops.add(well, int(site), field, field_cells, names)
+    return crops.result()
+
+
+class _CropCollector:
+    """Single-cell crops of a plate, cut field by field and kept to ``per_well`` cells a well (a seeded
+    draw per well, so a plate's crops fit in memory whatever its size)."""
+
+    def __init__(self, barcode: str, size_px: int, per_well: int):
+        if size_px < 8 or per_well < 1:
+            raise ValueError(f"crop size must be >= 8 px and crops per well >= 1, got {size_px}, {per_well}")
+        self.barcode, self.size_px, self.per_well = barcode, size_px, per_well
+        self.images: list[np.ndarray] = []
+        self.meta: list[pd.DataFrame] = []
+        self.channel_names: tuple[str, ...] | None = None
+        self._well: str | None = None
+        self._buffer: list[tuple[np.ndarray, pd.DataFrame]] = []
+
+    def add(self, well: str, site: int, field: np.ndarray, field_cells: pd.DataFrame, names: Sequence[str]) -> None:
+        if well != self._well:
+            self._flush()
+            self._well = well
+        self.channel_names = tuple(names)
+        centre = next((c for c in CENTRE_COLUMNS if all(k in field_cells.columns for k in c)), None)
+        if centre is None:
+            raise ResultsError(f"plate {self.barcode}, well {well}: no nucleus centre columns "
+                               f"({' or '.join('/'.join(c) for c in CENTRE_COLUMNS)}) to cut crops at")
+        cut, kept = cut_crops(field, field_cells[list(centre)].to_numpy(np.float64), self.size_px)
+        meta = pd.DataFrame({"plate": self.barcode, "well": well, "site": site,
+                             "object_number": field_cells[META_OBJECT].to_numpy(np.int64)[kept]})
+        self._buffer.append((cut, meta))
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        images = np.concatenate([b[0] for b in self._buffer])
+        meta = pd.concat([b[1] for b in self._buffer], ignore_index=True)
+        self._buffer = []
+        if len(images) > self.per_well:
+            rng = np.random.default_rng([zlib.crc32(f"{self.barcode}/{self._well}".encode()), self.per_well])
+            keep = np.sort(rng.choice(len(images), self.per_well, replace=False))
+            images, meta = images[keep], meta.iloc[keep].reset_index(drop=True)
+        self.images.append(images)
+        self.meta.append(meta)
+
+    def result(self) -> CropSet | None:
+        self._flush()
+        if not self.images or self.channel_names is None:
+            return None
+        return CropSet(np.concatenate(self.images), pd.concat(self.meta, ignore_index=True), self.channel_names)
 
 
 def read_plate(plate_dir: str | Path, *, channel_names: Sequence[str] | None = None,
-               allow_missing_objects: bool = False) -> PlateResult:
+               allow_missing_objects: bool = False, crop_px: int | None = None,
+               crops_per_well: int = 64) -> PlateResult:
     """One plate folder -> :class:`PlateResult` (barcode = folder name); see :func:`read_results`."""
     plate_dir = Path(plate_dir)
     barcode = plate_dir.name
+    crops = None if crop_px is None else _CropCollector(barcode, crop_px, crops_per_well)
     if (plate_dir / "analysis").is_dir():
         result = _read_analysis(plate_dir, barcode, allow_missing_objects)
+        if crops is not None:
+            result = dataclasses.replace(result, crops=_crops_from_images(plate_dir, barcode, result.cells,
+                                                                          channel_names, crops))
     elif (plate_dir / "Images").is_dir():
-        result = _read_images(plate_dir, barcode, channel_names)
+        result = _read_images(plate_dir, barcode, channel_names, crops)
     else:
         raise ResultsError(f"{plate_dir} (plate {barcode}, well unknown): neither analysis/ nor Images/ present")
     logger.info("read plate %s: %d cells in %d fields", barcode, len(result.cells), result.image_count)
@@ -405,13 +501,18 @@ def read_plate(plate_dir: str | Path, *, channel_names: Sequence[str] | None = N
 
 
 def read_results(results_dir: str | Path, *, channel_names: Sequence[str] | None = None,
-                 allow_missing_objects: bool = False) -> list[PlateResult]:
+                 allow_missing_objects: bool = False, crop_px: int | None = None,
+                 crops_per_well: int = 64) -> list[PlateResult]:
     """A results folder (folder of plate folders, or one plate folder) -> one PlateResult per plate.
 
     ``channel_names`` names the Phenix channels ``ch1..chN`` for images-only plates (default
     :data:`lab_io.schema.CHANNELS` for 3 channels, else ``DNA, Ch2, ...``); ch1 must be DNA.
     ``allow_missing_objects``: a site folder with only ``Image.csv`` is skipped (logged, listed in
     ``skipped_sites``) instead of raising; a folder missing only some object tables always raises.
+    ``crop_px``: also cut ``crop_px`` square single-cell crops from the plate's ``Images/`` at each
+    cell's nucleus centre (at most ``crops_per_well`` a well, a seeded draw; cells whose crop would
+    leave the field are not cut) into ``PlateResult.crops``; None when the plate has no images.
     """
-    return [read_plate(p, channel_names=channel_names, allow_missing_objects=allow_missing_objects)
+    return [read_plate(p, channel_names=channel_names, allow_missing_objects=allow_missing_objects,
+                       crop_px=crop_px, crops_per_well=crops_per_well)
             for p in plate_dirs(results_dir)]

@@ -253,7 +253,13 @@ def lab_run(
 
 
 @app.command()
-def ingest(results_dir: Path = typer.Argument(..., help="Results folder returned by the lab.")):
+def ingest(
+    results_dir: Path = typer.Argument(..., help="Results folder returned by the lab."),
+    crops_px: Optional[int] = typer.Option(None, "--crops-px", min=8, help="Also cut single-cell crops of this "
+                                           "size from the plates' images into measurements/<barcode>.crops "
+                                           "(what `loop assay train --data <campaign>/measurements` reads)."),
+    crops_per_well: int = typer.Option(64, "--crops-per-well", min=1, help="At most this many crops a well."),
+):
     """Import plate results (one transaction per plate; re-imports are no-ops)."""
     from loop.ingest import ingest_results
 
@@ -262,7 +268,7 @@ def ingest(results_dir: Path = typer.Argument(..., help="Results folder returned
         if not results_dir.exists():
             raise FileNotFoundError(f"{results_dir}: no such results folder")
         with console.status("reading and checking results..."):
-            reports = ingest_results(campaign, results_dir)
+            reports = ingest_results(campaign, results_dir, crop_px=crops_px, crops_per_well=crops_per_well)
     table = Table(title="ingest QC")
     for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits",
                 "missing wells"):

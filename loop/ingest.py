@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pandas as pd
 from sqlmodel import Session, select
 
 from lab_io import profiles as profiling
+from lab_io.crops import CropSet, write_crops
 from lab_io.results import PlateResult, read_results
 from lab_io.schema import (
     META_COMPOUND,
@@ -25,6 +27,7 @@ from lab_io.schema import (
     META_PLATE,
     META_ROLE,
     META_WELL,
+    CONTROL_COMPOUND_ID,
     WellRole,
     feature_columns,
 )
@@ -52,11 +55,21 @@ class PlateQC:
     missing_wells: list[str] = field(default_factory=list)
 
 
-def ingest_results(campaign: Campaign, results_dir: Path) -> list[PlateQC]:
+def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
+                   crops_per_well: int = 64) -> list[PlateQC]:
     """Import every plate under ``results_dir``; nothing is written unless all plates check out and
-    every plate's profiles can be computed."""
+    every plate's profiles can be computed.
+
+    ``crop_px``: also cut single-cell crops (``crop_px`` square, at most ``crops_per_well`` a well)
+    from each plate's images and store them as a crops folder, ``measurements/<barcode>.crops/``
+    (compound = the campaign's compound id, DMSO for controls; ``smiles`` from the library), which
+    ``loop assay train --data <campaign>/measurements`` trains the image assay on."""
     results_dir = Path(results_dir)
-    plates = read_results(results_dir)
+    plates = read_results(results_dir, crop_px=crop_px, crops_per_well=crops_per_well)
+    if crop_px is not None:
+        no_images = [p.barcode for p in plates if p.crops is None]
+        if no_images:
+            raise IngestError(f"{results_dir}: plate(s) {no_images} have no Images/ folder to cut crops from")
     if not plates:
         raise IngestError(f"{results_dir}: no plate folders with results found")
     with campaign.writing(f"ingest of {results_dir}"):
@@ -151,6 +164,13 @@ def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame
     cells_path = campaign.measurements_dir / f"{plate.barcode}.cells.parquet"
     profiles_path = campaign.measurements_dir / f"{plate.barcode}.wells.parquet"
     written = _write_parquets({cells_path: cells, profiles_path: wells})
+    if plate.crops is not None:
+        try:
+            written.append(_write_plate_crops(campaign, plate, well_map))
+        except Exception:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     n_cells = cells.groupby(META_WELL).size()
     measured = wells.set_index(META_WELL)
     mapped = well_map[well_map["role"] != WellRole.empty.value]
@@ -184,9 +204,32 @@ def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame
             session.commit()
     except Exception:
         for path in written:
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         raise
     return _qc(plate.barcode, wells, n_cells, well_map)
+
+
+def _write_plate_crops(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame) -> Path:
+    """``measurements/<barcode>.crops/``: the plate's crops with compound, dose and SMILES from its map."""
+    lookup = well_map.set_index("well")
+    meta = plate.crops.metadata
+    roles = meta["well"].map(lookup["role"]).to_numpy()
+    control = roles == WellRole.negative_control.value
+    compound = np.where(control, CONTROL_COMPOUND_ID, meta["well"].map(lookup["compound_id"]).fillna("").to_numpy())
+    dose = np.where(control, 0.0, meta["well"].map(lookup["dose_um"]).astype(float).to_numpy())
+    with campaign.session() as session:
+        ids = sorted(set(compound[~control]))
+        smiles = dict(session.exec(select(store.Compound.compound_id, store.Compound.smiles)
+                                   .where(store.Compound.compound_id.in_(ids))).all()) if ids else {}
+    meta = meta.assign(compound=compound, concentration_um=dose, role=roles,
+                       smiles=[smiles.get(c, "") for c in compound])
+    out = campaign.measurements_dir / f"{plate.barcode}.crops"
+    tmp = campaign.measurements_dir / f".{plate.barcode}.crops.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_crops(CropSet(plate.crops.images, meta, plate.crops.channel_names), tmp)
+    shutil.rmtree(out, ignore_errors=True)  # left by a crashed import: this plate is not imported yet
+    os.replace(tmp, out)
+    return out
 
 
 def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:

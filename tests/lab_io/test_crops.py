@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from lab_io.crops import (
-    CropsError, CropSet, compound_smiles, is_control_compound, load_crops, shared_data_dir, write_crops,
+    CropsError, CropSet, compound_smiles, cut_crops, is_control_compound, load_crops, shared_data_dir, write_crops,
 )
 
 
@@ -134,3 +134,29 @@ def test_a_failed_write_leaves_the_earlier_folder_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_crops(second, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file either
+
+
+def test_cut_crops_closed_form():
+    """Crop i is the field's ``size`` square whose top-left is round(centre) - size // 2, channels last;
+    centres whose square would leave the field are not cut."""
+    field = np.stack([np.arange(20 * 30).reshape(20, 30), 2 * np.arange(20 * 30).reshape(20, 30)]).astype(np.uint16)
+    centres = np.array([[10.4, 15.6], [2.0, 15.0], [10.0, 28.0], [4.0, 4.0]])  # y, x
+    crops, kept = cut_crops(field, centres, 8)
+    assert kept.tolist() == [True, False, False, True] and crops.shape == (2, 8, 8, 2)
+    assert np.array_equal(crops[0], np.moveaxis(field[:, 6:14, 12:20], 0, -1))
+    assert np.array_equal(crops[1], np.moveaxis(field[:, 0:8, 0:8], 0, -1))
+    with pytest.raises(CropsError, match="C x H x W"):
+        cut_crops(field[0], centres, 8)
+
+
+def test_a_folder_of_crops_folders_loads_as_their_union(tmp_path):
+    a, b = _crops(seed=1), _crops(n=4, seed=2)
+    write_crops(a, tmp_path / "m" / "P1.crops")
+    write_crops(b, tmp_path / "m" / "P2.crops")
+    (tmp_path / "m" / "P1.cells.parquet").write_bytes(b"")  # other files of a campaign's measurements/
+    both = load_crops(tmp_path / "m")
+    assert len(both) == 12 and np.array_equal(both.images, np.concatenate([a.images, b.images]))
+    assert both.metadata["well"].tolist() == a.metadata["well"].tolist() + b.metadata["well"].tolist()
+    write_crops(_crops(n=2, h=10, seed=3), tmp_path / "m" / "P3.crops")
+    with pytest.raises(CropsError, match="P3.crops: crops"):
+        load_crops(tmp_path / "m")

@@ -224,6 +224,21 @@ def test_images_only_ingest_matches_the_tables(results):
     pd.testing.assert_frame_equal(plate.cells, expected.cells, check_dtype=False, rtol=1e-9)
 
 
+def test_crops_are_cut_at_the_nuclei_whichever_way_the_plate_is_read(results):
+    """From the CellProfiler tables' centres (analysis/ + Images/) and from the images alone the same
+    cells are cropped; the per-well cap holds; a plate read without crop_px has none."""
+    assert read_results(results)[0].crops is None
+    with_tables = read_results(results, crop_px=24, crops_per_well=4)[0].crops
+    shutil.rmtree(results / BARCODE / "analysis")
+    from_images = read_results(results, crop_px=24, crops_per_well=4)[0].crops
+    assert with_tables.images.shape[1:] == (24, 24, 3) and with_tables.channel_names == ("DNA", "Tubulin", "Actin")
+    assert with_tables.metadata.groupby("well").size().max() <= 4
+    pd.testing.assert_frame_equal(with_tables.metadata, from_images.metadata)
+    assert np.array_equal(with_tables.images, from_images.images)
+    dna = with_tables.images[..., 0].astype(float)  # a nucleus sits in the middle of its crop
+    assert dna[:, 8:16, 8:16].mean() > 1.5 * dna.mean()
+
+
 def test_images_only_errors(results):
     shutil.rmtree(results / BARCODE / "analysis")
     images = results / BARCODE / "Images"

@@ -72,3 +72,40 @@ def test_a_plate_that_fails_its_profiles_stops_the_whole_import(tmp_path, monkey
     assert not list(campaign.measurements_dir.iterdir())
     monkeypatch.undo()
     assert [r.status for r in ingest_results(campaign, tmp_path / "results")] == ["imported", "imported"]
+
+
+def test_ingest_cuts_crops_the_image_assay_can_load(tmp_path):
+    """`loop ingest --crops-px`: measurements/<barcode>.crops/ holds the plate's crops labelled from its
+    map (campaign compound ids and SMILES, DMSO at 0 uM for controls), loadable with the crops reader."""
+    from typer.testing import CliRunner
+
+    from lab_io.crops import load_crops
+    from loop.campaign import Campaign, CampaignConfig
+    from loop.cli import app
+    from loop.lab import run_synthetic_lab
+    from loop.library import add_virtual_library, load_compounds
+    from loop.propose import propose
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=160, cells_per_field=10.0)))
+    add_virtual_library(campaign, 200, seed=0)
+    proposal = propose(campaign, 40)
+    run_synthetic_lab(proposal.out_dir, tmp_path / "results", campaign=campaign, seed=1)
+    res = CliRunner().invoke(app, ["--campaign", str(campaign.root), "ingest", str(tmp_path / "results"),
+                                   "--crops-px", "32", "--crops-per-well", "3"])
+    assert res.exit_code == 0, res.output
+    crops = load_crops(campaign.measurements_dir)
+    meta = crops.metadata
+    assert crops.images.shape[1:] == (32, 32, 3) and meta.groupby("well").size().max() <= 3
+    assert set(meta["plate"]) == set(proposal.barcodes)
+    controls = meta["role"] == "negative_control"
+    assert (meta.loc[controls, "compound"] == "DMSO").all() and (meta.loc[controls, "concentration_um"] == 0).all()
+    library = load_compounds(campaign).set_index("compound_id")["smiles"]
+    treated = meta[meta["role"] == "treatment"]
+    assert len(treated) > 0 and (treated["smiles"] == treated["compound"].map(library)).all()
+    assert (treated["concentration_um"] == campaign.config.dose_um).all()
+    # and the image assay trains on them (tiny config: the loop closes through images)
+    from image_helpers import tiny_config
+    from models.image_assay import train_image_assay
+
+    assay = train_image_assay(crops, tmp_path / "assay", tiny_config(n_members=1))
+    assert assay.n_members == 1 and set(assay.meta["train_plates"]) == set(proposal.barcodes)
