@@ -121,8 +121,8 @@ def _read_images(path: Path) -> np.ndarray:
 def _read_metadata(path: Path, n_images: int) -> pd.DataFrame:
     if not path.is_file():
         raise CropsError(f"{path}: missing (a crops folder needs {METADATA_FILE})")
-    try:
-        meta = pd.read_csv(path)
+    try:  # identifiers are text: plate 0101 stays 0101
+        meta = pd.read_csv(path, dtype={"plate": str, "well": str, "compound": str, "smiles": str})
     except Exception as err:
         raise CropsError(f"{path}: not a readable CSV ({err})") from err
     missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]

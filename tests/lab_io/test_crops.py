@@ -160,3 +160,10 @@ def test_a_folder_of_crops_folders_loads_as_their_union(tmp_path):
     write_crops(_crops(n=2, h=10, seed=3), tmp_path / "m" / "P3.crops")
     with pytest.raises(CropsError, match="P3.crops: crops"):
         load_crops(tmp_path / "m")
+
+
+def test_numeric_looking_plates_stay_text(tmp_path):
+    crops = _crops()
+    crops.metadata["plate"] = ["0101"] * len(crops)
+    write_crops(crops, tmp_path)
+    assert set(load_crops(tmp_path).metadata["plate"]) == {"0101"}
