@@ -208,6 +208,7 @@ def maxmin_select(
     min_distance = np.full(n, np.inf, dtype=np.float32)
     if priority is not None:
         same = eligible & (1.0 - tanimoto_to_set(fps, fps[first:first + 1], counts=counts) <= 0.0)
+        same[first] = True  # an empty fingerprint has Tanimoto 0 even to itself: never an empty choice
         first = _best_of(np.where(same, 0.0, -np.inf), priority)
     picks = [first]
     for _ in range(n_pick - 1):

@@ -151,8 +151,9 @@ def _dose_vector(dose_um: float | np.ndarray, n: int) -> np.ndarray:
 
 
 def _row_keys(inchikeys: np.ndarray, dose_um: np.ndarray) -> np.ndarray:
-    """``'<inchikey>|<dose to 1e-6 uM>'`` per row (object array)."""
-    return np.array([f"{k}|{d:.6f}" for k, d in zip(inchikeys, dose_um)], dtype=object)
+    """``'<inchikey>|<dose to 10 significant digits, uM>'`` per row (object array): doses that differ
+    anywhere a lab would write them get their own key (a fixed 6 decimals merged 1e-7 and 4e-7 uM)."""
+    return np.array([f"{k}|{d:.10g}" for k, d in zip(inchikeys, dose_um)], dtype=object)
 
 
 def _activity_columns(n_members: int) -> list[str]:

@@ -202,7 +202,7 @@ def select_batch(
     Returns:
         ``Selection``: ``indices`` int64 ``(q,)`` distinct (fewer, with a warning, if
         fewer candidates are eligible), ``acq_values`` float64 per-pick penalised gain
-        (exploration picks: penalised disagreement gain, or MaxMin distance),
+        (exploration picks: penalised disagreement gain, or NaN for MaxMin picks),
         ``diagnostics`` (counts, rounds, phase per pick, mean pairwise Tanimoto, config).
     """
     q = check_q(q)
@@ -323,7 +323,7 @@ def select_cold_start(
     """Cold start (no model): a representative (``coverage``), spread-out (``maxmin``) or
     random (``random``) batch.
 
-    ``coverage`` (default) is greedy facility location (``acquisition.coverage``): the
+    ``random`` is the default (``SelectionConfig.cold_start_method``). ``coverage`` is greedy facility location (``acquisition.coverage``): the
     picks that best cover the library by Tanimoto similarity, with the excluded (measured
     or in-flight) compounds counted as covered. ``maxmin`` maximises the smallest Tanimoto
     distance between picks, which favours the library's outliers. ``random`` is a seeded
@@ -375,7 +375,7 @@ def select_cold_start(
 def _leaders(fps: np.ndarray, exclude: np.ndarray, priority: np.ndarray | None) -> np.ndarray:
     """Eligible candidates with the top ``priority`` of their fingerprint (all eligible without one)."""
     eligible = np.flatnonzero(~exclude)
-    if priority is None:
+    if priority is None or len(eligible) == 0:
         return eligible
     _, group = np.unique(fps[eligible], axis=0, return_inverse=True)  # identical fingerprints
     group = group.ravel()

@@ -144,3 +144,15 @@ def test_phenotype_penalty_needs_profiles_with_one_row_per_candidate():
         penalized_greedy_select(values, fps, 3, phenotype_penalty=0.5, profiles=np.ones((5, 2)))
     with pytest.raises(ValueError, match=r"phenotype_penalty must be in \[0, 1\]"):
         penalized_greedy_select(values, fps, 3, phenotype_penalty=2.0, profiles=np.ones((len(fps), 2)))
+
+
+def test_maxmin_never_starts_from_an_excluded_compound_after_an_empty_fingerprint():
+    """An empty fingerprint (unparseable SMILES) has Tanimoto 0 to itself; the seeded first pick must
+    still be an eligible compound when a priority re-chooses among its identical twins."""
+    rng = np.random.default_rng(0)
+    fps = np.packbits(rng.random((4, 2048)) < 0.05, axis=1)
+    fps[0] = 0
+    exclude = np.array([False, True, False, False])
+    for seed in range(20):
+        picks = maxmin_select(fps, 2, seed=seed, exclude=exclude, priority=np.array([0.0, 5.0, 1.0, 2.0]))
+        assert 1 not in picks.tolist() and len(picks) == 2

@@ -234,3 +234,11 @@ def test_phenotype_penalty_errors():
         select_batch(values, fps, 4, SelectionConfig(phenotype_penalty=0.5), profiles=profiles[:, :-1])
     with pytest.raises(ValueError, match="finite"):
         select_batch(values, fps, 4, SelectionConfig(phenotype_penalty=0.5), profiles=profiles * np.nan)
+
+
+@pytest.mark.parametrize("method", ["random", "stratified", "maxmin", "coverage"])
+def test_cold_start_with_nothing_eligible_is_an_empty_batch(method):
+    fps = np.packbits(np.random.default_rng(0).random((5, 2048)) < 0.05, axis=1)
+    with pytest.warns(UserWarning):
+        out = select_cold_start(fps, 3, seed=0, exclude=np.ones(5, bool), priority=np.arange(5.0), method=method)
+    assert len(out.indices) == 0
