@@ -176,8 +176,9 @@ def maxmin_select(
     seed: int,
     exclude: np.ndarray | None = None,
     priority: np.ndarray | None = None,
+    anchors: np.ndarray | None = None,
 ) -> np.ndarray:
-    """MaxMin diverse subset (cold start), O(q N).
+    """MaxMin diverse subset (cold start, or exploration around a batch), O(q N).
 
     Args:
         fps_packed: ``uint8 N x B`` packed fingerprints.
@@ -189,6 +190,9 @@ def maxmin_select(
             fingerprints are identical, MaxMin then takes the highest dose). The random
             first pick is likewise moved to the highest-priority candidate with the same
             fingerprint.
+        anchors: indices already chosen (earlier picks of the batch, compounds in flight):
+            distances start from them, so the first pick is the eligible candidate farthest
+            from them (no random first pick) and no pick sits next to one.
 
     Returns:
         ``int64 (min(q, n_eligible),)`` indices in pick order; pick ``t > 0`` maximises
@@ -203,10 +207,17 @@ def maxmin_select(
     if n_pick == 0:
         return np.zeros(0, dtype=np.int64)
     counts = popcount_rows(fps)
-    rng = np.random.default_rng(seed)
-    first = int(rng.choice(np.flatnonzero(eligible)))
     min_distance = np.full(n, np.inf, dtype=np.float32)
-    if priority is not None:
+    anchors = np.zeros(0, dtype=np.int64) if anchors is None else np.unique(np.asarray(anchors, dtype=np.int64))
+    for start in range(0, len(anchors), 4096):
+        block = fps[anchors[start:start + 4096]]
+        distance = 1.0 - tanimoto_to_set(fps, block, counts=counts)
+        np.minimum(min_distance, distance, out=min_distance)
+    if len(anchors):
+        first = _best_of(np.where(eligible, min_distance, -np.inf), priority)
+    else:
+        first = int(np.random.default_rng(seed).choice(np.flatnonzero(eligible)))
+    if priority is not None and not len(anchors):
         same = eligible & (1.0 - tanimoto_to_set(fps, fps[first:first + 1], counts=counts) <= 0.0)
         same[first] = True  # an empty fingerprint has Tanimoto 0 even to itself: never an empty choice
         first = _best_of(np.where(same, 0.0, -np.inf), priority)

@@ -287,9 +287,10 @@ def _mean_profiles(profiles: np.ndarray | Tensor | None, n_members: int, n: int)
 
 def _capped_maxmin(fps: np.ndarray, q: int, seed: int, blocked: np.ndarray,
                    scaffold_ids: np.ndarray | None, cap: int | None, counted: np.ndarray) -> list[int]:
-    """MaxMin honouring the scaffold cap: re-run on open scaffolds until q or exhausted."""
+    """MaxMin away from ``counted`` (the batch's earlier picks and the pending compounds), honouring
+    the scaffold cap: re-run on open scaffolds until q or exhausted."""
     if scaffold_ids is None or cap is None:
-        return maxmin_select(fps, q, seed, blocked).tolist()
+        return maxmin_select(fps, q, seed, blocked, anchors=counted).tolist()
     blocked = blocked.copy()
     counts: dict[int, int] = {}
     for index in counted:
@@ -298,7 +299,8 @@ def _capped_maxmin(fps: np.ndarray, q: int, seed: int, blocked: np.ndarray,
     while len(picks) < q:
         full = [key for key, count in counts.items() if count >= cap]
         candidates = maxmin_select(fps, q - len(picks), seed + len(picks),
-                                   blocked | np.isin(scaffold_ids, full))
+                                   blocked | np.isin(scaffold_ids, full),
+                                   anchors=np.concatenate([np.asarray(counted, np.int64), picks]).astype(np.int64))
         accepted = 0
         for index in candidates.tolist():
             key = int(scaffold_ids[index])

@@ -156,3 +156,20 @@ def test_maxmin_never_starts_from_an_excluded_compound_after_an_empty_fingerprin
     for seed in range(20):
         picks = maxmin_select(fps, 2, seed=seed, exclude=exclude, priority=np.array([0.0, 5.0, 1.0, 2.0]))
         assert 1 not in picks.tolist() and len(picks) == 2
+
+
+def test_maxmin_around_anchors_starts_farthest_from_them():
+    """With anchors (earlier picks, compounds in flight) the first pick is the eligible candidate
+    farthest from them, deterministically, and every pick's distance to the anchors is counted."""
+    rng = np.random.default_rng(1)
+    centres = rng.random((3, 2048)) < 0.05
+    bits = np.repeat(centres, 10, axis=0) ^ (rng.random((30, 2048)) < 0.005)  # 3 clusters of 10
+    fps = np.packbits(bits, axis=1)
+    anchors = np.array([0, 10])  # clusters 0 and 1 are already in the batch
+    exclude = np.zeros(30, bool)
+    exclude[anchors] = True
+    a = maxmin_select(fps, 1, seed=0, exclude=exclude, anchors=anchors)
+    b = maxmin_select(fps, 1, seed=99, exclude=exclude, anchors=anchors)
+    assert a.tolist() == b.tolist() and 20 <= a[0] < 30  # the one cluster with nothing in the batch
+    distance_to_anchors = 1 - tanimoto_to_set(fps, fps[anchors])
+    assert a[0] == int(np.argmax(np.where(exclude, -np.inf, distance_to_anchors)))
