@@ -20,8 +20,13 @@ Validation is strict; every problem raises :class:`ResultsError` naming the file
 well: empty files, a final line without newline (a file cut mid-write), ragged rows, duplicate
 or missing required columns, non-numeric values in numeric columns, ``Metadata_Plate`` not equal
 to the plate folder's barcode, unparseable wells, object counts that disagree with Image.csv's
-``Count_*`` (a file cut at a row boundary), missing object tables, unreadable TIFFs, missing
-channels.
+``Count_*`` (a file cut at a row boundary), missing object tables, repeated or empty object keys,
+unreadable TIFFs, missing channels, several images of one field and channel (focal planes or
+time points). Plates and wells are read as text (a barcode ``000123`` stays ``000123``).
+
+With ``crop_px``, single-cell crops are cut from the plate's ``Images/`` at each cell's nucleus
+centre (:class:`PlateResult` ``crops``), the input ``loop ingest --crops-px`` stores for the image
+assay.
 """
 
 from __future__ import annotations

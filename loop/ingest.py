@@ -79,21 +79,22 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
                                                                                    results_dir))
                     for plate, well_map in plans]
         reports = []
-        for plate, well_map, tables in profiled:
-            if tables is None:
+        for plate, well_map, wells in profiled:
+            if wells is None:
                 log.info("plate %s: these results were already imported; nothing to do", plate.barcode)
                 reports.append(PlateQC(barcode=plate.barcode, status="already imported"))
                 continue
-            reports.append(_record_plate(campaign, plate, well_map, *tables))
+            reports.append(_record_plate(campaign, plate, well_map, annotate_cells(plate.cells, well_map), wells))
     return reports
 
 
 def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame,
-                   results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(annotated single cells, normalised well profiles) of one plate; errors name its folder."""
-    cells = annotate_cells(plate.cells, well_map)
+                   results_dir: Path) -> pd.DataFrame:
+    """Normalised well profiles of one plate (small: the annotated single cells are made again when
+    the plate is written, so a multi-plate import never holds two copies of every plate's cells);
+    errors name its folder."""
     try:
-        return cells, well_profiles(cells, campaign.config.hit_sd)
+        return well_profiles(annotate_cells(plate.cells, well_map), campaign.config.hit_sd)
     except (IngestError, ValueError) as err:
         raise IngestError(f"{results_dir / plate.barcode}: plate {plate.barcode}: {err}") from err
 
