@@ -58,18 +58,22 @@ def read_profile_table(path: Path) -> ProfileTable:
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; found {list(frame.columns[:8])}...")
-    for col in IDENTIFIERS:
-        empty = frame[col].isna().to_numpy() | (frame[col].astype(str).str.strip() == "").to_numpy()
-        if empty.any():
-            row = int(np.flatnonzero(empty)[0])
-            raise ValueError(f"{path}: row {row + 2}: empty {col} ({int(empty.sum())} such rows); every well needs "
-                             f"a plate, a well and a compound (the control label for control wells)")
+    empty = np.zeros(len(frame), dtype=bool)
+    for col in IDENTIFIERS:  # e.g. empty wells listed without a compound: not a condition, left out
+        empty |= frame[col].isna().to_numpy() | (frame[col].astype(str).str.strip() == "").to_numpy()
+    if empty.all():
+        raise ValueError(f"{path}: every row lacks a plate, a well or a compound")
+    if empty.any():
+        log.warning("%s: %d row(s) without a plate, well or compound left out (first: row %d)", path,
+                    int(empty.sum()), int(np.flatnonzero(empty)[0]) + 2)
+        frame = frame[~empty].reset_index(drop=True)
     frame = frame.assign(**{c: frame[c].astype(str).str.strip() for c in IDENTIFIERS})
     repeated = frame.duplicated([META_PLATE, META_WELL])
-    if repeated.any():
+    if repeated.any():  # e.g. one row per site: kept, each a replicate of its condition
         row = int(np.flatnonzero(repeated.to_numpy())[0])
-        raise ValueError(f"{path}: row {row + 2} repeats plate {frame[META_PLATE].iloc[row]} well "
-                         f"{frame[META_WELL].iloc[row]} (a profile table has one row per well)")
+        log.warning("%s: %d row(s) repeat a plate and well (first: plate %s well %s); each is kept as a "
+                    "replicate of its condition", path, int(repeated.sum()), frame[META_PLATE].iloc[row],
+                    frame[META_WELL].iloc[row])
     features = [c for c in frame.columns if not c.startswith("Metadata_")]
     text = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
     if text:  # e.g. CellProfiler's Image_FileName_* / Image_PathName_* left in a table

@@ -48,13 +48,18 @@ def test_dose_that_is_not_a_number_names_the_row(tmp_path):
         read_profile_table(tmp_path / "u.csv")
 
 
-def test_identifiers_are_text_never_empty_and_one_row_per_well(tmp_path):
+def test_identifiers_are_text_rows_without_them_left_out_and_repeats_kept(tmp_path, caplog):
     frame = _table().assign(Metadata_Plate=["0101", "0101"])
     frame.to_csv(tmp_path / "t.csv", index=False)
     assert read_profile_table(tmp_path / "t.csv").frame["Metadata_Plate"].tolist() == ["0101", "0101"]
     frame.assign(Metadata_compound=["DMSO", None]).to_csv(tmp_path / "empty.csv", index=False)
-    with pytest.raises(ValueError, match=r"empty.csv: row 3: empty Metadata_compound"):
-        read_profile_table(tmp_path / "empty.csv")
+    with caplog.at_level("WARNING"):
+        table = read_profile_table(tmp_path / "empty.csv")
+    assert table.frame["Metadata_compound"].tolist() == ["DMSO"] and "1 row(s) without a plate" in caplog.text
+    frame.assign(Metadata_compound=[None, None]).to_csv(tmp_path / "none.csv", index=False)
+    with pytest.raises(ValueError, match="none.csv: every row lacks"):
+        read_profile_table(tmp_path / "none.csv")
     frame.assign(Metadata_Well=["A01", "A01"]).to_csv(tmp_path / "twice.csv", index=False)
-    with pytest.raises(ValueError, match=r"twice.csv: row 3 repeats plate 0101 well A01"):
-        read_profile_table(tmp_path / "twice.csv")
+    with caplog.at_level("WARNING"):
+        assert len(read_profile_table(tmp_path / "twice.csv").frame) == 2
+    assert "repeat a plate and well (first: plate 0101 well A01)" in caplog.text
