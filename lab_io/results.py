@@ -366,6 +366,17 @@ def _phenix_groups(plate_dir: Path, barcode: str) -> dict[tuple[str, int], dict[
     return groups
 
 
+def _channel_layout(groups: dict[tuple[str, int], dict[int, Path]], channel_names: Sequence[str] | None,
+                    plate_dir: Path, barcode: str) -> tuple[list[int], list[str]]:
+    """The plate's Phenix channel numbers (sorted) and their names, which must be as many."""
+    all_channels = sorted({c for chans in groups.values() for c in chans})
+    names = _channel_names(len(all_channels), channel_names)
+    if len(names) != len(all_channels):
+        raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}): {len(all_channels)} channels {all_channels} "
+                           f"but {len(names)} channel names {names}")
+    return all_channels, names
+
+
 def _read_field(plate_dir: Path, barcode: str, well: str, site: int, chans: dict[int, Path],
                 all_channels: list[int], read_bytes) -> np.ndarray:
     """One field's channels -> ``C x H x W`` (``read_bytes(path)`` returns a file's bytes)."""
@@ -397,11 +408,7 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
     from lab_io.morphology import measure_field
 
     groups = _phenix_groups(plate_dir, barcode)
-    all_channels = sorted({c for chans in groups.values() for c in chans})
-    names = _channel_names(len(all_channels), channel_names)
-    if len(names) != len(all_channels):
-        raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}): {len(all_channels)} channels {all_channels} "
-                           f"but {len(names)} channel names {names}")
+    all_channels, names = _channel_layout(groups, channel_names, plate_dir, barcode)
     hasher = hashlib.sha256()
     sources: list[str] = []
     frames = []
@@ -425,8 +432,7 @@ def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, chann
     if not (plate_dir / "Images").is_dir():
         return None
     groups = _phenix_groups(plate_dir, barcode)
-    all_channels = sorted({c for chans in groups.values() for c in chans})
-    names = _channel_names(len(all_channels), channel_names)
+    all_channels, names = _channel_layout(groups, channel_names, plate_dir, barcode)
     for (well, site), field_cells in cells.groupby([META_WELL, META_SITE], sort=True):
         chans = groups.get((well, int(site)))
         if chans is None:

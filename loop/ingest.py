@@ -165,17 +165,12 @@ def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame
     cells_path = campaign.measurements_dir / f"{plate.barcode}.cells.parquet"
     profiles_path = campaign.measurements_dir / f"{plate.barcode}.wells.parquet"
     written = _write_parquets({cells_path: cells, profiles_path: wells})
-    if plate.crops is not None:
-        try:
-            written.append(_write_plate_crops(campaign, plate, well_map))
-        except Exception:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
     n_cells = cells.groupby(META_WELL).size()
     measured = wells.set_index(META_WELL)
     mapped = well_map[well_map["role"] != WellRole.empty.value]
     try:
+        if plate.crops is not None:
+            written.append(_write_plate_crops(campaign, plate, well_map))
         with campaign.session() as session:
             # Every mapped well gets a row: a well the lab imaged but where no cell survived
             # (e.g. a toxic compound) is a measurement too, with n_cells = 0 and no profile.
@@ -204,10 +199,15 @@ def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame
             session.add(db_plate)
             session.commit()
     except Exception:
-        for path in written:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove(written)
         raise
     return _qc(plate.barcode, wells, n_cells, well_map)
+
+
+def _remove(paths: list[Path]) -> None:
+    """Undo this import's files (a crops folder too) when a later step fails."""
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _write_plate_crops(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame) -> Path:
@@ -246,8 +246,7 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
             os.replace(tmp, path)
             written.append(path)
     except Exception:
-        for path in written:
-            path.unlink(missing_ok=True)
+        _remove(written)
         raise
     return written
 
