@@ -494,25 +494,25 @@ def _best_penalized(scorer: _Scorer, eligible: Tensor, penalties: list[tuple[_An
     """Lazy evaluation: score top-gain candidates until no unscored one can win.
 
     Unscored candidates have gain <= the smallest scored gain (``bound``) and penalty
-    factors <= 1, so once the best score reaches ``bound`` the winner is final. Returns
-    the winner, its score, gain and max Tanimoto to the anchors.
+    factors <= 1, so once the best score exceeds ``bound`` the winner is final (at equality an
+    unscored candidate could tie it with a lower index, so the shortlist grows). Returns the
+    winner, its score, gain and max Tanimoto to the anchors (``penalties[0]``'s cache, reported
+    whether or not its penalty is on).
     """
     size = shortlist
     while True:
         top_idx, top_gains, bound = scorer.top(size, eligible)
         factor = np.ones(len(top_idx))
-        tanimoto = np.zeros(len(top_idx), np.float32)
-        for k, (cache, penalty) in enumerate(penalties):
+        for cache, penalty in penalties:
             if penalty > 0:
-                sims = cache.similarity(top_idx)
-                factor = factor * np.clip(1.0 - penalty * sims, 0.0, None)
-                tanimoto = sims if k == 0 else tanimoto
+                factor = factor * np.clip(1.0 - penalty * cache.similarity(top_idx), 0.0, None)
         scores = top_gains * factor
         best_score = scores.max()
         winner = int(np.min(top_idx[scores == best_score]))  # ties -> lowest index
         pos = int(np.flatnonzero(top_idx == winner)[0])
-        if best_score >= bound:
-            return winner, float(best_score), float(top_gains[pos]), float(tanimoto[pos])
+        if best_score > bound or bound == -math.inf:
+            tanimoto = float(penalties[0][0].similarity(np.array([winner]))[0])
+            return winner, float(best_score), float(top_gains[pos]), tanimoto
         size *= 4
 
 

@@ -173,3 +173,43 @@ def test_maxmin_around_anchors_starts_farthest_from_them():
     assert a.tolist() == b.tolist() and 20 <= a[0] < 30  # the one cluster with nothing in the batch
     distance_to_anchors = 1 - tanimoto_to_set(fps, fps[anchors])
     assert a[0] == int(np.argmax(np.where(exclude, -np.inf, distance_to_anchors)))
+
+
+def _penalized_reference(u, fps, q, penalty, pending=()):
+    """One member: the greedy's score is ``(u_i - min u) * (1 - penalty * max Tanimoto to picks +
+    pending)``, every candidate scored at every step, ties -> lowest index."""
+    anchors, picks = list(pending), []
+    eligible = np.ones(len(u), dtype=bool)
+    eligible[list(pending)] = False
+    gain = u - u[eligible].min()
+    for _ in range(q):
+        sims = tanimoto_to_set(fps, fps[anchors]) if anchors else np.zeros(len(u), np.float32)
+        score = np.where(eligible, gain * np.clip(1 - penalty * sims, 0, None), -np.inf)
+        best = int(np.flatnonzero(score == score.max())[0])
+        picks.append(best)
+        anchors.append(best)
+        eligible[best] = False
+    return picks
+
+
+def test_lazy_penalized_greedy_breaks_exact_ties_like_scoring_everything():
+    rng = np.random.default_rng(3)
+    distinct = _random_fps(40, 5)
+    fps = distinct[rng.integers(0, 40, 600)]  # duplicated fingerprints: exact ties in the score
+    u = rng.integers(0, 4, 600).astype(np.float64)
+    for penalty in (0.0, 0.5):
+        result = penalized_greedy_select(torch.as_tensor(u[None]), fps, 30, "mean", diversity_penalty=penalty,
+                                         pending=np.array([7]), shortlist=4)
+        assert result.indices.tolist() == _penalized_reference(u, fps, 30, penalty, pending=[7])
+
+
+def test_max_similarity_reports_tanimoto_even_without_the_tanimoto_penalty():
+    values, fps, _ = clustered_toy()
+    profiles = np.random.default_rng(0).standard_normal((values.shape[1], 5))
+    result = penalized_greedy_select(values, fps, 5, "mean", diversity_penalty=0.0, pending=np.array([0]),
+                                     profiles=profiles, phenotype_penalty=0.5)
+    anchors = [0]
+    for pick, sim in zip(result.indices, result.max_similarity):
+        assert sim == pytest.approx(float(tanimoto_to_set(fps[[pick]], fps[anchors])[0]), abs=1e-6)
+        anchors.append(int(pick))
+    assert result.max_similarity.max() > 0.5  # the toy's clusters are near-duplicates
