@@ -482,6 +482,8 @@ def predict_with_cache(
     t0 = time.perf_counter()
     if len(missing):
         rows = unique_rows[missing]
+        log.info("virtual assay %s: simulating %d compounds x %d member(s), %d cells each (%d from cache)...",
+                 assay.version, len(missing), n_members, n_cells, int(found.sum()))
         if executor == "ray":
             blocks = _simulate_sharded(assay, fingerprints[rows], dose[rows], settings, batch_size, n_shards,
                                        ray_address)
@@ -499,6 +501,9 @@ def predict_with_cache(
             if cache is not None:
                 cache.put(assay.version, keys[rows[part]], dose[rows[part]], act, settings,
                           profiles=prof, feature_names=list(assay.feature_names))
+            if len(part) < len(missing):  # progress of a long simulation, chunk by chunk
+                log.info("virtual assay %s: %d more simulated (%.0f s so far)", assay.version, len(part),
+                         time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     if len(missing):
         log.info("virtual assay %s: simulated %d compounds (K=%d, %s) in %.1f s; %d from cache",

@@ -101,7 +101,9 @@ def default_channel_names(n_channels: int) -> tuple[str, ...]:
 
 def _read_images(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise CropsError(f"{path}: missing (a crops folder needs {IMAGES_FILE})")
+        raise CropsError(f"{path}: missing (a crops folder needs {IMAGES_FILE}; a folder of <barcode>.crops "
+                         "folders, as `loop ingest RESULTS --crops-px N` writes into a campaign's measurements, "
+                         "is read as their union)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if IMAGES_KEY not in npz.files:

@@ -72,7 +72,9 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
 
     control_mask: boolean array/Series aligned with ``profiles`` rows. Every group must contain
     at least one control well (ValueError naming the group otherwise). Returns a copy with the
-    features replaced by normalised values; metadata columns untouched.
+    features replaced by normalised values; metadata columns untouched. A feature whose control
+    wells in a group all share one value (MAD or sd 0, e.g. an integer background intensity) is
+    NaN in that group: no control scale exists to express it in (:func:`unscaled_features`).
     """
     if method not in ("robust_z", "standardize"):
         raise ValueError(f"method must be 'robust_z' or 'standardize', got {method!r}")
@@ -98,9 +100,19 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
             else:
                 center = np.nanmean(ctrl, axis=0)
                 scale = np.nanstd(ctrl, axis=0)
+        # a feature the group's controls do not vary in at all has no control scale: its z is
+        # undefined (NaN), not (x - median) / eps, which reached 1e6 for integer-valued features
+        scale = np.where(scale > 0, scale, np.nan)
         result[rows] = (values[rows] - center) / (scale + eps)
     out[feats] = result
     return out
+
+
+def unscaled_features(normalized: pd.DataFrame, features: Sequence[str]) -> list[str]:
+    """Features of a :func:`normalize_to_controls` output with a missing value (where every input
+    value was finite, these are the features some group's controls do not vary in)."""
+    values = normalized[list(features)].to_numpy(dtype=np.float64)
+    return [f for f, ok in zip(features, np.isfinite(values).all(axis=0)) if not ok]
 
 
 def phenotypic_activity(normalized: pd.DataFrame | np.ndarray, features: Sequence[str] | None = None,

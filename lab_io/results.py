@@ -90,6 +90,10 @@ class PlateResult:
     from_images: bool = False
     skipped_sites: tuple[str, ...] = ()
     crops: CropSet | None = None  # single-cell crops when read with crop_px (plate, well, site, object_number)
+    # wells with at least one field read (an Image.csv row with object tables, or a Phenix field),
+    # cells or not; None where unknown. A mapped well missing here was not delivered, which is not
+    # the same as a well the lab imaged and found no cell in.
+    imaged_wells: tuple[str, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,8 +267,9 @@ def _check_counts(image: pd.DataFrame, tables: dict[str, pd.DataFrame], site_dir
 
 
 def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_dir: Path,
-               allow_missing_objects: bool) -> pd.DataFrame | None:
-    """One site folder -> single-cell rows, or None when it has only Image.csv and that is allowed."""
+               allow_missing_objects: bool, imaged: set[str]) -> pd.DataFrame | None:
+    """One site folder -> single-cell rows, or None when it has only Image.csv and that is allowed;
+    its wells join ``imaged`` once its object tables are read."""
     hint = _site_well_hint(site_dir, barcode)
     image_path = site_dir / "Image.csv"
     if not image_path.exists():
@@ -286,6 +291,7 @@ def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_d
         path = site_dir / f"{comp}.csv"
         tables[comp] = _read_csv_strict(path, _read_file(path, plate_dir, hasher, sources), barcode, well, comp)
     _check_counts(image, tables, site_dir, barcode)
+    imaged.update(image[META_WELL].astype(str))
     return merge_compartments(image, tables["Nuclei"], tables["Cells"], tables["Cytoplasm"])
 
 
@@ -307,13 +313,13 @@ def _site_sort_key(site_dir: Path) -> tuple:
 def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -> PlateResult:
     hasher = hashlib.sha256()
     sources: list[str] = []
-    frames, skipped = [], []
+    frames, skipped, imaged = [], [], set()
     site_dirs = sorted((p for p in (plate_dir / "analysis").iterdir() if p.is_dir() and not p.name.startswith(".")),
                        key=_site_sort_key)  # hidden folders (.ipynb_checkpoints) are not sites
     if not site_dirs:
         raise ResultsError(f"{plate_dir / 'analysis'} (plate {barcode}, well unknown): no site folders")
     for site_dir in site_dirs:
-        cells = _read_site(site_dir, barcode, hasher, sources, plate_dir, allow_missing_objects)
+        cells = _read_site(site_dir, barcode, hasher, sources, plate_dir, allow_missing_objects, imaged)
         if cells is None:
             skipped.append(site_dir.name)
         else:
@@ -323,7 +329,7 @@ def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -
     cells = pd.concat(frames, ignore_index=True)
     _check_unique_sites(cells, plate_dir, barcode)
     return PlateResult(barcode, cells, len(frames), tuple(sources), hasher.hexdigest(), from_images=False,
-                       skipped_sites=tuple(skipped))
+                       skipped_sites=tuple(skipped), imaged_wells=tuple(sorted(imaged)))
 
 
 def _check_unique_sites(cells: pd.DataFrame, plate_dir: Path, barcode: str) -> None:
@@ -422,7 +428,8 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
             crops.add(well, site, field, frames[-1], names)
     cells = pd.concat(frames, ignore_index=True)
     return PlateResult(barcode, cells, len(groups), tuple(sources), hasher.hexdigest(), from_images=True,
-                       crops=None if crops is None else crops.result())
+                       crops=None if crops is None else crops.result(),
+                       imaged_wells=tuple(sorted({well for well, _ in groups})))
 
 
 def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, channel_names: Sequence[str] | None,

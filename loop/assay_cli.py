@@ -65,7 +65,9 @@ def _fail(msg: str) -> None:
 
 @assay_app.command("train")
 def train(
-    data: Path = typer.Option(..., "--data", help="Crops folder (crops.npz + crops_metadata.csv)."),
+    data: Path = typer.Option(..., "--data", help="Crops folder (crops.npz + crops_metadata.csv), or a folder of "
+                              "them such as a campaign's measurements/ (the <barcode>.crops folders `loop ingest "
+                              "--crops-px` writes), read as their union."),
     out: Path = typer.Option(..., "--out", help="Model folder (created; an existing one is resumed)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="Source of the flow: noise | control (default: control)."),
     members: int = typer.Option(1, "--members", min=1, help="Ensemble size K."),
@@ -94,7 +96,11 @@ def train(
     plain_decode: bool = typer.Option(False, "--plain-decode", help="Decode without the shot-noise gain on the "
                                       "transferred detail and without the plate's pixel floor (the decoding of "
                                       "models saved before both; see models.image_assay)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Flow batch (default 128; a multiple of "
+                                            "--block-size)."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="Cells per plate block of a flow batch, "
+                                             "the set each exact OT pairing is solved on (default 32; divides "
+                                             "--batch-size)."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="Flow learning rate after warm-up: "
                                               "constant | cosine (decays to 0 at the last step)."),
     time_scheme: Optional[str] = typer.Option(None, "--time-scheme", help="uniform | logit_normal (default)."),
@@ -119,6 +125,7 @@ def train(
         dit = _override(base.flow.dit, hidden_dim=hidden_dim, depth=depth, n_heads=heads, prior_scale=prior_scale,
                         final_conv=final_conv, dose_gate=dose_gate)
         flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
+                         block_size=block_size,
                          time_scheme=time_scheme, lr_schedule=lr_schedule, source_noise=source_noise,
                          guidance_scale=guidance)
         if plain_decode:

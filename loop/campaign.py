@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, select
 
 from loop import store
 
@@ -65,6 +67,44 @@ class CampaignConfig:
     lab_world_seed: int = 0
     # A well is a hit when its activity exceeds the plate's DMSO activity mean + hit_sd x sd.
     hit_sd: float = 3.0
+    # Identity, drawn by `loop init` and written into the store too: plate barcodes carry its first
+    # four characters (LP3F9A-0001), so one campaign's results are not taken for another's plates,
+    # and a store that is not this campaign's is refused. Empty in campaigns made before it existed.
+    campaign_id: str = ""
+
+    @property
+    def barcode_tag(self) -> str:
+        """What plate barcodes carry between the prefix and the plate number (``"3F9A-"``; ``""``
+        for campaigns without an id, whose barcodes stay ``LP0001``)."""
+        return f"{self.campaign_id[:4].upper()}-" if self.campaign_id else ""
+
+    def validate(self, source: str) -> None:
+        """Build every section's typed config, so a bad value fails at ``loop init`` naming ``source``
+        and the section, not at a later ``propose``. CampaignError otherwise."""
+        from acquisition.funnel import FunnelConfig
+        from acquisition.objectives import ObjectiveConfig
+        from acquisition.select import SelectionConfig
+        from lab_io.platemap import PlateLayoutConfig
+        from lab_io.synthetic_lab import SyntheticLabConfig
+        from models.config import FeatureAssayConfig
+
+        checks = {
+            "seed": lambda: _check_int(self.seed),
+            "dose_um": lambda: _check_positive(self.dose_um),
+            "hit_sd": lambda: _check_positive(self.hit_sd),
+            "lab_world_seed": lambda: _check_int(self.lab_world_seed),
+            "layout": lambda: PlateLayoutConfig(**self.layout),
+            "selection": lambda: SelectionConfig(**self.selection),
+            "funnel": lambda: FunnelConfig.from_dict(self.funnel),
+            "objective": lambda: ObjectiveConfig.from_dict(self.objective),
+            "assay": lambda: FeatureAssayConfig(**self.assay),
+            "lab": lambda: SyntheticLabConfig(**self.lab),
+        }
+        for key, check in checks.items():
+            try:
+                check()
+            except (TypeError, ValueError) as exc:
+                raise CampaignError(f"{source}: {key!r}: {exc}") from exc
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -83,6 +123,16 @@ class CampaignError(RuntimeError):
     """A campaign folder is missing, malformed or inconsistent."""
 
 
+def _check_int(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, got {value!r}")
+
+
+def _check_positive(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a number > 0, got {value!r}")
+
+
 class Campaign:
     """A campaign folder, its config and its store."""
 
@@ -94,15 +144,22 @@ class Campaign:
     # -- opening -----------------------------------------------------------------------
     @classmethod
     def init(cls, root: Path, config: CampaignConfig | None = None, db_url: str | None = None) -> "Campaign":
+        """Create the campaign folder and its store; ``config`` gets a fresh ``campaign_id`` (one
+        copied from another campaign's ``campaign.json`` is replaced)."""
         root = Path(root)
         if (root / CONFIG_FILE).exists():
             raise CampaignError(f"{root / CONFIG_FILE} already exists: this folder is a campaign")
+        config = dataclasses.replace(config or CampaignConfig(), campaign_id=uuid.uuid4().hex[:12])
+        config.validate("campaign config")
         root.mkdir(parents=True, exist_ok=True)
-        config = config or CampaignConfig()
-        _atomic_write_text(root / CONFIG_FILE, config.to_json())
+        engine = open_store(resolve_db_url(root, db_url))
+        with Session(engine) as session:
+            session.add(store.CampaignRecord(campaign_id=config.campaign_id))
+            session.commit()
         for sub in ("library", "rounds", "measurements", "models"):
             (root / sub).mkdir(exist_ok=True)
-        return cls(root, config, store.make_engine(resolve_db_url(root, db_url)))
+        _atomic_write_text(root / CONFIG_FILE, config.to_json())
+        return cls(root, config, engine)
 
     @classmethod
     def open(cls, root: Path, db_url: str | None = None) -> "Campaign":
@@ -114,7 +171,19 @@ class Campaign:
             config = CampaignConfig.from_json(path.read_text())
         except (ValueError, TypeError) as exc:
             raise CampaignError(f"{path}: {exc}") from exc
-        return cls(root, config, store.make_engine(resolve_db_url(root, db_url)))
+        url = resolve_db_url(root, db_url)
+        if config.campaign_id and _missing_sqlite_file(url):  # opening it would create an empty store
+            raise CampaignError(f"{root}: its store {url} does not exist; if the campaign was created with "
+                                "--db-url (or LOOP_DB_URL), pass the same one")
+        engine = open_store(url)
+        if config.campaign_id:
+            with Session(engine) as session:
+                ids = session.exec(select(store.CampaignRecord.campaign_id)).all()
+            if config.campaign_id not in ids:
+                raise CampaignError(f"{root}: the store {url} is not this campaign's (it holds "
+                                    f"{', '.join(ids) or 'no campaign'}; {path} is campaign "
+                                    f"{config.campaign_id}); pass the --db-url (or LOOP_DB_URL) it was created with")
+        return cls(root, config, engine)
 
     def session(self) -> Session:
         return Session(self.engine)
@@ -201,6 +270,21 @@ class Campaign:
         tmp = self.fingerprints_path.with_suffix(".tmp.npy")
         np.save(tmp, np.ascontiguousarray(fingerprints, dtype=np.uint8))
         os.replace(tmp, self.fingerprints_path)
+
+
+def open_store(url: str) -> Engine:
+    """``store.make_engine(url)``, with a URL that cannot be opened (unparsable, a missing driver, an
+    unreachable server or folder) as a CampaignError naming it."""
+    try:
+        return store.make_engine(url)
+    except (ImportError, SQLAlchemyError) as exc:
+        raise CampaignError(f"cannot open the store {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
+            from exc
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    prefix = "sqlite:///"
+    return url.startswith(prefix) and url != prefix + ":memory:" and not Path(url[len(prefix):]).exists()
 
 
 def resolve_db_url(root: Path, db_url: str | None) -> str:

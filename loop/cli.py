@@ -26,6 +26,8 @@ profiles_app = typer.Typer(help="Profile tables (pycytominer style).", no_args_i
 app.add_typer(profiles_app, name="profiles")
 objective_app = typer.Typer(help="What proposals maximise: activity, or a target phenotype.", no_args_is_help=True)
 app.add_typer(objective_app, name="objective")
+round_app = typer.Typer(help="Proposed rounds.", no_args_is_help=True)
+app.add_typer(round_app, name="round")
 
 console = Console(stderr=True)
 out = Console()
@@ -93,7 +95,13 @@ def init(
 
     with _cli_errors():
         if config is not None:
-            cfg = CampaignConfig.from_json(config.read_text())
+            if not config.is_file():
+                raise FileNotFoundError(f"{config}: no such campaign config file")
+            try:
+                cfg = CampaignConfig.from_json(config.read_text())
+                cfg.validate(str(config))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{config}: {exc}") from exc
         else:
             cfg = CampaignConfig(seed=seed, dose_um=dose_um,
                                  layout=dict(n_negative_controls=n_controls, empty_edge=empty_edge))
@@ -134,7 +142,9 @@ def library_add(
 @app.command()
 def train(
     executor: str = typer.Option("local", help="local | ray"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
+                                              help="Ray cluster to train members on (with --executor ray; "
+                                                   "default: a local Ray)."),
     members: Optional[int] = typer.Option(None, "--members", help="Ensemble size (default from config)."),
 ):
     """Train a new virtual-assay ensemble on everything ingested."""
@@ -166,7 +176,7 @@ def propose(
     budget: int = typer.Option(384, "--budget", help="Wells to fill, controls included."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the plate files "
                                                                "(default: a round folder in the campaign)."),
-    policy: str = typer.Option("loop", help="loop | random | greedy_mean | diversity_only"),
+    policy: str = typer.Option("loop", help="loop | random | greedy_mean | ucb_topk | diversity_only"),
     seed: Optional[int] = typer.Option(None, help="Seed (default: derived from campaign seed and round)."),
 ):
     """Score candidates with the virtual assay and write plate maps for the lab."""
@@ -259,6 +269,10 @@ def ingest(
                                            "size from the plates' images into measurements/<barcode>.crops "
                                            "(what `loop assay train --data <campaign>/measurements` reads)."),
     crops_per_well: int = typer.Option(64, "--crops-per-well", min=1, help="At most this many crops a well."),
+    allow_missing_wells: bool = typer.Option(False, "--allow-missing-wells", help="Import plates some mapped "
+                                             "wells of which were not delivered (no image, no Image.csv row), "
+                                             "without those wells: their compounds stay candidates. Without it "
+                                             "such a plate is an error naming the wells."),
 ):
     """Import plate results (one transaction per plate; re-imports are no-ops)."""
     from loop.ingest import ingest_results
@@ -268,12 +282,16 @@ def ingest(
         if not results_dir.exists():
             raise FileNotFoundError(f"{results_dir}: no such results folder")
         with console.status("reading and checking results..."):
-            reports = ingest_results(campaign, results_dir, crop_px=crops_px, crops_per_well=crops_per_well)
+            reports = ingest_results(campaign, results_dir, crop_px=crops_px, crops_per_well=crops_per_well,
+                                     allow_missing_wells=allow_missing_wells)
     table = Table(title="ingest QC")
     for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits",
                 "missing wells"):
         table.add_column(col)
     for r in reports:
+        if r.status != "imported":  # nothing new was measured: no figures to show
+            table.add_row(r.barcode, r.status, *["-"] * 6)
+            continue
         table.add_row(r.barcode, r.status, str(r.n_wells), str(r.n_cells),
                       f"{r.cells_per_well_median:.0f}, {r.cells_per_well_min}",
                       f"{r.control_activity_mean:.2f} ± {r.control_activity_sd:.2f}", str(r.n_hits),
@@ -281,9 +299,20 @@ def ingest(
     out.print(table)
 
 
+@round_app.command("cancel")
+def round_cancel(round_index: int = typer.Argument(..., metavar="N", help="Round number (rounds/round-NNN).")):
+    """Cancel a round whose plates will not be run: its compounds become candidates again and its
+    results are refused if they come back (the round's files and records stay)."""
+    from loop.propose import cancel_round
+
+    with _cli_errors():
+        barcodes = cancel_round(_open(), round_index)
+    out.print(f"round {round_index} cancelled: {', '.join(barcodes)}")
+
+
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """Rounds, plates pending and returned, compounds, measurements, model versions, hits, objective."""
+    """Rounds, plates pending, returned and cancelled, compounds, measurements, model versions, hits, objective."""
     from loop.status import campaign_status
 
     with _cli_errors():

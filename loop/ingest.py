@@ -44,7 +44,7 @@ class IngestError(ValueError):
 @dataclass(frozen=True)
 class PlateQC:
     barcode: str
-    status: str  # imported | already imported
+    status: str  # imported | already imported | crops added (already imported; --crops-px cut its crops now)
     n_wells: int = 0
     n_cells: int = 0
     cells_per_well_median: float = 0.0
@@ -56,9 +56,16 @@ class PlateQC:
 
 
 def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
-                   crops_per_well: int = 64) -> list[PlateQC]:
+                   crops_per_well: int = 64, allow_missing_wells: bool = False) -> list[PlateQC]:
     """Import every plate under ``results_dir``; nothing is written unless all plates check out and
     every plate's profiles can be computed.
+
+    A mapped well with no delivered field at all (no Image.csv row, no image) makes its plate an
+    error naming the wells: a partial copy of the lab's export would otherwise be taken for wells
+    without cells and their compounds for measured. ``allow_missing_wells``: import such plates
+    without those wells (no measurement is stored for them, so their compounds stay candidates;
+    the plate cannot be imported again later). A well the lab imaged and found no cell in is a
+    measurement with ``n_cells = 0``.
 
     ``crop_px``: also cut single-cell crops (``crop_px`` square, at most ``crops_per_well`` a well)
     from each plate's images and store them as a crops folder, ``measurements/<barcode>.crops/``
@@ -74,18 +81,39 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
         raise IngestError(f"{results_dir}: no plate folders with results found")
     with campaign.writing(f"ingest of {results_dir}"):
         with campaign.session() as session:
-            plans = [_check_plate(session, plate, results_dir) for plate in plates]
-        profiled = [(plate, well_map, None if well_map is None else _profile_plate(campaign, plate, well_map,
-                                                                                   results_dir))
-                    for plate, well_map in plans]
+            plans = [_check_plate(session, plate, results_dir, allow_missing_wells) for plate in plates]
+        profiles = [None if plan.imported_before else _profile_plate(campaign, plan.plate, plan.well_map, results_dir)
+                    for plan in plans]
         reports = []
-        for plate, well_map, wells in profiled:
-            if wells is None:
-                log.info("plate %s: these results were already imported; nothing to do", plate.barcode)
-                reports.append(PlateQC(barcode=plate.barcode, status="already imported"))
+        for plan, wells in zip(plans, profiles):
+            if plan.imported_before:
+                reports.append(_revisit_plate(campaign, plan))
                 continue
-            reports.append(_record_plate(campaign, plate, well_map, annotate_cells(plate.cells, well_map), wells))
+            reports.append(_record_plate(campaign, plan.plate, plan.well_map,
+                                         annotate_cells(plan.plate.cells, plan.well_map), wells, plan.undelivered))
     return reports
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What ingest does with one plate's results (:func:`_check_plate`)."""
+
+    plate: PlateResult
+    well_map: pd.DataFrame  # its map, less the wells nothing was delivered for
+    undelivered: list[str]
+    imported_before: bool  # these very files were imported already
+
+
+def _revisit_plate(campaign: Campaign, plan: _Plan) -> PlateQC:
+    """Results imported before: nothing is measured again, but crops asked for now (``--crops-px``)
+    and not cut then are added."""
+    barcode = plan.plate.barcode
+    if plan.plate.crops is None or (campaign.measurements_dir / f"{barcode}.crops").exists():
+        log.info("plate %s: these results were already imported; nothing to do", barcode)
+        return PlateQC(barcode=barcode, status="already imported")
+    out = _write_plate_crops(campaign, plan.plate, plan.well_map)
+    log.info("plate %s: already imported; its crops were added to %s", barcode, out)
+    return PlateQC(barcode=barcode, status="crops added")
 
 
 def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame,
@@ -99,15 +127,19 @@ def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFram
         raise IngestError(f"{results_dir / plate.barcode}: plate {plate.barcode}: {err}") from err
 
 
-def _check_plate(session: Session, plate: PlateResult, results_dir: Path) -> tuple[PlateResult, pd.DataFrame | None]:
+def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
+                 allow_missing_wells: bool = False) -> _Plan:
+    """The plate's plan: its map and the mapped wells nothing was delivered for (left out of the map
+    when ``allow_missing_wells``; IngestError naming the plate folder otherwise)."""
     row = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).first()
     if row is None:
         raise IngestError(
             f"{results_dir / plate.barcode}: plate barcode {plate.barcode!r} was not emitted by this campaign"
         )
-    if row.status == "returned":
-        if row.results_fingerprint == plate.fingerprint:
-            return plate, None
+    if row.status == "cancelled":
+        raise IngestError(f"{results_dir / plate.barcode}: plate {plate.barcode} belongs to round {row.round_index}, "
+                          "which was cancelled (`loop round cancel`); its results are not imported")
+    if row.status == "returned" and row.results_fingerprint != plate.fingerprint:
         raise IngestError(
             f"{results_dir / plate.barcode}: plate {plate.barcode} was already imported from different files; "
             "refusing to overwrite its measurements"
@@ -116,6 +148,8 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path) -> tup
     well_map = pd.DataFrame(
         [dict(well=w.well, role=w.role, compound_id=w.compound_id, dose_um=w.dose_um) for w in wells]
     )
+    if row.status == "returned":
+        return _Plan(plate, well_map, [], imported_before=True)
     used = set(well_map.loc[well_map["role"] != WellRole.empty.value, "well"])
     measured = set(plate.cells[META_WELL].unique())
     outside = sorted(measured - used)
@@ -124,7 +158,19 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path) -> tup
             f"{results_dir / plate.barcode}: plate {plate.barcode} has results for well(s) {', '.join(outside[:10])} "
             "that are not in its plate map (empty or unknown)"
         )
-    return plate, well_map
+    undelivered = [] if plate.imaged_wells is None else sorted(used - set(plate.imaged_wells))
+    if undelivered and not allow_missing_wells:
+        raise IngestError(
+            f"{results_dir / plate.barcode}: plate {plate.barcode}: nothing was delivered for {len(undelivered)} "
+            f"mapped well(s) ({', '.join(undelivered[:10])}{', ...' if len(undelivered) > 10 else ''}: no image, "
+            "no Image.csv row); import the complete results, or pass --allow-missing-wells to import the plate "
+            "without them (their compounds stay candidates)"
+        )
+    if undelivered:
+        log.warning("plate %s: imported without %d undelivered well(s): %s", plate.barcode, len(undelivered),
+                    ", ".join(undelivered[:10]))
+        well_map = well_map[~well_map["well"].isin(undelivered)].reset_index(drop=True)
+    return _Plan(plate, well_map, undelivered, imported_before=False)
 
 
 def annotate_cells(cells: pd.DataFrame, well_map: pd.DataFrame) -> pd.DataFrame:
@@ -142,8 +188,8 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
     """Per-well median profiles normalised to the plate's DMSO wells, with activity and hit calls.
 
     Only the features ``lab_io.profiles.feature_select`` keeps on this plate are in the table (all in
-    control units): bookkeeping columns (object locations, ids) and features constant or missing over
-    the plate's wells are left out, so every feature column a reader finds is normalised (a feature
+    control units): bookkeeping columns (object locations, ids), features constant or missing over
+    the plate's wells and features its DMSO wells all share one value of (no control scale) are left out, so every feature column a reader finds is normalised (a feature
     left out is at the control centre, 0). The raw single-cell values stay in ``<barcode>.cells.parquet``."""
     wells = profiling.aggregate_wells(cells)  # carries the per-well constant Metadata_* columns
     controls = (wells[META_ROLE] == WellRole.negative_control.value).to_numpy()
@@ -152,6 +198,12 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
     features = profiling.feature_select(wells)
     left_out = [c for c in feature_columns(wells.columns) if c not in set(features)]
     normalized = profiling.normalize_to_controls(wells.drop(columns=left_out), controls, features=features)
+    unscaled = profiling.unscaled_features(normalized, features)  # the DMSO wells share one value
+    if unscaled:
+        log.info("plate %s: %d feature(s) left out, its DMSO wells do not vary in them (e.g. %s)",
+                 wells[META_PLATE].iloc[0], len(unscaled), ", ".join(unscaled[:3]))
+        normalized = normalized.drop(columns=unscaled)
+        features = [f for f in features if f not in set(unscaled)]
     activity = profiling.phenotypic_activity(normalized, features)
     ctrl = activity[controls]
     threshold = ctrl.mean() + hit_sd * ctrl.std(ddof=1) if controls.sum() > 1 else np.inf
@@ -161,7 +213,7 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
 
 
 def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame, cells: pd.DataFrame,
-                  wells: pd.DataFrame) -> PlateQC:
+                  wells: pd.DataFrame, undelivered: list[str]) -> PlateQC:
     cells_path = campaign.measurements_dir / f"{plate.barcode}.cells.parquet"
     profiles_path = campaign.measurements_dir / f"{plate.barcode}.wells.parquet"
     written = _write_parquets({cells_path: cells, profiles_path: wells})
@@ -201,7 +253,7 @@ def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame
     except Exception:
         _remove(written)
         raise
-    return _qc(plate.barcode, wells, n_cells, well_map)
+    return _qc(plate.barcode, wells, n_cells, undelivered)
 
 
 def _remove(paths: list[Path]) -> None:
@@ -251,10 +303,9 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
     return written
 
 
-def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, well_map: pd.DataFrame) -> PlateQC:
+def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list[str]) -> PlateQC:
     controls = wells[META_ROLE] == WellRole.negative_control.value
     ctrl = wells.loc[controls, "Metadata_activity"]
-    expected = set(well_map.loc[well_map["role"] != WellRole.empty.value, "well"])
     return PlateQC(
         barcode=barcode,
         status="imported",
@@ -265,5 +316,5 @@ def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, well_map: pd.Data
         control_activity_mean=float(ctrl.mean()),
         control_activity_sd=float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan"),
         n_hits=int(wells["Metadata_is_hit"].sum()),
-        missing_wells=sorted(expected - set(wells[META_WELL])),
+        missing_wells=list(undelivered),
     )

@@ -262,13 +262,14 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
     if q <= 0:
         raise ValueError(f"a budget of {budget_wells} wells cannot hold one treatment plus the plate's controls")
 
+    _warn_pending_rounds(campaign)
     picks, summary, model_version = choose_compounds(campaign, candidates, pending, q, policy, seed)
     chosen = candidates.iloc[picks].reset_index(drop=True)
     treatments = [(cid, float(campaign.config.dose_um)) for cid in chosen["compound_id"]]
     with campaign.session() as session:
         n_plates = store.count(session, store.Plate)
     layouts = design_plates(treatments, layout_cfg, seed=seed, plate_index_start=n_plates + 1,
-                           budget_wells=budget_wells)
+                           budget_wells=budget_wells, campaign_tag=campaign.config.barcode_tag)
 
     out_dir = Path(out_dir) if out_dir is not None else campaign.round_dir(round_index) / "plates"
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -287,6 +288,41 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
              n_wells, out_dir)
     return ProposalResult(round_index, out_dir, [lay.barcode for lay in layouts], len(chosen), n_wells, policy,
                           model_version, files)
+
+
+def _warn_pending_rounds(campaign: Campaign) -> None:
+    """A proposal while earlier plates are still in the lab is allowed (their compounds count as
+    pending), but a second `propose` by mistake would block its compounds until the plates come back."""
+    with campaign.session() as session:
+        rounds = sorted(set(session.exec(select(store.Plate.round_index).where(store.Plate.status == "pending")).all()))
+    if rounds:
+        log.warning("round(s) %s still have plates in the lab: their compounds are left out of this proposal; "
+                    "`loop round cancel N` releases a round that will not be run", ", ".join(map(str, rounds)))
+
+
+def cancel_round(campaign: Campaign, round_index: int) -> list[str]:
+    """Mark round ``round_index``'s plates ``cancelled`` (they will not be run): their compounds are
+    candidates again, and their results, should they come back, are refused. Only a round none of
+    whose plates was imported can be cancelled; its plate files and records stay as history.
+    Returns the cancelled barcodes."""
+    with campaign.writing(f"cancel of round {round_index}"), campaign.session() as session:
+        plates = session.exec(select(store.Plate).where(store.Plate.round_index == round_index)).all()
+        if not plates:
+            raise ValueError(f"{campaign.root}: no round {round_index}")
+        returned = [p.barcode for p in plates if p.status == "returned"]
+        if returned:
+            raise ValueError(f"round {round_index}: plate(s) {', '.join(returned)} were already imported; "
+                             "a round with measurements cannot be cancelled")
+        pending = [p for p in plates if p.status == "pending"]
+        if not pending:
+            raise ValueError(f"round {round_index} was already cancelled")
+        for plate in pending:
+            plate.status = "cancelled"
+            session.add(plate)
+        session.commit()
+        barcodes = [p.barcode for p in pending]
+    log.info("round %d cancelled: plates %s; their compounds are candidates again", round_index, ", ".join(barcodes))
+    return barcodes
 
 
 def _record_round(campaign, round_index, policy, model_version, out_dir, config_json, layouts, chosen, summary):

@@ -127,7 +127,8 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
     normalized = profiling.normalize_to_controls(frame, is_control, features=features)
     missing = ~np.isfinite(normalized[features].to_numpy(dtype=float))
     if missing.any():  # a few missing values in kept features: the plate's control centre (z = 0)
-        log.warning("%s: %d missing feature value(s) in %d well(s) set to their plate's control median",
+        log.warning("%s: %d feature value(s) in %d well(s) missing, or of a feature their plate's controls do "
+                    "not vary in, set to their plate's control median",
                     table.source, int(missing.sum()), int(missing.any(axis=1).sum()))
         normalized[features] = normalized[features].fillna(0.0).replace([np.inf, -np.inf], 0.0)
     smiles = frame[META_SMILES].fillna("").astype(str).str.strip()

@@ -27,6 +27,7 @@ def campaign_status(campaign: Campaign) -> dict:
                 "total": store.count(session, S.Plate),
                 "pending": store.count(session, S.Plate, S.Plate.status == "pending"),
                 "returned": store.count(session, S.Plate, S.Plate.status == "returned"),
+                "cancelled": store.count(session, S.Plate, S.Plate.status == "cancelled"),
             },
             "compounds": store.count(session, S.Compound),
             "compounds_measured": len(measured_compounds),

@@ -25,6 +25,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+class CampaignRecord(SQLModel, table=True):
+    """The campaign a store belongs to (``CampaignConfig.campaign_id``, one row written by ``loop init``)."""
+
+    campaign_id: str = Field(primary_key=True)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
 class Compound(SQLModel, table=True):
     id: Optional[int] = Field(default=None, primary_key=True)
     compound_id: str = Field(index=True, unique=True)
@@ -53,7 +60,7 @@ class Plate(SQLModel, table=True):
     plate_map_name: str
     round_index: int = Field(index=True)
     layout_path: str = ""
-    status: str = Field(default="pending", index=True, description="pending | returned")
+    status: str = Field(default="pending", index=True, description="pending | returned | cancelled")
     results_fingerprint: Optional[str] = None
     created_at: dt.datetime = Field(default_factory=utcnow)
     returned_at: Optional[dt.datetime] = None

@@ -431,7 +431,8 @@ class ImageAssay:
     def load(cls, model_dir: str | Path, *, members: Sequence[int] | None = None) -> "ImageAssay":
         d = Path(model_dir)
         if not (d / ASSAY_FILE).is_file():
-            raise FileNotFoundError(f"{d / ASSAY_FILE}: not an image assay folder (train one with `loop assay train`)")
+            what = "no such folder" if not d.is_dir() else f"not an image assay folder (no {ASSAY_FILE})"
+            raise FileNotFoundError(f"{d}: {what}; train one with `loop assay train`")
         meta = json.loads((d / ASSAY_FILE).read_text())
         config = ImageAssayConfig.from_dict(meta["config"])
         nd = json.loads((d / NORM_FILE).read_text())

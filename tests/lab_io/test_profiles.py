@@ -8,6 +8,7 @@ from lab_io.profiles import (
     feature_select,
     normalize_to_controls,
     phenotypic_activity,
+    unscaled_features,
 )
 
 
@@ -104,3 +105,17 @@ def test_normalize_to_controls_ignores_missing_values():
     expected = (7.0 - 2.0) / (1.4826 * 1.0 + 1e-6)  # median 2 and MAD 1 of the finite controls 1, 2, 3
     assert z[4] == pytest.approx(expected, rel=1e-3)
     assert np.isnan(z[3]) and np.isnan(z[5])  # missing stays missing
+
+
+def test_a_feature_the_controls_do_not_vary_in_has_no_robust_z():
+    """One plate's DMSO wells all read 207 (an integer background): (x - 207) / eps would be 1e6, so
+    the plate's values are NaN there and the feature is reported; the other plate keeps its z."""
+    prof = pd.DataFrame({"Metadata_Plate": ["P1"] * 4 + ["P2"] * 4,
+                         "Cells_bg": [207.0, 207.0, 207.0, 208.0, 200.0, 202.0, 204.0, 210.0],
+                         "Cells_ok": [1.0, 2.0, 3.0, 9.0, 1.0, 2.0, 3.0, 9.0]})
+    mask = np.array([True, True, True, False] * 2)
+    out = normalize_to_controls(prof, mask)
+    assert out["Cells_bg"].iloc[:4].isna().all()
+    assert out["Cells_bg"].iloc[7] == pytest.approx((210.0 - 202.0) / (MAD_SCALE * 2.0), rel=1e-3)
+    assert np.isfinite(out["Cells_ok"]).all()
+    assert unscaled_features(out, ["Cells_bg", "Cells_ok"]) == ["Cells_bg"]

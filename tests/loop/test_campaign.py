@@ -88,3 +88,48 @@ def test_another_thread_waits_for_the_lock(tmp_path):
         thread.start()
         thread.join(10)
     assert len(outcome) == 1 and "ingest did not start" in outcome[0]
+
+
+def test_init_gives_each_campaign_its_own_id_and_barcode_tag(tmp_path):
+    """A campaign.json copied from another campaign does not carry its identity over."""
+    first = Campaign.init(tmp_path / "a")
+    second = Campaign.init(tmp_path / "b", CampaignConfig.from_json((tmp_path / "a" / "campaign.json").read_text()))
+    assert len(first.config.campaign_id) == 12 and first.config.campaign_id != second.config.campaign_id
+    assert first.config.barcode_tag == first.config.campaign_id[:4].upper() + "-"
+    assert CampaignConfig().barcode_tag == ""  # campaigns made before ids keep LP0001
+    assert Campaign.open(tmp_path / "a").config.campaign_id == first.config.campaign_id
+
+
+def test_opening_with_another_store_is_refused_and_creates_nothing(tmp_path, monkeypatch):
+    """Created with --db-url; opened without it (or with another campaign's store): refused, where it
+    used to start an empty store and overwrite the shared fingerprint file."""
+    monkeypatch.delenv("LOOP_DB_URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    Campaign.init(tmp_path / "c", db_url=url)
+    with pytest.raises(CampaignError, match="does not exist.*--db-url"):
+        Campaign.open(tmp_path / "c")
+    assert not (tmp_path / "c" / "campaign.db").exists()
+    Campaign.init(tmp_path / "other")
+    with pytest.raises(CampaignError, match="not this campaign's"):
+        Campaign.open(tmp_path / "c", db_url=f"sqlite:///{tmp_path / 'other' / 'campaign.db'}")
+    assert Campaign.open(tmp_path / "c", db_url=url).config.campaign_id
+
+
+@pytest.mark.parametrize("url, match", [("foo", "cannot open the store foo"),
+                                        ("sqlite:////no/such/folder/x.db", "cannot open the store")])
+def test_a_store_url_that_cannot_be_opened_is_one_clear_error(tmp_path, url, match):
+    with pytest.raises(CampaignError, match=match):
+        Campaign.init(tmp_path / "c", db_url=url)
+    assert not (tmp_path / "c" / "campaign.json").exists()
+
+
+@pytest.mark.parametrize("config, match", [
+    (CampaignConfig(dose_um=-5.0), "'dose_um': must be a number > 0"),
+    (CampaignConfig(dose_um="ten"), "'dose_um': must be a number > 0, got 'ten'"),
+    (CampaignConfig(layout={"n_negative_controls": 0}), "'layout': n_negative_controls must be >= 1"),
+    (CampaignConfig(selection={"bta": 2}), "'selection'"),
+])
+def test_init_refuses_a_config_a_later_command_would_fail_on(tmp_path, config, match):
+    with pytest.raises(CampaignError, match=match):
+        Campaign.init(tmp_path / "c", config)
+    assert not (tmp_path / "c" / "campaign.json").exists()

@@ -17,18 +17,22 @@ def _cells(rng, roles=("negative_control",) * 4 + ("treatment",) * 2):
                          "Cells_AreaShape_Area": rng.normal(100.0 + 40.0 * (role == "treatment"), 10.0),
                          "Nuclei_Intensity_MeanIntensity_DNA": rng.normal(1.0, 0.1),
                          "Cells_AreaShape_EulerNumber": 1.0,  # constant on the plate
+                         # an integer background: every DMSO well's median is 207, treated wells 208
+                         "Cytoplasm_Intensity_MedianIntensity_DNA": 207.0 + (role == "treatment"),
                          "Cells_Location_Center_X": rng.uniform(0.0, 1000.0)})  # bookkeeping
     return pd.DataFrame(rows)
 
 
 def test_stored_well_features_are_all_in_control_units():
-    """Columns the plate cannot normalise (constant, bookkeeping) are left out rather than stored raw
-    next to the robust z of the others; activity and hits use the normalised ones."""
+    """Columns the plate cannot normalise (constant, bookkeeping, no spread over the DMSO wells) are
+    left out rather than stored raw next to the robust z of the others, or as (x - median) / eps
+    (1e6 for the integer background); activity and hits use the normalised ones."""
     cells = _cells(np.random.default_rng(0))
     wells = well_profiles(cells, hit_sd=3.0)
     assert feature_columns(wells.columns) == ["Cells_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA"]
     controls = wells[wells[META_ROLE] == "negative_control"]
     assert controls["Cells_AreaShape_Area"].median() == pytest.approx(0.0, abs=1e-9)
+    assert np.abs(wells[feature_columns(wells.columns)].to_numpy()).max() < 100
     treated = wells[wells[META_ROLE] == "treatment"]
     assert (treated["Cells_AreaShape_Area"] > 5).all() and treated["Metadata_is_hit"].all()
     assert len(wells) == 6 and set(wells[META_WELL]) == set(cells[META_WELL])
@@ -90,9 +94,12 @@ def test_ingest_cuts_crops_the_image_assay_can_load(tmp_path):
     add_virtual_library(campaign, 200, seed=0)
     proposal = propose(campaign, 40)
     run_synthetic_lab(proposal.out_dir, tmp_path / "results", campaign=campaign, seed=1)
+    assert CliRunner().invoke(app, ["--campaign", str(campaign.root), "ingest", str(tmp_path / "results")]).exit_code == 0
+    # imported without crops first: asking again with --crops-px adds them (it used to be a silent no-op)
     res = CliRunner().invoke(app, ["--campaign", str(campaign.root), "ingest", str(tmp_path / "results"),
                                    "--crops-px", "32", "--crops-per-well", "3"])
     assert res.exit_code == 0, res.output
+    assert all((campaign.measurements_dir / f"{b}.crops").is_dir() for b in proposal.barcodes)
     crops = load_crops(campaign.measurements_dir)
     meta = crops.metadata
     assert crops.images.shape[1:] == (32, 32, 3) and meta.groupby("well").size().max() <= 3
@@ -109,3 +116,51 @@ def test_ingest_cuts_crops_the_image_assay_can_load(tmp_path):
 
     assay = train_image_assay(crops, tmp_path / "assay", tiny_config(n_members=1))
     assert assay.n_members == 1 and set(assay.meta["train_plates"]) == set(proposal.barcodes)
+
+
+def test_a_partial_delivery_is_refused_by_well_and_imported_without_them_only_on_request(tmp_path):
+    """Ten wells' site folders are missing (an export copied before it finished): refused naming them,
+    nothing stored. With allow_missing_wells the plate is imported without them: no measurement for
+    those wells, so their compounds stay candidates, and the QC lists them. Another campaign's
+    results carry another barcode tag and are refused as not emitted by this campaign."""
+    import shutil
+
+    from loop.campaign import Campaign, CampaignConfig
+    from loop.ingest import ingest_results
+    from loop.lab import run_synthetic_lab
+    from loop.library import add_virtual_library
+    from loop.propose import candidate_table, propose
+    from loop.status import campaign_status
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=128, cells_per_field=8.0)))
+    add_virtual_library(campaign, 300, seed=0)
+    proposal = propose(campaign, 96)
+    barcode = proposal.barcodes[0]
+    assert barcode.startswith("LP" + campaign.config.barcode_tag)
+    run_synthetic_lab(proposal.out_dir, tmp_path / "results", campaign=campaign, seed=1, write_images=False)
+    site_dirs = sorted((tmp_path / "results" / barcode / "analysis").iterdir())
+    dropped = sorted({d.name.split("-")[-2] for d in site_dirs[:10]})
+    for d in site_dirs:
+        if d.name.split("-")[-2] in dropped:
+            shutil.rmtree(d)
+    with pytest.raises(IngestError, match=f"plate {barcode}: nothing was delivered for {len(dropped)} mapped "
+                                          f"well\\(s\\) \\({dropped[0]}.*--allow-missing-wells"):
+        ingest_results(campaign, tmp_path / "results")
+    assert campaign_status(campaign)["measurements"] == 0
+    [qc] = ingest_results(campaign, tmp_path / "results", allow_missing_wells=True)
+    assert qc.status == "imported" and qc.missing_wells == dropped
+    with campaign.session() as session:
+        from loop import store
+        from sqlmodel import select
+        stored = set(session.exec(select(store.Measurement.well).where(store.Measurement.barcode == barcode)).all())
+        mapped = session.exec(select(store.Well).where(store.Well.barcode == barcode, store.Well.well.in_(dropped))).all()
+    assert not stored & set(dropped)
+    lost = {w.compound_id for w in mapped if w.role == "treatment"}
+    candidates, _ = candidate_table(campaign)
+    assert lost and lost <= set(candidates["compound_id"])
+
+    other = Campaign.init(tmp_path / "other", CampaignConfig(seed=1))
+    add_virtual_library(other, 300, seed=0)
+    propose(other, 96)
+    with pytest.raises(IngestError, match=f"plate barcode '{barcode}' was not emitted by this campaign"):
+        ingest_results(other, tmp_path / "results")
