@@ -22,7 +22,7 @@ from sqlmodel import select
 
 from lab_io.ground_truth import GroundTruth
 from loop import store
-from loop.campaign import Campaign, CampaignConfig
+from loop.campaign import Campaign, CampaignConfig, local_store_url
 from loop.ingest import ingest_results
 from loop.lab import run_synthetic_lab
 from loop.library import add_virtual_library, load_compounds
@@ -103,7 +103,7 @@ def library_template(path: Path, config: BacktestConfig) -> Path:
         lab_world_seed=config.lab_world_seed, assay=dict(config.assay), selection=dict(config.selection),
         lab=dict(config.lab),
     )
-    campaign = Campaign.init(path, campaign_config)
+    campaign = Campaign.init(path, campaign_config, db_url=local_store_url(path))
     add_virtual_library(campaign, config.n_compounds, seed=config.library_seed)
     campaign.engine.dispose()
     return path
@@ -111,7 +111,7 @@ def library_template(path: Path, config: BacktestConfig) -> Path:
 
 def ground_truth_actives(template: Path, config: BacktestConfig) -> dict[str, str]:
     """compound_id -> phenotype class of every ground-truth active in the library."""
-    compounds = load_compounds(Campaign.open(template))
+    compounds = load_compounds(Campaign.open(template, local_store_url(template)))
     truth = GroundTruth(world_seed=config.lab_world_seed).for_smiles(compounds["smiles"].tolist())
     active = truth["is_active"].to_numpy()
     return dict(zip(compounds["compound_id"][active], truth["phenotype_class"][active]))
@@ -120,7 +120,7 @@ def ground_truth_actives(template: Path, config: BacktestConfig) -> dict[str, st
 def start_run(template: Path, run_dir: Path, seed: int) -> Campaign:
     """A copy of the library template at ``run_dir``, seeded ``seed``."""
     shutil.copytree(template, run_dir)
-    campaign = Campaign.open(run_dir)
+    campaign = Campaign.open(run_dir, local_store_url(run_dir))
     campaign.config = dataclasses.replace(campaign.config, seed=seed)
     return campaign
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import numbers
 import os
 import threading
 import time
@@ -26,7 +27,8 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlmodel import Session, select
 
 from loop import store
@@ -124,12 +126,12 @@ class CampaignError(RuntimeError):
 
 
 def _check_int(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"must be an integer, got {value!r}")
 
 
 def _check_positive(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
         raise ValueError(f"must be a number > 0, got {value!r}")
 
 
@@ -152,8 +154,14 @@ class Campaign:
         config = dataclasses.replace(config or CampaignConfig(), campaign_id=uuid.uuid4().hex[:12])
         config.validate("campaign config")
         root.mkdir(parents=True, exist_ok=True)
-        engine = open_store(resolve_db_url(root, db_url))
+        url = resolve_db_url(root, db_url)
+        engine = open_store(url)
         with Session(engine) as session:
+            if session.exec(select(store.CampaignRecord.campaign_id)).first() is not None \
+                    or store.count(session, store.Compound) or store.count(session, store.Plate):
+                engine.dispose()
+                raise CampaignError(f"{root}: the store {url} already holds a campaign; give this one its own "
+                                    "(--db-url, LOOP_DB_URL, or neither for a campaign.db in its folder)")
             session.add(store.CampaignRecord(campaign_id=config.campaign_id))
             session.commit()
         for sub in ("library", "rounds", "measurements", "models"):
@@ -172,7 +180,7 @@ class Campaign:
         except (ValueError, TypeError) as exc:
             raise CampaignError(f"{path}: {exc}") from exc
         url = resolve_db_url(root, db_url)
-        if config.campaign_id and _missing_sqlite_file(url):  # opening it would create an empty store
+        if _missing_sqlite_file(url):  # init made it: opening would start an empty store beside the real one
             raise CampaignError(f"{root}: its store {url} does not exist; if the campaign was created with "
                                 "--db-url (or LOOP_DB_URL), pass the same one")
         engine = open_store(url)
@@ -282,14 +290,24 @@ def open_store(url: str) -> Engine:
             from exc
 
 
+def local_store_url(root: Path) -> str:
+    """The SQLite file in the campaign folder, whatever ``LOOP_DB_URL`` says (for the loop's own
+    throw-away campaigns: backtests, the demo)."""
+    return f"sqlite:///{Path(root).resolve() / DB_FILE}"
+
+
 def _missing_sqlite_file(url: str) -> bool:
-    prefix = "sqlite:///"
-    return url.startswith(prefix) and url != prefix + ":memory:" and not Path(url[len(prefix):]).exists()
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False  # open_store names the unparsable URL
+    return (parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+            and not Path(parsed.database).exists())
 
 
 def resolve_db_url(root: Path, db_url: str | None) -> str:
     """``--db-url`` beats ``LOOP_DB_URL`` beats the SQLite file in the campaign folder."""
-    return db_url or os.environ.get("LOOP_DB_URL") or f"sqlite:///{Path(root).resolve() / DB_FILE}"
+    return db_url or os.environ.get("LOOP_DB_URL") or local_store_url(root)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

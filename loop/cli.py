@@ -286,16 +286,16 @@ def ingest(
                                      allow_missing_wells=allow_missing_wells)
     table = Table(title="ingest QC")
     for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits",
-                "missing wells"):
+                "wells without cells", "missing wells"):
         table.add_column(col)
     for r in reports:
         if r.status != "imported":  # nothing new was measured: no figures to show
-            table.add_row(r.barcode, r.status, *["-"] * 6)
+            table.add_row(r.barcode, r.status, *["-"] * 7)
             continue
         table.add_row(r.barcode, r.status, str(r.n_wells), str(r.n_cells),
                       f"{r.cells_per_well_median:.0f}, {r.cells_per_well_min}",
                       f"{r.control_activity_mean:.2f} ± {r.control_activity_sd:.2f}", str(r.n_hits),
-                      str(len(r.missing_wells)))
+                      str(len(r.empty_wells)), str(len(r.missing_wells)))
     out.print(table)
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loop.campaign import Campaign, CampaignConfig
+from loop.campaign import Campaign, CampaignConfig, local_store_url
 from loop.ingest import ingest_results
 from loop.lab import run_synthetic_lab
 from loop.library import add_virtual_library
@@ -34,7 +34,7 @@ def run_demo(root: Path, n_compounds: int = 2000, n_rounds: int = 2, budget_well
     if root.exists():
         log.info("removing the previous demo campaign at %s", root)
         shutil.rmtree(root)
-    campaign = Campaign.init(root, CampaignConfig(seed=seed))
+    campaign = Campaign.init(root, CampaignConfig(seed=seed), db_url=local_store_url(root))
     steps = 1 + n_rounds * 4 + 1
     files: dict[str, str] = {"campaign": str(root), "store": str(root / "campaign.db")}
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:

@@ -52,7 +52,8 @@ class PlateQC:
     control_activity_mean: float = float("nan")
     control_activity_sd: float = float("nan")
     n_hits: int = 0
-    missing_wells: list[str] = field(default_factory=list)
+    missing_wells: list[str] = field(default_factory=list)  # mapped, nothing delivered (--allow-missing-wells)
+    empty_wells: list[str] = field(default_factory=list)  # mapped, imaged, no cell found (measured: n_cells 0)
 
 
 def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
@@ -164,7 +165,8 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
             f"{results_dir / plate.barcode}: plate {plate.barcode}: nothing was delivered for {len(undelivered)} "
             f"mapped well(s) ({', '.join(undelivered[:10])}{', ...' if len(undelivered) > 10 else ''}: no image, "
             "no Image.csv row); import the complete results, or pass --allow-missing-wells to import the plate "
-            "without them (their compounds stay candidates)"
+            "without them (their compounds stay candidates; if the export leaves out fields without cells, "
+            "these wells may be such, e.g. a toxic compound's)"
         )
     if undelivered:
         log.warning("plate %s: imported without %d undelivered well(s): %s", plate.barcode, len(undelivered),
@@ -195,6 +197,9 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
     controls = (wells[META_ROLE] == WellRole.negative_control.value).to_numpy()
     if not controls.any():
         raise IngestError(f"plate {wells[META_PLATE].iloc[0]}: no negative-control (DMSO) wells with cells")
+    if controls.sum() < 2:  # one well has no spread: every feature's robust z would be undefined
+        raise IngestError(f"plate {wells[META_PLATE].iloc[0]}: only 1 negative-control (DMSO) well with cells; "
+                          "the robust z against DMSO needs at least 2")
     features = profiling.feature_select(wells)
     left_out = [c for c in feature_columns(wells.columns) if c not in set(features)]
     normalized = profiling.normalize_to_controls(wells.drop(columns=left_out), controls, features=features)
@@ -253,7 +258,8 @@ def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame
     except Exception:
         _remove(written)
         raise
-    return _qc(plate.barcode, wells, n_cells, undelivered)
+    empty = sorted(set(mapped["well"]) - set(n_cells.index))
+    return _qc(plate.barcode, wells, n_cells, undelivered, empty)
 
 
 def _remove(paths: list[Path]) -> None:
@@ -303,7 +309,7 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
     return written
 
 
-def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list[str]) -> PlateQC:
+def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list[str], empty: list[str]) -> PlateQC:
     controls = wells[META_ROLE] == WellRole.negative_control.value
     ctrl = wells.loc[controls, "Metadata_activity"]
     return PlateQC(
@@ -317,4 +323,5 @@ def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list
         control_activity_sd=float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan"),
         n_hits=int(wells["Metadata_is_hit"].sum()),
         missing_wells=list(undelivered),
+        empty_wells=empty,
     )

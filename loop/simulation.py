@@ -114,10 +114,11 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
     is_control = (frame[META_COMPOUND].astype(str) == control_label).to_numpy()
     if not is_control.any():
         raise ValueError(f"{table.source}: no control wells ({META_COMPOUND} == {control_label!r})")
-    plates_without = sorted(set(frame.loc[~is_control, META_PLATE]) - set(frame.loc[is_control, META_PLATE]))
-    if plates_without:
-        log.warning("%s: %d plate(s) without %s wells are dropped: %s", table.source, len(plates_without),
-                    control_label, ", ".join(map(str, plates_without[:5])))
+    n_controls = frame.loc[is_control, META_PLATE].value_counts()
+    plates_without = sorted(p for p in set(frame[META_PLATE]) if n_controls.get(p, 0) < 2)
+    if plates_without:  # a robust z needs the spread of at least two control wells
+        log.warning("%s: %d plate(s) with fewer than two %s wells are dropped: %s", table.source,
+                    len(plates_without), control_label, ", ".join(map(str, plates_without[:5])))
         keep = ~frame[META_PLATE].isin(plates_without).to_numpy()
         frame, is_control = frame[keep].reset_index(drop=True), is_control[keep]
     features = profiling.feature_select(frame, table.features, max_nonfinite_fraction=MAX_MISSING_FRACTION)
@@ -126,7 +127,7 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
                          f"{MAX_MISSING_FRACTION:.0%} missing)")
     normalized = profiling.normalize_to_controls(frame, is_control, features=features)
     missing = ~np.isfinite(normalized[features].to_numpy(dtype=float))
-    if missing.any():  # a few missing values in kept features: the plate's control centre (z = 0)
+    if missing.any():  # missing values, or a plate's controls without spread: the plate's control centre (z = 0)
         log.warning("%s: %d feature value(s) in %d well(s) missing, or of a feature their plate's controls do "
                     "not vary in, set to their plate's control median",
                     table.source, int(missing.sum()), int(missing.any(axis=1).sum()))

@@ -11,7 +11,7 @@ from loop.objective import campaign_objective, describe
 
 
 def campaign_status(campaign: Campaign) -> dict:
-    """Counts of rounds, plates (pending / returned), compounds, measurements, model versions and hits,
+    """Counts of rounds, plates (pending / returned / cancelled), compounds, measurements, model versions and hits,
     and what proposals maximise."""
     S = store
     with campaign.session() as session:

@@ -133,3 +133,35 @@ def test_init_refuses_a_config_a_later_command_would_fail_on(tmp_path, config, m
     with pytest.raises(CampaignError, match=match):
         Campaign.init(tmp_path / "c", config)
     assert not (tmp_path / "c" / "campaign.json").exists()
+
+
+def test_init_refuses_a_store_that_already_holds_a_campaign(tmp_path):
+    """LOOP_DB_URL left pointing at campaign A's store: `init` of B would have shared it."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    Campaign.init(tmp_path / "a", db_url=url)
+    with pytest.raises(CampaignError, match="already holds a campaign"):
+        Campaign.init(tmp_path / "b", db_url=url)
+    assert not (tmp_path / "b" / "campaign.json").exists()
+
+
+def test_a_campaign_made_before_ids_is_refused_without_its_store_too(tmp_path, monkeypatch):
+    import json
+    monkeypatch.delenv("LOOP_DB_URL", raising=False)
+    Campaign.init(tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "campaign.json").read_text())
+    del config["campaign_id"]
+    (tmp_path / "c" / "campaign.json").write_text(json.dumps(config))
+    assert Campaign.open(tmp_path / "c").config.barcode_tag == ""
+    (tmp_path / "c" / "campaign.db").unlink()
+    with pytest.raises(CampaignError, match="does not exist"):
+        Campaign.open(tmp_path / "c")
+    assert not (tmp_path / "c" / "campaign.db").exists()
+
+
+def test_sqlite_urls_with_options_are_read_as_files(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    Campaign.init(tmp_path / "c", db_url=url)
+    assert Campaign.open(tmp_path / "c", db_url=url + "?timeout=30").config.campaign_id
+    with pytest.raises(CampaignError, match="does not exist"):
+        Campaign.open(tmp_path / "c", db_url=f"sqlite+pysqlite:///{tmp_path / 'missing.db'}")
+    assert not (tmp_path / "missing.db").exists()

@@ -42,6 +42,9 @@ def test_a_plate_without_dmso_wells_is_refused_by_name():
     cells = _cells(np.random.default_rng(1), roles=("treatment",) * 3)
     with pytest.raises(IngestError, match="plate P1: no negative-control"):
         well_profiles(cells, hit_sd=3.0)
+    cells = _cells(np.random.default_rng(1), roles=("negative_control",) + ("treatment",) * 3)
+    with pytest.raises(IngestError, match="plate P1: only 1 negative-control .* needs at least 2"):
+        well_profiles(cells, hit_sd=3.0)
 
 
 def test_a_plate_that_fails_its_profiles_stops_the_whole_import(tmp_path, monkeypatch):

@@ -157,3 +157,14 @@ def test_random_expected_fraction_is_the_mean_of_random_batches():
             found[r] += lab_hits[measured].sum() / lab_hits.sum()
     assert found / n_draws == pytest.approx(random_expected_fraction(50, 15, 4), abs=0.01)
     assert random_expected_fraction(50, 15, 4) == [0.3, 0.6, 0.9, 1.0]
+
+
+def test_lookup_lab_drops_a_plate_with_one_control_well(tmp_path, caplog):
+    """One DMSO well has no spread: its plate's robust z would be undefined for every feature."""
+    frame = pd.read_csv(_table(tmp_path))
+    lone = (frame["Metadata_Plate"] == "P3") & (frame["Metadata_compound"] == "DMSO")
+    frame = frame.drop(index=frame.index[lone][1:])
+    frame.to_csv(tmp_path / "lone.csv", index=False)
+    lab = build_lookup_lab(read_profile_table(tmp_path / "lone.csv"))
+    assert "P3" not in set(lab.wells["Metadata_Plate"])
+    assert "fewer than two DMSO wells are dropped: P3" in caplog.text
