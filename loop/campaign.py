@@ -17,6 +17,7 @@ import json
 import logging
 import numbers
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -153,17 +154,14 @@ class Campaign:
             raise CampaignError(f"{root / CONFIG_FILE} already exists: this folder is a campaign")
         config = dataclasses.replace(config or CampaignConfig(), campaign_id=uuid.uuid4().hex[:12])
         config.validate("campaign config")
+        created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
-        url = resolve_db_url(root, db_url)
-        engine = open_store(url)
-        with Session(engine) as session:
-            if session.exec(select(store.CampaignRecord.campaign_id)).first() is not None \
-                    or store.count(session, store.Compound) or store.count(session, store.Plate):
-                engine.dispose()
-                raise CampaignError(f"{root}: the store {url} already holds a campaign; give this one its own "
-                                    "(--db-url, LOOP_DB_URL, or neither for a campaign.db in its folder)")
-            session.add(store.CampaignRecord(campaign_id=config.campaign_id))
-            session.commit()
+        try:
+            engine = _claim_store(resolve_db_url(root, db_url), root, config.campaign_id)
+        except CampaignError:
+            if created:  # leave no half-made campaign folder behind
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         for sub in ("library", "rounds", "measurements", "models"):
             (root / sub).mkdir(exist_ok=True)
         _atomic_write_text(root / CONFIG_FILE, config.to_json())
@@ -185,12 +183,7 @@ class Campaign:
                                 "--db-url (or LOOP_DB_URL), pass the same one")
         engine = open_store(url)
         if config.campaign_id:
-            with Session(engine) as session:
-                ids = session.exec(select(store.CampaignRecord.campaign_id)).all()
-            if config.campaign_id not in ids:
-                raise CampaignError(f"{root}: the store {url} is not this campaign's (it holds "
-                                    f"{', '.join(ids) or 'no campaign'}; {path} is campaign "
-                                    f"{config.campaign_id}); pass the --db-url (or LOOP_DB_URL) it was created with")
+            _check_store_owner(engine, url, path, config.campaign_id)
         return cls(root, config, engine)
 
     def session(self) -> Session:
@@ -288,6 +281,32 @@ def open_store(url: str) -> Engine:
     except (ImportError, SQLAlchemyError) as exc:
         raise CampaignError(f"cannot open the store {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
             from exc
+
+
+def _claim_store(url: str, root: Path, campaign_id: str) -> Engine:
+    """Open the new campaign's store and write its id into it; CampaignError when the store already
+    holds a campaign (e.g. a ``LOOP_DB_URL`` left pointing at another one)."""
+    engine = open_store(url)
+    with Session(engine) as session:
+        if session.exec(select(store.CampaignRecord.campaign_id)).first() is not None \
+                or store.count(session, store.Compound) or store.count(session, store.Plate):
+            engine.dispose()
+            raise CampaignError(f"{root}: the store {url} already holds a campaign; give this one its own "
+                                "(--db-url, LOOP_DB_URL, or neither for a campaign.db in its folder)")
+        session.add(store.CampaignRecord(campaign_id=campaign_id))
+        session.commit()
+    return engine
+
+
+def _check_store_owner(engine: Engine, url: str, config_path: Path, campaign_id: str) -> None:
+    """CampaignError unless the store at ``url`` was made for campaign ``campaign_id``."""
+    with Session(engine) as session:
+        ids = session.exec(select(store.CampaignRecord.campaign_id)).all()
+    if campaign_id not in ids:
+        engine.dispose()
+        raise CampaignError(f"{config_path.parent}: the store {url} is not this campaign's (it holds "
+                            f"{', '.join(ids) or 'no campaign'}; {config_path} is campaign {campaign_id}); "
+                            "pass the --db-url (or LOOP_DB_URL) it was created with")
 
 
 def local_store_url(root: Path) -> str:

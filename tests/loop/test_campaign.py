@@ -141,7 +141,7 @@ def test_init_refuses_a_store_that_already_holds_a_campaign(tmp_path):
     Campaign.init(tmp_path / "a", db_url=url)
     with pytest.raises(CampaignError, match="already holds a campaign"):
         Campaign.init(tmp_path / "b", db_url=url)
-    assert not (tmp_path / "b" / "campaign.json").exists()
+    assert not (tmp_path / "b").exists()  # no half-made campaign folder
 
 
 def test_a_campaign_made_before_ids_is_refused_without_its_store_too(tmp_path, monkeypatch):
