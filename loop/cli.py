@@ -6,7 +6,9 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -41,6 +43,10 @@ class State:
 state = State()
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 @app.callback()
 def main(
     campaign: Path = typer.Option(Path("campaign"), "--campaign", envvar="LOOP_CAMPAIGN",
@@ -51,6 +57,8 @@ def main(
 ):
     state.campaign_dir = campaign
     state.db_url = db_url
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C: clean-up runs
+        signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     for noisy in ("prefect", "httpx", "ray", "botorch", "linear_operator"):

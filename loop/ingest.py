@@ -255,7 +255,7 @@ def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame
             db_plate.returned_at = store.utcnow()
             session.add(db_plate)
             session.commit()
-    except Exception:
+    except BaseException:  # Ctrl-C and SIGTERM (loop.cli) too: no files without their measurements
         _remove(written)
         raise
     empty = sorted(set(mapped["well"]) - set(n_cells.index))
@@ -298,12 +298,12 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
             tmp = path.with_name(path.name + ".tmp")
             try:
                 frame.to_parquet(tmp, index=False)
-            except Exception:
+            except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             os.replace(tmp, path)
             written.append(path)
-    except Exception:
+    except BaseException:  # Ctrl-C and SIGTERM (loop.cli) too: no files without their measurements
         _remove(written)
         raise
     return written

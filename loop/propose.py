@@ -280,7 +280,7 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
         files = write_plate_files(layouts, chosen[["compound_id", "name", "smiles", "inchikey"]], out_dir)
         (out_dir / "round_config.json").write_text(config_json)
         _record_round(campaign, round_index, policy, model_version, out_dir, config_json, layouts, chosen, summary)
-    except Exception:
+    except BaseException:  # Ctrl-C and SIGTERM (loop.cli) too: no plate files without their round
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     n_wells = sum(int((lay.wells["role"] != WellRole.empty.value).sum()) for lay in layouts)
