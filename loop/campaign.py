@@ -146,14 +146,16 @@ class Campaign:
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
-    def init(cls, root: Path, config: CampaignConfig | None = None, db_url: str | None = None) -> "Campaign":
+    def init(cls, root: Path, config: CampaignConfig | None = None, db_url: str | None = None,
+             config_source: str = "campaign config") -> "Campaign":
         """Create the campaign folder and its store; ``config`` gets a fresh ``campaign_id`` (one
-        copied from another campaign's ``campaign.json`` is replaced)."""
+        copied from another campaign's ``campaign.json`` is replaced) and is validated, errors naming
+        ``config_source``."""
         root = Path(root)
         if (root / CONFIG_FILE).exists():
             raise CampaignError(f"{root / CONFIG_FILE} already exists: this folder is a campaign")
         config = dataclasses.replace(config or CampaignConfig(), campaign_id=uuid.uuid4().hex[:12])
-        config.validate("campaign config")
+        config.validate(config_source)
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         try:

@@ -107,13 +107,13 @@ def init(
                 raise FileNotFoundError(f"{config}: no such campaign config file")
             try:
                 cfg = CampaignConfig.from_json(config.read_text())
-                cfg.validate(str(config))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{config}: {exc}") from exc
         else:
             cfg = CampaignConfig(seed=seed, dose_um=dose_um,
                                  layout=dict(n_negative_controls=n_controls, empty_edge=empty_edge))
-        campaign = Campaign.init(state.campaign_dir, cfg, db_url=state.db_url)
+        campaign = Campaign.init(state.campaign_dir, cfg, db_url=state.db_url,
+                                 config_source=str(config) if config is not None else "campaign config")
     out.print(f"initialised campaign at {campaign.root}")
 
 
@@ -311,7 +311,7 @@ def ingest(
 def round_cancel(round_index: int = typer.Argument(..., metavar="N", help="Round number (rounds/round-NNN).")):
     """Cancel a round whose plates will not be run: its compounds become candidates again and its
     results are refused if they come back (the round's files and records stay)."""
-    from loop.propose import cancel_round
+    from loop.rounds import cancel_round
 
     with _cli_errors():
         barcodes = cancel_round(_open(), round_index)

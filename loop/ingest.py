@@ -90,8 +90,7 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
             if plan.imported_before:
                 reports.append(_revisit_plate(campaign, plan))
                 continue
-            reports.append(_record_plate(campaign, plan.plate, plan.well_map,
-                                         annotate_cells(plan.plate.cells, plan.well_map), wells, plan.undelivered))
+            reports.append(_record_plate(campaign, plan, wells))
     return reports
 
 
@@ -191,7 +190,8 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
 
     Only the features ``lab_io.profiles.feature_select`` keeps on this plate are in the table (all in
     control units): bookkeeping columns (object locations, ids), features constant or missing over
-    the plate's wells and features its DMSO wells all share one value of (no control scale) are left out, so every feature column a reader finds is normalised (a feature
+    the plate's wells, and features its DMSO wells all share one value of (no control scale) are
+    left out, so every feature column a reader finds is normalised (a feature
     left out is at the control centre, 0). The raw single-cell values stay in ``<barcode>.cells.parquet``."""
     wells = profiling.aggregate_wells(cells)  # carries the per-well constant Metadata_* columns
     controls = (wells[META_ROLE] == WellRole.negative_control.value).to_numpy()
@@ -208,7 +208,7 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
         log.info("plate %s: %d feature(s) left out, its DMSO wells do not vary in them (e.g. %s)",
                  wells[META_PLATE].iloc[0], len(unscaled), ", ".join(unscaled[:3]))
         normalized = normalized.drop(columns=unscaled)
-        features = [f for f in features if f not in set(unscaled)]
+        features = [f for f in features if f not in unscaled]
     activity = profiling.phenotypic_activity(normalized, features)
     ctrl = activity[controls]
     threshold = ctrl.mean() + hit_sd * ctrl.std(ddof=1) if controls.sum() > 1 else np.inf
@@ -217,8 +217,11 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
                                                index=normalized.index)], axis=1)
 
 
-def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame, cells: pd.DataFrame,
-                  wells: pd.DataFrame, undelivered: list[str]) -> PlateQC:
+def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> PlateQC:
+    """Write one checked plate: its single cells and well profiles (Parquet), crops if cut, and its
+    measurements and status in one transaction; files written are removed if anything fails."""
+    plate, well_map = plan.plate, plan.well_map
+    cells = annotate_cells(plate.cells, well_map)
     cells_path = campaign.measurements_dir / f"{plate.barcode}.cells.parquet"
     profiles_path = campaign.measurements_dir / f"{plate.barcode}.wells.parquet"
     written = _write_parquets({cells_path: cells, profiles_path: wells})
@@ -259,7 +262,7 @@ def _record_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame
         _remove(written)
         raise
     empty = sorted(set(mapped["well"]) - set(n_cells.index))
-    return _qc(plate.barcode, wells, n_cells, undelivered, empty)
+    return _qc(plate.barcode, wells, n_cells, plan.undelivered, empty)
 
 
 def _remove(paths: list[Path]) -> None:

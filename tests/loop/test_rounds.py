@@ -10,7 +10,8 @@ from loop.cli import app
 from loop.ingest import IngestError, ingest_results
 from loop.lab import run_synthetic_lab
 from loop.library import add_virtual_library
-from loop.propose import cancel_round, candidate_table, propose
+from loop.propose import candidate_table, propose
+from loop.rounds import cancel_round
 from loop.status import campaign_status
 
 
