@@ -103,7 +103,7 @@ def library_template(path: Path, config: BacktestConfig) -> Path:
         lab_world_seed=config.lab_world_seed, assay=dict(config.assay), selection=dict(config.selection),
         lab=dict(config.lab),
     )
-    campaign = Campaign.init(path, campaign_config, db_url=local_store_url(path))
+    campaign = Campaign.init(path, campaign_config, db_url=local_store_url(path), id_seed=config.library_seed)
     add_virtual_library(campaign, config.n_compounds, seed=config.library_seed)
     campaign.engine.dispose()
     return path

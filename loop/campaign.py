@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import numbers
@@ -136,6 +137,15 @@ def _check_positive(value) -> None:
         raise ValueError(f"must be a number > 0, got {value!r}")
 
 
+def new_campaign_id(seed: int | None = None) -> str:
+    """A campaign id, 12 hex characters: random for a lab's campaign (``seed`` None); derived from
+    ``seed`` for a simulated one (a backtest's, the demo's), whose plate barcodes carry it and seed
+    the synthetic lab's noise, so the same seed measures the same plates on every run."""
+    if seed is None:
+        return uuid.uuid4().hex[:12]
+    return hashlib.sha256(f"simulated-campaign-{int(seed)}".encode()).hexdigest()[:12]
+
+
 class Campaign:
     """A campaign folder, its config and its store."""
 
@@ -147,14 +157,14 @@ class Campaign:
     # -- opening -----------------------------------------------------------------------
     @classmethod
     def init(cls, root: Path, config: CampaignConfig | None = None, db_url: str | None = None,
-             config_source: str = "campaign config") -> "Campaign":
+             config_source: str = "campaign config", id_seed: int | None = None) -> "Campaign":
         """Create the campaign folder and its store; ``config`` gets a fresh ``campaign_id`` (one
-        copied from another campaign's ``campaign.json`` is replaced) and is validated, errors naming
-        ``config_source``."""
+        copied from another campaign's ``campaign.json`` is replaced; :func:`new_campaign_id` of
+        ``id_seed``) and is validated, errors naming ``config_source``."""
         root = Path(root)
         if (root / CONFIG_FILE).exists():
             raise CampaignError(f"{root / CONFIG_FILE} already exists: this folder is a campaign")
-        config = dataclasses.replace(config or CampaignConfig(), campaign_id=uuid.uuid4().hex[:12])
+        config = dataclasses.replace(config or CampaignConfig(), campaign_id=new_campaign_id(id_seed))
         config.validate(config_source)
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def run_demo(root: Path, n_compounds: int = 2000, n_rounds: int = 2, budget_well
     if root.exists():
         log.info("removing the previous demo campaign at %s", root)
         shutil.rmtree(root)
-    campaign = Campaign.init(root, CampaignConfig(seed=seed), db_url=local_store_url(root))
+    campaign = Campaign.init(root, CampaignConfig(seed=seed), db_url=local_store_url(root), id_seed=seed)
     steps = 1 + n_rounds * 4 + 1
     files: dict[str, str] = {"campaign": str(root), "store": str(root / "campaign.db")}
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:

@@ -1,6 +1,6 @@
 import pytest
 
-from loop.campaign import Campaign, CampaignConfig, CampaignError, resolve_db_url
+from loop.campaign import Campaign, CampaignConfig, CampaignError, new_campaign_id, resolve_db_url
 from loop import store
 
 
@@ -53,10 +53,11 @@ def test_a_second_writer_waits_for_the_lock_and_then_fails_naming_the_campaign(t
     import time
 
     campaign = Campaign.init(tmp_path / "c")
-    code = ("import sys, time\nfrom loop.campaign import Campaign\n"
+    code = ("import sys\nfrom loop.campaign import Campaign\n"
             "with Campaign.open(sys.argv[1]).writing('test holder'):\n"
-            "    print('held', flush=True)\n    time.sleep(5)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(campaign.root)], stdout=subprocess.PIPE, text=True)
+            "    print('held', flush=True)\n    sys.stdin.readline()\n")  # holds the lock until told to let go
+    holder = subprocess.Popen([sys.executable, "-c", code, str(campaign.root)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
@@ -65,7 +66,8 @@ def test_a_second_writer_waits_for_the_lock_and_then_fails_naming_the_campaign(t
                 pass
         assert time.monotonic() - started >= 0.5
     finally:
-        holder.wait(30)
+        holder.stdin.close()
+        holder.wait(60)
     with campaign.writing("ingest"), campaign.writing("nested"):  # free again; nesting is fine
         pass
 
@@ -86,7 +88,8 @@ def test_another_thread_waits_for_the_lock(tmp_path):
     with campaign.writing("propose"):
         thread = threading.Thread(target=second_writer)
         thread.start()
-        thread.join(10)
+        thread.join(60)
+        assert not thread.is_alive()  # it gave up while the lock was still held
     assert len(outcome) == 1 and "ingest did not start" in outcome[0]
 
 
@@ -98,6 +101,11 @@ def test_init_gives_each_campaign_its_own_id_and_barcode_tag(tmp_path):
     assert first.config.barcode_tag == first.config.campaign_id[:4].upper() + "-"
     assert CampaignConfig().barcode_tag == ""  # campaigns made before ids keep LP0001
     assert Campaign.open(tmp_path / "a").config.campaign_id == first.config.campaign_id
+    # a simulated campaign (backtest, demo) gets its id from its seed: same plates on every run
+    seeded = [Campaign.init(tmp_path / name, id_seed=7).config.campaign_id for name in ("s1", "s2")]
+    assert seeded[0] == seeded[1] == new_campaign_id(7) != new_campaign_id(8)
+    assert len(new_campaign_id(7)) == 12 and int(new_campaign_id(7), 16) >= 0
+    assert len({new_campaign_id() for _ in range(20)}) == 20  # a lab campaign: uuid4
 
 
 def test_opening_with_another_store_is_refused_and_creates_nothing(tmp_path, monkeypatch):
