@@ -106,6 +106,9 @@ def train(
     time_scheme: Optional[str] = typer.Option(None, "--time-scheme", help="uniform | logit_normal (default)."),
     source_noise: Optional[float] = typer.Option(None, "--source-noise", help="Control mode: sigma of Gaussian noise "
                                                  "added to the source control latents, in training and sampling (default 0)."),
+    source_noise_on: Optional[str] = typer.Option(None, "--source-noise-on", help="all (default) | treated: "
+                                                  "--source-noise on every source cell, or only on those of "
+                                                  "compound conditions (DMSO cells stay a map of the controls)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre crop in px the model works at (multiple of 8; default 64)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ):
@@ -127,6 +130,7 @@ def train(
         flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
                          block_size=block_size,
                          time_scheme=time_scheme, lr_schedule=lr_schedule, source_noise=source_noise,
+                         source_noise_on=source_noise_on,
                          guidance_scale=guidance)
         if plain_decode:
             base = replace(base, detail_shot_noise=False, pixel_floor_percentile=None)

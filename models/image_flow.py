@@ -75,7 +75,10 @@ class FlowConfig:
     down to 0 at ``max_steps``; a resume with a larger ``max_steps`` stretches the cosine from there.
     ``source_noise``: sigma of the Gaussian noise added to the control source latents (control
     mode only; latents are standardised, so sigma is in latent standard deviations; 0 = none,
-    the default). See :func:`add_source_noise`.
+    the default). See :func:`add_source_noise`. ``source_noise_on``: ``all`` source cells (the
+    default) or only those of ``treated`` conditions (a compound at a dose, label dropped or not),
+    so DMSO cells stay a map of the plate's controls and only the response gets its own
+    randomness (:meth:`source_sigma`).
     ``guidance_scale`` / ``guidance_reference``: classifier-free guidance at sampling
     (:func:`sample_latents`); 1.6 against the null token by default since session 16 (configs saved
     before keep the 1.0 they stored): the conditional flow falls short of the treated cells (the
@@ -104,6 +107,7 @@ class FlowConfig:
     guidance_scale: float = 1.6
     guidance_reference: Literal["null", "control"] = "null"
     source_noise: float = 0.0
+    source_noise_on: Literal["all", "treated"] = "all"
     dit: DiTConfig = field(default_factory=DiTConfig)
 
     def __post_init__(self) -> None:
@@ -125,6 +129,13 @@ class FlowConfig:
                              "(label dropout is what trains the null token); use guidance_scale 1")
         if self.source_noise > 0 and self.mode != "control":
             raise ValueError(f"source_noise applies to the control source; mode {self.mode!r} already starts from noise")
+        if self.source_noise_on not in ("all", "treated"):
+            raise ValueError(f"source_noise_on must be 'all' or 'treated', got {self.source_noise_on!r}")
+
+    def source_sigma(self, treated: bool) -> float:
+        """The source noise sigma of a condition: ``source_noise``, or 0 for DMSO cells when
+        ``source_noise_on`` is ``treated``."""
+        return self.source_noise if treated or self.source_noise_on == "all" else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -273,7 +284,7 @@ class BlockSampler:
             if cfg.mode == "control":
                 x0 = data.z[rng.choice(ctrl_rows, cfg.block_size, replace=len(ctrl_rows) < cfg.block_size)]
                 x0, x1 = ot_pair(x0, x1)
-                x0 = add_source_noise(x0, cfg.source_noise, gen)
+                x0 = add_source_noise(x0, cfg.source_sigma(treated=key[1] >= 0), gen)
             else:
                 x0 = torch.randn(x1.shape, generator=gen)
             x0s.append(x0)

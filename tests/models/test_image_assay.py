@@ -116,6 +116,14 @@ def test_control_mode_trains_and_samples(tmp_path):
     z_b, _ = assay.generate_latents(0, fp, 15.0, ctrl, 4, seed=1)
     # same source cells, noisier start, reproducible from the seed
     assert torch.equal(idx_a, idx_clean) and torch.equal(z_a, z_b) and not torch.allclose(z_a, z_clean)
+    z_dmso_noisy, _ = assay.generate_latents(0, None, 1.0, ctrl, 4, seed=1)
+    assay.config = replace(assay.config, flow=replace(assay.config.flow, source_noise_on="treated"))
+    z_dmso, _ = assay.generate_latents(0, None, 1.0, ctrl, 4, seed=1)
+    assert torch.equal(assay.generate_latents(0, fp, 15.0, ctrl, 4, seed=1)[0], z_a)  # treated: noisy as before
+    assay.config = replace(assay.config, flow=replace(assay.config.flow, source_noise=0.0))
+    # DMSO: no noise with source_noise_on="treated"
+    assert torch.equal(z_dmso, assay.generate_latents(0, None, 1.0, ctrl, 4, seed=1)[0])
+    assert not torch.allclose(z_dmso, z_dmso_noisy)
     pooled = assay.plate_controls(None)  # unknown plate in control mode: all training plates' controls
     assert len(pooled) == len(assay.plate_controls("P1")) + len(assay.plate_controls("P2"))
     assert pooled.images.shape[1:] == (16, 16, 3)

@@ -193,6 +193,22 @@ def test_source_noise_is_gaussian_added_after_ot_pairing():
     assert add_source_noise(x, 0.0, torch.Generator()) is x
 
 
+def test_source_noise_on_treated_leaves_dmso_blocks_clean():
+    """``source_noise_on='treated'``: DMSO blocks keep their paired control latents exactly, treated
+    blocks get the noise; ``source_sigma`` says which sigma a condition gets."""
+    data = _data(n_per_group=40)
+    cfg = replace(CFG, mode="control", batch_size=256, block_size=32, control_set_size=8, control_fraction=0.5,
+                  label_dropout=0.0, guidance_scale=1.0, source_noise=0.7, source_noise_on="treated")
+    assert (cfg.source_sigma(treated=True), cfg.source_sigma(treated=False)) == (0.7, 0.0)
+    assert replace(cfg, source_noise_on="all").source_sigma(treated=False) == 0.7
+    x0, _, cond = BlockSampler(data, cfg, np.ones(1)).draw(torch.Generator().manual_seed(0), np.random.default_rng(0))
+    is_control_row = [any(torch.equal(row, z) for z in data.z[data.compound < 0]) for row in x0]
+    assert torch.equal(torch.tensor(is_control_row), cond.role == ROLE_CONTROL)
+    assert (cond.role == ROLE_CONTROL).any() and (cond.role == ROLE_COMPOUND).any()
+    with pytest.raises(ValueError, match="source_noise_on must be 'all' or 'treated'"):
+        FlowConfig(source_noise_on="dmso")
+
+
 def test_learning_rate_warmup_then_constant_or_cosine():
     cfg = FlowConfig(lr=1e-3, warmup_steps=10, max_steps=110)
     assert learning_rate(0, cfg) == pytest.approx(1e-4)
