@@ -297,7 +297,7 @@ def _warn_pending_rounds(campaign: Campaign) -> None:
         rounds = sorted(set(session.exec(select(store.Plate.round_index).where(store.Plate.status == "pending")).all()))
     if rounds:
         log.warning("round(s) %s still have plates in the lab: their compounds are left out of this proposal; "
-                    "`loop round cancel N` (loop.rounds) releases a round that will not be run", ", ".join(map(str, rounds)))
+                    "`loop round cancel N` releases a round that will not be run", ", ".join(map(str, rounds)))
 
 
 def _record_round(campaign, round_index, policy, model_version, out_dir, config_json, layouts, chosen, summary):
