@@ -237,6 +237,8 @@ def evaluate(
     cross_doses: bool = typer.Option(False, "--cross-doses", help="Also score cells generated at the other doses."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: model config)."),
     inception: bool = typer.Option(True, "--inception/--no-inception", help="Inception metrics (slow on CPU); off: null."),
+    ceiling: bool = typer.Option(False, "--ceiling", help="Also score autoencoder_ceiling: half the real treated "
+                                 "cells encoded and decoded as generated cells are, against the other half."),
     seed: int = typer.Option(0, "--seed"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler | heun (default: model config); "
@@ -256,7 +258,7 @@ def evaluate(
         result = evaluate_assay(assay, crops, n_per_condition=n_per_condition, seed=seed, plates=plate or None,
                                 doses_um=dose or None, n_steps=steps, sampler=sampler, source=str(data), max_real=max_real,
                                 cross_doses=cross_doses, guidance_scale=guidance,
-                                inception=inception, min_real=min_real)
+                                inception=inception, min_real=min_real, ceiling=ceiling)
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(str(err))
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,11 +267,12 @@ def evaluate(
     tmp.replace(json_out)
     for cond in result["conditions"]:
         typer.echo(f"{cond['plate']} {cond['compound']} {cond['dose_um']:g} uM (n_real={cond['n_real']}):")
-        rows = [(name, cond[name]) for name in ("model", "copy_control", "unconditional", "real_floor")]
+        rows = [(name, cond[name]) for name in ("model", "copy_control", "unconditional", "real_floor",
+                                                "autoencoder_ceiling") if name in cond]
         rows += [(f"model@{d}uM", m) for d, m in cond.get("model_at_dose", {}).items()]
         rows += [(f"real@{d}uM", m) for d, m in cond.get("real_at_dose", {}).items()]
         for name, m in rows:
-            typer.echo(f"  {name:>14}: " + "  ".join(f"{k} {_fmt(m[k])}" for k in
+            typer.echo(f"  {name:>19}: " + "  ".join(f"{k} {_fmt(m[k])}" for k in
                                                       ("fid_inception", "kid_inception", "fid_morph", "kid_morph")))
         if "ensemble_disagreement" in cond:
             typer.echo(f"  ensemble disagreement (mean member-profile variance): {cond['ensemble_disagreement']:.4f}")

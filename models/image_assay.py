@@ -546,6 +546,14 @@ class ImageAssay:
                  controls: PlateControls | None, n: int, seed: int, **kwargs) -> np.ndarray:
         """uint16 crops ``n x H x W x C`` (see :meth:`generate_latents`; detail transfer in control mode)."""
         z_1, idx = self.generate_latents(member, fingerprint_packed, dose_um, controls, n, seed, **kwargs)
+        return self.decode_generated(z_1, idx, controls)
+
+    @torch.no_grad()
+    def decode_generated(self, z_1: Tensor, idx: Tensor | None, controls: PlateControls | None) -> np.ndarray:
+        """Standardised latents ``z_1: n x c x h x w`` -> uint16 crops ``n x H x W x C`` with the
+        model's decoding: in control mode the residual of source control ``controls[idx[i]]`` is
+        added to cell ``i`` (detail transfer, scaled by the shot-noise gain), then the plate's
+        pixel floor (config options decide which steps run)."""
         x_1 = decode_all(self.autoencoder, self.latent_norm.invert(z_1))  # n x C x H x W
         if idx is not None and self.config.detail_transfer and controls.images is not None:
             x_src = self.norm.normalize(controls.images[idx.numpy()])
@@ -556,6 +564,22 @@ class ImageAssay:
         q = self.config.pixel_floor_percentile
         floor = None if controls is None or q is None else controls.pixel_floor(q)
         return crops if floor is None else np.maximum(crops, floor)
+
+    @torch.no_grad()
+    def reconstruct(self, images: np.ndarray, controls: PlateControls | None, seed: int,
+                    source: str = "crops") -> np.ndarray:
+        """Real crops (uint16 ``n x H x W x C``) encoded and decoded as generated cells are
+        (:meth:`decode_generated`; in control mode each cell takes a random control of
+        ``controls`` as its detail source, reproducible from ``seed``). Scored against other
+        real cells this is the autoencoder ceiling: what a flow that put every latent exactly
+        where a real cell's is would score."""
+        z = self.encode_crops(images, source)
+        idx = None
+        if self.config.flow.mode == "control":
+            if controls is None or len(controls.z) == 0:
+                raise ValueError(f"{source}: a control-mode assay needs the plate's control cells to decode")
+            idx = control_source(len(z), controls.z, torch.Generator().manual_seed(int(seed)))[1]
+        return self.decode_generated(z, idx, controls)
 
     def generate_ensemble(self, fingerprint_packed: np.ndarray | None, dose_um: float, controls: PlateControls | None,
                           n: int, seed: int, **kwargs) -> np.ndarray:

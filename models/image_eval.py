@@ -216,6 +216,7 @@ def evaluate_assay(
     guidance_scale: float | None = None,
     inception: bool = True,
     min_real: int = MIN_REAL_CELLS,
+    ceiling: bool = False,
 ) -> dict:
     """Evaluate an :class:`models.image_assay.ImageAssay` on a crops set, condition by condition.
 
@@ -227,6 +228,11 @@ def evaluate_assay(
     * ``copy_control``: ``n_per_condition`` of the plate's real DMSO cells;
     * ``unconditional``: the same model with the null compound token (no compound / dose);
     * ``real_floor``: two disjoint random halves of the real treated cells against each other;
+    * with ``ceiling``, ``autoencoder_ceiling``: the first half's real cells encoded and decoded
+      the way generated cells are (:meth:`models.image_assay.ImageAssay.reconstruct`) against
+      the second half. It is what a flow that put every latent exactly on a real cell's would
+      score: between ``real_floor`` and it lies what the autoencoder and decoding lose, between
+      it and ``model`` what the flow loses;
 
     each compared with all ``n_real`` real treated cells of the condition (or a random ``max_real`` of
     them; real_floor: half vs half). With ``cross_doses``, ``model_at_dose`` adds the metrics of
@@ -334,6 +340,10 @@ def evaluate_assay(
                 "real_floor": compare(half_a, half_b, mean, std, seed=seed),
                 "_real": real_feats,
             })
+            if ceiling:
+                decoded = assay.reconstruct(real[a], z_ctrl, seed, source)
+                decoded_feats = featurize_set(decoded, scale, names, dna, inception=inception, device=assay.device)
+                results[-1]["autoencoder_ceiling"] = compare(decoded_feats, half_b, mean, std, seed=seed)
             if assay.n_members > 1:
                 results[-1]["ensemble_disagreement"] = member_disagreement(
                     assay, fp, float(dose), z_ctrl, disagreement_cells, seed, n_steps=n_steps, sampler=sampler,

@@ -165,6 +165,14 @@ def test_detail_transfer_returns_an_unmoved_source_cell_above_the_plate_floor(tm
     lifted = assay.generate(0, None, 1.0, controls, 4, seed=0).astype(np.int64)
     assert (source < floor).any() and (lifted >= floor).all()
     assert np.abs(lifted - np.maximum(source, floor)).max() <= 1
+    # reconstruct: a cell that is its plate's only control is its own detail source -> itself
+    assay.config = replace(assay.config, pixel_floor_percentile=None)
+    only = assay.encode_controls(controls.images[:1])
+    assert np.abs(assay.reconstruct(controls.images[:1], only, seed=3).astype(np.int64) - source[:1]).max() <= 1
+    many = assay.reconstruct(controls.images[:4], controls, seed=3)
+    assert many.shape == (4, 16, 16, 3) and np.array_equal(many, assay.reconstruct(controls.images[:4], controls, seed=3))
+    with pytest.raises(ValueError, match="control cells to decode"):
+        assay.reconstruct(controls.images[:1], None, seed=0)
 
 
 def test_decode_options_load_and_resume():
@@ -217,10 +225,13 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch):
     assert (cond["plate"], cond["dose_um"], cond["n_real"]) == ("P2", 15.0, 4)
     for name in ("model", "copy_control", "unconditional", "real_floor"):
         assert set(cond[name]) == {"fid_inception", "kid_inception", "fid_morph", "kid_morph"}
+    assert "autoencoder_ceiling" not in cond
     res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "3",
-                                    "--min-real", "4", "--cross-doses", "--no-inception", "--json", str(tmp_path / "e1.json")])
+                                    "--min-real", "4", "--cross-doses", "--no-inception", "--ceiling",
+                                    "--json", str(tmp_path / "e1.json")])
     assert res.exit_code == 0, res.output
     conds = {c["dose_um"]: c for c in json.loads((tmp_path / "e1.json").read_text())["conditions"]}
+    assert conds[5.0]["autoencoder_ceiling"]["fid_morph"] >= 0.0 and "autoencoder_ceiling" in res.output
     assert set(conds) == {5.0, 50.0} and set(conds[5.0]["model_at_dose"]) == set(conds[5.0]["real_at_dose"]) == {"50"}
     assert conds[5.0]["real_at_dose"]["50"]["fid_morph"] >= 0.0
     assert conds[5.0]["ensemble_disagreement"] >= 0.0
