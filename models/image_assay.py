@@ -534,7 +534,8 @@ class ImageAssay:
         if cfg.mode == "noise":
             idx, x_0 = None, torch.randn((n, *shape), generator=gen)
         else:
-            x_0, idx = control_source(n, z_ctrl, gen, cfg.source_sigma(treated=bits is not None))
+            # the null token trained on label-dropped compound rows: it gets their source noise
+            x_0, idx = control_source(n, z_ctrl, gen, cfg.source_sigma(treated=bits is not None or unconditional))
         z_1 = sample_latents(self.members[member], cond.to(self.device), x_0.to(self.device),
                              n_steps=n_steps or cfg.n_steps, sampler=sampler or cfg.sampler,
                              guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,

@@ -124,6 +124,11 @@ def test_control_mode_trains_and_samples(tmp_path):
     # DMSO: no noise with source_noise_on="treated"
     assert torch.equal(z_dmso, assay.generate_latents(0, None, 1.0, ctrl, 4, seed=1)[0])
     assert not torch.allclose(z_dmso, z_dmso_noisy)
+    # the null token trained on label-dropped compound rows, so unconditional sampling is noisy too
+    assay.config = replace(assay.config, flow=replace(assay.config.flow, source_noise=0.5))
+    z_null_noisy, _ = assay.generate_latents(0, None, 1.0, ctrl, 4, seed=1, unconditional=True)
+    assay.config = replace(assay.config, flow=replace(assay.config.flow, source_noise=0.0))
+    assert not torch.allclose(z_null_noisy, assay.generate_latents(0, None, 1.0, ctrl, 4, seed=1, unconditional=True)[0])
     pooled = assay.plate_controls(None)  # unknown plate in control mode: all training plates' controls
     assert len(pooled) == len(assay.plate_controls("P1")) + len(assay.plate_controls("P2"))
     assert pooled.images.shape[1:] == (16, 16, 3)
