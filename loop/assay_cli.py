@@ -186,12 +186,18 @@ def sample(
     """Generate cells for a compound at a dose on a plate, plus a montage next to real cells."""
     _setup(threads)
     from lab_io.crops import CropsError
-    from models.image_assay import ImageAssay, resolve_compound
+    from models.image_assay import ImageAssay, applicability, resolve_compound
     from models.image_eval import save_montage
 
     try:
         assay = ImageAssay.load(model).to(resolve_device(device))
         fp = resolve_compound(assay, compound)
+        domain = applicability(assay, compound, fp)
+        if domain and not domain["analogue"]:
+            typer.secho(f"warning: {compound} is no analogue of any training compound (nearest "
+                        f"{domain['nearest_training_compound']}, Tanimoto {domain['nearest_training_tanimoto']:.2f}): "
+                        "the cells show the response the model learned for its training compounds at this dose",
+                        fg=typer.colors.YELLOW, err=True)
         z_ctrl, plate_id, real_plate = _controls(assay, controls, plate)
         images = assay.generate_ensemble(fp, dose_um, z_ctrl, n, seed, n_steps=steps, sampler=sampler,
                                          guidance_scale=guidance)
@@ -200,7 +206,9 @@ def sample(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez_compressed(tmp, images=images, compound=compound, dose_um=dose_um, plate=plate_id, seed=seed,
-                        model_version=assay.version, channel_names=np.asarray(assay.channel_names))
+                        model_version=assay.version, channel_names=np.asarray(assay.channel_names),
+                        nearest_training_compound=str(domain.get("nearest_training_compound") or ""),
+                        nearest_training_tanimoto=float(domain.get("nearest_training_tanimoto", np.nan)))
     tmp.replace(out)
     real = _real_reference(real_plate, compound, dose_um, assay.config.image_size)
     png = out.with_suffix(".png")

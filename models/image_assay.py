@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lab_io.chem import morgan_fingerprints, unpack_fingerprints
+from lab_io.chem import morgan_fingerprints, tanimoto_matrix, unpack_fingerprints
 from lab_io.crops import CropSet, compound_smiles, is_control_compound
 from lab_io.morphology import cell_feature_names, featurize_crops
 from models.image_autoencoder import AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, train_autoencoder
@@ -625,6 +625,20 @@ class ImageAssay:
                 out[k, i] = prof[0].float().numpy()
         return out
 
+    def nearest_training_compound(self, fingerprint_packed: np.ndarray) -> tuple[str | None, float]:
+        """The training compound most similar to a packed fingerprint, and their Tanimoto similarity
+        (``(None, 0.0)`` for a model that trained on controls only). Below ``ANALOGUE_TANIMOTO`` the
+        model has no structural basis for a compound-specific response: it predicts the response
+        it learned for its training compounds at that dose (docs/STATUS_LOG.md, session 18)."""
+        names = self.meta["compounds"]
+        if not names:
+            return None, 0.0
+        trained = np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in self.meta["fingerprints_packed_hex"]])
+        query = check_fingerprints(np.asarray(fingerprint_packed, dtype=np.uint8).reshape(1, -1))
+        similarity = tanimoto_matrix(query, trained)[0]
+        best = int(similarity.argmax())
+        return names[best], float(similarity[best])
+
     def training_fingerprint(self, compound: str) -> np.ndarray | None:
         """Packed fingerprint of a training compound name (case-insensitive); None if unknown."""
         for name, hexfp in zip(self.meta["compounds"], self.meta["fingerprints_packed_hex"]):
@@ -633,6 +647,7 @@ class ImageAssay:
         return None
 
 
+ANALOGUE_TANIMOTO = 0.4  # Morgan r2 similarity under which a compound is no analogue of any training compound
 MAX_SHOT_NOISE_GAIN = 3.0  # a residual is amplified at most 3x (a pixel 9x brighter than its source's)
 
 
@@ -643,6 +658,22 @@ def shot_noise_gain(x_1: Tensor, x_0_hat: Tensor, norm: ChannelNorm) -> Tensor:
     larger share of its source's photon noise and texture, a dimmer one a smaller share."""
     raw_1, raw_0 = norm.to_raw(x_1).clamp_min(0.0), norm.to_raw(x_0_hat).clamp_min(0.0)
     return ((raw_1 + 1.0) / (raw_0 + 1.0)).sqrt().clamp(0.0, MAX_SHOT_NOISE_GAIN)
+
+
+def applicability(assay: ImageAssay, compound: str, fingerprint_packed: np.ndarray | None) -> dict:
+    """How close a compound is to what the model trained on: ``nearest_training_compound``,
+    ``nearest_training_tanimoto`` and ``analogue`` (similarity at least ``ANALOGUE_TANIMOTO``).
+    Logs a warning naming the compound when it is no analogue. DMSO (no fingerprint): ``{}``."""
+    if fingerprint_packed is None:
+        return {}
+    nearest, similarity = assay.nearest_training_compound(fingerprint_packed)
+    analogue = similarity >= ANALOGUE_TANIMOTO
+    if not analogue:
+        logger.warning("%s is no analogue of any training compound (nearest %s, Tanimoto %.2f < %.2f): the model "
+                       "predicts the response it learned for its training compounds at this dose, not one of its own",
+                       compound, nearest, similarity, ANALOGUE_TANIMOTO)
+    return {"nearest_training_compound": nearest, "nearest_training_tanimoto": round(similarity, 4),
+            "analogue": bool(analogue)}
 
 
 def resolve_compound(assay: ImageAssay, name_or_smiles: str) -> np.ndarray | None:

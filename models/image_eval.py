@@ -251,12 +251,15 @@ def evaluate_assay(
     neither a training compound nor has a SMILES (BBBC021's AstraZeneca compounds), or fewer
     than ``min_real`` real cells (the real floor splits them in two halves). ValueError when
     nothing is left to score.
-    Returns ``{"conditions": [{plate, compound, dose_um, n_real, n_generated, model, copy_control,
-    unconditional, real_floor}], "skipped": [...], ...}`` with each metric dict holding fid_inception, kid_inception,
-    fid_morph, kid_morph.
+    Each condition also says how close its compound is to the training compounds
+    (``nearest_training_compound``, ``nearest_training_tanimoto``, ``analogue``:
+    :func:`models.image_assay.applicability`; a compound that is no analogue is logged as a warning).
+    Returns ``{"conditions": [{plate, compound, dose_um, n_real, n_generated, nearest_training_compound,
+    nearest_training_tanimoto, analogue, model, copy_control, unconditional, real_floor}], "skipped": [...], ...}``
+    with each metric dict holding fid_inception, kid_inception, fid_morph, kid_morph.
     """
     from lab_io.crops import is_control_compound
-    from models.image_assay import compound_fingerprints
+    from models.image_assay import applicability, compound_fingerprints
     from models.image_flow import centre_crop, check_guidance_scale, check_sampler
 
     size = assay.config.image_size
@@ -273,6 +276,7 @@ def evaluate_assay(
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale)
     fingerprints = compound_fingerprints(assay, meta, source)
+    domain = {name: applicability(assay, name, fp) for name, fp in fingerprints.items() if fp is not None}
     results, skipped = [], []
 
     def skip(plate, compound, dose, n_real, reason):
@@ -333,7 +337,7 @@ def evaluate_assay(
             half_b = FeatureSets(real_feats.inception[b], real_feats.morph[b])
             results.append({
                 "plate": plate, "compound": str(compound), "dose_um": float(dose), "n_real": int(len(real)),
-                "n_generated": int(n_per_condition), "n_copy_control": int(len(copy_idx)),
+                "n_generated": int(n_per_condition), "n_copy_control": int(len(copy_idx)), **domain[str(compound)],
                 "model": compare(gen_feats, real_feats, mean, std, seed=seed),
                 "copy_control": compare(copy_feats, real_feats, mean, std, seed=seed),
                 "unconditional": compare(uncond_feats, real_feats, mean, std, seed=seed),

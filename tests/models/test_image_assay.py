@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from lab_io.crops import CropSet, load_crops, write_crops
+from lab_io.crops import CropSet, compound_smiles, load_crops, write_crops
 from models.image_assay import (
-    MAX_SHOT_NOISE_GAIN, ImageAssay, ImageAssayConfig, PlateControls, _comparable, member_seed, resolve_compound,
+    ANALOGUE_TANIMOTO, MAX_SHOT_NOISE_GAIN, ImageAssay, ImageAssayConfig, PlateControls, _comparable, applicability,
+    member_seed, resolve_compound,
     select_training_crops, shot_noise_gain, train_image_assay,
 )
 from models.image_flow import ChannelNorm, bootstrap_compound_weights
@@ -205,6 +206,32 @@ def test_select_training_crops_and_resolve_compound(trained):
         resolve_compound(assay, "not-a-smiles((")
 
 
+def test_nearest_training_compound_matches_rdkit_and_warns_off_analogues(trained, monkeypatch, caplog):
+    from rdkit import Chem, DataStructs
+    from rdkit.Chem import rdFingerprintGenerator
+
+    _, crops, assay = trained
+    own = assay.training_fingerprint("cyclohexamide")
+    assert assay.nearest_training_compound(own) == ("cyclohexamide", 1.0)
+    generator = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    trained_smiles = compound_smiles(crops.metadata)["cyclohexamide"]
+    for query in ("CCO", "CCC1CC(C)C(=O)C(C(O)CC2CC(=O)NC(=O)C2)C1"):  # ethanol; an ethyl analogue of cycloheximide
+        name, similarity = assay.nearest_training_compound(resolve_compound(assay, query))
+        expected = DataStructs.TanimotoSimilarity(generator.GetFingerprint(Chem.MolFromSmiles(query)),
+                                                  generator.GetFingerprint(Chem.MolFromSmiles(trained_smiles)))
+        assert name == "cyclohexamide" and similarity == pytest.approx(expected, abs=1e-6)
+    with caplog.at_level(logging.WARNING, logger="models.image_assay"):
+        assert applicability(assay, "cyclohexamide", own)["analogue"] and not caplog.records
+        assert applicability(assay, "DMSO", None) == {}
+        assert applicability(assay, "ethyl analogue", resolve_compound(assay, "CCC1CC(C)C(=O)C(C(O)CC2CC(=O)NC(=O)C2)C1"))[
+            "analogue"] and not caplog.records
+        ethanol = applicability(assay, "ethanol", resolve_compound(assay, "CCO"))
+    assert not ethanol["analogue"] and ethanol["nearest_training_tanimoto"] < ANALOGUE_TANIMOTO
+    assert len(caplog.records) == 1 and "ethanol is no analogue" in caplog.text
+    monkeypatch.setattr(assay, "meta", {**assay.meta, "compounds": [], "fingerprints_packed_hex": []})
+    assert assay.nearest_training_compound(own) == (None, 0.0)
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="assay.json"):
         ImageAssay.load(tmp_path)
@@ -222,12 +249,18 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     with np.load(tmp_path / "g.npz") as z:
         assert z["images"].shape == (4, 16, 16, 3)
-    assert (tmp_path / "g.png").is_file()
+        assert (str(z["nearest_training_compound"]), float(z["nearest_training_tanimoto"])) == ("cyclohexamide", 1.0)
+    assert (tmp_path / "g.png").is_file() and "no analogue" not in res.output
+    res = runner.invoke(assay_app, ["sample", "--model", str(out), "--compound", "CCO", "--dose-um", "15",
+                                    "--controls", str(data), "--plate", "P2", "--n", "2", "--out", str(tmp_path / "e.npz")])
+    assert res.exit_code == 0 and "CCO is no analogue of any training compound (nearest cyclohexamide" in res.output
     res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P2", "--n", "3",
                                     "--min-real", "4", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
     cond = json.loads((tmp_path / "e.json").read_text())["conditions"][0]
     assert (cond["plate"], cond["dose_um"], cond["n_real"]) == ("P2", 15.0, 4)
+    assert (cond["nearest_training_compound"], cond["nearest_training_tanimoto"], cond["analogue"]) == \
+        ("cyclohexamide", 1.0, True)
     for name in ("model", "copy_control", "unconditional", "real_floor"):
         assert set(cond[name]) == {"fid_inception", "kid_inception", "fid_morph", "kid_morph"}
     assert "autoencoder_ceiling" not in cond
