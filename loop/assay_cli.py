@@ -192,12 +192,7 @@ def sample(
     try:
         assay = ImageAssay.load(model).to(resolve_device(device))
         fp = resolve_compound(assay, compound)
-        domain = applicability(assay, compound, fp)
-        if domain and not domain["analogue"]:
-            typer.secho(f"warning: {compound} is no analogue of any training compound (nearest "
-                        f"{domain['nearest_training_compound']}, Tanimoto {domain['nearest_training_tanimoto']:.2f}): "
-                        "the cells show the response the model learned for its training compounds at this dose",
-                        fg=typer.colors.YELLOW, err=True)
+        domain = applicability(assay, compound, fp)  # logs a warning when the compound is no analogue
         z_ctrl, plate_id, real_plate = _controls(assay, controls, plate)
         images = assay.generate_ensemble(fp, dose_um, z_ctrl, n, seed, n_steps=steps, sampler=sampler,
                                          guidance_scale=guidance)

@@ -276,7 +276,7 @@ def evaluate_assay(
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale)
     fingerprints = compound_fingerprints(assay, meta, source)
-    domain = {name: applicability(assay, name, fp) for name, fp in fingerprints.items() if fp is not None}
+    domain: dict[str, dict] = {}  # compound -> applicability, looked up (and warned about) when first scored
     results, skipped = [], []
 
     def skip(plate, compound, dose, n_real, reason):
@@ -326,6 +326,8 @@ def evaluate_assay(
             real = centre_crop(crops.images[index], size, source)
             logger.info("plate %s %s %g uM: %d real cells", plate, compound, dose, len(real))
             fp = fingerprints[str(compound)]
+            if str(compound) not in domain:
+                domain[str(compound)] = applicability(assay, str(compound), fp)
             gen = assay.generate_ensemble(fp, float(dose), z_ctrl, n_per_condition, seed, n_steps=n_steps,
                                           sampler=sampler, guidance_scale=guidance_scale)
             real_feats = featurize_set(real, scale, names, dna, inception=inception, device=assay.device)

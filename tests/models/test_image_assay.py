@@ -238,7 +238,7 @@ def test_load_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch):
+def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch, caplog):
     from loop.assay_cli import assay_app
 
     out, crops, _ = trained
@@ -250,10 +250,12 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch):
     with np.load(tmp_path / "g.npz") as z:
         assert z["images"].shape == (4, 16, 16, 3)
         assert (str(z["nearest_training_compound"]), float(z["nearest_training_tanimoto"])) == ("cyclohexamide", 1.0)
-    assert (tmp_path / "g.png").is_file() and "no analogue" not in res.output
-    res = runner.invoke(assay_app, ["sample", "--model", str(out), "--compound", "CCO", "--dose-um", "15",
-                                    "--controls", str(data), "--plate", "P2", "--n", "2", "--out", str(tmp_path / "e.npz")])
-    assert res.exit_code == 0 and "CCO is no analogue of any training compound (nearest cyclohexamide" in res.output
+    assert (tmp_path / "g.png").is_file() and "no analogue" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="models.image_assay"):
+        res = runner.invoke(assay_app, ["sample", "--model", str(out), "--compound", "CCO", "--dose-um", "15",
+                                        "--controls", str(data), "--plate", "P2", "--n", "2", "--out",
+                                        str(tmp_path / "e.npz")])
+    assert res.exit_code == 0 and "CCO is no analogue of any training compound (nearest cyclohexamide" in caplog.text
     res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P2", "--n", "3",
                                     "--min-real", "4", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
@@ -359,16 +361,20 @@ def test_evaluate_skips_conditions_it_cannot_score(trained, tmp_path, caplog):
                      pd.concat([c.metadata for c in parts], ignore_index=True), crops.channel_names)
     data = write_crops(merged, tmp_path / "crops")
     runner = CliRunner()
-    with caplog.at_level(logging.INFO, logger="models.image_eval"):
+    with caplog.at_level(logging.INFO, logger="models.image_eval"), \
+            caplog.at_level(logging.INFO, logger="models.image_assay"):
         res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "3", "--min-real",
                                         "4", "--no-inception", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
+    analogue_warnings = [r.getMessage() for r in caplog.records if "no analogue" in r.getMessage()]
+    assert len(analogue_warnings) == 1 and analogue_warnings[0].startswith("ethanol is no analogue")
     # progress counts every condition visited, the skipped ones included (2 scored of 4)
     progress = [r.getMessage() for r in caplog.records if "scored: condition" in r.getMessage()]
     assert len(progress) == 2 and all(" of 4," in m for m in progress) and "min left" in progress[-1]
     result = json.loads((tmp_path / "e.json").read_text())
     scored = {(c["compound"], c["dose_um"]) for c in result["conditions"]}
     assert scored == {("cyclohexamide", 15.0), ("ethanol", 15.0)}
+    assert {c["compound"]: c["analogue"] for c in result["conditions"]} == {"cyclohexamide": True, "ethanol": False}
     skipped = {(s["compound"], s["dose_um"]): s for s in result["skipped"]}
     assert set(skipped) == {("AZ-unknown", 15.0), ("ethanol", 1.0)}
     assert "SMILES" in skipped[("AZ-unknown", 15.0)]["reason"] and skipped[("ethanol", 1.0)]["n_real"] == 2
