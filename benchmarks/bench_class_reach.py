@@ -16,9 +16,9 @@ world and seed, in two parts.
    maxmin, coverage, stratified) from the rest, scored by the ground truth alone: actives and
    distinct classes among the picks.
 
-Run: ``nice -n 10 .venv/bin/python benchmarks/bench_class_reach.py --worlds 1 --seeds 2
---json out.json`` (about 3 minutes per (world, seed) on one torch thread, plus about a minute
-per world for part 2).
+Run: ``nice -n 10 .venv/bin/python benchmarks/bench_class_reach.py --worlds 1 0 --seeds 10
+--explore-seeds 20 --json out.json`` (26 minutes on one torch thread: about a minute per (world,
+seed), two to three minutes per world for part 2).
 """
 
 from __future__ import annotations
