@@ -104,6 +104,9 @@ def train(
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="Flow learning rate after warm-up: "
                                               "constant | cosine (decays to 0 at the last step)."),
     time_scheme: Optional[str] = typer.Option(None, "--time-scheme", help="uniform | logit_normal (default)."),
+    time_logit_mean: Optional[float] = typer.Option(None, "--time-logit-mean", help="Location of the logit-normal "
+                                                    "training times (default 0; below 0 more weight near the "
+                                                    "control source)."),
     source_noise: Optional[float] = typer.Option(None, "--source-noise", help="Control mode: sigma of Gaussian noise "
                                                  "added to the source control latents, in training and sampling (default 0)."),
     source_noise_on: Optional[str] = typer.Option(None, "--source-noise-on", help="all (default) | treated: "
@@ -129,7 +132,8 @@ def train(
                         final_conv=final_conv, dose_gate=dose_gate)
         flow = _override(base.flow, mode=mode, max_minutes=flow_minutes, max_steps=flow_steps, batch_size=batch_size,
                          block_size=block_size,
-                         time_scheme=time_scheme, lr_schedule=lr_schedule, source_noise=source_noise,
+                         time_scheme=time_scheme, time_logit_mean=time_logit_mean, lr_schedule=lr_schedule,
+                         source_noise=source_noise,
                          source_noise_on=source_noise_on,
                          guidance_scale=guidance)
         if plain_decode:

@@ -366,6 +366,7 @@ def train_member_task(model_dir: str, member_index: int) -> dict:
     identity = member_identity(config, seed, meta["data_fingerprint"])
     if (mdir / "config.json").is_file() and (mdir / "checkpoint.pt").is_file():
         stored = json.loads((mdir / "config.json").read_text())
+        stored = {**stored, "flow": FlowConfig.from_dict(stored["flow"]).to_dict()}  # options added since: defaults
         if member_identity_key(stored) != member_identity_key(identity):
             raise ValueError(f"{mdir / 'checkpoint.pt'}: checkpoint of a different member (seed, data or flow config); "
                              "remove it or use another model folder")

@@ -400,7 +400,7 @@ def test_cli_train_tiny(tmp_path):
         "train", "--data", str(data), "--out", str(tmp_path / "m"), "--members", "1", "--exclude-dose", "15",
         "--ae-steps", "2", "--flow-steps", "2", "--hidden-dim", "16", "--depth", "2", "--heads", "2",
         "--batch-size", "32", "--image-size", "16", "--lr-schedule", "cosine", "--source-noise", "0.25",
-        "--no-final-conv", "--plain-decode", "--guidance", "1.2"])
+        "--no-final-conv", "--plain-decode", "--guidance", "1.2", "--time-logit-mean", "-0.5"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m" / "member_000" / "model.pt").is_file()
     saved = ImageAssayConfig.from_dict(json.loads((tmp_path / "m" / "assay.json").read_text())["config"])
@@ -408,7 +408,8 @@ def test_cli_train_tiny(tmp_path):
     # options given on the command line override; the rest are the config's defaults
     assert (saved.flow.max_steps, saved.flow.dit.hidden_dim, saved.image_size, saved.flow.lr_schedule,
             saved.flow.source_noise, saved.flow.dit.final_conv) == (2, 16, 16, "cosine", 0.25, False)
-    assert (saved.detail_shot_noise, saved.pixel_floor_percentile, saved.flow.guidance_scale) == (False, None, 1.2)
+    assert (saved.detail_shot_noise, saved.pixel_floor_percentile, saved.flow.guidance_scale,
+            saved.flow.time_logit_mean) == (False, None, 1.2, -0.5)
     assert (saved.flow.mode, saved.flow.max_minutes, saved.flow.time_scheme) == (
         default.flow.mode, default.flow.max_minutes, default.flow.time_scheme)
     assert saved.autoencoder.max_minutes == default.autoencoder.max_minutes
@@ -444,10 +445,17 @@ def test_interrupted_member_resumes_with_larger_budget(tmp_path):
     assert json.loads((member / "train_log.json").read_text())["steps"] == 5
     (member / "model.pt").unlink()
     ident = json.loads((member / "config.json").read_text())
+    # a checkpoint saved before an option existed resumes: the option's default fills it in
+    older = {**ident, "flow": {k: v for k, v in ident["flow"].items() if k != "time_logit_mean"}}
+    (member / "config.json").write_text(json.dumps(older))
+    even_longer = replace(cfg, flow=replace(cfg.flow, max_steps=6))
+    train_image_assay(crops, tmp_path, even_longer)
+    assert json.loads((member / "train_log.json").read_text())["steps"] == 6
+    (member / "model.pt").unlink()
     ident["seed"] += 1
     (member / "config.json").write_text(json.dumps(ident))
     with pytest.raises(ValueError, match="different member"):
-        train_image_assay(crops, tmp_path, longer)
+        train_image_assay(crops, tmp_path, even_longer)
 
 
 def test_disagreement_uses_common_random_numbers(trained):

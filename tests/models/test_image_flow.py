@@ -151,10 +151,17 @@ def test_config_validation():
         FlowConfig(lr_schedule="linear")
     assert FlowConfig.from_dict(CFG.to_dict()) == CFG
     old = {k: v for k, v in CFG.to_dict().items()
-           if k not in ("lr_schedule", "source_noise", "guidance_scale", "guidance_reference")}  # saved before these
+           if k not in ("lr_schedule", "source_noise", "guidance_scale", "guidance_reference",
+                        "time_logit_mean")}  # saved before these
     loaded = FlowConfig.from_dict(old)
-    assert (loaded.lr_schedule, loaded.source_noise, loaded.guidance_scale, loaded.guidance_reference) == (
-        "constant", 0.0, 1.0, "null")
+    assert (loaded.lr_schedule, loaded.source_noise, loaded.guidance_scale, loaded.guidance_reference,
+            loaded.time_logit_mean) == ("constant", 0.0, 1.0, "null", 0.0)
+    shifted = replace(CFG, time_scheme="logit_normal", time_logit_mean=-0.5)
+    assert FlowConfig.from_dict(shifted.to_dict()) == shifted
+    with pytest.raises(ValueError, match="time_logit_mean must be finite"):
+        FlowConfig(time_logit_mean=float("nan"))
+    with pytest.raises(ValueError, match="applies to time_scheme 'logit_normal', not 'uniform'"):
+        FlowConfig(time_scheme="uniform", time_logit_mean=-0.5)
     assert (FlowConfig().guidance_scale, FlowConfig().guidance_reference) == (1.6, "null")
     with pytest.raises(ValueError, match="guidance_reference"):
         FlowConfig(guidance_reference="dmso")
@@ -169,6 +176,22 @@ def test_config_validation():
             FlowConfig(source_noise=bad)
     with pytest.raises(ValueError, match="source_noise applies to the control source"):
         FlowConfig(mode="noise", source_noise=0.5)
+
+
+def test_training_times_follow_the_logit_mean(monkeypatch):
+    """train_flow draws its times with the configured logit-normal location: shifting it to -1
+    moves the drawn times' median to sigmoid(-1), the closed form."""
+    import models.image_flow as image_flow
+
+    drawn = []
+    original = image_flow.sample_time
+    monkeypatch.setattr(image_flow, "sample_time",
+                        lambda *a, **k: drawn.append(t := original(*a, **k)) or t)
+    for mean in (0.0, -1.0):
+        drawn.clear()
+        train_flow(_data(), replace(CFG, time_scheme="logit_normal", time_logit_mean=mean, max_steps=30), seed=0)
+        median = torch.cat(drawn).median().item()
+        assert median == pytest.approx(torch.sigmoid(torch.tensor(mean)).item(), abs=0.06)
 
 
 def test_source_noise_is_gaussian_added_after_ot_pairing():
