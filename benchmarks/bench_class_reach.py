@@ -34,6 +34,7 @@ from acquisition.funnel import FunnelConfig, funnel_predict
 from acquisition.prediction_cache import PredictionCache
 from acquisition.select import select_cold_start
 from bench_common import add_world_arguments, each_world, start_benchmark
+from lab_io.ground_truth import INACTIVE
 from lab_io.platemap import PlateLayoutConfig, treatment_capacity
 from loop.backtest import run_round, start_run
 from loop.campaign import Campaign, local_store_url
@@ -45,7 +46,6 @@ log = logging.getLogger("bench_class_reach")
 
 PICK_POLICIES = ("loop", "ucb_topk", "random")
 EXPLORE_METHODS = ("random", "maxmin", "coverage", "stratified")
-INACTIVE = "inactive"
 
 
 def class_of(compound_ids, actives: dict[str, str]) -> np.ndarray:

@@ -634,17 +634,20 @@ class ImageAssay:
         names = self.meta["compounds"]
         if not names:
             return None, 0.0
-        trained = np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in self.meta["fingerprints_packed_hex"]])
         query = check_fingerprints(np.asarray(fingerprint_packed, dtype=np.uint8).reshape(1, -1))
-        similarity = tanimoto_matrix(query, trained)[0]
+        similarity = tanimoto_matrix(query, self.training_fingerprints())[0]
         best = int(similarity.argmax())
         return names[best], float(similarity[best])
 
+    def training_fingerprints(self) -> np.ndarray:
+        """Packed fingerprints ``uint8 n x 256`` of the training compounds, in ``meta["compounds"]`` order."""
+        return np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in self.meta["fingerprints_packed_hex"]])
+
     def training_fingerprint(self, compound: str) -> np.ndarray | None:
         """Packed fingerprint of a training compound name (case-insensitive); None if unknown."""
-        for name, hexfp in zip(self.meta["compounds"], self.meta["fingerprints_packed_hex"]):
+        for i, name in enumerate(self.meta["compounds"]):
             if name.lower() == compound.strip().lower():
-                return np.frombuffer(bytes.fromhex(hexfp), dtype=np.uint8).copy()
+                return self.training_fingerprints()[i].copy()
         return None
 
 
