@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab_io.crops import load_crops, shared_data_dir  # noqa: E402
 from models.image_assay import ImageAssay  # noqa: E402
-from models.image_eval import channel_scale, fid, inception_features, kid  # noqa: E402
+from models.image_eval import MIN_REAL_CELLS, channel_scale, fid, inception_features, kid  # noqa: E402
 from models.image_flow import centre_crop  # noqa: E402
 
 log = logging.getLogger("bench_decode_gap")
@@ -121,6 +121,10 @@ def main() -> None:
                "compound": args.compound, "n": args.n, "seed": args.seed, "doses": {}}
     for dose in sorted(set(meta.loc[treated, "concentration_um"].astype(float))):
         in_dose = treated & np.isclose(meta["concentration_um"].to_numpy(float), dose)
+        if in_dose.sum() < MIN_REAL_CELLS:
+            log.warning("plate %s %s %g uM: %d real cells, fewer than %d; skipped", args.plate, args.compound, dose,
+                        in_dose.sum(), MIN_REAL_CELLS)
+            continue
         real = centre_crop(crops.images[in_dose], size, args.data)
         r = measure_dose(assay, controls, real, fingerprint, dose, scale, args.n, args.seed)
         results["doses"][f"{dose:g}"] = r
