@@ -73,8 +73,9 @@ class FlowConfig:
 
     ``time_logit_mean``: location of the logit-normal training times (``time_scheme``
     ``logit_normal``; 0 = SD3's default): below 0 more weight near the source (t = 0), above 0
-    near the data. Session 22 measured -0.5 as the closest configuration yet to the plate
-    hold-out row, from one training (docs/STATUS_LOG.md); the default stays 0.
+    near the data. -0.5 won 11 of 12 plate hold-out comparisons in one training (session 22)
+    and lost the 15 uM Inception scores in two retrains (session 23, docs/STATUS_LOG.md); the
+    default stays 0.
     ``lr_schedule`` (:func:`learning_rate`): ``constant`` after the warm-up (default) or ``cosine``
     down to 0 at ``max_steps``; a resume with a larger ``max_steps`` stretches the cosine from there.
     ``source_noise``: sigma of the Gaussian noise added to the control source latents (control
