@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab_io.crops import load_crops, shared_data_dir  # noqa: E402
 from models.image_assay import ImageAssay, ImageAssayConfig, LatentNorm, _latent_data  # noqa: E402
-from models.image_autoencoder import ImageAutoencoder, _augment, decode_all  # noqa: E402
+from models.image_autoencoder import ImageAutoencoder, _augment, decode_all, finetune_decoder  # noqa: E402
 from models.image_dit import ImageDiT  # noqa: E402
 from models.image_flow import (  # noqa: E402
     BlockSampler, ChannelNorm, centre_crop, sample_latents, sampling_condition, source_latents,
@@ -101,6 +101,20 @@ def bench_autoencoder(x: torch.Tensor, config: ImageAssayConfig, n_steps: int, d
     sec = time_steps(step, n_steps, device=device)
     return {"batch_size": cfg.batch_size, "sec_per_step": sec, "images_per_s": cfg.batch_size / sec,
             "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def bench_decoder_stage(x: torch.Tensor, config: ImageAssayConfig, n_steps: int, device: str) -> dict:
+    """Stage 2 of the autoencoder (decoder alone on noisy latents; models.image_autoencoder.finetune_decoder)."""
+    cfg = replace(config.autoencoder, in_channels=x.shape[1], decoder_steps=n_steps)
+    model = ImageAutoencoder(cfg)
+    _sync(device)
+    t0 = time.perf_counter()
+    finetune_decoder(model, x, torch.ones(cfg.latent_channels), seed=0, device=device)
+    _sync(device)
+    sec = (time.perf_counter() - t0) / n_steps
+    return {"batch_size": cfg.batch_size, "sec_per_step": sec, "images_per_s": cfg.batch_size / sec,
+            "default_steps": config.autoencoder.decoder_steps,
+            "default_minutes": config.autoencoder.decoder_steps * sec / 60}
 
 
 def bench_flow(data, config: ImageAssayConfig, n_steps: int, device: str) -> dict:
@@ -184,6 +198,10 @@ def main() -> None:
         results["gpu"] = torch.cuda.get_device_name(args.device)
     results["autoencoder_train"] = bench_autoencoder(x, config, args.train_steps, args.device)
     log.info("autoencoder training: %.1f images/s", results["autoencoder_train"]["images_per_s"])
+    results["decoder_stage_train"] = bench_decoder_stage(x, config, args.train_steps, args.device)
+    log.info("decoder stage 2: %.1f images/s, %.1f min for the default %d steps",
+             results["decoder_stage_train"]["images_per_s"], results["decoder_stage_train"]["default_minutes"],
+             config.autoencoder.decoder_steps)
 
     if args.model is not None:
         assay = ImageAssay.load(args.model)

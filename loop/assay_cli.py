@@ -78,6 +78,9 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     ae_minutes: Optional[float] = typer.Option(None, "--ae-minutes", help="Autoencoder wall-clock budget (default 12)."),
     ae_steps: Optional[int] = typer.Option(None, "--ae-steps", help="Autoencoder steps (default 2000)."),
+    decoder_steps: Optional[int] = typer.Option(None, "--decoder-steps", help="Autoencoder stage 2: decoder steps on "
+                                                "noisy latents, encoder frozen (default 800; 0: none, as models "
+                                                "saved before it; see models.image_autoencoder)."),
     flow_minutes: Optional[float] = typer.Option(None, "--flow-minutes", help="Per-member flow wall-clock budget (default 45)."),
     flow_steps: Optional[int] = typer.Option(None, "--flow-steps", help="Per-member flow steps (default 1000)."),
     hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", help="DiT width (default 192)."),
@@ -141,7 +144,8 @@ def train(
         config = replace(_override(base, image_size=image_size), n_members=members, seed=seed,
                          exclude_plates=tuple(exclude_plate), exclude_doses_um=tuple(float(d) for d in exclude_dose),
                          flow=replace(flow, dit=dit),
-                         autoencoder=_override(base.autoencoder, max_minutes=ae_minutes, max_steps=ae_steps))
+                         autoencoder=_override(base.autoencoder, max_minutes=ae_minutes, max_steps=ae_steps,
+                                                     decoder_steps=decoder_steps))
         assay = train_image_assay(crops, out, config, executor=executor, ray_address=ray_address, source=str(data))
     except (CropsError, ValueError, FileNotFoundError) as err:
         _fail(str(err))

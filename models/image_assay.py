@@ -5,7 +5,9 @@ Training (``train_image_assay``) runs top to bottom:
 1. filter the crops (excluded plates / treated doses), centre-crop to ``image_size``;
 2. fit the robust per-channel intensity normalisation (:class:`models.image_flow.ChannelNorm`);
 3. train the shared autoencoder (resumable; it is part of the model and saved with it);
-4. encode every crop, standardise latents per channel, save them with their labels;
+4. encode every crop, standardise latents per channel, save them with their labels; then train the
+   decoder alone on noisy latents (stage 2, :func:`models.image_autoencoder.finetune_decoder`;
+   the encoder, and so the latents, do not change);
 5. train K flow members (seed ``seed + k`` and a bootstrap resample of compounds), one task per
    member, locally or with Ray (``models.ray_executor.run_tasks``; 1 CPU or a GPU fraction each).
    Each member folder holds its checkpoint (resumable), config, normalisation statistics and
@@ -15,7 +17,7 @@ Model folder::
 
     MODEL_DIR/assay.json             ImageAssayConfig, channel names, compounds, version
     MODEL_DIR/normalisation.json     intensity percentiles + latent mean / std
-    MODEL_DIR/autoencoder/           config.json, checkpoint.pt, model.pt
+    MODEL_DIR/autoencoder/           config.json, checkpoint.pt, stage1.pt (before the decoder's stage 2), model.pt
     MODEL_DIR/training_latents.pt    latents and labels the members train on
     MODEL_DIR/control_bank.pt        up to ``control_bank_size`` DMSO cells (latents + crops) per training plate
     MODEL_DIR/member_XXX/            config.json, checkpoint.pt, model.pt (EMA), normalisation.json,
@@ -60,7 +62,9 @@ from torch import Tensor
 from lab_io.chem import morgan_fingerprints, tanimoto_matrix, unpack_fingerprints
 from lab_io.crops import CropSet, compound_smiles, is_control_compound
 from lab_io.morphology import cell_feature_names, featurize_crops
-from models.image_autoencoder import AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, train_autoencoder
+from models.image_autoencoder import (
+    AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, finetune_decoder, train_autoencoder,
+)
 from models.image_dit import ImageDiT
 from models.image_flow import (
     ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, control_source, sample_latents,
@@ -203,6 +207,7 @@ def train_image_assay(
     ae = _train_or_load_autoencoder(out / "autoencoder", x, replace(config.autoencoder, in_channels=x.shape[1]), config.seed)
     z_raw = encode_all(ae, x)
     latent_norm = LatentNorm.fit(z_raw)
+    ae = _finetune_or_load_decoder(out / "autoencoder", ae, x, latent_norm, config.seed)
     z = latent_norm.apply(z_raw)
     data = _latent_data(z, train, compounds, fps)
     flow_cfg = replace(config.flow, dit=replace(config.flow.dit, latent_channels=z.shape[1], latent_size=z.shape[2],
@@ -260,27 +265,49 @@ def _comparable(config: ImageAssayConfig) -> ImageAssayConfig:
     (which may change on resume)."""
     budget = {"max_steps": 0, "max_minutes": 0.0, "checkpoint_every": 0}
     sampling = {"n_steps": 0, "sampler": "euler", "guidance_scale": 1.0, "guidance_reference": "null"}
+    ae = config.autoencoder
     return replace(config, n_members=0, detail_shot_noise=False, pixel_floor_percentile=None,
-                   autoencoder=replace(config.autoencoder, in_channels=0, max_steps=0, max_minutes=0.0),
+                   autoencoder=replace(ae, in_channels=0, max_steps=0, max_minutes=0.0, decoder_steps=min(ae.decoder_steps, 1),
+                                       decoder_noise=ae.decoder_noise if ae.decoder_steps else AutoencoderConfig.decoder_noise,
+                                       decoder_lr=ae.decoder_lr if ae.decoder_steps else AutoencoderConfig.decoder_lr),
                    flow=replace(config.flow, **budget, **sampling,
                                 dit=replace(config.flow.dit, latent_channels=0, latent_size=0, dose_range_um=None)))
 
 
 def _train_or_load_autoencoder(ae_dir: Path, x: Tensor, cfg: AutoencoderConfig, seed: int) -> ImageAutoencoder:
+    """Stage 1 (resumable from ``checkpoint.pt``). Saved as ``model.pt`` when there is no stage 2,
+    else as ``stage1.pt``; an existing ``model.pt`` is the finished autoencoder and is loaded."""
     ae_dir.mkdir(parents=True, exist_ok=True)
-    final, ckpt = ae_dir / "model.pt", ae_dir / "checkpoint.pt"
-    if final.is_file():
-        model = ImageAutoencoder(cfg)
-        model.load_state_dict(torch.load(final, weights_only=True, map_location="cpu"))
-        return model.eval()
+    final, stage1, ckpt = ae_dir / "model.pt", ae_dir / "stage1.pt", ae_dir / "checkpoint.pt"
+    for path in (final, stage1):
+        if path.is_file():
+            model = ImageAutoencoder(cfg)
+            model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+            return model.eval()
     state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.is_file() else None
     t0 = time.perf_counter()
     model, state = train_autoencoder(x, cfg, seed=seed, state=state, checkpoint_fn=lambda s: save_torch(ckpt, s),
                                      device=training_device())
     save_json(ae_dir / "config.json", cfg.to_dict())
     save_json(ae_dir / "train_log.json", {"steps": state["step"], "seconds": time.perf_counter() - t0})
-    save_torch(final, model.state_dict())
+    save_torch(stage1 if cfg.decoder_steps > 0 else final, model.state_dict())
     return model
+
+
+def _finetune_or_load_decoder(ae_dir: Path, ae: ImageAutoencoder, x: Tensor, latent_norm: LatentNorm,
+                              seed: int) -> ImageAutoencoder:
+    """Stage 2 (:func:`models.image_autoencoder.finetune_decoder`) on the stage-1 model, saved as
+    ``model.pt``; a no-op when ``model.pt`` exists (finished) or the config has no stage 2."""
+    final = ae_dir / "model.pt"
+    if final.is_file() or ae.config.decoder_steps == 0:
+        return ae
+    t0 = time.perf_counter()
+    ae = finetune_decoder(ae, x, torch.tensor(latent_norm.std), seed=seed, device=training_device())
+    log_path = ae_dir / "train_log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    save_json(log_path, {**log, "decoder_steps": ae.config.decoder_steps, "decoder_seconds": time.perf_counter() - t0})
+    save_torch(final, ae.state_dict())
+    return ae
 
 
 def asdict_latent_data(d: LatentData) -> dict:

@@ -37,7 +37,8 @@ def tiny_config(**kw) -> ImageAssayConfig:
     base = ImageAssayConfig(image_size=16, control_bank_size=4)
     cfg = replace(
         base, n_members=2,
-        autoencoder=replace(base.autoencoder, base_channels=8, latent_channels=4, batch_size=8, max_steps=3),
+        autoencoder=replace(base.autoencoder, base_channels=8, latent_channels=4, batch_size=8, max_steps=3,
+                            decoder_steps=3),
         flow=replace(base.flow, mode="noise", batch_size=8, block_size=4, control_set_size=4, max_steps=3, n_steps=2,
                      checkpoint_every=2, dit=DiTConfig(hidden_dim=16, depth=2, n_heads=2)),
     )

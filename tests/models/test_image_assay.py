@@ -36,7 +36,7 @@ def test_member_folders_hold_everything(trained):
         assert {"checkpoint.pt", "config.json", "normalisation.json", "data_fingerprint.json", "model.pt"} <= files
     seeds = {json.loads((out / f"member_{k:03d}" / "config.json").read_text())["seed"] for k in range(2)}
     assert len(seeds) == 2
-    assert (out / "autoencoder" / "model.pt").is_file()
+    assert (out / "autoencoder" / "model.pt").is_file() and (out / "autoencoder" / "stage1.pt").is_file()
     meta = json.loads((out / "assay.json").read_text())
     assert meta["train_plates"] == ["P1"]
     assert meta["config"]["flow"]["dit"]["dose_range_um"] == [5.0, 50.0]  # P1's treated doses: the dose gate's range
@@ -193,6 +193,32 @@ def test_decode_options_load_and_resume():
     assert _comparable(unguided) == _comparable(cfg)  # nor do sampling options
     with pytest.raises(ValueError, match="pixel_floor_percentile"):
         tiny_config(pixel_floor_percentile=60.0)
+
+
+def test_decoder_stage_files_resume_and_config_check(tmp_path):
+    """Stage 1 is kept as stage1.pt, the finished autoencoder (stage 2 on top) is model.pt; a run
+    stopped between the two redoes stage 2 to the same weights; a model without stage 2 (saved
+    before it) is not resumed by a config with it, and larger budgets of it do not block resuming."""
+    crops = tiny_crops()
+    cfg = tiny_config(n_members=1)
+    assay = train_image_assay(crops, tmp_path, cfg)
+    ae_dir = tmp_path / "autoencoder"
+    stage1 = torch.load(ae_dir / "stage1.pt", weights_only=True)
+    final = torch.load(ae_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(stage1[k], final[k]) for k in stage1 if k.startswith("encoder"))
+    assert any(not torch.equal(stage1[k], final[k]) for k in stage1 if k.startswith("decoder"))
+    assert json.loads((ae_dir / "train_log.json").read_text())["decoder_steps"] == 3
+    (ae_dir / "model.pt").unlink()  # as if stopped after stage 1
+    again = train_image_assay(crops, tmp_path, cfg)
+    assert again.version == assay.version
+    redone = torch.load(ae_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(final[k], redone[k]) for k in final)
+    more = replace(cfg, autoencoder=replace(cfg.autoencoder, decoder_steps=800))
+    assert _comparable(more) == _comparable(cfg)
+    none = replace(cfg, autoencoder=replace(cfg.autoencoder, decoder_steps=0, decoder_noise=0.3))
+    assert _comparable(none) == _comparable(replace(none, autoencoder=replace(none.autoencoder, decoder_noise=2.0)))
+    with pytest.raises(ValueError, match=r"autoencoder\.decoder_steps=1/0"):
+        train_image_assay(crops, tmp_path, none)
 
 
 def test_select_training_crops_and_resolve_compound(trained):
