@@ -207,7 +207,7 @@ def train_image_assay(
     ae = _train_or_load_autoencoder(out / "autoencoder", x, replace(config.autoencoder, in_channels=x.shape[1]), config.seed)
     z_raw = encode_all(ae, x)
     latent_norm = LatentNorm.fit(z_raw)
-    ae = _finetune_or_load_decoder(out / "autoencoder", ae, x, latent_norm, config.seed)
+    ae = _run_decoder_stage(out / "autoencoder", ae, x, latent_norm, config.seed)
     z = latent_norm.apply(z_raw)
     data = _latent_data(z, train, compounds, fps)
     flow_cfg = replace(config.flow, dit=replace(config.flow.dit, latent_channels=z.shape[1], latent_size=z.shape[2],
@@ -294,10 +294,11 @@ def _train_or_load_autoencoder(ae_dir: Path, x: Tensor, cfg: AutoencoderConfig, 
     return model
 
 
-def _finetune_or_load_decoder(ae_dir: Path, ae: ImageAutoencoder, x: Tensor, latent_norm: LatentNorm,
+def _run_decoder_stage(ae_dir: Path, ae: ImageAutoencoder, x: Tensor, latent_norm: LatentNorm,
                               seed: int) -> ImageAutoencoder:
     """Stage 2 (:func:`models.image_autoencoder.finetune_decoder`) on the stage-1 model, saved as
-    ``model.pt``; a no-op when ``model.pt`` exists (finished) or the config has no stage 2."""
+    ``model.pt``; returns ``ae`` as it is when ``model.pt`` exists (it is then the finished
+    autoencoder ``_train_or_load_autoencoder`` loaded) or the config has no stage 2."""
     final = ae_dir / "model.pt"
     if final.is_file() or ae.config.decoder_steps == 0:
         return ae

@@ -27,9 +27,10 @@ latents with Gaussian noise of std ``s * latent_std`` per channel, ``s ~ U(0, de
 crop. A flow's latents are never exactly on the encoder's manifold, and a decoder that only saw
 encoder outputs renders such latents as worse and less varied cells (docs/STATUS_LOG.md, session 24:
 real latents plus white noise of 0.25 latent sd doubled Inception KID and shrank the Inception spread,
-the signature of the generated cells). Stage 1's noise cannot teach this: an encoder trained with it
-can grow its latents until the fixed noise is negligible; stage 2's noise is relative to the frozen
-latents' spread, and the latents the flow trains on do not change.
+the signature of the generated cells). Stage 1's fixed ``latent_noise`` (0.1 raw units, under 0.1
+latent sd on BBBC021) is too small to teach this, and more noise in stage 1 would reshape the
+latents themselves; stage 2's noise is relative to the frozen latents' spread, and the latents the
+flow trains on do not change.
 """
 
 from __future__ import annotations
