@@ -185,12 +185,10 @@ def train_autoencoder(
         step, elapsed_s = int(state["step"]), float(state["elapsed_s"])
     sched = lambda s: min(1.0, (s + 1) / 100) * (0.5 * (1 + np.cos(np.pi * min(s, config.max_steps) / config.max_steps)) * 0.9 + 0.1)  # noqa: E731
     model.train()
-    n = images.shape[0]
     t_start = time.perf_counter() - elapsed_s
     while step < config.max_steps and (time.perf_counter() - t_start) < 60 * config.max_minutes:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
-        x = _augment(images[idx], gen).to(device)
+        x = _draw_batch(images, config.batch_size, gen).to(device)
         for group in opt.param_groups:
             group["lr"] = config.lr * sched(step)
         loss, parts = model.loss(x, gen)
@@ -230,11 +228,9 @@ def finetune_decoder(
         p.requires_grad_(False)
     opt = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
     std = latent_std.float().view(1, -1, 1, 1)
-    n = images.shape[0]
     for step in range(cfg.decoder_steps):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 500_000_000 + step)
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-        x = _augment(images[idx], gen)
+        x = _draw_batch(images, cfg.batch_size, gen)
         with torch.no_grad():
             z = model.encode(x.to(device)).cpu()  # b x c_z x h x w
         scale = cfg.decoder_noise * torch.rand((len(z), 1, 1, 1), generator=gen) * std
@@ -253,6 +249,12 @@ def finetune_decoder(
 
 def _ae_state(model: nn.Module, opt: torch.optim.Optimizer, step: int, elapsed_s: float) -> dict:
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed_s}
+
+
+def _draw_batch(images: Tensor, batch_size: int, gen: torch.Generator) -> Tensor:
+    """``min(batch_size, n)`` crops drawn with replacement from ``images: n x C x H x W``, augmented."""
+    idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
+    return _augment(images[idx], gen)
 
 
 def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
