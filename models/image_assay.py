@@ -67,8 +67,8 @@ from models.image_autoencoder import (
 )
 from models.image_dit import ImageDiT
 from models.image_flow import (
-    ChannelNorm, FlowConfig, LatentData, bootstrap_compound_weights, centre_crop, control_source, sample_latents,
-    sampling_condition, save_json, save_torch, train_flow,
+    ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, centre_crop, control_source,
+    sample_latents, sampling_condition, save_json, save_torch, source_indices, train_flow,
 )
 from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells
 
@@ -547,24 +547,35 @@ class ImageAssay:
     def generate_latents(self, member: int, fingerprint_packed: np.ndarray | None, dose_um: float,
                          controls: PlateControls | None, n: int, seed: int, *, unconditional: bool = False,
                          n_steps: int | None = None, sampler: str | None = None,
-                         guidance_scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+                         guidance_scale: float | None = None,
+                         source_idx: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Latents ``z_1: n x c x h x w`` of member ``member`` for one condition (reproducible from
-        ``seed``) and, in control mode, the indices of the source control cells (else None)."""
+        ``seed``) and, in control mode, the indices of the source control cells (else None).
+
+        ``source_idx: n`` (control mode only) names the source control cells instead of drawing
+        them from ``seed`` (:meth:`generate_ensemble` splits one draw across the members)."""
         cfg = self.config.flow
         z_ctrl = controls.z if controls is not None else None
         if cfg.mode == "control" and (z_ctrl is None or len(z_ctrl) == 0):
             raise ValueError("a control-mode assay needs the plate's control cells (plate_id or controls)")
+        if source_idx is not None and (cfg.mode != "control" or len(source_idx) != n
+                                       or int(source_idx.min()) < 0 or int(source_idx.max()) >= len(z_ctrl)):
+            raise ValueError(f"source_idx must hold {n} indices into the {0 if z_ctrl is None else len(z_ctrl)} "
+                             f"control cells of a control-mode assay (mode {cfg.mode!r})")
         bits = None
         if fingerprint_packed is not None:
             bits = torch.from_numpy(unpack_fingerprints(np.asarray(fingerprint_packed, np.uint8).reshape(1, -1))[0])
         cond = sampling_condition(bits, dose_um, z_ctrl, n, cfg.dit.latent_channels, unconditional=unconditional)
         gen = torch.Generator().manual_seed(int(seed))
         shape = (cfg.dit.latent_channels, cfg.dit.latent_size, cfg.dit.latent_size)
+        sigma = cfg.source_sigma(treated=bits is not None or unconditional)  # the null token: compound rows' noise
         if cfg.mode == "noise":
             idx, x_0 = None, torch.randn((n, *shape), generator=gen)
+        elif source_idx is not None:
+            idx = source_idx.long()
+            x_0 = add_source_noise(z_ctrl[idx], sigma, gen)
         else:
-            # the null token trained on label-dropped compound rows: it gets their source noise
-            x_0, idx = control_source(n, z_ctrl, gen, cfg.source_sigma(treated=bits is not None or unconditional))
+            x_0, idx = control_source(n, z_ctrl, gen, sigma)
         z_1 = sample_latents(self.members[member], cond.to(self.device), x_0.to(self.device),
                              n_steps=n_steps or cfg.n_steps, sampler=sampler or cfg.sampler,
                              guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
@@ -613,9 +624,21 @@ class ImageAssay:
 
     def generate_ensemble(self, fingerprint_packed: np.ndarray | None, dose_um: float, controls: PlateControls | None,
                           n: int, seed: int, **kwargs) -> np.ndarray:
-        """``n`` cells split across the K members (member k gets ``n // K`` or one more)."""
+        """``n`` cells split across the K members (member k gets ``n // K`` or one more).
+
+        In control mode the ``n`` source control cells are drawn once (as one member would draw
+        them) and split across the members, so the pooled cells start from as many distinct
+        control cells as a single member's; independent draws per member would repeat sources
+        and make the pooled set less varied than the plate's controls allow."""
         counts = [n // self.n_members + (k < n % self.n_members) for k in range(self.n_members)]
-        parts = [self.generate(k, fingerprint_packed, dose_um, controls, c, derive_seed(seed, k), **kwargs)
+        sources: list[Tensor | None] = [None] * self.n_members
+        if self.config.flow.mode == "control" and self.n_members > 1:  # one member: its own draw, as before
+            if controls is None or len(controls.z) == 0:
+                raise ValueError("a control-mode assay needs the plate's control cells (plate_id or controls)")
+            drawn = source_indices(n, len(controls.z), torch.Generator().manual_seed(int(derive_seed(seed, 0))))
+            sources = list(torch.split(drawn, counts))
+        parts = [self.generate(k, fingerprint_packed, dose_um, controls, c, derive_seed(seed, k),
+                               source_idx=sources[k], **kwargs)
                  for k, c in enumerate(counts) if c > 0]
         return np.concatenate(parts)
 

@@ -222,7 +222,8 @@ def evaluate_assay(
 
     For every plate with DMSO cells and every treated (compound, dose_um) on it:
 
-    * ``model``: ``n_per_condition`` cells generated (split over the K members) for the compound
+    * ``model``: ``n_per_condition`` cells generated (split over the K members, which in control
+      mode share one draw of distinct source cells: ``ImageAssay.generate_ensemble``) for the compound
       at the dose, conditioned on *that plate's* DMSO cells (encoded with the model's
       autoencoder; plates unseen in training work the same way);
     * ``copy_control``: ``n_per_condition`` of the plate's real DMSO cells;

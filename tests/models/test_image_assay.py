@@ -135,6 +135,34 @@ def test_control_mode_trains_and_samples(tmp_path):
     assert pooled.images.shape[1:] == (16, 16, 3)
 
 
+def test_ensemble_splits_one_draw_of_source_cells(tmp_path):
+    """K members in control mode share one draw of n distinct source control cells (independent
+    draws would repeat sources in the pooled set); one member keeps its own draw."""
+    from models.image_assay import derive_seed
+    from models.image_flow import source_indices
+
+    crops = tiny_crops()
+    cfg = tiny_config(n_members=1)
+    train_image_assay(crops, tmp_path, replace(cfg, flow=replace(cfg.flow, mode="control")))
+    fp = ImageAssay.load(tmp_path).training_fingerprint("cyclohexamide")
+    single = ImageAssay.load(tmp_path)
+    ctrl = single.plate_controls("P2")
+    n = min(6, len(ctrl))
+    assert np.array_equal(single.generate_ensemble(fp, 15.0, ctrl, n, seed=2),
+                          single.generate(0, fp, 15.0, ctrl, n, derive_seed(2, 0)))
+    triple = ImageAssay.load(tmp_path, members=[0, 0, 0])
+    used = []
+    original = ImageAssay.generate_latents
+    triple.generate_latents = lambda *a, **k: (lambda out: used.append(out[1]) or out)(original(triple, *a, **k))
+    pooled = triple.generate_ensemble(fp, 15.0, ctrl, n, seed=2)
+    idx = torch.cat(used)
+    assert pooled.shape[0] == n and [len(u) for u in used] == [n // 3 + (k < n % 3) for k in range(3)]
+    assert torch.equal(idx, source_indices(n, len(ctrl), torch.Generator().manual_seed(derive_seed(2, 0))))
+    assert len(set(idx.tolist())) == n  # distinct sources, as one member would use
+    with pytest.raises(ValueError, match="source_idx must hold 2 indices"):
+        single.generate_latents(0, fp, 15.0, ctrl, 2, seed=0, source_idx=torch.tensor([0, len(ctrl)]))
+
+
 def test_shot_noise_gain_closed_form():
     norm = ChannelNorm(lo=(0.0,), hi=(2.0,))  # raw = x + 1
     raw_1, raw_0 = torch.tensor([15.0, 3.0, 99.0, -5.0]), torch.tensor([3.0, 3.0, 0.0, 3.0])
