@@ -558,8 +558,8 @@ class ImageAssay:
         z_ctrl = controls.z if controls is not None else None
         if cfg.mode == "control" and (z_ctrl is None or len(z_ctrl) == 0):
             raise ValueError("a control-mode assay needs the plate's control cells (plate_id or controls)")
-        if source_idx is not None and (cfg.mode != "control" or len(source_idx) != n
-                                       or int(source_idx.min()) < 0 or int(source_idx.max()) >= len(z_ctrl)):
+        if source_idx is not None and (cfg.mode != "control" or len(source_idx) != n or (
+                n > 0 and (int(source_idx.min()) < 0 or int(source_idx.max()) >= len(z_ctrl)))):
             raise ValueError(f"source_idx must hold {n} indices into the {0 if z_ctrl is None else len(z_ctrl)} "
                              f"control cells of a control-mode assay (mode {cfg.mode!r})")
         bits = None

@@ -144,16 +144,20 @@ def test_ensemble_splits_one_draw_of_source_cells(tmp_path):
     crops = tiny_crops()
     cfg = tiny_config(n_members=1)
     train_image_assay(crops, tmp_path, replace(cfg, flow=replace(cfg.flow, mode="control")))
-    fp = ImageAssay.load(tmp_path).training_fingerprint("cyclohexamide")
     single = ImageAssay.load(tmp_path)
-    ctrl = single.plate_controls("P2")
+    fp, ctrl = single.training_fingerprint("cyclohexamide"), single.plate_controls("P2")
     n = min(6, len(ctrl))
     assert np.array_equal(single.generate_ensemble(fp, 15.0, ctrl, n, seed=2),
                           single.generate(0, fp, 15.0, ctrl, n, derive_seed(2, 0)))
     triple = ImageAssay.load(tmp_path, members=[0, 0, 0])
-    used = []
-    original = ImageAssay.generate_latents
-    triple.generate_latents = lambda *a, **k: (lambda out: used.append(out[1]) or out)(original(triple, *a, **k))
+    used = []  # the source indices each member's call returned
+
+    def spy(*args, **kwargs):
+        z_1, idx = ImageAssay.generate_latents(triple, *args, **kwargs)
+        used.append(idx)
+        return z_1, idx
+
+    triple.generate_latents = spy
     pooled = triple.generate_ensemble(fp, 15.0, ctrl, n, seed=2)
     idx = torch.cat(used)
     assert pooled.shape[0] == n and [len(u) for u in used] == [n // 3 + (k < n % 3) for k in range(3)]
