@@ -295,7 +295,7 @@ def _train_or_load_autoencoder(ae_dir: Path, x: Tensor, cfg: AutoencoderConfig, 
 
 
 def _run_decoder_stage(ae_dir: Path, ae: ImageAutoencoder, x: Tensor, latent_norm: LatentNorm,
-                              seed: int) -> ImageAutoencoder:
+                       seed: int) -> ImageAutoencoder:
     """Stage 2 (:func:`models.image_autoencoder.finetune_decoder`) on the stage-1 model, saved as
     ``model.pt``; returns ``ae`` as it is when ``model.pt`` exists (it is then the finished
     autoencoder ``_train_or_load_autoencoder`` loaded) or the config has no stage 2."""
@@ -632,9 +632,8 @@ class ImageAssay:
         and make the pooled set less varied than the plate's controls allow."""
         counts = [n // self.n_members + (k < n % self.n_members) for k in range(self.n_members)]
         sources: list[Tensor | None] = [None] * self.n_members
-        if self.config.flow.mode == "control" and self.n_members > 1:  # one member: its own draw, as before
-            if controls is None or len(controls.z) == 0:
-                raise ValueError("a control-mode assay needs the plate's control cells (plate_id or controls)")
+        # one member keeps its own draw, as before; without control cells generate_latents raises
+        if self.config.flow.mode == "control" and self.n_members > 1 and controls is not None and len(controls.z):
             drawn = source_indices(n, len(controls.z), torch.Generator().manual_seed(int(derive_seed(seed, 0))))
             sources = list(torch.split(drawn, counts))
         parts = [self.generate(k, fingerprint_packed, dose_um, controls, c, derive_seed(seed, k),
