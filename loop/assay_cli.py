@@ -285,6 +285,10 @@ def evaluate(
         for name, m in rows:
             typer.echo(f"  {name:>19}: " + "  ".join(f"{k} {_fmt(m[k])}" for k in
                                                       ("fid_inception", "kid_inception", "fid_morph", "kid_morph")))
+        for base, spaces in cond.get("kid_difference", {}).items():
+            typer.echo(f"  KID model - {base}: " + "  ".join(
+                f"{space} {d['model_minus_baseline']:+.5f} (sd {d['sd']:.5f})"
+                for space, d in spaces.items() if d is not None))
         if "ensemble_disagreement" in cond:
             typer.echo(f"  ensemble disagreement (mean member-profile variance): {cond['ensemble_disagreement']:.4f}")
     for s in result["skipped"]:

@@ -18,6 +18,8 @@
 
 FID uses torch-fidelity's ``fid_features_to_statistics`` / ``fid_statistics_to_metric``; KID uses
 ``kid_features_to_metric`` (polynomial kernel, subsets of ``min(kid_subset_size, n)`` cells).
+:func:`kid_difference` gives a model-minus-baseline KID gap its sampling noise (half-samples of the
+cell sets), so a reader can tell a win from a draw.
 torch-fidelity is imported through :mod:`models.torch_compat`.
 """
 
@@ -141,6 +143,51 @@ def kid(a: np.ndarray, b: np.ndarray, *, subset_size: int = 100, subsets: int = 
     return float(out["kernel_inception_distance_mean"])
 
 
+KID_DIFFERENCE_DRAWS = 200
+
+
+def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's cubic polynomial kernel ``(x . y / d + 1)^3`` (torch-fidelity's defaults), ``n x m``."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def _mmd2_unbiased(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> float:
+    n, m = len(k_xx), len(k_yy)
+    return float((k_xx.sum() - np.trace(k_xx)) / (n * (n - 1)) + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+                 - 2.0 * k_xy.mean())
+
+
+def kid_difference(a: np.ndarray, b: np.ndarray, real: np.ndarray, *, draws: int = KID_DIFFERENCE_DRAWS,
+                   seed: int = 0) -> dict[str, float | list[float]]:
+    """``KID(a, real) - KID(b, real)`` with the sampling noise of the three finite cell sets.
+
+    ``a: n_a x d``, ``b: n_b x d``, ``real: n_r x d``. The difference is the unbiased MMD^2 with
+    KID's kernel on the full sets (one subset of every cell, so it can differ from the subset
+    averages ``kid`` reports by their estimator noise; negative: ``a`` is closer). Its standard
+    deviation comes from ``draws`` half-samples without replacement of each set, paired on the real
+    half, scaled by ``1/sqrt(2)`` (a U-statistic's variance falls as 1/n); a bootstrap with
+    replacement would bias MMD^2 through duplicated cells. Generated sets drawn with another seed
+    differ by about this sd (docs/STATUS_LOG.md, session 26). Returns ``{model_minus_baseline, sd,
+    ci95: [lo, hi]}`` (normal interval)."""
+    a, b, real = (np.asarray(x, np.float64) for x in (a, b, real))
+    if min(len(a), len(b), len(real)) < 4:
+        raise ValueError(f"kid_difference needs >= 4 cells per set, got {len(a)}, {len(b)} and {len(real)}")
+    if not (a.shape[1] == b.shape[1] == real.shape[1]):
+        raise ValueError(f"feature dimensions differ: {a.shape[1]}, {b.shape[1]}, {real.shape[1]}")
+    k_aa, k_bb, k_rr = _poly_kernel(a, a), _poly_kernel(b, b), _poly_kernel(real, real)
+    k_ar, k_br = _poly_kernel(a, real), _poly_kernel(b, real)
+    diff = _mmd2_unbiased(k_aa, k_rr, k_ar) - _mmd2_unbiased(k_bb, k_rr, k_br)
+    rng = np.random.default_rng(seed)
+    halves = []
+    for _ in range(draws):
+        ia, ib, ir = (rng.choice(len(x), len(x) // 2, replace=False) for x in (a, b, real))
+        k_rr_half = k_rr[np.ix_(ir, ir)]
+        halves.append(_mmd2_unbiased(k_aa[np.ix_(ia, ia)], k_rr_half, k_ar[np.ix_(ia, ir)])
+                      - _mmd2_unbiased(k_bb[np.ix_(ib, ib)], k_rr_half, k_br[np.ix_(ib, ir)]))
+    sd = float(np.std(halves) / np.sqrt(2.0))
+    return {"model_minus_baseline": diff, "sd": sd, "ci95": [diff - 1.96 * sd, diff + 1.96 * sd]}
+
+
 @dataclass
 class FeatureSets:
     """Features of one set of crops in both spaces."""
@@ -184,6 +231,22 @@ def compare(generated: FeatureSets, real: FeatureSets, morph_mean: np.ndarray, m
         "kid_inception": kid(generated.inception, real.inception, seed=seed) if has_inc else None,
         "fid_morph": fid(gm, rm),
         "kid_morph": kid(gm, rm, seed=seed),
+    }
+
+
+def compare_kid_difference(generated: FeatureSets, baseline: FeatureSets, real: FeatureSets, morph_mean: np.ndarray,
+                           morph_std: np.ndarray, *, seed: int = 0) -> dict[str, dict | None]:
+    """:func:`kid_difference` of ``generated`` minus ``baseline`` against ``real`` in both spaces,
+    ``{kid_inception, kid_morph}`` (morph standardised and clipped as :func:`compare` does; Inception
+    None without Inception features; both None when a set holds fewer than 4 cells)."""
+    if min(len(generated.morph), len(baseline.morph), len(real.morph)) < 4:
+        return {"kid_inception": None, "kid_morph": None}
+    sm = functools.partial(standardise_morph, morph_mean=morph_mean, morph_std=morph_std)
+    has_inc = generated.inception.shape[1] > 0
+    return {
+        "kid_inception": kid_difference(generated.inception, baseline.inception, real.inception, seed=seed)
+        if has_inc else None,
+        "kid_morph": kid_difference(sm(generated.morph), sm(baseline.morph), sm(real.morph), seed=seed),
     }
 
 
@@ -256,8 +319,11 @@ def evaluate_assay(
     (``nearest_training_compound``, ``nearest_training_tanimoto``, ``analogue``:
     :func:`models.image_assay.applicability`; a compound that is no analogue is logged as a warning).
     Returns ``{"conditions": [{plate, compound, dose_um, n_real, n_generated, nearest_training_compound,
-    nearest_training_tanimoto, analogue, model, copy_control, unconditional, real_floor}], "skipped": [...], ...}``
-    with each metric dict holding fid_inception, kid_inception, fid_morph, kid_morph.
+    nearest_training_tanimoto, analogue, model, copy_control, unconditional, real_floor, kid_difference}],
+    "skipped": [...], ...}`` with each metric dict holding fid_inception, kid_inception, fid_morph, kid_morph.
+    ``kid_difference`` says whether a KID gap between the model and a baseline exceeds the sampling
+    noise of the cell sets: ``{unconditional | copy_control: {kid_inception, kid_morph: {model_minus_baseline,
+    sd, ci95}}}`` (:func:`kid_difference`; negative: the model is closer to the real cells).
     """
     from lab_io.crops import is_control_compound
     from models.image_assay import applicability, compound_fingerprints
@@ -345,6 +411,10 @@ def evaluate_assay(
                 "copy_control": compare(copy_feats, real_feats, mean, std, seed=seed),
                 "unconditional": compare(uncond_feats, real_feats, mean, std, seed=seed),
                 "real_floor": compare(half_a, half_b, mean, std, seed=seed),
+                "kid_difference": {
+                    "unconditional": compare_kid_difference(gen_feats, uncond_feats, real_feats, mean, std, seed=seed),
+                    "copy_control": compare_kid_difference(gen_feats, copy_feats, real_feats, mean, std, seed=seed),
+                },
                 "_real": real_feats,
             })
             if ceiling:

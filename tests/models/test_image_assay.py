@@ -324,7 +324,8 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch, caplog):
     for name in ("model", "copy_control", "unconditional", "real_floor"):
         assert set(cond[name]) == {"fid_inception", "kid_inception", "fid_morph", "kid_morph"}
     assert "autoencoder_ceiling" not in cond
-    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "3",
+    assert cond["kid_difference"]["unconditional"] == {"kid_inception": None, "kid_morph": None}  # 3 cells: too few
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "4",
                                     "--min-real", "4", "--cross-doses", "--no-inception", "--ceiling",
                                     "--json", str(tmp_path / "e1.json")])
     assert res.exit_code == 0, res.output
@@ -332,6 +333,11 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch, caplog):
     assert conds[5.0]["autoencoder_ceiling"]["fid_morph"] >= 0.0 and "autoencoder_ceiling" in res.output
     assert set(conds) == {5.0, 50.0} and set(conds[5.0]["model_at_dose"]) == set(conds[5.0]["real_at_dose"]) == {"50"}
     assert conds[5.0]["real_at_dose"]["50"]["fid_morph"] >= 0.0
+    for base in ("unconditional", "copy_control"):
+        gap = conds[5.0]["kid_difference"][base]
+        assert gap["kid_inception"] is None and gap["kid_morph"]["sd"] >= 0.0
+        assert gap["kid_morph"]["ci95"][0] <= gap["kid_morph"]["model_minus_baseline"] <= gap["kid_morph"]["ci95"][1]
+    assert "KID model - unconditional: kid_morph" in res.output
     assert conds[5.0]["ensemble_disagreement"] >= 0.0
     assert conds[5.0]["model"]["fid_inception"] is None and conds[5.0]["model"]["fid_morph"] >= 0.0
     calls = []

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from models.image_eval import (
-    MORPH_CLIP_SD, channel_scale, compare, fid, inception_features, inception_weights_path, kid, morph_standardisation,
-    save_montage, standardise_morph, to_rgb, FeatureSets,
+    MORPH_CLIP_SD, channel_scale, compare, compare_kid_difference, fid, inception_features, inception_weights_path, kid,
+    kid_difference, morph_standardisation, save_montage, standardise_morph, to_rgb, FeatureSets,
 )
 
 
@@ -22,6 +22,43 @@ def test_kid_zero_for_same_distribution_positive_for_shift():
     assert abs(kid(a, b)) < 0.05 * kid(a, b + 1.5)
     with pytest.raises(ValueError, match=">= 2 samples"):
         kid(a[:1], b)
+
+
+def test_kid_difference_matches_torch_fidelity_on_full_sets():
+    rng = np.random.default_rng(2)
+    a, b, real = rng.normal(size=(60, 5)), rng.normal(0.3, 1.0, size=(60, 5)), rng.normal(size=(60, 5))
+    out = kid_difference(a, b, real, draws=20)
+    # torch-fidelity's KID with one subset as large as the sets is the full-set unbiased MMD^2
+    reference = kid(a, real, subset_size=60, subsets=1) - kid(b, real, subset_size=60, subsets=1)
+    assert out["model_minus_baseline"] == pytest.approx(reference, rel=1e-9)
+    assert out["ci95"][0] < out["model_minus_baseline"] < out["ci95"][1] and out["sd"] > 0
+    same = kid_difference(a, a, real, draws=20)
+    assert same["model_minus_baseline"] == 0.0  # (its sd is not 0: the two half-samples are drawn apart)
+
+
+def test_kid_difference_sd_matches_the_spread_of_fresh_draws():
+    """The half-sample sd predicts how much the difference moves when the cell sets are drawn again."""
+    rng = np.random.default_rng(3)
+    draw = lambda shift: rng.normal(shift, 1.0, size=(200, 6))  # noqa: E731
+    fresh = [kid_difference(draw(0.2), draw(0.0), draw(0.0), draws=2)["model_minus_baseline"] for _ in range(40)]
+    predicted = np.median([kid_difference(draw(0.2), draw(0.0), draw(0.0), draws=100, seed=s)["sd"] for s in range(8)])
+    assert 0.6 < predicted / np.std(fresh) < 1.6
+    far = kid_difference(draw(1.0), draw(0.0), draw(0.0))
+    assert far["ci95"][0] > 0  # a set shifted by 1 sd is worse beyond the noise
+    with pytest.raises(ValueError, match=">= 4 cells"):
+        kid_difference(draw(0)[:3], draw(0), draw(0))
+
+
+def test_compare_kid_difference_spaces():
+    rng = np.random.default_rng(4)
+    sets = [FeatureSets(rng.normal(size=(40, 8)), rng.normal(size=(40, 3))) for _ in range(3)]
+    mean, std = morph_standardisation(sets[2].morph)
+    out = compare_kid_difference(sets[0], sets[1], sets[2], mean, std)
+    assert set(out) == {"kid_inception", "kid_morph"} and out["kid_inception"]["sd"] > 0
+    no_inc = [FeatureSets(np.zeros((40, 0)), s.morph) for s in sets]
+    assert compare_kid_difference(*no_inc, mean, std)["kid_inception"] is None
+    few = FeatureSets(sets[0].inception[:3], sets[0].morph[:3])
+    assert compare_kid_difference(few, sets[1], sets[2], mean, std) == {"kid_inception": None, "kid_morph": None}
 
 
 def test_to_rgb_channel_mapping():
