@@ -144,6 +144,7 @@ def kid(a: np.ndarray, b: np.ndarray, *, subset_size: int = 100, subsets: int = 
 
 
 KID_DIFFERENCE_DRAWS = 200
+KID_DIFFERENCE_MAX_CELLS = 2000  # larger sets are subsampled: kernel matrices stay <= 32 MB each
 
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -167,17 +168,19 @@ def kid_difference(a: np.ndarray, b: np.ndarray, real: np.ndarray, *, draws: int
     deviation comes from ``draws`` half-samples without replacement of each set, paired on the real
     half, scaled by ``1/sqrt(2)`` (a U-statistic's variance falls as 1/n); a bootstrap with
     replacement would bias MMD^2 through duplicated cells. Generated sets drawn with another seed
-    differ by about this sd (docs/STATUS_LOG.md, session 26). Returns ``{model_minus_baseline, sd,
-    ci95: [lo, hi]}`` (normal interval)."""
-    a, b, real = (np.asarray(x, np.float64) for x in (a, b, real))
+    differ by about this sd (docs/STATUS_LOG.md, session 26). A set larger than
+    ``KID_DIFFERENCE_MAX_CELLS`` is first subsampled to that size (seeded). Returns
+    ``{model_minus_baseline, sd, ci95: [lo, hi]}`` (normal interval)."""
     if min(len(a), len(b), len(real)) < 4:
         raise ValueError(f"kid_difference needs >= 4 cells per set, got {len(a)}, {len(b)} and {len(real)}")
     if not (a.shape[1] == b.shape[1] == real.shape[1]):
         raise ValueError(f"feature dimensions differ: {a.shape[1]}, {b.shape[1]}, {real.shape[1]}")
+    rng = np.random.default_rng(seed)
+    a, b, real = (np.asarray(x[np.sort(rng.choice(len(x), KID_DIFFERENCE_MAX_CELLS, replace=False))]
+                             if len(x) > KID_DIFFERENCE_MAX_CELLS else x, np.float64) for x in (a, b, real))
     k_aa, k_bb, k_rr = _poly_kernel(a, a), _poly_kernel(b, b), _poly_kernel(real, real)
     k_ar, k_br = _poly_kernel(a, real), _poly_kernel(b, real)
     diff = _mmd2_unbiased(k_aa, k_rr, k_ar) - _mmd2_unbiased(k_bb, k_rr, k_br)
-    rng = np.random.default_rng(seed)
     halves = []
     for _ in range(draws):
         ia, ib, ir = (rng.choice(len(x), len(x) // 2, replace=False) for x in (a, b, real))

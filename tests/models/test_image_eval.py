@@ -49,6 +49,20 @@ def test_kid_difference_sd_matches_the_spread_of_fresh_draws():
         kid_difference(draw(0)[:3], draw(0), draw(0))
 
 
+def test_kid_difference_subsamples_large_sets(monkeypatch):
+    import models.image_eval as image_eval
+
+    rng = np.random.default_rng(5)
+    a, b, real = rng.normal(size=(30, 3)), rng.normal(size=(12, 3)), rng.normal(size=(25, 3))
+    monkeypatch.setattr(image_eval, "KID_DIFFERENCE_MAX_CELLS", 20)
+    capped = image_eval.kid_difference(a, b, real, draws=10, seed=7)["model_minus_baseline"]
+    pick = np.random.default_rng(7)  # the same seeded draws, in the same order: a, then real (b is small)
+    a_sub, real_sub = a[np.sort(pick.choice(30, 20, replace=False))], real[np.sort(pick.choice(25, 20, replace=False))]
+    monkeypatch.setattr(image_eval, "KID_DIFFERENCE_MAX_CELLS", 2000)
+    assert capped == pytest.approx(image_eval.kid_difference(a_sub, b, real_sub, draws=1)["model_minus_baseline"], rel=1e-9)
+    assert capped != pytest.approx(image_eval.kid_difference(a, b, real, draws=1)["model_minus_baseline"], rel=1e-3)
+
+
 def test_compare_kid_difference_spaces():
     rng = np.random.default_rng(4)
     sets = [FeatureSets(rng.normal(size=(40, 8)), rng.normal(size=(40, 3))) for _ in range(3)]
