@@ -571,11 +571,9 @@ class ImageAssay:
         sigma = cfg.source_sigma(treated=bits is not None or unconditional)  # the null token: compound rows' noise
         if cfg.mode == "noise":
             idx, x_0 = None, torch.randn((n, *shape), generator=gen)
-        elif source_idx is not None:
-            idx = source_idx.long()
+        else:  # as control_source draws: the indices first, then the noise
+            idx = source_indices(n, len(z_ctrl), gen) if source_idx is None else source_idx.long()
             x_0 = add_source_noise(z_ctrl[idx], sigma, gen)
-        else:
-            x_0, idx = control_source(n, z_ctrl, gen, sigma)
         z_1 = sample_latents(self.members[member], cond.to(self.device), x_0.to(self.device),
                              n_steps=n_steps or cfg.n_steps, sampler=sampler or cfg.sampler,
                              guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,

@@ -148,11 +148,15 @@ KID_DIFFERENCE_MAX_CELLS = 2000  # larger sets are subsampled: kernel matrices s
 
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """KID's cubic polynomial kernel ``(x . y / d + 1)^3`` (torch-fidelity's defaults), ``n x m``."""
-    return (x @ y.T / x.shape[1] + 1.0) ** 3
+    """KID's kernel, torch-fidelity's own: cubic polynomial ``(x . y / d + 1)^3``, ``n x m``."""
+    import_torch_fidelity()
+    from torch_fidelity.metric_kid import kernel_poly
+
+    return kernel_poly(x, y, kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
 
 
 def _mmd2_unbiased(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> float:
+    """Unbiased MMD^2 from kernel matrices of sets of any sizes (torch-fidelity's ``mmd2`` needs equal sizes)."""
     n, m = len(k_xx), len(k_yy)
     return float((k_xx.sum() - np.trace(k_xx)) / (n * (n - 1)) + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
                  - 2.0 * k_xy.mean())
