@@ -57,12 +57,14 @@ class CropSet:
     """Crops and their metadata.
 
     images: uint16 ``N x H x W x C``; metadata: N rows (index 0..N-1, aligned with images);
-    channel_names: length C.
+    channel_names: length C; channels_named: False when the names are defaults (a folder without
+    ``channels.json``), which :func:`reorder_channels` may replace.
     """
 
     images: np.ndarray
     metadata: pd.DataFrame
     channel_names: tuple[str, ...]
+    channels_named: bool = True
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -78,7 +80,8 @@ class CropSet:
     def subset(self, mask_or_index: np.ndarray) -> "CropSet":
         """Rows selected by a boolean mask or an integer index (metadata re-indexed 0..n-1)."""
         idx = np.flatnonzero(mask_or_index) if np.asarray(mask_or_index).dtype == bool else np.asarray(mask_or_index)
-        return CropSet(self.images[idx], self.metadata.iloc[idx].reset_index(drop=True), self.channel_names)
+        return CropSet(self.images[idx], self.metadata.iloc[idx].reset_index(drop=True), self.channel_names,
+                       self.channels_named)
 
     @property
     def is_control(self) -> np.ndarray:
@@ -136,23 +139,63 @@ def _read_metadata(path: Path, n_images: int) -> pd.DataFrame:
         bad = meta.index[meta[col].isna()]
         if len(bad):
             raise CropsError(f"{path}: empty {col!r} at data line {int(bad[0]) + 2}")
+    for col in ("plate", "well", "compound"):
+        meta[col] = meta[col].astype(str).str.strip()
+    meta["compound"] = _unify_spellings(meta["compound"], path)
     dose = pd.to_numeric(meta["concentration_um"], errors="coerce")
+    blank_control = dose.isna() & meta["concentration_um"].isna() & pd.Series(is_control_compound(meta["compound"]))
+    dose = dose.where(~blank_control, 0.0)  # DMSO wells often carry no concentration
     bad = meta.index[dose.isna() | (dose < 0)]
     if len(bad):
+        value = meta.loc[bad[0], "concentration_um"]
         raise CropsError(
-            f"{path}: concentration_um must be a number >= 0; line {int(bad[0]) + 2} has "
-            f"{meta.loc[bad[0], 'concentration_um']!r}"
+            f"{path}: concentration_um must be a number >= 0; line {int(bad[0]) + 2} "
+            f"({meta.loc[bad[0], 'plate']} {meta.loc[bad[0], 'well']} {meta.loc[bad[0], 'compound']}) has "
+            + ("none" if pd.isna(value) else repr(str(value)))
         )
     meta["concentration_um"] = dose.astype(float)
-    meta["plate"] = meta["plate"].astype(str)
-    meta["well"] = meta["well"].astype(str)
-    meta["compound"] = meta["compound"].astype(str)
     if "row" in meta.columns:
         rows = pd.to_numeric(meta["row"], errors="coerce")
         if rows.isna().any() or sorted(rows.astype(int)) != list(range(n_images)):
             raise CropsError(f"{path}: column 'row' must be a permutation of 0..{n_images - 1}")
         meta = meta.assign(row=rows.astype(int)).sort_values("row").reset_index(drop=True)
     return meta
+
+
+def _unify_spellings(compounds: pd.Series, path: Path) -> pd.Series:
+    """Compound names that differ only in case are one compound (as DMSO and the model's name
+    lookups already treat them): each takes its most frequent spelling, with a warning."""
+    key = compounds.str.lower()
+    spellings = compounds.groupby(key, sort=False).agg(lambda s: s.value_counts(sort=False).idxmax())
+    n_spellings = compounds.groupby(key, sort=False).nunique()
+    for name in n_spellings.index[n_spellings > 1]:
+        variants = sorted(compounds[key == name].unique())
+        logger.warning("%s: compound spelled %s; all read as %r", path, " / ".join(map(repr, variants)),
+                       spellings[name])
+    return key.map(spellings)
+
+
+def reorder_channels(crops: CropSet, names: Sequence[str], source: str | Path) -> CropSet:
+    """``crops`` with its channels in the order ``names`` (a model's channels).
+
+    Names are matched case-insensitively; a folder whose channels are the same under another
+    order is reordered (logged). A folder without ``channels.json`` is taken to be in the order
+    ``names`` when the counts agree. Anything else raises :class:`CropsError` naming the folder's
+    channels and the expected ones."""
+    names = tuple(names)
+    have = [c.lower() for c in crops.channel_names]
+    want = [c.lower() for c in names]
+    if have == want:
+        return crops
+    if sorted(have) == sorted(want) and len(set(want)) == len(want):
+        order = [have.index(c) for c in want]
+        logger.info("%s: channels %s reordered to the model's %s", source, list(crops.channel_names), list(names))
+        return CropSet(np.ascontiguousarray(crops.images[..., order]), crops.metadata, names)
+    if not crops.channels_named and crops.images.shape[3] == len(names):
+        return CropSet(crops.images, crops.metadata, names)
+    named = f"named in its {CHANNELS_FILE}" if crops.channels_named else f"no {CHANNELS_FILE}"
+    raise CropsError(f"{source}: crops have {crops.images.shape[3]} channels {list(crops.channel_names)} ({named}); "
+                     f"the model expects {list(names)}")
 
 
 def _read_channels(path: Path, n_channels: int) -> tuple[str, ...]:
@@ -185,7 +228,8 @@ def load_crops(crops_dir: str | Path) -> CropSet:
     metadata = _read_metadata(crops_dir / METADATA_FILE, len(images))
     channels = _read_channels(crops_dir / CHANNELS_FILE, images.shape[3])
     logger.info("loaded %d crops %s from %s", len(images), images.shape[1:], crops_dir)
-    return CropSet(images=images, metadata=metadata, channel_names=channels)
+    return CropSet(images=images, metadata=metadata, channel_names=channels,
+                   channels_named=(crops_dir / CHANNELS_FILE).is_file())
 
 
 def _concatenate(sets: list[CropSet], folders: list[Path]) -> CropSet:
@@ -195,7 +239,8 @@ def _concatenate(sets: list[CropSet], folders: list[Path]) -> CropSet:
             raise CropsError(f"{folder}: crops {crops.images.shape[1:]} with channels {list(crops.channel_names)} "
                              f"do not match {where}'s {first.images.shape[1:]} {list(first.channel_names)}")
     metadata = pd.concat([c.metadata.drop(columns=["row"], errors="ignore") for c in sets], ignore_index=True)
-    return CropSet(np.concatenate([c.images for c in sets]), metadata, first.channel_names)
+    return CropSet(np.concatenate([c.images for c in sets]), metadata, first.channel_names,
+                   all(c.channels_named for c in sets))
 
 
 def cut_crops(field: np.ndarray, centres_yx: np.ndarray, size_px: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,9 @@
 A profile table has one row per well: ``Metadata_Plate``, ``Metadata_Well``,
 ``Metadata_compound``, ``Metadata_smiles``, ``Metadata_dose_um``, optional ``Metadata_moa``,
 and numeric feature columns (every numeric non-``Metadata_`` column; text columns such as
-CellProfiler's ``Image_FileName_*`` are ignored with a warning). An empty dose is allowed (control
+CellProfiler's ``Image_FileName_*``, flags and row or object numbers such as a saved pandas index
+``Unnamed: 0`` or ``ImageNumber`` are ignored with a warning). A missing SMILES may also read
+``nan``, ``None`` or ``NA`` (a table that went through ``str``): all mean "no SMILES". An empty dose is allowed (control
 wells often have none); a dose that is not a number is an error naming the row.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,11 @@ log = logging.getLogger(__name__)
 REQUIRED = (META_PLATE, META_WELL, META_COMPOUND, META_SMILES, META_DOSE)
 IDENTIFIERS = (META_PLATE, META_WELL, META_COMPOUND)  # text, never empty: plate 0101 stays 0101
 _TEXT_COLUMNS = {c: str for c in (*IDENTIFIERS, META_SMILES)}
+# numeric columns that number rows or objects, not measure cells: a saved pandas index
+# ("Unnamed: 0", "index") and CellProfiler's object links
+_ROW_NUMBERS = re.compile(r"^(Unnamed: \d+|index|level_\d+|ImageNumber|ObjectNumber|TableNumber)$")
+# how a missing SMILES often reads once a table has been through str(): never a molecule
+_MISSING_TEXT = {"", "nan", "none", "null", "na", "n/a", "<na>"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,11 @@ def read_profile_table(path: Path) -> ProfileTable:
                     "replicate of its condition", path, int(repeated.sum()), frame[META_PLATE].iloc[row],
                     frame[META_WELL].iloc[row])
     features = [c for c in frame.columns if not c.startswith("Metadata_")]
+    row_numbers = [c for c in features if _ROW_NUMBERS.match(str(c)) or pd.api.types.is_bool_dtype(frame[c])]
+    if row_numbers:
+        log.warning("%s: %d column(s) that number rows or objects, or hold flags, are not features and are "
+                    "ignored: %s", path, len(row_numbers), ", ".join(map(str, row_numbers[:5])))
+        features = [c for c in features if c not in row_numbers]
     text = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
     if text:  # e.g. CellProfiler's Image_FileName_* / Image_PathName_* left in a table
         log.warning("%s: %d non-numeric column(s) without the Metadata_ prefix are not features and are ignored: %s",
@@ -82,13 +95,20 @@ def read_profile_table(path: Path) -> ProfileTable:
         features = [c for c in features if c not in text]
     if not features:
         raise ValueError(f"{path}: no numeric feature columns (every other column starts with Metadata_)")
-    dose = pd.to_numeric(frame[META_DOSE], errors="coerce")
+    dose_text = frame[META_DOSE]
+    if not pd.api.types.is_numeric_dtype(dose_text):  # text (a Parquet string column): a blank cell is missing
+        stripped = dose_text.astype("string").str.strip()
+        dose_text = stripped.where(stripped != "", None).astype(object)
+        frame = frame.assign(**{META_DOSE: dose_text})
+    dose = pd.to_numeric(dose_text, errors="coerce")
     bad_text = dose.isna().to_numpy() & frame[META_DOSE].notna().to_numpy()
     if bad_text.any():  # "10 uM" and the like; an empty cell (e.g. a DMSO well) is left to the caller
         row = int(np.flatnonzero(bad_text)[0])
         raise ValueError(f"{path}: row {row + 2} ({frame[META_PLATE].iloc[row]} {frame[META_WELL].iloc[row]}): "
                          f"{META_DOSE} {frame[META_DOSE].iloc[row]!r} is not a number (give doses in uM)")
-    frame = frame.assign(**{META_DOSE: dose.astype(float)})
+    smiles = frame[META_SMILES].astype("string").str.strip()
+    smiles = smiles.where(~smiles.str.lower().isin(_MISSING_TEXT), None).fillna("")
+    frame = frame.assign(**{META_DOSE: dose.astype(float), META_SMILES: smiles.astype(object)})
     return ProfileTable(frame=frame, features=features, source=str(path))
 
 

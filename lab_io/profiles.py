@@ -26,6 +26,7 @@ from lab_io.schema import META_PLATE, META_WELL, feature_columns
 
 META_N_CELLS = "Metadata_n_cells"
 MAD_SCALE = 1.4826
+CONSTANT_RELATIVE_SD = 1e-12  # a column whose sd is this small against its values is constant up to rounding
 _BOOKKEEPING = ("_Center_", "_Location_", "_Number_Object_Number", "_Parent_", "_Children_", "_ObjectNumber",
                 "_BoundingBox", "_Orientation")
 
@@ -67,7 +68,7 @@ def aggregate_wells(cells: pd.DataFrame, features: Sequence[str] | None = None, 
 
 def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None = META_PLATE,
                           method: str = "robust_z", features: Sequence[str] | None = None,
-                          eps: float = 1e-6) -> pd.DataFrame:
+                          eps: float = 0.0) -> pd.DataFrame:
     """Normalise each feature to the control wells of its group (plate), see module docstring.
 
     control_mask: boolean array/Series aligned with ``profiles`` rows. Every group must contain
@@ -75,6 +76,8 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
     features replaced by normalised values; metadata columns untouched. A feature whose control
     wells in a group all share one value (MAD or sd 0, e.g. an integer background intensity) is
     NaN in that group: no control scale exists to express it in (:func:`unscaled_features`).
+    ``eps`` (default 0) is added to every scale; any ``eps > 0`` makes the result depend on the
+    features' units (a feature measured in small units would be shrunk towards 0).
     """
     if method not in ("robust_z", "standardize"):
         raise ValueError(f"method must be 'robust_z' or 'standardize', got {method!r}")
@@ -130,11 +133,14 @@ def phenotypic_activity(normalized: pd.DataFrame | np.ndarray, features: Sequenc
 
 
 def feature_select(table: pd.DataFrame, features: Sequence[str] | None = None, *,
-                   drop_bookkeeping: bool = True, min_std: float = 1e-8,
+                   drop_bookkeeping: bool = True, min_std: float = 0.0,
                    max_nonfinite_fraction: float = 0.0) -> list[str]:
     """Feature columns worth modelling: not bookkeeping, at most ``max_nonfinite_fraction`` of
     the rows missing or infinite (default: none; pycytominer's ``drop_na_columns`` uses 0.05),
-    and not constant over their finite values."""
+    and not constant over their finite values. Constant means a spread (sd) of at most
+    ``CONSTANT_RELATIVE_SD`` of the column's largest magnitude, or at most ``min_std``: both
+    independent of the feature's units unless ``min_std > 0`` (a feature in small units, e.g.
+    intensities scaled to 1e-6, is a feature like any other)."""
     feats = _features(table, features)
     keep = []
     for col in feats:
@@ -142,7 +148,10 @@ def feature_select(table: pd.DataFrame, features: Sequence[str] | None = None, *
             continue
         values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
         finite = np.isfinite(values)
-        if finite.sum() < 2 or 1.0 - finite.mean() > max_nonfinite_fraction or np.std(values[finite]) <= min_std:
+        if finite.sum() < 2 or 1.0 - finite.mean() > max_nonfinite_fraction:
+            continue
+        spread, magnitude = np.std(values[finite]), np.max(np.abs(values[finite]))
+        if spread <= min_std or spread <= CONSTANT_RELATIVE_SD * magnitude:
             continue
         keep.append(col)
     return keep

@@ -159,19 +159,25 @@ def _override(config, **values):
 
 def _controls(assay, controls: str, plate: Optional[str]):
     """(PlateControls, plate id, real crops of that plate or None) from a folder or a plate id."""
-    from lab_io.crops import load_crops
+    from lab_io.crops import load_crops, reorder_channels
 
     path = Path(controls)
     if path.is_dir():
-        crops = load_crops(path)
+        crops = reorder_channels(load_crops(path), assay.channel_names, path)
         plates = crops.plates if plate is None else [plate]
         if len(plates) != 1:
             raise ValueError(f"{path}: holds plates {crops.plates}; choose one with --plate")
+        if plates[0] not in crops.plates:
+            raise ValueError(f"{path}: no plate {plates[0]!r} (plates there: {crops.plates})")
         on_plate = crops.subset((crops.metadata["plate"] == plates[0]).to_numpy())
         ctrl = on_plate.subset(on_plate.is_control)
         if len(ctrl) == 0:
             raise ValueError(f"{path}: plate {plates[0]} has no DMSO cells to condition on")
         return assay.encode_controls(ctrl.images, str(path)), plates[0], on_plate
+    if path.exists() or "/" in controls or "\\" in controls or controls.endswith(".npz"):
+        raise ValueError(f"{controls}: --controls takes a crops folder (with crops.npz and crops_metadata.csv) "
+                         f"or a training plate id ({sorted(assay.control_bank)}); "
+                         + ("this is a file, not a folder" if path.exists() else "no such folder"))
     return assay.plate_controls(controls), controls, None
 
 

@@ -337,12 +337,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 
 @app.command()
 def backtest(
-    compounds: int = typer.Option(5000, help="Library size (synthetic lab)."),
-    rounds: int = typer.Option(3, help="Rounds per seed."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size",
+    compounds: int = typer.Option(5000, min=1, help="Library size (synthetic lab)."),
+    rounds: int = typer.Option(3, min=1, help="Rounds per seed."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="Per round: wells incl. controls (synthetic lab, default 96) "
                                                   "or conditions (--profiles, default 8)."),
-    seeds: int = typer.Option(5, help="Number of seeds."),
+    seeds: int = typer.Option(5, min=1, help="Number of seeds."),
     policies: Optional[str] = typer.Option(None, help="Comma-separated policies (default: loop,random for the "
                                                       "synthetic lab; all five with --profiles)."),
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="Real profile table (CSV/Parquet): the lab "
@@ -374,13 +374,13 @@ def backtest(
             from lab_io.profile_table import read_profile_table
             from loop.simulation import LOOKUP_POLICIES, LookupBacktestConfig, run_lookup_backtest
 
-            cfg = LookupBacktestConfig(n_rounds=rounds, batch_size=batch_size or 8, n_seeds=seeds,
+            cfg = LookupBacktestConfig(n_rounds=rounds, batch_size=8 if batch_size is None else batch_size, n_seeds=seeds,
                                        policies=names or LOOKUP_POLICIES, control_label=control_label,
                                        selection=selection)
             with console.status(f"backtesting on {profiles}..."):
                 result = run_lookup_backtest(read_profile_table(profiles), cfg)
         else:
-            cfg = BacktestConfig(n_compounds=compounds, n_rounds=rounds, batch_wells=batch_size or 96,
+            cfg = BacktestConfig(n_compounds=compounds, n_rounds=rounds, batch_wells=96 if batch_size is None else batch_size,
                                  n_seeds=seeds, policies=names or ("loop", "random"), selection=selection,
                                  lab_world_seed=world_seed)
             with console.status("backtesting against the synthetic lab..."):

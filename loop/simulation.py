@@ -5,7 +5,9 @@ have a SMILES. "Running" a condition reveals its real wells. Profiles are normal
 plate to the plate's control wells (robust z, ``lab_io.profiles.normalize_to_controls``)
 over the table's usable features (``feature_select``: at most 5% of the wells missing, not
 constant, no bookkeeping; the few missing values left are set to the plate's control median).
-Treated wells without a SMILES or without a positive dose are skipped and counted.
+Treated wells without a SMILES, with one RDKit cannot parse, or without a positive dose are
+skipped and counted; a compound listed with different structures takes its most frequent one
+(logged).
 A condition's activity is ``phenotypic_activity`` of the mean normalised profile of its wells
 (RMS robust z: a control-like condition scores about 1); a **hit** is a condition in the top
 10% of activity.
@@ -98,6 +100,8 @@ class LookupLab:
     features: list[str]
     n_skipped_no_smiles: int
     n_skipped_no_dose: int = 0
+    n_skipped_bad_smiles: int = 0
+    n_skipped_no_controls: int = 0  # treated wells on plates with fewer than two control wells
 
     @property
     def log10_dose(self) -> np.ndarray:
@@ -116,10 +120,16 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
         raise ValueError(f"{table.source}: no control wells ({META_COMPOUND} == {control_label!r})")
     n_controls = frame.loc[is_control, META_PLATE].value_counts()
     plates_without = sorted(p for p in set(frame[META_PLATE]) if n_controls.get(p, 0) < 2)
+    n_skipped_plates = int((frame[META_PLATE].isin(plates_without).to_numpy() & ~is_control).sum())
     if plates_without:  # a robust z needs the spread of at least two control wells
-        log.warning("%s: %d plate(s) with fewer than two %s wells are dropped: %s", table.source,
-                    len(plates_without), control_label, ", ".join(map(str, plates_without[:5])))
+        log.warning("%s: %d plate(s) with fewer than two %s wells are dropped, with their %d treated well(s): %s",
+                    table.source, len(plates_without), control_label, n_skipped_plates,
+                    ", ".join(map(str, plates_without[:5])))
         keep = ~frame[META_PLATE].isin(plates_without).to_numpy()
+        if not keep.any():
+            raise ValueError(f"{table.source}: every plate has fewer than two {control_label} wells; the robust z "
+                             f"of a plate needs the spread of at least two (plates: "
+                             f"{', '.join(map(str, plates_without[:5]))})")
         frame, is_control = frame[keep].reset_index(drop=True), is_control[keep]
     features = profiling.feature_select(frame, table.features, max_nonfinite_fraction=MAX_MISSING_FRACTION)
     if not features:
@@ -138,18 +148,26 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
     n_skipped = int(no_smiles.sum())
     if n_skipped:
         log.info("%s: %d treated wells without SMILES skipped", table.source, n_skipped)
+    canonical, fingerprint_of = _parse_smiles(table.source, frame, treated & ~no_smiles, smiles)
+    bad_smiles = treated & ~no_smiles & canonical.isna().to_numpy()
+    n_skipped_bad = int(bad_smiles.sum())
     dose = frame[META_DOSE].to_numpy(dtype=float)
-    no_dose = treated & ~no_smiles & ~(np.isfinite(dose) & (dose > 0))
+    no_dose = treated & ~no_smiles & ~bad_smiles & ~(np.isfinite(dose) & (dose > 0))
     n_skipped_dose = int(no_dose.sum())
     if n_skipped_dose:
         first = np.flatnonzero(no_dose)[0]
         log.warning("%s: %d treated wells with SMILES but no positive %s skipped (first: plate %s well %s)",
                     table.source, n_skipped_dose, META_DOSE, frame[META_PLATE].iloc[first],
                     frame[META_WELL].iloc[first])
-    usable = treated & ~no_smiles & ~no_dose
+    usable = treated & ~no_smiles & ~bad_smiles & ~no_dose
+    if not usable.any():
+        raise ValueError(f"{table.source}: no treated well has a parseable SMILES and a positive {META_DOSE} "
+                         f"({n_skipped} without SMILES, {n_skipped_bad} unparseable, {n_skipped_dose} without a dose)")
+    compound_smiles = _one_smiles_per_compound(table.source, frame[usable], canonical[usable])
     keys = frame.loc[usable, [META_COMPOUND, META_DOSE]].astype({META_DOSE: float})
-    conditions = (keys.assign(smiles=smiles[usable].to_numpy()).drop_duplicates([META_COMPOUND, META_DOSE])
-                  .sort_values([META_COMPOUND, META_DOSE]).reset_index(drop=True))
+    conditions = (keys.drop_duplicates([META_COMPOUND, META_DOSE]).sort_values([META_COMPOUND, META_DOSE])
+                  .reset_index(drop=True))
+    conditions["smiles"] = conditions[META_COMPOUND].map(compound_smiles)
     if len(conditions) < 2:
         raise ValueError(f"{table.source}: fewer than 2 treated (compound, dose) conditions with SMILES")
     index = {(c, d): i for i, (c, d) in enumerate(zip(conditions[META_COMPOUND], conditions[META_DOSE]))}
@@ -160,15 +178,56 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
     wells = normalized[(condition >= 0) | is_control].reset_index(drop=True)
     z = wells.loc[wells["Metadata_condition"] >= 0].groupby("Metadata_condition")[features].mean()
     activity = profiling.phenotypic_activity(z.to_numpy(), None)
+    if np.ptp(activity) == 0:  # e.g. no feature varies across any plate's controls: every z is 0
+        raise ValueError(f"{table.source}: every condition has the same phenotypic activity ({activity[0]:.3g}); "
+                         f"no feature varies across the {control_label} wells of a plate, so no hit can be defined")
     conditions["activity"] = activity[np.argsort(z.index.to_numpy())]
     conditions["is_hit"] = conditions["activity"] >= np.quantile(conditions["activity"], HIT_QUANTILE)
-    canonical = chem.featurize_smiles(conditions["smiles"].tolist(), n_jobs=1)
-    bad = [i for i, s in enumerate(canonical.canonical) if s is None]
-    if bad:
-        log.warning("%s: %d condition(s) with unparseable SMILES kept with empty fingerprints: %s", table.source,
-                    len(bad), ", ".join(conditions[META_COMPOUND].iloc[bad].astype(str).tolist()[:5]))
-    return LookupLab(conditions=conditions, fingerprints=canonical.fingerprints, wells=wells, features=features,
-                     n_skipped_no_smiles=n_skipped, n_skipped_no_dose=n_skipped_dose)
+    fingerprints = np.stack([fingerprint_of[s] for s in conditions["smiles"]])
+    return LookupLab(conditions=conditions, fingerprints=fingerprints, wells=wells, features=features,
+                     n_skipped_no_smiles=n_skipped, n_skipped_no_dose=n_skipped_dose,
+                     n_skipped_bad_smiles=n_skipped_bad, n_skipped_no_controls=n_skipped_plates)
+
+
+def _parse_smiles(source: str, frame: pd.DataFrame, rows: np.ndarray, smiles: pd.Series
+                  ) -> tuple[pd.Series, dict[str, np.ndarray]]:
+    """Standardised canonical SMILES of every row in ``rows`` (NaN elsewhere and where RDKit cannot
+    parse it) and the packed fingerprint of each canonical SMILES. Unparseable SMILES are logged
+    with their compound and first plate / well; their wells are skipped by the caller."""
+    unique = sorted(set(smiles[rows]))
+    parsed = chem.featurize_smiles(unique, n_jobs=1)
+    canonical_of = {s: c for s, c in zip(unique, parsed.canonical) if c is not None}
+    fingerprint_of = {c: parsed.fingerprints[i] for i, c in enumerate(parsed.canonical) if c is not None}
+    canonical = pd.Series(np.nan, index=frame.index, dtype=object)
+    canonical[rows] = smiles[rows].map(canonical_of)
+    bad = rows & canonical.isna().to_numpy()
+    if bad.any():
+        names = frame.loc[bad, META_COMPOUND].astype(str).unique().tolist()
+        first = np.flatnonzero(bad)[0]
+        log.warning("%s: %d treated well(s) of %d compound(s) with a SMILES RDKit cannot parse skipped: %s "
+                    "(first: plate %s well %s, SMILES %r)", source, int(bad.sum()), len(names),
+                    ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""), frame[META_PLATE].iloc[first],
+                    frame[META_WELL].iloc[first], smiles.iloc[first])
+    return canonical, fingerprint_of
+
+
+def _one_smiles_per_compound(source: str, frame: pd.DataFrame, canonical: pd.Series) -> dict[str, str]:
+    """compound -> its canonical SMILES. A compound whose wells carry different structures (after
+    standardisation, so salt forms agree) is logged with each SMILES and a plate / well of it, and
+    takes its most frequent SMILES (the first listed on a tie) for every dose."""
+    out = {}
+    table = pd.DataFrame({"compound": frame[META_COMPOUND].to_numpy(), "smiles": canonical.to_numpy(),
+                          "plate": frame[META_PLATE].to_numpy(), "well": frame[META_WELL].to_numpy()})
+    for name, group in table.groupby("compound", sort=False):
+        counts = group["smiles"].value_counts(sort=False)  # in order of first appearance
+        chosen = max(counts.items(), key=lambda item: item[1])[0]  # max keeps the first of equal counts
+        out[name] = chosen
+        if len(counts) > 1:
+            where = "; ".join(f"{s} ({n} well(s), e.g. plate {group.loc[group.smiles == s, 'plate'].iloc[0]} well "
+                              f"{group.loc[group.smiles == s, 'well'].iloc[0]})" for s, n in counts.items())
+            log.warning("%s: compound %s has %d different structures: %s; using %s for all its wells",
+                        source, name, len(counts), where, chosen)
+    return out
 
 
 def _training_cells(lab: LookupLab, measured: np.ndarray) -> tuple[pd.DataFrame, dict]:
@@ -221,6 +280,8 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
           work_dir: Path, rng: np.random.Generator) -> np.ndarray:
     eligible = np.flatnonzero(~measured)
     q = min(q, len(eligible))
+    if q == 0:  # every condition of the table is measured: nothing left to pick
+        return np.zeros(0, dtype=np.int64)
     if policy == "random":
         return rng.choice(eligible, size=q, replace=False)
     selection_config = SelectionConfig(**{**config.selection, **POLICY_SELECTION.get(policy, {}), "seed": seed})
@@ -285,6 +346,8 @@ def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> di
         "n_hits": lab.n_hits,
         "n_skipped_no_smiles": lab.n_skipped_no_smiles,
         "n_skipped_no_dose": lab.n_skipped_no_dose,
+        "n_skipped_bad_smiles": lab.n_skipped_bad_smiles,
+        "n_skipped_no_controls": lab.n_skipped_no_controls,
         "hit_definition": f"condition activity >= {HIT_QUANTILE:.0%} quantile of all conditions",
         # what the random policy finds on average (each condition is picked by round r with
         # probability r B / N): the yardstick its few seeded draws scatter around

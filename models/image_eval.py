@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -218,6 +219,7 @@ def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[
 #: trace (measured: one of 300 generated cells at 183 sd tripled the trace).
 MORPH_CLIP_SD = 10.0
 MIN_REAL_CELLS = 10
+MIN_CONTROL_CELLS = 4  # a plate with fewer DMSO cells is skipped: no copy-control set to compare (KID needs 4)
 
 
 def standardise_morph(morph: np.ndarray, morph_mean: np.ndarray, morph_std: np.ndarray) -> np.ndarray:
@@ -319,7 +321,8 @@ def evaluate_assay(
     computed on the assay's device (:meth:`models.image_assay.ImageAssay.to`).
 
     Conditions that cannot be scored are skipped with a warning and listed in ``skipped``
-    (plate, compound, dose_um, n_real, reason): a plate without DMSO cells, a compound that is
+    (plate, compound, dose_um, n_real, reason): a plate without DMSO cells (or fewer than
+    ``MIN_CONTROL_CELLS``), a compound that is
     neither a training compound nor has a SMILES (BBBC021's AstraZeneca compounds), or fewer
     than ``min_real`` real cells (the real floor splits them in two halves). ValueError when
     nothing is left to score.
@@ -333,14 +336,13 @@ def evaluate_assay(
     noise of the cell sets: ``{unconditional | copy_control: {kid_inception, kid_morph: {model_minus_baseline,
     sd, ci95}}}`` (:func:`kid_difference`; negative: the model is closer to the real cells).
     """
-    from lab_io.crops import is_control_compound
+    from lab_io.crops import compound_smiles, is_control_compound, reorder_channels
     from models.image_assay import applicability, compound_fingerprints
     from models.image_flow import centre_crop, check_guidance_scale, check_sampler
 
     size = assay.config.image_size
     names, dna = assay.channel_names, assay.config.dna_channel
-    rng = np.random.default_rng(seed)
-    subsample_rng = np.random.default_rng([seed, 1])  # real_at_dose only: the other draws stay as they were
+    crops = reorder_channels(crops, names, source)  # the model's channel order, or a CropsError naming both
     meta = crops.metadata
     if min_real < 4:
         raise ValueError(f"min_real must be >= 4 (two halves of >= 2 real cells), got {min_real}")
@@ -351,6 +353,7 @@ def evaluate_assay(
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale)
     fingerprints = compound_fingerprints(assay, meta, source)
+    smiles = compound_smiles(meta, source, strict=False)  # only to say why a compound has no fingerprint
     domain: dict[str, dict] = {}  # compound -> applicability, looked up (and warned about) when first scored
     results, skipped = [], []
 
@@ -362,7 +365,8 @@ def evaluate_assay(
     unknown = [p for p in plate_list if p not in set(crops.plates)]
     if unknown:  # before any plate is scored: a typo must not cost the plates before it
         raise ValueError(f"{source}: no crops of plate(s) {unknown} (plates there: {sorted(crops.plates)})")
-    n_conditions, n_seen, started = _count_conditions(meta, crops.is_control, plate_list, doses_um), 0, time.perf_counter()
+    n_conditions, n_seen, started = (_count_conditions(meta, crops.is_control, plate_list, doses_um, MIN_CONTROL_CELLS), 0,
+                                     time.perf_counter())
     for plate in plate_list:
         on_plate = (meta["plate"] == plate).to_numpy()
         ctrl = on_plate & crops.is_control
@@ -372,11 +376,15 @@ def evaluate_assay(
         if not ctrl.any():
             skip(plate, None, None, int(treated.sum()), "no DMSO cells on the plate to condition on")
             continue
+        if ctrl.sum() < MIN_CONTROL_CELLS:  # too few to stand as the copy-control baseline (its KID needs 4)
+            skip(plate, None, None, int(treated.sum()), f"only {int(ctrl.sum())} DMSO cell(s) on the plate "
+                 f"(fewer than {MIN_CONTROL_CELLS})")
+            continue
         plate_images = centre_crop(crops.images[on_plate], size, source)
         scale = channel_scale(plate_images)
         ctrl_images = centre_crop(crops.images[ctrl], size, source)
         z_ctrl = assay.encode_controls(crops.images[ctrl], source)
-        copy_idx = rng.choice(len(ctrl_images), min(n_per_condition, len(ctrl_images)), replace=False)
+        copy_idx = _rng(seed, plate).choice(len(ctrl_images), min(n_per_condition, len(ctrl_images)), replace=False)
         logger.info("plate %s: featurising %d copy-control cells", plate, len(copy_idx))
         copy_feats = featurize_set(ctrl_images[copy_idx], scale, names, dna, inception=inception, device=assay.device)
         uncond = assay.generate_ensemble(None, 1.0, z_ctrl, n_per_condition, seed + 1, unconditional=True, n_steps=n_steps,
@@ -388,9 +396,12 @@ def evaluate_assay(
             if doses_um is not None and not np.isclose(dose, doses_um).any():
                 continue
             index = np.asarray(index)
+            rng = _rng(seed, plate, str(compound), float(dose))  # this condition's draws, whatever else is scored
             n_seen += 1
             if str(compound) not in fingerprints:
+                known = smiles.get(str(compound))
                 skip(plate, str(compound), float(dose), len(index),
+                     f"its SMILES {known!r} cannot be parsed" if known else
                      "not a training compound and no SMILES (add a 'smiles' column to the crops metadata)")
                 continue
             if len(index) < min_real:
@@ -444,6 +455,7 @@ def evaluate_assay(
             for d in other:
                 entry["model_at_dose"][f"{d:g}"] = compare(generated[(entry["compound"], d)], real_feats, mean, std, seed=seed)
                 real_other = real_sets[(entry["compound"], d)]
+                subsample_rng = _rng(seed, plate, entry["compound"], entry["dose_um"], d)
                 keep = np.sort(subsample_rng.choice(len(real_other.morph), min(n_per_condition, len(real_other.morph)),
                                                     replace=False))
                 subset = FeatureSets(real_other.inception[keep], real_other.morph[keep])
@@ -465,10 +477,22 @@ def evaluate_assay(
     }
 
 
-def _count_conditions(meta, is_control: np.ndarray, plates: Sequence[str], doses_um) -> int:
+def _rng(seed: int, plate: str, compound: str | None = None, *doses_um: float) -> np.random.Generator:
+    """The random draws of one plate (its copy-control cells) or one condition on it (real-cell
+    subsample, real-floor halves): seeded by ``seed`` and the condition itself, so a condition's
+    baselines do not depend on which other plates, compounds or doses are scored beside it."""
+    key = [seed, zlib.crc32(str(plate).encode())]
+    if compound is not None:
+        key.append(zlib.crc32(str(compound).encode()))
+    key += [int(round(d * 1e6)) for d in doses_um]
+    return np.random.default_rng(key)
+
+
+def _count_conditions(meta, is_control: np.ndarray, plates: Sequence[str], doses_um, min_dmso: int = 1) -> int:
     """Treated (plate, compound, dose) conditions ``evaluate_assay`` will visit (for its progress log):
-    those on the given plates that hold DMSO cells (a plate without them is skipped whole)."""
-    with_dmso = set(meta.loc[is_control, "plate"])
+    those on the given plates that hold at least ``min_dmso`` DMSO cells (others are skipped whole)."""
+    n_dmso = meta.loc[is_control, "plate"].value_counts()
+    with_dmso = {p for p, n in n_dmso.items() if n >= min_dmso}
     treated = meta[~is_control & meta["plate"].isin([p for p in plates if p in with_dmso]).to_numpy()]
     if doses_um is not None:
         treated = treated[np.isclose(treated["concentration_um"].to_numpy(float)[:, None], doses_um).any(axis=1)]

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from lab_io.crops import (
-    CropsError, CropSet, compound_smiles, cut_crops, is_control_compound, load_crops, shared_data_dir, write_crops,
+    CropsError, CropSet, compound_smiles, cut_crops, is_control_compound, load_crops, reorder_channels,
+    shared_data_dir, write_crops,
 )
 
 
@@ -167,3 +168,37 @@ def test_numeric_looking_plates_stay_text(tmp_path):
     crops.metadata["plate"] = ["0101"] * len(crops)
     write_crops(crops, tmp_path)
     assert set(load_crops(tmp_path).metadata["plate"]) == {"0101"}
+
+
+def test_compound_spellings_unify_and_dmso_may_have_no_dose(tmp_path, caplog):
+    write_crops(_crops(), tmp_path)
+    meta = pd.read_csv(tmp_path / "crops_metadata.csv")
+    meta["compound"] = meta["compound"].astype(object)
+    meta.loc[1, "compound"] = "Cyclohexamide"  # 1 of 4 treated rows
+    meta.loc[3, "compound"] = " cyclohexamide "
+    meta.loc[0, "concentration_um"] = np.nan  # a DMSO well without a concentration
+    meta.to_csv(tmp_path / "crops_metadata.csv", index=False)
+    back = load_crops(tmp_path)
+    assert list(back.metadata["compound"]) == ["DMSO", "cyclohexamide"] * 4
+    assert back.metadata.loc[0, "concentration_um"] == 0.0
+    assert "'Cyclohexamide' / 'cyclohexamide'; all read as 'cyclohexamide'" in caplog.text
+    meta.loc[5, "concentration_um"] = np.nan  # a treated cell without one stays an error, naming it
+    meta.to_csv(tmp_path / "crops_metadata.csv", index=False)
+    with pytest.raises(CropsError, match=r"line 7 \(P2 B07 cyclohexamide\) has none"):
+        load_crops(tmp_path)
+
+
+def test_reorder_channels_to_a_models_order(tmp_path):
+    crops = _crops()
+    flipped = CropSet(crops.images[..., ::-1].copy(), crops.metadata, ("actin", "Tubulin", "DNA"))
+    back = reorder_channels(flipped, crops.channel_names, "here")
+    assert back.channel_names == crops.channel_names and np.array_equal(back.images, crops.images)
+    assert reorder_channels(crops, crops.channel_names, "here") is crops
+    unnamed = CropSet(crops.images, crops.metadata, crops.channel_names, channels_named=False)  # no channels.json
+    assert reorder_channels(unnamed, ("DNA", "ER", "Mito"), "here").channel_names == ("DNA", "ER", "Mito")
+    with pytest.raises(CropsError, match=r"here: crops have 3 channels \['DNA', 'Tubulin', 'Actin'\] \(named in its "
+                                         r"channels.json\); the model expects \['DNA', 'ER'"):
+        reorder_channels(crops, ("DNA", "ER", "Mito"), "here")
+    four = _crops(c=4)
+    with pytest.raises(CropsError, match="expects"):
+        reorder_channels(four, crops.channel_names, "here")

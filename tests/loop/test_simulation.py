@@ -167,4 +167,86 @@ def test_lookup_lab_drops_a_plate_with_one_control_well(tmp_path, caplog):
     frame.to_csv(tmp_path / "lone.csv", index=False)
     lab = build_lookup_lab(read_profile_table(tmp_path / "lone.csv"))
     assert "P3" not in set(lab.wells["Metadata_Plate"])
-    assert "fewer than two DMSO wells are dropped: P3" in caplog.text
+    assert "fewer than two DMSO wells are dropped, with their 25 treated well(s): P3" in caplog.text
+    assert lab.n_skipped_no_controls == 25
+
+
+def test_lookup_lab_skips_unparseable_and_stringified_missing_smiles(tmp_path, caplog):
+    """'nan' / 'None' (a table that went through str) mean no SMILES; an unparseable one is skipped
+    with a count, its compound and a plate / well; a table where nothing parses is an error."""
+    frame = pd.read_csv(_table(tmp_path))
+    frame.loc[frame["Metadata_compound"] == "secret", "Metadata_smiles"] = "nan"
+    bad = frame["Metadata_compound"] == "cpd4"
+    frame.loc[bad, "Metadata_smiles"] = "C1CC(N"
+    frame.to_parquet(tmp_path / "smiles.parquet")
+    lab = build_lookup_lab(read_profile_table(tmp_path / "smiles.parquet"))
+    assert lab.n_skipped_no_smiles == 3 and lab.n_skipped_bad_smiles == int(bad.sum()) == 6
+    assert "cpd4" not in set(lab.conditions["Metadata_compound"]) and len(lab.conditions) == 2 * (len(SMILES) - 1)
+    assert "cannot parse skipped: cpd4 (first: plate P1 well B05" in caplog.text
+    treated = ~frame["Metadata_compound"].isin(["DMSO"])
+    frame.loc[treated, "Metadata_smiles"] = "not a molecule"
+    frame.to_csv(tmp_path / "none.csv", index=False)
+    with pytest.raises(ValueError, match="none.csv: no treated well has a parseable SMILES"):
+        build_lookup_lab(read_profile_table(tmp_path / "none.csv"))
+
+
+def test_a_compound_with_two_structures_takes_its_most_frequent_one(tmp_path, caplog):
+    frame = pd.read_csv(_table(tmp_path))
+    odd = (frame["Metadata_compound"] == "cpd3") & (frame["Metadata_Plate"] == "P1")
+    frame.loc[odd, "Metadata_smiles"] = "CCCCCC"
+    frame.to_csv(tmp_path / "two.csv", index=False)
+    lab = build_lookup_lab(read_profile_table(tmp_path / "two.csv"))
+    cpd3 = lab.conditions[lab.conditions["Metadata_compound"] == "cpd3"]
+    assert list(cpd3["smiles"]) == ["Oc1ccccc1", "Oc1ccccc1"]  # 4 wells on P2 / P3 against 2 on P1, every dose
+    assert "compound cpd3 has 2 different structures" in caplog.text and "plate P1 well B04" in caplog.text
+
+
+def test_lookup_lab_is_independent_of_feature_units(tmp_path):
+    path = _table(tmp_path)
+    frame = pd.read_csv(path)
+    features = [c for c in frame.columns if c.startswith("Cells_")]
+    small = frame.assign(**{c: frame[c] * 1e-7 for c in features})
+    small.to_csv(tmp_path / "small.csv", index=False)
+    a = build_lookup_lab(read_profile_table(path))
+    b = build_lookup_lab(read_profile_table(tmp_path / "small.csv"))
+    assert a.features == b.features
+    np.testing.assert_allclose(a.conditions["activity"], b.conditions["activity"], rtol=1e-9)
+    assert a.conditions["is_hit"].equals(b.conditions["is_hit"])
+
+
+def test_lookup_lab_refuses_tables_it_cannot_normalise(tmp_path):
+    frame = pd.read_csv(_table(tmp_path))
+    dmso = frame["Metadata_compound"] == "DMSO"
+    keep = ~dmso | ~frame.duplicated(["Metadata_Plate", "Metadata_compound"])
+    frame[keep].to_csv(tmp_path / "lone.csv", index=False)
+    with pytest.raises(ValueError, match="lone.csv: every plate has fewer than two DMSO wells"):
+        build_lookup_lab(read_profile_table(tmp_path / "lone.csv"))
+    flat = frame.copy()
+    for c in [c for c in frame.columns if c.startswith("Cells_")]:
+        flat.loc[dmso, c] = 1.0
+    flat.to_csv(tmp_path / "flat.csv", index=False)
+    with pytest.raises(ValueError, match="flat.csv: every condition has the same phenotypic activity"):
+        build_lookup_lab(read_profile_table(tmp_path / "flat.csv"))
+
+
+def test_profile_table_ignores_row_numbers_and_reads_blank_text_doses(tmp_path, caplog):
+    frame = pd.read_csv(_table(tmp_path))
+    frame.insert(0, "Unnamed: 0", np.arange(len(frame)))
+    frame["ImageNumber"] = np.arange(len(frame))
+    frame["Image_Flag"] = True
+    frame["Metadata_dose_um"] = frame["Metadata_dose_um"].map(lambda d: "" if d == 0 else f" {d:g} ")
+    frame.to_parquet(tmp_path / "numbered.parquet")
+    table = read_profile_table(tmp_path / "numbered.parquet")
+    assert table.features == [f"Cells_Feature_{k}" for k in range(6)]
+    assert "Unnamed: 0, ImageNumber, Image_Flag" in caplog.text
+    assert table.frame.loc[table.frame["Metadata_compound"] == "DMSO", "Metadata_dose_um"].isna().all()
+    assert set(table.frame["Metadata_dose_um"].dropna()) == {1.0, 10.0}
+
+
+def test_a_backtest_longer_than_the_table_stops_picking(tmp_path):
+    """More rounds x batch than conditions: the last rounds find nothing new instead of failing."""
+    config = LookupBacktestConfig(n_rounds=3, batch_size=10, n_seeds=1, policies=("gp_ucb", "random"))
+    result = run_lookup_backtest(read_profile_table(_table(tmp_path)), config)
+    assert result["n_conditions"] == 24
+    for curve in result["policies"].values():
+        assert curve["per_seed"][0][-1] == 1.0

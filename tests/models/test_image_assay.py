@@ -560,3 +560,47 @@ def test_unknown_plate_uses_unknown_plate_condition(trained):
     assert assay.plate_controls("P9", strict=False) is None
     p = assay.predict_profiles(fps, np.array([5.0]), n_cells=3, seed=0, plate_id="P9")
     assert p.shape == (2, 1, len(assay.feature_names))
+
+
+def test_evaluate_draws_each_conditions_baselines_on_its_own(trained):
+    """A condition's copy-control and real-floor draws do not depend on what else is scored."""
+    from models.image_eval import evaluate_assay
+
+    _, crops, assay = trained
+    kw = dict(n_per_condition=3, min_real=4, inception=False, seed=5)
+    both = evaluate_assay(assay, crops, **kw)
+    alone = evaluate_assay(assay, crops, plates=["P2"], **kw)
+    pick = [c for c in both["conditions"] if c["plate"] == "P2"]
+    assert len(pick) == len(alone["conditions"]) == 1
+    for baseline in ("copy_control", "real_floor", "model"):
+        assert pick[0][baseline] == alone["conditions"][0][baseline]
+
+
+def test_evaluate_skips_a_plate_with_too_few_dmso_cells(trained):
+    from models.image_eval import MIN_CONTROL_CELLS, evaluate_assay
+
+    _, crops, assay = trained
+    dmso_p2 = np.flatnonzero(crops.is_control & (crops.metadata["plate"] == "P2").to_numpy())
+    drop = np.ones(len(crops), dtype=bool)
+    drop[dmso_p2[MIN_CONTROL_CELLS - 1:]] = False  # leaves 3 DMSO cells on P2
+    result = evaluate_assay(assay, crops.subset(drop), n_per_condition=3, min_real=4, inception=False)
+    assert {c["plate"] for c in result["conditions"]} == {"P1"}
+    (skip,) = result["skipped"]
+    assert skip["plate"] == "P2" and skip["reason"] == "only 3 DMSO cell(s) on the plate (fewer than 4)"
+
+
+def test_cli_sample_names_what_is_wrong_with_controls(trained, tmp_path):
+    from loop.assay_cli import assay_app
+
+    out, crops, _ = trained
+    data = write_crops(crops, tmp_path / "crops")
+    runner = CliRunner()
+    base = ["sample", "--model", str(out), "--compound", "cyclohexamide", "--dose-um", "15", "--n", "2",
+            "--out", str(tmp_path / "g.npz")]
+    res = runner.invoke(assay_app, base + ["--controls", str(data / "crops.npz")])
+    assert res.exit_code == 1 and "crops.npz: --controls takes a crops folder" in res.output and "not a folder" in res.output
+    res = runner.invoke(assay_app, base + ["--controls", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "no such folder" in res.output
+    res = runner.invoke(assay_app, base + ["--controls", str(data), "--plate", "P7"])
+    assert res.exit_code == 1 and "no plate 'P7' (plates there: ['P1', 'P2'])" in res.output
+    assert not (tmp_path / "g.npz").exists()
