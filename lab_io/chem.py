@@ -39,6 +39,8 @@ from rdkit import Chem, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 from rdkit.Chem.MolStandardize import rdMolStandardize
 
+from lab_io.schema import CONTROL_COMPOUND_ID
+
 log = logging.getLogger(__name__)
 
 SMILES_COLUMNS = ("smiles", "canonical_smiles", "metadata_smiles")
@@ -434,8 +436,13 @@ class _RawRows:
     names: list[str]
 
 
+def _header_key(name: object) -> str:
+    """A header as matched: case, spaces, dots and hyphens ignored ('Compound ID' = 'compound_id')."""
+    return re.sub(r"[\s.\-]+", "_", str(name).strip().lower())
+
+
 def _find_column(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
-    lowered = {str(c).strip().lower(): c for c in columns}
+    lowered = {_header_key(c): c for c in columns}
     for name in candidates:
         if name in lowered:
             return lowered[name]
@@ -451,6 +458,9 @@ def _rows_from_records(path: Path, columns: list[str], records: list[list[str]],
     index = {c: i for i, c in enumerate(columns)}
     id_col = _find_column(columns, ID_COLUMNS)
     name_col = _find_column(columns, NAME_COLUMNS)
+    log.info("%s: SMILES from column %r, ids from %s, names from %s", path, smiles_col,
+             repr(id_col) if id_col else f"none found ({', '.join(ID_COLUMNS)}; derived from the InChIKey)",
+             repr(name_col) if name_col else f"none found ({', '.join(NAME_COLUMNS)}; the id)")
 
     def column(col: str | None) -> list[str]:
         if col is None:
@@ -600,6 +610,10 @@ def read_library(path: str | Path, n_jobs: int | None = None, fingerprints: bool
             n_duplicates += 1
             continue
         compound_id = raw.ids[i] or derive_compound_id(key)
+        if compound_id.strip().upper() == CONTROL_COMPOUND_ID.upper():
+            errors.append((raw.line_numbers[i], raw.smiles[i],
+                           f"compound id {compound_id!r} is reserved for the negative control wells"))
+            continue
         owner = id_owner.get(compound_id)
         if owner is not None:
             errors.append((raw.line_numbers[i], raw.smiles[i],

@@ -57,6 +57,8 @@ _LINK_COLUMNS = ("ImageNumber", "ObjectNumber", "Parent_Nuclei", "Parent_Cells")
 # columns that identify one row of each table (a repeated key would merge the wrong objects)
 _UNIQUE_KEYS = {"Image": ("ImageNumber",), "Nuclei": ("ImageNumber", "ObjectNumber"),
                 "Cells": ("ImageNumber", "ObjectNumber"), "Cytoplasm": ("ImageNumber", "Parent_Cells")}
+# columns of the image table that ExportToSpreadsheet may repeat in object tables: not measurements
+_IMAGE_COLUMN_PREFIXES = ("Metadata_", "FileName_", "PathName_", "URL_")
 _REQUIRED = {
     "Image": ("ImageNumber", META_PLATE, META_WELL),
     "Nuclei": ("ImageNumber", "ObjectNumber"),
@@ -173,6 +175,9 @@ def _read_csv_strict(path: Path, raw: bytes, barcode: str, well: str | None, kin
     missing = [c for c in _REQUIRED[kind] if c not in table.columns]
     if missing:
         raise ResultsError(f"{where}: missing required columns {missing}")
+    if kind != "Image":  # ExportToSpreadsheet can copy image metadata and file names into object tables
+        copied = [c for c in table.columns if str(c).startswith(_IMAGE_COLUMN_PREFIXES)]
+        table = table.drop(columns=copied)
     numeric = set(table.columns) if kind != "Image" else {
         c for c in table.columns if c in ("ImageNumber", META_SITE) or c.startswith("Count_")}
     text_columns = [c for c, dtype in table.dtypes.items() if c in numeric and not pd.api.types.is_numeric_dtype(dtype)]
@@ -318,12 +323,20 @@ def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -
                        key=_site_sort_key)  # hidden folders (.ipynb_checkpoints) are not sites
     if not site_dirs:
         raise ResultsError(f"{plate_dir / 'analysis'} (plate {barcode}, well unknown): no site folders")
+    first: tuple[Path, set] | None = None
     for site_dir in site_dirs:
         cells = _read_site(site_dir, barcode, hasher, sources, plate_dir, allow_missing_objects, imaged)
         if cells is None:
             skipped.append(site_dir.name)
-        else:
-            frames.append(cells)
+            continue
+        if first is None:
+            first = (site_dir, set(cells.columns))
+        elif set(cells.columns) != first[1]:  # a concat would leave the difference missing for every other site
+            lacks, extra = sorted(first[1] - set(cells.columns)), sorted(set(cells.columns) - first[1])
+            raise ResultsError(f"{site_dir} (plate {barcode}): measured other columns than {first[0].name}: "
+                               f"lacks {len(lacks)} ({', '.join(lacks[:3])}), has {len(extra)} more "
+                               f"({', '.join(extra[:3])}); export every site with one CellProfiler pipeline")
+        frames.append(cells)
     if not frames:
         raise ResultsError(f"{plate_dir / 'analysis'} (plate {barcode}, well unknown): no site has object tables")
     cells = pd.concat(frames, ignore_index=True)

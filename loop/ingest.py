@@ -83,6 +83,7 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     with campaign.writing(f"ingest of {results_dir}"):
         with campaign.session() as session:
             plans = [_check_plate(session, plate, results_dir, allow_missing_wells) for plate in plates]
+        _check_same_measurements(campaign, [plan for plan in plans if not plan.imported_before], results_dir)
         profiles = [None if plan.imported_before else _profile_plate(campaign, plan.plate, plan.well_map, results_dir)
                     for plan in plans]
         reports = []
@@ -92,6 +93,41 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
                 continue
             reports.append(_record_plate(campaign, plan, wells))
     return reports
+
+
+MIN_SHARED_FEATURES = 0.9  # a plate sharing fewer of the campaign's features than this is refused
+
+
+def _check_same_measurements(campaign: Campaign, plans: list, results_dir: Path) -> None:
+    """Every new plate measures (nearly) the features the campaign's plates do: the models train on
+    the features all plates share, so a plate exported by another pipeline (other compartment
+    prefixes, a missing channel) would silently shrink them or leave none. The reference is an
+    imported plate, else the first new one. IngestError naming the plate when fewer than
+    ``MIN_SHARED_FEATURES`` of either set are shared; a warning when the sets differ a little."""
+    import pyarrow.parquet as pq
+
+    stored = sorted(campaign.measurements_dir.glob("*.cells.parquet"))
+    if stored:
+        reference = set(feature_columns(pq.read_schema(stored[0]).names))
+        where = f"plate {stored[0].name.removesuffix('.cells.parquet')} (imported)"
+    elif plans:
+        reference = set(feature_columns(plans[0].plate.cells.columns))
+        where = f"plate {plans[0].plate.barcode}"
+    else:
+        return
+    for plan in plans:
+        features = set(feature_columns(plan.plate.cells.columns))
+        shared = features & reference
+        if features == reference:
+            continue
+        lacks, extra = sorted(reference - features), sorted(features - reference)
+        message = (f"plate {plan.plate.barcode} measures {len(features)} features and {where} {len(reference)}; "
+                   f"they share {len(shared)}: it lacks {len(lacks)} (e.g. {', '.join(lacks[:3]) or '-'}) and has "
+                   f"{len(extra)} others (e.g. {', '.join(extra[:3]) or '-'})")
+        if len(shared) < MIN_SHARED_FEATURES * max(len(features), len(reference)):
+            raise IngestError(f"{results_dir / plan.plate.barcode}: {message}; export every plate with the same "
+                              "pipeline and channels (the models train on the features all plates share)")
+        log.warning("%s; the models use the %d shared", message, len(shared))
 
 
 @dataclass(frozen=True)
@@ -228,6 +264,7 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> Plate
     n_cells = cells.groupby(META_WELL).size()
     measured = wells.set_index(META_WELL)
     mapped = well_map[well_map["role"] != WellRole.empty.value]
+    committed = False
     try:
         if plate.crops is not None:
             written.append(_write_plate_crops(campaign, plate, well_map))
@@ -258,11 +295,24 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> Plate
             db_plate.returned_at = store.utcnow()
             session.add(db_plate)
             session.commit()
+            committed = True
     except BaseException:  # Ctrl-C and SIGTERM (loop.cli) too: no files without their measurements
-        _remove(written)
+        # a signal can land while the commit returns (after SQLite stored it): the store decides
+        if not (committed or _plate_recorded(campaign, plate)):
+            _remove(written)
         raise
     empty = sorted(set(mapped["well"]) - set(n_cells.index))
     return _qc(plate.barcode, wells, n_cells, plan.undelivered, empty)
+
+
+def _plate_recorded(campaign: Campaign, plate: PlateResult) -> bool:
+    """True when the store holds this plate as returned from these very files."""
+    try:
+        with campaign.session() as session:
+            row = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).first()
+            return row is not None and row.status == "returned" and row.results_fingerprint == plate.fingerprint
+    except Exception:  # the store cannot be read: the files go, as before the commit
+        return False
 
 
 def _remove(paths: list[Path]) -> None:
@@ -288,9 +338,12 @@ def _write_plate_crops(campaign: Campaign, plate: PlateResult, well_map: pd.Data
     out = campaign.measurements_dir / f"{plate.barcode}.crops"
     tmp = campaign.measurements_dir / f".{plate.barcode}.crops.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_crops(CropSet(plate.crops.images, meta, plate.crops.channel_names), tmp)
-    shutil.rmtree(out, ignore_errors=True)  # left by a crashed import: this plate is not imported yet
-    os.replace(tmp, out)
+    try:
+        write_crops(CropSet(plate.crops.images, meta, plate.crops.channel_names), tmp)
+        shutil.rmtree(out, ignore_errors=True)  # left by a crashed import: this plate is not imported yet
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; left only by a failure
     return out
 
 

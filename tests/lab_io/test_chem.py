@@ -292,3 +292,15 @@ def test_a_library_without_rows_is_an_error(tmp_path):
     header.write_text("id,smiles\n")
     with pytest.raises(ValueError, match="header.csv: no compound rows"):
         chem.read_library(header)
+
+
+def test_library_headers_match_with_spaces_and_dmso_is_not_a_compound_id(tmp_path):
+    path = tmp_path / "vendor.csv"
+    path.write_text("Compound ID,Compound Name,SMILES\n"
+                    "ENM-001,amine a,CCN\n"
+                    "dmso,the vehicle,CS(C)=O\n"
+                    "ENM-002,amine b,CCCN\n")
+    result = chem.read_library(path)
+    assert result.table[["compound_id", "name"]].values.tolist() == [["ENM-001", "amine a"], ["ENM-002", "amine b"]]
+    assert [(line, reason) for line, _, reason in result.errors] == [
+        (3, "compound id 'dmso' is reserved for the negative control wells")]

@@ -280,3 +280,18 @@ def test_real_cellprofiler_output():
     assert (cells["Cells_AreaShape_Area"] > cells["Nuclei_AreaShape_Area"]).mean() > 0.95
     again = read_results(plate_dir.parent, allow_missing_objects=True)[0]
     assert again.fingerprint == plate.fingerprint
+
+
+def test_object_tables_may_repeat_image_metadata_and_every_site_measures_the_same(results):
+    """ExportToSpreadsheet's "add image metadata to object tables" is read as the plain export;
+    a site exported with other columns is an error naming its folder."""
+    plain = read_results(results)[0].cells
+    for path in (results / BARCODE / "analysis").glob("*/Nuclei.csv"):
+        table = pd.read_csv(path)
+        table.insert(1, "Metadata_Plate", BARCODE)
+        table["FileName_DNA"] = "x.tiff"
+        table.to_csv(path, index=False)
+    pd.testing.assert_frame_equal(read_results(results)[0].cells, plain)
+    path = site(results, "B01") / "Cytoplasm.csv"
+    pd.read_csv(path).drop(columns=["AreaShape_Area"]).to_csv(path, index=False)
+    expect_error(results, str(site(results, "B01")), "measured other columns than", "Cytoplasm_AreaShape_Area")

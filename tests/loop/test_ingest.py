@@ -167,3 +167,55 @@ def test_a_partial_delivery_is_refused_by_well_and_imported_without_them_only_on
     propose(other, 96)
     with pytest.raises(IngestError, match=f"plate barcode '{barcode}' was not emitted by this campaign"):
         ingest_results(other, tmp_path / "results")
+
+
+def _two_plates(tmp_path):
+    from loop.campaign import Campaign, CampaignConfig
+    from loop.lab import run_synthetic_lab
+    from loop.library import add_virtual_library
+    from loop.propose import propose
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=128, cells_per_field=8.0)))
+    add_virtual_library(campaign, 800, seed=0)
+    proposal = propose(campaign, 500)  # two plates
+    run_synthetic_lab(proposal.out_dir, tmp_path / "results", campaign=campaign, seed=1, write_images=False)
+    return campaign, proposal.barcodes
+
+
+def test_a_plate_measured_with_other_features_is_refused_by_name(tmp_path):
+    """A plate whose object tables carry other column names (e.g. a database-style export that
+    repeats the compartment prefix) shares no feature with the others: refused, nothing stored."""
+    from loop.ingest import ingest_results
+    from loop.status import campaign_status
+
+    campaign, barcodes = _two_plates(tmp_path)
+    for table in (tmp_path / "results" / barcodes[1] / "analysis").glob("*/Nuclei.csv"):
+        frame = pd.read_csv(table)
+        frame.columns = [f"Nuclei_{c}" if c.startswith(("AreaShape_", "Intensity_")) else c for c in frame.columns]
+        frame.to_csv(table, index=False)
+    with pytest.raises(IngestError, match=rf"{barcodes[1]}: plate {barcodes[1]} measures \d+ features and plate "
+                                          rf"{barcodes[0]} \d+; they share \d+: it lacks \d+ \(e.g. Nuclei_AreaShape"):
+        ingest_results(campaign, tmp_path / "results")
+    assert campaign_status(campaign)["measurements"] == 0 and not list(campaign.measurements_dir.iterdir())
+
+
+def test_a_signal_right_after_the_commit_keeps_the_plate_files(tmp_path, monkeypatch):
+    """Ctrl-C can land while the commit returns, after SQLite stored the plate: its files stay."""
+    import sqlmodel
+
+    from loop.ingest import ingest_results
+
+    campaign, barcodes = _two_plates(tmp_path)
+    real_commit = sqlmodel.Session.commit
+
+    def commit_then_interrupt(self):
+        real_commit(self)
+        if any(getattr(o, "status", None) == "returned" for o in self.identity_map.values()):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqlmodel.Session, "commit", commit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_results(campaign, tmp_path / "results")
+    monkeypatch.undo()
+    assert (campaign.measurements_dir / f"{barcodes[0]}.cells.parquet").is_file()
+    assert [r.status for r in ingest_results(campaign, tmp_path / "results")] == ["already imported", "imported"]
