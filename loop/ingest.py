@@ -264,7 +264,6 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> Plate
     n_cells = cells.groupby(META_WELL).size()
     measured = wells.set_index(META_WELL)
     mapped = well_map[well_map["role"] != WellRole.empty.value]
-    committed = False
     try:
         if plate.crops is not None:
             written.append(_write_plate_crops(campaign, plate, well_map))
@@ -295,10 +294,9 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> Plate
             db_plate.returned_at = store.utcnow()
             session.add(db_plate)
             session.commit()
-            committed = True
     except BaseException:  # Ctrl-C and SIGTERM (loop.cli) too: no files without their measurements
         # a signal can land while the commit returns (after SQLite stored it): the store decides
-        if not (committed or _plate_recorded(campaign, plate)):
+        if not _plate_recorded(campaign, plate):
             _remove(written)
         raise
     empty = sorted(set(mapped["well"]) - set(n_cells.index))

@@ -742,14 +742,18 @@ def resolve_compound(assay: ImageAssay, name_or_smiles: str) -> np.ndarray | Non
                          f"({assay.meta['compounds']}) nor a valid SMILES") from err
 
 
-def compound_fingerprints(assay: ImageAssay, metadata, source: str) -> dict[str, np.ndarray | None]:
-    """Packed fingerprint of every compound named in a crops table (None for DMSO).
+def compound_fingerprints(assay: ImageAssay, metadata, source: str
+                          ) -> tuple[dict[str, np.ndarray | None], dict[str, str]]:
+    """Packed fingerprint of every compound named in a crops table (None for DMSO), and the
+    SMILES of those whose SMILES RDKit cannot parse.
 
     A name the model trained on keeps its training fingerprint; any other compound is looked up
     by SMILES (the table's ``smiles`` column, else the BBBC021 name table). Compounds with
-    neither are left out, and the caller decides (``evaluate_assay`` skips their conditions)."""
+    neither, or with an unparseable SMILES, are left out of the fingerprints, and the caller
+    decides (``evaluate_assay`` skips their conditions, saying which of the two it was)."""
     smiles = compound_smiles(metadata, source, strict=False)
     out: dict[str, np.ndarray | None] = {}
+    unparseable: dict[str, str] = {}
     for name in metadata["compound"].astype(str).unique():
         if is_control_compound([name])[0]:
             out[name] = None
@@ -760,4 +764,5 @@ def compound_fingerprints(assay: ImageAssay, metadata, source: str) -> dict[str,
                 out[name] = morgan_fingerprints([smiles[name]])[0]
             except ValueError:
                 logger.warning("%s: compound %r has an unparseable SMILES %r", source, name, smiles[name])
-    return out
+                unparseable[name] = smiles[name]
+    return out, unparseable

@@ -336,7 +336,7 @@ def evaluate_assay(
     noise of the cell sets: ``{unconditional | copy_control: {kid_inception, kid_morph: {model_minus_baseline,
     sd, ci95}}}`` (:func:`kid_difference`; negative: the model is closer to the real cells).
     """
-    from lab_io.crops import compound_smiles, is_control_compound, reorder_channels
+    from lab_io.crops import is_control_compound, reorder_channels
     from models.image_assay import applicability, compound_fingerprints
     from models.image_flow import centre_crop, check_guidance_scale, check_sampler
 
@@ -352,8 +352,7 @@ def evaluate_assay(
         check_sampler(sampler)  # before any featurising
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale)
-    fingerprints = compound_fingerprints(assay, meta, source)
-    smiles = compound_smiles(meta, source, strict=False)  # only to say why a compound has no fingerprint
+    fingerprints, unparseable = compound_fingerprints(assay, meta, source)
     domain: dict[str, dict] = {}  # compound -> applicability, looked up (and warned about) when first scored
     results, skipped = [], []
 
@@ -399,9 +398,9 @@ def evaluate_assay(
             rng = _rng(seed, plate, str(compound), float(dose))  # this condition's draws, whatever else is scored
             n_seen += 1
             if str(compound) not in fingerprints:
-                known = smiles.get(str(compound))
+                bad = unparseable.get(str(compound))
                 skip(plate, str(compound), float(dose), len(index),
-                     f"its SMILES {known!r} cannot be parsed" if known else
+                     f"its SMILES {bad!r} cannot be parsed" if bad else
                      "not a training compound and no SMILES (add a 'smiles' column to the crops metadata)")
                 continue
             if len(index) < min_real:
