@@ -207,7 +207,12 @@ def _read_channels(path: Path, n_channels: int) -> tuple[str, ...]:
         raise CropsError(f"{path}: expected JSON {{\"channel_names\": [...]}} ({err})") from err
     if len(names) != n_channels:
         raise CropsError(f"{path}: {len(names)} channel names for {n_channels} image channels")
-    return tuple(str(n) for n in names)
+    names = tuple(str(n) for n in names)
+    keys = [n.strip().lower() for n in names]  # how channels are matched to a model's (reorder_channels)
+    if len(set(keys)) != len(keys) or not all(keys):
+        raise CropsError(f"{path}: channel names must be non-empty and unique (ignoring case and spaces), "
+                         f"got {list(names)}")
+    return names
 
 
 def load_crops(crops_dir: str | Path) -> CropSet:

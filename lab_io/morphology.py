@@ -38,6 +38,7 @@ so the output is always finite. Everything is deterministic (no randomness).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Sequence
 
 import numpy as np
@@ -66,6 +67,52 @@ _QUANTILES = {"LowerQuartileIntensity": 0.25, "MedianIntensity": 0.5, "UpperQuar
 # ----------------------------------------------------------------------------------------------
 # feature names
 # ----------------------------------------------------------------------------------------------
+
+_WARNED_NO_DNA: set[tuple] = set()  # (source, channel keys) already warned about: a loop warns once
+#: Channel names (lower case, letters and digits only) taken for the DNA stain.
+DNA_CHANNEL_NAMES = ("dna", "dapi", "hoechst", "hoechst33342", "h33342", "nuclei", "nucleus", "origdna")
+_DNA_WORD = re.compile(r"^(dna|dapi|hoechst|h33342)\d*$")  # a word of a longer name: DNA_ch1, Hoechst 33342
+
+
+def dna_channel_index(channel_names: Sequence[str], source: str = "channels") -> int:
+    """Index of the DNA channel, in order of preference:
+
+    1. a name that is one of :data:`DNA_CHANNEL_NAMES` (case, spaces and punctuation ignored:
+       ``DAPI``, ``Hoechst 33342``, ``OrigDNA``);
+    2. a name with a word that is a DNA stain, possibly numbered (``DNA_ch1``, ``Hoechst-2``), so
+       ``['DNA-damage marker', 'Hoechst']`` picks ``Hoechst``;
+    3. channel 0, with a warning naming ``source`` and the channels.
+
+    Two candidates at the same step: the first, with a warning."""
+    keys = ["".join(ch for ch in str(n).lower() if ch.isalnum()) for n in channel_names]
+    exact = [i for i, key in enumerate(keys) if key in DNA_CHANNEL_NAMES]
+    worded = [i for i, n in enumerate(channel_names)
+              if any(_DNA_WORD.match(w) for w in re.split(r"[^0-9a-z]+", str(n).lower()) if w)]
+    for found in (exact, worded):
+        if found:
+            if len(found) > 1:
+                _warn_once(source, keys, "%s: channels %s all look like a DNA stain; nuclei are segmented on %r",
+                           source, [str(channel_names[i]) for i in found], str(channel_names[found[0]]))
+            return found[0]
+    _warn_once(source, keys, "%s: no channel named as a DNA stain (DNA, DAPI, Hoechst) among %s; nuclei are "
+               "segmented on channel 0 (%r)", source, list(channel_names),
+               str(channel_names[0]) if len(channel_names) else "")
+    return 0
+
+
+def _warn_once(source: str, keys: list[str], msg: str, *args) -> None:
+    if (source, tuple(keys)) not in _WARNED_NO_DNA:
+        _WARNED_NO_DNA.add((source, tuple(keys)))
+        logger.warning(msg, *args)
+
+
+def resolve_dna_channel(dna_channel: int | None, channel_names: Sequence[str], n_channels: int) -> int:
+    """``dna_channel`` checked against ``n_channels``, or (None) found by name (:func:`dna_channel_index`)."""
+    index = dna_channel_index(channel_names) if dna_channel is None else int(dna_channel)
+    if not 0 <= index < n_channels:
+        raise ValueError(f"dna_channel {index} out of range for {n_channels} channels")
+    return index
+
 
 def _check_channel_names(channel_names: Sequence[str], n_channels: int) -> list[str]:
     names = [str(c) for c in channel_names]
@@ -458,7 +505,7 @@ def segment_field(image: np.ndarray, *, dna_channel: int = 0, exclude_border: bo
     return nuclei, cells, cytoplasm
 
 
-def measure_field(image: np.ndarray, channel_names: Sequence[str], *, dna_channel: int = 0,
+def measure_field(image: np.ndarray, channel_names: Sequence[str], *, dna_channel: int | None = None,
                   image_number: int = 1, exclude_border: bool = True) -> dict[str, pd.DataFrame]:
     """Segment and measure one field ``C x H x W`` -> ``{compartment: per-object DataFrame}``.
 
@@ -472,8 +519,7 @@ def measure_field(image: np.ndarray, channel_names: Sequence[str], *, dna_channe
     if image.ndim != 3:
         raise ValueError(f"measure_field expects a C x H x W field, got shape {image.shape}")
     names = _check_channel_names(channel_names, image.shape[0])
-    if not 0 <= dna_channel < image.shape[0]:
-        raise ValueError(f"dna_channel {dna_channel} out of range for {image.shape[0]} channels")
+    dna_channel = resolve_dna_channel(dna_channel, names, image.shape[0])
     channels = image.astype(np.float64, copy=False)
     nuclei, cells, cytoplasm = segment_field(channels, dna_channel=dna_channel, exclude_border=exclude_border)
     n = int(nuclei.max())
@@ -530,7 +576,7 @@ def _segment_crop(crop: np.ndarray, dna_channel: int) -> tuple[np.ndarray, np.nd
     return nucleus, ndi.binary_fill_holes(cell)
 
 
-def featurize_crops(crops: np.ndarray, channel_names: Sequence[str], *, dna_channel: int = 0
+def featurize_crops(crops: np.ndarray, channel_names: Sequence[str], *, dna_channel: int | None = None
                     ) -> tuple[np.ndarray, list[str]]:
     """Per-cell morphology features of single-cell crops centred on a nucleus.
 
@@ -549,8 +595,7 @@ def featurize_crops(crops: np.ndarray, channel_names: Sequence[str], *, dna_chan
         raise ValueError(f"crops must be N x H x W x C, got shape {crops.shape}")
     n, h, w, c = crops.shape
     names = _check_channel_names(channel_names, c)
-    if not 0 <= dna_channel < c:
-        raise ValueError(f"dna_channel {dna_channel} out of range for {c} channels")
+    dna_channel = resolve_dna_channel(dna_channel, names, c)
     channels = np.moveaxis(crops, 3, 0).astype(np.float64)  # C x N x H x W
     if not np.all(np.isfinite(channels)):
         raise ValueError("crops contain NaN or infinite values")

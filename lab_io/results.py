@@ -537,7 +537,8 @@ def read_results(results_dir: str | Path, *, channel_names: Sequence[str] | None
     """A results folder (folder of plate folders, or one plate folder) -> one PlateResult per plate.
 
     ``channel_names`` names the Phenix channels ``ch1..chN`` for images-only plates (default
-    :data:`lab_io.schema.CHANNELS` for 3 channels, else ``DNA, Ch2, ...``); ch1 must be DNA.
+    :data:`lab_io.schema.CHANNELS` for 3 channels, else ``DNA, Ch2, ...``); nuclei are segmented
+    on the channel named as a DNA stain (:func:`lab_io.morphology.dna_channel_index`).
     ``allow_missing_objects``: a site folder with only ``Image.csv`` is skipped (logged, listed in
     ``skipped_sites``) instead of raising; a folder missing only some object tables always raises.
     ``crop_px``: also cut ``crop_px`` square single-cell crops from the plate's ``Images/`` at each

@@ -115,6 +115,12 @@ def train(
     source_noise_on: Optional[str] = typer.Option(None, "--source-noise-on", help="all (default) | treated: "
                                                   "--source-noise on every source cell, or only on those of "
                                                   "compound conditions (DMSO cells stay a map of the controls)."),
+    guidance_gated: Optional[bool] = typer.Option(None, "--guidance-gated/--no-guidance-gated", help="Scale the "
+                                                  "guidance with each compound's dose gate (on by default: none "
+                                                  "for DMSO or a closed gate); saved with the model."),
+    dna_channel: Optional[str] = typer.Option(None, "--dna-channel", help="Channel the nuclei are segmented on, "
+                                              "by name or index (default: the one named DNA / DAPI / Hoechst, "
+                                              "else channel 0)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre crop in px the model works at (multiple of 8; default 64)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ):
@@ -138,10 +144,12 @@ def train(
                          time_scheme=time_scheme, time_logit_mean=time_logit_mean, lr_schedule=lr_schedule,
                          source_noise=source_noise,
                          source_noise_on=source_noise_on,
-                         guidance_scale=guidance)
+                         guidance_scale=guidance, guidance_gated=guidance_gated)
         if plain_decode:
             base = replace(base, detail_shot_noise=False, pixel_floor_percentile=None)
+        flow = _keep_stored_sampling(out, flow, guidance=guidance, guidance_gated=guidance_gated)
         config = replace(_override(base, image_size=image_size), n_members=members, seed=seed,
+                         dna_channel=_channel_index(dna_channel, crops.channel_names, data),
                          exclude_plates=tuple(exclude_plate), exclude_doses_um=tuple(float(d) for d in exclude_dose),
                          flow=replace(flow, dit=dit),
                          autoencoder=_override(base.autoencoder, max_minutes=ae_minutes, max_steps=ae_steps,
@@ -150,6 +158,33 @@ def train(
     except (CropsError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"trained image assay {assay.version} ({assay.n_members} member(s)) in {out}")
+
+
+def _keep_stored_sampling(out: Path, flow, **given):
+    """On resume, the sampling options stored with the model for those not given (``None``):
+    rerunning ``train`` to add members or steps must not change how the model samples."""
+    from models.image_assay import ASSAY_FILE, SAMPLING_FIELDS
+    from models.image_flow import FlowConfig
+
+    if not (out / ASSAY_FILE).is_file():
+        return flow
+    stored = FlowConfig.from_dict(json.loads((out / ASSAY_FILE).read_text())["config"]["flow"])
+    option = {"guidance": "guidance_scale", "guidance_gated": "guidance_gated"}
+    given_fields = {option[k] for k, v in given.items() if v is not None}
+    return replace(flow, **{f: getattr(stored, f) for f in SAMPLING_FIELDS if f not in given_fields})
+
+
+def _channel_index(name_or_index: Optional[str], channel_names, source) -> Optional[int]:
+    """``--dna-channel``: a channel name (case-insensitive) or index -> index; None stays None."""
+    if name_or_index is None:
+        return None
+    keys = [str(c).strip().lower() for c in channel_names]
+    if name_or_index.strip().lower() in keys:
+        return keys.index(name_or_index.strip().lower())
+    if name_or_index.strip().isdigit() and int(name_or_index) < len(keys):
+        return int(name_or_index)
+    raise ValueError(f"--dna-channel {name_or_index!r}: not a channel of {source} (channels: "
+                     f"{list(channel_names)}, or an index 0..{len(keys) - 1})")
 
 
 def _override(config, **values):
@@ -178,6 +213,9 @@ def _controls(assay, controls: str, plate: Optional[str]):
         raise ValueError(f"{controls}: --controls takes a crops folder (with crops.npz and crops_metadata.csv) "
                          f"or a training plate id ({sorted(assay.control_bank)}); "
                          + ("this is a file, not a folder" if path.exists() else "no such folder"))
+    if plate is not None and plate != controls:
+        raise ValueError(f"--plate {plate} chooses a plate inside a crops folder, and --controls {controls} is no "
+                         "folder (it is read as a training plate id); give a folder with --plate, or a plate id alone")
     return assay.plate_controls(controls), controls, None
 
 
@@ -211,11 +249,13 @@ def sample(
         images = assay.generate_ensemble(fp, dose_um, z_ctrl, n, seed, n_steps=steps, sampler=sampler,
                                          guidance_scale=guidance)
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
-        _fail(str(err))
+        _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez_compressed(tmp, images=images, compound=compound, dose_um=dose_um, plate=plate_id, seed=seed,
                         model_version=assay.version, channel_names=np.asarray(assay.channel_names),
+                        guidance_scale=assay.config.flow.guidance_scale if guidance is None else guidance,
+                        guidance_gated=assay.config.flow.guidance_gated,
                         nearest_training_compound=str(domain.get("nearest_training_compound") or ""),
                         nearest_training_tanimoto=float(domain.get("nearest_training_tanimoto", np.nan)))
     tmp.replace(out)
@@ -248,7 +288,8 @@ def evaluate(
     json_out: Path = typer.Option(..., "--json", help="Output JSON."),
     plate: List[str] = typer.Option([], "--plate", help="Evaluate only these plates (repeatable)."),
     dose: List[float] = typer.Option([], "--dose", help="Evaluate only these doses in uM (repeatable)."),
-    n_per_condition: int = typer.Option(200, "--n", help="Generated (and copy-control) cells per condition."),
+    n_per_condition: int = typer.Option(200, "--n", min=4, help="Generated (and copy-control) cells per condition "
+                                        "(at least 4, the fewest KID and its sampling noise take)."),
     max_real: Optional[int] = typer.Option(None, "--max-real", help="Subsample real treated cells per condition (default: all)."),
     min_real: int = typer.Option(10, "--min-real", help="Skip (and list) conditions with fewer real cells."),
     cross_doses: bool = typer.Option(False, "--cross-doses", help="Also score cells generated at the other doses."),
@@ -277,7 +318,7 @@ def evaluate(
                                 cross_doses=cross_doses, guidance_scale=guidance,
                                 inception=inception, min_real=min_real, ceiling=ceiling)
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
-        _fail(str(err))
+        _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = json_out.with_name(json_out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))

@@ -130,20 +130,23 @@ def guided_velocity(
     t: Tensor,
     cond: Any,
     *,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Tensor = 1.0,
     uncond_velocity_fn: VelocityFn | None = None,
 ) -> Tensor:
     """Velocity with optional classifier-free guidance (see module docstring).
 
+    ``guidance_scale``: one scale, or one per row (``b``; broadcast over the other dimensions).
     ``uncond_velocity_fn`` is called with the same ``(x_t, t, cond)``; it is the
     caller's job to make it ignore/replace the condition (e.g. null tokens).
     """
     v_cond = velocity_fn(x_t, t, cond)
-    if guidance_scale == 1.0:
+    if not isinstance(guidance_scale, Tensor) and guidance_scale == 1.0:
         return v_cond
     if uncond_velocity_fn is None:
         raise ValueError("guidance_scale != 1 needs an uncond_velocity_fn")
     v_uncond = uncond_velocity_fn(x_t, t, cond)
+    if isinstance(guidance_scale, Tensor):
+        guidance_scale = guidance_scale.to(v_cond).reshape(-1, *([1] * (v_cond.dim() - 1)))  # b x 1 x ...
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
@@ -161,7 +164,7 @@ def sample_euler(
     n_steps: int,
     cond: Any = None,
     *,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Tensor = 1.0,
     uncond_velocity_fn: VelocityFn | None = None,
 ) -> Tensor:
     """Integrate from ``x_0: b x ...`` at t=0 to t=1 with ``n_steps`` explicit Euler steps.
@@ -190,7 +193,7 @@ def sample_heun(
     n_steps: int,
     cond: Any = None,
     *,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Tensor = 1.0,
     uncond_velocity_fn: VelocityFn | None = None,
 ) -> Tensor:
     """Heun's method (explicit trapezoid, 2 velocity evaluations per step), t: 0 -> 1.

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from lab_io.chem import morgan_fingerprints, tanimoto_matrix, unpack_fingerprints
 from lab_io.crops import CropSet, compound_smiles, is_control_compound
-from lab_io.morphology import cell_feature_names, featurize_crops
+from lab_io.morphology import cell_feature_names, dna_channel_index, featurize_crops
 from models.image_autoencoder import (
     AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, finetune_decoder, train_autoencoder,
 )
@@ -78,6 +78,7 @@ ASSAY_FILE = "assay.json"
 NORM_FILE = "normalisation.json"
 LATENTS_FILE = "training_latents.pt"
 BANK_FILE = "control_bank.pt"
+DATA_FILE = "training_data.json"  # written before training starts: what a resume must train on
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class ImageAssayConfig:
     n_members: int = 1
     image_size: int = 64
     seed: int = 0
-    dna_channel: int = 0
+    dna_channel: int | None = None  # None: the channel named DNA / DAPI / Hoechst (else 0), saved as its index
     control_bank_size: int = 256
     detail_transfer: bool = True
     detail_shot_noise: bool = True  # residual gain sqrt(D(z_1) / D(z_0)); models saved before it: False
@@ -113,6 +114,11 @@ class ImageAssayConfig:
         return ImageAssayConfig(**d)
 
     def __post_init__(self) -> None:
+        step = ImageAutoencoder.downsample_factor * self.flow.dit.patch_size
+        if self.image_size < step or self.image_size % step:
+            raise ValueError(f"image_size must be a positive multiple of {step} px (autoencoder downsampling "
+                             f"{ImageAutoencoder.downsample_factor} x DiT patch {self.flow.dit.patch_size}), got "
+                             f"{self.image_size}; e.g. 64 for 68 px crops (their centre 64 px)")
         q = self.pixel_floor_percentile
         if q is not None and not 0.0 <= q <= 50.0:
             raise ValueError(f"pixel_floor_percentile must be None or in [0, 50], got {q}")
@@ -120,16 +126,40 @@ class ImageAssayConfig:
 
 # ----------------------------------------------------------------------------- data preparation
 def select_training_crops(crops: CropSet, config: ImageAssayConfig) -> CropSet:
-    """Drop excluded plates and excluded treated doses (DMSO is never dropped by dose)."""
+    """Drop excluded plates and excluded treated doses (DMSO is never dropped by dose). A plate or
+    dose to exclude that the crops do not hold is an error (a typo would train on what was meant
+    to be held out)."""
     meta = crops.metadata
+    plates = sorted(meta["plate"].astype(str).unique())
+    unknown = [p for p in config.exclude_plates if p not in plates]
+    if unknown:
+        raise ValueError(f"plate(s) to exclude {unknown} not in the crops (plates there: {plates})")
     keep = ~meta["plate"].isin(config.exclude_plates).to_numpy()
     if config.exclude_doses_um:
-        dose_hit = np.isclose(meta["concentration_um"].to_numpy()[:, None], np.asarray(config.exclude_doses_um)[None]).any(1)
+        dose = meta["concentration_um"].to_numpy(dtype=float)
+        treated_doses = sorted({float(d) for d in dose[~crops.is_control]})
+        unknown = [d for d in config.exclude_doses_um if not np.isclose(d, treated_doses).any()]
+        if unknown:
+            raise ValueError(f"dose(s) to exclude {unknown} uM not among the treated doses (doses there: "
+                             f"{[f'{d:g}' for d in treated_doses]} uM)")
+        dose_hit = np.isclose(dose[:, None], np.asarray(config.exclude_doses_um)[None]).any(1)
         keep &= ~(dose_hit & ~crops.is_control)
     kept = crops.subset(keep)
     if len(kept) == 0:
         raise ValueError("no crops left after excluding plates / doses")
     return kept
+
+
+def _check_plate_controls(crops: CropSet, source: str) -> None:
+    """Every training plate with treated cells needs DMSO cells (its conditioning and, in control
+    mode, its source): checked before any training."""
+    plates = crops.metadata["plate"].astype(str).to_numpy()
+    if not crops.is_control.any():
+        raise ValueError(f"{source}: the training crops hold no DMSO control cells")
+    lacking = sorted(set(plates[~crops.is_control]) - set(plates[crops.is_control]))
+    if lacking:
+        raise ValueError(f"{source}: plate(s) {lacking} have treated cells but no DMSO cells to condition on; "
+                         + " ".join(f"--exclude-plate {p}" for p in lacking) + " leaves them out")
 
 
 def data_fingerprint(crops: CropSet) -> str:
@@ -145,8 +175,19 @@ def compound_table(crops: CropSet, source: str) -> tuple[list[str], np.ndarray]:
     """Treated compound names (sorted) and their packed Morgan fingerprints ``uint8 n x 256``."""
     smiles = compound_smiles(crops.metadata, source)
     names = sorted(n for n, s in smiles.items() if s)
-    fps = morgan_fingerprints([smiles[n] for n in names]) if names else np.zeros((0, 256), np.uint8)
-    return names, fps
+    if not names:
+        return names, np.zeros((0, 256), np.uint8)
+    try:
+        return names, morgan_fingerprints([smiles[n] for n in names])
+    except ValueError:
+        bad = []
+        for n in names:
+            try:
+                morgan_fingerprints([smiles[n]])
+            except ValueError:
+                bad.append(f"{n!r} ({smiles[n]!r})")
+        raise ValueError(f"{source}: RDKit cannot parse the SMILES of compound(s) {', '.join(bad)}; fix them "
+                         "or leave those cells out of the training crops") from None
 
 
 @dataclass(frozen=True)
@@ -196,12 +237,20 @@ def train_image_assay(
 ) -> "ImageAssay":
     """Train (or resume) an image assay on ``crops`` into ``out_dir``; returns the loaded assay."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    config = replace(config, dna_channel=_dna_channel(out, config, crops, source))
     _check_resume_config(out, config)
     train = select_training_crops(crops, config)
+    _check_plate_controls(train, source)
+    if min(train.images.shape[1:3]) >= config.image_size + 8:
+        logger.info("%s: the model works on the centre %d px of the %s px crops (--image-size sets it; a multiple "
+                    "of 8)", source, config.image_size, "x".join(map(str, train.images.shape[1:3])))
     images = centre_crop(train.images, config.image_size, source)
     compounds, fps = compound_table(train, source)
     fingerprint = data_fingerprint(train)
+    _check_resume_data(out, fingerprint, crops.channel_names)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / DATA_FILE, {"data_fingerprint": fingerprint, "channel_names": list(crops.channel_names),
+                                "n_train_cells": int(len(train)), "train_plates": sorted(set(train.plates))})
     norm = ChannelNorm.fit(images, seed=config.seed)
     x = norm.normalize(images)  # n x C x H x W
     ae = _train_or_load_autoencoder(out / "autoencoder", x, replace(config.autoencoder, in_channels=x.shape[1]), config.seed)
@@ -248,6 +297,36 @@ def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
                          "model's options to resume it")
 
 
+def _dna_channel(out: Path, config: ImageAssayConfig, crops: CropSet, source: str) -> int:
+    """The DNA channel index: as given (checked), else the one a model in ``out`` was trained
+    with, else found by name (:func:`lab_io.morphology.dna_channel_index`)."""
+    n = len(crops.channel_names)
+    if config.dna_channel is not None:
+        if not 0 <= config.dna_channel < n:
+            raise ValueError(f"dna_channel {config.dna_channel} out of range for the {n} channels "
+                             f"{list(crops.channel_names)} of {source}")
+        return int(config.dna_channel)
+    if (out / ASSAY_FILE).is_file():
+        return int(json.loads((out / ASSAY_FILE).read_text())["config"]["dna_channel"])
+    return dna_channel_index(crops.channel_names, source)
+
+
+def _check_resume_data(out: Path, fingerprint: str, channel_names: Sequence[str]) -> None:
+    """A model folder that already holds a model (or the start of one: its autoencoder) resumes
+    only on the same training crops."""
+    path = next((p for p in (out / ASSAY_FILE, out / DATA_FILE) if p.is_file()), None)
+    if path is None:
+        return
+    meta = json.loads(path.read_text())
+    if list(meta["channel_names"]) != list(channel_names):
+        raise ValueError(f"{path}: the model there was trained on channels {meta['channel_names']}, these crops "
+                         f"have {list(channel_names)}; use another --out")
+    if meta["data_fingerprint"] != fingerprint:
+        raise ValueError(f"{path}: the model there was trained on other crops ({meta['n_train_cells']} cells of "
+                         f"plates {meta['train_plates']}); use another --out, or the same --data and "
+                         "exclusions to resume it")
+
+
 def _differing_fields(stored: dict, requested: dict, prefix: str = "") -> list[str]:
     """``name=stored_value/requested_value`` for every (nested) field that differs."""
     out = []
@@ -264,7 +343,9 @@ def _comparable(config: ImageAssayConfig) -> ImageAssayConfig:
     """Config without derived sizes, ensemble size, training budgets, sampling and decode options
     (which may change on resume)."""
     budget = {"max_steps": 0, "max_minutes": 0.0, "checkpoint_every": 0}
-    sampling = {"n_steps": 0, "sampler": "euler", "guidance_scale": 1.0, "guidance_reference": "null"}
+    sampling = {"n_steps": 0, "sampler": "euler", "guidance_scale": 1.0, "guidance_reference": "null",
+                "guidance_gated": False}
+    assert set(sampling) == set(SAMPLING_FIELDS)
     ae = config.autoencoder
     return replace(config, n_members=0, detail_shot_noise=False, pixel_floor_percentile=None,
                    autoencoder=replace(ae, in_channels=0, max_steps=0, max_minutes=0.0, decoder_steps=min(ae.decoder_steps, 1),
@@ -412,6 +493,7 @@ def train_member_task(model_dir: str, member_index: int) -> dict:
 
 
 BUDGET_FIELDS = ("max_steps", "max_minutes", "checkpoint_every")
+SAMPLING_FIELDS = ("n_steps", "sampler", "guidance_scale", "guidance_reference", "guidance_gated")
 
 
 def member_identity(config: ImageAssayConfig, seed: int, fingerprint: str) -> dict:
@@ -421,8 +503,9 @@ def member_identity(config: ImageAssayConfig, seed: int, fingerprint: str) -> di
 
 
 def member_identity_key(identity: dict) -> str:
-    """The identity without training-budget fields: a larger budget resumes the same member."""
-    flow = {k: v for k, v in identity["flow"].items() if k not in BUDGET_FIELDS}
+    """The identity without training-budget and sampling fields: a larger budget, or other
+    sampling options, resume the same member."""
+    flow = {k: v for k, v in identity["flow"].items() if k not in BUDGET_FIELDS + SAMPLING_FIELDS}
     ae = {k: v for k, v in identity.get("autoencoder", {}).items() if k not in BUDGET_FIELDS}
     return json.dumps({**identity, "flow": flow, "autoencoder": ae}, sort_keys=True)
 
@@ -577,7 +660,7 @@ class ImageAssay:
         z_1 = sample_latents(self.members[member], cond.to(self.device), x_0.to(self.device),
                              n_steps=n_steps or cfg.n_steps, sampler=sampler or cfg.sampler,
                              guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-                             guidance_reference=cfg.guidance_reference)
+                             guidance_reference=cfg.guidance_reference, guidance_gated=cfg.guidance_gated)
         return z_1.cpu(), idx
 
     @torch.no_grad()

@@ -302,6 +302,16 @@ class ImageDiT(nn.Module):
         c_pl = torch.where(cond.has_controls.unsqueeze(-1), c_pl, self.null_plate.expand_as(c_pl))
         return c_t + c_cmp + c_pl
 
+    def compound_gate(self, cond: ImageCondition) -> Tensor:
+        """``g: b`` in [0, 1], how much of its compound's embedding each row's condition carries:
+        :meth:`dose_gate` for compound rows (1 in a model without the gate), 0 for DMSO rows and
+        1 for the null token (used to scale guidance with the dose, :func:`models.image_flow.sample_latents`)."""
+        role = cond.role
+        g = torch.ones(role.shape, dtype=cond.log10_dose_um.dtype, device=role.device)
+        if self.gate_head is not None:
+            g = self.dose_gate(self.fp_mlp(cond.fingerprint_bits), cond.log10_dose_um)
+        return torch.where(role == ROLE_COMPOUND, g, (role != ROLE_CONTROL).to(g))
+
     def dose_gate(self, fp: Tensor, log10_dose_um: Tensor) -> Tensor:
         """``g: b`` in (0, 1), a Hill curve of dose per compound: how far the compound embedding
         replaces the control token (0: a control cell; 1: the full compound embedding)::

@@ -111,7 +111,7 @@ def inception_features(crops: np.ndarray, scale: np.ndarray, batch_size: int = 5
     return np.concatenate(out)
 
 
-def morph_features(crops: np.ndarray, channel_names: Sequence[str], dna_channel: int = 0) -> np.ndarray:
+def morph_features(crops: np.ndarray, channel_names: Sequence[str], dna_channel: int | None = None) -> np.ndarray:
     """Morphology features (``lab_io.morphology.featurize_crops``) as float64 ``N x F``."""
     feats, _ = featurize_crops(crops, channel_names, dna_channel=dna_channel)
     return feats.astype(np.float64)
@@ -205,7 +205,7 @@ class FeatureSets:
     morph: np.ndarray
 
 
-def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[str], dna_channel: int = 0,
+def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[str], dna_channel: int | None = None,
                   *, inception: bool = True, device: torch.device | str = "cpu") -> FeatureSets:
     """Both feature sets of crops ``N x H x W x C`` (``inception=False``: an empty ``N x 0`` Inception block;
     the Inception network runs on ``device``)."""
@@ -346,6 +346,8 @@ def evaluate_assay(
     meta = crops.metadata
     if min_real < 4:
         raise ValueError(f"min_real must be >= 4 (two halves of >= 2 real cells), got {min_real}")
+    if n_per_condition < 4:
+        raise ValueError(f"n_per_condition must be >= 4 (the fewest cells KID takes), got {n_per_condition}")
     if max_real is not None and max_real < 4:
         raise ValueError(f"max_real must be >= 4 (two halves of >= 2 real cells), got {max_real}")
     if sampler is not None:
@@ -364,6 +366,14 @@ def evaluate_assay(
     unknown = [p for p in plate_list if p not in set(crops.plates)]
     if unknown:  # before any plate is scored: a typo must not cost the plates before it
         raise ValueError(f"{source}: no crops of plate(s) {unknown} (plates there: {sorted(crops.plates)})")
+    if doses_um is not None:
+        chosen = meta["plate"].isin(plate_list).to_numpy() & ~crops.is_control
+        treated_doses = sorted({float(d) for d in meta["concentration_um"].to_numpy(float)[chosen]})
+        absent = [d for d in doses_um if not np.isclose(d, treated_doses).any()]
+        if absent:
+            where = "" if plates is None else f" of plate(s) {list(plate_list)}"
+            raise ValueError(f"{source}: no treated cells{where} at dose(s) {[f'{d:g}' for d in absent]} uM "
+                             f"(treated doses there: {[f'{d:g}' for d in treated_doses]} uM)")
     n_conditions, n_seen, started = (_count_conditions(meta, crops.is_control, plate_list, doses_um, MIN_CONTROL_CELLS), 0,
                                      time.perf_counter())
     for plate in plate_list:
@@ -468,6 +478,7 @@ def evaluate_assay(
         "n_per_condition": n_per_condition, "seed": seed, "sampler": sampler or assay.config.flow.sampler,
         "n_steps": n_steps or assay.config.flow.n_steps, "max_real": max_real,
         "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
+        "guidance_gated": assay.config.flow.guidance_gated,
         "conditions": results,
         "skipped": skipped,
         "protocol": "Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], "

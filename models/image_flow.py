@@ -114,6 +114,7 @@ class FlowConfig:
     guidance_reference: Literal["null", "control"] = "null"
     source_noise: float = 0.0
     source_noise_on: Literal["all", "treated"] = "all"
+    guidance_gated: bool = True
     dit: DiTConfig = field(default_factory=DiTConfig)
 
     def __post_init__(self) -> None:
@@ -153,7 +154,8 @@ class FlowConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "FlowConfig":
-        d = {"guidance_reference": "null", "guidance_scale": 1.0, **d}  # saved before these options
+        d = {"guidance_reference": "null", "guidance_scale": 1.0,  # saved before these options
+             "guidance_gated": False, **d}
         d["dit"] = DiTConfig.from_dict(d["dit"])
         return FlowConfig(**d)
 
@@ -454,20 +456,29 @@ def sample_latents(
     sampler: str = "euler",
     guidance_scale: float = 1.0,
     guidance_reference: str = "null",
+    guidance_gated: bool = False,
 ) -> Tensor:
     """Integrate the learned flow from ``x_0: b x c x h x w`` (noise or control latents) to t=1.
 
     Classifier-free guidance ``v = v_ref + w (v_cond - v_ref)`` with ``w = guidance_scale``;
     ``guidance_reference`` picks ``v_ref``: ``'null'`` the null compound token (the usual CFG), or
     ``'control'`` the same cells labelled DMSO, which scales the compound's effect over the plate's
-    control cells by ``w`` and leaves DMSO cells (and compounds whose dose gate is closed) as they are."""
+    control cells by ``w`` and leaves DMSO cells (and compounds whose dose gate is closed) as they are.
+
+    ``guidance_gated``: each row's scale is ``1 + (w - 1) g`` with ``g: b`` its compound gate
+    (:meth:`ImageDiT.compound_gate`: the dose gate for compounds, 0 for DMSO): full guidance
+    where the compound acts, none where its gate is closed, so a compound at a dose it does not
+    act at gets the DMSO cells' plain velocity, not the guidance's push away from the null token."""
     model.eval()
     check_guidance_scale(guidance_scale)
     control_ref = check_guidance_reference(guidance_reference) == "control"
     reference = cond.as_control() if control_ref else cond.without_compound()
     uncond_fn = (lambda x, t, _c: model(x, t, reference)) if guidance_scale != 1.0 else None
+    scale: float | Tensor = guidance_scale
+    if guidance_gated and guidance_scale != 1.0:
+        scale = 1.0 + (guidance_scale - 1.0) * model.compound_gate(cond)  # b
     integrate = SAMPLERS[check_sampler(sampler)]
-    return integrate(model, x_0, n_steps, cond, guidance_scale=guidance_scale, uncond_velocity_fn=uncond_fn)
+    return integrate(model, x_0, n_steps, cond, guidance_scale=scale, uncond_velocity_fn=uncond_fn)
 
 
 def sampling_condition(
@@ -484,6 +495,8 @@ def sampling_condition(
     (``None`` or empty = the learned null-plate token). ``unconditional``: the null compound
     token (no compound / dose information), plate conditioning kept."""
     treated = fingerprint_bits is not None and not unconditional
+    if not (math.isfinite(dose_um) and dose_um >= 0):
+        raise ValueError(f"dose_um must be a finite dose >= 0, got {dose_um}")
     if treated and not dose_um > 0:
         raise ValueError(f"dose_um must be > 0 for a compound, got {dose_um}")
     bits = fingerprint_bits.float() if treated else torch.zeros(2048)

@@ -89,6 +89,11 @@ def test_channels_json_mismatch(tmp_path):
     (tmp_path / "channels.json").write_text(json.dumps({"channel_names": ["DNA"]}))
     with pytest.raises(CropsError, match="channels.json"):
         load_crops(tmp_path)
+    n = _crops().images.shape[3]
+    for names in (["DNA"] * n, ["DNA", "dna "] + ["x"] * (n - 2), [""] * n):
+        (tmp_path / "channels.json").write_text(json.dumps({"channel_names": names[:n]}))
+        with pytest.raises(CropsError, match=r"channels.json: channel names must be non-empty and unique"):
+            load_crops(tmp_path)
 
 
 def test_not_a_folder(tmp_path):

@@ -249,3 +249,28 @@ def ndi_binary_blob(rng):
     from scipy import ndimage as ndi
 
     return ndi.gaussian_filter(rng.normal(size=(70, 70)), 4) > -0.02
+
+
+def test_dna_channel_found_by_name(caplog):
+    from lab_io.morphology import dna_channel_index
+
+    assert dna_channel_index(["DNA", "Tubulin", "Actin"]) == 0
+    assert dna_channel_index(["ER", "RNA", "AGP", "Mito", "DNA"]) == 4
+    assert dna_channel_index(["Actin", "Hoechst 33342", "Tubulin"]) == 1
+    assert dna_channel_index(["OrigER", "OrigDNA"]) == 1
+    assert dna_channel_index(["Tubulin", "dapi"]) == 1
+    assert dna_channel_index(["DNA-damage marker", "Hoechst"]) == 1  # an exact stain name first
+    assert dna_channel_index(["NucleusGFP", "DAPI"]) == 1
+    assert dna_channel_index(["ER", "DNA_ch1"]) == 1
+    assert dna_channel_index(["Nucleolin", "DNase"], "other") == 0  # neither is a DNA stain: channel 0
+    with caplog.at_level("WARNING"):
+        assert dna_channel_index(["ch0", "ch1"], "my/crops") == 0
+    assert "my/crops: no channel named as a DNA stain" in caplog.text and "channel 0 ('ch0')" in caplog.text
+    # featurize_crops finds it (measure_field resolves dna_channel=None the same way)
+    rng = np.random.default_rng(0)
+    crop = rng.integers(100, 200, (1, 24, 24, 3)).astype(np.uint16)
+    yy, xx = np.mgrid[:24, :24]
+    crop[0, ..., 2] += (3000 * ((yy - 12) ** 2 + (xx - 12) ** 2 < 25)).astype(np.uint16)  # a nucleus in channel 2
+    by_name, _ = featurize_crops(crop, ("Tubulin", "Actin", "DNA"))
+    explicit, _ = featurize_crops(crop, ("Tubulin", "Actin", "DNA"), dna_channel=2)
+    assert np.array_equal(by_name, explicit) and 60 < by_name[0, 0] < 100  # nucleus area about pi 5^2

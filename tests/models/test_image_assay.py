@@ -314,7 +314,7 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch, caplog):
                                         "--controls", str(data), "--plate", "P2", "--n", "2", "--out",
                                         str(tmp_path / "e.npz")])
     assert res.exit_code == 0 and "CCO is no analogue of any training compound (nearest cyclohexamide" in caplog.text
-    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P2", "--n", "3",
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P2", "--n", "4",
                                     "--min-real", "4", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
     cond = json.loads((tmp_path / "e.json").read_text())["conditions"][0]
@@ -324,7 +324,8 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch, caplog):
     for name in ("model", "copy_control", "unconditional", "real_floor"):
         assert set(cond[name]) == {"fid_inception", "kid_inception", "fid_morph", "kid_morph"}
     assert "autoencoder_ceiling" not in cond
-    assert cond["kid_difference"]["unconditional"] == {"kid_inception": None, "kid_morph": None}  # 3 cells: too few
+    for gap in cond["kid_difference"]["unconditional"].values():  # 4 cells: the fewest --n takes, enough for the gap
+        assert set(gap) == {"model_minus_baseline", "sd", "ci95"} and np.isfinite(gap["model_minus_baseline"])
     res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "4",
                                     "--min-real", "4", "--cross-doses", "--no-inception", "--ceiling",
                                     "--json", str(tmp_path / "e1.json")])
@@ -344,7 +345,7 @@ def test_cli_sample_and_evaluate(trained, tmp_path, monkeypatch, caplog):
     original = ImageAssay.generate_ensemble
     monkeypatch.setattr(ImageAssay, "generate_ensemble",
                         lambda self, *a, **k: calls.append((k["sampler"], k["n_steps"])) or original(self, *a, **k))
-    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "3",
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--plate", "P1", "--n", "4",
                                     "--min-real", "4", "--no-inception", "--sampler", "heun", "--steps", "2",
                                     "--json", str(tmp_path / "heun.json")])
     assert res.exit_code == 0, res.output
@@ -427,7 +428,7 @@ def test_evaluate_skips_conditions_it_cannot_score(trained, tmp_path, caplog):
     runner = CliRunner()
     with caplog.at_level(logging.INFO, logger="models.image_eval"), \
             caplog.at_level(logging.INFO, logger="models.image_assay"):
-        res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "3", "--min-real",
+        res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "4", "--min-real",
                                         "4", "--no-inception", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
     analogue_warnings = [r.getMessage() for r in caplog.records if "no analogue" in r.getMessage()]
@@ -444,7 +445,7 @@ def test_evaluate_skips_conditions_it_cannot_score(trained, tmp_path, caplog):
     assert "SMILES" in skipped[("AZ-unknown", 15.0)]["reason"] and skipped[("ethanol", 1.0)]["n_real"] == 2
     assert "skipped P2 AZ-unknown 15 uM" in res.output
     # nothing left to score: a clear error naming the folder and why
-    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "3", "--min-real",
+    res = runner.invoke(assay_app, ["evaluate", "--model", str(out), "--data", str(data), "--n", "4", "--min-real",
                                     "50", "--no-inception", "--json", str(tmp_path / "none.json")])
     assert res.exit_code == 1 and "fewer than 50 real cells" in res.output and str(data) in res.output
     assert not (tmp_path / "none.json").exists()
@@ -478,8 +479,25 @@ def test_cli_train_tiny(tmp_path):
         default.flow.mode, default.flow.max_minutes, default.flow.time_scheme)
     assert saved.autoencoder.max_minutes == default.autoencoder.max_minutes
     assert saved.flow.dit.prior_scale == 0.0  # one member: no randomized prior
+    assert saved.flow.guidance_gated and saved.dna_channel == 0
     res = CliRunner().invoke(assay_app, ["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")])
     assert res.exit_code == 1 and "nothing" in res.output
+    # rerunning train (a resume) keeps the stored sampling options unless given again
+    tiny = ["--ae-steps", "2", "--flow-steps", "2", "--hidden-dim", "16", "--depth", "2", "--heads", "2",
+            "--batch-size", "32", "--image-size", "16"]
+    resume = ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--exclude-dose", "15", "--lr-schedule",
+              "cosine", "--source-noise", "0.25", "--no-final-conv", "--plain-decode", "--time-logit-mean", "-0.5"] + tiny
+    assert CliRunner().invoke(assay_app, resume + ["--no-guidance-gated"]).exit_code == 0
+    again = ImageAssayConfig.from_dict(json.loads((tmp_path / "m" / "assay.json").read_text())["config"])
+    assert (again.flow.guidance_scale, again.flow.guidance_gated) == (1.2, False)
+    res = CliRunner().invoke(assay_app, ["train", "--data", str(data), "--out", str(tmp_path / "m3"), "--members",
+                                         "1", "--dna-channel", "actin"] + tiny)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m3" / "assay.json").read_text())["config"]["dna_channel"] == 2
+    res = CliRunner().invoke(assay_app, ["train", "--data", str(data), "--out", str(tmp_path / "m4"), "--dna-channel",
+                                         "Hoechst"] + tiny)
+    assert res.exit_code == 1 and "--dna-channel 'Hoechst': not a channel of" in res.output
+    assert not (tmp_path / "m4").exists()
 
 
 def test_cli_ensemble_gets_randomized_priors_unless_told(tmp_path):
@@ -509,8 +527,9 @@ def test_interrupted_member_resumes_with_larger_budget(tmp_path):
     assert json.loads((member / "train_log.json").read_text())["steps"] == 5
     (member / "model.pt").unlink()
     ident = json.loads((member / "config.json").read_text())
-    # a checkpoint saved before an option existed resumes: the option's default fills it in
-    older = {**ident, "flow": {k: v for k, v in ident["flow"].items() if k != "time_logit_mean"}}
+    # a checkpoint saved before an option existed resumes: the option's default fills it in, and
+    # sampling options (guidance_gated: False for configs saved before it, True now) do not count
+    older = {**ident, "flow": {k: v for k, v in ident["flow"].items() if k not in ("time_logit_mean", "guidance_gated")}}
     (member / "config.json").write_text(json.dumps(older))
     even_longer = replace(cfg, flow=replace(cfg.flow, max_steps=6))
     train_image_assay(crops, tmp_path, even_longer)
@@ -567,7 +586,7 @@ def test_evaluate_draws_each_conditions_baselines_on_its_own(trained):
     from models.image_eval import evaluate_assay
 
     _, crops, assay = trained
-    kw = dict(n_per_condition=3, min_real=4, inception=False, seed=5)
+    kw = dict(n_per_condition=4, min_real=4, inception=False, seed=5)
     both = evaluate_assay(assay, crops, **kw)
     alone = evaluate_assay(assay, crops, plates=["P2"], **kw)
     pick = [c for c in both["conditions"] if c["plate"] == "P2"]
@@ -583,7 +602,7 @@ def test_evaluate_skips_a_plate_with_too_few_dmso_cells(trained):
     dmso_p2 = np.flatnonzero(crops.is_control & (crops.metadata["plate"] == "P2").to_numpy())
     drop = np.ones(len(crops), dtype=bool)
     drop[dmso_p2[MIN_CONTROL_CELLS - 1:]] = False  # leaves 3 DMSO cells on P2
-    result = evaluate_assay(assay, crops.subset(drop), n_per_condition=3, min_real=4, inception=False)
+    result = evaluate_assay(assay, crops.subset(drop), n_per_condition=4, min_real=4, inception=False)
     assert {c["plate"] for c in result["conditions"]} == {"P1"}
     (skip,) = result["skipped"]
     assert skip["plate"] == "P2" and skip["reason"] == "only 3 DMSO cell(s) on the plate (fewer than 4)"
@@ -604,3 +623,121 @@ def test_cli_sample_names_what_is_wrong_with_controls(trained, tmp_path):
     res = runner.invoke(assay_app, base + ["--controls", str(data), "--plate", "P7"])
     assert res.exit_code == 1 and "no plate 'P7' (plates there: ['P1', 'P2'])" in res.output
     assert not (tmp_path / "g.npz").exists()
+
+
+def test_cli_sample_refuses_a_bad_dose_and_a_stray_plate(trained, tmp_path):
+    from loop.assay_cli import assay_app
+
+    out, _, _ = trained
+    runner = CliRunner()
+    base = ["sample", "--model", str(out), "--n", "2", "--out", str(tmp_path / "g.npz"), "--controls", "P1"]
+    res = runner.invoke(assay_app, base + ["--compound", "cyclohexamide", "--dose-um", "inf"])
+    assert res.exit_code == 1 and "dose_um must be a finite dose >= 0, got inf" in res.output
+    res = runner.invoke(assay_app, base + ["--compound", "DMSO", "--dose-um", "-3"])
+    assert res.exit_code == 1 and "finite dose >= 0, got -3" in res.output
+    res = runner.invoke(assay_app, base + ["--compound", "DMSO", "--dose-um", "0", "--plate", "P2"])
+    assert res.exit_code == 1 and "--plate P2 chooses a plate inside a crops folder, and --controls P1 is no folder" \
+        in res.output
+    res = runner.invoke(assay_app, ["sample", "--model", str(out), "--n", "2", "--out", str(tmp_path / "g.npz"),
+                                    "--controls", "P9", "--compound", "DMSO", "--dose-um", "0"])
+    assert res.exit_code == 1 and "error: plate 'P9' has no stored controls" in res.output  # the text, not a repr
+    assert not (tmp_path / "g.npz").exists()
+    res = runner.invoke(assay_app, base + ["--compound", "cyclohexamide", "--dose-um", "5"])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "g.npz") as saved:
+        assert bool(saved["guidance_gated"]) and float(saved["guidance_scale"]) == 1.6
+
+
+def test_assay_sampling_scales_guidance_with_the_dose_gate(trained):
+    """A saved model's ``guidance_gated`` reaches sampling: DMSO cells (gate 0) get the unguided
+    flow when it is on, and the guided one when it is off (as in models saved before it)."""
+    import copy
+
+    _, _, assay = trained
+    controls = assay.plate_controls("P1")
+    old_config, old_net = assay.config, assay.members[0]
+    net = copy.deepcopy(old_net)  # random weights: after 3 steps the tiny net's tokens barely differ
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    assay.members[0] = net
+    try:
+        gated = assay.generate_latents(0, None, 0.0, controls, 4, seed=3)[0]
+        assert assay.config.flow.guidance_gated and assay.config.flow.guidance_scale == 1.6
+        assert torch.allclose(gated, assay.generate_latents(0, None, 0.0, controls, 4, seed=3, guidance_scale=1.0)[0])
+        assay.config = replace(assay.config, flow=replace(assay.config.flow, guidance_gated=False))
+        ungated = assay.generate_latents(0, None, 0.0, controls, 4, seed=3)[0]
+        assert (gated - ungated).abs().max() > 1e-3
+    finally:
+        assay.config, assay.members[0] = old_config, old_net
+
+
+def test_training_refuses_what_it_cannot_do_before_writing_anything(tmp_path):
+    crops = tiny_crops()
+    out = tmp_path / "m"
+    with pytest.raises(ValueError, match=r"plate\(s\) to exclude \['P7'\] not in the crops \(plates there: \['P1', 'P2'\]\)"):
+        train_image_assay(crops, out, tiny_config(exclude_plates=("P7",)))
+    with pytest.raises(ValueError, match=r"dose\(s\) to exclude \[7.0\] uM not among the treated doses .*'15', '50'"):
+        train_image_assay(crops, out, tiny_config(exclude_doses_um=(7.0,)))
+    no_dmso = crops.subset(~((crops.metadata["plate"] == "P2") & crops.is_control).to_numpy())
+    with pytest.raises(ValueError, match=r"plate\(s\) \['P2'\] have treated cells but no DMSO.*--exclude-plate P2"):
+        train_image_assay(no_dmso, out, tiny_config())
+    smiles = crops.metadata.assign(smiles=np.where(crops.is_control, "", "C1CC(N"))
+    with pytest.raises(ValueError, match=r"cannot parse the SMILES of compound\(s\) 'cyclohexamide' \('C1CC\(N'\)"):
+        train_image_assay(CropSet(crops.images, smiles, crops.channel_names), out, tiny_config())
+    with pytest.raises(ValueError, match="image_size must be a positive multiple of 8 px"):
+        tiny_config(image_size=12)
+    assert not out.exists()  # no half-written model folder
+
+
+def test_resume_refuses_other_crops_and_channels(tmp_path):
+    crops = tiny_crops()
+    out = tmp_path / "m"
+    cfg = tiny_config(n_members=1)
+    other = CropSet(crops.images[::-1].copy(), crops.metadata, crops.channel_names)
+    # a folder stopped during the autoencoder stage (no assay.json yet) is guarded too
+    slow = replace(cfg, autoencoder=replace(cfg.autoencoder, max_minutes=0.0))
+    train_image_assay(crops, tmp_path / "early", slow)
+    (tmp_path / "early" / "assay.json").unlink()
+    with pytest.raises(ValueError, match="training_data.json: the model there was trained on other crops"):
+        train_image_assay(other, tmp_path / "early", cfg)
+    train_image_assay(crops, out, cfg)
+    with pytest.raises(ValueError, match="trained on other crops .* use another --out"):
+        train_image_assay(other, out, cfg)
+    renamed = CropSet(crops.images, crops.metadata, ("DNA", "Tubulin", "Phalloidin"))
+    with pytest.raises(ValueError, match=r"trained on channels \['DNA', 'Tubulin', 'Actin'\]"):
+        train_image_assay(renamed, out, cfg)
+
+
+def test_nuclei_are_segmented_on_the_channel_named_dna(tmp_path):
+    """Crops whose DNA stain is not channel 0 (channels.json says where it is): the model records
+    its index and its morphology features equal those of the same cells in the usual order."""
+    crops = tiny_crops()
+    moved = CropSet(crops.images[..., [1, 2, 0]].copy(), crops.metadata, ("Tubulin", "Actin", "Hoechst 33342"))
+    assay = train_image_assay(moved, tmp_path / "m", tiny_config(n_members=1))
+    assert assay.config.dna_channel == 2
+    assert json.loads((tmp_path / "m" / "assay.json").read_text())["config"]["dna_channel"] == 2
+    # a model saved with another index (before the channel was found by name) resumes with its own
+    meta = json.loads((tmp_path / "m" / "assay.json").read_text())
+    meta["config"]["dna_channel"] = 0
+    (tmp_path / "m" / "assay.json").write_text(json.dumps(meta))
+    assert train_image_assay(moved, tmp_path / "m", tiny_config(n_members=1)).config.dna_channel == 0
+    with pytest.raises(ValueError, match=r"dna_channel 3 out of range for the 3 channels"):
+        train_image_assay(moved, tmp_path / "m2", tiny_config(n_members=1, dna_channel=3))
+    from lab_io.morphology import featurize_crops
+
+    usual, _ = featurize_crops(crops.images[:6], ("DNA", "Tubulin", "Actin"))
+    assert np.allclose(assay.featurize(moved.images[:6])[:, :8], usual[:, :8])  # nucleus shape features
+
+
+def test_evaluate_names_a_dose_the_folder_lacks(trained):
+    from models.image_eval import evaluate_assay
+
+    _, crops, assay = trained
+    with pytest.raises(ValueError, match=r"no treated cells at dose\(s\) \['7'\] uM \(treated doses there: \['5', '15', '50'\] uM\)"):
+        evaluate_assay(assay, crops, n_per_condition=4, doses_um=[7.0], inception=False)
+    with pytest.raises(ValueError, match=r"no treated cells of plate\(s\) \['P2'\] at dose\(s\) \['5'\] uM \(treated doses there: \['15'\]"):
+        evaluate_assay(assay, crops, n_per_condition=4, plates=["P2"], doses_um=[5.0], inception=False)
+    with pytest.raises(ValueError, match="n_per_condition must be >= 4"):
+        evaluate_assay(assay, crops, n_per_condition=3, inception=False)

@@ -126,6 +126,39 @@ def test_guidance_reference_scales_the_effect_over_null_or_control():
         sample_latents(model, cond, x_0, n_steps=1, guidance_scale=-1.0)
 
 
+def test_gated_guidance_follows_the_dose_gate():
+    """``guidance_gated``: row scale 1 + (w - 1) g, g the compound gate; DMSO rows (g = 0) get the
+    unguided velocity, a compound at a dose far above its gate's midpoint the full guidance."""
+    from models.image_dit import ImageDiT
+
+    g = torch.Generator().manual_seed(1)
+    model = ImageDiT(replace(DIT, dose_gate=True, dose_range_um=(1.0, 10.0))).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    z, x_0, t = torch.randn(4, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g), torch.zeros(3)
+    bits = torch.ones(2048)
+    for dose in (1e-6, 3.0, 1e6):
+        cond = sampling_condition(bits, dose, z, 3, 2)
+        gate = model.compound_gate(cond)
+        assert torch.allclose(gate, model.dose_gate(model.fp_mlp(cond.fingerprint_bits), cond.log10_dose_um))
+        v_cmp, v_null = model(x_0, t, cond), model(x_0, t, cond.without_compound())
+        out = sample_latents(model, cond, x_0, n_steps=1, guidance_scale=2.0, guidance_gated=True)
+        scale = (1.0 + gate).view(-1, 1, 1, 1)
+        assert torch.allclose(out, x_0 + v_null + scale * (v_cmp - v_null), atol=1e-5)
+    assert float(model.compound_gate(sampling_condition(bits, 1e-6, z, 3, 2)).detach().max()) < 1e-3
+    assert float(model.compound_gate(sampling_condition(bits, 1e6, z, 3, 2)).detach().min()) > 1 - 1e-3
+    dmso = sampling_condition(None, 5.0, z, 3, 2)
+    assert torch.equal(model.compound_gate(dmso), torch.zeros(3))
+    assert torch.equal(model.compound_gate(sampling_condition(bits, 5.0, z, 3, 2, unconditional=True)), torch.ones(3))
+    assert torch.allclose(sample_latents(model, dmso, x_0, n_steps=2, guidance_scale=2.0, guidance_gated=True),
+                          sample_latents(model, dmso, x_0, n_steps=2, guidance_scale=1.0), atol=1e-6)
+    no_gate = ImageDiT(DIT).eval()  # without a dose gate every compound row is guided in full
+    cond = sampling_condition(bits, 1e-6, z, 3, 2)
+    assert torch.equal(sample_latents(no_gate, cond, x_0, n_steps=2, guidance_scale=2.0, guidance_gated=True),
+                       sample_latents(no_gate, cond, x_0, n_steps=2, guidance_scale=2.0))
+
+
 def test_sampling_condition_roles_and_checks():
     bits = torch.ones(2048)
     z = torch.randn(4, 2, 4, 4)
@@ -153,9 +186,11 @@ def test_config_validation():
     old = {k: v for k, v in CFG.to_dict().items()
            if k not in ("lr_schedule", "source_noise", "guidance_scale", "guidance_reference",
                         "time_logit_mean")}  # saved before these
+    old = {k: v for k, v in old.items() if k != "guidance_gated"}
     loaded = FlowConfig.from_dict(old)
     assert (loaded.lr_schedule, loaded.source_noise, loaded.guidance_scale, loaded.guidance_reference,
-            loaded.time_logit_mean) == ("constant", 0.0, 1.0, "null", 0.0)
+            loaded.time_logit_mean, loaded.guidance_gated) == ("constant", 0.0, 1.0, "null", 0.0, False)
+    assert FlowConfig().guidance_gated  # new models scale the guidance with the dose gate
     shifted = replace(CFG, time_scheme="logit_normal", time_logit_mean=-0.5)
     assert FlowConfig.from_dict(shifted.to_dict()) == shifted
     with pytest.raises(ValueError, match="time_logit_mean must be finite"):
