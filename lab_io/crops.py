@@ -238,14 +238,25 @@ def load_crops(crops_dir: str | Path) -> CropSet:
 
 
 def _concatenate(sets: list[CropSet], folders: list[Path]) -> CropSet:
+    """The union of several plates' crops. They must share channels; crops cut at different sizes
+    (``--crops-px`` changed between rounds) are centre-cropped to the smallest, with a warning."""
     first, where = sets[0], folders[0]
     for crops, folder in zip(sets[1:], folders[1:]):
-        if crops.images.shape[1:] != first.images.shape[1:] or crops.channel_names != first.channel_names:
+        if crops.images.shape[3] != first.images.shape[3] or crops.channel_names != first.channel_names:
             raise CropsError(f"{folder}: crops {crops.images.shape[1:]} with channels {list(crops.channel_names)} "
                              f"do not match {where}'s {first.images.shape[1:]} {list(first.channel_names)}")
+    size = min(min(c.images.shape[1:3]) for c in sets)
+    if any(c.images.shape[1:3] != (size, size) for c in sets):
+        logger.warning("crops of %s are %s px: all are centre-cropped to %d px", [f.name for f in folders],
+                       ["x".join(map(str, c.images.shape[1:3])) for c in sets], size)
+    images = [_centre(c.images, size) for c in sets]
     metadata = pd.concat([c.metadata.drop(columns=["row"], errors="ignore") for c in sets], ignore_index=True)
-    return CropSet(np.concatenate([c.images for c in sets]), metadata, first.channel_names,
-                   all(c.channels_named for c in sets))
+    return CropSet(np.concatenate(images), metadata, first.channel_names, all(c.channels_named for c in sets))
+
+
+def _centre(images: np.ndarray, size: int) -> np.ndarray:
+    top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
+    return images[:, top:top + size, left:left + size]
 
 
 def cut_crops(field: np.ndarray, centres_yx: np.ndarray, size_px: int) -> tuple[np.ndarray, np.ndarray]:

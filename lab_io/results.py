@@ -452,6 +452,8 @@ def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, chann
     if not (plate_dir / "Images").is_dir():
         return None
     groups = _phenix_groups(plate_dir, barcode)
+    if channel_names is None:
+        channel_names = _channel_names_from_tables(plate_dir, barcode, groups)
     all_channels, names = _channel_layout(groups, channel_names, plate_dir, barcode)
     for (well, site), field_cells in cells.groupby([META_WELL, META_SITE], sort=True):
         chans = groups.get((well, int(site)))
@@ -461,6 +463,36 @@ def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, chann
         field = _read_field(plate_dir, barcode, well, int(site), chans, all_channels, Path.read_bytes)
         crops.add(well, int(site), field, field_cells, names)
     return crops.result()
+
+
+def _channel_names_from_tables(plate_dir: Path, barcode: str,
+                               groups: dict[tuple[str, int], dict[int, Path]]) -> list[str] | None:
+    """Names of the plate's Phenix channels as its CellProfiler tables give them: an ``Image.csv``
+    column ``FileName_<name>`` (``Orig<name>`` preferred, ``Orig`` dropped) holding a Phenix image
+    name maps channel N to ``<name>``; None (default names) unless every channel is named once."""
+    from lab_io.phenix import parse_phenix_name
+
+    image_csv = next(iter(sorted((plate_dir / "analysis").glob("*/Image.csv"))), None)
+    if image_csv is None:
+        return None
+    header = pd.read_csv(image_csv, nrows=1)
+    named: dict[int, str] = {}
+    for col in (c for c in header.columns if str(c).startswith("FileName_")):
+        try:
+            channel = parse_phenix_name(str(header[col].iloc[0])).channel
+        except (ValueError, IndexError):
+            continue
+        name = col[len("FileName_"):]
+        if channel not in named or name.startswith("Orig"):
+            named[channel] = name[len("Orig"):] if name.startswith("Orig") and len(name) > len("Orig") else name
+    channels = sorted({c for chans in groups.values() for c in chans})
+    names = [named.get(c) for c in channels]
+    if None in names or len(set(names)) != len(names):
+        logger.warning("%s (plate %s): its Image.csv names channels %s, not each of the images' channels %s "
+                       "once; crops get default channel names", image_csv, barcode, named, channels)
+        return None
+    logger.info("plate %s: crop channels %s named from %s", barcode, dict(zip(channels, names)), image_csv.name)
+    return names
 
 
 class _CropCollector:

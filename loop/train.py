@@ -112,6 +112,7 @@ def register_image_assay(campaign: Campaign, model_dir: str | Path) -> VirtualAs
 
     model_dir = Path(model_dir).resolve()
     assay = ImageAssay.load(model_dir)
+    _warn_on_other_channels(campaign, assay, model_dir)
     with campaign.session() as session:
         existing = session.exec(select(store.ModelVersion).where(store.ModelVersion.version == assay.version)).first()
         if existing is not None and existing.kind != "image":
@@ -125,11 +126,30 @@ def register_image_assay(campaign: Campaign, model_dir: str | Path) -> VirtualAs
             ))
         else:
             existing.created_at = store.utcnow()  # current again
+            if campaign.absolute(existing.path).resolve() != model_dir:
+                log.info("image assay %s: recorded at %s now (was %s)", assay.version, model_dir, existing.path)
+                existing.path = campaign.relative(model_dir)  # the same model, moved or copied
             session.add(existing)
         session.commit()
     log.info("image assay %s (%d members, %s) is now the campaign's virtual assay", assay.version, assay.n_members,
              model_dir)
     return assay
+
+
+def _warn_on_other_channels(campaign: Campaign, assay, model_dir: Path) -> None:
+    """Warn when the campaign's ingested crops name other channels than the image assay was trained on."""
+    from lab_io.crops import CHANNELS_FILE
+
+    theirs = {}
+    for path in sorted(campaign.measurements_dir.glob(f"*.crops/{CHANNELS_FILE}")):
+        names = json.loads(path.read_text()).get("channel_names", [])
+        theirs.setdefault(tuple(str(n).strip().lower() for n in names), path.parent.name)
+    ours = tuple(str(n).strip().lower() for n in assay.channel_names)
+    for names, folder in theirs.items():
+        if names != ours:
+            log.warning("%s: image assay trained on channels %s, but the campaign's %s has %s; its predictions are "
+                        "not measurements of these plates' stains", model_dir, list(assay.channel_names), folder,
+                        list(names))
 
 
 def _make_current(campaign: Campaign, version: str) -> None:
@@ -146,7 +166,16 @@ def load_model(campaign: Campaign, row: store.ModelVersion) -> VirtualAssay:
     if row.kind == "image":
         from models.image_assay import ImageAssay
 
-        return ImageAssay.load(path)
+        try:
+            assay = ImageAssay.load(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} (the campaign's image assay {row.version} was registered there: train "
+                                    "it again, or `loop use-assay` its new folder)") from None
+        if assay.version != row.version:
+            raise ValueError(f"{path}: holds image assay {assay.version} now, not the campaign's registered "
+                             f"{row.version} (retrained in place?); `loop use-assay {path}` makes it the "
+                             "campaign's assay")
+        return assay
     if row.kind != "feature":
         raise ValueError(f"model version {row.version}: unknown kind {row.kind!r}")
     return load_ensemble(path)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -545,11 +546,11 @@ class ImageAssay:
         if not (d / ASSAY_FILE).is_file():
             what = "no such folder" if not d.is_dir() else f"not an image assay folder (no {ASSAY_FILE})"
             raise FileNotFoundError(f"{d}: {what}; train one with `loop assay train`")
-        meta = json.loads((d / ASSAY_FILE).read_text())
-        config = ImageAssayConfig.from_dict(meta["config"])
-        nd = json.loads((d / NORM_FILE).read_text())
+        meta, config = _read_model_file(d / ASSAY_FILE, _read_assay_meta)
+        nd = _read_model_file(d / NORM_FILE, lambda p: json.loads(p.read_text()))
         ae = ImageAutoencoder(config.autoencoder)
-        ae.load_state_dict(torch.load(d / "autoencoder" / "model.pt", weights_only=True, map_location="cpu"))
+        _read_model_file(d / "autoencoder" / "model.pt",
+                         lambda p: ae.load_state_dict(torch.load(p, weights_only=True, map_location="cpu")))
         idx = list(range(config.n_members)) if members is None else list(members)
         nets = []
         for k in idx:
@@ -557,10 +558,11 @@ class ImageAssay:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: member {k} is not trained (rerun `loop assay train` to resume)")
             net = ImageDiT(config.flow.dit)
-            net.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+            _read_model_file(path, lambda p: net.load_state_dict(torch.load(p, weights_only=True, map_location="cpu")))
             nets.append(net.eval())
+        stored = _read_model_file(d / BANK_FILE, lambda p: torch.load(p, weights_only=False))
         bank = {p: PlateControls(v["z"].float(), v["images"]) if isinstance(v, dict) else PlateControls(v.float())
-                for p, v in torch.load(d / BANK_FILE, weights_only=False).items()}
+                for p, v in stored.items()}
         assay = cls(d, meta, config, ChannelNorm.from_dict(nd["intensity"]), LatentNorm(**nd["latent"]),
                     ae.eval(), nets, bank)
         assay.member_indices = idx
@@ -784,6 +786,24 @@ class ImageAssay:
 
 ANALOGUE_TANIMOTO = 0.4  # Morgan r2 similarity under which a compound is no analogue of any training compound
 MAX_SHOT_NOISE_GAIN = 3.0  # a residual is amplified at most 3x (a pixel 9x brighter than its source's)
+
+
+def _read_assay_meta(path: Path) -> tuple[dict, ImageAssayConfig]:
+    meta = json.loads(path.read_text())
+    if not isinstance(meta, dict) or "version" not in meta:
+        raise KeyError("no model version")
+    return meta, ImageAssayConfig.from_dict(meta["config"])
+
+
+def _read_model_file(path: Path, read):
+    """``read(path)``, with a missing or damaged file of a model folder reported by its path."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the image assay folder (copied or trained only in part?)")
+    try:
+        return read(path)
+    except (ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: cannot read this image assay file ({type(err).__name__}: {err}); the folder "
+                         "is damaged: copy it again or retrain") from None
 
 
 def shot_noise_gain(x_1: Tensor, x_0_hat: Tensor, norm: ChannelNorm) -> Tensor:

@@ -163,8 +163,13 @@ def test_a_folder_of_crops_folders_loads_as_their_union(tmp_path):
     both = load_crops(tmp_path / "m")
     assert len(both) == 12 and np.array_equal(both.images, np.concatenate([a.images, b.images]))
     assert both.metadata["well"].tolist() == a.metadata["well"].tolist() + b.metadata["well"].tolist()
-    write_crops(_crops(n=2, h=10, seed=3), tmp_path / "m" / "P3.crops")
-    with pytest.raises(CropsError, match="P3.crops: crops"):
+    small = _crops(n=2, h=10, seed=3)  # a later round cut at 10 px: every plate centre-cropped to 10
+    write_crops(small, tmp_path / "m" / "P3.crops")
+    union = load_crops(tmp_path / "m")
+    assert union.images.shape == (14, 10, 10, 3)
+    assert np.array_equal(union.images[:8], a.images[:, 1:11, 1:11]) and np.array_equal(union.images[12:], small.images)
+    write_crops(_crops(n=2, c=2, seed=4), tmp_path / "m" / "P4.crops")  # other channels: no union
+    with pytest.raises(CropsError, match="P4.crops: crops"):
         load_crops(tmp_path / "m")
 
 

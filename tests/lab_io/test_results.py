@@ -239,6 +239,23 @@ def test_crops_are_cut_at_the_nuclei_whichever_way_the_plate_is_read(results):
     assert dna[:, 8:16, 8:16].mean() > 1.5 * dna.mean()
 
 
+def test_crop_channels_are_named_from_the_image_tables(results, caplog):
+    """Crops cut from a plate's images take their channel names from Image.csv's FileName_<name>
+    columns (chN -> name), so a lab that names its stains differently gets its own names."""
+    for image_csv in (results / BARCODE / "analysis").glob("*/Image.csv"):
+        table = pd.read_csv(image_csv)
+        table = table.rename(columns={"FileName_DNA": "FileName_OrigHoechst", "FileName_Tubulin": "FileName_OrigER",
+                                      "FileName_Actin": "FileName_OrigMito"})
+        table.to_csv(image_csv, index=False)
+    crops = read_results(results, crop_px=24, crops_per_well=4)[0].crops
+    assert crops.channel_names == ("Hoechst", "ER", "Mito")
+    for image_csv in (results / BARCODE / "analysis").glob("*/Image.csv"):
+        pd.read_csv(image_csv).drop(columns=["FileName_OrigMito"]).to_csv(image_csv, index=False)
+    with caplog.at_level("WARNING"):
+        crops = read_results(results, crop_px=24, crops_per_well=4)[0].crops
+    assert crops.channel_names == ("DNA", "Tubulin", "Actin") and "crops get default channel names" in caplog.text
+
+
 def test_images_only_errors(results):
     shutil.rmtree(results / BARCODE / "analysis")
     images = results / BARCODE / "Images"

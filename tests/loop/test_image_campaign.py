@@ -75,3 +75,39 @@ def test_image_assay_proposes_for_a_target_phenotype(image_campaign, tmp_path):
     with pytest.raises(ValueError, match="shares 0 of its 2 features"):
         set_objective(campaign, target=Target(("Cells_Nope_A", "Cells_Nope_B"), (1.0, 1.0), "other pipeline"),
                       activity_weight=0.0, similarity_weight=1.0)
+
+
+def test_registered_folder_moved_retrained_or_deleted(tmp_path):
+    """The campaign's image assay is its registered version: a moved folder is re-pointed by
+    ``use-assay``, a folder retrained in place (another version) or deleted is an error saying so."""
+    import shutil
+    from dataclasses import replace
+
+    model_dir = tmp_path / "m"
+    cfg = tiny_config(n_members=1)
+    assay = train_image_assay(tiny_crops(), model_dir, cfg)
+    campaign = _campaign_with_library(tmp_path)
+    register_image_assay(campaign, model_dir)
+    moved = tmp_path / "moved"
+    shutil.move(model_dir, moved)
+    with pytest.raises(FileNotFoundError, match=f"image assay {assay.version} was registered there.*use-assay"):
+        latest_model(campaign)
+    register_image_assay(campaign, moved)
+    assert latest_model(campaign).version == assay.version and campaign_status(campaign)["model_versions"] == 1
+    # train longer in the same folder: a new version there, the registered one is gone
+    train_image_assay(tiny_crops(), moved, replace(cfg, n_members=2))  # one member more
+    with pytest.raises(ValueError, match=f"holds image assay .* not the campaign's registered {assay.version}"):
+        latest_model(campaign)
+    res = CliRunner().invoke(app, ["--campaign", str(campaign.root), "propose", "--budget", "40"])
+    assert res.exit_code == 1 and "loop use-assay" in res.output
+
+
+def test_use_assay_warns_when_the_campaign_measured_other_stains(image_campaign, tmp_path, caplog):
+    _, model_dir = image_campaign
+    campaign = _campaign_with_library(tmp_path)
+    folder = campaign.measurements_dir / "PLATE1.crops"
+    folder.mkdir(parents=True)
+    (folder / "channels.json").write_text(json.dumps({"channel_names": ["DNA", "ER", "Mito"]}))
+    with caplog.at_level("WARNING"):
+        register_image_assay(campaign, model_dir)
+    assert "trained on channels ['DNA', 'Tubulin', 'Actin'], but the campaign's PLATE1.crops has" in caplog.text

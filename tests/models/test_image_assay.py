@@ -290,9 +290,26 @@ def test_nearest_training_compound_matches_rdkit_and_warns_off_analogues(trained
     assert assay.nearest_training_compound(own) == (None, 0.0)
 
 
-def test_load_errors(tmp_path):
+def test_load_errors(tmp_path, trained):
+    import shutil
+
     with pytest.raises(FileNotFoundError, match="assay.json"):
         ImageAssay.load(tmp_path)
+    out = shutil.copytree(trained[0], tmp_path / "copy")
+    member = out / "member_000" / "model.pt"
+    member.write_bytes(member.read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(ValueError, match=r"member_000/model.pt: cannot read this image assay file .*damaged"):
+        ImageAssay.load(out)
+    (out / "assay.json").write_text("")
+    with pytest.raises(ValueError, match=r"assay.json: cannot read this image assay file"):
+        ImageAssay.load(out)
+    (out / "assay.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"assay.json: cannot read .*no model version"):
+        ImageAssay.load(out)
+    (out / "assay.json").write_text((trained[0] / "assay.json").read_text())
+    (out / "normalisation.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"normalisation.json: missing from the image assay folder"):
+        ImageAssay.load(out)
 
 
 @pytest.mark.slow
