@@ -113,6 +113,7 @@ def register_image_assay(campaign: Campaign, model_dir: str | Path) -> VirtualAs
     model_dir = Path(model_dir).resolve()
     assay = ImageAssay.load(model_dir)
     _warn_on_other_channels(campaign, assay, model_dir)
+    _warn_without_analogues(campaign, assay, model_dir)
     with campaign.session() as session:
         existing = session.exec(select(store.ModelVersion).where(store.ModelVersion.version == assay.version)).first()
         if existing is not None and existing.kind != "image":
@@ -150,6 +151,31 @@ def _warn_on_other_channels(campaign: Campaign, assay, model_dir: Path) -> None:
             log.warning("%s: image assay trained on channels %s, but the campaign's %s has %s; its predictions are "
                         "not measurements of these plates' stains", model_dir, list(assay.channel_names), folder,
                         list(names))
+
+
+ANALOGUE_SAMPLE = 5000  # library compounds checked for analogues of the image assay's training compounds
+
+
+def _warn_without_analogues(campaign: Campaign, assay, model_dir: Path) -> None:
+    """Warn when (a seeded sample of) the library holds no analogue of the image assay's training
+    compounds: for those it can only predict the response it learned for its own compounds."""
+    from lab_io.chem import tanimoto_matrix
+    from models.image_assay import ANALOGUE_TANIMOTO
+
+    path = campaign.fingerprints_path
+    if not assay.meta["compounds"] or not path.is_file():
+        return
+    fps = campaign.load_fingerprints()
+    if len(fps) == 0:
+        return
+    rows = np.random.default_rng(0).choice(len(fps), min(len(fps), ANALOGUE_SAMPLE), replace=False)
+    best = tanimoto_matrix(fps[np.sort(rows)], assay.training_fingerprints()).max(axis=1)
+    share = float((best >= ANALOGUE_TANIMOTO).mean())
+    if share < 0.01:
+        log.warning("%s: %.1f %% of the campaign's library (a sample of %d) is an analogue (Morgan Tanimoto >= %.1f) "
+                    "of the image assay's training compounds %s; for the others it predicts the response it learned "
+                    "for those compounds, not their own", model_dir, 100 * share, len(rows), ANALOGUE_TANIMOTO,
+                    assay.meta["compounds"][:5])
 
 
 def _make_current(campaign: Campaign, version: str) -> None:

@@ -111,3 +111,5 @@ def test_use_assay_warns_when_the_campaign_measured_other_stains(image_campaign,
     with caplog.at_level("WARNING"):
         register_image_assay(campaign, model_dir)
     assert "trained on channels ['DNA', 'Tubulin', 'Actin'], but the campaign's PLATE1.crops has" in caplog.text
+    # the library (ethanol, phenol, ...) holds no analogue of cyclohexamide, the model's one compound
+    assert "0.0 % of the campaign's library (a sample of 10) is an analogue" in caplog.text
