@@ -94,7 +94,7 @@ def test_registered_folder_moved_retrained_or_deleted(tmp_path):
         latest_model(campaign)
     register_image_assay(campaign, moved)
     assert latest_model(campaign).version == assay.version and campaign_status(campaign)["model_versions"] == 1
-    # train longer in the same folder: a new version there, the registered one is gone
+    # retrain in the same folder (one member more): a new version there, the registered one is gone
     train_image_assay(tiny_crops(), moved, replace(cfg, n_members=2))  # one member more
     with pytest.raises(ValueError, match=f"holds image assay .* not the campaign's registered {assay.version}"):
         latest_model(campaign)
