@@ -220,14 +220,21 @@ def load_crops(crops_dir: str | Path) -> CropSet:
 
     A folder without ``crops.npz`` whose sub-folders are crops folders (a campaign's
     ``measurements/``, where ingest writes ``<barcode>.crops/`` per plate) is read as their union;
-    they must agree on crop size and channels. Raises :class:`CropsError` naming the file on any
-    missing or malformed part.
+    they must agree on channels (crops of other sizes are centre-cropped to the smallest). Plates
+    measured there without crops (``<barcode>.cells.parquet`` alone) are named in a warning.
+    Raises :class:`CropsError` naming the file on any missing or malformed part.
     """
     crops_dir = Path(crops_dir)
     if not crops_dir.is_dir():
         raise CropsError(f"{crops_dir}: not a folder (expected {IMAGES_FILE} + {METADATA_FILE})")
     parts = sorted(p for p in crops_dir.iterdir() if p.is_dir() and (p / IMAGES_FILE).is_file())
     if not (crops_dir / IMAGES_FILE).exists() and parts:
+        with_crops = {p.name.removesuffix(".crops") for p in parts}
+        without = sorted(p.name.removesuffix(".cells.parquet") for p in crops_dir.glob("*.cells.parquet")
+                         if p.name.removesuffix(".cells.parquet") not in with_crops)
+        if without:
+            logger.warning("%s: plate(s) %s were measured without crops and are not in the crops read (ingest "
+                           "them with --crops-px to cut crops)", crops_dir, without)
         return _concatenate([load_crops(p) for p in parts], parts)
     images = _read_images(crops_dir / IMAGES_FILE)
     metadata = _read_metadata(crops_dir / METADATA_FILE, len(images))

@@ -155,12 +155,15 @@ def test_cut_crops_closed_form():
         cut_crops(field[0], centres, 8)
 
 
-def test_a_folder_of_crops_folders_loads_as_their_union(tmp_path):
+def test_a_folder_of_crops_folders_loads_as_their_union(tmp_path, caplog):
     a, b = _crops(seed=1), _crops(n=4, seed=2)
     write_crops(a, tmp_path / "m" / "P1.crops")
     write_crops(b, tmp_path / "m" / "P2.crops")
     (tmp_path / "m" / "P1.cells.parquet").write_bytes(b"")  # other files of a campaign's measurements/
-    both = load_crops(tmp_path / "m")
+    (tmp_path / "m" / "P9.cells.parquet").write_bytes(b"")  # a plate ingested without crops
+    with caplog.at_level("WARNING"):
+        both = load_crops(tmp_path / "m")
+    assert "plate(s) ['P9'] were measured without crops" in caplog.text and "'P1'" not in caplog.text
     assert len(both) == 12 and np.array_equal(both.images, np.concatenate([a.images, b.images]))
     assert both.metadata["well"].tolist() == a.metadata["well"].tolist() + b.metadata["well"].tolist()
     small = _crops(n=2, h=10, seed=3)  # a later round cut at 10 px: every plate centre-cropped to 10
