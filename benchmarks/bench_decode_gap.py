@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lab_io.crops import load_crops, shared_data_dir  # noqa: E402
 from models.image_assay import ImageAssay  # noqa: E402
 from models.image_eval import MIN_REAL_CELLS, channel_scale, fid, inception_features, kid  # noqa: E402
-from models.image_flow import centre_crop  # noqa: E402
+from lab_io.crops import centre_crop  # noqa: E402
 
 log = logging.getLogger("bench_decode_gap")
 

@@ -39,7 +39,7 @@ from models.image_assay import ImageAssay  # noqa: E402
 from models.image_eval import (  # noqa: E402
     channel_scale, compare, featurize_set, member_disagreement, morph_standardisation,
 )
-from models.image_flow import centre_crop  # noqa: E402
+from lab_io.crops import centre_crop  # noqa: E402
 
 log = logging.getLogger("bench_dose_response")
 

@@ -48,8 +48,9 @@ from models.image_assay import ImageAssay, ImageAssayConfig, LatentNorm, _latent
 from models.image_autoencoder import ImageAutoencoder, _augment, decode_all, finetune_decoder  # noqa: E402
 from models.image_dit import ImageDiT  # noqa: E402
 from models.image_flow import (  # noqa: E402
-    BlockSampler, ChannelNorm, centre_crop, sample_latents, sampling_condition, source_latents,
+    BlockSampler, ChannelNorm, sample_latents, sampling_condition, source_latents,
 )
+from lab_io.crops import centre_crop  # noqa: E402
 from models.flow_matching import cfm_loss, sample_time  # noqa: E402
 
 log = logging.getLogger("bench_image_assay")

@@ -208,7 +208,7 @@ def _read_channels(path: Path, n_channels: int) -> tuple[str, ...]:
     if len(names) != n_channels:
         raise CropsError(f"{path}: {len(names)} channel names for {n_channels} image channels")
     names = tuple(str(n) for n in names)
-    keys = [n.strip().lower() for n in names]  # how channels are matched to a model's (reorder_channels)
+    keys = [channel_key(n) for n in names]
     if len(set(keys)) != len(keys) or not all(keys):
         raise CropsError(f"{path}: channel names must be non-empty and unique (ignoring case and spaces), "
                          f"got {list(names)}")
@@ -256,14 +256,23 @@ def _concatenate(sets: list[CropSet], folders: list[Path]) -> CropSet:
     if any(c.images.shape[1:3] != (size, size) for c in sets):
         logger.warning("crops of %s are %s px: all are centre-cropped to %d px", [f.name for f in folders],
                        ["x".join(map(str, c.images.shape[1:3])) for c in sets], size)
-    images = [_centre(c.images, size) for c in sets]
+    images = [centre_crop(c.images, size) for c in sets]
     metadata = pd.concat([c.metadata.drop(columns=["row"], errors="ignore") for c in sets], ignore_index=True)
     return CropSet(np.concatenate(images), metadata, first.channel_names, all(c.channels_named for c in sets))
 
 
-def _centre(images: np.ndarray, size: int) -> np.ndarray:
-    top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
-    return images[:, top:top + size, left:left + size]
+def centre_crop(images: np.ndarray, size: int, source: str = "crops") -> np.ndarray:
+    """``N x H x W x C`` -> ``N x size x size x C`` (centre); CropsError naming ``source`` if too small."""
+    h, w = images.shape[1:3]
+    if h < size or w < size:
+        raise CropsError(f"{source}: crops are {h}x{w} px, smaller than the model's {size} px")
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[:, top : top + size, left : left + size]
+
+
+def channel_key(name: object) -> str:
+    """A channel name as channels are matched and told apart: case and surrounding spaces ignored."""
+    return str(name).strip().lower()
 
 
 def cut_crops(field: np.ndarray, centres_yx: np.ndarray, size_px: int) -> tuple[np.ndarray, np.ndarray]:

@@ -68,7 +68,7 @@ _QUANTILES = {"LowerQuartileIntensity": 0.25, "MedianIntensity": 0.5, "UpperQuar
 # feature names
 # ----------------------------------------------------------------------------------------------
 
-_WARNED_NO_DNA: set[tuple] = set()  # (source, channel keys) already warned about: a loop warns once
+_WARNED: set[tuple] = set()  # (source, channel keys) already warned about: a loop warns once
 #: Channel names (lower case, letters and digits only) taken for the DNA stain.
 DNA_CHANNEL_NAMES = ("dna", "dapi", "hoechst", "hoechst33342", "h33342", "nuclei", "nucleus", "origdna")
 _DNA_WORD = re.compile(r"^(dna|dapi|hoechst|h33342)\d*$")  # a word of a longer name: DNA_ch1, Hoechst 33342
@@ -101,8 +101,8 @@ def dna_channel_index(channel_names: Sequence[str], source: str = "channels") ->
 
 
 def _warn_once(source: str, keys: list[str], msg: str, *args) -> None:
-    if (source, tuple(keys)) not in _WARNED_NO_DNA:
-        _WARNED_NO_DNA.add((source, tuple(keys)))
+    if (source, tuple(keys)) not in _WARNED:
+        _WARNED.add((source, tuple(keys)))
         logger.warning(msg, *args)
 
 

@@ -176,11 +176,13 @@ def _keep_stored_sampling(out: Path, flow, **given):
 
 def _channel_index(name_or_index: Optional[str], channel_names, source) -> Optional[int]:
     """``--dna-channel``: a channel name (case-insensitive) or index -> index; None stays None."""
+    from lab_io.crops import channel_key
+
     if name_or_index is None:
         return None
-    keys = [str(c).strip().lower() for c in channel_names]
-    if name_or_index.strip().lower() in keys:
-        return keys.index(name_or_index.strip().lower())
+    keys = [channel_key(c) for c in channel_names]
+    if channel_key(name_or_index) in keys:
+        return keys.index(channel_key(name_or_index))
     if name_or_index.strip().isdigit() and int(name_or_index) < len(keys):
         return int(name_or_index)
     raise ValueError(f"--dna-channel {name_or_index!r}: not a channel of {source} (channels: "
@@ -267,7 +269,7 @@ def sample(
 
 def _real_reference(real_plate, compound: str, dose_um: float, size: int):
     """Real crops to show beside generated ones: same compound and dose on the plate, else its DMSO cells."""
-    from models.image_flow import centre_crop
+    from lab_io.crops import centre_crop
 
     if real_plate is None:
         return None

@@ -139,13 +139,13 @@ def register_image_assay(campaign: Campaign, model_dir: str | Path) -> VirtualAs
 
 def _warn_on_other_channels(campaign: Campaign, assay, model_dir: Path) -> None:
     """Warn when the campaign's ingested crops name other channels than the image assay was trained on."""
-    from lab_io.crops import CHANNELS_FILE
+    from lab_io.crops import CHANNELS_FILE, channel_key
 
     theirs = {}
     for path in sorted(campaign.measurements_dir.glob(f"*.crops/{CHANNELS_FILE}")):
         names = json.loads(path.read_text()).get("channel_names", [])
-        theirs.setdefault(tuple(str(n).strip().lower() for n in names), path.parent.name)
-    ours = tuple(str(n).strip().lower() for n in assay.channel_names)
+        theirs.setdefault(tuple(map(channel_key, names)), path.parent.name)
+    ours = tuple(map(channel_key, assay.channel_names))
     for names, folder in theirs.items():
         if names != ours:
             log.warning("%s: image assay trained on channels %s, but the campaign's %s has %s; its predictions are "

@@ -61,14 +61,14 @@ import torch
 from torch import Tensor
 
 from lab_io.chem import morgan_fingerprints, tanimoto_matrix, unpack_fingerprints
-from lab_io.crops import CropSet, compound_smiles, is_control_compound
+from lab_io.crops import CropSet, centre_crop, compound_smiles, is_control_compound
 from lab_io.morphology import cell_feature_names, dna_channel_index, featurize_crops
 from models.image_autoencoder import (
     AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, finetune_decoder, train_autoencoder,
 )
 from models.image_dit import ImageDiT
 from models.image_flow import (
-    ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, centre_crop, control_source,
+    ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, control_source,
     sample_latents, sampling_condition, save_json, save_torch, source_indices, train_flow,
 )
 from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells

@@ -336,9 +336,9 @@ def evaluate_assay(
     noise of the cell sets: ``{unconditional | copy_control: {kid_inception, kid_morph: {model_minus_baseline,
     sd, ci95}}}`` (:func:`kid_difference`; negative: the model is closer to the real cells).
     """
-    from lab_io.crops import is_control_compound, reorder_channels
+    from lab_io.crops import centre_crop, is_control_compound, reorder_channels
     from models.image_assay import applicability, compound_fingerprints
-    from models.image_flow import centre_crop, check_guidance_scale, check_sampler
+    from models.image_flow import check_guidance_scale, check_sampler
 
     size = assay.config.image_size
     names, dna = assay.channel_names, assay.config.dna_channel

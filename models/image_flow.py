@@ -210,15 +210,6 @@ class ChannelNorm:
         return ChannelNorm(tuple(d["lo"]), tuple(d["hi"]), d["q_low"], d["q_high"])
 
 
-def centre_crop(images: np.ndarray, size: int, source: str = "crops") -> np.ndarray:
-    """``N x H x W x C`` -> ``N x size x size x C`` (centre); error naming ``source`` if too small."""
-    h, w = images.shape[1:3]
-    if h < size or w < size:
-        raise ValueError(f"{source}: crops are {h}x{w} px, smaller than the model's {size} px")
-    top, left = (h - size) // 2, (w - size) // 2
-    return images[:, top : top + size, left : left + size]
-
-
 # ----------------------------------------------------------------------------- training data
 @dataclass
 class LatentData:

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from lab_io.crops import (
-    CropsError, CropSet, compound_smiles, cut_crops, is_control_compound, load_crops, reorder_channels,
+    CropsError, CropSet, centre_crop, compound_smiles, cut_crops, is_control_compound, load_crops, reorder_channels,
     shared_data_dir, write_crops,
 )
 
@@ -215,3 +215,11 @@ def test_reorder_channels_to_a_models_order(tmp_path):
     four = _crops(c=4)
     with pytest.raises(CropsError, match="expects"):
         reorder_channels(four, crops.channel_names, "here")
+
+
+def test_centre_crop():
+    img = np.arange(2 * 6 * 6 * 1).reshape(2, 6, 6, 1)
+    out = centre_crop(img, 4)
+    assert out.shape == (2, 4, 4, 1) and out[0, 0, 0, 0] == img[0, 1, 1, 0]
+    with pytest.raises(ValueError, match="my.npz: crops are 6x6"):
+        centre_crop(img, 8, "my.npz")

@@ -7,7 +7,7 @@ import torch
 
 from models.image_dit import ROLE_COMPOUND, ROLE_CONTROL, ROLE_NULL, DiTConfig
 from models.image_flow import (
-    BlockSampler, ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, centre_crop,
+    BlockSampler, ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights,
     ot_pair, learning_rate, sample_latents, sampling_condition, source_latents, train_flow,
 )
 
@@ -41,14 +41,6 @@ def test_channel_norm_round_trip_and_percentiles():
     assert np.allclose(norm.lo, np.percentile(images.reshape(-1, 2), 0.5, axis=0))
     assert np.abs(norm.denormalize(x).astype(int) - images.astype(int)).max() <= 1
     assert ChannelNorm.from_dict(norm.to_dict()) == norm
-
-
-def test_centre_crop():
-    img = np.arange(2 * 6 * 6 * 1).reshape(2, 6, 6, 1)
-    out = centre_crop(img, 4)
-    assert out.shape == (2, 4, 4, 1) and out[0, 0, 0, 0] == img[0, 1, 1, 0]
-    with pytest.raises(ValueError, match="my.npz: crops are 6x6"):
-        centre_crop(img, 8, "my.npz")
 
 
 def test_ot_pair_recovers_permutation():
