@@ -9,6 +9,9 @@ Layout (see :mod:`lab_io.schema`)::
 the CellProfiler tables (real CellProfiler output with ~1,900 columns per compartment works too);
 plate folders with only ``Images/`` are measured here with :mod:`lab_io.morphology`
 (images-only ingest; Phenix files grouped by well and field, channels in ``chN`` order).
+Every image is brought to the 16-bit scale as it is read (:func:`to_16bit_scale`: 8-bit times
+257, floating point 0..1 times 65535), so plates imaged at different bit depths measure and crop
+alike, as CellProfiler's 0..1 scaling makes them.
 
 Single-cell rows: compartments are merged per object within a field, as pycytominer does:
 ``Cells.Parent_Nuclei -> Nuclei.ObjectNumber`` and ``Cytoplasm.Parent_Cells -> Cells.ObjectNumber``
@@ -396,6 +399,34 @@ def _channel_layout(groups: dict[tuple[str, int], dict[int, Path]], channel_name
     return all_channels, names
 
 
+def to_16bit_scale(plane: np.ndarray, where: str) -> np.ndarray:
+    """One image plane -> uint16 on the 16-bit scale, whatever bit depth the microscope wrote.
+
+    CellProfiler reads every image as a fraction of its type's full range, so an 8-bit and a
+    16-bit image of the same cells measure alike; this does the same on the 16-bit scale that
+    crops are stored in: uint16 as is, uint8 times 257 (255 -> 65535), other integer types as
+    counts (they must lie in 0..65535), and floating point as CellProfiler's fraction 0..1 when its
+    maximum is at most 1 (times 65535), else as counts (0..65535, rounded). Anything else (NaN,
+    negative values, counts above 65535) is refused, naming ``where``."""
+    plane = np.asarray(plane)
+    if plane.dtype == np.uint16:
+        return plane
+    if plane.dtype == np.uint8:
+        return plane.astype(np.uint16) * np.uint16(257)
+    if plane.dtype.kind not in "uif":
+        raise ResultsError(f"{where}: image pixels are {plane.dtype}; expected integer or floating-point intensities")
+    if plane.dtype.kind == "f" and not np.isfinite(plane).all():
+        raise ResultsError(f"{where}: image holds NaN or infinite pixels")
+    low, high = (float(plane.min()), float(plane.max())) if plane.size else (0.0, 0.0)
+    if low < 0 or high > 65535:
+        raise ResultsError(f"{where}: {plane.dtype} image pixels span {low:g}..{high:g}; expected intensities in "
+                           "0..65535 (or 0..1 for floating point)")
+    if plane.dtype.kind == "f":
+        scaled = plane.astype(np.float64) * (65535.0 if high <= 1.0 else 1.0)
+        return np.rint(scaled).astype(np.uint16)
+    return plane.astype(np.uint16)
+
+
 def _read_field(plate_dir: Path, barcode: str, well: str, site: int, chans: dict[int, Path],
                 all_channels: list[int], read_bytes) -> np.ndarray:
     """One field's channels -> ``C x H x W`` (``read_bytes(path)`` returns a file's bytes)."""
@@ -415,7 +446,7 @@ def _read_field(plate_dir: Path, barcode: str, well: str, site: int, chans: dict
         if plane.ndim != 2:
             raise ResultsError(f"{_where(path, barcode, well)}: cannot read TIFF as a single-plane image "
                                f"(got shape {plane.shape})")
-        planes.append(plane)
+        planes.append(to_16bit_scale(plane, _where(path, barcode, well)))
     if len({p.shape for p in planes}) != 1:
         raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}, well {well}): field {site} channels differ "
                            "in size")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from lab_io.ground_truth import GroundTruth
-from lab_io.results import ResultsError, merge_compartments, read_results
+from lab_io.results import ResultsError, merge_compartments, read_results, to_16bit_scale
 from lab_io.synthetic_lab import SyntheticLab, SyntheticLabConfig
 
 SHARED = Path(os.environ.get("LOOP_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
@@ -312,3 +312,42 @@ def test_object_tables_may_repeat_image_metadata_and_every_site_measures_the_sam
     path = site(results, "B01") / "Cytoplasm.csv"
     pd.read_csv(path).drop(columns=["AreaShape_Area"]).to_csv(path, index=False)
     expect_error(results, str(site(results, "B01")), "measured other columns than", "Cytoplasm_AreaShape_Area")
+
+
+def test_images_of_any_bit_depth_are_read_on_the_16_bit_scale():
+    """8-bit x 257, floating point 0..1 x 65535, counts as they are; what cannot be intensities is
+    refused naming the file."""
+    where = "plate P, well A01"
+    assert to_16bit_scale(np.array([[0, 1, 255]], np.uint8), where).tolist() == [[0, 257, 65535]]
+    assert to_16bit_scale(np.array([[0.0, 0.5, 1.0]], np.float32), where).tolist() == [[0, 32768, 65535]]
+    assert to_16bit_scale(np.array([[0.0, 2.4, 4000.0]], np.float64), where).tolist() == [[0, 2, 4000]]
+    assert to_16bit_scale(np.array([[7, 65535]], np.int32), where).dtype == np.uint16
+    plane = np.array([[3, 4]], np.uint16)
+    assert to_16bit_scale(plane, where) is plane
+    for bad, message in ((np.array([[-1, 5]], np.int16), "span -1..5"), (np.array([[70000]], np.uint32), "span"),
+                         (np.array([[np.nan]], np.float32), "NaN"), (np.array([[True]]), "bool")):
+        with pytest.raises(ResultsError, match=message) as err:
+            to_16bit_scale(bad, where)
+        assert where in str(err.value)
+
+
+def test_an_8_bit_plate_measures_and_crops_like_its_16_bit_original(results):
+    """The same fields saved at 16 bits, at 8 bits and as floating-point 0..1 TIFFs: crops and
+    intensities land on the 16-bit scale (within one 8-bit step), so the plates sit side by side."""
+    import tifffile
+
+    shutil.rmtree(results / BARCODE / "analysis")
+    for path in (results / BARCODE / "Images").glob("*.tiff"):  # use the range, as an 8-bit camera would
+        tifffile.imwrite(path, np.minimum(tifffile.imread(path).astype(np.int64) * 20, 65535).astype(np.uint16))
+    reference = read_results(results, crop_px=24, crops_per_well=4)[0]
+    for convert, step in ((lambda p: np.rint(p / 257).astype(np.uint8), 129), (lambda p: (p / 65535).astype(np.float32), 1)):
+        copy = results.parent / f"converted_{step}"
+        shutil.copytree(results, copy)
+        for path in (copy / BARCODE / "Images").glob("*.tiff"):
+            tifffile.imwrite(path, convert(tifffile.imread(path)))
+        plate = read_results(copy, crop_px=24, crops_per_well=4)[0]
+        diff = np.abs(plate.crops.images.astype(int) - reference.crops.images.astype(int))
+        assert plate.crops.images.dtype == np.uint16 and diff.max() <= step
+        assert len(plate.cells) == len(reference.cells)
+        for column in ("Cells_Intensity_MeanIntensity_Actin", "Nuclei_Intensity_IntegratedIntensity_DNA"):
+            assert np.allclose(plate.cells[column], reference.cells[column], rtol=0.02), column
