@@ -283,6 +283,39 @@ def _fmt(v) -> str:
     return "    n/a" if v is None else f"{v:8.4g}"
 
 
+def _write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` whole or not at all (a temporary beside it, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def _partial_evaluation(json_out: Path, resume: bool) -> dict | None:
+    """The partial evaluation ``--resume`` continues (None: start afresh); a partial one left in the
+    way without ``--resume`` is named before it is replaced."""
+    if not json_out.is_file():
+        if resume:
+            typer.echo(f"{json_out} does not exist yet: nothing to resume, starting afresh", err=True)
+        return None
+    try:
+        previous = json.loads(json_out.read_text())
+    except (OSError, ValueError) as err:
+        if resume:
+            _fail(f"{json_out}: cannot resume, not a readable evaluation JSON ({err})")
+        return None
+    is_partial = isinstance(previous, dict) and previous.get("complete") is False
+    if not resume:
+        if is_partial:
+            typer.echo(f"{json_out} holds a partial evaluation (plates {', '.join(previous.get('plates_done', []))}); "
+                       "starting afresh (--resume continues it)", err=True)
+        return None
+    if not is_partial:
+        _fail(f"{json_out}: nothing to resume, it holds a complete evaluation (choose another --json)")
+    typer.echo(f"resuming {json_out}: plates {', '.join(previous['plates_done']) or 'none'} already scored", err=True)
+    return previous
+
+
 @assay_app.command("evaluate")
 def evaluate(
     model: Path = typer.Option(..., "--model", help="Model folder."),
@@ -305,6 +338,8 @@ def evaluate(
                                           "model and unconditional are sampled alike."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the partial --json a stopped run left (the JSON "
+                                "is rewritten after every plate, 'complete': false until the end); same options."),
 ):
     """FID / KID (Inception and morphology) per treated condition, next to the baselines."""
     _setup(threads)
@@ -312,19 +347,23 @@ def evaluate(
     from models.image_assay import ImageAssay
     from models.image_eval import evaluate_assay
 
+    previous = _partial_evaluation(json_out, resume)
+
+    def keep_partial(partial: dict) -> None:  # a stopped run keeps the plates it scored; --resume continues it
+        if partial["conditions"]:
+            _write_json(json_out, partial)
+
     try:
         assay = ImageAssay.load(model).to(resolve_device(device))
         crops = load_crops(data)
         result = evaluate_assay(assay, crops, n_per_condition=n_per_condition, seed=seed, plates=plate or None,
                                 doses_um=dose or None, n_steps=steps, sampler=sampler, source=str(data), max_real=max_real,
                                 cross_doses=cross_doses, guidance_scale=guidance,
-                                inception=inception, min_real=min_real, ceiling=ceiling)
+                                inception=inception, min_real=min_real, ceiling=ceiling, resume=previous,
+                                on_plate=keep_partial)
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_out.with_name(json_out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(json_out)
+    _write_json(json_out, result)
     for cond in result["conditions"]:
         typer.echo(f"{cond['plate']} {cond['compound']} {cond['dose_um']:g} uM (n_real={cond['n_real']}):")
         rows = [(name, cond[name]) for name in ("model", "copy_control", "unconditional", "real_floor",

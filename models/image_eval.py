@@ -31,7 +31,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -218,6 +218,9 @@ def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[
 #: texture or shape feature; unclipped, that single cell decides fid_morph through the covariance
 #: trace (measured: one of 300 generated cells at 183 sd tripled the trace).
 MORPH_CLIP_SD = 10.0
+PROTOCOL = ("Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], zero-pad to 96 px, "
+            "resize to 299; morph: lab_io.morphology features standardised by the real cells, "
+            f"clipped to +-{MORPH_CLIP_SD:g} sd")
 MIN_REAL_CELLS = 10
 MIN_CONTROL_CELLS = 4  # a plate with fewer DMSO cells is skipped: no copy-control set to compare (KID needs 4)
 
@@ -290,6 +293,8 @@ def evaluate_assay(
     inception: bool = True,
     min_real: int = MIN_REAL_CELLS,
     ceiling: bool = False,
+    resume: dict | None = None,
+    on_plate: Callable[[dict], None] | None = None,
 ) -> dict:
     """Evaluate an :class:`models.image_assay.ImageAssay` on a crops set, condition by condition.
 
@@ -335,6 +340,12 @@ def evaluate_assay(
     ``kid_difference`` says whether a KID gap between the model and a baseline exceeds the sampling
     noise of the cell sets: ``{unconditional | copy_control: {kid_inception, kid_morph: {model_minus_baseline,
     sd, ci95}}}`` (:func:`kid_difference`; negative: the model is closer to the real cells).
+
+    Plates are scored one after another, each on its own draws, so a long run can be kept and
+    continued: after every plate ``on_plate`` gets the result so far (``complete`` False,
+    ``plates_done`` listing the plates in it), and ``resume`` (such a partial result) skips the
+    plates it holds and keeps their entries; the finished result equals an uninterrupted run's.
+    ValueError when ``resume`` was made with other settings, another model or other data.
     """
     from lab_io.crops import centre_crop, is_control_compound, reorder_channels
     from models.image_assay import applicability, compound_fingerprints
@@ -374,22 +385,44 @@ def evaluate_assay(
             where = "" if plates is None else f" of plate(s) {list(plate_list)}"
             raise ValueError(f"{source}: no treated cells{where} at dose(s) {[f'{d:g}' for d in absent]} uM "
                              f"(treated doses there: {[f'{d:g}' for d in treated_doses]} uM)")
-    n_conditions, n_seen, started = (_count_conditions(meta, crops.is_control, plate_list, doses_um, MIN_CONTROL_CELLS), 0,
-                                     time.perf_counter())
-    for plate in plate_list:
-        on_plate = (meta["plate"] == plate).to_numpy()
-        ctrl = on_plate & crops.is_control
-        treated = on_plate & ~crops.is_control
+    settings = {
+        "model_version": assay.version, "n_members": assay.n_members, "image_size_px": size,
+        "n_per_condition": n_per_condition, "seed": seed, "sampler": sampler or assay.config.flow.sampler,
+        "n_steps": n_steps or assay.config.flow.n_steps, "max_real": max_real,
+        "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
+        "guidance_gated": assay.config.flow.guidance_gated,
+        "data": {"source": source, "n_cells": int(len(meta)), "plates": list(plate_list),
+                 "doses_um": None if doses_um is None else [float(d) for d in doses_um]},
+        "options": {"min_real": min_real, "cross_doses": cross_doses, "inception": inception, "ceiling": ceiling,
+                    "disagreement_cells": disagreement_cells},
+        "protocol": PROTOCOL,
+    }
+    plates_done: list[str] = []
+    if resume is not None:
+        results, skipped, plates_done = _resumed(resume, settings, source)
+    n_conditions, n_seen, started = (_count_conditions(meta, crops.is_control,
+                                                       [p for p in plate_list if p not in plates_done], doses_um,
+                                                       MIN_CONTROL_CELLS), 0, time.perf_counter())
+
+    def partial(complete: bool) -> dict:
+        return {**settings, "conditions": results, "skipped": skipped, "plates_done": list(plates_done),
+                "complete": complete}
+
+    def score_plate(plate: str) -> None:
+        nonlocal n_seen
+        on_plate_rows = (meta["plate"] == plate).to_numpy()
+        ctrl = on_plate_rows & crops.is_control
+        treated = on_plate_rows & ~crops.is_control
         if not treated.any():
-            continue
+            return
         if not ctrl.any():
             skip(plate, None, None, int(treated.sum()), "no DMSO cells on the plate to condition on")
-            continue
+            return
         if ctrl.sum() < MIN_CONTROL_CELLS:  # too few to stand as the copy-control baseline (its KID needs 4)
             skip(plate, None, None, int(treated.sum()), f"only {int(ctrl.sum())} DMSO cell(s) on the plate "
                  f"(fewer than {MIN_CONTROL_CELLS})")
-            continue
-        plate_images = centre_crop(crops.images[on_plate], size, source)
+            return
+        plate_images = centre_crop(crops.images[on_plate_rows], size, source)
         scale = channel_scale(plate_images)
         ctrl_images = centre_crop(crops.images[ctrl], size, source)
         z_ctrl = assay.encode_controls(crops.images[ctrl], source)
@@ -469,22 +502,31 @@ def evaluate_assay(
                                                     replace=False))
                 subset = FeatureSets(real_other.inception[keep], real_other.morph[keep])
                 entry["real_at_dose"][f"{d:g}"] = compare(subset, real_feats, mean, std, seed=seed)
+
+    for plate in plate_list:
+        if plate in plates_done:
+            continue
+        score_plate(plate)
+        plates_done.append(plate)
+        if on_plate is not None:
+            on_plate(partial(complete=False))
     if not results:
         reasons = "; ".join(f"{s['plate']} {s['compound'] or ''}: {s['reason']}" for s in skipped[:5])
         raise ValueError(f"{source}: no treated condition with DMSO cells on the same plate to evaluate"
                          + (f" ({len(skipped)} skipped: {reasons})" if skipped else ""))
-    return {
-        "model_version": assay.version, "n_members": assay.n_members, "image_size_px": size,
-        "n_per_condition": n_per_condition, "seed": seed, "sampler": sampler or assay.config.flow.sampler,
-        "n_steps": n_steps or assay.config.flow.n_steps, "max_real": max_real,
-        "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
-        "guidance_gated": assay.config.flow.guidance_gated,
-        "conditions": results,
-        "skipped": skipped,
-        "protocol": "Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], "
-                    "zero-pad to 96 px, resize to 299; morph: lab_io.morphology features standardised by the real cells, "
-                    f"clipped to +-{MORPH_CLIP_SD:g} sd",
-    }
+    return partial(complete=True)
+
+
+def _resumed(resume: dict, settings: dict, source: str) -> tuple[list[dict], list[dict], list[str]]:
+    """The conditions, skipped entries and plates of a partial :func:`evaluate_assay` result, after
+    checking it was made with these settings, this model and this data (ValueError naming what differs)."""
+    if not isinstance(resume, dict) or not isinstance(resume.get("plates_done"), list):
+        raise ValueError(f"{source}: the result to resume is not a partial evaluation (no 'plates_done' list)")
+    differ = [key for key in settings if resume.get(key) != settings[key]]
+    if differ:
+        shown = "; ".join(f"{key}: {resume.get(key)!r} there, {settings[key]!r} now" for key in differ)
+        raise ValueError(f"{source}: cannot resume an evaluation made with other settings ({shown})")
+    return list(resume.get("conditions", [])), list(resume.get("skipped", [])), list(resume["plates_done"])
 
 
 def _rng(seed: int, plate: str, compound: str | None = None, *doses_um: float) -> np.random.Generator:

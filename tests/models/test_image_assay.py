@@ -758,3 +758,50 @@ def test_evaluate_names_a_dose_the_folder_lacks(trained):
         evaluate_assay(assay, crops, n_per_condition=4, plates=["P2"], doses_um=[5.0], inception=False)
     with pytest.raises(ValueError, match="n_per_condition must be >= 4"):
         evaluate_assay(assay, crops, n_per_condition=3, inception=False)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(trained, tmp_path):
+    """After each plate the partial result goes to ``on_plate``; resuming it scores only the plates
+    left and ends where an uninterrupted run ends. Other settings cannot be resumed; the CLI writes
+    the partial JSON as it goes and continues it with --resume."""
+    from loop.assay_cli import assay_app
+    from models.image_eval import evaluate_assay
+
+    _, crops, assay = trained
+    data = write_crops(crops, tmp_path / "crops")
+    kw = dict(n_per_condition=4, min_real=4, inception=False, seed=3, source=str(data))
+    full = json.loads(json.dumps(evaluate_assay(assay, crops, **kw)))
+    assert full["complete"] and full["plates_done"] == ["P1", "P2"]
+    partials = []
+
+    def stop_after_first(partial):
+        partials.append(json.loads(json.dumps(partial)))
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        evaluate_assay(assay, crops, on_plate=stop_after_first, **kw)
+    (partial,) = partials
+    assert partial["complete"] is False and partial["plates_done"] == ["P1"]
+    assert {c["plate"] for c in partial["conditions"]} == {"P1"}
+    resumed = json.loads(json.dumps(evaluate_assay(assay, crops, resume=partial, **kw)))
+    assert resumed == full
+    with pytest.raises(ValueError, match=r"cannot resume .*n_per_condition: 4 there, 5 now"):
+        evaluate_assay(assay, crops, resume=partial, **{**kw, "n_per_condition": 5})
+
+    out_json = tmp_path / "e.json"
+    out_json.write_text(json.dumps(partial))
+    args = ["evaluate", "--model", str(trained[0]), "--data", str(data), "--n", "4", "--min-real", "4",
+            "--no-inception", "--seed", "3", "--json", str(out_json)]
+    res = CliRunner().invoke(assay_app, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert "plates P1 already scored" in res.output and json.loads(out_json.read_text()) == full
+    res = CliRunner().invoke(assay_app, args + ["--resume"])
+    assert res.exit_code != 0 and "nothing to resume, it holds a complete evaluation" in res.output
+    out_json.write_text(json.dumps(partial))
+    res = CliRunner().invoke(assay_app, args[:-2] + ["--seed", "4", "--json", str(out_json), "--resume"])
+    assert res.exit_code != 0 and "seed: 3 there, 4 now" in res.output
+    assert json.loads(out_json.read_text()) == partial  # a refused resume leaves the partial JSON as it was
