@@ -166,6 +166,7 @@ def funnel_predict(
     cache: PredictionCache | None = None,
     seed: int = 0,
     objective: Callable[[np.ndarray], np.ndarray] | None = None,
+    min_eligible: int = 0,
 ) -> FunnelResult:
     """Simulate the candidates worth selecting from (see module docstring).
 
@@ -185,6 +186,9 @@ def funnel_predict(
             phenotypic activity everywhere, the surrogate's targets and the returned
             ``values`` included (e.g. ``ObjectiveConfig.member_values`` with the assay's features);
             needs ``config.profile_dims=None``, and ``measured_activity`` is then in its units.
+        min_eligible: the batch size the result must fill: a shortlist that would leave fewer
+            eligible candidates than this (small ``sample_size + shortlist_size``) is enlarged to
+            it, with a warning.
 
     Returns:
         ``FunnelResult``.
@@ -243,7 +247,12 @@ def funnel_predict(
         t0 = time.perf_counter()
         blocked = ~eligible
         blocked[first] = True
-        shortlist = prescreen(surrogate, fingerprints, config.shortlist_size, beta=config.beta, exclude=blocked,
+        shortlist_size = config.shortlist_size
+        if len(sample) + shortlist_size < min_eligible:
+            shortlist_size = min_eligible - len(sample)
+            log.warning("funnel: sample_size %d + shortlist_size %d is less than the %d picks asked for; "
+                        "shortlisting %d instead", len(sample), config.shortlist_size, min_eligible, shortlist_size)
+        shortlist = prescreen(surrogate, fingerprints, shortlist_size, beta=config.beta, exclude=blocked,
                               batch_size=config.surrogate.inference_batch_size)
         timings["prescreen_s"] = time.perf_counter() - t0
         # 4. simulate the shortlist

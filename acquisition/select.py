@@ -110,6 +110,12 @@ class SelectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a number written as text in campaign.json fails here, named
+            value = getattr(self, f.name)
+            if str(f.type).replace(" | None", "") in ("int", "float") and not (value is None and "None" in str(f.type)):
+                integral = str(f.type).startswith("int")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and value != int(value)):
+                    raise ValueError(f"{f.name} must be {'an integer' if integral else 'a number'}, got {value!r}")
         if self.acquisition not in SELECTION_ACQUISITIONS:
             raise ValueError(f"unknown acquisition {self.acquisition!r}; valid names: "
                              f"{list(SELECTION_ACQUISITIONS)}")

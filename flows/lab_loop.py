@@ -13,10 +13,10 @@ from prefect import flow, task
 
 from loop.campaign import Campaign
 from loop.ingest import ingest_results
-from loop.lab import run_synthetic_lab
+from loop.lab import return_pending_rounds, run_synthetic_lab
 from loop.propose import propose
 from loop.runtime import configure_torch_threads
-from loop.train import train_assay
+from loop.train import train_assay, train_if_measured
 
 configure_torch_threads()
 
@@ -50,6 +50,18 @@ def lab_task(campaign_dir: str, plates_dir: str, results_dir: str, seed: int = 0
                              seed=seed, write_images=write_images)
 
 
+@task(name="return-pending-rounds")
+def finish_rounds_task(campaign_dir: str, seed: int = 0, write_images: bool = True,
+                       db_url: Optional[str] = None) -> list[str]:
+    return [str(p) for p in return_pending_rounds(Campaign.open(Path(campaign_dir), db_url), seed=seed,
+                                                  write_images=write_images)]
+
+
+@task(name="catch-up-training")
+def catch_up_task(campaign_dir: str, executor: str = "local", db_url: Optional[str] = None) -> Optional[str]:
+    return train_if_measured(Campaign.open(Path(campaign_dir), db_url), executor=executor)
+
+
 @flow(name="propose")
 def propose_flow(campaign_dir: str, budget_wells: int = 384, out_dir: Optional[str] = None, policy: str = "loop",
                  db_url: Optional[str] = None) -> dict:
@@ -70,7 +82,12 @@ def retrain_flow(campaign_dir: str, executor: str = "local", ray_address: Option
 @flow(name="lab_round")
 def lab_round_flow(campaign_dir: str, budget_wells: int = 384, seed: int = 0, write_images: bool = True,
                    executor: str = "local", db_url: Optional[str] = None) -> dict:
-    """One closed-loop round against the synthetic lab: propose -> lab -> ingest -> retrain."""
+    """One closed-loop round against the synthetic lab: propose -> lab -> ingest -> retrain.
+
+    A rerun after a failure first finishes what the stopped run left (pending rounds through the lab
+    and ingested, a model trained on everything ingested), so the next proposal uses all of it."""
+    finish_rounds_task(campaign_dir, seed, write_images, db_url)
+    catch_up_task(campaign_dir, executor, db_url)
     proposal = propose_task(campaign_dir, budget_wells, None, "loop", db_url)
     results_dir = str(Path(proposal["out_dir"]).parent / "results")
     lab_task(campaign_dir, proposal["out_dir"], results_dir, seed, write_images, db_url)

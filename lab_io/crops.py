@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from lab_io.schema import CONTROL_COMPOUND_ID
+from lab_io.tempfiles import make_temp_file
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def _atomic_write_all(writers: dict[Path, Callable[[str], object]]) -> None:
     temps: dict[Path, str] = {}
     try:
         for path, write in writers.items():
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
             temps[path] = tmp
             write(tmp)

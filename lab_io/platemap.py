@@ -51,7 +51,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +70,7 @@ from lab_io.schema import (
     parse_well,
     well_name,
 )
+from lab_io.tempfiles import make_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class PlateLayoutConfig:
         for name in ("transfer_volume_nl", "stock_mm", "assay_volume_ul", "positive_control_dose_um"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.n_positive_controls:
+            self.check_dispensable(self.positive_control_dose_um, "positive_control_dose_um")
         if not _SAFE_NAME_RE.match(self.barcode_prefix):
             raise ValueError(f"barcode_prefix {self.barcode_prefix!r} may only use letters, digits, '_', '-', '.'")
 
@@ -148,6 +150,16 @@ class PlateLayoutConfig:
         """Compound stock volume for ``dose_um``, rounded to Echo droplets (2.5 nL)."""
         volume = dose_um * self.assay_volume_ul / self.stock_mm
         return round(volume / ECHO_DROPLET_NL) * ECHO_DROPLET_NL
+
+    def check_dispensable(self, dose_um: float, what: str) -> None:
+        """ValueError naming ``what`` unless ``dose_um`` takes between one droplet and
+        ``transfer_volume_nl`` of the stock."""
+        volume = self.compound_volume_nl(dose_um)
+        if volume <= 0 or volume > self.transfer_volume_nl:
+            raise ValueError(
+                f"{what}: {dose_um} uM needs {volume} nL of {self.stock_mm} mM stock; "
+                f"it must be between {ECHO_DROPLET_NL} and transfer_volume_nl={self.transfer_volume_nl} nL"
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,12 +211,7 @@ def _check_treatments(treatments: Sequence[tuple[str, float]], config: PlateLayo
             raise ValueError(f"treatment #{i}: invalid compound_id {compound_id!r}")
         if not (math.isfinite(dose_um) and dose_um > 0):
             raise ValueError(f"treatment #{i} ({compound_id}): dose_um must be > 0, got {dose_um}")
-        volume = config.compound_volume_nl(dose_um)
-        if volume <= 0 or volume > config.transfer_volume_nl:
-            raise ValueError(
-                f"treatment #{i} ({compound_id}): {dose_um} uM needs {volume} nL of {config.stock_mm} mM stock; "
-                f"it must be between {ECHO_DROPLET_NL} and transfer_volume_nl={config.transfer_volume_nl} nL"
-            )
+        config.check_dispensable(dose_um, f"treatment #{i} ({compound_id})")
         checked.append((compound_id, dose_um))
     return checked
 
@@ -452,7 +459,7 @@ def write_plate_files(layouts: Sequence[PlateLayout], compounds: pd.DataFrame, o
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir}: already exists and is not an empty folder; refusing to overwrite plates")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         names = _write_batch(layouts, compounds, tmp)
         if out_dir.exists():

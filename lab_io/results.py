@@ -99,6 +99,9 @@ class PlateResult:
     # cells or not; None where unknown. A mapped well missing here was not delivered, which is not
     # the same as a well the lab imaged and found no cell in.
     imaged_wells: tuple[str, ...] | None = None
+    # every (well, site) the lab delivered: an Image.csv row (object tables or not) or a Phenix field;
+    # None where unknown. A well lacking a site its neighbours have may be a copy still in progress.
+    imaged_sites: tuple[tuple[str, int], ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,9 +278,10 @@ def _check_counts(image: pd.DataFrame, tables: dict[str, pd.DataFrame], site_dir
 
 
 def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_dir: Path,
-               allow_missing_objects: bool, imaged: set[str]) -> pd.DataFrame | None:
+               allow_missing_objects: bool, imaged: set[str], sites: set[tuple[str, int]]) -> pd.DataFrame | None:
     """One site folder -> single-cell rows, or None when it has only Image.csv and that is allowed;
-    its wells join ``imaged`` once its object tables are read."""
+    its (well, site) pairs join ``sites`` once Image.csv is read, its wells ``imaged`` once its object
+    tables are."""
     hint = _site_well_hint(site_dir, barcode)
     image_path = site_dir / "Image.csv"
     if not image_path.exists():
@@ -287,6 +291,7 @@ def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_d
     if META_SITE not in image.columns:
         image = image.assign(**{META_SITE: _sites_without_column(image, site_dir)})
     well = image[META_WELL].iloc[0]
+    sites.update(zip(image[META_WELL].astype(str), image[META_SITE].astype(int)))
     missing = [c for c in COMPARTMENTS if not (site_dir / f"{c}.csv").exists()]
     if missing:
         if allow_missing_objects and len(missing) == len(COMPARTMENTS):
@@ -321,14 +326,14 @@ def _site_sort_key(site_dir: Path) -> tuple:
 def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -> PlateResult:
     hasher = hashlib.sha256()
     sources: list[str] = []
-    frames, skipped, imaged = [], [], set()
+    frames, skipped, imaged, sites = [], [], set(), set()
     site_dirs = sorted((p for p in (plate_dir / "analysis").iterdir() if p.is_dir() and not p.name.startswith(".")),
                        key=_site_sort_key)  # hidden folders (.ipynb_checkpoints) are not sites
     if not site_dirs:
         raise ResultsError(f"{plate_dir / 'analysis'} (plate {barcode}, well unknown): no site folders")
     first: tuple[Path, set] | None = None
     for site_dir in site_dirs:
-        cells = _read_site(site_dir, barcode, hasher, sources, plate_dir, allow_missing_objects, imaged)
+        cells = _read_site(site_dir, barcode, hasher, sources, plate_dir, allow_missing_objects, imaged, sites)
         if cells is None:
             skipped.append(site_dir.name)
             continue
@@ -345,7 +350,8 @@ def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -
     cells = pd.concat(frames, ignore_index=True)
     _check_unique_sites(cells, plate_dir, barcode)
     return PlateResult(barcode, cells, len(frames), tuple(sources), hasher.hexdigest(), from_images=False,
-                       skipped_sites=tuple(skipped), imaged_wells=tuple(sorted(imaged)))
+                       skipped_sites=tuple(skipped), imaged_wells=tuple(sorted(imaged)),
+                       imaged_sites=tuple(sorted(sites)))
 
 
 def _check_unique_sites(cells: pd.DataFrame, plate_dir: Path, barcode: str) -> None:
@@ -473,7 +479,8 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
     cells = pd.concat(frames, ignore_index=True)
     return PlateResult(barcode, cells, len(groups), tuple(sources), hasher.hexdigest(), from_images=True,
                        crops=None if crops is None else crops.result(),
-                       imaged_wells=tuple(sorted({well for well, _ in groups})))
+                       imaged_wells=tuple(sorted({well for well, _ in groups})),
+                       imaged_sites=tuple(sorted((well, int(site)) for well, site in groups)))
 
 
 def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, channel_names: Sequence[str] | None,

@@ -46,6 +46,8 @@ CONFIG_FILE = "campaign.json"
 DB_FILE = "campaign.db"
 LOCK_FILE = ".write.lock"
 LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another to finish (a 10^6 library add takes ~5 min)
+TRAIN_LOCK_FILE = ".train.lock"  # trainings wait for each other only (ingest and propose go on meanwhile)
+TRAIN_LOCK_TIMEOUT_S = 4 * 3600.0
 _HELD: dict[tuple[str, int], int] = {}  # (campaign lock file, thread) this process holds -> depth
 
 
@@ -97,7 +99,7 @@ class CampaignConfig:
             "dose_um": lambda: _check_positive(self.dose_um),
             "hit_sd": lambda: _check_positive(self.hit_sd),
             "lab_world_seed": lambda: _check_int(self.lab_world_seed),
-            "layout": lambda: PlateLayoutConfig(**self.layout),
+            "layout": lambda: PlateLayoutConfig(**self.layout).check_dispensable(self.dose_um, "dose_um"),
             "selection": lambda: SelectionConfig(**self.selection),
             "funnel": lambda: FunnelConfig.from_dict(self.funnel),
             "objective": lambda: ObjectiveConfig.from_dict(self.objective),
@@ -202,8 +204,9 @@ class Campaign:
         return Session(self.engine)
 
     @contextlib.contextmanager
-    def writing(self, what: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-        """Hold the campaign's write lock (``<root>/.write.lock``, an OS file lock) while ``what`` runs.
+    def writing(self, what: str, timeout_s: float = LOCK_TIMEOUT_S, lock_file: str = LOCK_FILE) -> Iterator[None]:
+        """Hold the campaign's write lock (``<root>/.write.lock``, an OS file lock) while ``what`` runs
+        (``lock_file``: another of the campaign's locks, e.g. ``TRAIN_LOCK_FILE``).
 
         Two writers that read the store and then write (``library add`` assigning fingerprint rows,
         ``ingest`` checking a plate is not yet imported, ``propose`` numbering a round) would
@@ -211,7 +214,7 @@ class Campaign:
         ``timeout_s`` seconds and then fails with a :class:`CampaignError` naming the campaign.
         The lock is released when the block ends or the process dies; a block inside another block of
         the same thread on the same campaign just runs (the lock is already held), another thread waits."""
-        path = self.root / LOCK_FILE
+        path = self.root / lock_file
         key = (str(path.resolve()), threading.get_ident())  # another thread of this process waits too
         if fcntl is None or _HELD.get(key):
             _HELD[key] = _HELD.get(key, 0) + 1

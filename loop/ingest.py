@@ -203,11 +203,41 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
             "without them (their compounds stay candidates; if the export leaves out fields without cells, "
             "these wells may be such, e.g. a toxic compound's)"
         )
+    short = _wells_short_of_fields(plate, used)
+    if short and not allow_missing_wells:
+        raise IngestError(
+            f"{results_dir / plate.barcode}: plate {plate.barcode}: {len(short)} well(s) have fewer fields than the "
+            f"plate's others ({_describe_short(short)}): a copy still in progress? Import the complete results, "
+            "or pass --allow-missing-wells to import the fields delivered (if the lab images a varying number of "
+            "fields per well, or its export leaves out fields without cells, this is expected)"
+        )
+    if short:
+        log.warning("plate %s: imported with %d well(s) short of fields: %s", plate.barcode, len(short),
+                    _describe_short(short))
     if undelivered:
         log.warning("plate %s: imported without %d undelivered well(s): %s", plate.barcode, len(undelivered),
                     ", ".join(undelivered[:10]))
         well_map = well_map[~well_map["well"].isin(undelivered)].reset_index(drop=True)
     return _Plan(plate, well_map, undelivered, imported_before=False)
+
+
+def _wells_short_of_fields(plate: PlateResult, mapped: set[str]) -> dict[str, tuple[int, int]]:
+    """Mapped wells delivered with fewer fields (sites) than the plate's most imaged well:
+    ``{well: (fields, most)}``. Counts, not site numbers, are compared: without ``Metadata_Site`` a
+    plate-wide Image.csv numbers its images across wells."""
+    if not plate.imaged_sites:
+        return {}
+    counts = pd.Series([well for well, _ in plate.imaged_sites]).value_counts()
+    counts = counts[counts.index.isin(mapped)]
+    if counts.empty:
+        return {}
+    most = int(counts.max())
+    return {str(well): (int(n), most) for well, n in counts.sort_index().items() if n < most}
+
+
+def _describe_short(short: dict[str, tuple[int, int]]) -> str:
+    shown = ", ".join(f"{well}: {n} of {most}" for well, (n, most) in list(short.items())[:10])
+    return shown + (", ..." if len(short) > 10 else "")
 
 
 def annotate_cells(cells: pd.DataFrame, well_map: pd.DataFrame) -> pd.DataFrame:

@@ -29,3 +29,30 @@ def run_synthetic_lab(plates_dir: Path, results_dir: Path, *, campaign: Campaign
     barcodes = lab.run_plates(plates_dir, Path(results_dir))
     log.info("synthetic lab returned %d plate(s) -> %s", len(barcodes), results_dir)
     return barcodes
+
+
+def return_pending_rounds(campaign: Campaign, *, seed: int = 0, write_images: bool = True) -> list[Path]:
+    """Finish the rounds a stopped closed-loop run against the synthetic lab left in the lab: each
+    round with plates still pending goes through the synthetic lab (again, if it had started: the
+    lab is deterministic) into ``<round>/results`` and is ingested. Returns those results folders.
+
+    Only for campaigns run against the synthetic lab (``lab_round_flow``): it stands in for the
+    lab on every pending plate."""
+    from sqlmodel import select
+
+    from loop import store
+    from loop.ingest import ingest_results
+
+    with campaign.session() as session:
+        indices = sorted(set(session.exec(select(store.Plate.round_index)
+                                          .where(store.Plate.status == "pending")).all()))
+        rounds = session.exec(select(store.Round).where(store.Round.index.in_(indices))).all()
+    done = []
+    for round_ in sorted(rounds, key=lambda r: r.index):
+        plates_dir = campaign.absolute(round_.out_dir)
+        results_dir = plates_dir.parent / "results"
+        log.info("round %d has plates in the synthetic lab: returning them into %s", round_.index, results_dir)
+        run_synthetic_lab(plates_dir, results_dir, campaign=campaign, seed=seed, write_images=write_images)
+        ingest_results(campaign, results_dir)
+        done.append(results_dir)
+    return done

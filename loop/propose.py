@@ -26,7 +26,7 @@ from lab_io.chem import murcko_scaffold_ids
 from lab_io.platemap import PlateLayoutConfig, design_plates, treatment_capacity, write_plate_files
 from lab_io.schema import WellRole
 from loop import store
-from loop.campaign import Campaign
+from loop.campaign import CONFIG_FILE, Campaign
 from loop.library import load_compounds
 from loop.objective import campaign_objective, describe, measured_objective_values
 from loop.train import latest_model
@@ -76,8 +76,12 @@ def next_round_index(campaign: Campaign) -> int:
 
 
 def candidate_table(campaign: Campaign) -> tuple[pd.DataFrame, np.ndarray]:
-    """Compounds never measured, with a flag for those on plates still in the lab (pending)."""
+    """Compounds never measured, with a flag for those on plates still in the lab (pending); the
+    plates' positive control is never a candidate (it is on every plate already)."""
     compounds = load_compounds(campaign)
+    positive_id = PlateLayoutConfig(**campaign.config.layout).positive_control_id
+    if positive_id:
+        compounds = compounds[compounds["compound_id"] != positive_id]
     with campaign.session() as session:
         measured = set(session.exec(select(store.Measurement.compound_id).where(
             store.Measurement.compound_id.is_not(None), store.Measurement.dose_um > 0)).all())
@@ -109,7 +113,12 @@ def choose_compounds(
         picks = rng.choice(np.flatnonzero(eligible), size=q, replace=False)
         return picks, _summary(picks, None, "random"), None
     if policy == "diversity_only" or model is None:
-        method = SelectionConfig(**campaign.config.selection).cold_start_method
+        cold_cfg = SelectionConfig(**campaign.config.selection)
+        method = cold_cfg.cold_start_method
+        if cold_cfg.max_per_scaffold is not None:
+            log.warning("max_per_scaffold=%d is not applied to a model-free batch (%s); it caps model-driven "
+                        "proposals", cold_cfg.max_per_scaffold,
+                        "diversity_only" if policy == "diversity_only" else "cold start")
         if policy == "diversity_only":
             method = diversity_method(method)
         else:
@@ -131,7 +140,8 @@ def choose_compounds(
         funnel_cfg = dataclasses.replace(funnel_cfg, profile_dims=None)  # both compare whole profiles
     funnel = funnel_predict(model, fps, candidates["inchikey"].to_numpy(), campaign.config.dose_um,
                             pending=np.flatnonzero(pending), config=funnel_cfg,
-                            cache=PredictionCache(campaign.root / "cache"), seed=seed, objective=objective)
+                            cache=PredictionCache(campaign.root / "cache"), seed=seed, objective=objective,
+                            min_eligible=q)
     if anchored:
         chosen, ucb = _select_anchored(campaign, model, fps, funnel, measured, q, sel_cfg, funnel_cfg, seed,
                                        objective_cfg)
@@ -150,8 +160,17 @@ def choose_compounds(
                              scaffold_ids=scaffold_ids, best_f=best_f,
                              profiles=funnel.profiles)
     picks = funnel.indices[selection.indices]  # rows of `candidates`
-    return picks, _summary(selection.indices, funnel.values, sel_cfg.acquisition, selection.acq_values), \
-        model.version
+    return picks, _summary(selection.indices, funnel.values, _pick_labels(selection, sel_cfg),
+                           selection.acq_values), model.version
+
+
+def _pick_labels(selection, sel_cfg: SelectionConfig) -> list[str]:
+    """What chose each pick, as the proposal records it: the acquisition for the exploitation picks,
+    ``qPosteriorStandardDeviation`` (member disagreement) or ``maxmin`` for the exploration ones."""
+    explore = {"std": "qPosteriorStandardDeviation", "maxmin": "maxmin"}.get(
+        selection.diagnostics.get("exploration_method"), "explore")
+    phases = selection.diagnostics.get("phase", ["exploit"] * len(selection.indices))
+    return [sel_cfg.acquisition if phase == "exploit" else explore for phase in phases]
 
 
 def _target_objective(objective_cfg: ObjectiveConfig, model):
@@ -218,15 +237,18 @@ def _predict_measured(campaign: Campaign, model, measured: pd.DataFrame, funnel_
     return fps, np.asarray(values)
 
 
-def _summary(picks: np.ndarray, values: np.ndarray | None, acquisition: str,
+def _summary(picks: np.ndarray, values: np.ndarray | None, acquisition: str | list[str],
              acq_values: np.ndarray | None = None) -> pd.DataFrame:
+    """Per pick: what chose it (one name for all, or one per pick), its acquisition value and the
+    members' mean and sd of the predicted value."""
     n = len(picks)
+    labels = [acquisition] * n if isinstance(acquisition, str) else list(acquisition)
     if values is None:
-        return pd.DataFrame(dict(acquisition=[acquisition] * n, acq_value=np.full(n, np.nan),
+        return pd.DataFrame(dict(acquisition=labels, acq_value=np.full(n, np.nan),
                                  pred_mean=np.full(n, np.nan), pred_sd=np.full(n, np.nan)))
     member_values = np.asarray(values)[:, picks]
     return pd.DataFrame(dict(
-        acquisition=[acquisition] * n,
+        acquisition=labels,
         acq_value=np.asarray(acq_values, dtype=float) if acq_values is not None else np.full(n, np.nan),
         pred_mean=member_values.mean(axis=0),
         pred_sd=member_values.std(axis=0, ddof=1) if member_values.shape[0] > 1 else np.zeros(n),
@@ -245,6 +267,7 @@ def propose(
     campaign's write lock: a concurrent proposal would take the same round number and pending set)."""
     if budget_wells <= 0:
         raise ValueError(f"--budget must be a positive number of wells, got {budget_wells}")
+    campaign.config.validate(str(campaign.root / CONFIG_FILE))  # a hand edit of campaign.json fails here, named
     with campaign.writing("propose"):
         return _propose(campaign, budget_wells, out_dir, policy, seed)
 
@@ -262,6 +285,9 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
     if q <= 0:
         raise ValueError(f"a budget of {budget_wells} wells cannot hold one treatment plus the plate's controls")
 
+    out_dir = Path(out_dir) if out_dir is not None else campaign.round_dir(round_index) / "plates"
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # before minutes of scoring
+        raise FileExistsError(f"--out {out_dir}: already exists and is not an empty folder; choose another --out folder")
     _warn_pending_rounds(campaign)
     picks, summary, model_version = choose_compounds(campaign, candidates, pending, q, policy, seed)
     chosen = candidates.iloc[picks].reset_index(drop=True)
@@ -271,13 +297,10 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
     layouts = design_plates(treatments, layout_cfg, seed=seed, plate_index_start=n_plates + 1,
                            budget_wells=budget_wells, campaign_tag=campaign.config.barcode_tag)
 
-    out_dir = Path(out_dir) if out_dir is not None else campaign.round_dir(round_index) / "plates"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty; choose another --out folder")
     config_json = json.dumps(dict(campaign=json.loads(campaign.config.to_json()), policy=policy, seed=seed,
                                   budget_wells=budget_wells, model_version=model_version))
     try:
-        files = write_plate_files(layouts, chosen[["compound_id", "name", "smiles", "inchikey"]], out_dir)
+        files = write_plate_files(layouts, _plate_compounds(campaign, chosen, layout_cfg), out_dir)
         (out_dir / "round_config.json").write_text(config_json)
         _record_round(campaign, round_index, policy, model_version, out_dir, config_json, layouts, chosen, summary)
     except BaseException:  # Ctrl-C and SIGTERM (loop.cli) too: no plate files without their round
@@ -288,6 +311,21 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
              n_wells, out_dir)
     return ProposalResult(round_index, out_dir, [lay.barcode for lay in layouts], len(chosen), n_wells, policy,
                           model_version, files)
+
+
+def _plate_compounds(campaign: Campaign, chosen: pd.DataFrame, layout_cfg: PlateLayoutConfig) -> pd.DataFrame:
+    """``compound_id, name, smiles, inchikey`` of everything on the plates: the picks and the
+    positive control, from the library when it is registered there, else by its id alone (a
+    reference compound the lab keeps; no SMILES or InChIKey to write)."""
+    columns = ["compound_id", "name", "smiles", "inchikey"]
+    positive_id = layout_cfg.positive_control_id
+    if not positive_id or layout_cfg.n_positive_controls == 0:
+        return chosen[columns]
+    with campaign.session() as session:
+        record = session.exec(select(store.Compound).where(store.Compound.compound_id == positive_id)).first()
+    row = ({c: getattr(record, c) for c in columns} if record is not None
+           else dict(compound_id=positive_id, name=positive_id, smiles="", inchikey=""))
+    return pd.concat([chosen[columns], pd.DataFrame([row])], ignore_index=True)
 
 
 def _warn_pending_rounds(campaign: Campaign) -> None:

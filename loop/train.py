@@ -20,7 +20,7 @@ from sqlmodel import select
 from lab_io import profiles as profiling
 from lab_io.schema import META_COMPOUND, CONTROL_COMPOUND_ID, WellRole, META_ROLE
 from loop import store
-from loop.campaign import Campaign
+from loop.campaign import TRAIN_LOCK_FILE, TRAIN_LOCK_TIMEOUT_S, Campaign
 from loop.library import load_compounds
 from models.config import FeatureAssayConfig, config_hash
 from models.ensemble import FeatureAssayEnsemble, load_ensemble, train_ensemble
@@ -76,6 +76,23 @@ def train_assay(
         feature_names=profiling.feature_select(cells), source=f"{campaign.root} measurements",
     )
     version = config_hash(config, train_set.data_fingerprint)
+    # a second training of the campaign (a scheduled retrain beside `loop train`) waits for the first,
+    # then finds its version registered instead of training into the same folder
+    with campaign.writing("train", timeout_s=TRAIN_LOCK_TIMEOUT_S, lock_file=TRAIN_LOCK_FILE):
+        return _train_or_reuse(campaign, train_set, config, version, executor, ray_address)
+
+
+def train_if_measured(campaign: Campaign, *, executor: str = "local", ray_address: str | None = None) -> str | None:
+    """:func:`train_assay` when anything is ingested (the current version is reused when it was
+    trained on all of it); None when nothing is. Returns the model version."""
+    try:
+        return train_assay(campaign, executor=executor, ray_address=ray_address).version
+    except NothingToTrainOn:
+        return None
+
+
+def _train_or_reuse(campaign: Campaign, train_set: FeatureTrainingSet, config, version: str, executor: str,
+                    ray_address: str | None) -> FeatureAssayEnsemble:
     with campaign.session() as session:
         existing = session.exec(select(store.ModelVersion).where(store.ModelVersion.version == version)).first()
     if existing is not None:

@@ -73,6 +73,22 @@ def test_exclude_and_pending(clustered):
     assert len(set(picks.tolist())) == 16 and not np.isin(picks, pending).any() and not exclude[picks].any()
 
 
+def test_a_shortlist_too_small_for_the_batch_is_enlarged_to_it(clustered, caplog):
+    """sample_size + shortlist_size below the picks asked for would return too few to fill the
+    plates: the shortlist grows to the batch, with a warning; otherwise the sizes stand."""
+    fps, keys, motif, _ = clustered
+    config = dataclasses.replace(SMALL, sample_size=50, shortlist_size=30)
+    pending = np.arange(10)
+    with caplog.at_level("WARNING", logger="acquisition.funnel"):
+        result = funnel_predict(FakeAssay(motif=motif), fps, keys, 10.0, pending=pending, config=config, seed=0,
+                                min_eligible=368)
+    assert len(result.indices) - len(result.pending) == 368
+    assert "shortlist_size 30 is less than the 368 picks asked for; shortlisting 318 instead" in caplog.text
+    result = funnel_predict(FakeAssay(motif=motif), fps, keys, 10.0, pending=pending, config=config, seed=0,
+                            min_eligible=60)
+    assert len(result.indices) - len(result.pending) == 80
+
+
 def test_small_library_is_simulated_whole():
     rng = np.random.default_rng(2)
     fps = random_fingerprints(120, rng)

@@ -40,3 +40,28 @@ def test_flows_are_thin_wrappers(campaign_dir, tmp_path):
 def test_propose_flow_real_run(campaign_dir, prefect_harness):
     result = propose_flow(campaign_dir, budget_wells=30)
     assert result["n_treatments"] == 14
+
+
+def test_a_rerun_after_a_failure_finishes_the_stopped_round_first(campaign_dir, monkeypatch):
+    """The lab step fails: the round stays in the lab. Training fails: the data sit unused. A rerun
+    first returns and ingests the pending round and trains on everything, then proposes from that
+    model, so no round is left pending and no proposal ignores measured data."""
+    import flows.lab_loop as lab_loop
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("instrument down")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lab_loop, "run_synthetic_lab", fail)
+        with pytest.raises(RuntimeError, match="instrument down"):
+            lab_round_flow.fn(campaign_dir, budget_wells=30, write_images=False)
+    assert campaign_status(Campaign.open(campaign_dir))["plates"]["pending"] == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(lab_loop, "train_assay", fail)
+        with pytest.raises(RuntimeError, match="instrument down"):
+            lab_round_flow.fn(campaign_dir, budget_wells=30, write_images=False)  # round 1 returned, round 2 ingested
+    status = campaign_status(Campaign.open(campaign_dir))
+    assert status["plates"] == {**status["plates"], "pending": 0, "returned": 2}
+    out = lab_round_flow.fn(campaign_dir, budget_wells=30, write_images=False)
+    assert out["proposal"]["round_index"] == 3 and out["proposal"]["model_version"] is not None
+    assert campaign_status(Campaign.open(campaign_dir))["plates"]["returned"] == 3

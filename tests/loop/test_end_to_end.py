@@ -3,6 +3,7 @@
 One module-scoped campaign is built once; each test checks one promise of issue #2 on it.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -360,3 +361,86 @@ def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path, mon
                                         model.feature_names)
     assert seen["best_f"] == pytest.approx(float(predicted.mean(axis=0).max()), rel=1e-5)
     assert campaign_status(campaign)["rounds"] == n_rounds  # the refused proposal recorded nothing
+
+
+def test_positive_controls_go_on_every_plate_and_are_never_picked(tmp_path):
+    """A campaign with positive-control wells: a reference compound the library lacks is written by
+    id alone, one the library holds with its structure; neither is ever proposed as a treatment,
+    and the plates come back and are ingested."""
+    layout = dict(n_negative_controls=16, n_positive_controls=8, positive_control_id="STAURO",
+                  positive_control_dose_um=1.0)
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=2, layout=layout, assay=TINY_ASSAY, lab=TINY_LAB))
+    add_virtual_library(campaign, 120, seed=0)
+    first = propose(campaign, 60)
+    meta = pd.read_csv(first.out_dir / "compound_metadata.tsv", sep="\t", dtype=str, keep_default_na=False)
+    stauro = meta[meta["broad_sample"] == "STAURO"]
+    assert stauro[["pert_type", "control_type", "smiles"]].values.tolist() == [["control", "poscon", ""]]
+    run_synthetic_lab(first.out_dir, tmp_path / "r1", campaign=campaign, seed=0)
+    reports = ingest_results(campaign, tmp_path / "r1")
+    assert [r.status for r in reports] == ["imported"]
+
+    library_control = "VL-000005"
+    campaign.config = dataclasses.replace(campaign.config, layout={**layout, "positive_control_id": library_control})
+    second = propose(campaign, 60)
+    treated = _treated(second.out_dir)
+    assert library_control not in treated and "STAURO" not in treated and len(treated) == second.n_treatments
+    meta = pd.read_csv(second.out_dir / "compound_metadata.tsv", sep="\t", dtype=str, keep_default_na=False)
+    row = meta[meta["broad_sample"] == library_control].iloc[0]
+    assert row["control_type"] == "poscon" and row["smiles"] and row["InChIKey"]
+
+
+def test_propose_checks_out_and_campaign_json_before_scoring(round_one, tmp_path, monkeypatch):
+    """An --out that is a file, or a hand-edited campaign.json with an unknown or ill-typed setting,
+    fails before any compound is scored, naming the option or the file and section."""
+    import loop.propose
+    from loop.campaign import CampaignError
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the checks")
+
+    monkeypatch.setattr(loop.propose, "choose_compounds", no_scoring)
+    campaign = Campaign.open(shutil.copytree(round_one["snapshot"], tmp_path / "campaign"))
+    (tmp_path / "afile.txt").write_text("hi")
+    with pytest.raises(FileExistsError, match=r"--out .*afile.txt: already exists and is not an empty folder"):
+        propose(campaign, 40, out_dir=tmp_path / "afile.txt")
+    for section, value, message in (("selection", {"bogus": 1}, "bogus"),
+                                    ("selection", {"max_per_scaffold": "2"}, "max_per_scaffold"),
+                                    ("layout", {"n_positive_controls": 2}, "positive_control_id")):
+        campaign.config = dataclasses.replace(round_one["campaign"].config, **{section: value})
+        with pytest.raises(CampaignError, match=rf"campaign.json: '{section}': .*{message}"):
+            propose(campaign, 40)
+
+
+def test_init_refuses_a_dose_the_echo_cannot_dispense(tmp_path):
+    from loop.campaign import CampaignError
+
+    with pytest.raises(CampaignError, match=r"dose_um: 13.0 uM needs 52.5 nL of 10.0 mM stock"):
+        Campaign.init(tmp_path / "c", CampaignConfig(dose_um=13.0))
+    with pytest.raises(CampaignError, match=r"positive_control_dose_um: 50.0 uM needs 200.0 nL"):
+        Campaign.init(tmp_path / "d", CampaignConfig(layout=dict(n_positive_controls=4, positive_control_id="P",
+                                                                 positive_control_dose_um=50.0)))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_exploration_picks_are_recorded_as_exploration():
+    from acquisition.select import Selection, SelectionConfig
+    from loop.propose import _pick_labels
+
+    selection = Selection(np.arange(4), np.zeros(4), {"phase": ["exploit"] * 3 + ["explore"],
+                                                      "exploration_method": "std"})
+    assert _pick_labels(selection, SelectionConfig(acquisition="qUCB")) == ["qUCB"] * 3 + ["qPosteriorStandardDeviation"]
+    selection.diagnostics["exploration_method"] = "maxmin"
+    assert _pick_labels(selection, SelectionConfig())[-1] == "maxmin"
+
+
+def test_two_trainings_at_once_train_once(round_one, tmp_path):
+    """A scheduled retrain beside `loop train` on the same data: the second waits for the first and
+    reuses its version, instead of training into the same folder and failing on registration."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = shutil.copytree(round_one["snapshot"], tmp_path / "campaign")
+    with ThreadPoolExecutor(2) as pool:
+        versions = list(pool.map(lambda _: train_assay(Campaign.open(root)).version, range(2)))
+    assert versions[0] == versions[1]
+    with Campaign.open(root).session() as session:
+        assert len(session.exec(select(store.ModelVersion)).all()) == 1

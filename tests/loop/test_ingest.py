@@ -219,3 +219,45 @@ def test_a_signal_right_after_the_commit_keeps_the_plate_files(tmp_path, monkeyp
     monkeypatch.undo()
     assert (campaign.measurements_dir / f"{barcodes[0]}.cells.parquet").is_file()
     assert [r.status for r in ingest_results(campaign, tmp_path / "results")] == ["already imported", "imported"]
+
+
+@pytest.mark.parametrize("images_only", [False, True])
+def test_a_well_short_of_the_fields_its_neighbours_have_is_refused(tmp_path, images_only):
+    """A copy cut inside its last well (one of two fields there, the rest complete), from the
+    CellProfiler tables or from the images alone: refused naming the well, nothing stored; the
+    complete copy then imports. With allow_missing_wells the short well is imported as delivered."""
+    import shutil
+
+    from loop.campaign import Campaign, CampaignConfig
+    from loop.ingest import ingest_results
+    from loop.lab import run_synthetic_lab
+    from loop.library import add_virtual_library
+    from loop.propose import propose
+    from loop.status import campaign_status
+
+    lab = dict(image_size_px=96, cells_per_field=6.0, fields_per_well=2)
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=lab))
+    add_virtual_library(campaign, 60, seed=0)
+    proposal = propose(campaign, 40)
+    barcode = proposal.barcodes[0]
+    complete = tmp_path / "complete"
+    run_synthetic_lab(proposal.out_dir, complete, campaign=campaign, seed=1, write_images=images_only)
+    partial = tmp_path / "partial"
+    shutil.copytree(complete, partial)
+    if images_only:
+        shutil.rmtree(partial / barcode / "analysis")
+        for path in sorted((partial / barcode / "Images").glob("*f02*"))[-3:]:  # the last field's channels
+            path.unlink()
+    else:
+        shutil.rmtree(sorted((partial / barcode / "analysis").iterdir(), key=lambda p: p.name)[-1])
+    with pytest.raises(IngestError, match=rf"plate {barcode}: 1 well\(s\) have fewer fields than the plate's others "
+                                          r"\(\w+: 1 of 2\): a copy still in progress"):
+        ingest_results(campaign, partial)
+    assert campaign_status(campaign)["measurements"] == 0
+    on_request = Campaign.open(shutil.copytree(campaign.root, tmp_path / "c2"))
+    [qc] = ingest_results(on_request, partial, allow_missing_wells=True)
+    assert qc.status == "imported" and campaign_status(on_request)["measurements"] > 0
+    if images_only:
+        shutil.rmtree(complete / barcode / "analysis")
+    [qc] = ingest_results(campaign, complete)
+    assert qc.status == "imported"

@@ -1,0 +1,34 @@
+"""Temporary files and folders that become the lab's files by an atomic rename.
+
+``tempfile.mkdtemp`` / ``mkstemp`` create owner-only entries (0700 / 0600) on purpose; renamed
+into place they would keep those modes, and a technician's or a pipeline's account could not
+read the plate files or crops. These give them the modes an ordinary ``mkdir`` / ``open`` would
+(0777 / 0666 less the process umask) as soon as they exist.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """An empty folder in ``parent`` with a unique name starting ``prefix``, mode as ``mkdir`` gives."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
+def make_temp_file(parent: str | Path, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """``(fd, path)`` of a new empty file in ``parent``, mode as ``open(..., 'w')`` gives."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, path
