@@ -266,7 +266,7 @@ def propose(
     """Pick compounds for ``budget_wells`` wells (controls included) and write plate files (under the
     campaign's write lock: a concurrent proposal would take the same round number and pending set)."""
     if budget_wells <= 0:
-        raise ValueError(f"--budget must be a positive number of wells, got {budget_wells}")
+        raise ValueError(f"the budget (--budget) must be a positive number of wells, got {budget_wells}")
     campaign.config.validate(str(campaign.root / CONFIG_FILE))  # a hand edit of campaign.json fails here, named
     with campaign.writing("propose"):
         return _propose(campaign, budget_wells, out_dir, policy, seed)

@@ -64,6 +64,8 @@ def train_assay(
     config_overrides: dict | None = None,
 ) -> FeatureAssayEnsemble:
     """Train a new ensemble version on all ingested cells and register it."""
+    if executor not in ("local", "ray"):  # before the data are read, and when a trained version is reused
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
     cells = load_measured_cells(campaign)
     compounds = load_compounds(campaign)
     fps = np.asarray(campaign.load_fingerprints())

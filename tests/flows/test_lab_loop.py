@@ -32,6 +32,10 @@ def test_flows_are_thin_wrappers(campaign_dir, tmp_path):
     assert proposal["round_index"] == 1 and len(proposal["barcodes"]) == 1
     with pytest.raises(RuntimeError, match="no measurements"):
         retrain_flow.fn(campaign_dir)
+    with pytest.raises(ValueError, match="executor must be 'local' or 'ray', got 'Local'"):
+        retrain_flow.fn(campaign_dir, executor="Local")
+    with pytest.raises(ValueError, match=r"budget \(--budget\) must be a positive number of wells, got 0"):
+        propose_flow.fn(campaign_dir, budget_wells=0)
     with pytest.raises(ResultsError, match="missing"):
         ingest_flow.fn(campaign_dir, str(tmp_path / "missing"))
 
