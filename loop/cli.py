@@ -281,6 +281,9 @@ def ingest(
                                              "wells of which were not delivered (no image, no Image.csv row), "
                                              "without those wells: their compounds stay candidates. Without it "
                                              "such a plate is an error naming the wells."),
+    replace: bool = typer.Option(False, "--replace", help="Import again plates imported before from other "
+                                 "files (e.g. the complete copy of a plate imported with --allow-missing-wells): "
+                                 "their measurements, files and crops are replaced."),
 ):
     """Import plate results (one transaction per plate; re-imports are no-ops)."""
     from loop.ingest import ingest_results
@@ -291,7 +294,7 @@ def ingest(
             raise FileNotFoundError(f"{results_dir}: no such results folder")
         with console.status("reading and checking results..."):
             reports = ingest_results(campaign, results_dir, crop_px=crops_px, crops_per_well=crops_per_well,
-                                     allow_missing_wells=allow_missing_wells)
+                                     allow_missing_wells=allow_missing_wells, replace=replace)
     table = Table(title="ingest QC")
     for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits",
                 "wells without cells", "missing wells"):

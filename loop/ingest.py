@@ -57,7 +57,8 @@ class PlateQC:
 
 
 def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
-                   crops_per_well: int = 64, allow_missing_wells: bool = False) -> list[PlateQC]:
+                   crops_per_well: int = 64, allow_missing_wells: bool = False,
+                   replace: bool = False) -> list[PlateQC]:
     """Import every plate under ``results_dir``; nothing is written unless all plates check out and
     every plate's profiles can be computed.
 
@@ -65,8 +66,14 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     error naming the wells: a partial copy of the lab's export would otherwise be taken for wells
     without cells and their compounds for measured. ``allow_missing_wells``: import such plates
     without those wells (no measurement is stored for them, so their compounds stay candidates;
-    the plate cannot be imported again later). A well the lab imaged and found no cell in is a
-    measurement with ``n_cells = 0``.
+    the plate is imported again only with ``replace``). A well the lab imaged and found no cell in
+    is a measurement with ``n_cells = 0``.
+
+    ``replace``: a plate imported before from other files (the complete copy of a plate imported
+    with ``allow_missing_wells``, a corrected export) is imported again from these: its
+    measurements, Parquet files and crops are replaced in one step, and if that fails the earlier
+    ones stay as they were. Models trained before keep what they were trained on; ``loop train``
+    trains a new version on the new measurements.
 
     ``crop_px``: also cut single-cell crops (``crop_px`` square, at most ``crops_per_well`` a well)
     from each plate's images and store them as a crops folder, ``measurements/<barcode>.crops/``
@@ -82,7 +89,7 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
         raise IngestError(f"{results_dir}: no plate folders with results found")
     with campaign.writing(f"ingest of {results_dir}"):
         with campaign.session() as session:
-            plans = [_check_plate(session, plate, results_dir, allow_missing_wells) for plate in plates]
+            plans = [_check_plate(session, plate, results_dir, allow_missing_wells, replace) for plate in plates]
         _check_same_measurements(campaign, [plan for plan in plans if not plan.imported_before], results_dir)
         profiles = [None if plan.imported_before else _profile_plate(campaign, plan.plate, plan.well_map, results_dir)
                     for plan in plans]
@@ -91,7 +98,8 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
             if plan.imported_before:
                 reports.append(_revisit_plate(campaign, plan))
                 continue
-            reports.append(_record_plate(campaign, plan, wells))
+            reports.append(_replace_plate(campaign, plan, wells) if plan.replaces else
+                           _record_plate(campaign, plan, wells))
     return reports
 
 
@@ -138,6 +146,7 @@ class _Plan:
     well_map: pd.DataFrame  # its map, less the wells nothing was delivered for
     undelivered: list[str]
     imported_before: bool  # these very files were imported already
+    replaces: bool = False  # imported before from other files, and to be replaced (``replace``)
 
 
 def _revisit_plate(campaign: Campaign, plan: _Plan) -> PlateQC:
@@ -164,7 +173,7 @@ def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFram
 
 
 def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
-                 allow_missing_wells: bool = False) -> _Plan:
+                 allow_missing_wells: bool = False, replace: bool = False) -> _Plan:
     """The plate's plan: its map and the mapped wells nothing was delivered for (left out of the map
     when ``allow_missing_wells``; IngestError naming the plate folder otherwise)."""
     row = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).first()
@@ -175,16 +184,18 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
     if row.status == "cancelled":
         raise IngestError(f"{results_dir / plate.barcode}: plate {plate.barcode} belongs to round {row.round_index}, "
                           "which was cancelled (`loop round cancel`); its results are not imported")
-    if row.status == "returned" and row.results_fingerprint != plate.fingerprint:
+    replaces = row.status == "returned" and row.results_fingerprint != plate.fingerprint
+    if replaces and not replace:
         raise IngestError(
             f"{results_dir / plate.barcode}: plate {plate.barcode} was already imported from different files; "
-            "refusing to overwrite its measurements"
+            "refusing to overwrite its measurements (pass --replace to import it again from these files, e.g. the "
+            "complete copy of a plate imported with --allow-missing-wells)"
         )
     wells = session.exec(select(store.Well).where(store.Well.barcode == plate.barcode)).all()
     well_map = pd.DataFrame(
         [dict(well=w.well, role=w.role, compound_id=w.compound_id, dose_um=w.dose_um) for w in wells]
     )
-    if row.status == "returned":
+    if row.status == "returned" and not replaces:
         return _Plan(plate, well_map, [], imported_before=True)
     used = set(well_map.loc[well_map["role"] != WellRole.empty.value, "well"])
     measured = set(plate.cells[META_WELL].unique())
@@ -218,7 +229,7 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
         log.warning("plate %s: imported without %d undelivered well(s): %s", plate.barcode, len(undelivered),
                     ", ".join(undelivered[:10]))
         well_map = well_map[~well_map["well"].isin(undelivered)].reset_index(drop=True)
-    return _Plan(plate, well_map, undelivered, imported_before=False)
+    return _Plan(plate, well_map, undelivered, imported_before=False, replaces=replaces)
 
 
 def _wells_short_of_fields(plate: PlateResult, mapped: set[str]) -> dict[str, tuple[int, int]]:
@@ -283,7 +294,32 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
                                                index=normalized.index)], axis=1)
 
 
-def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> PlateQC:
+def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> PlateQC:
+    """Import a plate again from other files: its earlier Parquet files and crops are moved aside,
+    the new ones recorded with the earlier measurements deleted in the same transaction, and the
+    earlier files put back if that fails; the set-aside files are removed once the store holds the
+    new ones."""
+    barcode = plan.plate.barcode
+    earlier = [campaign.measurements_dir / f"{barcode}.{suffix}" for suffix in ("cells.parquet", "wells.parquet", "crops")]
+    aside = {path: path.with_name(f".{path.name}.replaced") for path in earlier if path.exists()}
+    for path, moved in aside.items():
+        _remove([moved])
+        os.replace(path, moved)
+    try:
+        qc = _record_plate(campaign, plan, wells, delete_earlier=True)
+    except BaseException:
+        if not _plate_recorded(campaign, plan.plate):
+            for path, moved in aside.items():
+                _remove([path])
+                os.replace(moved, path)
+        raise
+    _remove(list(aside.values()))
+    log.warning("plate %s: imported again from other files; its earlier measurements are replaced (models "
+                "trained before keep theirs; `loop train` trains on the new ones)", barcode)
+    return qc
+
+
+def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, delete_earlier: bool = False) -> PlateQC:
     """Write one checked plate: its single cells and well profiles (Parquet), crops if cut, and its
     measurements and status in one transaction; files written are removed if anything fails."""
     plate, well_map = plan.plate, plan.well_map
@@ -317,6 +353,11 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> Plate
                 )
                 for w in mapped.to_dict("records")
             ]
+            if delete_earlier:  # a replaced plate: its earlier measurements go in the same transaction
+                for earlier in session.exec(select(store.Measurement)
+                                            .where(store.Measurement.barcode == plate.barcode)).all():
+                    session.delete(earlier)
+                session.flush()
             store.bulk_insert(session, store.Measurement, rows)
             db_plate = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).one()
             db_plate.status = "returned"

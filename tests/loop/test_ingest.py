@@ -261,3 +261,55 @@ def test_a_well_short_of_the_fields_its_neighbours_have_is_refused(tmp_path, ima
         shutil.rmtree(complete / barcode / "analysis")
     [qc] = ingest_results(campaign, complete)
     assert qc.status == "imported"
+
+
+def test_replace_imports_the_complete_copy_of_a_partly_imported_plate(tmp_path, monkeypatch):
+    """A plate imported without its undelivered wells refuses the complete copy (naming --replace);
+    with replace it is imported again: measurements and files replaced in one step. A failure on
+    the way leaves the earlier measurements and files exactly as they were."""
+    import shutil
+
+    from sqlmodel import select
+
+    from loop import store
+    from loop.campaign import Campaign, CampaignConfig
+    from loop.ingest import ingest_results
+    from loop.lab import run_synthetic_lab
+    from loop.library import add_virtual_library
+    from loop.propose import propose
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=96, cells_per_field=6.0)))
+    add_virtual_library(campaign, 60, seed=0)
+    proposal = propose(campaign, 40)
+    barcode = proposal.barcodes[0]
+    run_synthetic_lab(proposal.out_dir, tmp_path / "complete", campaign=campaign, seed=1, write_images=False)
+    shutil.copytree(tmp_path / "complete", tmp_path / "partial")
+    for site in sorted((tmp_path / "partial" / barcode / "analysis").iterdir())[-3:]:
+        shutil.rmtree(site)
+    ingest_results(campaign, tmp_path / "partial", allow_missing_wells=True)
+
+    def measured():
+        with campaign.session() as session:
+            return sorted(session.exec(select(store.Measurement.well).where(store.Measurement.barcode == barcode)).all())
+
+    def files():
+        return {p.name: p.read_bytes() for p in campaign.measurements_dir.iterdir()}
+
+    partial_wells, partial_files = measured(), files()
+    with pytest.raises(IngestError, match="already imported from different files.*pass --replace"):
+        ingest_results(campaign, tmp_path / "complete")
+
+    def broken_insert(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "bulk_insert", broken_insert)
+        with pytest.raises(RuntimeError, match="disk full"):
+            ingest_results(campaign, tmp_path / "complete", replace=True)
+    assert measured() == partial_wells and files() == partial_files
+
+    [qc] = ingest_results(campaign, tmp_path / "complete", replace=True)
+    assert qc.status == "imported" and len(measured()) == len(partial_wells) + 3 == len(set(measured()))
+    assert not [p for p in campaign.measurements_dir.iterdir() if p.name.startswith(".")]
+    [again] = ingest_results(campaign, tmp_path / "complete")
+    assert again.status != "imported" and len(measured()) == len(partial_wells) + 3
