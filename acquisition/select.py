@@ -33,6 +33,8 @@ the caller (``loop.propose``, ``loop.simulation``) routes by that flag.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -61,6 +63,25 @@ _EXPLORATION_METHODS = ("std", "maxmin")
 COLD_START_METHODS = ("coverage", "maxmin", "random", "stratified")
 _SELECT_BATCH_FIELDS = ("acquisition", "beta", "diversity_penalty", "phenotype_penalty", "exploration_fraction",
                         "exploration_method", "max_per_scaffold")
+
+
+_INTEGER_FIELDS = ("max_per_scaffold", "seed")
+_REAL_FIELDS = ("beta", "diversity_penalty", "phenotype_penalty", "exploration_fraction", "anchor_beta",
+                "anchor_prior_weight", "anchor_prior_sd")
+
+
+def _check_numbers(config: "SelectionConfig") -> None:
+    """Integer and real settings must be numbers (numpy's too, stored as Python ``int`` / ``float``):
+    ValueError naming the setting otherwise (``"2"`` from a hand-edited campaign.json, ``1.5`` seeds)."""
+    for name in _INTEGER_FIELDS + _REAL_FIELDS:
+        value = getattr(config, name)
+        if value is None and name == "max_per_scaffold":
+            continue
+        integral = name in _INTEGER_FIELDS
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+                integral and not (math.isfinite(value) and value == int(value))):
+            raise ValueError(f"{name} must be {'an integer' if integral else 'a number'}, got {value!r}")
+        object.__setattr__(config, name, int(value) if integral else float(value))
 
 
 @dataclass(frozen=True)
@@ -110,12 +131,7 @@ class SelectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # a number written as text in campaign.json fails here, named
-            value = getattr(self, f.name)
-            if str(f.type).replace(" | None", "") in ("int", "float") and not (value is None and "None" in str(f.type)):
-                integral = str(f.type).startswith("int")
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and value != int(value)):
-                    raise ValueError(f"{f.name} must be {'an integer' if integral else 'a number'}, got {value!r}")
+        _check_numbers(self)  # a number written as text in campaign.json fails here, named
         if self.acquisition not in SELECTION_ACQUISITIONS:
             raise ValueError(f"unknown acquisition {self.acquisition!r}; valid names: "
                              f"{list(SELECTION_ACQUISITIONS)}")

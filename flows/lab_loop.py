@@ -32,9 +32,11 @@ def propose_task(campaign_dir: str, budget_wells: int, out_dir: Optional[str] = 
 
 @task(name="ingest-results")
 def ingest_task(campaign_dir: str, results_dir: str, db_url: Optional[str] = None, allow_missing_wells: bool = False,
-                crop_px: Optional[int] = None, crops_per_well: int = 64, replace: bool = False) -> list[dict]:
+                crop_px: Optional[int] = None, crops_per_well: int = 64, replace: bool = False,
+                allow_uneven_fields: bool = False) -> list[dict]:
     reports = ingest_results(Campaign.open(Path(campaign_dir), db_url), Path(results_dir), crop_px=crop_px,
-                             crops_per_well=crops_per_well, allow_missing_wells=allow_missing_wells, replace=replace)
+                             crops_per_well=crops_per_well, allow_missing_wells=allow_missing_wells,
+                             allow_uneven_fields=allow_uneven_fields, replace=replace)
     return [dict(barcode=r.barcode, status=r.status, n_wells=r.n_wells, n_hits=r.n_hits) for r in reports]
 
 
@@ -72,8 +74,10 @@ def propose_flow(campaign_dir: str, budget_wells: int = 384, out_dir: Optional[s
 
 @flow(name="ingest")
 def ingest_flow(campaign_dir: str, results_dir: str, db_url: Optional[str] = None, allow_missing_wells: bool = False,
-                crop_px: Optional[int] = None, crops_per_well: int = 64, replace: bool = False) -> list[dict]:
-    return ingest_task(campaign_dir, results_dir, db_url, allow_missing_wells, crop_px, crops_per_well, replace)
+                crop_px: Optional[int] = None, crops_per_well: int = 64, replace: bool = False,
+                allow_uneven_fields: bool = False) -> list[dict]:
+    return ingest_task(campaign_dir, results_dir, db_url, allow_missing_wells, crop_px, crops_per_well, replace,
+                       allow_uneven_fields)
 
 
 @flow(name="retrain")

@@ -101,7 +101,7 @@ class PlateResult:
     imaged_wells: tuple[str, ...] | None = None
     # every (well, site) the lab delivered: an Image.csv row (object tables or not) or a Phenix field;
     # None where unknown. A well lacking a site its neighbours have may be a copy still in progress.
-    imaged_sites: tuple[tuple[str, int], ...] | None = None
+    imaged_sites: tuple[tuple[str, object], ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +290,11 @@ def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_d
     image = _check_image(image, image_path, barcode, hint)
     if META_SITE not in image.columns:
         image = image.assign(**{META_SITE: _sites_without_column(image, site_dir)})
+    elif image[META_SITE].isna().any():  # an export that left Metadata_Site empty: as if it had none
+        image = image.assign(**{META_SITE: image[META_SITE].fillna(
+            pd.Series(_sites_without_column(image, site_dir), index=image.index))})
     well = image[META_WELL].iloc[0]
-    sites.update(zip(image[META_WELL].astype(str), image[META_SITE].astype(int)))
+    sites.update(zip(image[META_WELL].astype(str), image[META_SITE]))
     missing = [c for c in COMPARTMENTS if not (site_dir / f"{c}.csv").exists()]
     if missing:
         if allow_missing_objects and len(missing) == len(COMPARTMENTS):
@@ -351,7 +354,7 @@ def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -
     _check_unique_sites(cells, plate_dir, barcode)
     return PlateResult(barcode, cells, len(frames), tuple(sources), hasher.hexdigest(), from_images=False,
                        skipped_sites=tuple(skipped), imaged_wells=tuple(sorted(imaged)),
-                       imaged_sites=tuple(sorted(sites)))
+                       imaged_sites=tuple(sorted(sites, key=str)))
 
 
 def _check_unique_sites(cells: pd.DataFrame, plate_dir: Path, barcode: str) -> None:

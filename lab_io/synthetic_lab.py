@@ -47,6 +47,7 @@ import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -197,8 +198,10 @@ class SyntheticLab:
 
     # -- public API -------------------------------------------------------------------------
 
-    def run_plates(self, plates_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> list[str]:
-        """Image and measure every plate of a plates folder; returns the barcodes written.
+    def run_plates(self, plates_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                   barcodes: Sequence[str] | None = None) -> list[str]:
+        """Image and measure every plate of a plates folder (``barcodes``: only these of them);
+        returns the barcodes written.
 
         Writes ``<out_dir>/<barcode>/Images/*.tiff`` (when ``config.write_images``) and
         ``<out_dir>/<barcode>/analysis/<barcode>-<well>-<site>/{Image,Nuclei,Cells,Cytoplasm}.csv``.
@@ -208,8 +211,12 @@ class SyntheticLab:
         layouts, compounds = read_plate_files(plates_dir)
         wells = wells_from_layouts(layouts, compounds)
         out_dir = Path(out_dir)
+        in_folder = list(dict.fromkeys(wells["barcode"]))
+        unknown = sorted(set(barcodes or ()) - set(in_folder))
+        if unknown:
+            raise ValueError(f"{plates_dir}: no plate(s) {unknown} in this plates folder (it holds {in_folder})")
+        barcodes = in_folder if barcodes is None else [b for b in in_folder if b in set(barcodes)]
         out_dir.mkdir(parents=True, exist_ok=True)
-        barcodes = list(dict.fromkeys(wells["barcode"]))
         for barcode in barcodes:
             if (out_dir / barcode).exists() and not overwrite:
                 raise FileExistsError(f"{out_dir / barcode}: plate {barcode} already has results; not overwriting")

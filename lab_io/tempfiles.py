@@ -14,16 +14,25 @@ from pathlib import Path
 
 
 def current_umask() -> int:
-    """The process umask (read by setting it and putting it back)."""
+    """The process umask: from ``/proc/self/status`` where there is one (reading it changes nothing,
+    so other threads are unaffected), else by setting it and putting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
 def make_temp_dir(parent: str | Path, prefix: str) -> Path:
-    """An empty folder in ``parent`` with a unique name starting ``prefix``, mode as ``mkdir`` gives."""
+    """An empty folder in ``parent`` with a unique name starting ``prefix``, mode as ``mkdir`` gives
+    (the setgid bit a shared group folder passes on is kept)."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(path, 0o777 & ~current_umask())
+    special = os.stat(path).st_mode & 0o7000
+    os.chmod(path, special | (0o777 & ~current_umask()))
     return path
 
 

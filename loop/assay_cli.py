@@ -291,28 +291,36 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def _partial_path(json_out: Path) -> Path:
+    """Where a running evaluation keeps the plates it scored (``OUT.json.partial``; the --json file
+    itself is written once, complete)."""
+    return json_out.with_name(json_out.name + ".partial")
+
+
 def _partial_evaluation(json_out: Path, resume: bool) -> dict | None:
-    """The partial evaluation ``--resume`` continues (None: start afresh); a partial one left in the
-    way without ``--resume`` is named before it is replaced."""
-    if not json_out.is_file():
+    """The partial evaluation ``--resume`` continues (None: start afresh); a partial one left
+    without ``--resume`` is named before it is replaced."""
+    partial_path = _partial_path(json_out)
+    if not partial_path.is_file():
+        if resume and json_out.is_file():
+            _fail(f"{json_out}: nothing to resume, it holds a complete evaluation (choose another --json)")
         if resume:
-            typer.echo(f"{json_out} does not exist yet: nothing to resume, starting afresh", err=True)
+            typer.echo(f"{partial_path} does not exist: nothing to resume, starting afresh", err=True)
         return None
     try:
-        previous = json.loads(json_out.read_text())
+        previous = json.loads(partial_path.read_text())
     except (OSError, ValueError) as err:
-        if resume:
-            _fail(f"{json_out}: cannot resume, not a readable evaluation JSON ({err})")
-        return None
-    is_partial = isinstance(previous, dict) and previous.get("complete") is False
+        previous, problem = None, str(err)
+    else:
+        problem = None if (isinstance(previous, dict) and previous.get("complete") is False
+                           and isinstance(previous.get("plates_done"), list)) else "not a partial evaluation"
     if not resume:
-        if is_partial:
-            typer.echo(f"{json_out} holds a partial evaluation (plates {', '.join(previous.get('plates_done', []))}); "
-                       "starting afresh (--resume continues it)", err=True)
+        typer.echo(f"{partial_path} holds a stopped evaluation; starting afresh (--resume continues it)", err=True)
         return None
-    if not is_partial:
-        _fail(f"{json_out}: nothing to resume, it holds a complete evaluation (choose another --json)")
-    typer.echo(f"resuming {json_out}: plates {', '.join(previous['plates_done']) or 'none'} already scored", err=True)
+    if problem:
+        _fail(f"{partial_path}: cannot resume ({problem})")
+    typer.echo(f"resuming {partial_path}: plates {', '.join(previous['plates_done']) or 'none'} already scored",
+               err=True)
     return previous
 
 
@@ -338,8 +346,8 @@ def evaluate(
                                           "model and unconditional are sampled alike."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the partial --json a stopped run left (the JSON "
-                                "is rewritten after every plate, 'complete': false until the end); same options."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped run with the same options: the plates "
+                                "it scored are kept in OUT.json.partial as it goes ('complete': false)."),
 ):
     """FID / KID (Inception and morphology) per treated condition, next to the baselines."""
     _setup(threads)
@@ -351,7 +359,7 @@ def evaluate(
 
     def keep_partial(partial: dict) -> None:  # a stopped run keeps the plates it scored; --resume continues it
         if partial["conditions"]:
-            _write_json(json_out, partial)
+            _write_json(_partial_path(json_out), partial)
 
     try:
         assay = ImageAssay.load(model).to(resolve_device(device))
@@ -364,6 +372,7 @@ def evaluate(
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
     _write_json(json_out, result)
+    _partial_path(json_out).unlink(missing_ok=True)
     for cond in result["conditions"]:
         typer.echo(f"{cond['plate']} {cond['compound']} {cond['dose_um']:g} uM (n_real={cond['n_real']}):")
         rows = [(name, cond[name]) for name in ("model", "copy_control", "unconditional", "real_floor",

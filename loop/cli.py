@@ -281,6 +281,10 @@ def ingest(
                                              "wells of which were not delivered (no image, no Image.csv row), "
                                              "without those wells: their compounds stay candidates. Without it "
                                              "such a plate is an error naming the wells."),
+    allow_uneven_fields: bool = typer.Option(False, "--allow-uneven-fields", help="Import wells delivered with "
+                                             "fewer fields than the plate's others (a lab imaging a varying number "
+                                             "of fields per well). Without it such a plate is an error naming the "
+                                             "wells: a copy still in progress looks like this."),
     replace: bool = typer.Option(False, "--replace", help="Import again plates imported before from other "
                                  "files (e.g. the complete copy of a plate imported with --allow-missing-wells): "
                                  "their measurements, files and crops are replaced."),
@@ -294,7 +298,8 @@ def ingest(
             raise FileNotFoundError(f"{results_dir}: no such results folder")
         with console.status("reading and checking results..."):
             reports = ingest_results(campaign, results_dir, crop_px=crops_px, crops_per_well=crops_per_well,
-                                     allow_missing_wells=allow_missing_wells, replace=replace)
+                                     allow_missing_wells=allow_missing_wells,
+                                     allow_uneven_fields=allow_uneven_fields, replace=replace)
     table = Table(title="ingest QC")
     for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits",
                 "wells without cells", "missing wells"):

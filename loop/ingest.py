@@ -58,7 +58,7 @@ class PlateQC:
 
 def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
                    crops_per_well: int = 64, allow_missing_wells: bool = False,
-                   replace: bool = False) -> list[PlateQC]:
+                   allow_uneven_fields: bool = False, replace: bool = False) -> list[PlateQC]:
     """Import every plate under ``results_dir``; nothing is written unless all plates check out and
     every plate's profiles can be computed.
 
@@ -68,6 +68,10 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     without those wells (no measurement is stored for them, so their compounds stay candidates;
     the plate is imported again only with ``replace``). A well the lab imaged and found no cell in
     is a measurement with ``n_cells = 0``.
+
+    A mapped well delivered with fewer fields (sites) than the plate's most imaged well is an error
+    too (a copy still in progress, cut inside a well); ``allow_uneven_fields`` imports such wells
+    with the fields delivered (a lab that images a varying number of fields per well).
 
     ``replace``: a plate imported before from other files (the complete copy of a plate imported
     with ``allow_missing_wells``, a corrected export) is imported again from these: its
@@ -89,7 +93,8 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
         raise IngestError(f"{results_dir}: no plate folders with results found")
     with campaign.writing(f"ingest of {results_dir}"):
         with campaign.session() as session:
-            plans = [_check_plate(session, plate, results_dir, allow_missing_wells, replace) for plate in plates]
+            plans = [_check_plate(session, plate, results_dir, allow_missing_wells, allow_uneven_fields, replace)
+                     for plate in plates]
         _check_same_measurements(campaign, [plan for plan in plans if not plan.imported_before], results_dir)
         profiles = [None if plan.imported_before else _profile_plate(campaign, plan.plate, plan.well_map, results_dir)
                     for plan in plans]
@@ -173,7 +178,7 @@ def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFram
 
 
 def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
-                 allow_missing_wells: bool = False, replace: bool = False) -> _Plan:
+                 allow_missing_wells: bool = False, allow_uneven_fields: bool = False, replace: bool = False) -> _Plan:
     """The plate's plan: its map and the mapped wells nothing was delivered for (left out of the map
     when ``allow_missing_wells``; IngestError naming the plate folder otherwise)."""
     row = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).first()
@@ -215,11 +220,11 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
             "these wells may be such, e.g. a toxic compound's)"
         )
     short = _wells_short_of_fields(plate, used)
-    if short and not allow_missing_wells:
+    if short and not allow_uneven_fields:
         raise IngestError(
             f"{results_dir / plate.barcode}: plate {plate.barcode}: {len(short)} well(s) have fewer fields than the "
             f"plate's others ({_describe_short(short)}): a copy still in progress? Import the complete results, "
-            "or pass --allow-missing-wells to import the fields delivered (if the lab images a varying number of "
+            "or pass --allow-uneven-fields to import the fields delivered (if the lab images a varying number of "
             "fields per well, or its export leaves out fields without cells, this is expected)"
         )
     if short:

@@ -79,9 +79,9 @@ def candidate_table(campaign: Campaign) -> tuple[pd.DataFrame, np.ndarray]:
     """Compounds never measured, with a flag for those on plates still in the lab (pending); the
     plates' positive control is never a candidate (it is on every plate already)."""
     compounds = load_compounds(campaign)
-    positive_id = PlateLayoutConfig(**campaign.config.layout).positive_control_id
-    if positive_id:
-        compounds = compounds[compounds["compound_id"] != positive_id]
+    layout = PlateLayoutConfig(**campaign.config.layout)
+    if layout.positive_control_id and layout.n_positive_controls:
+        compounds = compounds[compounds["compound_id"] != layout.positive_control_id]
     with campaign.session() as session:
         measured = set(session.exec(select(store.Measurement.compound_id).where(
             store.Measurement.compound_id.is_not(None), store.Measurement.dose_um > 0)).all())

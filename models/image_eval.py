@@ -390,7 +390,7 @@ def evaluate_assay(
         "n_per_condition": n_per_condition, "seed": seed, "sampler": sampler or assay.config.flow.sampler,
         "n_steps": n_steps or assay.config.flow.n_steps, "max_real": max_real,
         "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
-        "guidance_gated": assay.config.flow.guidance_gated,
+        "guidance_gated": assay.config.flow.guidance_gated, "device": str(assay.device),
         "data": {"source": source, "n_cells": int(len(meta)), "plates": list(plate_list),
                  "doses_um": None if doses_um is None else [float(d) for d in doses_um]},
         "options": {"min_real": min_real, "cross_doses": cross_doses, "inception": inception, "ceiling": ceiling,

@@ -242,3 +242,18 @@ def test_cold_start_with_nothing_eligible_is_an_empty_batch(method):
     with pytest.warns(UserWarning):
         out = select_cold_start(fps, 3, seed=0, exclude=np.ones(5, bool), priority=np.arange(5.0), method=method)
     assert len(out.indices) == 0
+
+
+def test_selection_config_numbers_are_checked_and_stored_as_python_numbers():
+    """Text or non-integral values (a hand-edited campaign.json) fail naming the setting; numpy
+    numbers are taken and stored as Python int / float."""
+    import numpy as np
+
+    config = SelectionConfig(seed=np.int64(3), beta=np.float32(1.5), max_per_scaffold=3.0, measurement_anchor=False)
+    assert (config.seed, config.beta, config.max_per_scaffold) == (3, 1.5, 3)
+    assert type(config.seed) is int and type(config.beta) is float and type(config.max_per_scaffold) is int
+    for kw, message in (({"max_per_scaffold": "2"}, "max_per_scaffold must be an integer, got '2'"),
+                        ({"beta": "2"}, "beta must be a number"), ({"seed": 1.5}, "seed must be an integer"),
+                        ({"seed": float("inf")}, "seed must be an integer"), ({"beta": True}, "beta must be a number")):
+        with pytest.raises(ValueError, match=message):
+            SelectionConfig(**kw)

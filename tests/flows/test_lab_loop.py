@@ -66,6 +66,10 @@ def test_a_rerun_after_a_failure_finishes_the_stopped_round_first(campaign_dir, 
             lab_round_flow.fn(campaign_dir, budget_wells=30, write_images=False)  # round 1 returned, round 2 ingested
     status = campaign_status(Campaign.open(campaign_dir))
     assert status["plates"] == {**status["plates"], "pending": 0, "returned": 2}
+    with monkeypatch.context() as patch:  # the lab returned round 3, its ingest failed: results on disk
+        patch.setattr(lab_loop, "ingest_results", fail)
+        with pytest.raises(RuntimeError, match="instrument down"):
+            lab_round_flow.fn(campaign_dir, budget_wells=30, write_images=False)
     out = lab_round_flow.fn(campaign_dir, budget_wells=30, write_images=False)
-    assert out["proposal"]["round_index"] == 3 and out["proposal"]["model_version"] is not None
-    assert campaign_status(Campaign.open(campaign_dir))["plates"]["returned"] == 3
+    assert out["proposal"]["round_index"] == 4 and out["proposal"]["model_version"] is not None
+    assert campaign_status(Campaign.open(campaign_dir))["plates"]["returned"] == 4

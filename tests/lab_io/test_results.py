@@ -351,3 +351,17 @@ def test_an_8_bit_plate_measures_and_crops_like_its_16_bit_original(results):
         assert len(plate.cells) == len(reference.cells)
         for column in ("Cells_Intensity_MeanIntensity_Actin", "Nuclei_Intensity_IntegratedIntensity_DNA"):
             assert np.allclose(plate.cells[column], reference.cells[column], rtol=0.02), column
+
+
+def test_an_empty_metadata_site_is_taken_from_the_site_folder(tmp_path):
+    plate_dir = SHARED / "cellprofiler" / "BR00121431"
+    if not plate_dir.exists():
+        pytest.skip(f"real CellProfiler output not found at {plate_dir} (set LOOP_SHARED_DATA)")
+    copy = shutil.copytree(plate_dir, tmp_path / "BR00121431")
+    image_csv = copy / "analysis" / "BR00121431-A01-1" / "Image.csv"
+    table = pd.read_csv(image_csv)
+    assert "Metadata_Site" in table.columns
+    table.assign(Metadata_Site=np.nan).to_csv(image_csv, index=False)
+    plate = read_results(copy, allow_missing_objects=True)[0]
+    assert plate.cells.groupby("Metadata_Well").size().to_dict() == {"A01": 89, "A02": 36}
+    assert plate.cells.loc[plate.cells["Metadata_Well"] == "A01", "Metadata_Site"].eq(1).all()

@@ -41,3 +41,16 @@ def test_plate_folders_and_crops_are_readable_by_others(tmp_path):
         assert all(_mode(path) == 0o644 for path in (tmp_path / "crops").iterdir())
     finally:
         os.umask(old)
+
+
+def test_a_shared_group_folder_keeps_its_setgid_bit(tmp_path):
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(parent, 0o2775)
+    old = os.umask(0o002)
+    try:
+        plain = parent / "plain"
+        plain.mkdir()
+        assert _mode(make_temp_dir(parent, "d")) == _mode(plain) == 0o2775
+    finally:
+        os.umask(old)

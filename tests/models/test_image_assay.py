@@ -792,16 +792,21 @@ def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(trained, tmp_p
     with pytest.raises(ValueError, match=r"cannot resume .*n_per_condition: 4 there, 5 now"):
         evaluate_assay(assay, crops, resume=partial, **{**kw, "n_per_condition": 5})
 
-    out_json = tmp_path / "e.json"
-    out_json.write_text(json.dumps(partial))
+    out_json, kept = tmp_path / "e.json", tmp_path / "e.json.partial"
+    kept.write_text(json.dumps(partial))
     args = ["evaluate", "--model", str(trained[0]), "--data", str(data), "--n", "4", "--min-real", "4",
             "--no-inception", "--seed", "3", "--json", str(out_json)]
     res = CliRunner().invoke(assay_app, args + ["--resume"])
     assert res.exit_code == 0, res.output
     assert "plates P1 already scored" in res.output and json.loads(out_json.read_text()) == full
+    assert not kept.exists()
     res = CliRunner().invoke(assay_app, args + ["--resume"])
     assert res.exit_code != 0 and "nothing to resume, it holds a complete evaluation" in res.output
-    out_json.write_text(json.dumps(partial))
+    kept.write_text(json.dumps(partial))
     res = CliRunner().invoke(assay_app, args[:-2] + ["--seed", "4", "--json", str(out_json), "--resume"])
     assert res.exit_code != 0 and "seed: 3 there, 4 now" in res.output
-    assert json.loads(out_json.read_text()) == partial  # a refused resume leaves the partial JSON as it was
+    assert json.loads(kept.read_text()) == partial  # a refused resume leaves the partial JSON as it was
+    assert json.loads(out_json.read_text()) == full  # and the complete one too
+    kept.write_text(json.dumps({"complete": False}))
+    res = CliRunner().invoke(assay_app, args + ["--resume"])
+    assert res.exit_code != 0 and "cannot resume (not a partial evaluation)" in res.output
