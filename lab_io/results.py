@@ -408,6 +408,9 @@ def _channel_layout(groups: dict[tuple[str, int], dict[int, Path]], channel_name
     return all_channels, names
 
 
+FLOAT_FRACTION_MAX = 2.0  # a floating-point image whose brightest pixel is at most this is a 0..1 fraction
+
+
 def to_16bit_scale(plane: np.ndarray, where: str) -> np.ndarray:
     """One image plane -> uint16 on the 16-bit scale, whatever bit depth the microscope wrote.
 
@@ -415,7 +418,8 @@ def to_16bit_scale(plane: np.ndarray, where: str) -> np.ndarray:
     16-bit image of the same cells measure alike; this does the same on the 16-bit scale that
     crops are stored in: uint16 as is, uint8 times 257 (255 -> 65535), other integer types as
     counts (they must lie in 0..65535), and floating point as CellProfiler's fraction 0..1 when its
-    maximum is at most 1 (times 65535), else as counts (0..65535, rounded). Anything else (NaN,
+    maximum is at most ``FLOAT_FRACTION_MAX`` (times 65535, an overshoot past 1 from illumination
+    correction saturating at 65535), else as counts (0..65535, rounded). Anything else (NaN,
     negative values, counts above 65535) is refused, naming ``where``."""
     plane = np.asarray(plane)
     if plane.dtype == np.uint16:
@@ -431,8 +435,8 @@ def to_16bit_scale(plane: np.ndarray, where: str) -> np.ndarray:
         raise ResultsError(f"{where}: {plane.dtype} image pixels span {low:g}..{high:g}; expected intensities in "
                            "0..65535 (or 0..1 for floating point)")
     if plane.dtype.kind == "f":
-        scaled = plane.astype(np.float64) * (65535.0 if high <= 1.0 else 1.0)
-        return np.rint(scaled).astype(np.uint16)
+        scaled = plane.astype(np.float64) * (65535.0 if high <= FLOAT_FRACTION_MAX else 1.0)
+        return np.rint(np.minimum(scaled, 65535.0)).astype(np.uint16)
     return plane.astype(np.uint16)
 
 

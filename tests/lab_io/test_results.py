@@ -321,6 +321,8 @@ def test_images_of_any_bit_depth_are_read_on_the_16_bit_scale():
     assert to_16bit_scale(np.array([[0, 1, 255]], np.uint8), where).tolist() == [[0, 257, 65535]]
     assert to_16bit_scale(np.array([[0.0, 0.5, 1.0]], np.float32), where).tolist() == [[0, 32768, 65535]]
     assert to_16bit_scale(np.array([[0.0, 2.4, 4000.0]], np.float64), where).tolist() == [[0, 2, 4000]]
+    overshoot = np.array([[0.5, 1.0001]], np.float32)  # flat-field corrected: a little past 1 saturates
+    assert to_16bit_scale(overshoot, where).tolist() == [[32768, 65535]]
     assert to_16bit_scale(np.array([[7, 65535]], np.int32), where).dtype == np.uint16
     plane = np.array([[3, 4]], np.uint16)
     assert to_16bit_scale(plane, where) is plane
