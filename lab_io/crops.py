@@ -227,7 +227,8 @@ def load_crops(crops_dir: str | Path) -> CropSet:
     crops_dir = Path(crops_dir)
     if not crops_dir.is_dir():
         raise CropsError(f"{crops_dir}: not a folder (expected {IMAGES_FILE} + {METADATA_FILE})")
-    parts = sorted(p for p in crops_dir.iterdir() if p.is_dir() and (p / IMAGES_FILE).is_file())
+    parts = sorted(p for p in crops_dir.iterdir()  # hidden folders are work in progress (ingest's temporaries)
+                   if p.is_dir() and not p.name.startswith(".") and (p / IMAGES_FILE).is_file())
     if not (crops_dir / IMAGES_FILE).exists() and parts:
         with_crops = {p.name.removesuffix(".crops") for p in parts}
         without = sorted(p.name.removesuffix(".cells.parquet") for p in crops_dir.glob("*.cells.parquet")

@@ -287,7 +287,8 @@ def ingest(
                                              "wells: a copy still in progress looks like this."),
     replace: bool = typer.Option(False, "--replace", help="Import again plates imported before from other "
                                  "files (e.g. the complete copy of a plate imported with --allow-missing-wells): "
-                                 "their measurements, files and crops are replaced."),
+                                 "their measurements and files are replaced (crops too: give --crops-px when the "
+                                 "plate has crops); a stop half-way is finished by the next ingest."),
 ):
     """Import plate results (one transaction per plate; re-imports are no-ops)."""
     from loop.ingest import ingest_results

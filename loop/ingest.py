@@ -8,6 +8,7 @@ transaction; re-importing identical results is a no-op that says so.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -75,9 +76,10 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
 
     ``replace``: a plate imported before from other files (the complete copy of a plate imported
     with ``allow_missing_wells``, a corrected export) is imported again from these: its
-    measurements, Parquet files and crops are replaced in one step, and if that fails the earlier
-    ones stay as they were. Models trained before keep what they were trained on; ``loop train``
-    trains a new version on the new measurements.
+    measurements, Parquet files and crops (``crop_px`` is then needed when it has crops) are
+    replaced as one step (:func:`_replace_plate`): if it fails or is killed, the earlier ones are
+    back by the end of this or the next ingest. Models trained before keep what they were trained
+    on; ``loop train`` trains a new version on the new measurements.
 
     ``crop_px``: also cut single-cell crops (``crop_px`` square, at most ``crops_per_well`` a well)
     from each plate's images and store them as a crops folder, ``measurements/<barcode>.crops/``
@@ -92,10 +94,17 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     if not plates:
         raise IngestError(f"{results_dir}: no plate folders with results found")
     with campaign.writing(f"ingest of {results_dir}"):
+        recover_replacements(campaign)
         with campaign.session() as session:
             plans = [_check_plate(session, plate, results_dir, allow_missing_wells, allow_uneven_fields, replace)
                      for plate in plates]
         _check_same_measurements(campaign, [plan for plan in plans if not plan.imported_before], results_dir)
+        if crop_px is None:
+            with_crops = [plan.plate.barcode for plan in plans if plan.replaces
+                          and (campaign.measurements_dir / f"{plan.plate.barcode}.crops").exists()]
+            if with_crops:
+                raise IngestError(f"{results_dir}: plate(s) {with_crops} have crops from their earlier files; "
+                                  "pass --crops-px to cut them again from the new ones (--replace replaces them)")
         profiles = [None if plan.imported_before else _profile_plate(campaign, plan.plate, plan.well_map, results_dir)
                     for plan in plans]
         reports = []
@@ -103,7 +112,7 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
             if plan.imported_before:
                 reports.append(_revisit_plate(campaign, plan))
                 continue
-            reports.append(_replace_plate(campaign, plan, wells) if plan.replaces else
+            reports.append(_replace_plate(campaign, plan, wells, plan.earlier_fingerprint) if plan.replaces else
                            _record_plate(campaign, plan, wells))
     return reports
 
@@ -152,6 +161,7 @@ class _Plan:
     undelivered: list[str]
     imported_before: bool  # these very files were imported already
     replaces: bool = False  # imported before from other files, and to be replaced (``replace``)
+    earlier_fingerprint: str = ""  # the fingerprint of the results it replaces
 
 
 def _revisit_plate(campaign: Campaign, plan: _Plan) -> PlateQC:
@@ -234,7 +244,8 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
         log.warning("plate %s: imported without %d undelivered well(s): %s", plate.barcode, len(undelivered),
                     ", ".join(undelivered[:10]))
         well_map = well_map[~well_map["well"].isin(undelivered)].reset_index(drop=True)
-    return _Plan(plate, well_map, undelivered, imported_before=False, replaces=replaces)
+    return _Plan(plate, well_map, undelivered, imported_before=False, replaces=replaces,
+                 earlier_fingerprint=row.results_fingerprint or "" if replaces else "")
 
 
 def _wells_short_of_fields(plate: PlateResult, mapped: set[str]) -> dict[str, tuple[int, int]]:
@@ -299,29 +310,70 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
                                                index=normalized.index)], axis=1)
 
 
-def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> PlateQC:
-    """Import a plate again from other files: its earlier Parquet files and crops are moved aside,
-    the new ones recorded with the earlier measurements deleted in the same transaction, and the
-    earlier files put back if that fails; the set-aside files are removed once the store holds the
-    new ones."""
+REPLACED_SUFFIX = ".replaced"  # measurements/.<file>.replaced: a plate's earlier file while --replace runs
+
+
+def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, earlier_fingerprint: str) -> PlateQC:
+    """Import a plate again from other files, crash-safe by a journal: ``.<barcode>.replacing``
+    records the earlier results' fingerprint, then the earlier Parquet files and crops are moved
+    aside (``.<name>.replaced``), the new ones recorded with the earlier measurements deleted in the
+    same transaction, and the set-aside files removed. Whatever stops it, the store decides: the
+    next ingest (:func:`recover_replacements`), or this one on an exception, puts the earlier files
+    back when the store still holds the earlier results, and removes them when it holds the new."""
     barcode = plan.plate.barcode
-    earlier = [campaign.measurements_dir / f"{barcode}.{suffix}" for suffix in ("cells.parquet", "wells.parquet", "crops")]
-    aside = {path: path.with_name(f".{path.name}.replaced") for path in earlier if path.exists()}
-    for path, moved in aside.items():
-        _remove([moved])
-        os.replace(path, moved)
+    journal = campaign.measurements_dir / f".{barcode}.replacing"
+    earlier = _plate_files(campaign, barcode)
+    tmp = journal.with_name(journal.name + ".tmp")  # the journal is whole or absent
+    tmp.write_text(json.dumps({"fingerprint": earlier_fingerprint, "files": [p.name for p in earlier]}))
+    os.replace(tmp, journal)
     try:
+        for path in earlier:
+            moved = path.with_name(f".{path.name}{REPLACED_SUFFIX}")
+            _remove([moved])
+            os.replace(path, moved)
         qc = _record_plate(campaign, plan, wells, delete_earlier=True)
-    except BaseException:
-        if not _plate_recorded(campaign, plan.plate):
-            for path, moved in aside.items():
-                _remove([path])
-                os.replace(moved, path)
-        raise
-    _remove(list(aside.values()))
+    finally:  # after a success too: the set-aside files go
+        recover_replacements(campaign, only=barcode)
     log.warning("plate %s: imported again from other files; its earlier measurements are replaced (models "
                 "trained before keep theirs; `loop train` trains on the new ones)", barcode)
     return qc
+
+
+def _plate_file_names(barcode: str) -> tuple[str, ...]:
+    return f"{barcode}.cells.parquet", f"{barcode}.wells.parquet", f"{barcode}.crops"
+
+
+def _plate_files(campaign: Campaign, barcode: str) -> list[Path]:
+    """The plate's Parquet files and crops folder that exist."""
+    return [campaign.measurements_dir / name for name in _plate_file_names(barcode)
+            if (campaign.measurements_dir / name).exists()]
+
+
+def recover_replacements(campaign: Campaign, only: str | None = None) -> None:
+    """Finish replacements (``--replace``) a stop left half done, as the store says: it still holds the
+    journal's earlier results -> the earlier files are put back (new ones written meanwhile go);
+    it holds others -> the set-aside earlier files are removed. Run under the write lock."""
+    for journal in sorted(campaign.measurements_dir.glob(".*.replacing")):
+        barcode = journal.name[1:-len(".replacing")]
+        if only is not None and barcode != only:
+            continue
+        record = json.loads(journal.read_text())
+        with campaign.session() as session:
+            row = session.exec(select(store.Plate).where(store.Plate.barcode == barcode)).first()
+        earlier_kept = row is not None and row.results_fingerprint == record["fingerprint"]
+        for name in _plate_file_names(barcode):
+            path = campaign.measurements_dir / name
+            moved = path.with_name(f".{name}{REPLACED_SUFFIX}")
+            if not earlier_kept:
+                _remove([moved])
+            elif moved.exists():  # set aside: back it comes, over whatever was written since
+                _remove([path])
+                os.replace(moved, path)
+            elif name not in record["files"]:  # written by the replacement only
+                _remove([path])
+        if earlier_kept:
+            log.warning("plate %s: a replacement did not finish; its earlier files are back", barcode)
+        journal.unlink()
 
 
 def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, delete_earlier: bool = False) -> PlateQC:

@@ -315,3 +315,55 @@ def test_replace_imports_the_complete_copy_of_a_partly_imported_plate(tmp_path, 
     assert not [p for p in campaign.measurements_dir.iterdir() if p.name.startswith(".")]
     [again] = ingest_results(campaign, tmp_path / "complete")
     assert again.status != "imported" and len(measured()) == len(partial_wells) + 3
+
+
+def test_a_replacement_stopped_anywhere_is_finished_by_the_next_ingest(tmp_path, monkeypatch):
+    """--replace killed hard (no clean-up ran) before the commit: the next ingest puts the earlier
+    files back; after the commit: it removes the set-aside ones, and the crops are not read twice.
+    A replace that would drop a plate's crops (no --crops-px) is refused."""
+    import shutil
+
+    import loop.ingest as ingest
+    from lab_io.crops import load_crops
+    from loop.campaign import Campaign, CampaignConfig
+    from loop.lab import run_synthetic_lab
+    from loop.library import add_virtual_library
+    from loop.propose import propose
+    from loop.train import load_measured_cells
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=96, cells_per_field=6.0)))
+    add_virtual_library(campaign, 60, seed=0)
+    proposal = propose(campaign, 40)
+    barcode = proposal.barcodes[0]
+    run_synthetic_lab(proposal.out_dir, tmp_path / "complete", campaign=campaign, seed=1)
+    shutil.copytree(tmp_path / "complete", tmp_path / "partial")
+    for site in sorted((tmp_path / "partial" / barcode / "analysis").iterdir())[-2:]:
+        shutil.rmtree(site)
+    ingest.ingest_results(campaign, tmp_path / "partial", allow_missing_wells=True, crop_px=24)
+    earlier_cells = len(load_measured_cells(campaign))
+    earlier_crops = len(load_crops(campaign.measurements_dir))
+    with pytest.raises(IngestError, match=rf"\['{barcode}'\] have crops from their earlier files; pass --crops-px"):
+        ingest.ingest_results(campaign, tmp_path / "complete", replace=True)
+
+    real_record = ingest._record_plate
+
+    def killed_before_commit(*args, **kwargs):
+        raise SystemExit("killed")
+
+    def killed_after_commit(*args, **kwargs):
+        real_record(*args, **kwargs)
+        raise SystemExit("killed")
+
+    for kill, earlier_kept in ((killed_before_commit, True), (killed_after_commit, False)):
+        with monkeypatch.context() as patch:
+            patch.setattr(ingest, "_record_plate", kill)
+            patch.setattr(ingest, "recover_replacements", lambda *args, **kwargs: None)  # a hard kill cleans nothing
+            with pytest.raises(SystemExit):
+                ingest.ingest_results(campaign, tmp_path / "complete", replace=True, crop_px=24)
+        assert [p for p in campaign.measurements_dir.iterdir() if p.name.startswith(".")]
+        [qc] = ingest.ingest_results(campaign, tmp_path / ("partial" if earlier_kept else "complete"))
+        assert qc.status != "imported"  # the store's results, already imported
+        assert not [p for p in campaign.measurements_dir.iterdir() if p.name.startswith(".")]
+        cells, crops = len(load_measured_cells(campaign)), len(load_crops(campaign.measurements_dir))
+        assert (cells == earlier_cells and crops == earlier_crops) if earlier_kept else \
+            (cells > earlier_cells and crops > earlier_crops)
