@@ -298,27 +298,25 @@ def _partial_path(json_out: Path) -> Path:
 
 
 def _partial_evaluation(json_out: Path, resume: bool) -> dict | None:
-    """The partial evaluation ``--resume`` continues (None: start afresh); a partial one left
-    without ``--resume`` is named before it is replaced."""
+    """The partial evaluation ``--resume`` continues (None: start afresh); a stopped run's partial
+    file left without ``--resume`` is named before it is replaced."""
     partial_path = _partial_path(json_out)
+    if not resume:
+        if partial_path.is_file():
+            typer.echo(f"{partial_path} holds a stopped evaluation; starting afresh (--resume continues it)", err=True)
+        return None
     if not partial_path.is_file():
-        if resume and json_out.is_file():
+        if json_out.is_file():
             _fail(f"{json_out}: nothing to resume, it holds a complete evaluation (choose another --json)")
-        if resume:
-            typer.echo(f"{partial_path} does not exist: nothing to resume, starting afresh", err=True)
+        typer.echo(f"{partial_path} does not exist: nothing to resume, starting afresh", err=True)
         return None
     try:
         previous = json.loads(partial_path.read_text())
     except (OSError, ValueError) as err:
-        previous, problem = None, str(err)
-    else:
-        problem = None if (isinstance(previous, dict) and previous.get("complete") is False
-                           and isinstance(previous.get("plates_done"), list)) else "not a partial evaluation"
-    if not resume:
-        typer.echo(f"{partial_path} holds a stopped evaluation; starting afresh (--resume continues it)", err=True)
-        return None
-    if problem:
-        _fail(f"{partial_path}: cannot resume ({problem})")
+        _fail(f"{partial_path}: cannot resume ({err})")
+    if not (isinstance(previous, dict) and previous.get("complete") is False
+            and isinstance(previous.get("plates_done"), list)):
+        _fail(f"{partial_path}: cannot resume (not a partial evaluation)")
     typer.echo(f"resuming {partial_path}: plates {', '.join(previous['plates_done']) or 'none'} already scored",
                err=True)
     return previous

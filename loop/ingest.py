@@ -112,7 +112,7 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
             if plan.imported_before:
                 reports.append(_revisit_plate(campaign, plan))
                 continue
-            reports.append(_replace_plate(campaign, plan, wells, plan.earlier_fingerprint) if plan.replaces else
+            reports.append(_replace_plate(campaign, plan, wells) if plan.replaces else
                            _record_plate(campaign, plan, wells))
     return reports
 
@@ -245,7 +245,7 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
                     ", ".join(undelivered[:10]))
         well_map = well_map[~well_map["well"].isin(undelivered)].reset_index(drop=True)
     return _Plan(plate, well_map, undelivered, imported_before=False, replaces=replaces,
-                 earlier_fingerprint=row.results_fingerprint or "" if replaces else "")
+                 earlier_fingerprint=(row.results_fingerprint or "") if replaces else "")
 
 
 def _wells_short_of_fields(plate: PlateResult, mapped: set[str]) -> dict[str, tuple[int, int]]:
@@ -313,7 +313,7 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
 REPLACED_SUFFIX = ".replaced"  # measurements/.<file>.replaced: a plate's earlier file while --replace runs
 
 
-def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, earlier_fingerprint: str) -> PlateQC:
+def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> PlateQC:
     """Import a plate again from other files, crash-safe by a journal: ``.<barcode>.replacing``
     records the earlier results' fingerprint, then the earlier Parquet files and crops are moved
     aside (``.<name>.replaced``), the new ones recorded with the earlier measurements deleted in the
@@ -324,7 +324,7 @@ def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, earlier
     journal = campaign.measurements_dir / f".{barcode}.replacing"
     earlier = _plate_files(campaign, barcode)
     tmp = journal.with_name(journal.name + ".tmp")  # the journal is whole or absent
-    tmp.write_text(json.dumps({"fingerprint": earlier_fingerprint, "files": [p.name for p in earlier]}))
+    tmp.write_text(json.dumps({"fingerprint": plan.earlier_fingerprint, "files": [p.name for p in earlier]}))
     os.replace(tmp, journal)
     try:
         for path in earlier:

@@ -1,13 +1,18 @@
-"""``loop lab run``: send plate files to the synthetic lab and collect its results folder."""
+"""``loop lab run``: send plate files to the synthetic lab and collect its results folder (and return
+the rounds a stopped closed-loop run left in it, :func:`return_pending_rounds`)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from sqlmodel import select
+
 from lab_io.ground_truth import GroundTruth
 from lab_io.synthetic_lab import SyntheticLab, SyntheticLabConfig
+from loop import store
 from loop.campaign import Campaign, CampaignConfig
+from loop.ingest import ingest_results
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +45,6 @@ def return_pending_rounds(campaign: Campaign, *, seed: int = 0, write_images: bo
 
     Only for campaigns run against the synthetic lab (``lab_round_flow``): it stands in for the
     lab on every pending plate."""
-    from sqlmodel import select
-
-    from loop import store
-    from loop.ingest import ingest_results
-
     with campaign.session() as session:
         pending = session.exec(select(store.Plate.round_index, store.Plate.barcode)
                                .where(store.Plate.status == "pending")).all()

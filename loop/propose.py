@@ -287,7 +287,8 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
 
     out_dir = Path(out_dir) if out_dir is not None else campaign.round_dir(round_index) / "plates"
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # before minutes of scoring
-        raise FileExistsError(f"--out {out_dir}: already exists and is not an empty folder; choose another --out folder")
+        raise FileExistsError(f"--out {out_dir}: already exists and is not an empty folder; "
+                              "choose another --out folder")
     _warn_pending_rounds(campaign)
     picks, summary, model_version = choose_compounds(campaign, candidates, pending, q, policy, seed)
     chosen = candidates.iloc[picks].reset_index(drop=True)

@@ -218,8 +218,8 @@ def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[
 #: texture or shape feature; unclipped, that single cell decides fid_morph through the covariance
 #: trace (measured: one of 300 generated cells at 183 sd tripled the trace).
 MORPH_CLIP_SD = 10.0
-PROTOCOL = ("Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], zero-pad to 96 px, "
-            "resize to 299; morph: lab_io.morphology features standardised by the real cells, "
+PROTOCOL = ("Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], "
+            "zero-pad to 96 px, resize to 299; morph: lab_io.morphology features standardised by the real cells, "
             f"clipped to +-{MORPH_CLIP_SD:g} sd")
 MIN_REAL_CELLS = 10
 MIN_CONTROL_CELLS = 4  # a plate with fewer DMSO cells is skipped: no copy-control set to compare (KID needs 4)

@@ -342,7 +342,9 @@ def test_an_8_bit_plate_measures_and_crops_like_its_16_bit_original(results):
     for path in (results / BARCODE / "Images").glob("*.tiff"):  # use the range, as an 8-bit camera would
         tifffile.imwrite(path, np.minimum(tifffile.imread(path).astype(np.int64) * 20, 65535).astype(np.uint16))
     reference = read_results(results, crop_px=24, crops_per_well=4)[0]
-    for convert, step in ((lambda p: np.rint(p / 257).astype(np.uint8), 129), (lambda p: (p / 65535).astype(np.float32), 1)):
+    to_8_bit = lambda p: np.rint(p / 257).astype(np.uint8)  # noqa: E731
+    to_fraction = lambda p: (p / 65535).astype(np.float32)  # noqa: E731
+    for convert, step in ((to_8_bit, 129), (to_fraction, 1)):
         copy = results.parent / f"converted_{step}"
         shutil.copytree(results, copy)
         for path in (copy / BARCODE / "Images").glob("*.tiff"):

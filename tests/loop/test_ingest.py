@@ -47,24 +47,44 @@ def test_a_plate_without_dmso_wells_is_refused_by_name():
         well_profiles(cells, hit_sd=3.0)
 
 
-def test_a_plate_that_fails_its_profiles_stops_the_whole_import(tmp_path, monkeypatch):
-    """Two plates come back; the second cannot be profiled. Nothing of the first is stored either
-    (its files, its measurements, its status), and the error names the failing plate's folder."""
-    import loop.ingest
+@pytest.fixture(scope="module")
+def two_plates_template(tmp_path_factory):
+    """A campaign with two plates proposed and their results from the synthetic lab (built once)."""
     from loop.campaign import Campaign, CampaignConfig
-    from loop.ingest import ingest_results
     from loop.lab import run_synthetic_lab
     from loop.library import add_virtual_library
     from loop.propose import propose
-    from loop.status import campaign_status
 
-    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=128, cells_per_field=8.0)))
+    root = tmp_path_factory.mktemp("two_plates")
+    campaign = Campaign.init(root / "c", CampaignConfig(seed=1, lab=dict(image_size_px=96, cells_per_field=6.0)))
     add_virtual_library(campaign, 800, seed=0)
     proposal = propose(campaign, 500)  # two plates
     assert len(proposal.barcodes) == 2
-    run_synthetic_lab(proposal.out_dir, tmp_path / "results", campaign=campaign, seed=1, write_images=False)
+    run_synthetic_lab(proposal.out_dir, root / "results", campaign=campaign, seed=1, write_images=False)
+    return root, proposal.barcodes
+
+
+def _two_plates(tmp_path, template):
+    """A fresh copy of the template's campaign (nothing ingested) and results folder."""
+    import shutil
+
+    from loop.campaign import Campaign
+
+    root, barcodes = template
+    shutil.copytree(root / "results", tmp_path / "results")
+    return Campaign.open(shutil.copytree(root / "c", tmp_path / "c")), barcodes
+
+
+def test_a_plate_that_fails_its_profiles_stops_the_whole_import(tmp_path, monkeypatch, two_plates_template):
+    """Two plates come back; the second cannot be profiled. Nothing of the first is stored either
+    (its files, its measurements, its status), and the error names the failing plate's folder."""
+    import loop.ingest
+    from loop.ingest import ingest_results
+    from loop.status import campaign_status
+
+    campaign, barcodes = _two_plates(tmp_path, two_plates_template)
     original = loop.ingest.well_profiles
-    second = proposal.barcodes[1]
+    second = barcodes[1]
 
     def failing(cells, hit_sd):
         if (cells[META_PLATE] == second).all():
@@ -169,26 +189,13 @@ def test_a_partial_delivery_is_refused_by_well_and_imported_without_them_only_on
         ingest_results(other, tmp_path / "results")
 
 
-def _two_plates(tmp_path):
-    from loop.campaign import Campaign, CampaignConfig
-    from loop.lab import run_synthetic_lab
-    from loop.library import add_virtual_library
-    from loop.propose import propose
-
-    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=128, cells_per_field=8.0)))
-    add_virtual_library(campaign, 800, seed=0)
-    proposal = propose(campaign, 500)  # two plates
-    run_synthetic_lab(proposal.out_dir, tmp_path / "results", campaign=campaign, seed=1, write_images=False)
-    return campaign, proposal.barcodes
-
-
-def test_a_plate_measured_with_other_features_is_refused_by_name(tmp_path):
+def test_a_plate_measured_with_other_features_is_refused_by_name(tmp_path, two_plates_template):
     """A plate whose object tables carry other column names (e.g. a database-style export that
     repeats the compartment prefix) shares no feature with the others: refused, nothing stored."""
     from loop.ingest import ingest_results
     from loop.status import campaign_status
 
-    campaign, barcodes = _two_plates(tmp_path)
+    campaign, barcodes = _two_plates(tmp_path, two_plates_template)
     for table in (tmp_path / "results" / barcodes[1] / "analysis").glob("*/Nuclei.csv"):
         frame = pd.read_csv(table)
         frame.columns = [f"Nuclei_{c}" if c.startswith(("AreaShape_", "Intensity_")) else c for c in frame.columns]
@@ -199,13 +206,13 @@ def test_a_plate_measured_with_other_features_is_refused_by_name(tmp_path):
     assert campaign_status(campaign)["measurements"] == 0 and not list(campaign.measurements_dir.iterdir())
 
 
-def test_a_signal_right_after_the_commit_keeps_the_plate_files(tmp_path, monkeypatch):
+def test_a_signal_right_after_the_commit_keeps_the_plate_files(tmp_path, monkeypatch, two_plates_template):
     """Ctrl-C can land while the commit returns, after SQLite stored the plate: its files stay."""
     import sqlmodel
 
     from loop.ingest import ingest_results
 
-    campaign, barcodes = _two_plates(tmp_path)
+    campaign, barcodes = _two_plates(tmp_path, two_plates_template)
     real_commit = sqlmodel.Session.commit
 
     def commit_then_interrupt(self):
