@@ -12,7 +12,7 @@ from typing import Optional
 from prefect import flow, task
 
 from loop.campaign import Campaign
-from loop.ingest import ingest_results
+from loop.ingest import ingest_each_plate, ingest_results
 from loop.lab import return_pending_rounds, run_synthetic_lab
 from loop.propose import propose
 from loop.runtime import configure_torch_threads
@@ -33,11 +33,14 @@ def propose_task(campaign_dir: str, budget_wells: int, out_dir: Optional[str] = 
 @task(name="ingest-results")
 def ingest_task(campaign_dir: str, results_dir: str, db_url: Optional[str] = None, allow_missing_wells: bool = False,
                 crop_px: Optional[int] = None, crops_per_well: int = 64, replace: bool = False,
-                allow_uneven_fields: bool = False) -> list[dict]:
-    reports = ingest_results(Campaign.open(Path(campaign_dir), db_url), Path(results_dir), crop_px=crop_px,
-                             crops_per_well=crops_per_well, allow_missing_wells=allow_missing_wells,
-                             allow_uneven_fields=allow_uneven_fields, replace=replace)
-    return [dict(barcode=r.barcode, status=r.status, n_wells=r.n_wells, n_hits=r.n_hits) for r in reports]
+                allow_uneven_fields: bool = False, each_plate: bool = False) -> list[dict]:
+    options = dict(crop_px=crop_px, crops_per_well=crops_per_well, allow_missing_wells=allow_missing_wells,
+                   allow_uneven_fields=allow_uneven_fields, replace=replace)
+    campaign = Campaign.open(Path(campaign_dir), db_url)
+    reports, refused = (ingest_each_plate(campaign, Path(results_dir), **options) if each_plate
+                        else (ingest_results(campaign, Path(results_dir), **options), {}))
+    return [dict(barcode=r.barcode, status=r.status, n_wells=r.n_wells, n_hits=r.n_hits) for r in reports] + \
+        [dict(barcode=name, status="refused", reason=reason) for name, reason in refused.items()]
 
 
 @task(name="train-assay")
@@ -75,9 +78,11 @@ def propose_flow(campaign_dir: str, budget_wells: int = 384, out_dir: Optional[s
 @flow(name="ingest")
 def ingest_flow(campaign_dir: str, results_dir: str, db_url: Optional[str] = None, allow_missing_wells: bool = False,
                 crop_px: Optional[int] = None, crops_per_well: int = 64, replace: bool = False,
-                allow_uneven_fields: bool = False) -> list[dict]:
+                allow_uneven_fields: bool = False, each_plate: bool = False) -> list[dict]:
+    """Import a results folder; ``each_plate`` (a schedule watching a drop folder): plate by plate,
+    a refused plate listed with ``status: refused`` and its reason while the others are imported."""
     return ingest_task(campaign_dir, results_dir, db_url, allow_missing_wells, crop_px, crops_per_well, replace,
-                       allow_uneven_fields)
+                       allow_uneven_fields, each_plate)
 
 
 @flow(name="retrain")

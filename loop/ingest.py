@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 
 from lab_io import profiles as profiling
 from lab_io.crops import CropSet, write_crops
-from lab_io.results import PlateResult, read_results
+from lab_io.results import PlateResult, ResultsError, plate_dirs, read_results
 from lab_io.schema import (
     META_COMPOUND,
     META_DOSE,
@@ -115,6 +115,23 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
             reports.append(_replace_plate(campaign, plan, wells) if plan.replaces else
                            _record_plate(campaign, plan, wells))
     return reports
+
+
+def ingest_each_plate(campaign: Campaign, results_dir: Path, **options) -> tuple[list[PlateQC], dict[str, str]]:
+    """:func:`ingest_results` on each plate folder of ``results_dir`` on its own, for a scheduled
+    ingest watching a drop folder: a plate refused (still being copied, damaged, another
+    campaign's) is logged and returned by folder name with its reason, and the other plates are
+    imported. ``options``: those of :func:`ingest_results`. Returns the imported plates' QC and
+    ``{plate folder name: reason}`` of the refused ones."""
+    reports: list[PlateQC] = []
+    refused: dict[str, str] = {}
+    for plate_dir in plate_dirs(results_dir):
+        try:
+            reports += ingest_results(campaign, plate_dir, **options)
+        except (IngestError, ResultsError) as err:
+            refused[plate_dir.name] = str(err)
+            log.warning("%s: not imported this time: %s", plate_dir, err)
+    return reports, refused
 
 
 MIN_SHARED_FEATURES = 0.9  # a plate sharing fewer of the campaign's features than this is refused

@@ -38,6 +38,8 @@ def test_flows_are_thin_wrappers(campaign_dir, tmp_path):
         propose_flow.fn(campaign_dir, budget_wells=0)
     with pytest.raises(ResultsError, match="missing"):
         ingest_flow.fn(campaign_dir, str(tmp_path / "missing"))
+    with pytest.raises(ResultsError, match="missing"):  # plate by plate, a folder that is not there still fails
+        ingest_flow.fn(campaign_dir, str(tmp_path / "missing"), each_plate=True)
 
 
 @pytest.mark.slow

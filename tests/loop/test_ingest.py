@@ -374,3 +374,25 @@ def test_a_replacement_stopped_anywhere_is_finished_by_the_next_ingest(tmp_path,
         cells, crops = len(load_measured_cells(campaign)), len(load_crops(campaign.measurements_dir))
         assert (cells == earlier_cells and crops == earlier_crops) if earlier_kept else \
             (cells > earlier_cells and crops > earlier_crops)
+
+
+def test_each_plate_on_its_own_imports_the_good_plates_beside_a_refused_one(tmp_path, two_plates_template):
+    """A watched drop folder where the second plate is still being written (a file cut mid-row):
+    plate by plate, the first is imported and the second refused by name; once whole, it imports.
+    ingest_results on the folder stays all or nothing."""
+    from loop.ingest import ingest_each_plate, ingest_results
+    from loop.status import campaign_status
+
+    campaign, barcodes = _two_plates(tmp_path, two_plates_template)
+    nuclei = sorted((tmp_path / "results" / barcodes[1] / "analysis").glob("*/Nuclei.csv"))[5]
+    whole = nuclei.read_bytes()
+    nuclei.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(Exception, match="Nuclei.csv"):
+        ingest_results(campaign, tmp_path / "results")
+    assert campaign_status(campaign)["measurements"] == 0
+    reports, refused = ingest_each_plate(campaign, tmp_path / "results")
+    assert [(r.barcode, r.status) for r in reports] == [(barcodes[0], "imported")]
+    assert list(refused) == [barcodes[1]] and "Nuclei.csv" in refused[barcodes[1]]
+    nuclei.write_bytes(whole)
+    reports, refused = ingest_each_plate(campaign, tmp_path / "results")
+    assert [r.status for r in reports] == ["already imported", "imported"] and not refused
