@@ -23,7 +23,7 @@ from loop import store
 from loop.campaign import TRAIN_LOCK_FILE, TRAIN_LOCK_TIMEOUT_S, Campaign
 from loop.library import load_compounds
 from models.config import FeatureAssayConfig, config_hash
-from models.ensemble import FeatureAssayEnsemble, load_ensemble, train_ensemble
+from models.ensemble import FeatureAssayEnsemble, check_executor, load_ensemble, train_ensemble
 from models.training_data import FeatureTrainingSet
 from models.virtual_assay import VirtualAssay
 
@@ -64,8 +64,7 @@ def train_assay(
     config_overrides: dict | None = None,
 ) -> FeatureAssayEnsemble:
     """Train a new ensemble version on all ingested cells and register it."""
-    if executor not in ("local", "ray"):  # before the data are read, and when a trained version is reused
-        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+    check_executor(executor)  # before the data are read, and when a trained version is reused
     cells = load_measured_cells(campaign)
     compounds = load_compounds(campaign)
     fps = np.asarray(campaign.load_fingerprints())
@@ -178,7 +177,7 @@ ANALOGUE_SAMPLE = 5000  # library compounds checked for analogues of the image a
 def _warn_without_analogues(campaign: Campaign, assay, model_dir: Path) -> None:
     """Warn when (a seeded sample of) the library holds no analogue of the image assay's training
     compounds: for those it can only predict the response it learned for its own compounds."""
-    from lab_io.chem import tanimoto_matrix
+    from lab_io.chem import tanimoto_max
     from models.image_assay import ANALOGUE_TANIMOTO
 
     path = campaign.fingerprints_path
@@ -188,7 +187,7 @@ def _warn_without_analogues(campaign: Campaign, assay, model_dir: Path) -> None:
     if len(fps) == 0:
         return
     rows = np.random.default_rng(0).choice(len(fps), min(len(fps), ANALOGUE_SAMPLE), replace=False)
-    best = tanimoto_matrix(fps[np.sort(rows)], assay.training_fingerprints()).max(axis=1)
+    best = tanimoto_max(fps[np.sort(rows)], assay.training_fingerprints())
     share = float((best >= ANALOGUE_TANIMOTO).mean())
     if share < 0.01:
         log.warning("%s: %.1f %% of the campaign's library (a sample of %d) is an analogue (Morgan Tanimoto >= %.1f) "

@@ -113,6 +113,12 @@ class FeatureAssayEnsemble:
         return ~np.stack([m.in_bag(compound_ids) for m in self.members])
 
 
+def check_executor(executor: str) -> None:
+    """ValueError unless ``executor`` is ``'local'`` or ``'ray'``."""
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+
+
 def train_ensemble(
     train_set: FeatureTrainingSet,
     config: FeatureAssayConfig,
@@ -128,8 +134,7 @@ def train_ensemble(
     available); ``'local'`` trains them one after another in this process. Finished
     members are reused when ``resume`` (see ``train_member``).
     """
-    if executor not in ("local", "ray"):
-        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+    check_executor(executor)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     version = config_hash(config, train_set.data_fingerprint)
