@@ -16,7 +16,7 @@ from loop.ingest import ingest_each_plate, ingest_results
 from loop.lab import return_pending_rounds, run_synthetic_lab
 from loop.propose import propose
 from loop.runtime import configure_torch_threads
-from loop.train import train_assay, train_if_measured
+from loop.train import retrain_current, train_if_measured
 
 configure_torch_threads()
 
@@ -46,8 +46,7 @@ def ingest_task(campaign_dir: str, results_dir: str, db_url: Optional[str] = Non
 @task(name="train-assay")
 def train_task(campaign_dir: str, executor: str = "local", ray_address: Optional[str] = None,
                db_url: Optional[str] = None) -> str:
-    ensemble = train_assay(Campaign.open(Path(campaign_dir), db_url), executor=executor, ray_address=ray_address)
-    return ensemble.version
+    return retrain_current(Campaign.open(Path(campaign_dir), db_url), executor=executor, ray_address=ray_address)
 
 
 @task(name="synthetic-lab")
@@ -88,6 +87,8 @@ def ingest_flow(campaign_dir: str, results_dir: str, db_url: Optional[str] = Non
 @flow(name="retrain")
 def retrain_flow(campaign_dir: str, executor: str = "local", ray_address: Optional[str] = None,
                  db_url: Optional[str] = None) -> str:
+    """Train the feature ensemble on everything ingested; a campaign whose virtual assay is an image
+    assay (``loop use-assay``) keeps it, with a warning (``loop.train.retrain_current``)."""
     return train_task(campaign_dir, executor, ray_address, db_url)
 
 

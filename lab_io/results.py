@@ -326,12 +326,17 @@ def _site_sort_key(site_dir: Path) -> tuple:
     return (head, int(site)) if site.isdigit() else (site_dir.name, 0)
 
 
+def _site_dirs(plate_dir: Path) -> list[Path]:
+    """The plate's ``analysis/`` site folders in reading order (hidden ones, e.g. .ipynb_checkpoints, are not sites)."""
+    return sorted((p for p in (plate_dir / "analysis").iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=_site_sort_key)
+
+
 def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -> PlateResult:
     hasher = hashlib.sha256()
     sources: list[str] = []
     frames, skipped, imaged, sites = [], [], set(), set()
-    site_dirs = sorted((p for p in (plate_dir / "analysis").iterdir() if p.is_dir() and not p.name.startswith(".")),
-                       key=_site_sort_key)  # hidden folders (.ipynb_checkpoints) are not sites
+    site_dirs = _site_dirs(plate_dir)
     if not site_dirs:
         raise ResultsError(f"{plate_dir / 'analysis'} (plate {barcode}, well unknown): no site folders")
     first: tuple[Path, set] | None = None
@@ -586,6 +591,38 @@ class _CropCollector:
         if not self.images or self.channel_names is None:
             return None
         return CropSet(np.concatenate(self.images), pd.concat(self.meta, ignore_index=True), self.channel_names)
+
+
+def plate_fingerprint(plate_dir: str | Path) -> str | None:
+    """The ``fingerprint`` :func:`read_plate` gives a plate folder, from its files' bytes alone: no
+    table is parsed and no image segmented, so a scheduled re-read of a drop folder finds a plate
+    imported before (same fingerprint) without measuring it again. The same files are hashed in the
+    same order as the read: the tables of ``analysis/`` when it is there, else the ``Images/``.
+    None where the read would fail (a site without ``Image.csv``, some but not all object tables,
+    a field lacking a channel, unreadable files): :func:`read_plate` then says why."""
+    plate_dir = Path(plate_dir)
+    hasher, sources = hashlib.sha256(), []
+    try:
+        if (plate_dir / "analysis").is_dir():
+            for site_dir in _site_dirs(plate_dir):
+                present = [site_dir / f"{c}.csv" for c in COMPARTMENTS if (site_dir / f"{c}.csv").exists()]
+                if not (site_dir / "Image.csv").exists() or 0 < len(present) < len(COMPARTMENTS):
+                    return None
+                for path in [site_dir / "Image.csv", *present]:
+                    _read_file(path, plate_dir, hasher, sources)
+        elif (plate_dir / "Images").is_dir():
+            groups = _phenix_groups(plate_dir, plate_dir.name)
+            all_channels = sorted({c for chans in groups.values() for c in chans})
+            for _, chans in sorted(groups.items()):
+                if any(c not in chans for c in all_channels):
+                    return None
+                for c in all_channels:
+                    _read_file(chans[c], plate_dir, hasher, sources)
+        else:
+            return None
+    except (OSError, ResultsError):
+        return None
+    return hasher.hexdigest()
 
 
 def read_plate(plate_dir: str | Path, *, channel_names: Sequence[str] | None = None,

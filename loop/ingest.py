@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 
 from lab_io import profiles as profiling
 from lab_io.crops import CropSet, write_crops
-from lab_io.results import PlateResult, ResultsError, plate_dirs, read_results
+from lab_io.results import PlateResult, ResultsError, plate_dirs, plate_fingerprint, read_plate
 from lab_io.schema import (
     META_COMPOUND,
     META_DOSE,
@@ -86,12 +86,17 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     (compound = the campaign's compound id, DMSO for controls; ``smiles`` from the library), which
     ``loop assay train --data <campaign>/measurements`` trains the image assay on."""
     results_dir = Path(results_dir)
-    plates = read_results(results_dir, crop_px=crop_px, crops_per_well=crops_per_well)
+    folders = plate_dirs(results_dir)
+    unchanged = _imported_unchanged(campaign, folders, crop_px)  # not parsed nor segmented again
+    plates = [read_plate(folder, crop_px=crop_px, crops_per_well=crops_per_well)
+              for folder in folders if folder.name not in unchanged]
     if crop_px is not None:
         no_images = [p.barcode for p in plates if p.crops is None]
         if no_images:
             raise IngestError(f"{results_dir}: plate(s) {no_images} have no Images/ folder to cut crops from")
     if not plates:
+        if unchanged:
+            return list(unchanged.values())
         raise IngestError(f"{results_dir}: no plate folders with results found")
     with campaign.writing(f"ingest of {results_dir}"):
         recover_replacements(campaign)
@@ -114,7 +119,31 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
                 continue
             reports.append(_replace_plate(campaign, plan, wells) if plan.replaces else
                            _record_plate(campaign, plan, wells))
-    return reports
+    by_barcode = {**unchanged, **{r.barcode: r for r in reports}}
+    return [by_barcode[folder.name] for folder in folders if folder.name in by_barcode]
+
+
+def _imported_unchanged(campaign: Campaign, folders: list[Path], crop_px: int | None) -> dict[str, PlateQC]:
+    """Plate folders holding exactly the files a plate was imported from (same fingerprint, read
+    from the bytes alone: :func:`lab_io.results.plate_fingerprint`), with nothing left to add (no
+    crops asked for, or cut then): ``{barcode: PlateQC}`` with status ``already imported``. A
+    scheduled ingest re-reading a drop folder then does not parse and segment every plate again
+    to find it imported. Nothing while a replacement is unsettled (the full path settles it first)."""
+    if any(campaign.measurements_dir.glob(".*.replacing")):
+        return {}
+    with campaign.session() as session:
+        returned = {row.barcode: row.results_fingerprint for row in session.exec(
+            select(store.Plate).where(store.Plate.status == "returned")).all()}
+    unchanged = {}
+    for folder in folders:
+        barcode = folder.name
+        if (barcode not in returned
+                or (crop_px is not None and not (campaign.measurements_dir / f"{barcode}.crops").exists())):
+            continue
+        if returned[barcode] and plate_fingerprint(folder) == returned[barcode]:
+            log.info("plate %s: these results were already imported; nothing to do", barcode)
+            unchanged[barcode] = PlateQC(barcode=barcode, status="already imported")
+    return unchanged
 
 
 def ingest_each_plate(campaign: Campaign, results_dir: Path, **options) -> tuple[list[PlateQC], dict[str, str]]:

@@ -83,11 +83,33 @@ def train_assay(
         return _train_or_reuse(campaign, train_set, config, version, executor, ray_address)
 
 
+def retrain_current(campaign: Campaign, *, executor: str = "local", ray_address: str | None = None) -> str:
+    """The scheduled retrain (the Prefect flows): :func:`train_assay` on everything ingested,
+    unless the campaign's current virtual assay is an image assay chosen with ``loop use-assay``.
+
+    That choice is kept, with a warning saying how to retrain it: an image assay is trained on
+    crops by ``loop assay train`` (up to an hour a member on CPU), not by a scheduled round.
+    Returns the current model version."""
+    check_executor(executor)
+    with campaign.session() as session:
+        current = store.current_model_version(session)
+    if current is not None and current.kind == "image":
+        with campaign.session() as session:
+            if not store.count(session, store.Measurement):
+                raise NothingToTrainOn(f"{campaign.root}: no measurements ingested yet; run `loop ingest` first")
+        log.warning("%s: the campaign's virtual assay is image assay %s (`loop use-assay`), kept as it is; to retrain "
+                    "it on what was ingested: `loop assay train --data %s --out NEW_DIR` and `loop use-assay "
+                    "NEW_DIR` (`loop train` goes back to a feature ensemble)", campaign.root, current.version,
+                    campaign.measurements_dir)
+        return current.version
+    return train_assay(campaign, executor=executor, ray_address=ray_address).version
+
+
 def train_if_measured(campaign: Campaign, *, executor: str = "local", ray_address: str | None = None) -> str | None:
-    """:func:`train_assay` when anything is ingested (the current version is reused when it was
-    trained on all of it); None when nothing is. Returns the model version."""
+    """:func:`retrain_current` when anything is ingested (the current version is reused when it
+    was trained on all of it); None when nothing is. Returns the model version."""
     try:
-        return train_assay(campaign, executor=executor, ray_address=ray_address).version
+        return retrain_current(campaign, executor=executor, ray_address=ray_address)
     except NothingToTrainOn:
         return None
 

@@ -63,7 +63,7 @@ def test_a_rerun_after_a_failure_finishes_the_stopped_round_first(campaign_dir, 
             lab_round_flow.fn(campaign_dir, budget_wells=30, write_images=False)
     assert campaign_status(Campaign.open(campaign_dir))["plates"]["pending"] == 1
     with monkeypatch.context() as patch:
-        patch.setattr(lab_loop, "train_assay", fail)
+        patch.setattr(lab_loop, "retrain_current", fail)
         with pytest.raises(RuntimeError, match="instrument down"):
             lab_round_flow.fn(campaign_dir, budget_wells=30, write_images=False)  # round 1 returned, round 2 ingested
     status = campaign_status(Campaign.open(campaign_dir))

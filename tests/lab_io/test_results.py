@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from lab_io.ground_truth import GroundTruth
-from lab_io.results import ResultsError, merge_compartments, read_results, to_16bit_scale
+from lab_io.results import ResultsError, merge_compartments, plate_fingerprint, read_results, to_16bit_scale
 from lab_io.synthetic_lab import SyntheticLab, SyntheticLabConfig
 
 SHARED = Path(os.environ.get("LOOP_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
@@ -213,6 +213,29 @@ def test_missing_object_tables(results):
     plate = read_results(results, allow_missing_objects=True)[0]
     assert plate.skipped_sites == (f"{BARCODE}-A02-1",)
     assert set(plate.cells["Metadata_Well"]) == {"A01", "B01"}
+
+
+def test_plate_fingerprint_is_the_reads_from_the_bytes_alone(results, monkeypatch):
+    """The fingerprint a read gives, without parsing a table or segmenting an image; None where the
+    read would fail (it then says why)."""
+    import lab_io.morphology
+
+    tables = read_results(results)[0].fingerprint
+    with monkeypatch.context() as patch:
+        patch.setattr(lab_io.morphology, "measure_field", None)
+        patch.setattr("lab_io.results._read_csv_strict", None)
+        assert plate_fingerprint(results / BARCODE) == tables
+    (site(results) / "Nuclei.csv").unlink()
+    assert plate_fingerprint(results / BARCODE) is None  # some object tables but not all: the read refuses it
+    (site(results) / "Cells.csv").unlink()
+    (site(results) / "Cytoplasm.csv").unlink()
+    assert plate_fingerprint(results / BARCODE) == read_results(results, allow_missing_objects=True)[0].fingerprint
+    shutil.rmtree(results / BARCODE / "analysis")
+    from_images = read_results(results)[0].fingerprint
+    assert plate_fingerprint(results / BARCODE) == from_images != tables
+    sorted((results / BARCODE / "Images").glob("*.tif*"))[-1].unlink()  # a field without one of its channels
+    assert plate_fingerprint(results / BARCODE) is None
+    assert plate_fingerprint(results / "nope") is None
 
 
 def test_images_only_ingest_matches_the_tables(results):

@@ -1,6 +1,7 @@
 """A campaign can use an image assay (``loop use-assay``) as its virtual assay."""
 
 import json
+import logging
 
 import pytest
 from typer.testing import CliRunner
@@ -113,3 +114,35 @@ def test_use_assay_warns_when_the_campaign_measured_other_stains(image_campaign,
     assert "trained on channels ['DNA', 'Tubulin', 'Actin'], but the campaign's PLATE1.crops has" in caplog.text
     # the library (ethanol, phenol, ...) holds no analogue of cyclohexamide, the model's one compound
     assert "0.0 % of the campaign's library (a sample of 10) is an analogue" in caplog.text
+
+
+def test_scheduled_rounds_keep_the_chosen_image_assay(image_campaign, tmp_path):
+    """The flows' training steps (the rerun's catch-up, the retrain after ingest) train a feature
+    ensemble; they must not make it current over an image assay chosen with ``loop use-assay``."""
+    from flows.lab_loop import lab_round_flow, retrain_flow
+    from loop.status import campaign_status
+
+    _, model_dir = image_campaign
+    campaign = _campaign_with_library(tmp_path)
+    assay = register_image_assay(campaign, model_dir)
+    records = []  # the flow's run sets up Prefect's logging: listen on the logger itself
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("loop.train")
+    logger.addHandler(handler)
+    try:
+        out = lab_round_flow.fn(str(campaign.root), budget_wells=40, write_images=False)
+    finally:
+        logger.removeHandler(handler)
+    assert out["proposal"]["model_version"] == assay.version and out["model_version"] == assay.version
+    assert out["ingest"][0]["status"] == "imported"
+    # said once: by the retrain after the ingest (the catch-up before the proposal had nothing to train on)
+    kept = [r for r in records if f"image assay {assay.version} (`loop use-assay`), kept" in r.getMessage()]
+    assert len(kept) == 1
+    assert latest_model(campaign).version == assay.version
+    assert campaign_status(campaign)["model_versions"] == 1  # no feature ensemble trained behind its back
+    assert retrain_flow.fn(str(campaign.root)) == assay.version
+    # `loop train` is the explicit way back to a feature ensemble
+    res = CliRunner().invoke(app, ["--campaign", str(campaign.root), "train"])
+    assert res.exit_code == 0, res.output
+    assert latest_model(campaign).version != assay.version

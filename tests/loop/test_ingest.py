@@ -229,7 +229,7 @@ def test_a_signal_right_after_the_commit_keeps_the_plate_files(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("images_only", [False, True])
-def test_a_well_short_of_the_fields_its_neighbours_have_is_refused(tmp_path, images_only):
+def test_a_well_short_of_the_fields_its_neighbours_have_is_refused(tmp_path, images_only, monkeypatch):
     """A copy cut inside its last well (one of two fields there, the rest complete), from the
     CellProfiler tables or from the images alone: refused naming the well, nothing stored; the
     complete copy then imports. With allow_uneven_fields the short well is imported as delivered."""
@@ -270,6 +270,13 @@ def test_a_well_short_of_the_fields_its_neighbours_have_is_refused(tmp_path, ima
         shutil.rmtree(complete / barcode / "analysis")
     [qc] = ingest_results(campaign, complete)
     assert qc.status == "imported"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a plate imported before was parsed or segmented again")
+
+    monkeypatch.setattr("lab_io.morphology.measure_field", fail)  # a scheduled re-read of the drop folder
+    monkeypatch.setattr("lab_io.results._read_csv_strict", fail)
+    assert [r.status for r in ingest_results(campaign, complete)] == ["already imported"]
 
 
 def test_replace_imports_the_complete_copy_of_a_partly_imported_plate(tmp_path, monkeypatch):
