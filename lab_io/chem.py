@@ -39,7 +39,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 from rdkit.Chem.MolStandardize import rdMolStandardize
 
-from lab_io.schema import CONTROL_COMPOUND_ID
+from lab_io.schema import CONTROL_COMPOUND_ID, DMSO_INCHIKEY, MISSING_VALUE_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -609,10 +609,19 @@ def read_library(path: str | Path, n_jobs: int | None = None, fingerprints: bool
         if key in seen_keys:
             n_duplicates += 1
             continue
+        if key == DMSO_INCHIKEY:
+            errors.append((raw.line_numbers[i], raw.smiles[i], "the solvent DMSO, not a compound (every plate has "
+                           "its DMSO wells as the negative control)"))
+            continue
         compound_id = raw.ids[i] or derive_compound_id(key)
         if compound_id.strip().upper() == CONTROL_COMPOUND_ID.upper():
             errors.append((raw.line_numbers[i], raw.smiles[i],
                            f"compound id {compound_id!r} is reserved for the negative control wells"))
+            continue
+        if compound_id.strip() in MISSING_VALUE_TEXT:
+            errors.append((raw.line_numbers[i], raw.smiles[i],
+                           f"compound id {compound_id!r} reads as a missing value in table readers (pandas, R): "
+                           "its wells would read back as empty; give it another id"))
             continue
         owner = id_owner.get(compound_id)
         if owner is not None:

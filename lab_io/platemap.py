@@ -17,9 +17,11 @@ plate has its own map, ``plate_map_name = f"{barcode}-MAP"``.
 
 Volumes (Echo, 2.5 nL droplets): a treatment needs ``dose_um * assay_volume_ul / stock_mm`` nL of
 its ``stock_mm`` DMSO stock (10 uM in 40 uL from 10 mM = 40 nL), rounded to the nearest multiple of
-2.5 nL. Every non-empty well receives ``transfer_volume_nl`` of DMSO in total: compound wells are
-back-filled with pure DMSO (``transfer_volume_nl - compound volume``), DMSO wells get
-``transfer_volume_nl`` of DMSO. The ``dose_um`` written is the requested dose.
+2.5 nL; a dose the droplets give more than ``DOSE_TOLERANCE`` (5 %) away from is refused, naming
+the doses they do give, so the ``dose_um`` written is the dose dispensed to within 5 %. Every
+non-empty well receives ``transfer_volume_nl`` of DMSO in total (whole droplets, at most
+``MAX_DMSO_FRACTION`` = 1 % of the assay volume): compound wells are back-filled with pure DMSO
+(``transfer_volume_nl - compound volume``), DMSO wells get ``transfer_volume_nl`` of DMSO.
 
 Files (``write_plate_files``), one folder per batch of plates, Cell Painting Gallery conventions::
 
@@ -29,9 +31,14 @@ Files (``write_plate_files``), one folder per batch of plates, Cell Painting Gal
     barcode_platemap.csv     Assay_Plate_Barcode, Plate_Map_Name
     compound_metadata.tsv    broad_sample, pert_iname, smiles, InChIKey, pert_type, control_type
                              (the DMSO row has an empty broad_sample, like the plate maps)
-    source_platemap.csv      Source Plate Name, Source Well, broad_sample (DMSO: empty), pert_iname
-    picklist.csv             Echo: Source Plate Name, Source Well, Destination Plate Name,
-                             Destination Well (A1 style), Transfer Volume (nL), Sample ID
+    source_platemap.csv      Source Plate Name (SRC-<first barcode of the batch>-<k>), Source Plate
+                             Type, Source Well (A1 style), broad_sample (DMSO: empty), pert_iname,
+                             concentration_mm (DMSO: 0), transfer_total_ul (drawn from the well),
+                             fill_volume_ul (that plus source_dead_volume_ul); a sample needing
+                             more than a well gives is split over several wells
+    picklist.csv             Echo: Source Plate Name, Source Plate Type, Source Well (A1 style),
+                             Destination Plate Name, Destination Well (A1 style), Transfer Volume
+                             (nL), Sample ID
     <barcode>.png            plate picture, wells coloured by role
 
 The folder is written in a temporary sibling folder and renamed into place, so a failure never
@@ -48,11 +55,12 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +68,9 @@ import pandas as pd
 
 from lab_io.schema import (
     CONTROL_COMPOUND_ID,
+    DMSO_INCHIKEY,
+    DMSO_SMILES,
+    MISSING_VALUE_TEXT,
     N_COLS,
     N_ROWS,
     N_WELLS,
@@ -81,11 +92,11 @@ BARCODE_FILE = "barcode_platemap.csv"
 COMPOUND_FILE = "compound_metadata.tsv"
 SOURCE_FILE = "source_platemap.csv"
 PICKLIST_FILE = "picklist.csv"
-PICKLIST_COLUMNS = ("Source Plate Name", "Source Well", "Destination Plate Name", "Destination Well",
-                    "Transfer Volume", "Sample ID")
+PICKLIST_COLUMNS = ("Source Plate Name", "Source Plate Type", "Source Well", "Destination Plate Name",
+                    "Destination Well", "Transfer Volume", "Sample ID")
+SOURCE_COLUMNS = ("Source Plate Name", "Source Plate Type", "Source Well", "broad_sample", "pert_iname",
+                  "concentration_mm", "transfer_total_ul", "fill_volume_ul")
 SOURCE_PLATE_PREFIX = "SRC-"
-DMSO_SMILES = "CS(C)=O"
-DMSO_INCHIKEY = "IAZDPXIOMUYVGZ-UHFFFAOYSA-N"
 _SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]*$")
 ROLE_COLOURS = {
     WellRole.treatment.value: "#4C72B0",
@@ -99,9 +110,20 @@ ROLE_COLOURS = {
 # Config and layouts
 # --------------------------------------------------------------------------------------------
 
+#: A dose is dispensed in whole droplets: one whose droplet volume gives a dose further than this
+#: (relative) from the one asked for is refused (1 uM in 40 uL from 10 mM is 4 nL: 2 droplets, 1.25 uM).
+DOSE_TOLERANCE = 0.05
+#: DMSO above this fraction of the assay volume harms most cell lines (0.1-0.5 % is usual).
+MAX_DMSO_FRACTION = 0.01
+
+
 @dataclass(frozen=True)
 class PlateLayoutConfig:
-    """How plates are laid out and dispensed (saved with each campaign)."""
+    """How plates are laid out and dispensed (saved with each campaign and each round).
+
+    Source plates (Echo): each compound and the DMSO back-fill sit in wells of ``source_plate_type``
+    filled with ``source_dead_volume_ul`` beyond what is transferred, at most
+    ``source_max_volume_ul`` a well; a sample needing more is split over several wells."""
 
     n_negative_controls: int = 16
     positive_control_id: str | None = None
@@ -112,8 +134,12 @@ class PlateLayoutConfig:
     stock_mm: float = 10.0  # source plate compound concentration
     assay_volume_ul: float = 40.0  # medium volume per destination well
     barcode_prefix: str = "LP"
+    source_plate_type: str = "384PP_DMSO2"  # Echo source plate definition (polypropylene, DMSO)
+    source_dead_volume_ul: float = 15.0  # what the Echo cannot draw from a 384PP well
+    source_max_volume_ul: float = 65.0  # a 384PP well's largest working volume
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_negative_controls < 1:
             raise ValueError(f"n_negative_controls must be >= 1 (plates are normalised to DMSO), "
                              f"got {self.n_negative_controls}")
@@ -121,18 +147,62 @@ class PlateLayoutConfig:
             raise ValueError(f"n_positive_controls must be >= 0, got {self.n_positive_controls}")
         if self.n_positive_controls and not self.positive_control_id:
             raise ValueError("n_positive_controls > 0 needs a positive_control_id")
-        if self.positive_control_id == CONTROL_COMPOUND_ID:
-            raise ValueError(f"positive_control_id cannot be {CONTROL_COMPOUND_ID}")
+        if self.positive_control_id is not None and (self.positive_control_id.strip().upper() == CONTROL_COMPOUND_ID
+                                                     or self.positive_control_id.strip() in MISSING_VALUE_TEXT):
+            raise ValueError(f"positive_control_id cannot be {self.positive_control_id!r} (the negative control, or "
+                             "text table readers take for a missing value)")
         if self.n_controls >= self.usable_wells_per_plate:
             raise ValueError(f"{self.n_controls} controls leave no room for treatments on a plate with "
                              f"{self.usable_wells_per_plate} usable wells")
-        for name in ("transfer_volume_nl", "stock_mm", "assay_volume_ul", "positive_control_dose_um"):
+        for name in ("transfer_volume_nl", "stock_mm", "assay_volume_ul", "positive_control_dose_um",
+                     "source_max_volume_ul"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self._check_volumes()
         if self.n_positive_controls:
             self.check_dispensable(self.positive_control_dose_um, "positive_control_dose_um")
-        if not _SAFE_NAME_RE.match(self.barcode_prefix):
-            raise ValueError(f"barcode_prefix {self.barcode_prefix!r} may only use letters, digits, '_', '-', '.'")
+        for name in ("barcode_prefix", "source_plate_type"):
+            if not _SAFE_NAME_RE.match(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)!r} may only use letters, digits, '_', '-', '.'")
+
+    def _check_types(self) -> None:
+        """Settings come from a hand-editable campaign.json: a count must be a whole number, a
+        volume a number, ``empty_edge`` true or false (``"false"`` is not False). Numpy numbers are
+        taken and stored as int / float."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ValueError(f"layout {f.name} must be a whole number, got {value!r}")
+                object.__setattr__(self, f.name, int(value))
+            elif f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    raise ValueError(f"layout {f.name} must be a finite number, got {value!r}")
+                object.__setattr__(self, f.name, float(value))
+            elif f.type in ("bool", bool):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ValueError(f"layout {f.name} must be true or false, got {value!r}")
+                object.__setattr__(self, f.name, bool(value))
+            elif not (isinstance(value, str) or (value is None and "None" in str(f.type))):
+                raise ValueError(f"layout {f.name} must be text, got {value!r}")
+
+    def _check_volumes(self) -> None:
+        droplets = self.transfer_volume_nl / ECHO_DROPLET_NL
+        if not math.isclose(droplets, round(droplets), abs_tol=1e-9):
+            raise ValueError(f"transfer_volume_nl must be a whole number of {ECHO_DROPLET_NL} nL Echo droplets, got "
+                             f"{self.transfer_volume_nl} (e.g. {round(droplets) * ECHO_DROPLET_NL:g})")
+        if self.transfer_volume_nl > MAX_DMSO_FRACTION * self.assay_volume_ul * 1000:
+            raise ValueError(f"transfer_volume_nl {self.transfer_volume_nl:g} nL of DMSO in {self.assay_volume_ul:g} uL "
+                             f"is {100 * self.transfer_volume_nl / (self.assay_volume_ul * 1000):.2g} % DMSO, above the "
+                             f"{100 * MAX_DMSO_FRACTION:g} % cells tolerate")
+        if not 0 <= self.source_dead_volume_ul < self.source_max_volume_ul:
+            raise ValueError(f"source_dead_volume_ul must be >= 0 and below source_max_volume_ul "
+                             f"({self.source_max_volume_ul:g}), got {self.source_dead_volume_ul:g}")
+
+    @property
+    def source_capacity_nl(self) -> float:
+        """What one source well can give: its largest working volume less the dead volume."""
+        return (self.source_max_volume_ul - self.source_dead_volume_ul) * 1000
 
     @property
     def n_controls(self) -> int:
@@ -151,14 +221,30 @@ class PlateLayoutConfig:
         volume = dose_um * self.assay_volume_ul / self.stock_mm
         return round(volume / ECHO_DROPLET_NL) * ECHO_DROPLET_NL
 
+    def dispensed_dose_um(self, dose_um: float) -> float:
+        """The dose the droplets of :meth:`compound_volume_nl` give."""
+        return self.compound_volume_nl(dose_um) * self.stock_mm / self.assay_volume_ul
+
     def check_dispensable(self, dose_um: float, what: str) -> None:
         """ValueError naming ``what`` unless ``dose_um`` takes between one droplet and
-        ``transfer_volume_nl`` of the stock."""
+        ``transfer_volume_nl`` of the stock, in whole droplets within ``DOSE_TOLERANCE`` of the dose."""
         volume = self.compound_volume_nl(dose_um)
         if volume <= 0 or volume > self.transfer_volume_nl:
             raise ValueError(
                 f"{what}: {dose_um} uM needs {volume} nL of {self.stock_mm} mM stock; "
                 f"it must be between {ECHO_DROPLET_NL} and transfer_volume_nl={self.transfer_volume_nl} nL"
+            )
+        dispensed = self.dispensed_dose_um(dose_um)
+        if abs(dispensed - dose_um) > DOSE_TOLERANCE * dose_um:
+            step = ECHO_DROPLET_NL * self.stock_mm / self.assay_volume_ul  # uM per droplet
+            near = sorted({max(step, math.floor(dose_um / step) * step), math.ceil(dose_um / step) * step})
+            raise ValueError(
+                f"{what}: {dose_um:g} uM would be dispensed as {dispensed:g} uM ({volume:g} nL, whole "
+                f"{ECHO_DROPLET_NL} nL droplets of {self.stock_mm:g} mM stock into {self.assay_volume_ul:g} uL), "
+                f"{100 * (dispensed / dose_um - 1):+.0f} %; use a dose the droplets give ("
+                f"{' or '.join(f'{d:g}' for d in near)} uM) or another stock_mm "
+                f"(e.g. {dose_um * self.assay_volume_ul / self.transfer_volume_nl:g} mM takes "
+                f"{self.transfer_volume_nl:g} nL)"
             )
 
 
@@ -355,40 +441,68 @@ def _placed_compounds(layouts: Sequence[PlateLayout]) -> list[str]:
     return list(seen)
 
 
-def _source_layout(layouts: Sequence[PlateLayout]) -> pd.DataFrame:
-    """Source plates: one well per compound, then one DMSO well per destination plate (row-major)."""
-    entries = [(cid, cid) for cid in _placed_compounds(layouts)]
-    entries += [("", f"{CONTROL_COMPOUND_ID} for {layout.barcode}") for layout in layouts]
+def _transfers(layouts: Sequence[PlateLayout]) -> list[tuple[str, str, str, float]]:
+    """Every Echo transfer, plate by plate and well by well: ``(sample, plate barcode, A1-style well,
+    volume nL)``, sample = compound id or DMSO (the back-fill and the negative controls)."""
     rows = []
-    for i, (cid, label) in enumerate(entries):
-        plate, index = divmod(i, N_WELLS)
-        rows.append({"Source Plate Name": f"{SOURCE_PLATE_PREFIX}{plate + 1:04d}",
-                     "Source Well": well_name(*divmod(index, N_COLS)),
-                     "broad_sample": cid,
-                     "pert_iname": CONTROL_COMPOUND_ID if not cid else label})
-    return pd.DataFrame(rows)
-
-
-def _picklist(layouts: Sequence[PlateLayout], source: pd.DataFrame) -> pd.DataFrame:
-    compound_source = {r["broad_sample"]: (r["Source Plate Name"], r["Source Well"])
-                       for _, r in source.iterrows() if r["broad_sample"]}
-    dmso_rows = source[source["broad_sample"] == ""]
-    rows = []
-    for layout, (_, dmso) in zip(layouts, dmso_rows.iterrows()):
-        dmso_source = (dmso["Source Plate Name"], dmso["Source Well"])
+    for layout in layouts:
         total = layout.config.transfer_volume_nl
         for w in layout.wells.itertuples(index=False):
             if w.role == WellRole.empty.value:
                 continue
             dest = (layout.barcode, echo_well(w.well))
             if w.role == WellRole.negative_control.value:
-                rows.append((*dmso_source, *dest, total, CONTROL_COMPOUND_ID))
+                rows.append((CONTROL_COMPOUND_ID, *dest, total))
                 continue
             volume = layout.config.compound_volume_nl(w.dose_um)
-            rows.append((*compound_source[w.compound_id], *dest, volume, w.compound_id))
+            rows.append((w.compound_id, *dest, volume))
             if total - volume > 0:
-                rows.append((*dmso_source, *dest, total - volume, CONTROL_COMPOUND_ID))
-    return pd.DataFrame(rows, columns=list(PICKLIST_COLUMNS))
+                rows.append((CONTROL_COMPOUND_ID, *dest, total - volume))
+    return rows
+
+
+def _source_and_picklist(layouts: Sequence[PlateLayout], names: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The source plates and the Echo pick list of a batch.
+
+    Each compound (in order of first appearance), then DMSO, takes as many source wells as its
+    transfers need at ``source_capacity_nl`` a well, filled in pick-list order; wells are laid out
+    row-major over source plates named after the batch's first destination plate
+    (``SRC-<barcode>-<k>``), so no two batches share a source plate name. Each source well says
+    what it holds and how much to fill: the volume transferred from it plus the dead volume."""
+    config = layouts[0].config
+    capacity = config.source_capacity_nl
+    transfers = _transfers(layouts)
+    used: dict[str, list[float]] = {}  # sample -> nL drawn from each of its wells so far
+    assigned = []
+    for sample, plate, well, volume in transfers:
+        wells = used.setdefault(sample, [0.0])
+        if wells[-1] + volume > capacity:
+            wells.append(0.0)
+        wells[-1] += volume
+        assigned.append(len(wells) - 1)
+    samples = [cid for cid in _placed_compounds(layouts)] + [CONTROL_COMPOUND_ID]
+    position, source_rows = {}, []
+    for sample in (s for s in samples if s in used):
+        for k, drawn_nl in enumerate(used[sample]):
+            plate_number, index = divmod(len(source_rows), N_WELLS)
+            plate_name = f"{SOURCE_PLATE_PREFIX}{layouts[0].barcode}-{plate_number + 1}"
+            well = echo_well(well_name(*divmod(index, N_COLS)))
+            position[(sample, k)] = (plate_name, well)
+            is_dmso = sample == CONTROL_COMPOUND_ID
+            source_rows.append({
+                "Source Plate Name": plate_name, "Source Plate Type": config.source_plate_type, "Source Well": well,
+                "broad_sample": "" if is_dmso else sample,
+                "pert_iname": CONTROL_COMPOUND_ID if is_dmso else names.get(sample) or sample,
+                "concentration_mm": 0.0 if is_dmso else config.stock_mm,
+                "transfer_total_ul": drawn_nl / 1000,
+                "fill_volume_ul": drawn_nl / 1000 + config.source_dead_volume_ul,
+            })
+    pick_rows = [(*position[(sample, k)], config.source_plate_type, plate, well, volume, sample)
+                 for (sample, plate, well, volume), k in zip(transfers, assigned)]
+    picklist = pd.DataFrame(pick_rows, columns=["Source Plate Name", "Source Well", "Source Plate Type",
+                                                "Destination Plate Name", "Destination Well", "Transfer Volume",
+                                                "Sample ID"])
+    return pd.DataFrame(source_rows, columns=list(SOURCE_COLUMNS)), picklist[list(PICKLIST_COLUMNS)]
 
 
 def _plot_plate(layout: PlateLayout, path: Path, label_compounds: bool = False) -> None:
@@ -429,10 +543,11 @@ def _write_batch(layouts: Sequence[PlateLayout], compounds: pd.DataFrame, folder
         names.append(name)
     pd.DataFrame({"Assay_Plate_Barcode": [l.barcode for l in layouts],
                   "Plate_Map_Name": [l.plate_map_name for l in layouts]}).to_csv(folder / BARCODE_FILE, index=False)
-    _compound_metadata(layouts, compounds).to_csv(folder / COMPOUND_FILE, sep="\t", index=False)
-    source = _source_layout(layouts)
+    metadata = _compound_metadata(layouts, compounds)
+    metadata.to_csv(folder / COMPOUND_FILE, sep="\t", index=False)
+    source, picklist = _source_and_picklist(layouts, dict(zip(metadata["broad_sample"], metadata["pert_iname"])))
     source.to_csv(folder / SOURCE_FILE, index=False)
-    _picklist(layouts, source).to_csv(folder / PICKLIST_FILE, index=False)
+    picklist.to_csv(folder / PICKLIST_FILE, index=False)
     names += [BARCODE_FILE, COMPOUND_FILE, SOURCE_FILE, PICKLIST_FILE]
     for layout in layouts:
         _plot_plate(layout, folder / f"{layout.barcode}.png")
@@ -587,8 +702,10 @@ def _read_compounds(plates_dir: Path, placed: set[str]) -> pd.DataFrame:
             "smiles": table["smiles"],
             "inchikey": table["InChIKey"] if "InChIKey" in table.columns else "",
         })
+        # the negative control's row (empty broad_sample, or JUMP's NA / pert_iname DMSO); a compound
+        # placed on the plates is never taken for it, whatever its name
         is_dmso = frame["compound_id"].isin(["", "NA"]) | (frame["name"] == CONTROL_COMPOUND_ID)
-        frame = frame[~is_dmso]
+        frame = frame[~is_dmso | frame["compound_id"].isin(placed - {""})]
         if path != own:
             frame = frame[frame["compound_id"].isin(placed)]
         frames.append(frame)

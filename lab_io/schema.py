@@ -30,6 +30,12 @@ ROW_LETTERS = "ABCDEFGHIJKLMNOP"
 
 CONTROL_COMPOUND_ID = "DMSO"
 SOLVENT = "DMSO"
+DMSO_SMILES = "CS(C)=O"
+DMSO_INCHIKEY = "IAZDPXIOMUYVGZ-UHFFFAOYSA-N"
+#: Text that pandas (``read_csv``'s default ``na_values``) and most table readers take for a missing
+#: value: an id spelled so would read back as an empty well.
+MISSING_VALUE_TEXT = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                                "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 COMPARTMENTS = ("Nuclei", "Cells", "Cytoplasm")
 CHANNELS = ("DNA", "Tubulin", "Actin")  # synthetic lab channel order: ch1, ch2, ch3

@@ -289,6 +289,9 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # before minutes of scoring
         raise FileExistsError(f"--out {out_dir}: already exists and is not an empty folder; "
                               "choose another --out folder")
+    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise FileExistsError(f"--out {out_dir}: {blocking} is a file, not a folder; choose another --out folder")
     _warn_pending_rounds(campaign)
     picks, summary, model_version = choose_compounds(campaign, candidates, pending, q, policy, seed)
     chosen = candidates.iloc[picks].reset_index(drop=True)
@@ -299,7 +302,8 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
                            budget_wells=budget_wells, campaign_tag=campaign.config.barcode_tag)
 
     config_json = json.dumps(dict(campaign=json.loads(campaign.config.to_json()), policy=policy, seed=seed,
-                                  budget_wells=budget_wells, model_version=model_version))
+                                  budget_wells=budget_wells, model_version=model_version,
+                                  layout=dataclasses.asdict(layout_cfg)))  # every setting the plates used
     try:
         files = write_plate_files(layouts, _plate_compounds(campaign, chosen, layout_cfg), out_dir)
         (out_dir / "round_config.json").write_text(config_json)

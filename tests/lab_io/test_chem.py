@@ -298,9 +298,14 @@ def test_library_headers_match_with_spaces_and_dmso_is_not_a_compound_id(tmp_pat
     path = tmp_path / "vendor.csv"
     path.write_text("Compound ID,Compound Name,SMILES\n"
                     "ENM-001,amine a,CCN\n"
-                    "dmso,the vehicle,CS(C)=O\n"
-                    "ENM-002,amine b,CCCN\n")
+                    "dmso,the vehicle,CCCCO\n"
+                    "ENM-002,amine b,CCCN\n"
+                    "BRD-M56212252-001-01-0,DMSO,CS(C)=O.CS(C)=O\n"  # the Repurposing Hub lists the solvent
+                    "NA,ethanol,CCO\n")
     result = chem.read_library(path)
     assert result.table[["compound_id", "name"]].values.tolist() == [["ENM-001", "amine a"], ["ENM-002", "amine b"]]
     assert [(line, reason) for line, _, reason in result.errors] == [
-        (3, "compound id 'dmso' is reserved for the negative control wells")]
+        (3, "compound id 'dmso' is reserved for the negative control wells"),
+        (5, "the solvent DMSO, not a compound (every plate has its DMSO wells as the negative control)"),
+        (6, "compound id 'NA' reads as a missing value in table readers (pandas, R): its wells would read back "
+            "as empty; give it another id")]

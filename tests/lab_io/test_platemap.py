@@ -123,12 +123,49 @@ def test_compound_volume_rounds_to_droplets():
     assert config.compound_volume_nl(3.0) % 2.5 == 0
 
 
+def test_a_dose_the_droplets_cannot_give_is_refused():
+    """2.5 nL of 10 mM stock in 40 uL is 0.625 uM a droplet: 1 uM would be 1.25 uM (+25 %) and 0.35 uM
+    0.625 uM (+79 %), so both are refused naming the doses the droplets give; 3 uM (3.125, +4 %) is not."""
+    config = pm.PlateLayoutConfig()
+    assert config.dispensed_dose_um(3.0) == pytest.approx(3.125)
+    config.check_dispensable(3.0, "dose_um")
+    with pytest.raises(ValueError, match=r"dose_um: 1 uM would be dispensed as 1.25 uM .*\+25 %.*0.625 or 1.25 uM"
+                                         r".*0.8 mM takes 50 nL"):
+        config.check_dispensable(1.0, "dose_um")
+    with pytest.raises(ValueError, match=r"0.35 uM would be dispensed as 0.625 uM .*\+79 %"):
+        pm.design_plates([("A", 0.35)], config, seed=0)
+    with pytest.raises(ValueError, match="positive_control_dose_um: 1 uM would be dispensed as 1.25 uM"):
+        pm.PlateLayoutConfig(positive_control_id="POS", n_positive_controls=4, positive_control_dose_um=1.0)
+    pm.PlateLayoutConfig(stock_mm=0.8).check_dispensable(1.0, "dose_um")  # 50 nL of 0.8 mM
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(n_negative_controls=16.5), "n_negative_controls must be a whole number, got 16.5"),
+    (dict(n_negative_controls="16"), "n_negative_controls must be a whole number, got '16'"),
+    (dict(empty_edge="false"), "empty_edge must be true or false, got 'false'"),
+    (dict(stock_mm="10"), "stock_mm must be a finite number"),
+    (dict(transfer_volume_nl=51.0), r"transfer_volume_nl must be a whole number of 2.5 nL Echo droplets, got 51.0 "
+                                    r"\(e.g. 50\)"),
+    (dict(transfer_volume_nl=5000.0), "12 % DMSO, above the 1 %"),
+    (dict(positive_control_id="NA", n_positive_controls=4), "positive_control_id cannot be 'NA'"),
+    (dict(source_dead_volume_ul=70.0), "source_dead_volume_ul must be >= 0 and below source_max_volume_ul"),
+    (dict(source_plate_type="384 PP"), "source_plate_type '384 PP' may only use"),
+])
+def test_layout_settings_are_checked(settings, message):
+    """campaign.json is hand-editable: a wrong type or an impossible volume is refused at once,
+    never taken for something else ("false" as True) or left to fail at propose."""
+    with pytest.raises(ValueError, match=message):
+        pm.PlateLayoutConfig(**settings)
+    config = pm.PlateLayoutConfig(n_negative_controls=np.int64(8), stock_mm=np.float32(10), empty_edge=np.bool_(True))
+    assert type(config.n_negative_controls) is int and type(config.stock_mm) is float and config.empty_edge is True
+
+
 # ---------------------------------------------------------------- files
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     config = pm.PlateLayoutConfig(positive_control_id="C00000", n_positive_controls=4)
-    doses = [(c, 10.0 if i % 2 else 1.0) for i, (c, _) in enumerate(treatments(420)[1:])]
+    doses = [(c, 10.0 if i % 2 else 5.0) for i, (c, _) in enumerate(treatments(420)[1:])]
     layouts = pm.design_plates(doses, config, seed=11, campaign_tag="T-")
     out = tmp_path_factory.mktemp("batch") / "plates"
     files = pm.write_plate_files(layouts, make_compounds(420), out)
@@ -158,10 +195,22 @@ def test_picklist_matches_maps(written):
     layouts, out, _ = written
     pick = pd.read_csv(out / "picklist.csv", dtype={"Source Well": str, "Destination Well": str})
     assert pick.columns.tolist() == list(pm.PICKLIST_COLUMNS)
-    source = pd.read_csv(out / "source_platemap.csv", dtype=str, keep_default_na=False)
+    source = pd.read_csv(out / "source_platemap.csv", dtype={"Source Well": str, "broad_sample": str},
+                         keep_default_na=False)
+    assert source.columns.tolist() == list(pm.SOURCE_COLUMNS)
     src_of = {(p, w): s for p, w, s in zip(source["Source Plate Name"], source["Source Well"], source["broad_sample"])}
-    assert pick["Source Plate Name"].str.startswith("SRC-").all()
+    # named after the batch; 419 compounds and DMSO take two source plates
+    assert set(pick["Source Plate Name"]) == {f"SRC-{layouts[0].barcode}-1", f"SRC-{layouts[0].barcode}-2"}
+    assert (pick["Source Plate Type"] == "384PP_DMSO2").all()
+    assert pick["Source Well"].map(echo_well).eq(pick["Source Well"]).all()  # A1 style, as the destination
     assert (pick["Transfer Volume"] % 2.5 == 0).all()
+    drawn = pick.groupby(["Source Plate Name", "Source Well"])["Transfer Volume"].sum() / 1000
+    filled = source.set_index(["Source Plate Name", "Source Well"])
+    assert np.allclose(filled.loc[drawn.index, "transfer_total_ul"], drawn)
+    assert np.allclose(filled["fill_volume_ul"], filled["transfer_total_ul"] + 15.0)
+    assert (filled["fill_volume_ul"] <= 65.0).all()
+    names = dict(zip(source["broad_sample"], source["pert_iname"]))
+    assert names["C00001"] == "cmpd 1" and names[""] == "DMSO"  # the compound's name, not its id
     for layout in layouts:
         w = layout.wells
         rows = pick[pick["Destination Plate Name"] == layout.barcode]
@@ -179,6 +228,24 @@ def test_picklist_matches_maps(written):
         dose = dict(zip(map(echo_well, w["well"]), w["dose_um"]))
         for dw, vol in zip(compound_rows["Destination Well"], compound_rows["Transfer Volume"]):
             assert vol == layout.config.compound_volume_nl(dose[dw])
+
+
+def test_source_wells_hold_what_their_transfers_draw(tmp_path):
+    """A sample drawn beyond one source well's working volume (less its dead volume) is split over
+    wells, each transfer from a well that still holds it; two batches never share a source plate name."""
+    config = pm.PlateLayoutConfig(source_max_volume_ul=20.0, source_dead_volume_ul=15.0)  # 5 uL a well
+    layouts = pm.design_plates(treatments(700), config, seed=0, campaign_tag="T-")
+    files = pm.write_plate_files(layouts, make_compounds(700), tmp_path / "a")
+    pick = pd.read_csv(files["picklist.csv"])
+    source = pd.read_csv(files["source_platemap.csv"], keep_default_na=False)
+    dmso = source[source["pert_iname"] == "DMSO"]
+    needed_ul = pick.loc[pick["Sample ID"] == "DMSO", "Transfer Volume"].sum() / 1000
+    assert len(dmso) == int(np.ceil(needed_ul / 5.0)) and np.isclose(dmso["transfer_total_ul"].sum(), needed_ul)
+    drawn = pick.groupby(["Source Plate Name", "Source Well"])["Transfer Volume"].sum()
+    assert drawn.max() <= 5000.0 and (source["fill_volume_ul"] <= 20.0).all()
+    later = pm.design_plates(treatments(10), config, seed=0, campaign_tag="T-", plate_index_start=3)
+    other = pd.read_csv(pm.write_plate_files(later, make_compounds(10), tmp_path / "b")["picklist.csv"])
+    assert set(other["Source Plate Name"]).isdisjoint(pick["Source Plate Name"])
 
 
 def test_round_trip(written):

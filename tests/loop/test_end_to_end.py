@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from sqlmodel import select
 
+from lab_io.platemap import PlateLayoutConfig
 from lab_io.schema import N_COLS, N_ROWS, parse_well
 from loop import store
 from loop.campaign import Campaign, CampaignConfig
@@ -170,6 +171,8 @@ def test_train_then_propose_excludes_measured_compounds(round_one):
     assert again and not (again & proposed) and not (again & measured)
     config = json.loads((second.out_dir / "round_config.json").read_text())
     assert config["model_version"] == ensemble.version
+    assert config["layout"] == dataclasses.asdict(PlateLayoutConfig(**campaign.config.layout))  # every setting used
+    assert config["layout"]["transfer_volume_nl"] == 50.0 and config["layout"]["stock_mm"] == 10.0
     with campaign.session() as session:  # the default: the ensemble anchored on the round-1 measurements
         rows = session.exec(select(store.Proposal.acquisition, store.Proposal.acq_value)
                             .where(store.Proposal.round_index >= 2)).all()
@@ -403,9 +406,13 @@ def test_propose_checks_out_and_campaign_json_before_scoring(round_one, tmp_path
     (tmp_path / "afile.txt").write_text("hi")
     with pytest.raises(FileExistsError, match=r"--out .*afile.txt: already exists and is not an empty folder"):
         propose(campaign, 40, out_dir=tmp_path / "afile.txt")
+    with pytest.raises(FileExistsError, match=r"--out .*afile.txt/plates: .*afile.txt is a file, not a folder"):
+        propose(campaign, 40, out_dir=tmp_path / "afile.txt" / "plates")
     for section, value, message in (("selection", {"bogus": 1}, "bogus"),
                                     ("selection", {"max_per_scaffold": "2"}, "max_per_scaffold"),
-                                    ("layout", {"n_positive_controls": 2}, "positive_control_id")):
+                                    ("layout", {"n_positive_controls": 2}, "positive_control_id"),
+                                    ("layout", {"n_negative_controls": 16.5}, "whole number"),
+                                    ("layout", {"empty_edge": "false"}, "true or false")):
         campaign.config = dataclasses.replace(round_one["campaign"].config, **{section: value})
         with pytest.raises(CampaignError, match=rf"campaign.json: '{section}': .*{message}"):
             propose(campaign, 40)
@@ -416,6 +423,8 @@ def test_init_refuses_a_dose_the_echo_cannot_dispense(tmp_path):
 
     with pytest.raises(CampaignError, match=r"dose_um: 13.0 uM needs 52.5 nL of 10.0 mM stock"):
         Campaign.init(tmp_path / "c", CampaignConfig(dose_um=13.0))
+    with pytest.raises(CampaignError, match=r"dose_um: 0.35 uM would be dispensed as 0.625 uM"):
+        Campaign.init(tmp_path / "c", CampaignConfig(dose_um=0.35))
     with pytest.raises(CampaignError, match=r"positive_control_dose_um: 50.0 uM needs 200.0 nL"):
         Campaign.init(tmp_path / "d", CampaignConfig(layout=dict(n_positive_controls=4, positive_control_id="P",
                                                                  positive_control_dose_um=50.0)))
