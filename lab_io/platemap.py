@@ -140,6 +140,8 @@ class PlateLayoutConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.positive_control_id is not None and not self.positive_control_id.strip():
+            object.__setattr__(self, "positive_control_id", None)  # "" (a blank in campaign.json): none
         if self.n_negative_controls < 1:
             raise ValueError(f"n_negative_controls must be >= 1 (plates are normalised to DMSO), "
                              f"got {self.n_negative_controls}")
@@ -147,10 +149,11 @@ class PlateLayoutConfig:
             raise ValueError(f"n_positive_controls must be >= 0, got {self.n_positive_controls}")
         if self.n_positive_controls and not self.positive_control_id:
             raise ValueError("n_positive_controls > 0 needs a positive_control_id")
-        if self.positive_control_id is not None and (self.positive_control_id.strip().upper() == CONTROL_COMPOUND_ID
-                                                     or self.positive_control_id.strip() in MISSING_VALUE_TEXT):
-            raise ValueError(f"positive_control_id cannot be {self.positive_control_id!r} (the negative control, or "
-                             "text table readers take for a missing value)")
+        if self.n_positive_controls and self.positive_control_id.strip().upper() == CONTROL_COMPOUND_ID:
+            raise ValueError(f"positive_control_id cannot be {self.positive_control_id!r}: DMSO is the negative control")
+        if self.n_positive_controls and self.positive_control_id.strip() in MISSING_VALUE_TEXT:
+            raise ValueError(f"positive_control_id cannot be {self.positive_control_id!r}: table readers (pandas, R) "
+                             "take it for a missing value, and its wells would read back as empty")
         if self.n_controls >= self.usable_wells_per_plate:
             raise ValueError(f"{self.n_controls} controls leave no room for treatments on a plate with "
                              f"{self.usable_wells_per_plate} usable wells")
@@ -180,7 +183,8 @@ class PlateLayoutConfig:
                     raise ValueError(f"layout {f.name} must be a finite number, got {value!r}")
                 object.__setattr__(self, f.name, float(value))
             elif f.type in ("bool", bool):
-                if not isinstance(value, (bool, np.bool_)):
+                if not isinstance(value, (bool, np.bool_)) and not (isinstance(value, numbers.Integral)
+                                                                   and value in (0, 1)):  # earlier versions took 0 / 1
                     raise ValueError(f"layout {f.name} must be true or false, got {value!r}")
                 object.__setattr__(self, f.name, bool(value))
             elif not (isinstance(value, str) or (value is None and "None" in str(f.type))):
@@ -193,11 +197,15 @@ class PlateLayoutConfig:
                              f"{self.transfer_volume_nl} (e.g. {round(droplets) * ECHO_DROPLET_NL:g})")
         if self.transfer_volume_nl > MAX_DMSO_FRACTION * self.assay_volume_ul * 1000:
             raise ValueError(f"transfer_volume_nl {self.transfer_volume_nl:g} nL of DMSO in {self.assay_volume_ul:g} uL "
-                             f"is {100 * self.transfer_volume_nl / (self.assay_volume_ul * 1000):.2g} % DMSO, above the "
+                             f"is {100 * self.transfer_volume_nl / (self.assay_volume_ul * 1000):.3g} % DMSO, above the "
                              f"{100 * MAX_DMSO_FRACTION:g} % cells tolerate")
         if not 0 <= self.source_dead_volume_ul < self.source_max_volume_ul:
             raise ValueError(f"source_dead_volume_ul must be >= 0 and below source_max_volume_ul "
                              f"({self.source_max_volume_ul:g}), got {self.source_dead_volume_ul:g}")
+        if self.source_capacity_nl < self.transfer_volume_nl:
+            raise ValueError(f"a source well gives {self.source_capacity_nl:g} nL (source_max_volume_ul less "
+                             f"source_dead_volume_ul), less than one well's transfer_volume_nl "
+                             f"{self.transfer_volume_nl:g} nL")
 
     @property
     def source_capacity_nl(self) -> float:
@@ -241,10 +249,9 @@ class PlateLayoutConfig:
             raise ValueError(
                 f"{what}: {dose_um:g} uM would be dispensed as {dispensed:g} uM ({volume:g} nL, whole "
                 f"{ECHO_DROPLET_NL} nL droplets of {self.stock_mm:g} mM stock into {self.assay_volume_ul:g} uL), "
-                f"{100 * (dispensed / dose_um - 1):+.0f} %; use a dose the droplets give ("
-                f"{' or '.join(f'{d:g}' for d in near)} uM) or another stock_mm "
-                f"(e.g. {dose_um * self.assay_volume_ul / self.transfer_volume_nl:g} mM takes "
-                f"{self.transfer_volume_nl:g} nL)"
+                f"{100 * (dispensed / dose_um - 1):+.1f} % (more than {100 * DOSE_TOLERANCE:g} %); set {what} to a "
+                f"dose the droplets give ({' or '.join(f'{d:g}' for d in near)} uM), or stock_mm to a stock "
+                "from which every dose of the campaign takes whole droplets"
             )
 
 

@@ -96,10 +96,11 @@ class CampaignConfig:
 
         checks = {
             "seed": lambda: _check_int(self.seed),
-            "dose_um": lambda: _check_positive(self.dose_um),
             "hit_sd": lambda: _check_positive(self.hit_sd),
             "lab_world_seed": lambda: _check_int(self.lab_world_seed),
-            "layout": lambda: PlateLayoutConfig(**self.layout).check_dispensable(self.dose_um, "dose_um"),
+            "layout": lambda: PlateLayoutConfig(**self.layout),
+            "dose_um": lambda: (_check_positive(self.dose_um),  # after 'layout': dispensed by its settings
+                                PlateLayoutConfig(**self.layout).check_dispensable(self.dose_um, "dose_um")),
             "selection": lambda: SelectionConfig(**self.selection),
             "funnel": lambda: FunnelConfig.from_dict(self.funnel),
             "objective": lambda: ObjectiveConfig.from_dict(self.objective),

@@ -63,8 +63,27 @@ def train_assay(
     ray_address: str | None = None,
     config_overrides: dict | None = None,
 ) -> FeatureAssayEnsemble:
-    """Train a new ensemble version on all ingested cells and register it."""
+    """Train a new ensemble version on all ingested cells and register it as current (reused
+    when it was trained on exactly these data and options)."""
+    ensemble, _ = _train(campaign, executor, ray_address, config_overrides, keep_image_assay=False)
+    return ensemble
+
+
+def _train(campaign: Campaign, executor: str, ray_address: str | None, config_overrides: dict | None, *,
+           keep_image_assay: bool) -> tuple[FeatureAssayEnsemble | None, str]:
+    """:func:`train_assay`; with ``keep_image_assay``, nothing is trained while an image assay is the
+    campaign's current one (checked again once the train lock is held). Returns the ensemble (None
+    when kept) and the current version.
+
+    A version counts from when its training began (its ``created_at``): an image assay made current
+    with ``loop use-assay`` while a training runs stays current after it."""
     check_executor(executor)  # before the data are read, and when a trained version is reused
+    image = _current_image_assay(campaign) if keep_image_assay else None
+    if image is not None:  # kept: spare reading the cells
+        with campaign.session() as session:
+            if not store.count(session, store.Measurement):
+                raise NothingToTrainOn(f"{campaign.root}: no measurements ingested yet; run `loop ingest` first")
+        return None, image
     cells = load_measured_cells(campaign)
     compounds = load_compounds(campaign)
     fps = np.asarray(campaign.load_fingerprints())
@@ -80,7 +99,23 @@ def train_assay(
     # a second training of the campaign (a scheduled retrain beside `loop train`) waits for the first,
     # then finds its version registered instead of training into the same folder
     with campaign.writing("train", timeout_s=TRAIN_LOCK_TIMEOUT_S, lock_file=TRAIN_LOCK_FILE):
-        return _train_or_reuse(campaign, train_set, config, version, executor, ray_address)
+        kept = _current_image_assay(campaign) if keep_image_assay else None
+        if kept is not None:
+            return None, kept
+        ensemble = _train_or_reuse(campaign, train_set, config, version, executor, ray_address, store.utcnow())
+        image = _current_image_assay(campaign)
+        if image is not None:
+            log.warning("image assay %s was made the campaign's virtual assay (`loop use-assay`) while ensemble %s "
+                        "trained; it stays current (`loop train` again makes the ensemble current)", image,
+                        ensemble.version)
+        return ensemble, image or ensemble.version
+
+
+def _current_image_assay(campaign: Campaign) -> str | None:
+    """The campaign's current virtual assay's version when it is an image assay (``loop use-assay``)."""
+    with campaign.session() as session:
+        current = store.current_model_version(session)
+    return current.version if current is not None and current.kind == "image" else None
 
 
 def retrain_current(campaign: Campaign, *, executor: str = "local", ray_address: str | None = None) -> str:
@@ -90,19 +125,13 @@ def retrain_current(campaign: Campaign, *, executor: str = "local", ray_address:
     That choice is kept, with a warning saying how to retrain it: an image assay is trained on
     crops by ``loop assay train`` (up to an hour a member on CPU), not by a scheduled round.
     Returns the current model version."""
-    check_executor(executor)
-    with campaign.session() as session:
-        current = store.current_model_version(session)
-    if current is not None and current.kind == "image":
-        with campaign.session() as session:
-            if not store.count(session, store.Measurement):
-                raise NothingToTrainOn(f"{campaign.root}: no measurements ingested yet; run `loop ingest` first")
+    ensemble, version = _train(campaign, executor, ray_address, None, keep_image_assay=True)
+    if ensemble is None:
         log.warning("%s: the campaign's virtual assay is image assay %s (`loop use-assay`), kept as it is; to retrain "
                     "it on what was ingested: `loop assay train --data %s --out NEW_DIR` and `loop use-assay "
-                    "NEW_DIR` (`loop train` goes back to a feature ensemble)", campaign.root, current.version,
+                    "NEW_DIR` (`loop train` goes back to a feature ensemble)", campaign.root, version,
                     campaign.measurements_dir)
-        return current.version
-    return train_assay(campaign, executor=executor, ray_address=ray_address).version
+    return version
 
 
 def train_if_measured(campaign: Campaign, *, executor: str = "local", ray_address: str | None = None) -> str | None:
@@ -115,12 +144,12 @@ def train_if_measured(campaign: Campaign, *, executor: str = "local", ray_addres
 
 
 def _train_or_reuse(campaign: Campaign, train_set: FeatureTrainingSet, config, version: str, executor: str,
-                    ray_address: str | None) -> FeatureAssayEnsemble:
+                    ray_address: str | None, started) -> FeatureAssayEnsemble:
     with campaign.session() as session:
         existing = session.exec(select(store.ModelVersion).where(store.ModelVersion.version == version)).first()
     if existing is not None:
         log.info("virtual assay %s was already trained on exactly these data and options; reusing it", version)
-        _make_current(campaign, existing.version)
+        _make_current(campaign, existing.version, started)
         return load_ensemble(campaign.absolute(existing.path))
     out_dir = campaign.models_dir / version  # an interrupted run resumes from its checkpoints
     ensemble = train_ensemble(train_set, config, out_dir, executor=executor, ray_address=ray_address)
@@ -134,6 +163,7 @@ def _train_or_reuse(campaign: Campaign, train_set: FeatureTrainingSet, config, v
                 n_training_cells=train_set.n_cells,
                 data_fingerprint=train_set.data_fingerprint,
                 config_json=json.dumps(dataclasses.asdict(config)),
+                created_at=started,
             )
         )
         session.commit()
@@ -218,10 +248,10 @@ def _warn_without_analogues(campaign: Campaign, assay, model_dir: Path) -> None:
                     assay.meta["compounds"][:5])
 
 
-def _make_current(campaign: Campaign, version: str) -> None:
+def _make_current(campaign: Campaign, version: str, at) -> None:
     with campaign.session() as session:
         row = session.exec(select(store.ModelVersion).where(store.ModelVersion.version == version)).one()
-        row.created_at = store.utcnow()
+        row.created_at = at
         session.add(row)
         session.commit()
 

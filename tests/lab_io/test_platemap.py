@@ -129,10 +129,10 @@ def test_a_dose_the_droplets_cannot_give_is_refused():
     config = pm.PlateLayoutConfig()
     assert config.dispensed_dose_um(3.0) == pytest.approx(3.125)
     config.check_dispensable(3.0, "dose_um")
-    with pytest.raises(ValueError, match=r"dose_um: 1 uM would be dispensed as 1.25 uM .*\+25 %.*0.625 or 1.25 uM"
-                                         r".*0.8 mM takes 50 nL"):
+    with pytest.raises(ValueError, match=r"dose_um: 1 uM would be dispensed as 1.25 uM .*\+25.0 % \(more than 5 %\); "
+                                         r"set dose_um to a dose the droplets give \(0.625 or 1.25 uM\)"):
         config.check_dispensable(1.0, "dose_um")
-    with pytest.raises(ValueError, match=r"0.35 uM would be dispensed as 0.625 uM .*\+79 %"):
+    with pytest.raises(ValueError, match=r"0.35 uM would be dispensed as 0.625 uM .*\+78.6 %"):
         pm.design_plates([("A", 0.35)], config, seed=0)
     with pytest.raises(ValueError, match="positive_control_dose_um: 1 uM would be dispensed as 1.25 uM"):
         pm.PlateLayoutConfig(positive_control_id="POS", n_positive_controls=4, positive_control_dose_um=1.0)
@@ -146,8 +146,12 @@ def test_a_dose_the_droplets_cannot_give_is_refused():
     (dict(stock_mm="10"), "stock_mm must be a finite number"),
     (dict(transfer_volume_nl=51.0), r"transfer_volume_nl must be a whole number of 2.5 nL Echo droplets, got 51.0 "
                                     r"\(e.g. 50\)"),
-    (dict(transfer_volume_nl=5000.0), "12 % DMSO, above the 1 %"),
-    (dict(positive_control_id="NA", n_positive_controls=4), "positive_control_id cannot be 'NA'"),
+    (dict(transfer_volume_nl=5000.0), "12.5 % DMSO, above the 1 %"),
+    (dict(transfer_volume_nl=410.0), "1.02 % DMSO, above the 1 %"),
+    (dict(positive_control_id="NA", n_positive_controls=4), "positive_control_id cannot be 'NA': table readers"),
+    (dict(positive_control_id="dmso", n_positive_controls=4), "DMSO is the negative control"),
+    (dict(source_max_volume_ul=15.02), r"a source well gives 20 nL .* less than one well's transfer_volume_nl 50 nL"),
+    (dict(empty_edge=2), "empty_edge must be true or false, got 2"),
     (dict(source_dead_volume_ul=70.0), "source_dead_volume_ul must be >= 0 and below source_max_volume_ul"),
     (dict(source_plate_type="384 PP"), "source_plate_type '384 PP' may only use"),
 ])
@@ -158,6 +162,9 @@ def test_layout_settings_are_checked(settings, message):
         pm.PlateLayoutConfig(**settings)
     config = pm.PlateLayoutConfig(n_negative_controls=np.int64(8), stock_mm=np.float32(10), empty_edge=np.bool_(True))
     assert type(config.n_negative_controls) is int and type(config.stock_mm) is float and config.empty_edge is True
+    # what earlier versions wrote and took: 0 / 1 for empty_edge, "" for no positive control
+    config = pm.PlateLayoutConfig(empty_edge=1, positive_control_id="", stock_mm=10)
+    assert config.empty_edge is True and config.positive_control_id is None and type(config.stock_mm) is float
 
 
 # ---------------------------------------------------------------- files
@@ -232,17 +239,25 @@ def test_picklist_matches_maps(written):
 
 def test_source_wells_hold_what_their_transfers_draw(tmp_path):
     """A sample drawn beyond one source well's working volume (less its dead volume) is split over
-    wells, each transfer from a well that still holds it; two batches never share a source plate name."""
-    config = pm.PlateLayoutConfig(source_max_volume_ul=20.0, source_dead_volume_ul=15.0)  # 5 uL a well
+    wells: every transfer comes from a well holding its sample, each well is filled with what is
+    drawn from it plus the dead volume, none beyond its largest volume, none left unused; two
+    batches never share a source plate name."""
+    config = pm.PlateLayoutConfig(source_max_volume_ul=20.02, source_dead_volume_ul=15.0)  # 5,020 nL a well
     layouts = pm.design_plates(treatments(700), config, seed=0, campaign_tag="T-")
     files = pm.write_plate_files(layouts, make_compounds(700), tmp_path / "a")
     pick = pd.read_csv(files["picklist.csv"])
-    source = pd.read_csv(files["source_platemap.csv"], keep_default_na=False)
+    source = pd.read_csv(files["source_platemap.csv"], keep_default_na=False).set_index(
+        ["Source Plate Name", "Source Well"])
+    assert source.index.is_unique
+    drawn_ul = pick.groupby(["Source Plate Name", "Source Well"])["Transfer Volume"].sum() / 1000
+    assert sorted(drawn_ul.index) == sorted(source.index)  # every source well is drawn from
+    assert np.allclose(source.loc[drawn_ul.index, "transfer_total_ul"], drawn_ul)
+    assert np.allclose(source["fill_volume_ul"], source["transfer_total_ul"] + 15.0)
+    assert (source["fill_volume_ul"] <= 20.02 + 1e-9).all()
+    holds = source["broad_sample"].replace("", "DMSO")
+    assert (holds.loc[list(zip(pick["Source Plate Name"], pick["Source Well"]))].to_numpy() == pick["Sample ID"]).all()
     dmso = source[source["pert_iname"] == "DMSO"]
-    needed_ul = pick.loc[pick["Sample ID"] == "DMSO", "Transfer Volume"].sum() / 1000
-    assert len(dmso) == int(np.ceil(needed_ul / 5.0)) and np.isclose(dmso["transfer_total_ul"].sum(), needed_ul)
-    drawn = pick.groupby(["Source Plate Name", "Source Well"])["Transfer Volume"].sum()
-    assert drawn.max() <= 5000.0 and (source["fill_volume_ul"] <= 20.0).all()
+    assert len(dmso) > 1 and np.isclose(dmso["transfer_total_ul"].sum(), drawn_ul[dmso.index].sum())
     later = pm.design_plates(treatments(10), config, seed=0, campaign_tag="T-", plate_index_start=3)
     other = pd.read_csv(pm.write_plate_files(later, make_compounds(10), tmp_path / "b")["picklist.csv"])
     assert set(other["Source Plate Name"]).isdisjoint(pick["Source Plate Name"])

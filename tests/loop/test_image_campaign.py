@@ -116,7 +116,7 @@ def test_use_assay_warns_when_the_campaign_measured_other_stains(image_campaign,
     assert "0.0 % of the campaign's library (a sample of 10) is an analogue" in caplog.text
 
 
-def test_scheduled_rounds_keep_the_chosen_image_assay(image_campaign, tmp_path):
+def test_scheduled_rounds_keep_the_chosen_image_assay(image_campaign, tmp_path, monkeypatch):
     """The flows' training steps (the rerun's catch-up, the retrain after ingest) train a feature
     ensemble; they must not make it current over an image assay chosen with ``loop use-assay``."""
     from flows.lab_loop import lab_round_flow, retrain_flow
@@ -145,4 +145,18 @@ def test_scheduled_rounds_keep_the_chosen_image_assay(image_campaign, tmp_path):
     # `loop train` is the explicit way back to a feature ensemble
     res = CliRunner().invoke(app, ["--campaign", str(campaign.root), "train"])
     assert res.exit_code == 0, res.output
-    assert latest_model(campaign).version != assay.version
+    feature_version = latest_model(campaign).version
+    assert feature_version != assay.version
+    # `loop use-assay` while a training runs: a version counts from when its training began, so
+    # the image assay chosen meanwhile stays current
+    import loop.train as train_module
+
+    original = train_module._train_or_reuse
+
+    def use_assay_meanwhile(*args, **kwargs):
+        register_image_assay(campaign, model_dir)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_or_reuse", use_assay_meanwhile)
+    assert train_module.train_assay(campaign).version == feature_version  # reused, not made current
+    assert latest_model(campaign).version == assay.version
