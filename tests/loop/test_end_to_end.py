@@ -371,7 +371,7 @@ def test_positive_controls_go_on_every_plate_and_are_never_picked(tmp_path):
     id alone, one the library holds with its structure; neither is ever proposed as a treatment,
     and the plates come back and are ingested."""
     layout = dict(n_negative_controls=16, n_positive_controls=8, positive_control_id="STAURO",
-                  positive_control_dose_um=1.0)
+                  positive_control_dose_um=1.25)  # two droplets of 10 mM in 40 uL
     campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=2, layout=layout, assay=TINY_ASSAY, lab=TINY_LAB))
     add_virtual_library(campaign, 120, seed=0)
     first = propose(campaign, 60)
