@@ -487,7 +487,7 @@ def _source_and_picklist(layouts: Sequence[PlateLayout], names: dict[str, str]) 
             wells.append(0.0)
         wells[-1] += volume
         assigned.append(len(wells) - 1)
-    samples = [cid for cid in _placed_compounds(layouts)] + [CONTROL_COMPOUND_ID]
+    samples = [*_placed_compounds(layouts), CONTROL_COMPOUND_ID]
     position, source_rows = {}, []
     for sample in (s for s in samples if s in used):
         for k, drawn_nl in enumerate(used[sample]):
@@ -504,12 +504,12 @@ def _source_and_picklist(layouts: Sequence[PlateLayout], names: dict[str, str]) 
                 "transfer_total_ul": drawn_nl / 1000,
                 "fill_volume_ul": drawn_nl / 1000 + config.source_dead_volume_ul,
             })
-    pick_rows = [(*position[(sample, k)], config.source_plate_type, plate, well, volume, sample)
-                 for (sample, plate, well, volume), k in zip(transfers, assigned)]
-    picklist = pd.DataFrame(pick_rows, columns=["Source Plate Name", "Source Well", "Source Plate Type",
-                                                "Destination Plate Name", "Destination Well", "Transfer Volume",
-                                                "Sample ID"])
-    return pd.DataFrame(source_rows, columns=list(SOURCE_COLUMNS)), picklist[list(PICKLIST_COLUMNS)]
+    pick_rows = []
+    for (sample, plate, well, volume), k in zip(transfers, assigned):
+        source_plate, source_well = position[(sample, k)]
+        pick_rows.append((source_plate, config.source_plate_type, source_well, plate, well, volume, sample))
+    return (pd.DataFrame(source_rows, columns=list(SOURCE_COLUMNS)),
+            pd.DataFrame(pick_rows, columns=list(PICKLIST_COLUMNS)))
 
 
 def _plot_plate(layout: PlateLayout, path: Path, label_compounds: bool = False) -> None:
