@@ -38,12 +38,18 @@ class NothingToTrainOn(RuntimeError):
     """No measurements have been ingested yet."""
 
 
-def load_measured_cells(campaign: Campaign) -> pd.DataFrame:
-    """All ingested single cells (treatments and DMSO controls), one frame."""
+def measured_cells_paths(campaign: Campaign) -> list[str]:
+    """The ingested plates' single-cell files (relative); NothingToTrainOn when none is."""
     with campaign.session() as session:
         paths = sorted(set(session.exec(select(store.Measurement.cells_path)).all()))
     if not paths:
         raise NothingToTrainOn(f"{campaign.root}: no measurements ingested yet; run `loop ingest` first")
+    return paths
+
+
+def load_measured_cells(campaign: Campaign) -> pd.DataFrame:
+    """All ingested single cells (treatments and DMSO controls), one frame."""
+    paths = measured_cells_paths(campaign)
     frames = [pd.read_parquet(campaign.absolute(p)) for p in paths]
     cells = pd.concat(frames, ignore_index=True)
     keep = cells[META_ROLE].isin([WellRole.treatment.value, WellRole.negative_control.value])
@@ -80,9 +86,7 @@ def _train(campaign: Campaign, executor: str, ray_address: str | None, config_ov
     check_executor(executor)  # before the data are read, and when a trained version is reused
     image = _current_image_assay(campaign) if keep_image_assay else None
     if image is not None:  # kept: spare reading the cells
-        with campaign.session() as session:
-            if not store.count(session, store.Measurement):
-                raise NothingToTrainOn(f"{campaign.root}: no measurements ingested yet; run `loop ingest` first")
+        measured_cells_paths(campaign)  # nothing ingested is NothingToTrainOn, as for a feature ensemble
         return None, image
     cells = load_measured_cells(campaign)
     compounds = load_compounds(campaign)
