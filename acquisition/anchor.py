@@ -75,7 +75,7 @@ from acquisition.greedy import as_bool_mask, as_member_values
 from acquisition.tanimoto_gp import gp_ucb_scored
 
 __all__ = ["Anchor", "AnchoredBatch", "anchored_ucb_batch", "dilution_ratio", "fit_anchor", "log_activity",
-           "spread_ratio"]
+           "on_prediction_scale", "spread_ratio"]
 
 ACTIVITY_FLOOR = 1e-6
 MAX_WEIGHT = 3.0  # default upper clip of the ensemble's weight b
@@ -191,6 +191,30 @@ def spread_ratio(member_values: np.ndarray, measured: np.ndarray, y: np.ndarray)
     return sd_y / sd_z if sd_z > 0 and sd_y > 0 else 1.0
 
 
+def on_prediction_scale(member_values: np.ndarray, observed: np.ndarray, *, log_scale: bool = True) -> np.ndarray:
+    """Measured values ``n`` put on the scale of their own predictions ``K x n`` (members x the same
+    measured conditions), so that one model can learn from both (the funnel's surrogate).
+
+    Predicted and measured profiles are normalised in different units (:func:`spread_ratio`), so
+    the measured values are moved and stretched until their mean and sd over the measured
+    conditions match those of the member-mean predictions: on the log scale for activity (a
+    positive distance; ``log_scale=True``), as they are for an objective. The ranking of the
+    measured conditions is the lab's, whatever the model predicted for them. With fewer than two
+    conditions, or no spread in either, only the mean is moved.
+
+    Returns ``float64 n`` (activity: positive, like the predictions)."""
+    z = as_member_values(member_values).numpy().astype(np.float64).mean(axis=0)  # n
+    y = np.asarray(observed, dtype=np.float64)
+    if y.shape != z.shape or not np.isfinite(y).all():
+        raise ValueError(f"observed must hold one finite value per predicted condition ({len(z)}), got {y.shape}")
+    if log_scale:
+        z, y = log_activity(z), log_activity(y)
+    spread = len(y) >= 2 and np.ptp(z) > 0 and np.ptp(y) > 0  # ptp: exactly 0 for equal values, unlike std
+    scale = float(z.std()) / float(y.std()) if spread else 1.0
+    on_scale = z.mean() + (y - y.mean()) * scale
+    return np.exp(on_scale) if log_scale else on_scale
+
+
 def dilution_ratio(member_log_values: np.ndarray, measured: np.ndarray, n_out_of_bag: np.ndarray) -> float:
     """``r = (v + s2 mean(1 / n_oob)) / (v + s2 / K)``: how much more member noise flattens the slope on
     an average of ``n_oob`` members than on the mean of all ``K`` (module docstring).
@@ -242,6 +266,8 @@ def anchored_ucb_batch(
     max_weight: float = MAX_WEIGHT,
     attenuation: bool = False,
     log_scale: bool = True,
+    scaffold_ids: np.ndarray | None = None,
+    max_per_scaffold: int | None = None,
 ) -> AnchoredBatch:
     """``q`` unmeasured, non-pending conditions by believer-UCB on the anchored GP.
 
@@ -264,6 +290,9 @@ def anchored_ucb_batch(
         log_scale: model log activity (activity is a positive distance with a long upper
             tail); False: the values as they are (an objective that can be negative), the
             predictions rescaled to the measured values' spread first (:func:`spread_ratio`).
+        scaffold_ids: ``N`` integer scaffold ids, for ``max_per_scaffold``.
+        max_per_scaffold: most picks per scaffold id, pending conditions counted (None: no cap;
+            fewer than ``q`` picks when the cap closes every eligible condition).
 
     Returns:
         ``AnchoredBatch``: ``int64`` picks in order, their UCB (``mean + beta sd`` of log
@@ -278,5 +307,5 @@ def anchored_ucb_batch(
     anchor = fit_anchor(z_members, measured, y, out_of_bag, prior_weight=prior_weight,
                         prior_sd=prior_sd, max_weight=max_weight, attenuation=attenuation)
     picks, ucb = gp_ucb_scored(fingerprints, log10_dose, measured, y, q, beta=beta, prior_mean=anchor.prior_mean,
-                               pending=pending)
+                               pending=pending, scaffold_ids=scaffold_ids, max_per_scaffold=max_per_scaffold)
     return AnchoredBatch(indices=picks, ucb=ucb, anchor=anchor)

@@ -66,6 +66,7 @@ from acquisition.greedy import MAX_TYPE_ACQUISITIONS, as_bool_mask, member_utili
 
 __all__ = [
     "PenalizedSelection",
+    "ScaffoldCaps",
     "check_priority",
     "maxmin_select",
     "penalized_greedy_select",
@@ -394,7 +395,7 @@ def penalized_greedy_select(
     eligible_np = np.ones(n, dtype=bool) if eligible is None else np.array(eligible, dtype=bool)
     eligible_np[pending] = False
     eligible_np[selected] = False
-    caps = _ScaffoldCaps(scaffold_ids, max_per_scaffold, n, np.concatenate([pending, selected]).astype(np.int64))
+    caps = ScaffoldCaps(scaffold_ids, max_per_scaffold, n, np.concatenate([pending, selected]).astype(np.int64))
     eligible_np &= caps.open_mask()
     eligible_t = torch.as_tensor(eligible_np, device=values.device)
     n_left = int(eligible_np.sum())
@@ -516,8 +517,11 @@ def _best_penalized(scorer: _Scorer, eligible: Tensor, penalties: list[tuple[_An
         size *= 4
 
 
-class _ScaffoldCaps:
-    """Counts picks per scaffold id and closes scaffolds that reach the cap."""
+class ScaffoldCaps:
+    """Counts picks per scaffold id and closes scaffolds that reach the cap.
+
+    ``scaffold_ids``: ``N`` integer ids; ``cap``: most picks per id; ``counted``: indices already
+    counted (pending compounds, earlier picks). Inactive (every mask open) when either is None."""
 
     def __init__(self, scaffold_ids: np.ndarray | None, cap: int | None, n: int,
                  counted: np.ndarray) -> None:

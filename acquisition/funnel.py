@@ -56,6 +56,9 @@ class FunnelConfig:
         chunk_size: compounds simulated and cached per step (local executor).
         executor: ``'local'`` or ``'ray'`` (``n_shards`` tasks via ``models.ray_executor``).
         ray_address: Ray cluster address (None: ``RAY_ADDRESS`` or a local cluster).
+        surrogate_measurements: the caller trains the surrogate on the lab's measurements too
+            (``loop.propose`` passes them as ``measured_fingerprints`` / ``measured_activity``);
+            False: on simulated values alone (a benchmark's comparison).
     """
 
     sample_size: int = 10_000
@@ -72,6 +75,7 @@ class FunnelConfig:
     executor: str = "local"
     ray_address: str | None = None
     n_shards: int = 2
+    surrogate_measurements: bool = True
 
     def __post_init__(self) -> None:
         for name in ("sample_size", "shortlist_size", "simulate_all_max", "batch_size", "chunk_size", "n_shards"):
@@ -80,6 +84,8 @@ class FunnelConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.beta >= 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not isinstance(self.surrogate_measurements, bool):
+            raise ValueError(f"surrogate_measurements must be true or false, got {self.surrogate_measurements!r}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', got {self.executor!r}")
         if isinstance(self.surrogate, dict):  # from_dict / JSON round trip

@@ -42,6 +42,7 @@ import torch
 
 from acquisition.objectives import phenotypic_activity
 from models.ray_executor import run_tasks
+from lab_io.tempfiles import naming_path
 from models.virtual_assay import VirtualAssay, check_doses, check_fingerprints
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def _write_atomic(path: Path, write) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: pyarrow's message names no file
+        raise naming_path(exc, path) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -53,16 +53,16 @@ from acquisition.diversity import (
 )
 from acquisition.greedy import as_bool_mask, as_index_array, as_member_values, check_q
 
-__all__ = ["COLD_START_METHODS", "SELECTION_ACQUISITIONS", "Selection", "SelectionConfig", "select_batch",
-           "select_cold_start"]
+__all__ = ["COLD_START_METHODS", "SELECT_BATCH_FIELDS", "SELECTION_ACQUISITIONS", "Selection", "SelectionConfig",
+           "select_batch", "select_cold_start"]
 
 logger = logging.getLogger(__name__)
 
 SELECTION_ACQUISITIONS = ("qUCB", "qEI", "qLogEI", "qPosteriorStandardDeviation", "thompson", "mean")
 _EXPLORATION_METHODS = ("std", "maxmin")
 COLD_START_METHODS = ("coverage", "maxmin", "random", "stratified")
-_SELECT_BATCH_FIELDS = ("acquisition", "beta", "diversity_penalty", "phenotype_penalty", "exploration_fraction",
-                        "exploration_method", "max_per_scaffold")
+SELECT_BATCH_FIELDS = ("acquisition", "beta", "diversity_penalty", "phenotype_penalty", "exploration_fraction",
+                        "exploration_method")
 
 
 _INTEGER_FIELDS = ("max_per_scaffold", "seed")
@@ -102,8 +102,9 @@ class SelectionConfig:
         measurement_anchor: pick by believer-UCB on a GP over the measurements whose prior
             mean is the ensemble's prediction weighted by its out-of-bag skill
             (``acquisition.anchor``; the default). The fields above except
-            ``cold_start_method`` and ``seed`` then do not apply: the GP's posterior
-            variance, shrunk by each pick, spreads the batch. False: ``select_batch``.
+            ``max_per_scaffold``, ``cold_start_method`` and ``seed`` then do not apply: the
+            GP's posterior variance, shrunk by each pick, spreads the batch. False:
+            ``select_batch``.
         anchor_beta: UCB weight of the anchored GP's posterior standard deviation.
         anchor_prior_weight: prior mean ``b_0`` of the ensemble's weight in the anchored GP
             (a log-log slope; ``acquisition.anchor``).
@@ -157,7 +158,7 @@ class SelectionConfig:
         if self.max_per_scaffold is not None and self.max_per_scaffold < 1:
             raise ValueError(f"max_per_scaffold must be >= 1 or None, got {self.max_per_scaffold}")
         if self.measurement_anchor:
-            ignored = [f.name for f in fields(self) if f.name in _SELECT_BATCH_FIELDS
+            ignored = [f.name for f in fields(self) if f.name in SELECT_BATCH_FIELDS
                        and getattr(self, f.name) != f.default]
             if ignored:
                 logger.warning("SelectionConfig: %s apply to select_batch only; the anchored loop "

@@ -24,6 +24,8 @@ virtual assay's calibrated prediction, ``acquisition.anchor``): the GP then mode
 residuals ``y - prior_mean`` (a constant plus the kernel above, ``s2`` their variance), so
 the posterior is the prior mean corrected near measured conditions. ``pending`` conditions
 (plates in the lab) are never picked and are conditioned on first, like earlier picks.
+``max_per_scaffold`` caps the picks per scaffold id, pending conditions counted (as
+``select_batch`` does).
 
 A condition with an empty fingerprint (an unparseable SMILES) has Tanimoto 0 to
 everything, itself included, so its prior variance is 0: the GP knows nothing about it
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from acquisition.diversity import check_fingerprints, tanimoto_matrix
+from acquisition.diversity import ScaffoldCaps, check_fingerprints, tanimoto_matrix
 from acquisition.greedy import as_bool_mask, check_q
 
 __all__ = ["gp_posterior", "gp_ucb_batch", "gp_ucb_scored", "kernel_columns"]
@@ -71,6 +73,8 @@ def gp_ucb_scored(
     dose_length: float = 1.0,
     prior_mean: np.ndarray | None = None,
     pending: np.ndarray | None = None,
+    scaffold_ids: np.ndarray | None = None,
+    max_per_scaffold: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``q`` distinct unmeasured, non-pending conditions by believer-UCB, and each pick's UCB.
 
@@ -79,15 +83,18 @@ def gp_ucb_scored(
         log10_dose: ``N`` log10 dose (uM); a constant for single-dose libraries.
         measured: ``N`` boolean mask of measured conditions (never picked).
         y: values at ``measured`` (in index order), e.g. log phenotypic activity.
-        q: batch size (> 0); fewer picks when fewer conditions are eligible.
+        q: batch size (> 0); fewer picks when fewer conditions are eligible (or the scaffold
+            cap closes the rest).
         beta: UCB weight of the posterior standard deviation (>= 0).
         noise: noise variance as a share of the signal variance (> 0).
         dose_length: length scale of the dose factor in decades (> 0).
         prior_mean: ``N`` prior mean (default: constant, the mean of ``y``).
         pending: ``N`` boolean mask of conditions in flight: never picked, believed first.
+        scaffold_ids: ``N`` integer scaffold ids, for ``max_per_scaffold``.
+        max_per_scaffold: most picks per scaffold id, pending conditions counted (None: no cap).
 
     Returns:
-        ``int64 (min(q, n_eligible),)`` indices in pick order, and ``float64`` each pick's
+        ``int64 (<= min(q, n_eligible),)`` indices in pick order, and ``float64`` each pick's
         ``mean + beta sd`` when it was picked (``y``'s units; the sd conditioned on the
         pending conditions and the earlier picks, so the scores never rise).
     """
@@ -96,9 +103,14 @@ def gp_ucb_scored(
                                                       dose_length, prior_mean)
     pending = np.zeros(len(fps), dtype=bool) if pending is None else as_bool_mask(pending, len(fps), "pending")
     pending = pending & ~measured
+    if max_per_scaffold is not None and scaffold_ids is None:
+        raise ValueError(f"max_per_scaffold={max_per_scaffold} needs scaffold_ids (one integer per condition)")
+    caps = ScaffoldCaps(scaffold_ids, max_per_scaffold, len(fps), np.flatnonzero(pending))
     obs = np.flatnonzero(measured)
     mean, var, (signal, k_obs, weights) = _posterior(fps, log10_dose, obs, y, prior_mean, noise, dose_length)
     blocked = measured | pending
+    if caps.active:
+        blocked |= ~caps.open_mask()
     n_picks = min(q, int((~blocked).sum()))
     # scaled posterior covariance columns of the pending conditions and earlier picks, one row each
     believed = np.empty((int(pending.sum()) + n_picks, len(fps)))
@@ -121,11 +133,16 @@ def gp_ucb_scored(
     picks: list[int] = []
     scores: list[float] = []
     for _ in range(n_picks):
+        if blocked.all():  # the scaffold cap closed what was left
+            break
         score = np.where(blocked, -np.inf, mean + beta * np.sqrt(var))
         pick = int(np.argmax(score))
         picks.append(pick)
         scores.append(float(score[pick]))
         blocked[pick] = True
+        closed = caps.add(pick)
+        if closed is not None:
+            blocked |= ~closed
         var = believe(pick)
     return np.asarray(picks, dtype=np.int64), np.asarray(scores, dtype=np.float64)
 

@@ -75,7 +75,7 @@ def class_knowledge(template, run_dir, seed: int, actives: dict[str, str], *, ba
     q = treatment_capacity(budget_wells, PlateLayoutConfig(**campaign.config.layout))
     picked = {}
     for policy in PICK_POLICIES:
-        picks, _, _ = choose_compounds(campaign, candidates, pending, q, policy, seed * 1000 + 2)
+        picks = choose_compounds(campaign, candidates, pending, q, policy, seed * 1000 + 2).picks
         picked[policy] = collections.Counter(class_of(candidates["compound_id"].iloc[picks], actives))
     campaign.engine.dispose()
     rows = {}

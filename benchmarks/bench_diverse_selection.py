@@ -76,7 +76,7 @@ def run_world_seed(template: Path, run_dir: Path, seed: int, actives: dict[str, 
         q = treatment_capacity(budget, layout)
         for name, (policy, overrides) in VARIANTS.items():
             campaign.config = dataclasses.replace(campaign.config, selection={**base_selection, **overrides})
-            picks, _, _ = choose_compounds(campaign, candidates, pending, q, policy, seed * 1000 + 2)
+            picks = choose_compounds(campaign, candidates, pending, q, policy, seed * 1000 + 2).picks
             out[f"{name}@{budget}"] = score_batch(candidates["compound_id"].iloc[picks].tolist(), actives)
     campaign.config = dataclasses.replace(campaign.config, selection=base_selection)
     campaign.engine.dispose()

@@ -91,7 +91,7 @@ def run_world_seed(template: Path, run_dir: Path, seed: int, actives: dict[str, 
             campaign.config = dataclasses.replace(campaign.config,
                                                   objective={**objective.to_dict(), **objective_overrides},
                                                   selection={**base_selection, **selection})
-            picks, _, _ = choose_compounds(campaign, candidates, pending, q, policy, seed * 1000 + 7)
+            picks = choose_compounds(campaign, candidates, pending, q, policy, seed * 1000 + 7).picks
             picked = cand_classes[picks]
             row[name] = {"class_actives": int((picked == cls).sum()), "actives": int((picked != "inactive").sum())}
         out["classes"][cls] = row

@@ -63,3 +63,30 @@ def parse_phenix_name(name: str) -> PhenixKey:
     except ValueError as err:
         raise ValueError(f"{name!r}: {err}") from None
     return PhenixKey(row=row, col=col, field=field, plane=plane, channel=channel, well=well_name(row - 1, col - 1))
+
+
+HARMONY_NAMESPACE = "http://www.perkinelmer.com/PEHH/HarmonyV5"
+
+
+def harmony_index_xml(barcode: str, images: list[tuple[str, int, int, int, int, int, str]]) -> str:
+    """A Harmony export's image index (``Images/Index.idx.xml``) for ``images``: ``(file name, row,
+    col, field, plane, channel, channel name)``, 1-based as in the file names. Holds what
+    :func:`lab_io.results.harmony_channel_names` reads: each image's ``ChannelID`` and
+    ``ChannelName``, and one ``Map`` ``Entry`` per channel."""
+    from xml.sax.saxutils import escape
+
+    lines = ['<?xml version="1.0" encoding="utf-8"?>',
+             f'<EvaluationInputData xmlns="{HARMONY_NAMESPACE}" Version="1">',
+             f"  <Plates><Plate><PlateID>{escape(barcode)}</PlateID></Plate></Plates>", "  <Images>"]
+    channels: dict[int, str] = {}
+    for name, row, col, field, plane, channel, channel_name in images:
+        channels.setdefault(channel, channel_name)
+        lines.append(f'    <Image Version="1"><id>{row:02d}{col:02d}K1F{field}P{plane}R{channel}</id>'
+                     f"<URL>{escape(name)}</URL><Row>{row}</Row><Col>{col}</Col><FieldID>{field}</FieldID>"
+                     f"<PlaneID>{plane}</PlaneID><ChannelID>{channel}</ChannelID>"
+                     f"<ChannelName>{escape(channel_name)}</ChannelName></Image>")
+    lines += ["  </Images>", "  <Maps><Map>"]
+    lines += [f'    <Entry ChannelID="{c}"><ChannelName>{escape(n)}</ChannelName></Entry>'
+              for c, n in sorted(channels.items())]
+    lines += ["  </Map></Maps>", "</EvaluationInputData>", ""]
+    return "\n".join(lines)

@@ -562,11 +562,14 @@ def _write_batch(layouts: Sequence[PlateLayout], compounds: pd.DataFrame, folder
     return names
 
 
-def write_plate_files(layouts: Sequence[PlateLayout], compounds: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+def write_plate_files(layouts: Sequence[PlateLayout], compounds: pd.DataFrame, out_dir: str | Path,
+                      extra_files: dict[str, str] | None = None) -> dict[str, Path]:
     """Write the batch of plates into ``out_dir`` (must not exist or be empty) -> {file name: path}.
 
     ``compounds``: DataFrame[compound_id, name, smiles, inchikey] covering every compound placed.
-    Files are written into a temporary sibling folder which is renamed to ``out_dir`` at the end.
+    ``extra_files``: {file name: text} written beside them (e.g. the round's config).
+    Files are written into a temporary sibling folder which is renamed to ``out_dir`` at the end,
+    so ``out_dir`` appears with every file or not at all.
     """
     out_dir = Path(out_dir)
     if not layouts:
@@ -584,6 +587,11 @@ def write_plate_files(layouts: Sequence[PlateLayout], compounds: pd.DataFrame, o
     tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         names = _write_batch(layouts, compounds, tmp)
+        for name, text in (extra_files or {}).items():
+            if not name or name.startswith(".") or not _SAFE_NAME_RE.match(name) or name in names:
+                raise ValueError(f"{out_dir}: extra file name {name!r} is not a safe, unused file name")
+            (tmp / name).write_text(text)
+            names.append(name)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.replace(tmp, out_dir)

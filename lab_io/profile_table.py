@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lab_io.schema import META_COMPOUND, META_DOSE, META_MOA, META_PLATE, META_SMILES, META_WELL
+from lab_io.tempfiles import naming_path
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ def write_profile_table(table: pd.DataFrame, path: Path) -> Path:
         else:
             table.to_csv(tmp, index=False)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise naming_path(exc, path) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path

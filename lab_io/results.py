@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ class PlateResult:
     # every (well, site) the lab delivered: an Image.csv row (object tables or not) or a Phenix field;
     # None where unknown. A well lacking a site its neighbours have may be a copy still in progress.
     imaged_sites: tuple[tuple[str, object], ...] | None = None
+    folder: Path | None = None  # the plate folder read (its name may carry Harmony's measurement suffix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +217,53 @@ def _read_csv_strict(path: Path, raw: bytes, barcode: str, well: str | None, kin
 # ----------------------------------------------------------------------------------------------
 # plate folders
 # ----------------------------------------------------------------------------------------------
+
+# Harmony (Phenix / Opera) names the folder a measurement is exported to
+# ``<barcode>__<yyyy-mm-ddThh_mm_ss>-Measurement <n>``: the barcode is the part before ``__``.
+_HARMONY_FOLDER_RE = re.compile(r"^(?P<barcode>.+?)__\d{4}-\d{2}-\d{2}T\d{2}[_:.]\d{2}[_:.]\d{2}\S*-Measurement ?\d+$")
+# Harmony's index of an export's images (ChannelID -> ChannelName), in ``Images/``
+HARMONY_INDEX_FILES = ("Index.idx.xml", "Index.xml", "Index.ref.xml")
+
+
+def plate_barcode(folder_name: str) -> str:
+    """The plate barcode a results folder is named for: the folder name, or its part before ``__``
+    when Harmony named it (``BR00121431__2021-04-07T17_28_38-Measurement 1`` -> ``BR00121431``)."""
+    match = _HARMONY_FOLDER_RE.match(folder_name)
+    return match["barcode"] if match else folder_name
+
+
+def harmony_channel_names(images_dir: Path) -> dict[int, str] | None:
+    """``{channel number: name}`` from the Harmony index beside the images (``Index.idx.xml``,
+    ``Index.xml`` or ``Index.ref.xml``: ``Image`` entries, or ``Map`` ``Entry`` elements, with a
+    ``ChannelID`` and a ``ChannelName``), names cut to letters and digits (``HOECHST 33342`` ->
+    ``HOECHST33342``, a feature-name part); None without a readable index naming channels.
+    ResultsError when the index gives one channel two names."""
+    import xml.etree.ElementTree as ElementTree
+
+    path = next((images_dir / name for name in HARMONY_INDEX_FILES if (images_dir / name).is_file()), None)
+    if path is None:
+        return None
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError) as err:
+        logger.warning("%s: unreadable Harmony index (%s); channel names not taken from it", path, err)
+        return None
+    local = lambda element: element.tag.rsplit("}", 1)[-1]  # noqa: E731 (namespaces differ by Harmony version)
+    named: dict[int, str] = {}
+    for element in root.iter():
+        children = {local(child): (child.text or "").strip() for child in element}
+        channel = element.get("ChannelID") or children.get("ChannelID")
+        name = "".join(ch for ch in children.get("ChannelName", "") if ch.isalnum())
+        if not channel or not name or not channel.strip().isdigit():
+            continue
+        if named.setdefault(int(channel), name) != name:
+            raise ResultsError(f"{path}: channel {channel} is named both {named[int(channel)]!r} and {name!r}; "
+                               "name the channels with loop ingest --channels")
+    if len(set(named.values())) != len(named):
+        raise ResultsError(f"{path}: channels {named} do not have distinct names (letters and digits); name them "
+                           "with loop ingest --channels")
+    return named or None
+
 
 def _is_plate_dir(path: Path) -> bool:
     return (path / "analysis").is_dir() or (path / "Images").is_dir()
@@ -404,8 +453,22 @@ def _phenix_groups(plate_dir: Path, barcode: str) -> dict[tuple[str, int], dict[
 
 def _channel_layout(groups: dict[tuple[str, int], dict[int, Path]], channel_names: Sequence[str] | None,
                     plate_dir: Path, barcode: str) -> tuple[list[int], list[str]]:
-    """The plate's Phenix channel numbers (sorted) and their names, which must be as many."""
+    """The plate's Phenix channel numbers (sorted) and their names, which must be as many: those
+    given, else the Harmony index's (:func:`harmony_channel_names`), else guessed from the channel
+    count (:func:`_channel_names`), with a warning: the stains cannot be told from the images."""
     all_channels = sorted({c for chans in groups.values() for c in chans})
+    if channel_names is None:
+        indexed = harmony_channel_names(plate_dir / "Images")
+        if indexed is not None and all(c in indexed for c in all_channels):
+            channel_names = [indexed[c] for c in all_channels]
+            logger.info("plate %s: channels %s named by its Harmony index", barcode, dict(zip(all_channels,
+                                                                                            channel_names)))
+        else:
+            guessed = _channel_names(len(all_channels), None)
+            logger.warning("%s (plate %s): no channel names given (loop ingest --channels) and no Harmony index "
+                           "naming channels %s; guessed %s from the channel count: if the stains are otherwise, "
+                           "ingest again with --channels (and --replace once imported)", plate_dir / "Images",
+                           barcode, all_channels, dict(zip(all_channels, guessed)))
     names = _channel_names(len(all_channels), channel_names)
     if len(names) != len(all_channels):
         raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}): {len(all_channels)} channels {all_channels} "
@@ -480,6 +543,7 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
     hasher = hashlib.sha256()
     sources: list[str] = []
     frames = []
+    _hash_channel_names(hasher, channel_names)
     for (well, site), chans in sorted(groups.items()):
         field = _read_field(plate_dir, barcode, well, site, chans, all_channels,
                             lambda path: _read_file(path, plate_dir, hasher, sources))
@@ -493,6 +557,13 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
                        crops=None if crops is None else crops.result(),
                        imaged_wells=tuple(sorted({well for well, _ in groups})),
                        imaged_sites=tuple(sorted((well, int(site)) for well, site in groups)))
+
+
+def _hash_channel_names(hasher, channel_names: Sequence[str] | None) -> None:
+    """Channel names given for an images-only plate are part of what it was imported from: the same
+    images read with other names are other measurements (``--channels`` with ``--replace``)."""
+    if channel_names is not None:
+        hasher.update(("channels:" + ",".join(channel_names)).encode())
 
 
 def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, channel_names: Sequence[str] | None,
@@ -593,11 +664,12 @@ class _CropCollector:
         return CropSet(np.concatenate(self.images), pd.concat(self.meta, ignore_index=True), self.channel_names)
 
 
-def plate_fingerprint(plate_dir: str | Path) -> str | None:
+def plate_fingerprint(plate_dir: str | Path, channel_names: Sequence[str] | None = None) -> str | None:
     """The ``fingerprint`` :func:`read_plate` gives a plate folder, from its files' bytes alone: no
     table is parsed and no image segmented, so a scheduled re-read of a drop folder finds a plate
     imported before (same fingerprint) without measuring it again. The same files are hashed in the
-    same order as the read: the tables of ``analysis/`` when it is there, else the ``Images/``.
+    same order as the read: the tables of ``analysis/`` when it is there, else the ``Images/`` (and
+    the ``channel_names`` given for them).
     None where the read would fail (a site without ``Image.csv``, some but not all object tables,
     a field lacking a channel, unreadable files): :func:`read_plate` then says why."""
     plate_dir = Path(plate_dir)
@@ -611,8 +683,9 @@ def plate_fingerprint(plate_dir: str | Path) -> str | None:
                 for path in [site_dir / "Image.csv", *present]:
                     _read_file(path, plate_dir, hasher, sources)
         elif (plate_dir / "Images").is_dir():
-            groups = _phenix_groups(plate_dir, plate_dir.name)
+            groups = _phenix_groups(plate_dir, plate_barcode(plate_dir.name))
             all_channels = sorted({c for chans in groups.values() for c in chans})
+            _hash_channel_names(hasher, channel_names)
             for _, chans in sorted(groups.items()):
                 if any(c not in chans for c in all_channels):
                     return None
@@ -628,9 +701,10 @@ def plate_fingerprint(plate_dir: str | Path) -> str | None:
 def read_plate(plate_dir: str | Path, *, channel_names: Sequence[str] | None = None,
                allow_missing_objects: bool = False, crop_px: int | None = None,
                crops_per_well: int = 64) -> PlateResult:
-    """One plate folder -> :class:`PlateResult` (barcode = folder name); see :func:`read_results`."""
+    """One plate folder -> :class:`PlateResult` (barcode: :func:`plate_barcode` of the folder name);
+    see :func:`read_results`."""
     plate_dir = Path(plate_dir)
-    barcode = plate_dir.name
+    barcode = plate_barcode(plate_dir.name)
     crops = None if crop_px is None else _CropCollector(barcode, crop_px, crops_per_well)
     if (plate_dir / "analysis").is_dir():
         result = _read_analysis(plate_dir, barcode, allow_missing_objects)
@@ -642,7 +716,7 @@ def read_plate(plate_dir: str | Path, *, channel_names: Sequence[str] | None = N
     else:
         raise ResultsError(f"{plate_dir} (plate {barcode}, well unknown): neither analysis/ nor Images/ present")
     logger.info("read plate %s: %d cells in %d fields", barcode, len(result.cells), result.image_count)
-    return result
+    return dataclasses.replace(result, folder=plate_dir)
 
 
 def read_results(results_dir: str | Path, *, channel_names: Sequence[str] | None = None,
@@ -650,9 +724,11 @@ def read_results(results_dir: str | Path, *, channel_names: Sequence[str] | None
                  crops_per_well: int = 64) -> list[PlateResult]:
     """A results folder (folder of plate folders, or one plate folder) -> one PlateResult per plate.
 
-    ``channel_names`` names the Phenix channels ``ch1..chN`` for images-only plates (default
-    :data:`lab_io.schema.CHANNELS` for 3 channels, else ``DNA, Ch2, ...``); nuclei are segmented
-    on the channel named as a DNA stain (:func:`lab_io.morphology.dna_channel_index`).
+    ``channel_names`` names the Phenix channels ``ch1..chN`` for images-only plates (default: the
+    names in the plate's Harmony index, ``Images/Index.idx.xml``, else guessed with a warning:
+    :data:`lab_io.schema.CHANNELS` for 3 channels, ``DNA, Ch2, ...`` otherwise); nuclei are
+    segmented on the channel named as a DNA stain (:func:`lab_io.morphology.dna_channel_index`).
+    A plate folder Harmony named (``<barcode>__<timestamp>-Measurement 1``) is read as ``<barcode>``.
     ``allow_missing_objects``: a site folder with only ``Image.csv`` is skipped (logged, listed in
     ``skipped_sites``) instead of raising; a folder missing only some object tables always raises.
     ``crop_px``: also cut ``crop_px`` square single-cell crops from the plate's ``Images/`` at each

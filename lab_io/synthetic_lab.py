@@ -56,7 +56,7 @@ from scipy import ndimage as ndi
 
 from lab_io.ground_truth import PHENOTYPE_CLASSES, GroundTruth
 from lab_io.morphology import measure_field
-from lab_io.phenix import phenix_name
+from lab_io.phenix import harmony_index_xml, phenix_name
 from lab_io.platemap import read_plate_files
 from lab_io.results import merge_compartments
 from lab_io.schema import (
@@ -301,21 +301,27 @@ class SyntheticLab:
             tmp.mkdir()
             if self.config.write_images:
                 images_dir.mkdir()
+            image_number, indexed = 0, []  # images numbered through the plate, as CellProfiler does
             for _, well in self._active_wells(plate_wells).iterrows():
                 row, col = parse_well(well["well"])
                 for site in range(1, self.config.fields_per_well + 1):
                     image = self.render_field(barcode, well, site)
+                    image_number += 1
                     names = {}
                     if self.config.write_images:
                         for c, ch in enumerate(CHANNELS):
                             names[ch] = phenix_name(row + 1, col + 1, site, 1, c + 1)
                             tifffile.imwrite(images_dir / names[ch], image[c])
-                    tables = measure_field(image, CHANNELS)
+                            indexed.append((names[ch], row + 1, col + 1, site, 1, c + 1, ch))
+                    tables = measure_field(image, CHANNELS, image_number=image_number)
                     site_dir = tmp / "analysis" / f"{barcode}-{well['well']}-{site}"
                     site_dir.mkdir(parents=True)
-                    _image_row(barcode, well["well"], site, tables, names).to_csv(site_dir / "Image.csv", index=False)
+                    _image_row(barcode, well["well"], site, tables, names, image_number).to_csv(
+                        site_dir / "Image.csv", index=False)
                     for comp, table in tables.items():
                         table.to_csv(site_dir / f"{comp}.csv", index=False)
+            if self.config.write_images:  # Harmony's index: which stain each channel number is
+                (images_dir / "Index.idx.xml").write_text(harmony_index_xml(barcode, indexed))
             final = out_dir / barcode
             if final.exists():  # overwrite requested: swap, then delete the old folder
                 old = out_dir / f".old-{barcode}-{uuid.uuid4().hex[:8]}"
@@ -334,8 +340,8 @@ class SyntheticLab:
 
 
 def _image_row(barcode: str, well: str, site: int, tables: dict[str, pd.DataFrame],
-               file_names: dict[str, str] | None) -> pd.DataFrame:
-    row = {"ImageNumber": 1, META_PLATE: barcode, META_WELL: well, META_SITE: int(site),
+               file_names: dict[str, str] | None, image_number: int = 1) -> pd.DataFrame:
+    row = {"ImageNumber": image_number, META_PLATE: barcode, META_WELL: well, META_SITE: int(site),
            "Count_Nuclei": len(tables["Nuclei"]), "Count_Cells": len(tables["Cells"]),
            "Count_Cytoplasm": len(tables["Cytoplasm"])}
     for ch in CHANNELS:

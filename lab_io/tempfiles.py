@@ -41,3 +41,10 @@ def make_temp_file(parent: str | Path, prefix: str, suffix: str = "") -> tuple[i
     fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
     os.fchmod(fd, 0o666 & ~current_umask())
     return fd, path
+
+
+def naming_path(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` again with ``path`` in its message: pyarrow's "No space left on device" names no file."""
+    if exc.errno is None:
+        return OSError(f"cannot write {path}: {exc}")
+    return OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}")

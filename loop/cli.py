@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.logging import RichHandler
 from rich.table import Table
 
@@ -80,8 +81,21 @@ def _cli_errors():
         yield
     except (CampaignError, IngestError, ResultsError, NothingToTrainOn, ValueError, FileNotFoundError,
             FileExistsError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print("[bold red]error:[/]", escape(str(exc)))
         raise typer.Exit(code=1) from None
+    except OSError as exc:  # a full disk, a file where a folder should be, no permission: named, no traceback
+        console.print("[bold red]error:[/]", escape(str(exc)))
+        raise typer.Exit(code=1) from None
+
+
+def _channel_list(channels: str | None) -> list[str] | None:
+    """``--channels DNA,ER,RNA`` -> names; ValueError naming the option for an empty or repeated name."""
+    if channels is None:
+        return None
+    names = [name.strip() for name in channels.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"--channels {channels!r}: give each channel's name once, comma-separated (DNA,ER,RNA,...)")
+    return names
 
 
 def _open():
@@ -289,6 +303,10 @@ def ingest(
                                  "files (e.g. the complete copy of a plate imported with --allow-missing-wells): "
                                  "their measurements and files are replaced (crops too: give --crops-px when the "
                                  "plate has crops); a stop half-way is finished by the next ingest."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="Stains of an images-only plate's channels "
+                                           "ch1,ch2,... in order, e.g. Mito,AGP,RNA,ER,DNA (default: the names "
+                                           "in the plate's Harmony Images/Index.idx.xml, else guessed from the "
+                                           "channel count, with a warning)."),
 ):
     """Import plate results (one transaction per plate; re-imports are no-ops)."""
     from loop.ingest import ingest_results
@@ -300,7 +318,8 @@ def ingest(
         with console.status("reading and checking results..."):
             reports = ingest_results(campaign, results_dir, crop_px=crops_px, crops_per_well=crops_per_well,
                                      allow_missing_wells=allow_missing_wells,
-                                     allow_uneven_fields=allow_uneven_fields, replace=replace)
+                                     allow_uneven_fields=allow_uneven_fields, replace=replace,
+                                     channel_names=_channel_list(channels))
     table = Table(title="ingest QC")
     for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits",
                 "wells without cells", "missing wells"):

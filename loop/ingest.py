@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,8 @@ from sqlmodel import Session, select
 
 from lab_io import profiles as profiling
 from lab_io.crops import CropSet, write_crops
-from lab_io.results import PlateResult, ResultsError, plate_dirs, plate_fingerprint, read_plate
+from lab_io.results import PlateResult, ResultsError, plate_barcode, plate_dirs, plate_fingerprint, read_plate
+from lab_io.tempfiles import naming_path
 from lab_io.schema import (
     META_COMPOUND,
     META_DOSE,
@@ -59,7 +61,8 @@ class PlateQC:
 
 def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
                    crops_per_well: int = 64, allow_missing_wells: bool = False,
-                   allow_uneven_fields: bool = False, replace: bool = False) -> list[PlateQC]:
+                   allow_uneven_fields: bool = False, replace: bool = False,
+                   channel_names: Sequence[str] | None = None) -> list[PlateQC]:
     """Import every plate under ``results_dir``; nothing is written unless all plates check out and
     every plate's profiles can be computed.
 
@@ -84,12 +87,28 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     ``crop_px``: also cut single-cell crops (``crop_px`` square, at most ``crops_per_well`` a well)
     from each plate's images and store them as a crops folder, ``measurements/<barcode>.crops/``
     (compound = the campaign's compound id, DMSO for controls; ``smiles`` from the library), which
-    ``loop assay train --data <campaign>/measurements`` trains the image assay on."""
+    ``loop assay train --data <campaign>/measurements`` trains the image assay on.
+
+    ``channel_names``: the stains of an images-only plate's channels ``ch1..chN`` (default: its
+    Harmony index's names, else guessed from the channel count with a warning).
+
+    A plate folder whose barcode this campaign did not emit, whose round was cancelled, or (without
+    ``replace``) that was imported from other files is refused before any plate is read or
+    segmented (again under the write lock, with the plate's contents)."""
     results_dir = Path(results_dir)
     folders = plate_dirs(results_dir)
-    unchanged = _imported_unchanged(campaign, folders, crop_px)  # not parsed nor segmented again
-    plates = [read_plate(folder, crop_px=crop_px, crops_per_well=crops_per_well)
-              for folder in folders if folder.name not in unchanged]
+    _refuse_duplicate_plates(folders)
+    fingerprints: dict[Path, str | None] = {}  # each folder's files hashed once
+
+    def fingerprint_of(folder: Path) -> str | None:
+        if folder not in fingerprints:
+            fingerprints[folder] = plate_fingerprint(folder, channel_names)
+        return fingerprints[folder]
+
+    _refuse_unwanted_plates(campaign, folders, replace, fingerprint_of)
+    unchanged = _imported_unchanged(campaign, folders, crop_px, fingerprint_of)  # not parsed nor segmented again
+    plates = [read_plate(folder, channel_names=channel_names, crop_px=crop_px, crops_per_well=crops_per_well)
+              for folder in folders if plate_barcode(folder.name) not in unchanged]
     if crop_px is not None:
         no_images = [p.barcode for p in plates if p.crops is None]
         if no_images:
@@ -120,10 +139,54 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
             reports.append(_replace_plate(campaign, plan, wells) if plan.replaces else
                            _record_plate(campaign, plan, wells))
     by_barcode = {**unchanged, **{r.barcode: r for r in reports}}
-    return [by_barcode[folder.name] for folder in folders if folder.name in by_barcode]
+    barcodes = [plate_barcode(folder.name) for folder in folders]
+    return [by_barcode[barcode] for barcode in barcodes if barcode in by_barcode]
 
 
-def _imported_unchanged(campaign: Campaign, folders: list[Path], crop_px: int | None) -> dict[str, PlateQC]:
+def _folder(plate: PlateResult, results_dir: Path) -> Path:
+    """The folder a plate was read from, for messages (its name may carry Harmony's suffix)."""
+    return plate.folder if plate.folder is not None else results_dir / plate.barcode
+
+
+def _refuse_duplicate_plates(folders: list[Path]) -> None:
+    """Two folders of one plate (Harmony's ``Measurement 1`` and ``Measurement 2``, or a copy beside
+    its renamed original) would import its wells twice: refused, naming both."""
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        barcode = plate_barcode(folder.name)
+        if barcode in seen:
+            raise IngestError(f"{seen[barcode]} and {folder}: both hold plate {barcode}; keep the one to import "
+                              "in the results folder and move the other out")
+        seen[barcode] = folder
+
+
+def _refuse_unwanted_plates(campaign: Campaign, folders: list[Path], replace: bool,
+                            fingerprint_of: Callable[[Path], str | None]) -> None:
+    """Refuse, before minutes of reading and segmenting, a plate folder whose barcode this campaign did
+    not emit or whose round was cancelled, and (without ``replace``) one imported before from other
+    files (fingerprints from the bytes alone; not while a replacement is unsettled, which the full
+    path settles first); ``_check_plate`` checks again under the write lock."""
+    unsettled = any(campaign.measurements_dir.glob(".*.replacing"))
+    with campaign.session() as session:
+        for folder in folders:
+            barcode = plate_barcode(folder.name)
+            row = session.exec(select(store.Plate).where(store.Plate.barcode == barcode)).first()
+            if row is None:
+                raise IngestError(f"{folder}: plate barcode {barcode!r} was not emitted by this campaign")
+            if row.status == "cancelled":
+                raise IngestError(f"{folder}: plate {barcode} belongs to round {row.round_index}, which was "
+                                  "cancelled (`loop round cancel`); its results are not imported")
+            if row.status == "returned" and not replace and row.results_fingerprint and not unsettled:
+                fingerprint = fingerprint_of(folder)
+                if fingerprint is not None and fingerprint != row.results_fingerprint:
+                    raise IngestError(
+                        f"{folder}: plate {barcode} was already imported from different files; refusing to "
+                        "overwrite its measurements (pass --replace to import it again from these files, e.g. "
+                        "the complete copy of a plate imported with --allow-missing-wells)")
+
+
+def _imported_unchanged(campaign: Campaign, folders: list[Path], crop_px: int | None,
+                        fingerprint_of: Callable[[Path], str | None] = plate_fingerprint) -> dict[str, PlateQC]:
     """Plate folders holding exactly the files a plate was imported from (same fingerprint, read
     from the bytes alone: :func:`lab_io.results.plate_fingerprint`), with nothing left to add (no
     crops asked for, or cut then): ``{barcode: PlateQC}`` with status ``already imported``. A
@@ -136,11 +199,11 @@ def _imported_unchanged(campaign: Campaign, folders: list[Path], crop_px: int | 
             select(store.Plate).where(store.Plate.status == "returned")).all()}
     unchanged = {}
     for folder in folders:
-        barcode = folder.name
+        barcode = plate_barcode(folder.name)
         if (barcode not in returned
                 or (crop_px is not None and not (campaign.measurements_dir / f"{barcode}.crops").exists())):
             continue
-        if returned[barcode] and plate_fingerprint(folder) == returned[barcode]:
+        if returned[barcode] and fingerprint_of(folder) == returned[barcode]:
             log.info("plate %s: these results were already imported; nothing to do", barcode)
             unchanged[barcode] = PlateQC(barcode=barcode, status="already imported")
     return unchanged
@@ -193,8 +256,10 @@ def _check_same_measurements(campaign: Campaign, plans: list, results_dir: Path)
                    f"they share {len(shared)}: it lacks {len(lacks)} (e.g. {', '.join(lacks[:3]) or '-'}) and has "
                    f"{len(extra)} others (e.g. {', '.join(extra[:3]) or '-'})")
         if len(shared) < MIN_SHARED_FEATURES * max(len(features), len(reference)):
-            raise IngestError(f"{results_dir / plan.plate.barcode}: {message}; export every plate with the same "
-                              "pipeline and channels (the models train on the features all plates share)")
+            raise IngestError(f"{_folder(plan.plate, results_dir)}: {message}; export every plate with the same "
+                              "pipeline and channels (the models train on the features all plates share; an "
+                              "images-only plate takes its channels' names from --channels or its Harmony index: "
+                              "name them as the other plates' are)")
         log.warning("%s; the models use the %d shared", message, len(shared))
 
 
@@ -230,7 +295,7 @@ def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFram
     try:
         return well_profiles(annotate_cells(plate.cells, well_map), campaign.config.hit_sd)
     except (IngestError, ValueError) as err:
-        raise IngestError(f"{results_dir / plate.barcode}: plate {plate.barcode}: {err}") from err
+        raise IngestError(f"{_folder(plate, results_dir)}: plate {plate.barcode}: {err}") from err
 
 
 def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
@@ -240,15 +305,15 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
     row = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).first()
     if row is None:
         raise IngestError(
-            f"{results_dir / plate.barcode}: plate barcode {plate.barcode!r} was not emitted by this campaign"
+            f"{_folder(plate, results_dir)}: plate barcode {plate.barcode!r} was not emitted by this campaign"
         )
     if row.status == "cancelled":
-        raise IngestError(f"{results_dir / plate.barcode}: plate {plate.barcode} belongs to round {row.round_index}, "
+        raise IngestError(f"{_folder(plate, results_dir)}: plate {plate.barcode} belongs to round {row.round_index}, "
                           "which was cancelled (`loop round cancel`); its results are not imported")
     replaces = row.status == "returned" and row.results_fingerprint != plate.fingerprint
     if replaces and not replace:
         raise IngestError(
-            f"{results_dir / plate.barcode}: plate {plate.barcode} was already imported from different files; "
+            f"{_folder(plate, results_dir)}: plate {plate.barcode} was already imported from different files; "
             "refusing to overwrite its measurements (pass --replace to import it again from these files, e.g. the "
             "complete copy of a plate imported with --allow-missing-wells)"
         )
@@ -263,13 +328,13 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
     outside = sorted(measured - used)
     if outside:
         raise IngestError(
-            f"{results_dir / plate.barcode}: plate {plate.barcode} has results for well(s) {', '.join(outside[:10])} "
+            f"{_folder(plate, results_dir)}: plate {plate.barcode} has results for well(s) {', '.join(outside[:10])} "
             "that are not in its plate map (empty or unknown)"
         )
     undelivered = [] if plate.imaged_wells is None else sorted(used - set(plate.imaged_wells))
     if undelivered and not allow_missing_wells:
         raise IngestError(
-            f"{results_dir / plate.barcode}: plate {plate.barcode}: nothing was delivered for {len(undelivered)} "
+            f"{_folder(plate, results_dir)}: plate {plate.barcode}: nothing was delivered for {len(undelivered)} "
             f"mapped well(s) ({', '.join(undelivered[:10])}{', ...' if len(undelivered) > 10 else ''}: no image, "
             "no Image.csv row); import the complete results, or pass --allow-missing-wells to import the plate "
             "without them (their compounds stay candidates; if the export leaves out fields without cells, "
@@ -278,7 +343,7 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
     short = _wells_short_of_fields(plate, used)
     if short and not allow_uneven_fields:
         raise IngestError(
-            f"{results_dir / plate.barcode}: plate {plate.barcode}: {len(short)} well(s) have fewer fields than the "
+            f"{_folder(plate, results_dir)}: plate {plate.barcode}: {len(short)} well(s) have fewer fields than the "
             f"plate's others ({_describe_short(short)}): a copy still in progress? Import the complete results, "
             "or pass --allow-uneven-fields to import the fields delivered (if the lab images a varying number of "
             "fields per well, or its export leaves out fields without cells, this is expected)"
@@ -526,6 +591,9 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
             tmp = path.with_name(path.name + ".tmp")
             try:
                 frame.to_parquet(tmp, index=False)
+            except OSError as exc:  # a full disk: pyarrow's message names no file
+                tmp.unlink(missing_ok=True)
+                raise naming_path(exc, path) from exc
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise

@@ -293,18 +293,19 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
     if policy == "gp_ucb":
         return gp_ucb_batch(lab.fingerprints, lab.log10_dose, measured, log_activity(activity), q)
     values, profiles, out_of_bag = predict_conditions(lab, measured, config, seed, work_dir)
-    if selection_config.measurement_anchor:
+    scaffold_ids = None
+    if selection_config.max_per_scaffold is not None:  # unparseable SMILES: a scaffold of their own
+        scaffold_ids = chem.murcko_scaffold_ids(lab.conditions["smiles"].tolist(), strict=False)
+    if selection_config.measurement_anchor:  # the cap counts conditions, as select_batch's does
         batch = anchored_ucb_batch(values, lab.fingerprints, lab.log10_dose, measured, activity, q,
                                    out_of_bag=out_of_bag, beta=selection_config.anchor_beta,
                                    prior_weight=selection_config.anchor_prior_weight,
                                    prior_sd=selection_config.anchor_prior_sd,
-                                   attenuation=selection_config.anchor_attenuation)
+                                   attenuation=selection_config.anchor_attenuation,
+                                   scaffold_ids=scaffold_ids, max_per_scaffold=selection_config.max_per_scaffold)
         log.debug("anchored GP: ensemble weight %.2f, %d out-of-bag conditions, dilution x%.2f",
                   batch.anchor.weight, batch.anchor.n_out_of_bag, batch.anchor.dilution)
         return batch.indices
-    scaffold_ids = None
-    if selection_config.max_per_scaffold is not None:  # unparseable SMILES: a scaffold of their own
-        scaffold_ids = chem.murcko_scaffold_ids(lab.conditions["smiles"].tolist(), strict=False)
     return select_batch(values, lab.fingerprints, q, selection_config, exclude=measured, scaffold_ids=scaffold_ids,
                         profiles=profiles).indices
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy.stats import linregress
 
-from acquisition.anchor import anchored_ucb_batch, dilution_ratio, fit_anchor, log_activity, spread_ratio
+from acquisition.anchor import (anchored_ucb_batch, dilution_ratio, fit_anchor, log_activity, on_prediction_scale,
+                               spread_ratio)
 from acquisition.tanimoto_gp import gp_posterior, gp_ucb_batch
 
 
@@ -176,3 +177,22 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="K x N"):
         fit_anchor(np.zeros(10), measured, np.zeros(4), None)
     assert np.allclose(log_activity(np.array([0.0, np.e])), [np.log(1e-6), 1.0])
+
+
+def test_measured_values_on_the_prediction_scale():
+    """The lab's ranking, the predictions' log mean and log sd (activity); mean and sd as they are
+    (an objective); only the mean moved when there is no spread to match."""
+    rng = np.random.default_rng(4)
+    predicted = np.exp(rng.normal(0.5, 0.3, size=(3, 12)))  # K x n, positive
+    observed = np.exp(rng.normal(2.0, 1.1, size=12))  # other units, another spread
+    on_scale = on_prediction_scale(predicted, observed)
+    z = np.log(predicted.mean(0))
+    assert np.log(on_scale).mean() == pytest.approx(z.mean()) and np.log(on_scale).std() == pytest.approx(z.std())
+    assert (np.argsort(on_scale) == np.argsort(observed)).all()
+    linear = on_prediction_scale(predicted - 2.0, observed - 5.0, log_scale=False)
+    assert linear.mean() == pytest.approx((predicted - 2.0).mean()) and linear.std() == pytest.approx(
+        (predicted - 2.0).mean(0).std())
+    assert on_prediction_scale(predicted[:, :1], observed[:1]) == pytest.approx(predicted[:, 0].mean())
+    assert np.allclose(on_prediction_scale(predicted, np.full(12, 3.0)), np.exp(z.mean()))
+    with pytest.raises(ValueError, match="one finite value per predicted condition"):
+        on_prediction_scale(predicted, observed[:5])

@@ -47,6 +47,42 @@ def test_picks_equal_a_direct_believer_ucb():
     assert np.allclose(kernel_columns(fps, log10_dose, np.array([4, 7]), 1.0), kernel[:, [4, 7]])
 
 
+def test_scaffold_cap_equals_a_direct_capped_believer_ucb():
+    """``max_per_scaffold``: the direct believer-UCB restricted to scaffolds still open, pending
+    conditions counted towards the cap and believed first; fewer picks once every scaffold is full."""
+    fps, log10_dose = _library()
+    kernel = tanimoto_matrix(fps, fps).astype(np.float64) * np.exp(-(log10_dose[:, None] - log10_dose) ** 2 / 2)
+    measured = np.zeros(len(fps), bool)
+    measured[[0, 3, 21, 30, 35]] = True
+    y = np.array([2.0, 1.5, 0.1, -0.3, 0.0])
+    pending = np.zeros(len(fps), bool)
+    pending[[1, 2]] = True
+    scaffold_ids = np.arange(len(fps)) % 5  # conditions 1 and 2: scaffolds 1 and 2, already one pick each
+    picks, scores = gp_ucb_scored(fps, log10_dose, measured, y, 9, beta=1.5, noise=0.2, pending=pending,
+                                  scaffold_ids=scaffold_ids, max_per_scaffold=2)
+    expected, expected_scores = [], []
+    counts = np.bincount(scaffold_ids[pending], minlength=5)
+    obs = np.flatnonzero(measured)
+    for _ in range(9):
+        mean, var = _direct_posterior(kernel, obs, y, [1, 2, *expected], 0.2)
+        open_ = ~measured & ~pending & ~np.isin(np.arange(len(fps)), expected) & (counts[scaffold_ids] < 2)
+        if not open_.any():
+            break
+        score = np.where(open_, mean + 1.5 * np.sqrt(np.maximum(var, 0)), -np.inf)
+        expected.append(int(np.argmax(score)))
+        expected_scores.append(score[expected[-1]])
+        counts[scaffold_ids[expected[-1]]] += 1
+    assert len(expected) == 8  # 5 scaffolds x 2, minus the 2 pending
+    assert picks.tolist() == expected and np.allclose(scores, expected_scores)
+    assert np.bincount(scaffold_ids[np.r_[picks, 1, 2]]).max() == 2
+    uncapped = gp_ucb_scored(fps, log10_dose, measured, y, 9, beta=1.5, noise=0.2, pending=pending)[0]
+    capped_loosely = gp_ucb_scored(fps, log10_dose, measured, y, 9, beta=1.5, noise=0.2, pending=pending,
+                                   scaffold_ids=scaffold_ids, max_per_scaffold=11)[0]
+    assert capped_loosely.tolist() == uncapped.tolist()
+    with pytest.raises(ValueError, match="needs scaffold_ids"):
+        gp_ucb_scored(fps, log10_dose, measured, y, 3, max_per_scaffold=2)
+
+
 def test_exploits_the_family_of_a_measured_active_and_never_repicks():
     fps, log10_dose = _library()
     measured = np.zeros(len(fps), bool)

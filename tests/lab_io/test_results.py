@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from lab_io.ground_truth import GroundTruth
-from lab_io.results import ResultsError, merge_compartments, plate_fingerprint, read_results, to_16bit_scale
+from lab_io.results import (ResultsError, harmony_channel_names, merge_compartments, plate_barcode, plate_fingerprint,
+                             read_results, to_16bit_scale)
 from lab_io.synthetic_lab import SyntheticLab, SyntheticLabConfig
 
 SHARED = Path(os.environ.get("LOOP_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
@@ -282,6 +283,52 @@ def test_crop_channels_are_named_from_the_image_tables(results, caplog):
     with caplog.at_level("WARNING"):
         crops = read_results(results, crop_px=24, crops_per_well=4)[0].crops
     assert crops.channel_names == ("DNA", "Tubulin", "Actin") and "crops get default channel names" in caplog.text
+
+
+def _swap_channels(images, a: int, b: int) -> None:
+    """Exchange the files of channels ``a`` and ``b`` (as a lab imaging the stains in another order)."""
+    for old, new in ((f"-ch{a}sk", "-chXsk"), (f"-ch{b}sk", f"-ch{a}sk"), ("-chXsk", f"-ch{b}sk")):
+        for path in images.glob(f"*{old}*"):
+            path.rename(path.with_name(path.name.replace(old, new)))
+
+
+def test_harmony_index_names_the_channels_and_its_folder_name_gives_the_barcode(results, caplog):
+    """An images-only plate with DNA on channel 3: Harmony's Index.idx.xml names the channels, so the
+    nuclei are segmented on DNA wherever it is; without an index the names are guessed from the
+    channel count, with a warning; ``channel_names`` overrides both. Harmony's export folder name,
+    ``<barcode>__<timestamp>-Measurement 1``, reads as the barcode."""
+    expected = read_results(results)[0].cells
+    shutil.rmtree(results / BARCODE / "analysis")
+    images = results / BARCODE / "Images"
+    assert harmony_channel_names(images) == {1: "DNA", 2: "Tubulin", 3: "Actin"}  # the synthetic lab's index
+    _swap_channels(images, 1, 3)
+    index = images / "Index.idx.xml"
+    text = index.read_text().replace(">DNA<", ">TMP<").replace(">Actin<", ">DNA<").replace(">TMP<", ">Actin<")
+    index.write_text(text.replace(">DNA<", ">HOECHST 33342<"))  # a fluorophore's name, as Harmony gives it
+    assert harmony_channel_names(images) == {1: "Actin", 2: "Tubulin", 3: "HOECHST33342"}
+    cells = read_results(results)[0].cells
+    renamed = {c: c.replace("HOECHST33342", "DNA") for c in cells.columns}
+    pd.testing.assert_frame_equal(cells.rename(columns=renamed)[expected.columns], expected, check_dtype=False,
+                                  rtol=1e-9)
+    given = read_results(results, channel_names=["Actin", "Tubulin", "DNA"])[0].cells
+    pd.testing.assert_frame_equal(given[expected.columns], expected, check_dtype=False, rtol=1e-9)
+    index.unlink()
+    with caplog.at_level("WARNING", logger="lab_io.results"):
+        guessed = read_results(results)[0].cells
+    assert "guessed {1: 'DNA', 2: 'Tubulin', 3: 'Actin'}" in caplog.text and "--channels" in caplog.text
+    assert not np.allclose(guessed["Nuclei_AreaShape_Area"].median(), expected["Nuclei_AreaShape_Area"].median())
+
+    harmony = results / f"{BARCODE}__2021-04-07T17_28_38-Measurement 1"
+    (results / BARCODE).rename(harmony)
+    assert plate_barcode(harmony.name) == BARCODE and plate_barcode("P1__notes") == "P1__notes"
+    plate = read_results(results, channel_names=["Actin", "Tubulin", "DNA"])[0]
+    assert plate.barcode == BARCODE and (plate.cells["Metadata_Plate"] == BARCODE).all()
+    assert plate_fingerprint(harmony, ["Actin", "Tubulin", "DNA"]) == plate.fingerprint  # names given: hashed too
+    assert plate_fingerprint(harmony) == read_results(results)[0].fingerprint != plate.fingerprint
+    (harmony / "Images" / "Index.idx.xml").write_text(text.replace(">Actin<", ">Alexa 488<").replace(
+        ">Tubulin<", ">Alexa-488<"))  # two channels whose names differ only by punctuation
+    with pytest.raises(ResultsError, match="distinct names.*--channels"):
+        read_results(results)
 
 
 def test_images_only_errors(results):

@@ -8,7 +8,7 @@ import pytest
 from lab_io.ground_truth import GroundTruth
 from lab_io.morphology import measure_field
 from lab_io.phenix import parse_phenix_name
-from lab_io.results import read_results
+from lab_io.results import harmony_channel_names, read_results
 from lab_io.schema import CHANNELS, well_name
 from lab_io.synthetic_lab import SyntheticLab, SyntheticLabConfig, wells_from_layouts
 
@@ -71,8 +71,11 @@ def test_run_plates_writes_results_layout(plate_run):
     assert barcodes == ["SYN0001"]
     plate = root / "results" / "SYN0001"
     assert sorted(p.name for p in (root / "results").iterdir()) == ["SYN0001"]  # no temp folders left
-    images = sorted(p.name for p in (plate / "Images").iterdir())
+    images = sorted(p.name for p in (plate / "Images").iterdir() if p.suffix == ".tiff")
     assert len(images) == 20 * 3  # 20 non-empty wells x 3 channels, empty wells skipped
+    # Harmony's index beside them names each channel's stain
+    assert harmony_channel_names(plate / "Images") == {1: "DNA", 2: "Tubulin", 3: "Actin"}
+    assert sorted(p.name for p in (plate / "Images").iterdir()) == sorted(images + ["Index.idx.xml"])
     keys = [parse_phenix_name(n) for n in images]
     assert {k.channel for k in keys} == {1, 2, 3} and {k.field for k in keys} == {1}
     assert "A11" not in {k.well for k in keys} and "B12" not in {k.well for k in keys}
@@ -84,6 +87,9 @@ def test_run_plates_writes_results_layout(plate_run):
     assert image.loc[0, "FileName_DNA"] == "r01c04f01p01-ch1sk1fk1fl1.tiff"
     nuclei = pd.read_csv(plate / "analysis" / "SYN0001-A04-1" / "Nuclei.csv")
     assert image.loc[0, "Count_Nuclei"] == len(nuclei) > 3
+    # images are numbered through the plate, as CellProfiler numbers them: site tables concatenate
+    numbers = [pd.read_csv(plate / "analysis" / site / "Image.csv").loc[0, "ImageNumber"] for site in sites]
+    assert sorted(numbers) == list(range(1, 21)) and (nuclei["ImageNumber"] == image.loc[0, "ImageNumber"]).all()
 
 
 def test_no_ground_truth_in_results(plate_run):
@@ -101,8 +107,8 @@ def test_tables_are_a_measurement_of_the_images(plate_run):
     plate = root / "results" / "SYN0001"
     image = np.stack([tifffile.imread(plate / "Images" / f"r02c05f01p01-ch{c}sk1fk1fl1.tiff") for c in (1, 2, 3)])
     assert image.dtype == np.uint16 and image.shape == (3, 128, 128)
-    remeasured = measure_field(image, CHANNELS)["Nuclei"]
     stored = pd.read_csv(plate / "analysis" / "SYN0001-B05-1" / "Nuclei.csv")
+    remeasured = measure_field(image, CHANNELS, image_number=int(stored["ImageNumber"].iloc[0]))["Nuclei"]
     pd.testing.assert_frame_equal(remeasured, stored, check_dtype=False, rtol=1e-9)
 
 

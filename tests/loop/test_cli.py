@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from loop.cli import app
@@ -46,3 +48,31 @@ def test_errors_exit_nonzero_with_a_message(tmp_path):
                           ('{"anchor_prior_weight": true}', "finite number")]:
         result = _loop(campaign, "backtest", "--profiles", str(tmp_path / "nowhere.csv"), "--selection", bad)
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_os_errors_name_the_path_without_a_traceback(tmp_path):
+    """A file where a campaign folder should be, or a full disk, is one error line naming the path."""
+    from lab_io.tempfiles import naming_path
+
+    campaign = tmp_path / "c"
+    _loop(campaign, "init")
+    library = campaign / "library"
+    if library.is_dir():
+        library.rmdir()  # empty after init
+    library.write_text("not a folder")
+    result = _loop(campaign, "library", "add", "--virtual", "20")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error:" in result.output and "library" in result.output, result.output
+    full = naming_path(OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"),
+                       tmp_path / "P1.wells.parquet")
+    assert "P1.wells.parquet" in str(full) and full.errno == 28
+    assert "P1.wells.parquet" in str(naming_path(OSError("no errno"), tmp_path / "P1.wells.parquet"))
+
+
+def test_channels_option_is_a_list_of_distinct_names():
+    from loop.cli import _channel_list
+
+    assert _channel_list(None) is None and _channel_list(" Mito, AGP ,DNA") == ["Mito", "AGP", "DNA"]
+    for bad in ("DNA,,ER", "DNA,DNA"):
+        with pytest.raises(ValueError, match="--channels"):
+            _channel_list(bad)

@@ -122,8 +122,10 @@ def test_truncated_file_is_rejected_naming_it(round_one):
     nuclei = sorted((results / round_one["proposal"].barcodes[0] / "analysis").glob("*/Nuclei.csv"))[3]
     text = nuclei.read_bytes()
     nuclei.write_bytes(text[: int(len(text) * 0.6)])
+    with pytest.raises(IngestError, match="already imported from different files"):
+        ingest_results(campaign, results)  # the plate is imported: other bytes are refused before reading
     with pytest.raises(ResultsError, match="Nuclei.csv"):
-        ingest_results(campaign, results)
+        ingest_results(campaign, results, replace=True)  # read, and the cut file named
     assert _status_counts(campaign) == before
 
 
@@ -203,7 +205,7 @@ def test_anchored_proposal_from_a_prescreened_shortlist_with_pending(round_one, 
     measured conditions plus the shortlist, pending compounds believed and never proposed."""
     import dataclasses
 
-    from loop.propose import candidate_table
+    from loop.propose import candidate_table, measured_conditions
     from loop.train import latest_model
 
     root = shutil.copytree(round_one["campaign"].root, tmp_path / "campaign")
@@ -225,6 +227,15 @@ def test_anchored_proposal_from_a_prescreened_shortlist_with_pending(round_one, 
     assert len(again) == second.n_treatments and not (again & picked) and not (again & measured)
     config = json.loads((second.out_dir / "round_config.json").read_text())
     assert config["campaign"]["funnel"]["simulate_all_max"] == 20
+    # the round records the sizes the funnel used, and its surrogate learned the lab's measurements
+    funnel = config["applied"]["funnel"]
+    n_measured = len(measured_conditions(campaign))
+    assert funnel["mode"] == "funnel" and funnel["n_sample"] == 30
+    assert funnel["n_shortlist"] == min(15, funnel["n_eligible"] - 30) > 0
+    assert funnel["n_pending"] == pending.sum()  # this test's first proposal and any earlier test's
+    assert funnel["n_returned"] == 30 + funnel["n_shortlist"] + pending.sum()
+    assert funnel["surrogate"]["n_measured"] == n_measured > 0
+    assert config["applied"]["method"] == "anchored_gp_ucb" and 0 <= config["applied"]["anchor"]["weight"] <= 3
     with campaign.session() as session:
         rows = session.exec(select(store.Proposal.acquisition, store.Proposal.acq_value)
                             .where(store.Proposal.round_index == second.round_index)).all()
@@ -232,8 +243,10 @@ def test_anchored_proposal_from_a_prescreened_shortlist_with_pending(round_one, 
     assert all(np.isfinite(value) for _, value in rows)
 
 
-def test_scaffold_cap_applies_to_proposals_and_pending(round_one, tmp_path, monkeypatch):
-    """``max_per_scaffold`` caps each scaffold's picks in a proposal, counting plates in flight.
+@pytest.mark.parametrize("anchored", [False, True])
+def test_scaffold_cap_applies_to_proposals_and_pending(round_one, tmp_path, monkeypatch, anchored):
+    """``max_per_scaffold`` caps each scaffold's picks in a proposal, counting plates in flight,
+    with ``select_batch`` and with the default anchored GP (which ignored it before session 31).
     The virtual library's Bemis-Murcko scaffolds are nearly all distinct (289 in 300 compounds),
     so the test puts compounds into 10 coarse groups: the 24 an uncapped proposal would pick
     into groups 0-3 (6 each, so a cap of 3 binds), every other one by SMILES length into 4-9."""
@@ -253,16 +266,25 @@ def test_scaffold_cap_applies_to_proposals_and_pending(round_one, tmp_path, monk
     train_assay(campaign)
     smiles = load_compounds(campaign).set_index("compound_id")["smiles"]
     candidates, pending = candidate_table(campaign)
-    uncapped, _, _ = choose_compounds(campaign, candidates, pending, 24, "ucb_topk", seed=0)
+    uncapped = choose_compounds(campaign, candidates, pending, 24, "ucb_topk", seed=0).picks
     top_picks.update({s: i % 4 for i, s in enumerate(candidates["smiles"].iloc[uncapped])})
     assert np.bincount(coarse_ids(candidates["smiles"])).min() >= 3  # 10 groups x 3 = 30 compounds can be picked
-    campaign.config = dataclasses.replace(campaign.config, selection={
-        "measurement_anchor": False, "max_per_scaffold": 3, "diversity_penalty": 0.0, "exploration_fraction": 0.0})
-    first = _treated(propose(campaign, 40).out_dir)  # 24 treatments, at most 3 in each of 10 groups
+    selection = {"measurement_anchor": anchored, "max_per_scaffold": 3}
+    if not anchored:
+        selection.update(diversity_penalty=0.0, exploration_fraction=0.0)
+    campaign.config = dataclasses.replace(campaign.config, selection=selection)
+    first = propose(campaign, 40)  # 24 treatments, at most 3 in each of 10 groups
     with pytest.warns(UserWarning, match="only 6 candidates"):
-        second = _treated(propose(campaign, 40).out_dir)  # the first round is pending: 30 - 24 = 6 left
-    assert len(first) == 24 and len(second) == 6
-    assert np.bincount(coarse_ids(smiles[sorted(first | second)])).max() == 3
+        second = propose(campaign, 40)  # the first round is pending: 30 - 24 = 6 left
+    treated = [_treated(result.out_dir) for result in (first, second)]
+    assert len(treated[0]) == 24 and len(treated[1]) == 6
+    assert np.bincount(coarse_ids(smiles[sorted(treated[0] | treated[1])])).max() == 3
+    applied = json.loads((first.out_dir / "round_config.json").read_text())["applied"]
+    assert applied["method"] == ("anchored_gp_ucb" if anchored else "select_batch")
+    assert applied["selection"]["max_per_scaffold"] == 3 and "max_per_scaffold" not in applied["not_applied"]
+    assert ("diversity_penalty" in applied["not_applied"]) == anchored  # the anchored GP spreads by itself
+    with pytest.raises(ValueError, match="nothing could be proposed: max_per_scaffold=3"):
+        propose(campaign, 40)  # every group is full, counting the two rounds in the lab
 
 
 def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path, monkeypatch):
@@ -335,11 +357,27 @@ def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path, mon
                             .where(store.Proposal.round_index == second.round_index)).all()
     assert {acquisition for acquisition, _ in rows} == {"anchored_gp_ucb"}
     assert all(np.isfinite(value) for _, value in rows)
-    # a target saved before the first model (nothing to check it against then) that the model cannot
-    # predict fails before any candidate is simulated, and nothing is recorded
     import dataclasses
 
     import loop.propose
+
+    # selections that need no measured profile read none: qEI's incumbent is a prediction, and a
+    # prescreen whose measured labels cannot be read learns from simulated compounds alone
+    def unreadable(*args, **kwargs):
+        raise ValueError("the measured profiles cannot be read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.propose, "measured_objective_values", unreadable)
+        saved = campaign.config
+        campaign.config = dataclasses.replace(saved, selection={"measurement_anchor": False, "acquisition": "qEI"},
+                                              funnel={"simulate_all_max": 20, "sample_size": 30, "shortlist_size": 15})
+        candidates, pending = candidate_table(campaign)
+        choice = loop.propose.choose_compounds(campaign, candidates, pending, 8, "loop", seed=0)
+        assert len(choice.picks) == 8 and choice.applied["funnel"]["surrogate"]["n_measured"] == 0
+        assert choice.applied["best_f"] is not None
+        campaign.config = saved
+    # a target saved before the first model (nothing to check it against then) that the model cannot
+    # predict fails before any candidate is simulated, and nothing is recorded
 
     n_rounds = campaign_status(campaign)["rounds"]
     with monkeypatch.context() as patch:

@@ -141,7 +141,7 @@ def test_ingest_cuts_crops_the_image_assay_can_load(tmp_path):
     assert assay.n_members == 1 and set(assay.meta["train_plates"]) == set(proposal.barcodes)
 
 
-def test_a_partial_delivery_is_refused_by_well_and_imported_without_them_only_on_request(tmp_path):
+def test_a_partial_delivery_is_refused_by_well_and_imported_without_them_only_on_request(tmp_path, monkeypatch):
     """Ten wells' site folders are missing (an export copied before it finished): refused naming them,
     nothing stored. With allow_missing_wells the plate is imported without them: no measurement for
     those wells, so their compounds stay candidates, and the QC lists them. Another campaign's
@@ -185,8 +185,11 @@ def test_a_partial_delivery_is_refused_by_well_and_imported_without_them_only_on
     other = Campaign.init(tmp_path / "other", CampaignConfig(seed=1))
     add_virtual_library(other, 300, seed=0)
     propose(other, 96)
+    import loop.ingest
+
+    monkeypatch.setattr(loop.ingest, "read_plate", lambda *a, **k: pytest.fail("read before its barcode was checked"))
     with pytest.raises(IngestError, match=f"plate barcode '{barcode}' was not emitted by this campaign"):
-        ingest_results(other, tmp_path / "results")
+        ingest_results(other, tmp_path / "results")  # refused before a plate is read (or segmented)
 
 
 def test_a_plate_measured_with_other_features_is_refused_by_name(tmp_path, two_plates_template):
@@ -312,8 +315,12 @@ def test_replace_imports_the_complete_copy_of_a_partly_imported_plate(tmp_path, 
         return {p.name: p.read_bytes() for p in campaign.measurements_dir.iterdir()}
 
     partial_wells, partial_files = measured(), files()
-    with pytest.raises(IngestError, match="already imported from different files.*pass --replace"):
-        ingest_results(campaign, tmp_path / "complete")
+    import loop.ingest
+
+    with monkeypatch.context() as patch:  # refused from the files' bytes, before they are read
+        patch.setattr(loop.ingest, "read_plate", lambda *a, **k: pytest.fail("read before its fingerprint"))
+        with pytest.raises(IngestError, match="already imported from different files.*pass --replace"):
+            ingest_results(campaign, tmp_path / "complete")
 
     def broken_insert(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -403,3 +410,42 @@ def test_each_plate_on_its_own_imports_the_good_plates_beside_a_refused_one(tmp_
     nuclei.write_bytes(whole)
     reports, refused = ingest_each_plate(campaign, tmp_path / "results")
     assert [r.status for r in reports] == ["already imported", "imported"] and not refused
+
+
+def test_a_harmony_export_folder_of_an_images_only_plate(tmp_path, caplog):
+    """Harmony's export folder (``<barcode>__<timestamp>-Measurement 1``) imports as its plate; without
+    a Harmony index the channel names are guessed, with a warning; a second export of the plate
+    beside it is refused naming both folders; the same images with names given (``--channels``)
+    are other measurements: refused as imported from other files, imported again with replace."""
+    import shutil
+
+    from loop.campaign import Campaign, CampaignConfig
+    from loop.ingest import ingest_results
+    from loop.lab import run_synthetic_lab
+    from loop.library import add_virtual_library
+    from loop.propose import propose
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=1, lab=dict(image_size_px=96, cells_per_field=6.0)))
+    add_virtual_library(campaign, 60, seed=0)
+    barcode = propose(campaign, 40).barcodes[0]
+    results = tmp_path / "results"
+    run_synthetic_lab(campaign.round_dir(1) / "plates", results, campaign=campaign, seed=1, write_images=True)
+    export = results / f"{barcode}__2024-01-02T03_04_05-Measurement 1"
+    (results / barcode).rename(export)
+    shutil.rmtree(export / "analysis")
+    (export / "Images" / "Index.idx.xml").unlink()
+    with caplog.at_level("WARNING", logger="lab_io.results"):
+        [qc] = ingest_results(campaign, results)
+    assert qc.barcode == barcode and qc.status == "imported" and "guessed" in caplog.text
+
+    again = results / f"{barcode}__2024-01-02T05_00_00-Measurement 2"
+    shutil.copytree(export, again)
+    with pytest.raises(IngestError, match=r"Measurement 1 and .*Measurement 2: both hold plate"):
+        ingest_results(campaign, results)
+    shutil.rmtree(again)
+    names = ["DNA", "Tubulin", "Actin"]
+    with pytest.raises(IngestError, match=f"{export}: plate {barcode} was already imported from different files"):
+        ingest_results(campaign, results, channel_names=names)
+    [qc] = ingest_results(campaign, results, channel_names=names, replace=True)
+    assert qc.status == "imported"
+    assert [r.status for r in ingest_results(campaign, results, channel_names=names)] == ["already imported"]

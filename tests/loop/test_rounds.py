@@ -1,6 +1,7 @@
 """Rounds proposed by mistake: the pending warning and `loop round cancel`."""
 
 import logging
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -45,23 +46,90 @@ def test_a_cancelled_round_releases_its_compounds_and_refuses_its_results(tmp_pa
 
 
 def test_an_interrupted_proposal_leaves_no_plate_files_and_no_round(tmp_path, monkeypatch):
-    """Ctrl-C (or SIGTERM, which the CLI turns into the same unwinding) while the plate files are
-    written: the half-written folder is removed and no round is recorded."""
+    """Ctrl-C (or SIGTERM, which the CLI turns into the same unwinding) after the plate files were
+    written and before the round was recorded: the folder is removed and no round is recorded.
+    A folder that filled up while the proposal was scoring (another campaign given the same
+    --out) is refused and kept: it is not this proposal's to remove."""
     import loop.propose
 
     campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=2))
     add_virtual_library(campaign, 200, seed=0)
 
     def interrupted(*args, **kwargs):
-        (tmp_path / "plates").mkdir(exist_ok=True)
-        (tmp_path / "plates" / "half.txt").write_text("x")
+        assert (tmp_path / "plates" / "round_config.json").exists()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop.propose, "write_plate_files", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        propose(campaign, 96, out_dir=tmp_path / "plates")
-    assert not (tmp_path / "plates").exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.propose, "_record_round", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            propose(campaign, 96, out_dir=tmp_path / "plates")
+    assert not (tmp_path / "plates").exists() and not (campaign.root / ".proposing.json").exists()
     assert campaign_status(campaign)["rounds"] == 0
+
+    choose = loop.propose.choose_compounds
+
+    def meanwhile(*args, **kwargs):  # another campaign writes its plates to the same --out
+        (tmp_path / "plates").mkdir()
+        (tmp_path / "plates" / "theirs.txt").write_text("keep")
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(loop.propose, "choose_compounds", meanwhile)
+    with pytest.raises(ValueError, match="already exists and is not an empty folder"):
+        propose(campaign, 96, out_dir=tmp_path / "plates")
+    assert (tmp_path / "plates" / "theirs.txt").read_text() == "keep"
+    assert campaign_status(campaign)["rounds"] == 0
+
+
+KILLED_PROPOSAL = """
+import os, sys
+import loop.propose
+from loop.campaign import Campaign
+record = loop.propose._record_round
+def killed(*args, **kwargs):  # SIGKILL: no clean-up, no finally
+    if sys.argv[2] == "after":
+        record(*args, **kwargs)
+    os._exit(137)
+loop.propose._record_round = killed
+loop.propose.propose(Campaign.open(sys.argv[1]), 96)
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_proposal_killed_around_its_commit_is_settled_by_the_next(tmp_path, caplog, when):
+    """SIGKILL after the plate files appeared and before (or just after) the round was recorded:
+    the journal tells the next proposal whose files they are. Not recorded: removed, and the
+    round proposed again; recorded: kept, and the next round proposed. A folder of anything else
+    (a copy of a round's plates, other files) stays and is refused, as before."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=2))
+    add_virtual_library(campaign, 200, seed=0)
+    run = subprocess.run([sys.executable, "-c", KILLED_PROPOSAL, str(campaign.root), when], capture_output=True,
+                         text=True)
+    assert run.returncode == 137, run.stderr
+    left = campaign.round_dir(1) / "plates"
+    token = json.loads((left / "round_config.json").read_text())["proposal_token"]
+    assert json.loads((campaign.root / ".proposing.json").read_text())["token"] == token
+    assert campaign_status(campaign)["rounds"] == (1 if when == "after" else 0)
+    with caplog.at_level(logging.WARNING, logger="loop.propose"):
+        result = propose(campaign, 96)
+    assert ("stopped before the round was recorded" in caplog.text) == (when == "before")
+    assert result.round_index == (1 if when == "before" else 2) and campaign_status(campaign)["rounds"] == result.round_index
+    assert not (campaign.root / ".proposing.json").exists()
+    if when == "after":
+        assert json.loads((left / "round_config.json").read_text())["proposal_token"] == token  # kept
+
+    other = tmp_path / "other"  # plates of a recorded round, and a folder of something else
+    shutil.copytree(left, other)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for folder in (other, tmp_path / "mine"):
+        with pytest.raises(FileExistsError, match="already exists and is not an empty folder"):
+            propose(campaign, 96, out_dir=folder)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (other / "round_config.json").exists()
 
 
 def test_sigterm_during_lab_run_leaves_no_temporary_plate_folder(tmp_path):
@@ -90,3 +158,22 @@ def test_sigterm_during_lab_run_leaves_no_temporary_plate_folder(tmp_path):
     finally:
         proc.kill()
     assert not [p.name for p in results.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_relative_out_outside_the_campaign_is_stored_so_it_can_be_found_again(tmp_path, monkeypatch):
+    """``--out plates`` from another working directory: the round's folder is stored absolute (a
+    path relative to the working directory would be read relative to the campaign)."""
+    from sqlmodel import select
+
+    from loop import store
+
+    campaign = Campaign.init(tmp_path / "c", CampaignConfig(seed=2))
+    add_virtual_library(campaign, 200, seed=0)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    result = propose(campaign, 96, out_dir=Path("plates"))
+    with campaign.session() as session:
+        stored = session.exec(select(store.Round.out_dir).where(store.Round.index == result.round_index)).one()
+        layout = session.exec(select(store.Plate.layout_path)).first()
+    assert campaign.absolute(stored) == campaign.absolute(layout) == tmp_path / "work" / "plates"
+    assert (campaign.absolute(stored) / "round_config.json").exists()

@@ -250,3 +250,27 @@ def test_a_backtest_longer_than_the_table_stops_picking(tmp_path):
     assert result["n_conditions"] == 24
     for curve in result["policies"].values():
         assert curve["per_seed"][0][-1] == 1.0
+
+
+def test_the_backtests_anchored_loop_keeps_the_scaffold_cap(tmp_path, monkeypatch):
+    """``--selection '{"max_per_scaffold": 1}'`` caps the default anchored policy's picks per
+    Bemis-Murcko scaffold in the lookup backtest too (it ran uncapped, silently, before session 31)."""
+    import loop.simulation
+    from lab_io.chem import murcko_scaffold_ids
+
+    lab = build_lookup_lab(read_profile_table(_table(tmp_path)))
+    scaffolds = murcko_scaffold_ids(lab.conditions["smiles"].tolist())
+    benzene = scaffolds == scaffolds[lab.conditions["smiles"].to_numpy() == "Oc1ccccc1"][0]  # canonical
+    assert benzene.sum() == 10  # five benzene compounds at two doses
+    measured = np.zeros(len(lab.conditions), bool)
+    measured[[0, 1]] = True
+    noise = np.random.default_rng(0).normal(0, 0.01, (3, len(benzene)))
+    values = np.where(benzene, 5.0, 1.0)[None] + noise  # K x N: the members favour every benzene
+
+    monkeypatch.setattr(loop.simulation, "predict_conditions",
+                        lambda *args: (values, None, np.ones((3, measured.sum()), bool)))
+    for cap, most in ((None, 6), (1, 1)):
+        config = LookupBacktestConfig(selection={"max_per_scaffold": cap, "anchor_prior_sd": 0.0,
+                                                 "anchor_prior_weight": 3.0})
+        picks = _pick("loop", lab, measured, 6, config, 0, tmp_path, np.random.default_rng(0))
+        assert benzene[picks].sum() == most
