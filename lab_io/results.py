@@ -543,7 +543,6 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
     hasher = hashlib.sha256()
     sources: list[str] = []
     frames = []
-    _hash_channel_names(hasher, channel_names)
     for (well, site), chans in sorted(groups.items()):
         field = _read_field(plate_dir, barcode, well, site, chans, all_channels,
                             lambda path: _read_file(path, plate_dir, hasher, sources))
@@ -557,13 +556,6 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
                        crops=None if crops is None else crops.result(),
                        imaged_wells=tuple(sorted({well for well, _ in groups})),
                        imaged_sites=tuple(sorted((well, int(site)) for well, site in groups)))
-
-
-def _hash_channel_names(hasher, channel_names: Sequence[str] | None) -> None:
-    """Channel names given for an images-only plate are part of what it was imported from: the same
-    images read with other names are other measurements (``--channels`` with ``--replace``)."""
-    if channel_names is not None:
-        hasher.update(("channels:" + ",".join(channel_names)).encode())
 
 
 def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, channel_names: Sequence[str] | None,
@@ -664,12 +656,11 @@ class _CropCollector:
         return CropSet(np.concatenate(self.images), pd.concat(self.meta, ignore_index=True), self.channel_names)
 
 
-def plate_fingerprint(plate_dir: str | Path, channel_names: Sequence[str] | None = None) -> str | None:
+def plate_fingerprint(plate_dir: str | Path) -> str | None:
     """The ``fingerprint`` :func:`read_plate` gives a plate folder, from its files' bytes alone: no
     table is parsed and no image segmented, so a scheduled re-read of a drop folder finds a plate
     imported before (same fingerprint) without measuring it again. The same files are hashed in the
-    same order as the read: the tables of ``analysis/`` when it is there, else the ``Images/`` (and
-    the ``channel_names`` given for them).
+    same order as the read: the tables of ``analysis/`` when it is there, else the ``Images/``.
     None where the read would fail (a site without ``Image.csv``, some but not all object tables,
     a field lacking a channel, unreadable files): :func:`read_plate` then says why."""
     plate_dir = Path(plate_dir)
@@ -685,7 +676,6 @@ def plate_fingerprint(plate_dir: str | Path, channel_names: Sequence[str] | None
         elif (plate_dir / "Images").is_dir():
             groups = _phenix_groups(plate_dir, plate_barcode(plate_dir.name))
             all_channels = sorted({c for chans in groups.values() for c in chans})
-            _hash_channel_names(hasher, channel_names)
             for _, chans in sorted(groups.items()):
                 if any(c not in chans for c in all_channels):
                     return None

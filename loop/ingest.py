@@ -90,7 +90,9 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     ``loop assay train --data <campaign>/measurements`` trains the image assay on.
 
     ``channel_names``: the stains of an images-only plate's channels ``ch1..chN`` (default: its
-    Harmony index's names, else guessed from the channel count with a warning).
+    Harmony index's names, else guessed from the channel count with a warning). With ``replace``,
+    plates imported before from these very files are read again with these names (a plate whose
+    stains were guessed wrong).
 
     A plate folder whose barcode this campaign did not emit, whose round was cancelled, or (without
     ``replace``) that was imported from other files is refused before any plate is read or
@@ -102,11 +104,13 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
 
     def fingerprint_of(folder: Path) -> str | None:
         if folder not in fingerprints:
-            fingerprints[folder] = plate_fingerprint(folder, channel_names)
+            fingerprints[folder] = plate_fingerprint(folder)
         return fingerprints[folder]
 
+    rename_channels = replace and channel_names is not None  # same files, read again with these names
     _refuse_unwanted_plates(campaign, folders, replace, fingerprint_of)
-    unchanged = _imported_unchanged(campaign, folders, crop_px, fingerprint_of)  # not parsed nor segmented again
+    unchanged = ({} if rename_channels else  # not parsed nor segmented again
+                 _imported_unchanged(campaign, folders, crop_px, fingerprint_of))
     plates = [read_plate(folder, channel_names=channel_names, crop_px=crop_px, crops_per_well=crops_per_well)
               for folder in folders if plate_barcode(folder.name) not in unchanged]
     if crop_px is not None:
@@ -120,7 +124,8 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     with campaign.writing(f"ingest of {results_dir}"):
         recover_replacements(campaign)
         with campaign.session() as session:
-            plans = [_check_plate(session, plate, results_dir, allow_missing_wells, allow_uneven_fields, replace)
+            plans = [_check_plate(session, plate, results_dir, allow_missing_wells, allow_uneven_fields, replace,
+                                  rename_channels)
                      for plate in plates]
         _check_same_measurements(campaign, [plan for plan in plans if not plan.imported_before], results_dir)
         if crop_px is None:
@@ -299,9 +304,11 @@ def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFram
 
 
 def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
-                 allow_missing_wells: bool = False, allow_uneven_fields: bool = False, replace: bool = False) -> _Plan:
+                 allow_missing_wells: bool = False, allow_uneven_fields: bool = False, replace: bool = False,
+                 rename_channels: bool = False) -> _Plan:
     """The plate's plan: its map and the mapped wells nothing was delivered for (left out of the map
-    when ``allow_missing_wells``; IngestError naming the plate folder otherwise)."""
+    when ``allow_missing_wells``; IngestError naming the plate folder otherwise). ``rename_channels``:
+    an images-only plate imported before from these files is replaced (read with new channel names)."""
     row = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).first()
     if row is None:
         raise IngestError(
@@ -310,7 +317,8 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
     if row.status == "cancelled":
         raise IngestError(f"{_folder(plate, results_dir)}: plate {plate.barcode} belongs to round {row.round_index}, "
                           "which was cancelled (`loop round cancel`); its results are not imported")
-    replaces = row.status == "returned" and row.results_fingerprint != plate.fingerprint
+    replaces = row.status == "returned" and (row.results_fingerprint != plate.fingerprint
+                                             or (rename_channels and plate.from_images))
     if replaces and not replace:
         raise IngestError(
             f"{_folder(plate, results_dir)}: plate {plate.barcode} was already imported from different files; "

@@ -212,9 +212,9 @@ def choose_compounds(
     selection = select_batch(funnel.values, fps[funnel.indices], q, sel_cfg, pending=funnel.pending,
                              scaffold_ids=scaffold_ids, best_f=best_f,
                              profiles=funnel.profiles)
+    diagnostics = {k: v for k, v in selection.diagnostics.items() if k not in ("phase", "config")}
     applied.update(method="select_batch", **_settings_applied(sel_cfg, SELECT_BATCH_IN_FORCE), best_f=best_f,
-                   selection_diagnostics=_jsonable(
-        {k: v for k, v in selection.diagnostics.items() if k not in ("phase", "config")}))
+                   selection_diagnostics=_jsonable(diagnostics))
     picks = funnel.indices[selection.indices]  # rows of `candidates`
     return Choice(picks, _summary(selection.indices, funnel.values, _pick_labels(selection, sel_cfg),
                                   selection.acq_values), model.version, applied)
@@ -407,9 +407,9 @@ def _propose(campaign: Campaign, budget_wells: int, out_dir: Path | None, policy
     if len(choice.picks) == 0:  # only the scaffold cap leaves nothing of what is eligible
         cap = choice.applied.get("selection", {}).get("max_per_scaffold")
         raise ValueError(f"{campaign.root}: nothing could be proposed: max_per_scaffold={cap} (campaign.json "
-                         f"'selection') closes the scaffold of every one of the {n_eligible} eligible compounds, "
-                         "counting the compounds of rounds still in the lab; raise it, or release a round that "
-                         "will not be run (`loop round cancel N`)")
+                         f"'selection') closes the scaffold of every compound left to pick from ({n_eligible} "
+                         "eligible), counting the compounds of rounds still in the lab; raise it, or release a "
+                         "round that will not be run (`loop round cancel N`)")
     model_version, summary = choice.model_version, choice.summary
     chosen = candidates.iloc[choice.picks].reset_index(drop=True)
     treatments = [(cid, float(campaign.config.dose_um)) for cid in chosen["compound_id"]]

@@ -416,7 +416,7 @@ def test_a_harmony_export_folder_of_an_images_only_plate(tmp_path, caplog):
     """Harmony's export folder (``<barcode>__<timestamp>-Measurement 1``) imports as its plate; without
     a Harmony index the channel names are guessed, with a warning; a second export of the plate
     beside it is refused naming both folders; the same images with names given (``--channels``)
-    are other measurements: refused as imported from other files, imported again with replace."""
+    are imported again, with those names, only with ``replace``."""
     import shutil
 
     from loop.campaign import Campaign, CampaignConfig
@@ -443,9 +443,20 @@ def test_a_harmony_export_folder_of_an_images_only_plate(tmp_path, caplog):
     with pytest.raises(IngestError, match=r"Measurement 1 and .*Measurement 2: both hold plate"):
         ingest_results(campaign, results)
     shutil.rmtree(again)
-    names = ["DNA", "Tubulin", "Actin"]
-    with pytest.raises(IngestError, match=f"{export}: plate {barcode} was already imported from different files"):
-        ingest_results(campaign, results, channel_names=names)
-    [qc] = ingest_results(campaign, results, channel_names=names, replace=True)
-    assert qc.status == "imported"
+    names = ["Actin", "Tubulin", "DNA"]  # as if the guess had been wrong
+
+    def stored_features():
+        return set(pd.read_parquet(campaign.measurements_dir / f"{barcode}.wells.parquet").columns)
+
+    guessed = stored_features()
     assert [r.status for r in ingest_results(campaign, results, channel_names=names)] == ["already imported"]
+    [qc] = ingest_results(campaign, results, channel_names=names, replace=True)
+    assert qc.status == "imported" and stored_features() == guessed  # same stains named, other channels measured
+    assert [r.status for r in ingest_results(campaign, results)] == ["already imported"]
+    partial = tmp_path / "partial" / export.name  # the locked checks name the folder as it is called
+    shutil.copytree(export, partial)
+    first_well = sorted(partial.glob("Images/*.tiff"))[0].name[:6]  # r..c..
+    for path in partial.glob(f"Images/{first_well}*"):
+        path.unlink()
+    with pytest.raises(IngestError, match=f"{partial}: plate {barcode}: nothing was delivered for 1 mapped well"):
+        ingest_results(campaign, partial.parent, replace=True)
