@@ -237,7 +237,8 @@ def harmony_channel_names(images_dir: Path) -> dict[int, str] | None:
     ``Index.xml`` or ``Index.ref.xml``: ``Image`` entries, or ``Map`` ``Entry`` elements, with a
     ``ChannelID`` and a ``ChannelName``), names cut to letters and digits (``HOECHST 33342`` ->
     ``HOECHST33342``, a feature-name part); None without a readable index naming channels.
-    ResultsError when the index gives one channel two names."""
+    ResultsError, naming the index and ``--channels``, when it gives one channel two names or two
+    channels one name."""
     import xml.etree.ElementTree as ElementTree
 
     path = next((images_dir / name for name in HARMONY_INDEX_FILES if (images_dir / name).is_file()), None)
