@@ -33,9 +33,10 @@ def propose_task(campaign_dir: str, budget_wells: int, out_dir: Optional[str] = 
 @task(name="ingest-results")
 def ingest_task(campaign_dir: str, results_dir: str, db_url: Optional[str] = None, allow_missing_wells: bool = False,
                 crop_px: Optional[int] = None, crops_per_well: int = 64, replace: bool = False,
-                allow_uneven_fields: bool = False, each_plate: bool = False) -> list[dict]:
+                allow_uneven_fields: bool = False, each_plate: bool = False,
+                channel_names: Optional[list[str]] = None) -> list[dict]:
     options = dict(crop_px=crop_px, crops_per_well=crops_per_well, allow_missing_wells=allow_missing_wells,
-                   allow_uneven_fields=allow_uneven_fields, replace=replace)
+                   allow_uneven_fields=allow_uneven_fields, replace=replace, channel_names=channel_names)
     campaign = Campaign.open(Path(campaign_dir), db_url)
     reports, refused = (ingest_each_plate(campaign, Path(results_dir), **options) if each_plate
                         else (ingest_results(campaign, Path(results_dir), **options), {}))
@@ -77,11 +78,13 @@ def propose_flow(campaign_dir: str, budget_wells: int = 384, out_dir: Optional[s
 @flow(name="ingest")
 def ingest_flow(campaign_dir: str, results_dir: str, db_url: Optional[str] = None, allow_missing_wells: bool = False,
                 crop_px: Optional[int] = None, crops_per_well: int = 64, replace: bool = False,
-                allow_uneven_fields: bool = False, each_plate: bool = False) -> list[dict]:
+                allow_uneven_fields: bool = False, each_plate: bool = False,
+                channel_names: Optional[list[str]] = None) -> list[dict]:
     """Import a results folder; ``each_plate`` (a schedule watching a drop folder): plate by plate,
-    a refused plate listed with ``status: refused`` and its reason while the others are imported."""
+    a refused plate listed with ``status: refused`` and its reason while the others are imported.
+    ``channel_names``: the stains of images-only plates' channels (``loop ingest --channels``)."""
     return ingest_task(campaign_dir, results_dir, db_url, allow_missing_wells, crop_px, crops_per_well, replace,
-                       allow_uneven_fields, each_plate)
+                       allow_uneven_fields, each_plate, channel_names)
 
 
 @flow(name="retrain")

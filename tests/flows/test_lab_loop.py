@@ -42,6 +42,20 @@ def test_flows_are_thin_wrappers(campaign_dir, tmp_path):
         ingest_flow.fn(campaign_dir, str(tmp_path / "missing"), each_plate=True)
 
 
+def test_ingest_flow_passes_the_channel_names(campaign_dir, tmp_path, monkeypatch):
+    import flows.lab_loop as lab_loop
+
+    seen = {}
+
+    def ingest(campaign, results_dir, **options):
+        seen.update(options)
+        return []
+
+    monkeypatch.setattr(lab_loop, "ingest_results", ingest)
+    assert ingest_flow.fn(campaign_dir, str(tmp_path), channel_names=["Mito", "DNA"]) == []
+    assert seen["channel_names"] == ["Mito", "DNA"]
+
+
 @pytest.mark.slow
 def test_propose_flow_real_run(campaign_dir, prefect_harness):
     result = propose_flow(campaign_dir, budget_wells=30)
