@@ -155,20 +155,23 @@ def train(
                          autoencoder=_override(base.autoencoder, max_minutes=ae_minutes, max_steps=ae_steps,
                                                      decoder_steps=decoder_steps))
         assay = train_image_assay(crops, out, config, executor=executor, ray_address=ray_address, source=str(data))
-    except (CropsError, ValueError, FileNotFoundError) as err:
+    except (CropsError, ValueError, OSError) as err:  # OSError: --out a file, read-only, a full disk
         _fail(str(err))
     typer.echo(f"trained image assay {assay.version} ({assay.n_members} member(s)) in {out}")
 
 
 def _keep_stored_sampling(out: Path, flow, **given):
     """On resume, the sampling options stored with the model for those not given (``None``):
-    rerunning ``train`` to add members or steps must not change how the model samples."""
+    rerunning ``train`` to add members must not change how the model samples."""
     from models.image_assay import ASSAY_FILE, SAMPLING_FIELDS
     from models.image_flow import FlowConfig
 
     if not (out / ASSAY_FILE).is_file():
         return flow
-    stored = FlowConfig.from_dict(json.loads((out / ASSAY_FILE).read_text())["config"]["flow"])
+    try:
+        stored = FlowConfig.from_dict(json.loads((out / ASSAY_FILE).read_text())["config"]["flow"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{out / ASSAY_FILE}: unreadable ({err}); use another --out") from err
     option = {"guidance": "guidance_scale", "guidance_gated": "guidance_gated"}
     given_fields = {option[k] for k, v in given.items() if v is not None}
     return replace(flow, **{f: getattr(stored, f) for f in SAMPLING_FIELDS if f not in given_fields})

@@ -69,7 +69,7 @@ from models.image_autoencoder import (
 from models.image_dit import ImageDiT
 from models.image_flow import (
     ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, control_source,
-    sample_latents, sampling_condition, save_json, save_torch, source_indices, train_flow,
+    load_checkpoint, sample_latents, sampling_condition, save_json, save_torch, source_indices, train_flow,
 )
 from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells
 
@@ -251,7 +251,8 @@ def train_image_assay(
     _check_resume_data(out, fingerprint, crops.channel_names)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / DATA_FILE, {"data_fingerprint": fingerprint, "channel_names": list(crops.channel_names),
-                                "n_train_cells": int(len(train)), "train_plates": sorted(set(train.plates))})
+                                "n_train_cells": int(len(train)), "train_plates": sorted(set(train.plates)),
+                                "config": config.to_dict()})  # what a resume must train with
     norm = ChannelNorm.fit(images, seed=config.seed)
     x = norm.normalize(images)  # n x C x H x W
     ae = _train_or_load_autoencoder(out / "autoencoder", x, replace(config.autoencoder, in_channels=x.shape[1]), config.seed)
@@ -286,14 +287,42 @@ def treated_dose_range(dose_um: np.ndarray) -> tuple[float, float] | None:
     return (float(treated.min()), float(treated.max())) if len(treated) else None
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON file of a model folder; ValueError naming it when it cannot be read (cut short)."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); use another --out") from err
+
+
 def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
-    path = out / ASSAY_FILE
+    """A folder holding a model (``assay.json``), or the start of one (``training_data.json``, written
+    before any training with the requested config), is resumed only with the same configuration;
+    a stage's step budget may change until that stage is finished (finished members and a finished
+    autoencoder do not train again), and a complete ensemble keeps its members."""
+    complete = (out / ASSAY_FILE).is_file()
+    path = out / (ASSAY_FILE if complete else DATA_FILE)
     if not path.is_file():
         return
-    stored = ImageAssayConfig.from_dict(json.loads(path.read_text())["config"])
+    meta = _read_json(path)
+    if "config" not in meta:  # a folder started before session 31 recorded no config there
+        return
+    stored = ImageAssayConfig.from_dict(meta["config"])
     differ = _differing_fields(_comparable(stored).to_dict(), _comparable(config).to_dict())
+    if complete:  # a budget of a stage that is finished would change nothing but the record
+        finished = []
+        if all((out / f"member_{k:03d}" / "model.pt").is_file() for k in range(stored.n_members)):
+            finished.append(("flow.max_steps", stored.flow.max_steps, config.flow.max_steps))
+        if (out / "autoencoder" / "model.pt").is_file():
+            finished += [("autoencoder.max_steps", stored.autoencoder.max_steps, config.autoencoder.max_steps),
+                         ("autoencoder.decoder_steps", stored.autoencoder.decoder_steps,
+                          config.autoencoder.decoder_steps)]
+        differ += [f"{name}={old!r}/{new!r} (that stage is finished)" for name, old, new in finished if old != new]
+        if config.n_members < stored.n_members:
+            differ.append(f"n_members={stored.n_members}/{config.n_members} (members are added, never dropped)")
     if differ:
-        raise ValueError(f"{path}: a model with a different configuration is already there "
+        what = "a model" if complete else "the start of a model (stopped before it was complete)"
+        raise ValueError(f"{path}: {what} with a different configuration is already there "
                          f"({', '.join(differ)}: stored vs requested); use another --out, or the stored "
                          "model's options to resume it")
 
@@ -308,7 +337,7 @@ def _dna_channel(out: Path, config: ImageAssayConfig, crops: CropSet, source: st
                              f"{list(crops.channel_names)} of {source}")
         return int(config.dna_channel)
     if (out / ASSAY_FILE).is_file():
-        return int(json.loads((out / ASSAY_FILE).read_text())["config"]["dna_channel"])
+        return int(_read_json(out / ASSAY_FILE)["config"]["dna_channel"])
     return dna_channel_index(crops.channel_names, source)
 
 
@@ -318,7 +347,7 @@ def _check_resume_data(out: Path, fingerprint: str, channel_names: Sequence[str]
     path = next((p for p in (out / ASSAY_FILE, out / DATA_FILE) if p.is_file()), None)
     if path is None:
         return
-    meta = json.loads(path.read_text())
+    meta = _read_json(path)
     if list(meta["channel_names"]) != list(channel_names):
         raise ValueError(f"{path}: the model there was trained on channels {meta['channel_names']}, these crops "
                          f"have {list(channel_names)}; use another --out")
@@ -366,7 +395,7 @@ def _train_or_load_autoencoder(ae_dir: Path, x: Tensor, cfg: AutoencoderConfig, 
             model = ImageAutoencoder(cfg)
             model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
             return model.eval()
-    state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.is_file() else None
+    state = load_checkpoint(ckpt)
     t0 = time.perf_counter()
     model, state = train_autoencoder(x, cfg, seed=seed, state=state, checkpoint_fn=lambda s: save_torch(ckpt, s),
                                      device=training_device())
@@ -485,7 +514,7 @@ def train_member_task(model_dir: str, member_index: int) -> dict:
                                                "train_plates": meta["train_plates"]})
     (mdir / NORM_FILE).write_text((out / NORM_FILE).read_text())
     ckpt = mdir / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.is_file() else None
+    state = load_checkpoint(ckpt)
     model, final = train_flow(data, config.flow, seed=seed, state=state, checkpoint_fn=lambda s: save_torch(ckpt, s),
                               device=training_device())
     save_torch(mdir / "model.pt", model.state_dict())

@@ -547,8 +547,24 @@ def save_json(path: Path, obj: dict) -> None:
 
 def save_torch(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as err:  # torch's "unexpected pos" on a full disk names neither the disk nor the file
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path} (disk full?): {err}") from err
     tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    """A training checkpoint (None when there is none); ValueError naming a file that cannot be read
+    (cut short), which is deleted to train that stage from its start."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: unreadable checkpoint ({err}); delete it to train that stage from its "
+                         "start") from err
 
 
 def autoencoder_config_for(in_channels: int, base: AutoencoderConfig) -> AutoencoderConfig:

@@ -810,3 +810,40 @@ def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(trained, tmp_p
     kept.write_text(json.dumps({"complete": False}))
     res = CliRunner().invoke(assay_app, args + ["--resume"])
     assert res.exit_code != 0 and "cannot resume (not a partial evaluation)" in res.output
+
+
+def test_a_resume_is_checked_against_the_config_the_training_started_with(tmp_path):
+    """Before ``assay.json`` exists, ``training_data.json`` holds the config the training started
+    with: a rerun with another seed or image size (which would reuse its autoencoder) is refused.
+    A complete model refuses changed step budgets (its members would not train again) and fewer
+    members; unreadable files and checkpoints are named."""
+    from dataclasses import replace
+
+    from models.image_assay import ASSAY_FILE, DATA_FILE, _check_resume_config
+    from models.image_flow import load_checkpoint
+
+    config = ImageAssayConfig(n_members=2)
+    (tmp_path / DATA_FILE).write_text(json.dumps({"config": config.to_dict()}))
+    _check_resume_config(tmp_path, replace(config, flow=replace(config.flow, max_steps=7)))  # budgets may change
+    for changed, name in ((replace(config, seed=1), "seed"), (replace(config, image_size=56), "image_size"),
+                          (replace(config, autoencoder=replace(config.autoencoder, decoder_steps=0)), "decoder_steps")):
+        with pytest.raises(ValueError, match=f"{DATA_FILE}: the start of a model .*{name}"):
+            _check_resume_config(tmp_path, changed)
+    (tmp_path / ASSAY_FILE).write_text(json.dumps({"config": config.to_dict()}))
+    _check_resume_config(tmp_path, replace(config, flow=replace(config.flow, max_steps=7)))  # a member unfinished
+    for path in (tmp_path / "member_000", tmp_path / "member_001", tmp_path / "autoencoder"):
+        path.mkdir()
+        (path / "model.pt").write_bytes(b"")  # every stage finished
+    _check_resume_config(tmp_path, replace(config, n_members=3))  # members are added
+    for changed, name in ((replace(config, flow=replace(config.flow, max_steps=7)), "flow.max_steps"),
+                          (replace(config, n_members=1), "n_members=2/1")):
+        with pytest.raises(ValueError, match=f"{ASSAY_FILE}: a model .*{name}"):
+            _check_resume_config(tmp_path, changed)
+    (tmp_path / ASSAY_FILE).write_text('{"config": {"flow": ')
+    with pytest.raises(ValueError, match=f"{ASSAY_FILE}: unreadable"):
+        _check_resume_config(tmp_path, config)
+    torch.save({"step": 1}, tmp_path / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "checkpoint.pt") == {"step": 1} and load_checkpoint(tmp_path / "none.pt") is None
+    (tmp_path / "checkpoint.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:40])
+    with pytest.raises(ValueError, match="checkpoint.pt: unreadable checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
