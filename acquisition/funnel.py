@@ -91,6 +91,10 @@ class FunnelConfig:
         if isinstance(self.surrogate, dict):  # from_dict / JSON round trip
             object.__setattr__(self, "surrogate", SurrogateConfig(**self.surrogate))
 
+    def prescreens(self, n_eligible: int) -> bool:
+        """Whether ``n_eligible`` candidates go through the surrogate (else all are simulated)."""
+        return n_eligible > self.simulate_all_max
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -227,7 +231,7 @@ def funnel_predict(
     timings: dict[str, float] = {}
     diagnostics: dict[str, Any] = dict(n_candidates=n, n_eligible=len(eligible_idx), n_pending=len(pending),
                                        n_members=int(assay.n_members), config=config.to_dict())
-    if len(eligible_idx) <= config.simulate_all_max:
+    if not config.prescreens(len(eligible_idx)):
         rows = np.union1d(eligible_idx, pending)
         t0 = time.perf_counter()
         result = simulate(rows)

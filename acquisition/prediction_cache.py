@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 import torch
 
 from acquisition.objectives import phenotypic_activity
-from models.ray_executor import run_tasks
 from lab_io.tempfiles import naming_path
+from models.ray_executor import run_tasks
 from models.virtual_assay import VirtualAssay, check_doses, check_fingerprints
 
 log = logging.getLogger(__name__)

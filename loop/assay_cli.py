@@ -163,15 +163,12 @@ def train(
 def _keep_stored_sampling(out: Path, flow, **given):
     """On resume, the sampling options stored with the model for those not given (``None``):
     rerunning ``train`` to add members must not change how the model samples."""
-    from models.image_assay import ASSAY_FILE, SAMPLING_FIELDS
+    from models.image_assay import ASSAY_FILE, SAMPLING_FIELDS, read_model_json
     from models.image_flow import FlowConfig
 
     if not (out / ASSAY_FILE).is_file():
         return flow
-    try:
-        stored = FlowConfig.from_dict(json.loads((out / ASSAY_FILE).read_text())["config"]["flow"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{out / ASSAY_FILE}: unreadable ({err}); use another --out") from err
+    stored = FlowConfig.from_dict(read_model_json(out / ASSAY_FILE)["config"]["flow"])
     option = {"guidance": "guidance_scale", "guidance_gated": "guidance_gated"}
     given_fields = {option[k] for k, v in given.items() if v is not None}
     return replace(flow, **{f: getattr(stored, f) for f in SAMPLING_FIELDS if f not in given_fields})

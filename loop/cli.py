@@ -79,11 +79,8 @@ def _cli_errors():
 
     try:
         yield
-    except (CampaignError, IngestError, ResultsError, NothingToTrainOn, ValueError, FileNotFoundError,
-            FileExistsError) as exc:
-        console.print("[bold red]error:[/]", escape(str(exc)))
-        raise typer.Exit(code=1) from None
-    except OSError as exc:  # a full disk, a file where a folder should be, no permission: named, no traceback
+    # OSError: a missing file, a full disk, a file where a folder should be, no permission (named, no traceback)
+    except (CampaignError, IngestError, ResultsError, NothingToTrainOn, ValueError, OSError) as exc:
         console.print("[bold red]error:[/]", escape(str(exc)))
         raise typer.Exit(code=1) from None
 

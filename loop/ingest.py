@@ -23,7 +23,6 @@ from sqlmodel import Session, select
 from lab_io import profiles as profiling
 from lab_io.crops import CropSet, write_crops
 from lab_io.results import PlateResult, ResultsError, plate_barcode, plate_dirs, plate_fingerprint, read_plate
-from lab_io.tempfiles import naming_path
 from lab_io.schema import (
     META_COMPOUND,
     META_DOSE,
@@ -34,6 +33,7 @@ from lab_io.schema import (
     WellRole,
     feature_columns,
 )
+from lab_io.tempfiles import naming_path
 from loop import store
 from loop.campaign import Campaign
 
@@ -175,19 +175,29 @@ def _refuse_unwanted_plates(campaign: Campaign, folders: list[Path], replace: bo
     with campaign.session() as session:
         for folder in folders:
             barcode = plate_barcode(folder.name)
-            row = session.exec(select(store.Plate).where(store.Plate.barcode == barcode)).first()
-            if row is None:
-                raise IngestError(f"{folder}: plate barcode {barcode!r} was not emitted by this campaign")
-            if row.status == "cancelled":
-                raise IngestError(f"{folder}: plate {barcode} belongs to round {row.round_index}, which was "
-                                  "cancelled (`loop round cancel`); its results are not imported")
+            row = _importable_row(session, barcode, folder)
             if row.status == "returned" and not replace and row.results_fingerprint and not unsettled:
                 fingerprint = fingerprint_of(folder)
                 if fingerprint is not None and fingerprint != row.results_fingerprint:
-                    raise IngestError(
-                        f"{folder}: plate {barcode} was already imported from different files; refusing to "
-                        "overwrite its measurements (pass --replace to import it again from these files, e.g. "
-                        "the complete copy of a plate imported with --allow-missing-wells)")
+                    raise _imported_from_other_files(folder, barcode)
+
+
+def _importable_row(session: Session, barcode: str, folder: Path) -> store.Plate:
+    """The plate's row; IngestError naming ``folder`` when this campaign did not emit the barcode or
+    the plate's round was cancelled."""
+    row = session.exec(select(store.Plate).where(store.Plate.barcode == barcode)).first()
+    if row is None:
+        raise IngestError(f"{folder}: plate barcode {barcode!r} was not emitted by this campaign")
+    if row.status == "cancelled":
+        raise IngestError(f"{folder}: plate {barcode} belongs to round {row.round_index}, which was cancelled "
+                          "(`loop round cancel`); its results are not imported")
+    return row
+
+
+def _imported_from_other_files(folder: Path, barcode: str) -> IngestError:
+    return IngestError(f"{folder}: plate {barcode} was already imported from different files; refusing to "
+                       "overwrite its measurements (pass --replace to import it again from these files, e.g. the "
+                       "complete copy of a plate imported with --allow-missing-wells)")
 
 
 def _imported_unchanged(campaign: Campaign, folders: list[Path], crop_px: int | None,
@@ -309,22 +319,11 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
     """The plate's plan: its map and the mapped wells nothing was delivered for (left out of the map
     when ``allow_missing_wells``; IngestError naming the plate folder otherwise). ``rename_channels``:
     an images-only plate imported before from these files is replaced (read with new channel names)."""
-    row = session.exec(select(store.Plate).where(store.Plate.barcode == plate.barcode)).first()
-    if row is None:
-        raise IngestError(
-            f"{_folder(plate, results_dir)}: plate barcode {plate.barcode!r} was not emitted by this campaign"
-        )
-    if row.status == "cancelled":
-        raise IngestError(f"{_folder(plate, results_dir)}: plate {plate.barcode} belongs to round {row.round_index}, "
-                          "which was cancelled (`loop round cancel`); its results are not imported")
+    row = _importable_row(session, plate.barcode, _folder(plate, results_dir))
     replaces = row.status == "returned" and (row.results_fingerprint != plate.fingerprint
                                              or (rename_channels and plate.from_images))
     if replaces and not replace:
-        raise IngestError(
-            f"{_folder(plate, results_dir)}: plate {plate.barcode} was already imported from different files; "
-            "refusing to overwrite its measurements (pass --replace to import it again from these files, e.g. the "
-            "complete copy of a plate imported with --allow-missing-wells)"
-        )
+        raise _imported_from_other_files(_folder(plate, results_dir), plate.barcode)
     wells = session.exec(select(store.Well).where(store.Well.barcode == plate.barcode)).all()
     well_map = pd.DataFrame(
         [dict(well=w.well, role=w.role, compound_id=w.compound_id, dose_um=w.dose_um) for w in wells]
@@ -599,11 +598,10 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
             tmp = path.with_name(path.name + ".tmp")
             try:
                 frame.to_parquet(tmp, index=False)
-            except OSError as exc:  # a full disk: pyarrow's message names no file
+            except BaseException as exc:
                 tmp.unlink(missing_ok=True)
-                raise naming_path(exc, path) from exc
-            except BaseException:
-                tmp.unlink(missing_ok=True)
+                if isinstance(exc, OSError):  # a full disk: pyarrow's message names no file
+                    raise naming_path(exc, path) from exc
                 raise
             os.replace(tmp, path)
             written.append(path)

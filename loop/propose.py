@@ -176,7 +176,7 @@ def choose_compounds(
         log.info("objective: %s", describe(objective_cfg))
     if (sel_cfg.phenotype_penalty > 0 or objective is not None) and funnel_cfg.profile_dims == 0:
         funnel_cfg = dataclasses.replace(funnel_cfg, profile_dims=None)  # both compare whole profiles
-    labelled = int(eligible.sum()) > funnel_cfg.simulate_all_max and funnel_cfg.surrogate_measurements
+    labelled = funnel_cfg.prescreens(int(eligible.sum())) and funnel_cfg.surrogate_measurements
     measurements = None
     if len(measured) and (anchored or labelled or sel_cfg.acquisition in ("qEI", "qLogEI")):
         measurements = _measurements(campaign, model, measured, funnel_cfg, seed, objective_cfg, objective,

@@ -287,7 +287,7 @@ def treated_dose_range(dose_um: np.ndarray) -> tuple[float, float] | None:
     return (float(treated.min()), float(treated.max())) if len(treated) else None
 
 
-def _read_json(path: Path) -> dict:
+def read_model_json(path: Path) -> dict:
     """A JSON file of a model folder; ValueError naming it when it cannot be read (cut short)."""
     try:
         return json.loads(path.read_text())
@@ -304,7 +304,7 @@ def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
     path = out / (ASSAY_FILE if complete else DATA_FILE)
     if not path.is_file():
         return
-    meta = _read_json(path)
+    meta = read_model_json(path)
     if "config" not in meta:  # a folder started before session 31 recorded no config there
         return
     stored = ImageAssayConfig.from_dict(meta["config"])
@@ -337,7 +337,7 @@ def _dna_channel(out: Path, config: ImageAssayConfig, crops: CropSet, source: st
                              f"{list(crops.channel_names)} of {source}")
         return int(config.dna_channel)
     if (out / ASSAY_FILE).is_file():
-        return int(_read_json(out / ASSAY_FILE)["config"]["dna_channel"])
+        return int(read_model_json(out / ASSAY_FILE)["config"]["dna_channel"])
     return dna_channel_index(crops.channel_names, source)
 
 
@@ -347,7 +347,7 @@ def _check_resume_data(out: Path, fingerprint: str, channel_names: Sequence[str]
     path = next((p for p in (out / ASSAY_FILE, out / DATA_FILE) if p.is_file()), None)
     if path is None:
         return
-    meta = _read_json(path)
+    meta = read_model_json(path)
     if list(meta["channel_names"]) != list(channel_names):
         raise ValueError(f"{path}: the model there was trained on channels {meta['channel_names']}, these crops "
                          f"have {list(channel_names)}; use another --out")
