@@ -24,6 +24,16 @@ penalty).  The gain has two phases:
    with ``alpha_i = mean_k u_ki`` the BoTorch ``q = 1`` acquisition value.  Joint gains
    would be zero for everything here, so the penalty could not trade quality against
    structure; the single-point value can (a penalised top-k, "local penalisation").
+   For ``qEI`` ``alpha_i`` is BoTorch's smoothed single-point improvement
+   ``exp(qLogEI({i})) = mean_k fatplus(y_ki - best_f; tau_relu = 1e-6)``: equal to EI up to
+   ``tau_relu`` where EI is positive, and still ordering (by how far below ``best_f`` the
+   members put them) the candidates whose EI is 0 under every member, which plain EI
+   would leave tied at 0 (then the penalty could not act, and the batch would be filled in
+   library order).
+
+A joint gain within rounding of 0 (``JOINT_GAIN_RTOL`` of the utilities' scale) counts as
+0: ties in exact arithmetic that differ in the last bit end the joint phase instead of
+deciding picks by rounding noise.
 
 Phenotype penalty (optional): with predicted profiles ``p_i`` (``N x F``, member mean, in
 control-normalised units) the score is further multiplied by ``max(0, 1 - mu * c_i)``, with
@@ -62,7 +72,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from acquisition.greedy import MAX_TYPE_ACQUISITIONS, as_bool_mask, member_utilities, thompson_members
+from acquisition.greedy import (MAX_TYPE_ACQUISITIONS, as_bool_mask, as_index_array, member_utilities,
+                                thompson_members)
 
 __all__ = [
     "PenalizedSelection",
@@ -253,6 +264,23 @@ class PenalizedSelection:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+JOINT_GAIN_RTOL = 1e-12  # joint gains below this fraction of max |u| are rounding, not gain
+
+
+def _single_point_values(values: Tensor, utilities: Tensor, acqf: str, params: Mapping[str, Any]) -> Tensor:
+    """``alpha_i``, ``N``: the single-point acquisition value after saturation (module doc): the
+    member mean of the utilities, for ``qEI`` of the smoothed improvement (``tau_relu = 1e-6``,
+    BoTorch's ``qLogEI`` default), so that candidates with no improvement under any member are
+    still ordered."""
+    if acqf != "qEI":
+        return utilities.mean(dim=0)
+    from botorch.utils.safe_math import log_fatplus, logmeanexp
+
+    best_f = torch.as_tensor(params["best_f"]).to(values)
+    log_improvement = log_fatplus(values.double() - best_f.double(), tau=float(params.get("tau_relu", 1e-6)))
+    return logmeanexp(log_improvement, dim=0).exp()  # float64: far below best_f it is ~1e-20
+
+
 class _Scorer:
     """Candidate gains for the penalised greedy: joint phase, then single-point phase.
 
@@ -282,7 +310,8 @@ class _Scorer:
             floor = torch.maximum(floor, self.utilities[:, torch.as_tensor(pending)].amax(dim=1))
         self.running = floor  # r_k
         self.active = eligible.nonzero().squeeze(-1)
-        self.single = self.utilities.mean(dim=0)  # alpha_i, N
+        self.tolerance = JOINT_GAIN_RTOL * float(self.utilities.abs().max()) if self.utilities.numel() else 0.0
+        self.single = _single_point_values(values, self.utilities, acqf, params)  # alpha_i, N
         self.single_floor = float(self.single[eligible].min()) if bool(eligible.any()) else 0.0
         self.order: np.ndarray | None = None
         self.cursor = 0
@@ -296,6 +325,7 @@ class _Scorer:
         if not self.saturated:
             candidates = self.active[eligible[self.active]]
             gains = (self.utilities[:, candidates] - self.running.unsqueeze(-1)).clamp_min(0).mean(dim=0)
+            gains = torch.where(gains > self.tolerance, gains, torch.zeros_like(gains))
             self.active = candidates[gains > 0]
             if len(self.active):
                 return self._topk(candidates, gains, size)
@@ -390,8 +420,8 @@ def penalized_greedy_select(
         raise ValueError("phenotype_penalty > 0 needs predicted profiles (N x F)")
     if profiles is not None and len(profiles) != n:
         raise ValueError(f"profiles have {len(profiles)} rows, expected {n}")
-    pending = np.zeros(0, dtype=np.int64) if pending is None else np.asarray(pending, dtype=np.int64)
-    selected = [int(i) for i in selected]
+    pending = as_index_array(pending, n, "pending")
+    selected = as_index_array(np.asarray(list(selected), dtype=np.int64), n, "selected").tolist()
     eligible_np = np.ones(n, dtype=bool) if eligible is None else np.array(eligible, dtype=bool)
     eligible_np[pending] = False
     eligible_np[selected] = False

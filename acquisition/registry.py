@@ -50,8 +50,11 @@ class EnsembleThompsonSampling(AcquisitionFunction):
     def __init__(self, model: CachedEnsembleModel, member: int,
                  objective: MCAcquisitionObjective | None = None) -> None:
         super().__init__(model=model)
-        if not 0 <= int(member) < model.n_members:
-            raise ValueError(f"member must be in [0, {model.n_members}), got {member}")
+        if isinstance(member, bool) or int(member) != member or not 0 <= int(member) < model.n_members:
+            raise ValueError(f"member must be an integer in [0, {model.n_members}), got {member!r}")
+        if objective is None and model.num_outputs != 1:
+            raise ValueError(f"thompson without an objective needs one model output, got {model.num_outputs}; "
+                             "pass an MC objective that reduces the outputs (acquisition.objectives)")
         self.member = int(member)
         self.objective = objective if objective is not None else IdentityMCObjective()
 
@@ -128,7 +131,7 @@ def make_acquisition(
             ``qPosteriorStandardDeviation``, ``thompson``, ``mean``).
         model: the cached ensemble (``K`` members).
         objective: MC objective over the model outputs (None: identity, M must be 1).
-        X_pending: ``p x 1`` indices of candidates in flight.
+        X_pending: ``p x 1`` (or ``p``) indices of candidates in flight.
         **params: ``beta`` (qUCB), ``best_f`` (qEI, qLogEI; optional ``tau_max``,
             ``tau_relu``), ``member`` (thompson).
     """
@@ -144,7 +147,13 @@ def make_acquisition(
             f"acquisition {name!r} needs parameters {sorted(required)} "
             f"(optional {sorted(optional)}); missing {sorted(missing)}, unknown {sorted(unknown)}"
         )
+    if "beta" in params and not float(params["beta"]) >= 0:
+        raise ValueError(f"qUCB needs beta >= 0, got {params['beta']!r}")
     if X_pending is not None:
         X_pending = torch.as_tensor(X_pending).to(model.Y.dtype)
+        if X_pending.ndim == 1:  # indices as a flat list: one candidate per row
+            X_pending = X_pending.unsqueeze(-1)
+        if X_pending.ndim != 2 or X_pending.shape[-1] != 1:
+            raise ValueError(f"X_pending must be p x 1 candidate indices, got shape {tuple(X_pending.shape)}")
     sampler = MemberSampler(model.n_members)
     return ACQUISITIONS[name](model, objective, sampler, X_pending, **params)

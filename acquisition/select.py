@@ -5,7 +5,7 @@ predictions, ``acquisition.objectives.member_objective_values``) and packed Morg
 fingerprints, and returns exactly ``q`` distinct candidate indices, never measured
 (``exclude``) or in-flight (``pending``) ones:
 
-1. exploitation, ``q - round(exploration_fraction * q)`` picks: the configured
+1. exploitation, ``q - exploration_picks(exploration_fraction, q)`` picks (rounded half up): the configured
    acquisition's marginal joint gain until the joint value saturates (about ``K``
    picks), then its single-point value, multiplied by the Tanimoto penalty
    ``1 - diversity_penalty * max_sim`` to earlier picks and pending compounds and, given
@@ -18,7 +18,10 @@ fingerprints, and returns exactly ``q`` distinct candidate indices, never measur
 With ``diversity_penalty = 0`` and no scaffold cap the first picks (until the joint
 acquisition saturates) are exactly those of ``acquisition.greedy.greedy_select`` /
 BoTorch's ``optimize_acqf_discrete``.  ``qLogEI`` uses the ``qEI`` gains here (same
-improvement utility; the smoothing only matters for gradients).
+improvement utility) until saturation; after it both rank by BoTorch's smoothed
+single-point improvement (``exp(qLogEI({i}))``, equal to EI where EI is positive), which
+still orders the candidates with no improvement under any member, so the penalty acts
+among them (``acquisition.diversity``).
 
 ``select_cold_start`` (no model yet) picks a seeded random sample (``random``, the default),
 one seeded random compound from each of ``q`` coverage strata (``stratified``), a
@@ -245,7 +248,7 @@ def select_batch(
     eligible = ~exclude
     eligible[pending] = False
     n_eligible = int(eligible.sum())
-    n_explore = int(round(config.exploration_fraction * q))
+    n_explore = exploration_picks(config.exploration_fraction, q)
     mean_profiles = _mean_profiles(profiles, n_members, n) if config.phenotype_penalty > 0 else None
     phenotype_penalty = config.phenotype_penalty if mean_profiles is not None else 0.0
     common = dict(diversity_penalty=config.diversity_penalty, pending=pending,
@@ -266,7 +269,7 @@ def select_batch(
         blocked = ~eligible
         blocked[indices] = True
         picks = _capped_maxmin(fps, n_left, config.seed, blocked, scaffold_ids,
-                               config.max_per_scaffold, np.concatenate([pending, indices]))
+                               config.max_per_scaffold, np.concatenate([pending, np.asarray(indices, dtype=np.int64)]))
         indices += list(picks)
         scores += [float("nan")] * len(picks)
 
@@ -292,6 +295,12 @@ def select_batch(
     }
     return Selection(indices=indices, acq_values=np.asarray(scores, dtype=np.float64),
                      diagnostics=diagnostics)
+
+
+def exploration_picks(fraction: float, q: int) -> int:
+    """Exploration picks of a batch of ``q``: ``fraction * q`` rounded half up (0.5 of 3, 5 and 7
+    -> 2, 3 and 4; Python's ``round`` would give 2, 2 and 4)."""
+    return min(q, int(math.floor(fraction * q + 0.5)))
 
 
 def _mean_profiles(profiles: np.ndarray | Tensor | None, n_members: int, n: int) -> np.ndarray | None:

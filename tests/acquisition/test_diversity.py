@@ -213,3 +213,50 @@ def test_max_similarity_reports_tanimoto_even_without_the_tanimoto_penalty():
         assert sim == pytest.approx(float(tanimoto_to_set(fps[[pick]], fps[anchors])[0]), abs=1e-6)
         anchors.append(int(pick))
     assert result.max_similarity.max() > 0.5  # the toy's clusters are near-duplicates
+
+
+def test_joint_gains_within_rounding_end_the_joint_phase():
+    """Candidate 1 ties candidate 0 on member 0 up to one ulp: that 1e-16 'gain' must not outrank
+    candidate 3's single-point value once candidates 0 and 2 saturate both members."""
+    one_ulp_up = float(np.nextafter(1.0, 2.0))
+    values = torch.tensor([[1.0, one_ulp_up, 0.0, 0.6],
+                           [0.0, -1.0, 0.9, 0.3]], dtype=torch.float64)
+    fps = _random_fps(4, seed=1)
+    result = penalized_greedy_select(values, fps, 3, "mean", diversity_penalty=0.0)
+    assert result.indices.tolist() == [0, 2, 3]
+    assert result.n_joint == 2
+
+
+def test_qei_orders_candidates_without_improvement_by_smoothed_improvement():
+    """After the few candidates with positive EI, every other one has EI 0 under every member; they
+    are ranked by BoTorch's smoothed single-point qLogEI, not left tied in library order, so the
+    Tanimoto penalty keeps a cluster of near-duplicates at the front of the library out."""
+    from botorch.acquisition.logei import qLogExpectedImprovement
+
+    from acquisition.ensemble_model import CachedEnsembleModel, MemberSampler
+
+    rng = np.random.default_rng(1)
+    n, k = 300, 4
+    values = torch.as_tensor(rng.normal(size=n) + 0.3 * rng.normal(size=(k, n)))
+    bits = rng.random((n, 2048)) < 0.03
+    bits[:30] = rng.random(2048) < 0.05  # indices 0..29: one cluster of identical fingerprints
+    fps = np.packbits(bits, axis=1)
+    best_f = float(np.quantile(values.max(0).values.numpy(), 0.97))
+    result = penalized_greedy_select(values, fps, 24, "qEI", {"best_f": best_f}, diversity_penalty=0.5)
+    assert (result.scores > 0).all()
+    assert (result.indices < 30).sum() <= 2
+    model = CachedEnsembleModel(values.unsqueeze(-1))
+    log_ei = qLogExpectedImprovement(model, best_f=best_f, sampler=MemberSampler(k))
+    singles = log_ei(torch.arange(n, dtype=torch.float64).view(n, 1, 1)).exp()
+    saturated = result.indices[result.n_joint:]
+    gains = result.gains[result.n_joint:]
+    eligible = np.ones(n, dtype=bool)
+    eligible[result.indices[:result.n_joint]] = False
+    floor = float(singles[torch.as_tensor(eligible)].min())
+    np.testing.assert_allclose(gains, singles[torch.as_tensor(saturated)].numpy() - floor, rtol=1e-9, atol=1e-30)
+
+
+def test_penalized_greedy_validates_pending():
+    values, fps, _ = clustered_toy()
+    with pytest.raises(ValueError, match="pending indices must be in"):
+        penalized_greedy_select(values, fps, 2, "mean", pending=np.array([-1]))

@@ -70,3 +70,21 @@ def test_narrow_errors(model):
         make_acquisition("mean", model, gamma=1)
     with pytest.raises(ValueError, match="member must be"):
         make_acquisition("thompson", model, member=5)
+
+
+def test_flat_pending_indices_act_as_p_x_1(model):
+    flat = make_acquisition("mean", model, X_pending=[0])
+    column = make_acquisition("mean", model, X_pending=torch.tensor([[0.0]]))
+    assert _value(flat, [2]) == _value(column, [2]) == pytest.approx((1 + 3) / 2)
+
+
+def test_bad_parameters_are_named_errors(model):
+    with pytest.raises(ValueError, match="member must be an integer"):
+        make_acquisition("thompson", model, member=1.7)
+    with pytest.raises(ValueError, match="beta >= 0"):
+        make_acquisition("qUCB", model, beta=-1.0)
+    with pytest.raises(ValueError, match="X_pending must be p x 1"):
+        make_acquisition("mean", model, X_pending=torch.zeros(2, 1, 1))
+    two_outputs = CachedEnsembleModel(torch.zeros(2, 3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one model output"):
+        make_acquisition("thompson", two_outputs, member=0)

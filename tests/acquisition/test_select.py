@@ -257,3 +257,26 @@ def test_selection_config_numbers_are_checked_and_stored_as_python_numbers():
                         ({"seed": float("inf")}, "seed must be an integer"), ({"beta": True}, "beta must be a number")):
         with pytest.raises(ValueError, match=message):
             SelectionConfig(**kw)
+
+
+def test_exploration_picks_round_half_up():
+    from acquisition.select import exploration_picks
+
+    assert [exploration_picks(0.5, q) for q in (1, 3, 5, 7)] == [1, 2, 3, 4]
+    assert exploration_picks(0.1, 384) == 38 and exploration_picks(1.0, 5) == 5 and exploration_picks(0.0, 5) == 0
+
+
+@pytest.mark.parametrize("n_members", [1, 3])
+def test_all_maxmin_exploration_with_pending_and_a_scaffold_cap(n_members):
+    """No exploit picks + MaxMin (chosen, or forced by K = 1) + pending + a cap: a capped batch, no
+    IndexError from an empty list of earlier picks."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(n_members, 10))
+    fps = np.packbits(rng.random((10, 2048)) < 0.05, axis=1)
+    scaffolds = np.arange(10) % 3
+    config = SelectionConfig(measurement_anchor=False, exploration_fraction=1.0, exploration_method="maxmin",
+                             max_per_scaffold=2)
+    result = select_batch(values, fps, 3, config, pending=np.array([4]), scaffold_ids=scaffolds)
+    assert len(result.indices) == 3 and 4 not in result.indices
+    counts = np.bincount(scaffolds[np.concatenate([result.indices, [4]])], minlength=3)
+    assert counts.max() <= 2
