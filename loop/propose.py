@@ -35,7 +35,7 @@ from loop import store
 from loop.campaign import CONFIG_FILE, Campaign
 from loop.library import load_compounds
 from loop.objective import campaign_objective, describe, measured_objective_values
-from loop.train import latest_model
+from loop.train import latest_model, warn_if_model_behind
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def choose_compounds(
         settings = dataclasses.replace(cold_cfg, cold_start_method=method, seed=seed)
         return Choice(picks, _summary(picks, None, method), None,
                       dict(method=f"cold_start:{method}", **_settings_applied(settings, COLD_START_FIELDS)))
+    behind = warn_if_model_behind(campaign)
     # Simulate candidates once per member (cached); above FunnelConfig.simulate_all_max a fingerprint
     # surrogate, trained on simulated and measured compounds, prescreens the library to a shortlist
     # first. values: K x n over funnel.indices.
@@ -194,6 +195,8 @@ def choose_compounds(
     if sel_cfg.max_per_scaffold is not None:  # the cap counts Bemis-Murcko scaffolds of the funnel's candidates
         scaffold_ids = murcko_scaffold_ids(candidates["smiles"].iloc[funnel.indices].tolist())
     applied: dict[str, Any] = dict(funnel=_jsonable(funnel.diagnostics))
+    if behind:
+        applied["plates_not_in_model"] = behind
     if anchored:
         batch = _select_anchored(model, fps, funnel, measured, measurements, q, sel_cfg, scaffold_ids,
                                  campaign.config.dose_um, log_scale=objective is None)

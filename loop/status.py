@@ -34,6 +34,8 @@ def campaign_status(campaign: Campaign) -> dict:
             "measurements": store.count(session, S.Measurement),
             "model_versions": store.count(session, S.ModelVersion),
             "latest_model": latest,
+            # plates ingested after the current model was trained: `loop train` would learn from them
+            "plates_not_in_model": store.plates_after_model(session),
             "hits": {"wells": store.count(session, S.Measurement, S.Measurement.is_hit),
                      "compounds": len(hit_compounds)},
             "objective": describe(campaign_objective(campaign)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,13 @@ import pandas as pd
 from sqlmodel import select
 
 from lab_io import profiles as profiling
-from lab_io.schema import META_COMPOUND, CONTROL_COMPOUND_ID, WellRole, META_ROLE
+from lab_io.schema import META_COMPOUND, CONTROL_COMPOUND_ID, WellRole, META_ROLE, feature_columns
 from loop import store
 from loop.campaign import TRAIN_LOCK_FILE, TRAIN_LOCK_TIMEOUT_S, Campaign
 from loop.library import load_compounds
 from models.config import FeatureAssayConfig, config_hash
 from models.ensemble import FeatureAssayEnsemble, check_executor, load_ensemble, train_ensemble
-from models.training_data import FeatureTrainingSet
+from models.training_data import FeatureTrainingSet, cap_cells_per_well
 from models.virtual_assay import VirtualAssay
 
 log = logging.getLogger(__name__)
@@ -47,19 +48,62 @@ def measured_cells_paths(campaign: Campaign) -> list[str]:
     return paths
 
 
-def load_measured_cells(campaign: Campaign) -> pd.DataFrame:
-    """All ingested single cells (treatments and DMSO controls), one frame."""
-    paths = measured_cells_paths(campaign)
-    frames = [pd.read_parquet(campaign.absolute(p)) for p in paths]
+def load_measured_cells(campaign: Campaign, max_cells_per_well: int | None = MAX_CELLS_PER_WELL) -> pd.DataFrame:
+    """The ingested single cells (treatments and DMSO controls), one frame: at most
+    ``max_cells_per_well`` a well, drawn plate by plate as each file is read (a seeded draw per
+    plate file), so a campaign of real plates (~2,000 cells a well) is never in memory whole.
+    FileNotFoundError naming a plate's file that is gone; NothingToTrainOn when no treated cell
+    was ingested (DMSO alone holds no compound response to learn)."""
+    frames = []
+    for relative in measured_cells_paths(campaign):
+        path = campaign.absolute(relative)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the single cells of an ingested plate are missing (moved or deleted?); "
+                                    "put the file back to train")
+        frame = pd.read_parquet(path)
+        frame = frame.loc[frame[META_ROLE].isin([WellRole.treatment.value, WellRole.negative_control.value])]
+        if max_cells_per_well is not None:
+            frame = cap_cells_per_well(frame, max_cells_per_well, [campaign.config.seed, zlib.crc32(relative.encode())])
+        frames.append(frame)
     cells = pd.concat(frames, ignore_index=True)
-    keep = cells[META_ROLE].isin([WellRole.treatment.value, WellRole.negative_control.value])
-    cells = cells.loc[keep].copy()
+    if not (cells[META_ROLE] == WellRole.treatment.value).any():
+        raise NothingToTrainOn(f"{campaign.root}: the ingested plates hold no treated cells (DMSO controls only): "
+                               "there is no compound response to learn; proposals stay on the cold start until a "
+                               "plate with treated wells is ingested")
     cells.loc[cells[META_ROLE] == WellRole.negative_control.value, META_COMPOUND] = CONTROL_COMPOUND_ID
     return cells
 
 
+MAX_MISSING_FRACTION = 0.05  # a feature missing (NaN) in more of the cells is left out (pycytominer's drop_na_columns)
+
+
+def training_features(cells: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
+    """The features the assay models and the cells it trains on: features missing or infinite in at
+    most ``MAX_MISSING_FRACTION`` of the cells are kept (CellProfiler leaves a measurement NaN where it
+    is undefined, e.g. a texture of a one-pixel object), and the few cells missing one of them are
+    left out; both are logged."""
+    candidates = feature_columns(cells.columns)
+    missing = ~np.isfinite(cells[candidates].to_numpy(np.float64)) if candidates else np.zeros((len(cells), 0), bool)
+    too_sparse = [name for name, share in zip(candidates, missing.mean(axis=0)) if share > MAX_MISSING_FRACTION]
+    if too_sparse:
+        log.warning("%d feature(s) missing in more than %.0f %% of the cells are left out (e.g. %s)", len(too_sparse),
+                    100 * MAX_MISSING_FRACTION, ", ".join(too_sparse[:3]))
+    features = profiling.feature_select(cells, max_nonfinite_fraction=MAX_MISSING_FRACTION)
+    incomplete = missing[:, [candidates.index(f) for f in features]].any(axis=1) if features else None
+    if incomplete is not None and incomplete.any():
+        log.warning("%d of %d cells miss a value of a modelled feature (NaN or infinite) and are left out",
+                    int(incomplete.sum()), len(cells))
+        cells = cells.loc[~incomplete]
+    return features, cells
+
+
 def assay_config(campaign: Campaign, **overrides) -> FeatureAssayConfig:
-    return FeatureAssayConfig(**{**campaign.config.assay, **overrides})
+    """The feature assay's config: the campaign's ``assay`` settings (``campaign.json``) with
+    ``overrides``; ValueError naming ``campaign.json`` for an unknown key or a bad value."""
+    try:
+        return FeatureAssayConfig.from_dict({**campaign.config.assay, **overrides})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{campaign.root / 'campaign.json'}: its \"assay\" settings: {err}") from None
 
 
 def train_assay(
@@ -95,9 +139,10 @@ def _train(campaign: Campaign, executor: str, ray_address: str | None, config_ov
     rows = compounds[compounds["compound_id"].isin(treated)]
     fingerprint_lookup = {cid: fps[row] for cid, row in zip(rows["compound_id"], rows["fp_row"])}
     config = assay_config(campaign, **(config_overrides or {}))
+    features, cells = training_features(cells)
     train_set = FeatureTrainingSet.from_dataframe(
         cells, fingerprint_lookup, max_cells_per_well=MAX_CELLS_PER_WELL, seed=campaign.config.seed,
-        feature_names=profiling.feature_select(cells), source=f"{campaign.root} measurements",
+        feature_names=features, source=f"{campaign.root} measurements",
     )
     version = config_hash(config, train_set.data_fingerprint)
     # a second training of the campaign (a scheduled retrain beside `loop train`) waits for the first,
@@ -279,6 +324,16 @@ def load_model(campaign: Campaign, row: store.ModelVersion) -> VirtualAssay:
     if row.kind != "feature":
         raise ValueError(f"model version {row.version}: unknown kind {row.kind!r}")
     return load_ensemble(path)
+
+
+def warn_if_model_behind(campaign: Campaign) -> list[str]:
+    """Log a warning naming the plates the current virtual assay has not learned from; returns them."""
+    with campaign.session() as session:
+        behind = store.plates_after_model(session)
+    if behind:
+        log.warning("the virtual assay was trained before plate(s) %s were ingested and has not learned from them; "
+                    "`loop train` first to use them", ", ".join(behind[:10]) + (", ..." if len(behind) > 10 else ""))
+    return behind
 
 
 def latest_model(campaign: Campaign) -> VirtualAssay | None:

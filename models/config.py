@@ -88,6 +88,9 @@ class FeatureAssayConfig:
         if self.guidance_scale != 1.0 and self.p_drop_compound == 0.0:
             raise ValueError("guidance_scale != 1 needs p_drop_compound > 0 (an unconditional model)")
 
+    # cadence of checkpoints and logs: resuming is bit-identical, so the weights do not depend on them
+    RUN_ONLY_FIELDS = ("checkpoint_every", "log_every", "write_loss_plot")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -109,8 +112,14 @@ def config_from_dict(cls, data: dict[str, Any]):
 
 
 def config_hash(config, *extra: str, length: int = 12) -> str:
-    """Short sha256 of a config's canonical JSON plus extra strings (e.g. a data fingerprint)."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    """Short sha256 of a config's canonical JSON plus extra strings (e.g. a data fingerprint).
+
+    Fields a config lists in ``RUN_ONLY_FIELDS`` (logging and checkpoint cadence: the trained
+    weights do not depend on them) are hashed at their defaults, so changing them names no new
+    model version (and trains none)."""
+    run_only = {f.name: f.default for f in fields(config) if f.name in getattr(config, "RUN_ONLY_FIELDS", ())}
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(dataclasses.replace(config, **run_only)),
+                                  sort_keys=True).encode())
     for e in extra:
         h.update(b"\0" + e.encode())
     return h.hexdigest()[:length]

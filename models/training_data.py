@@ -33,7 +33,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -171,7 +171,7 @@ class FeatureTrainingSet:
         if max_cells_per_well is not None:
             if max_cells_per_well < 1:
                 raise ValueError(f"max_cells_per_well must be >= 1, got {max_cells_per_well}")
-            cells = _cap_cells_per_well(cells, max_cells_per_well, seed)
+            cells = cap_cells_per_well(cells, max_cells_per_well, seed)
 
         x = _feature_matrix(cells, names, source)
         compound = cells[META_COMPOUND].astype(str).to_numpy()
@@ -258,7 +258,9 @@ def _check_columns(cells: pd.DataFrame, source: str) -> None:
         raise ValueError(f"{source}: no cells")
 
 
-def _cap_cells_per_well(cells: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
+def cap_cells_per_well(cells: pd.DataFrame, cap: int, seed: int | Sequence[int]) -> pd.DataFrame:
+    """At most ``cap`` cells of each (plate, well), chosen uniformly at random (``seed``); a well
+    with at most ``cap`` cells keeps them all."""
     keys = np.random.default_rng(seed).random(len(cells))
     rank = (
         pd.Series(keys, index=cells.index)

@@ -491,3 +491,92 @@ def test_two_trainings_at_once_train_once(round_one, tmp_path):
     assert versions[0] == versions[1]
     with Campaign.open(root).session() as session:
         assert len(session.exec(select(store.ModelVersion)).all()) == 1
+
+
+def _rewrite_cells(root, change):
+    """Apply ``change(cells) -> cells`` to every ingested plate's single-cell file of the campaign at ``root``."""
+    for path in sorted((Path(root) / "measurements").glob("*.cells.parquet")):
+        change(pd.read_parquet(path)).to_parquet(path, index=False)
+
+
+def test_train_refuses_plates_with_dmso_cells_only(round_one, tmp_path):
+    from loop.train import NothingToTrainOn
+
+    root = shutil.copytree(round_one["snapshot"], tmp_path / "campaign")
+    _rewrite_cells(root, lambda cells: cells[cells["Metadata_role"] != "treatment"])
+    with pytest.raises(NothingToTrainOn, match="no treated cells"):
+        train_assay(Campaign.open(root))
+    with Campaign.open(root).session() as session:
+        assert session.exec(select(store.ModelVersion)).first() is None  # proposals stay on the cold start
+
+
+def test_training_keeps_a_feature_missing_in_a_few_cells_and_leaves_those_cells_out(round_one, tmp_path, caplog):
+    from lab_io.schema import feature_columns
+    from loop.train import MAX_MISSING_FRACTION, load_measured_cells, training_features
+
+    root = shutil.copytree(round_one["snapshot"], tmp_path / "campaign")
+    cells = load_measured_cells(Campaign.open(root))
+    complete, _ = training_features(cells)
+    scattered, sparse = complete[0], complete[1]
+
+    def holes(frame):
+        frame = frame.copy()
+        frame.loc[frame.index[0], scattered] = np.nan  # one cell, as CellProfiler leaves an undefined value
+        n_sparse = int(2 * MAX_MISSING_FRACTION * len(frame)) + 1
+        frame.loc[frame.index[:n_sparse], sparse] = np.nan  # missing in more than 5 % of the cells
+        return frame
+
+    _rewrite_cells(root, holes)
+    cells = load_measured_cells(Campaign.open(root))
+    with caplog.at_level("WARNING"):
+        features, kept = training_features(cells)
+    assert scattered in features and sparse not in features
+    assert set(features) == set(complete) - {sparse}
+    assert np.isfinite(kept[features].to_numpy()).all() and len(kept) < len(cells)
+    assert "left out" in caplog.text
+    assert set(feature_columns(kept.columns)) >= set(features)
+
+
+def test_cells_are_capped_per_well_as_each_plate_is_read(round_one, tmp_path):
+    from loop.train import load_measured_cells
+
+    campaign = Campaign.open(shutil.copytree(round_one["snapshot"], tmp_path / "campaign"))
+    full = load_measured_cells(campaign, max_cells_per_well=None)
+    capped = load_measured_cells(campaign, max_cells_per_well=3)
+    per_well = full.groupby(["Metadata_Plate", "Metadata_Well"]).size()
+    assert (capped.groupby(["Metadata_Plate", "Metadata_Well"]).size() == per_well.clip(upper=3)).all()
+    pd.testing.assert_frame_equal(capped, load_measured_cells(campaign, max_cells_per_well=3))  # seeded
+
+
+def test_status_and_propose_name_plates_ingested_after_the_model(round_one, tmp_path, caplog):
+    import datetime as dt
+
+    from loop.train import warn_if_model_behind
+
+    root = shutil.copytree(round_one["snapshot"], tmp_path / "campaign")
+    campaign = Campaign.open(root)
+    version = train_assay(campaign).version
+    assert campaign_status(campaign)["plates_not_in_model"] == []
+    with campaign.session() as session:  # a plate comes back after the training
+        trained_at = session.exec(select(store.ModelVersion.created_at)
+                                  .where(store.ModelVersion.version == version)).one()
+        plate = session.exec(select(store.Plate).where(store.Plate.status == "returned")).first()
+        plate.returned_at = trained_at + dt.timedelta(seconds=1)
+        session.add(plate)
+        session.commit()
+        barcode = plate.barcode
+    assert campaign_status(campaign)["plates_not_in_model"] == [barcode]
+    with caplog.at_level("WARNING"):
+        assert warn_if_model_behind(campaign) == [barcode]
+    assert barcode in caplog.text and "loop train" in caplog.text
+
+
+def test_bad_assay_settings_in_campaign_json_are_named(round_one, tmp_path):
+    from loop.train import assay_config
+
+    root = shutil.copytree(round_one["snapshot"], tmp_path / "campaign")
+    settings = json.loads((root / "campaign.json").read_text())
+    settings["assay"]["hidden_dm"] = 64
+    (root / "campaign.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"campaign.json: its \"assay\" settings: unknown FeatureAssayConfig keys"):
+        assay_config(Campaign.open(root))

@@ -24,6 +24,13 @@ def test_hash_depends_on_config_and_data():
     assert len(config_hash(a)) == 12
 
 
+def test_logging_and_checkpoint_cadence_name_no_new_version():
+    a = FeatureAssayConfig()
+    cadence = dataclasses.replace(a, checkpoint_every=10, log_every=1, write_loss_plot=False)
+    assert config_hash(cadence, "data1") == config_hash(a, "data1")
+    assert set(FeatureAssayConfig.RUN_ONLY_FIELDS) <= {f.name for f in dataclasses.fields(a)}
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
