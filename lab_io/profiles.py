@@ -55,7 +55,7 @@ def aggregate_wells(cells: pd.DataFrame, features: Sequence[str] | None = None, 
     feats = _features(cells, features)
     keys = [META_PLATE, META_WELL]
     grouped = cells.groupby(keys, sort=True)
-    out = getattr(grouped[feats], how)()
+    out = _reduce_groups(cells, feats, grouped, how)
     out.insert(0, META_N_CELLS, grouped.size())
     extra = [c for c in cells.columns if c.startswith("Metadata_") and c not in keys and c != META_N_CELLS]
     if extra:
@@ -64,6 +64,23 @@ def aggregate_wells(cells: pd.DataFrame, features: Sequence[str] | None = None, 
         if constant:
             out = grouped[constant].first().join(out)
     return out.reset_index()
+
+
+def _reduce_groups(cells: pd.DataFrame, feats: list[str], grouped, how: str) -> pd.DataFrame:
+    """Per-group median (or mean) of ``feats`` skipping NaN, as ``grouped[feats].median()`` gives,
+    one group's rows at a time: pandas' groupby first copies every feature column to float64, which
+    for a real plate's ~500,000 cells x ~5,700 features is two more copies of the plate."""
+    reduce = np.nanmedian if how == "median" else np.nanmean
+    positions = cells.columns.get_indexer(feats)
+    sizes = grouped.size()
+    indices = grouped.indices
+    values = np.empty((len(sizes), len(feats)), dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature NaN in every cell of a well stays NaN
+        for i, key in enumerate(sizes.index):
+            block = cells.iloc[indices[key], positions].to_numpy(dtype=np.float64)
+            values[i] = reduce(block, axis=0)
+    return pd.DataFrame(values, index=sizes.index, columns=feats)
 
 
 def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None = META_PLATE,

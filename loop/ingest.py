@@ -389,11 +389,11 @@ def annotate_cells(cells: pd.DataFrame, well_map: pd.DataFrame) -> pd.DataFrame:
     """Attach compound, dose and role from the plate map to single-cell rows."""
     lookup = well_map.set_index("well")
     wells = cells[META_WELL]
-    out = cells.copy()
-    out[META_COMPOUND] = wells.map(lookup["compound_id"]).fillna("").astype(str).to_numpy()
-    out[META_DOSE] = wells.map(lookup["dose_um"]).astype(float).to_numpy()
-    out[META_ROLE] = wells.map(lookup["role"]).astype(str).to_numpy()
-    return out
+    return cells.assign(**{  # the features are shared, not copied (pandas copy-on-write)
+        META_COMPOUND: wells.map(lookup["compound_id"]).fillna("").astype(str).to_numpy(),
+        META_DOSE: wells.map(lookup["dose_um"]).astype(float).to_numpy(),
+        META_ROLE: wells.map(lookup["role"]).astype(str).to_numpy(),
+    })
 
 
 def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
@@ -597,7 +597,7 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
         for path, frame in frames.items():
             tmp = path.with_name(path.name + ".tmp")
             try:
-                frame.to_parquet(tmp, index=False)
+                write_parquet_in_chunks(frame, tmp)
             except BaseException as exc:
                 tmp.unlink(missing_ok=True)
                 if isinstance(exc, OSError):  # a full disk: pyarrow's message names no file
@@ -609,6 +609,23 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
         _remove(written)
         raise
     return written
+
+
+PARQUET_CHUNK_ROWS = 50_000  # rows converted to Arrow at a time when a plate's cells are written
+
+
+def write_parquet_in_chunks(frame: pd.DataFrame, path: Path, chunk_rows: int = PARQUET_CHUNK_ROWS) -> None:
+    """``frame.to_parquet(path, index=False)``, converting ``chunk_rows`` rows to Arrow at a time (one
+    row group each), so a plate's cells are not held a second time as an Arrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first = pa.Table.from_pandas(frame.iloc[:chunk_rows], preserve_index=False)
+    with pq.ParquetWriter(path, first.schema) as writer:
+        writer.write_table(first)
+        for start in range(chunk_rows, len(frame), chunk_rows):
+            writer.write_table(pa.Table.from_pandas(frame.iloc[start:start + chunk_rows], schema=first.schema,
+                                                    preserve_index=False))
 
 
 def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list[str], empty: list[str]) -> PlateQC:

@@ -8,9 +8,16 @@ constant, no bookkeeping; the few missing values left are set to the plate's con
 Treated wells without a SMILES, with one RDKit cannot parse, or without a positive dose are
 skipped and counted; a compound listed with different structures takes its most frequent one
 (logged).
-A condition's activity is ``phenotypic_activity`` of the mean normalised profile of its wells
-(RMS robust z: a control-like condition scores about 1); a **hit** is a condition in the top
-10% of activity.
+A condition's activity is ``phenotypic_activity`` of the mean normalised profile of its wells:
+the RMS of its robust z over the usable features, each z clipped to +-10 (``ACTIVITY_CLIP_Z``;
+with a handful of control wells a plate's MADs are small and unclipped z of a few features
+would decide the ranking), so a control-like condition scores about 1. A **hit** is a treated
+condition in the top 10% of activity among *all* the table's treated (compound, dose)
+conditions, those skipped as candidates (no usable SMILES or dose) included: their hits
+(``n_hits_unreachable``) count in every hit fraction's denominator and can never be found, so
+the fraction is of all hits in the table. Conditions tied at the threshold are all hits (a
+warning names how many tie). Wells are read in (plate, well) order, so the file's row order
+changes nothing.
 
 Each round, a policy picks ``batch_size`` conditions:
   - ``random``: uniformly at random;
@@ -72,6 +79,7 @@ from models.training_data import FeatureTrainingSet
 log = logging.getLogger(__name__)
 
 HIT_QUANTILE = 0.90
+ACTIVITY_CLIP_Z = 10.0  # robust z clipped to +-10 in a condition's activity (lab_io.profiles.phenotypic_activity)
 MAX_MISSING_FRACTION = 0.05  # a feature missing in more wells is dropped (pycytominer's drop_na_columns cutoff)
 LOOKUP_POLICIES = ("loop", "random", "greedy_mean", "diversity_only", "gp_ucb")
 
@@ -102,6 +110,8 @@ class LookupLab:
     n_skipped_no_dose: int = 0
     n_skipped_bad_smiles: int = 0
     n_skipped_no_controls: int = 0  # treated wells on plates with fewer than two control wells
+    n_hits_unreachable: int = 0  # hits among the conditions skipped as candidates (no usable SMILES or dose)
+    n_tied_at_threshold: int = 0  # conditions whose activity equals the hit threshold (all are hits)
 
     @property
     def log10_dose(self) -> np.ndarray:
@@ -110,11 +120,12 @@ class LookupLab:
 
     @property
     def n_hits(self) -> int:
-        return int(self.conditions["is_hit"].sum())
+        """Every hit of the table: the candidates' and those of the skipped conditions."""
+        return int(self.conditions["is_hit"].sum()) + self.n_hits_unreachable
 
 
 def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> LookupLab:
-    frame = table.frame.copy()
+    frame = table.frame.sort_values([META_PLATE, META_WELL], kind="stable").reset_index(drop=True)
     is_control = (frame[META_COMPOUND].astype(str) == control_label).to_numpy()
     if not is_control.any():
         raise ValueError(f"{table.source}: no control wells ({META_COMPOUND} == {control_label!r})")
@@ -177,16 +188,38 @@ def build_lookup_lab(table: ProfileTable, control_label: str = "DMSO") -> Lookup
     normalized["Metadata_condition"] = condition
     wells = normalized[(condition >= 0) | is_control].reset_index(drop=True)
     z = wells.loc[wells["Metadata_condition"] >= 0].groupby("Metadata_condition")[features].mean()
-    activity = profiling.phenotypic_activity(z.to_numpy(), None)
+    activity = profiling.phenotypic_activity(z.to_numpy(), None, clip=ACTIVITY_CLIP_Z)
     if np.ptp(activity) == 0:  # e.g. no feature varies across any plate's controls: every z is 0
         raise ValueError(f"{table.source}: every condition has the same phenotypic activity ({activity[0]:.3g}); "
                          f"no feature varies across the {control_label} wells of a plate, so no hit can be defined")
     conditions["activity"] = activity[np.argsort(z.index.to_numpy())]
-    conditions["is_hit"] = conditions["activity"] >= np.quantile(conditions["activity"], HIT_QUANTILE)
+    unreachable = _unreachable_activity(normalized, treated & ~usable, set(index), features)
+    every = np.concatenate([conditions["activity"].to_numpy(), unreachable])
+    threshold = np.quantile(every, HIT_QUANTILE)
+    conditions["is_hit"] = conditions["activity"] >= threshold
+    n_tied = int((every == threshold).sum())
+    if n_tied > 1:
+        log.warning("%s: %d conditions tie at the hit threshold (activity %.4g); all count as hits, %d in all",
+                    table.source, n_tied, threshold, int((every >= threshold).sum()))
     fingerprints = np.stack([fingerprint_of[s] for s in conditions["smiles"]])
     return LookupLab(conditions=conditions, fingerprints=fingerprints, wells=wells, features=features,
                      n_skipped_no_smiles=n_skipped, n_skipped_no_dose=n_skipped_dose,
-                     n_skipped_bad_smiles=n_skipped_bad, n_skipped_no_controls=n_skipped_plates)
+                     n_skipped_bad_smiles=n_skipped_bad, n_skipped_no_controls=n_skipped_plates,
+                     n_hits_unreachable=int((unreachable >= threshold).sum()), n_tied_at_threshold=n_tied)
+
+
+def _unreachable_activity(normalized: pd.DataFrame, skipped: np.ndarray, candidates: set, features: list[str]
+                          ) -> np.ndarray:
+    """Activity of each treated (compound, dose) condition that is no candidate (its wells lack a
+    usable SMILES or dose; a missing dose is a condition of its own): it counts towards the hit
+    threshold and, when a hit, towards the hits no policy can find."""
+    wells = normalized.loc[skipped, [META_COMPOUND, META_DOSE, *features]]
+    if wells.empty:
+        return np.zeros(0)
+    wells = wells.assign(**{META_DOSE: pd.to_numeric(wells[META_DOSE], errors="coerce")})
+    z = wells.groupby([META_COMPOUND, META_DOSE], dropna=False)[features].mean()
+    keep = [(c, float(d)) not in candidates for c, d in z.index]
+    return profiling.phenotypic_activity(z.to_numpy()[keep], None, clip=ACTIVITY_CLIP_Z)
 
 
 def _parse_smiles(source: str, frame: pd.DataFrame, rows: np.ndarray, smiles: pd.Series
@@ -310,10 +343,12 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
                         profiles=profiles).indices
 
 
-def random_expected_fraction(n_conditions: int, batch_size: int, n_rounds: int) -> list[float]:
+def random_expected_fraction(n_conditions: int, batch_size: int, n_rounds: int,
+                             reachable_share: float = 1.0) -> list[float]:
     """Expected cumulative fraction of the hits that uniform random batches (without replacement)
-    have measured after each round: ``min(r B, N) / N``, whatever the hits are."""
-    return [min(r * batch_size, n_conditions) / n_conditions for r in range(1, n_rounds + 1)]
+    have measured after each round: ``min(r B, N) / N`` of the hits among the ``N`` candidates,
+    whatever they are, times ``reachable_share``, the share of all hits that are candidates."""
+    return [reachable_share * min(r * batch_size, n_conditions) / n_conditions for r in range(1, n_rounds + 1)]
 
 
 def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> dict:
@@ -337,7 +372,7 @@ def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> di
                     picks = _pick(policy, lab, measured, config.batch_size, config, seed * 100 + round_index,
                                   Path(tmp), rng)
                     measured[picks] = True
-                    found.append(float(hits[measured].sum() / max(hits.sum(), 1)))
+                    found.append(float(hits[measured].sum() / max(lab.n_hits, 1)))  # of all hits in the table
                 curves[policy].append(found)
                 log.info("seed %d %-14s hits found: %s", seed, policy, ", ".join(f"{f:.2f}" for f in found))
     return {
@@ -349,11 +384,17 @@ def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> di
         "n_skipped_no_dose": lab.n_skipped_no_dose,
         "n_skipped_bad_smiles": lab.n_skipped_bad_smiles,
         "n_skipped_no_controls": lab.n_skipped_no_controls,
-        "hit_definition": f"condition activity >= {HIT_QUANTILE:.0%} quantile of all conditions",
+        "n_hits_unreachable": lab.n_hits_unreachable,
+        "n_tied_at_threshold": lab.n_tied_at_threshold,
+        "hit_definition": (f"condition activity (RMS over the usable features of the mean robust z of its wells, "
+                           f"each z clipped to +-{ACTIVITY_CLIP_Z:g}) >= the {HIT_QUANTILE:.0%} quantile over all "
+                           "treated conditions, those without a usable SMILES or dose included; the hit fractions "
+                           "are of all n_hits, n_hits_unreachable of which no policy can pick"),
         # what the random policy finds on average (each condition is picked by round r with
         # probability r B / N): the yardstick its few seeded draws scatter around
-        "random_expected_hit_fraction": random_expected_fraction(len(lab.conditions), config.batch_size,
-                                                                 config.n_rounds),
+        "random_expected_hit_fraction": random_expected_fraction(
+            len(lab.conditions), config.batch_size, config.n_rounds,
+            reachable_share=float(hits.sum()) / max(lab.n_hits, 1)),
         "policies": {
             p: {
                 "hit_fraction_mean": np.mean(c, axis=0).tolist(),

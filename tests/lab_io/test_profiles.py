@@ -37,6 +37,26 @@ def test_aggregate_wells_median_and_counts():
         aggregate_wells(cells_table(), how="max")
 
 
+@pytest.mark.parametrize("how", ["median", "mean"])
+def test_aggregate_wells_equals_pandas_groupby_with_missing_values(how):
+    """The one-well-at-a-time reduction gives pandas' groupby (NaN skipped; a feature NaN in every
+    cell of a well stays NaN), for float32 and float64 features."""
+    rng = np.random.default_rng(3)
+    n = 200
+    cells = pd.DataFrame({"Metadata_Plate": rng.choice(["P2", "P1"], n), "Metadata_Well": rng.choice(["B02", "A01", "C10"], n),
+                          "Cells_x": rng.normal(size=n), "Nuclei_y": rng.normal(size=n).astype(np.float32),
+                          "Cytoplasm_z": rng.integers(0, 5, n)})
+    cells.loc[rng.random(n) < 0.2, "Cells_x"] = np.nan
+    cells.loc[(cells["Metadata_Plate"] == "P1") & (cells["Metadata_Well"] == "A01"), "Nuclei_y"] = np.nan
+    feats = ["Cells_x", "Nuclei_y", "Cytoplasm_z"]
+    grouped = cells.groupby(["Metadata_Plate", "Metadata_Well"], sort=True)
+    expected = getattr(grouped[feats], how)().astype(np.float64)
+    out = aggregate_wells(cells, how=how).set_index(["Metadata_Plate", "Metadata_Well"])
+    pd.testing.assert_frame_equal(out[feats], expected, rtol=1e-6)
+    assert out["Metadata_n_cells"].tolist() == grouped.size().tolist()
+    assert np.isnan(out.loc[("P1", "A01"), "Nuclei_y"])
+
+
 def test_robust_z_closed_form():
     rng = np.random.default_rng(0)
     prof = pd.DataFrame({"Metadata_Plate": ["P1"] * 6 + ["P2"] * 6, "Metadata_Well": [f"A{i:02d}" for i in range(1, 13)],

@@ -95,6 +95,26 @@ def test_merge_links_objects_by_parent_ids():
     assert not any(c.endswith("Parent_Nuclei") or c.endswith("ImageNumber") for c in merged.columns)
 
 
+def test_stack_sites_is_concat_holding_the_features_once():
+    from lab_io.results import FEATURE_DTYPE, stack_sites
+
+    rng = np.random.default_rng(0)
+
+    def site(well, n, order):
+        meta = pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": well, "Metadata_Site": 1,
+                             "Metadata_ObjectNumber": np.arange(1, n + 1)})
+        feats = pd.DataFrame(rng.normal(size=(n, 3)).astype(FEATURE_DTYPE), columns=["Nuclei_a", "Cells_b", "Cytoplasm_c"])
+        return pd.concat([meta, feats], axis=1)[order]
+
+    first = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber", "Nuclei_a", "Cells_b", "Cytoplasm_c"]
+    frames = [site("A01", 4, first), site("A02", 0, first), site("B03", 3, first[::-1])]  # a site in another column order
+    expected = pd.concat([f[first] for f in frames], ignore_index=True)
+    stacked = stack_sites(frames)
+    pd.testing.assert_frame_equal(stacked, expected)
+    assert frames == [None, None, None]  # each site's copy is let go as it is stacked
+    assert all(stacked[c].dtype == FEATURE_DTYPE for c in ["Nuclei_a", "Cells_b", "Cytoplasm_c"])
+
+
 def expect_error(results, *fragments):
     with pytest.raises(ResultsError) as info:
         read_results(results)

@@ -460,3 +460,16 @@ def test_a_harmony_export_folder_of_an_images_only_plate(tmp_path, caplog):
         path.unlink()
     with pytest.raises(IngestError, match=f"{partial}: plate {barcode}: nothing was delivered for 1 mapped well"):
         ingest_results(campaign, partial.parent, replace=True)
+
+
+def test_parquet_written_in_chunks_reads_back_as_the_frame(tmp_path):
+    from loop.ingest import write_parquet_in_chunks
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"Metadata_Well": [f"A{i:02d}" for i in range(10)], "Metadata_compound": [""] * 5 + ["c1"] * 5,
+                          "Cells_x": rng.normal(size=10).astype(np.float32), "Nuclei_n": np.arange(10)})
+    write_parquet_in_chunks(frame, tmp_path / "cells.parquet", chunk_rows=3)
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / "cells.parquet").num_row_groups == 4
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cells.parquet"), frame)

@@ -42,7 +42,8 @@ def test_lookup_lab_conditions_hits_and_skips(tmp_path):
     lab = build_lookup_lab(read_profile_table(_table(tmp_path)))
     assert len(lab.conditions) == 2 * len(SMILES)
     assert lab.n_skipped_no_smiles == 3
-    assert lab.n_hits == int((lab.conditions["activity"] >= lab.conditions["activity"].quantile(HIT_QUANTILE)).sum())
+    assert lab.n_hits_unreachable == 0  # the 'secret' no-SMILES condition is control-like
+    assert lab.n_hits == int(lab.conditions["is_hit"].sum()) == 3  # 25 conditions: above the 90% quantile
     top = lab.conditions.sort_values("activity", ascending=False).head(3)
     assert set(top["Metadata_compound"]) <= {"cpd0", "cpd1", "cpd2"} and (top["Metadata_dose_um"] == 10).all()
 
@@ -122,7 +123,7 @@ def test_convert_bbbc021_real_profiles():
     assert {"Metadata_moa", "Metadata_smiles"} <= set(table.columns)
     assert (table.loc[table["Metadata_compound"] == "DMSO", "Metadata_dose_um"] == 0).all()
     lab = build_lookup_lab(ProfileTable(table, [c for c in table if not c.startswith("Metadata_")], "bbbc021"))
-    assert len(lab.conditions) > 40 and 4 <= lab.n_hits <= 8
+    assert len(lab.conditions) > 40 and 9 <= lab.n_hits <= 12 and lab.n_hits_unreachable >= 1  # of 103 conditions
 
 
 def test_a_condition_is_out_of_bag_only_when_its_whole_compound_is(tmp_path):
@@ -274,3 +275,52 @@ def test_the_backtests_anchored_loop_keeps_the_scaffold_cap(tmp_path, monkeypatc
                                                  "anchor_prior_weight": 3.0})
         picks = _pick("loop", lab, measured, 6, config, 0, tmp_path, np.random.default_rng(0))
         assert benzene[picks].sum() == most
+
+
+def test_hits_are_of_all_treated_conditions_those_without_smiles_included(tmp_path):
+    """Planted: 12 compounds at 2 doses with SMILES (3 potent at 10 uM) and 5 stronger conditions
+    without SMILES. The top 10% of all 29 conditions (activity >= the 90% quantile: 3) are the no-SMILES
+    ones, which no policy can pick; the candidates hold no hit, and every fraction is of those 3."""
+    frame = pd.read_csv(_table(tmp_path))
+    rng = np.random.default_rng(1)
+    extra = []
+    for plate in ("P1", "P2", "P3"):
+        for k in range(5):
+            row = dict(Metadata_Plate=plate, Metadata_Well=f"E{k + 1:02d}", Metadata_compound=f"hidden{k}",
+                       Metadata_smiles="", Metadata_dose_um=10.0)
+            row.update({f"Cells_Feature_{f}": rng.normal() + (40.0 if f < 3 else 0.0) for f in range(6)})
+            extra.append(row)
+    frame = pd.concat([frame, pd.DataFrame(extra)], ignore_index=True)
+    path = tmp_path / "with_hidden.csv"
+    frame.to_csv(path, index=False)
+    lab = build_lookup_lab(read_profile_table(path))
+    assert len(lab.conditions) == 24 and lab.n_hits_unreachable == 3 and lab.n_hits == 3
+    assert not lab.conditions["is_hit"].any()
+    result = run_lookup_backtest(read_profile_table(path), LookupBacktestConfig(
+        n_rounds=1, batch_size=24, n_seeds=1, policies=("random",)))
+    assert result["n_hits"] == 3 and result["n_hits_unreachable"] == 3
+    assert result["policies"]["random"]["hit_fraction_mean"] == [0.0]  # every candidate measured, no hit found
+    assert result["random_expected_hit_fraction"] == [0.0]
+
+
+def test_row_order_of_the_file_changes_nothing(tmp_path):
+    path = _table(tmp_path)
+    shuffled = tmp_path / "shuffled.csv"
+    pd.read_csv(path).sample(frac=1.0, random_state=3).to_csv(shuffled, index=False)
+    a, b = build_lookup_lab(read_profile_table(path)), build_lookup_lab(read_profile_table(shuffled))
+    pd.testing.assert_frame_equal(a.conditions, b.conditions)
+    pd.testing.assert_frame_equal(a.wells, b.wells)
+
+
+def test_ties_at_the_hit_threshold_are_all_hits_and_counted(tmp_path, caplog):
+    frame = pd.read_csv(_table(tmp_path))
+    treated = frame["Metadata_compound"].str.startswith("cpd")
+    strong = treated & frame["Metadata_compound"].isin([f"cpd{j}" for j in range(6)])
+    features = [c for c in frame if c.startswith("Cells_")]
+    frame.loc[strong, features] = 1e6  # six conditions saturate the +-10 z clip: equal activity
+    path = tmp_path / "tied.csv"
+    frame.to_csv(path, index=False)
+    with caplog.at_level("WARNING"):
+        lab = build_lookup_lab(read_profile_table(path))
+    assert lab.n_tied_at_threshold == 12 and lab.n_hits == 12  # 6 compounds x 2 doses tie at the top
+    assert "tie at the hit threshold" in caplog.text

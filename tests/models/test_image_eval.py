@@ -137,3 +137,26 @@ def test_save_montage(tmp_path):
     gen = np.random.default_rng(0).integers(0, 1000, (5, 16, 16, 3), dtype=np.uint16)
     path = save_montage(gen, gen[:3], tmp_path / "m.png", title="t", n_cols=4)
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_at_floor_sizes_puts_a_perfect_model_on_the_real_floor():
+    """A 'model' drawing real cells scores far below the real floor with all its cells against all
+    real cells (FID's small-sample bias inflates the half-vs-half floor), and on it at the floor's
+    sizes: the figures to read against ``real_floor``."""
+    from models.image_eval import _halves, at_floor_sizes
+
+    full, matched, floor = [], [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        draw = lambda n: FeatureSets(rng.normal(size=(n, 6)), rng.normal(size=(n, 4)))  # noqa: E731
+        real, perfect = draw(60), draw(200)
+        mean, std = morph_standardisation(real.morph)
+        a, b = _halves(60, rng)
+        half_a, half_b = (FeatureSets(real.inception[i], real.morph[i]) for i in (a, b))
+        sized = at_floor_sizes({"model": perfect}, half_a, half_b, mean, std, rng)
+        assert (sized["n_each"], sized["n_reference"]) == (30, 30)
+        full.append(compare(perfect, real, mean, std)["fid_inception"])
+        matched.append(sized["model"]["fid_inception"])
+        floor.append(compare(half_a, half_b, mean, std)["fid_inception"])
+    assert np.mean(full) < 0.6 * np.mean(floor)
+    assert abs(np.mean(matched) - np.mean(floor)) < 0.2 * np.mean(floor)
