@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.bench_common import start_benchmark
+from bench_common import start_benchmark
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cellprofiler" / "BR00121431" / "analysis"
+SHARED = (Path(os.environ.get("LOOP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+          / "cellprofiler" / "BR00121431" / "analysis")
 SOURCE_SITE = "BR00121431-A01-1"
 REAL_PLATE_CELLS = 384 * 9 * 150
 

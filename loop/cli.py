@@ -369,7 +369,7 @@ def backtest(
                                                   "or conditions (--profiles, default 8)."),
     seeds: int = typer.Option(5, min=1, help="Number of seeds."),
     policies: Optional[str] = typer.Option(None, help="Comma-separated policies (default: loop,random for the "
-                                                      "synthetic lab; all five with --profiles)."),
+                                                      "synthetic lab; all six with --profiles)."),
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="Real profile table (CSV/Parquet): the lab "
                                                                      "is replaced by looking up its wells."),
     control_label: str = typer.Option("DMSO", "--control-label", help="Metadata_compound of control wells."),

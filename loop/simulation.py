@@ -33,7 +33,10 @@ Each round, a policy picks ``batch_size`` conditions:
   - ``gp_ucb``: a reference without a virtual assay: the loop's cold start, then believer-UCB
     on a GP of measured log activity (Tanimoto x log-dose kernel, fixed hyperparameters, beta 1;
     ``acquisition.tanimoto_gp``; ignores ``selection`` and the seed after round 1). It shows
-    whether the virtual assay beats a plain small-data optimiser on this table.
+    whether the virtual assay beats a plain small-data optimiser on this table;
+  - ``random_top_dose``: a reference without a model: the random cold start every round (a seeded
+    random sample of the compounds, each at its highest dose not yet measured). Round 1 of the model
+    policies is this batch, so it separates what the top-dose rule finds from what the model adds.
 Round 1 of the model-based policies is the cold-start batch (no data yet), which takes
 each compound at its highest dose (identical fingerprints tie; ``log10 dose`` breaks the tie).
 By default it is a seeded random sample of those (``SelectionConfig.cold_start_method``,
@@ -81,7 +84,7 @@ log = logging.getLogger(__name__)
 HIT_QUANTILE = 0.90
 ACTIVITY_CLIP_Z = 10.0  # robust z clipped to +-10 in a condition's activity (lab_io.profiles.phenotypic_activity)
 MAX_MISSING_FRACTION = 0.05  # a feature missing in more wells is dropped (pycytominer's drop_na_columns cutoff)
-LOOKUP_POLICIES = ("loop", "random", "greedy_mean", "diversity_only", "gp_ucb")
+LOOKUP_POLICIES = ("loop", "random", "greedy_mean", "diversity_only", "gp_ucb", "random_top_dose")
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,9 @@ def _pick(policy: str, lab: LookupLab, measured: np.ndarray, q: int, config: Loo
         return np.zeros(0, dtype=np.int64)
     if policy == "random":
         return rng.choice(eligible, size=q, replace=False)
+    if policy == "random_top_dose":  # the random cold start every round: round 1's top-dose rule without a model
+        return select_cold_start(lab.fingerprints, q, seed=seed, exclude=measured, priority=lab.log10_dose,
+                                 method="random").indices
     selection_config = SelectionConfig(**{**config.selection, **POLICY_SELECTION.get(policy, {}), "seed": seed})
     if policy == "diversity_only" or not measured.any():
         method = selection_config.cold_start_method  # log10 dose as priority: a compound's first look, top dose

@@ -324,3 +324,18 @@ def test_ties_at_the_hit_threshold_are_all_hits_and_counted(tmp_path, caplog):
         lab = build_lookup_lab(read_profile_table(path))
     assert lab.n_tied_at_threshold == 12 and lab.n_hits == 12  # 6 compounds x 2 doses tie at the top
     assert "tie at the hit threshold" in caplog.text
+
+
+def test_random_top_dose_takes_each_compound_at_its_highest_unmeasured_dose(tmp_path):
+    lab = build_lookup_lab(read_profile_table(_table(tmp_path)))
+    config = LookupBacktestConfig(n_rounds=2, batch_size=6, n_seeds=1, policies=("random_top_dose",))
+    measured = np.zeros(len(lab.conditions), dtype=bool)
+    dose = lab.conditions["Metadata_dose_um"].to_numpy()
+    first = _pick("random_top_dose", lab, measured, 6, config, 0, tmp_path, np.random.default_rng(0))
+    assert len(set(first)) == 6 and (dose[first] == 10.0).all()
+    measured[first] = True
+    again = _pick("random_top_dose", lab, measured, 6, config, 1, tmp_path, np.random.default_rng(0))
+    compound = lab.conditions["Metadata_compound"].to_numpy()
+    assert not measured[again].any() and len(set(compound[again])) == 6
+    for i in again:  # the compound's highest dose not yet measured
+        assert dose[i] == dose[(compound == compound[i]) & ~measured].max()
