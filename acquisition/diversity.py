@@ -31,9 +31,9 @@ penalty).  The gain has two phases:
    would leave tied at 0 (then the penalty could not act, and the batch would be filled in
    library order).
 
-A joint gain within rounding of 0 (``JOINT_GAIN_RTOL`` of the utilities' scale) counts as
-0: ties in exact arithmetic that differ in the last bit end the joint phase instead of
-deciding picks by rounding noise.
+A joint gain within rounding of 0 (``JOINT_GAIN_ULPS`` units in the last place of the
+utilities' largest magnitude, in their dtype) counts as 0: ties in exact arithmetic that differ
+in the last bit end the joint phase instead of deciding picks by rounding noise.
 
 Phenotype penalty (optional): with predicted profiles ``p_i`` (``N x F``, member mean, in
 control-normalised units) the score is further multiplied by ``max(0, 1 - mu * c_i)``, with
@@ -264,7 +264,7 @@ class PenalizedSelection:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-JOINT_GAIN_RTOL = 1e-12  # joint gains below this fraction of max |u| are rounding, not gain
+JOINT_GAIN_ULPS = 8  # joint gains below this many ulps of max |u| (in u's dtype) are rounding, not gain
 
 
 def _single_point_values(values: Tensor, utilities: Tensor, acqf: str, params: Mapping[str, Any]) -> Tensor:
@@ -276,8 +276,8 @@ def _single_point_values(values: Tensor, utilities: Tensor, acqf: str, params: M
         return utilities.mean(dim=0)
     from botorch.utils.safe_math import log_fatplus, logmeanexp
 
-    best_f = torch.as_tensor(params["best_f"]).to(values)
-    log_improvement = log_fatplus(values.double() - best_f.double(), tau=float(params.get("tau_relu", 1e-6)))
+    best_f = torch.as_tensor(params["best_f"]).to(values).double()
+    log_improvement = log_fatplus(values.double() - best_f.unsqueeze(-1), tau=float(params.get("tau_relu", 1e-6)))
     return logmeanexp(log_improvement, dim=0).exp()  # float64: far below best_f it is ~1e-20
 
 
@@ -310,7 +310,8 @@ class _Scorer:
             floor = torch.maximum(floor, self.utilities[:, torch.as_tensor(pending)].amax(dim=1))
         self.running = floor  # r_k
         self.active = eligible.nonzero().squeeze(-1)
-        self.tolerance = JOINT_GAIN_RTOL * float(self.utilities.abs().max()) if self.utilities.numel() else 0.0
+        self.tolerance = (JOINT_GAIN_ULPS * torch.finfo(self.utilities.dtype).eps * float(self.utilities.abs().max())
+                          if self.utilities.numel() else 0.0)
         self.single = _single_point_values(values, self.utilities, acqf, params)  # alpha_i, N
         self.single_floor = float(self.single[eligible].min()) if bool(eligible.any()) else 0.0
         self.order: np.ndarray | None = None

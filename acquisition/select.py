@@ -300,7 +300,7 @@ def select_batch(
 def exploration_picks(fraction: float, q: int) -> int:
     """Exploration picks of a batch of ``q``: ``fraction * q`` rounded half up (0.5 of 3, 5 and 7
     -> 2, 3 and 4; Python's ``round`` would give 2, 2 and 4)."""
-    return min(q, int(math.floor(fraction * q + 0.5)))
+    return min(q, int(math.floor(fraction * q + 0.5 + 1e-9)))  # 0.35 * 90 is 31.499999...: still 32
 
 
 def _mean_profiles(profiles: np.ndarray | Tensor | None, n_members: int, n: int) -> np.ndarray | None:

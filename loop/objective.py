@@ -54,20 +54,33 @@ def campaign_objective(campaign: Campaign) -> ObjectiveConfig:
     return ObjectiveConfig.from_dict(campaign.config.objective)
 
 
+TARGET_ROLES = (WellRole.treatment.value, WellRole.positive_control.value)  # wells a target compound is read from
+
+
 def measured_target(campaign: Campaign, compound: str, dose_um: float | None = None) -> Target:
-    """Median normalised profile of ``compound``'s measured treatment wells (id or library name)."""
+    """Median normalised profile of ``compound``'s measured wells (id or library name): its
+    treatment wells, or its positive-control wells when it is the plates' positive control."""
     compound_id = _resolve_compound(campaign, compound)
     with campaign.session() as session:
         query = select(store.Measurement.well, store.Measurement.dose_um, store.Measurement.profiles_path).where(
-            store.Measurement.compound_id == compound_id, store.Measurement.role == WellRole.treatment.value,
+            store.Measurement.compound_id == compound_id, store.Measurement.role.in_(TARGET_ROLES),
             store.Measurement.activity.is_not(None))
         rows = pd.DataFrame(session.exec(query).all(), columns=["well", "dose_um", "profiles_path"])
+        pending = session.exec(select(store.Well.barcode).join(store.Plate, store.Plate.barcode == store.Well.barcode)
+                               .where(store.Well.compound_id == compound_id, store.Plate.status == "pending")).first()
+    measured_doses = sorted(rows["dose_um"].unique())
     if dose_um is not None:
         rows = rows[np.isclose(rows["dose_um"], dose_um)]
     if rows.empty:
         at = "" if dose_um is None else f" at {dose_um:g} uM"
-        raise ValueError(f"compound {compound!r} ({compound_id}) has no measured treatment wells{at} in "
-                         f"{campaign.root}: put it on a plate first, or give --target-profile FILE")
+        if measured_doses:
+            why = f"it was measured at {', '.join(f'{d:g}' for d in measured_doses)} uM"
+        elif pending is not None:
+            why = f"it is on plate {pending}, still in the lab: ingest its results first"
+        else:
+            why = "put it on a plate first"
+        raise ValueError(f"compound {compound!r} ({compound_id}) has no measured wells{at} in {campaign.root}: "
+                         f"{why}, or give --target-profile FILE")
     wells = []
     for path, group in rows.groupby("profiles_path"):
         table = pd.read_parquet(campaign.absolute(path))
@@ -78,8 +91,14 @@ def measured_target(campaign: Campaign, compound: str, dose_um: float | None = N
                           source=f"measured wells of {compound_id}")
 
 
+CONTROL_NAMES = ("dmso", "control", "negative_control", "negcon")  # control rows a table target never pools
+
+
 def table_target(path: Path, compound: str | None = None) -> Target:
-    """Median row of a profile table (CSV, TSV or Parquet, features normalised to controls)."""
+    """Median row of a profile table (CSV, TSV or Parquet, features normalised to controls), of the
+    rows of ``compound`` when given. Without it, control rows (``Metadata_role`` negative_control,
+    or a ``Metadata_compound`` such as DMSO) are left out, and pooling several compounds is logged
+    as a warning: a whole plate's export is no one phenotype."""
     path = Path(path)
     table = read_table_file(path)
     label = str(path)
@@ -90,7 +109,26 @@ def table_target(path: Path, compound: str | None = None) -> Target:
         if table.empty:
             raise ValueError(f"{path}: no rows with {META_COMPOUND} == {compound!r}")
         label = f"{path} ({compound})"
+    else:
+        table = _without_controls(table, path)
+        if META_COMPOUND in table.columns and table[META_COMPOUND].nunique() > 1:
+            names = sorted(table[META_COMPOUND].astype(str).unique())
+            log.warning("%s: the target pools %d compounds (%s); give --profile-compound NAME for one compound's "
+                        "phenotype", path, len(names), ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
     return _median_target(table, f"{label}: median of {len(table)} row(s)", source=str(path))
+
+
+def _without_controls(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    control = np.zeros(len(table), dtype=bool)
+    if META_ROLE in table.columns:
+        control |= (table[META_ROLE].astype(str) == WellRole.negative_control.value).to_numpy()
+    if META_COMPOUND in table.columns:
+        control |= table[META_COMPOUND].astype(str).str.strip().str.lower().isin(CONTROL_NAMES).to_numpy()
+    if control.all():
+        raise ValueError(f"{path}: every row is a control (DMSO) row: a target needs a compound's phenotype")
+    if control.any():
+        log.info("%s: %d control row(s) left out of the target", path, int(control.sum()))
+    return table[~control]
 
 
 def set_objective(campaign: Campaign, *, target: Target | None, activity_weight: float,
@@ -103,6 +141,9 @@ def set_objective(campaign: Campaign, *, target: Target | None, activity_weight:
     model = latest_model(campaign)
     if model is not None and config.uses_target:
         config.build(model.feature_names)  # the target must share features with the predictions
+    elif config.uses_target:
+        log.warning("no virtual assay yet: the target is checked against its features at the first proposal after "
+                    "`loop train`; a cold-start round does not use it")
     campaign.save_config(dataclasses.replace(campaign.config, objective=config.to_dict()))
     log.info("objective: %s", describe(config))
     return config
@@ -157,6 +198,9 @@ def _resolve_compound(campaign: Campaign, compound: str) -> str:
     if len(by_name) > 1:
         raise ValueError(f"compound name {compound!r} matches {len(by_name)} library compounds "
                          f"({', '.join(by_name[:5])}); give the compound id")
+    with campaign.session() as session:  # a positive control the library lacks (layout.positive_control_id)
+        if session.exec(select(store.Measurement.compound_id).where(store.Measurement.compound_id == compound)).first():
+            return compound
     raise ValueError(f"compound {compound!r} is neither a compound id nor a name in the library of {campaign.root}")
 
 
@@ -167,4 +211,28 @@ def _median_target(profiles: pd.DataFrame, label: str, *, source: str) -> Target
     median = profiles[features].apply(pd.to_numeric, errors="coerce").median(skipna=True).dropna()
     if median.empty:
         raise ValueError(f"{source}: every feature is missing")
+    _check_target_scale(median.to_numpy(np.float64), source)
     return Target(tuple(median.index), tuple(float(v) for v in median.to_numpy()), label)
+
+
+TARGET_CLIP_Z = 10.0  # as ObjectiveConfig.clip_z: the similarity clips profiles at +-10 z
+MIN_TARGET_ACTIVITY = 0.1  # below: no phenotype at all (a median of control wells), refused
+WEAK_TARGET_ACTIVITY = 2.0  # below: within about the spread of single DMSO wells (~1), a warning
+RAW_UNITS_Z = 3 * TARGET_CLIP_Z  # most values beyond this: not robust z, a warning
+
+
+def _check_target_scale(values: np.ndarray, source: str) -> None:
+    """A target must be a phenotype in robust z against controls: refused when control-like (its
+    clipped RMS, the activity, below ``MIN_TARGET_ACTIVITY``: cosine ignores scale, so rounding
+    residue would steer the loop), a warning when weak or when most values look like raw units."""
+    activity = float(np.sqrt(np.mean(np.clip(values, -TARGET_CLIP_Z, TARGET_CLIP_Z) ** 2)))
+    if activity < MIN_TARGET_ACTIVITY:
+        raise ValueError(f"{source}: the target profile is control-like (activity {activity:.2g}, the RMS of its "
+                         "robust z; a DMSO well scores about 1): there is no phenotype to match")
+    if activity < WEAK_TARGET_ACTIVITY:
+        log.warning("%s: the target's activity is %.2f, within about the spread of DMSO wells (about 1): similarity to "
+                    "a weak phenotype is mostly similarity to noise", source, activity)
+    if np.mean(np.abs(values) > RAW_UNITS_Z) > 0.5:
+        log.warning("%s: %.0f %% of the target's values are beyond %g: it looks like raw measurements, not robust z "
+                    "against the plate's controls (normalise the table to its DMSO wells first)", source,
+                    100 * np.mean(np.abs(values) > RAW_UNITS_Z), RAW_UNITS_Z)

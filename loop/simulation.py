@@ -13,7 +13,8 @@ the RMS of its robust z over the usable features, each z clipped to +-10 (``ACTI
 with a handful of control wells a plate's MADs are small and unclipped z of a few features
 would decide the ranking), so a control-like condition scores about 1. A **hit** is a treated
 condition in the top 10% of activity among *all* the table's treated (compound, dose)
-conditions, those skipped as candidates (no usable SMILES or dose) included: their hits
+conditions (on plates with at least two control wells, which a robust z needs), those skipped
+as candidates (no usable SMILES or dose) included: their hits
 (``n_hits_unreachable``) count in every hit fraction's denominator and can never be found, so
 the fraction is of all hits in the table. Conditions tied at the threshold are all hits (a
 warning names how many tie). Wells are read in (plate, well) order, so the file's row order

@@ -19,7 +19,8 @@ import pandas as pd
 from sqlmodel import select
 
 from lab_io import profiles as profiling
-from lab_io.schema import META_COMPOUND, CONTROL_COMPOUND_ID, WellRole, META_ROLE, feature_columns
+from lab_io.schema import (CONTROL_COMPOUND_ID, META_COMPOUND, META_PLATE, META_ROLE, META_WELL, WellRole,
+                            feature_columns)
 from loop import store
 from loop.campaign import TRAIN_LOCK_FILE, TRAIN_LOCK_TIMEOUT_S, Campaign
 from loop.library import load_compounds
@@ -78,19 +79,29 @@ MAX_MISSING_FRACTION = 0.05  # a feature missing (NaN) in more of the cells is l
 
 
 def training_features(cells: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
-    """The features the assay models and the cells it trains on: features missing or infinite in at
-    most ``MAX_MISSING_FRACTION`` of the cells are kept (CellProfiler leaves a measurement NaN where it
-    is undefined, e.g. a texture of a one-pixel object), and the few cells missing one of them are
-    left out; both are logged."""
+    """The features the assay models and the cells it trains on. CellProfiler leaves a measurement
+    NaN where it is undefined (e.g. a texture of a one-pixel object): a feature is kept when it is
+    missing or infinite in at most ``MAX_MISSING_FRACTION`` of the cells overall and of every plate's
+    cells, and in no well in all of its cells, and the few cells missing one of the kept features
+    are left out. So a feature one plate does not measure (another pipeline's export) or one no
+    cell of a well has is left out rather than that plate's or well's cells. Both are logged."""
     candidates = feature_columns(cells.columns)
-    missing = ~np.isfinite(cells[candidates].to_numpy(np.float64)) if candidates else np.zeros((len(cells), 0), bool)
-    too_sparse = [name for name, share in zip(candidates, missing.mean(axis=0)) if share > MAX_MISSING_FRACTION]
+    if not candidates:
+        return [], cells
+    missing = pd.DataFrame(~np.isfinite(cells[candidates].to_numpy(np.float64)), columns=candidates,
+                           index=cells.index)
+    per_plate = missing.groupby(cells[META_PLATE].to_numpy()).mean().max(axis=0)
+    whole_well = missing.groupby([cells[META_PLATE].to_numpy(), cells[META_WELL].to_numpy()]).all().any(axis=0)
+    too_sparse = [name for name in candidates if missing[name].mean() > MAX_MISSING_FRACTION
+                  or per_plate[name] > MAX_MISSING_FRACTION or whole_well[name]]
     if too_sparse:
-        log.warning("%d feature(s) missing in more than %.0f %% of the cells are left out (e.g. %s)", len(too_sparse),
-                    100 * MAX_MISSING_FRACTION, ", ".join(too_sparse[:3]))
-    features = profiling.feature_select(cells, max_nonfinite_fraction=MAX_MISSING_FRACTION)
-    incomplete = missing[:, [candidates.index(f) for f in features]].any(axis=1) if features else None
-    if incomplete is not None and incomplete.any():
+        log.warning("%d feature(s) missing in more than %.0f %% of the cells (overall or of a plate) or in every cell "
+                    "of a well are left out (e.g. %s)", len(too_sparse), 100 * MAX_MISSING_FRACTION,
+                    ", ".join(too_sparse[:3]))
+    kept = cells[[c for c in cells.columns if c not in set(too_sparse)]]
+    features = profiling.feature_select(kept, max_nonfinite_fraction=MAX_MISSING_FRACTION)
+    incomplete = missing[features].to_numpy().any(axis=1) if features else np.zeros(len(cells), bool)
+    if incomplete.any():
         log.warning("%d of %d cells miss a value of a modelled feature (NaN or infinite) and are left out",
                     int(incomplete.sum()), len(cells))
         cells = cells.loc[~incomplete]
@@ -132,6 +143,7 @@ def _train(campaign: Campaign, executor: str, ray_address: str | None, config_ov
     if image is not None:  # kept: spare reading the cells
         measured_cells_paths(campaign)  # nothing ingested is NothingToTrainOn, as for a feature ensemble
         return None, image
+    started = store.utcnow()  # before the cells are read: a plate ingested from now on is not in them
     cells = load_measured_cells(campaign)
     compounds = load_compounds(campaign)
     fps = np.asarray(campaign.load_fingerprints())
@@ -151,7 +163,7 @@ def _train(campaign: Campaign, executor: str, ray_address: str | None, config_ov
         kept = _current_image_assay(campaign) if keep_image_assay else None
         if kept is not None:
             return None, kept
-        ensemble = _train_or_reuse(campaign, train_set, config, version, executor, ray_address, store.utcnow())
+        ensemble = _train_or_reuse(campaign, train_set, config, version, executor, ray_address, started)
         image = _current_image_assay(campaign)
         if image is not None:
             log.warning("image assay %s was made the campaign's virtual assay (`loop use-assay`) while ensemble %s "
@@ -330,9 +342,13 @@ def warn_if_model_behind(campaign: Campaign) -> list[str]:
     """Log a warning naming the plates the current virtual assay has not learned from; returns them."""
     with campaign.session() as session:
         behind = store.plates_after_model(session)
+        current = store.current_model_version(session)
     if behind:
-        log.warning("the virtual assay was trained before plate(s) %s were ingested and has not learned from them; "
-                    "`loop train` first to use them", ", ".join(behind[:10]) + (", ..." if len(behind) > 10 else ""))
+        how = ("`loop assay train --data <campaign>/measurements` and `loop use-assay` to use them (`loop train` would "
+               "make a feature ensemble current instead)" if current.kind == "image" else "`loop train` first to use them")
+        log.warning("the virtual assay %s was trained (or made current) before plate(s) %s were ingested and has not "
+                    "learned from them; %s", current.version,
+                    ", ".join(behind[:10]) + (", ..." if len(behind) > 10 else ""), how)
     return behind
 
 

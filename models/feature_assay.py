@@ -438,7 +438,15 @@ def _member_identity(train_set: FeatureTrainingSet, config: FeatureAssayConfig, 
             "data_fingerprint": train_set.data_fingerprint}
 
 
+def _without_run_only(identity: dict) -> dict:
+    """An identity without the config's run-only fields (logging and checkpoint cadence), which do
+    not change the weights (``FeatureAssayConfig.RUN_ONLY_FIELDS``; ``models.config.config_hash``)."""
+    config = {k: v for k, v in identity.get("config", {}).items() if k not in FeatureAssayConfig.RUN_ONLY_FIELDS}
+    return {**identity, "config": config}
+
+
 def _check_identity(out_dir: Path, stored: dict, identity: dict) -> None:
+    stored, identity = _without_run_only(stored), _without_run_only(identity)
     diffs = [k for k in identity if stored.get(k) != identity[k]]
     if diffs:
         raise ValueError(

@@ -220,7 +220,7 @@ def featurize_set(crops: np.ndarray, scale: np.ndarray, channel_names: Sequence[
 MORPH_CLIP_SD = 10.0
 PROTOCOL = ("Inception: per-channel scale by the plate's real 99.5th percentile, channel i -> RGB[i], "
             "zero-pad to 96 px, resize to 299; morph: lab_io.morphology features standardised by the real cells, "
-            f"clipped to +-{MORPH_CLIP_SD:g} sd")
+            f"clipped to +-{MORPH_CLIP_SD:g} sd; at_floor_sizes: each method at real_floor's set sizes")
 MIN_REAL_CELLS = 10
 MIN_CONTROL_CELLS = 4  # a plate with fewer DMSO cells is skipped: no copy-control set to compare (KID needs 4)
 
@@ -283,10 +283,13 @@ def at_floor_sizes(methods: dict[str, FeatureSets], half_a: FeatureSets, half_b:
     """Each method's metrics at the real floor's set sizes: ``len(half_a)`` of its cells against
     ``half_b``, the floor's own reference half. FID is biased upward on small sets, so the floor
     (half against half) is not comparable with a method scored with all its cells against all real
-    cells; these are: a method that generated real cells would score the floor here."""
+    cells; these are: a method that generated real cells would score the floor here. Each method's
+    dict also gives ``n``, the cells it was scored with: fewer than ``n_each`` when it has fewer
+    (``--n`` below half the real cells), and then not at the floor's size."""
     out = {"n_each": int(len(half_a.morph)), "n_reference": int(len(half_b.morph))}
     for name, features in methods.items():
-        out[name] = compare(_subset(features, len(half_a.morph), rng), half_b, morph_mean, morph_std, seed=seed)
+        subset = _subset(features, len(half_a.morph), rng)
+        out[name] = {**compare(subset, half_b, morph_mean, morph_std, seed=seed), "n": int(len(subset.morph))}
     return out
 
 

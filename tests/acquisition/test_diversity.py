@@ -215,12 +215,14 @@ def test_max_similarity_reports_tanimoto_even_without_the_tanimoto_penalty():
     assert result.max_similarity.max() > 0.5  # the toy's clusters are near-duplicates
 
 
-def test_joint_gains_within_rounding_end_the_joint_phase():
-    """Candidate 1 ties candidate 0 on member 0 up to one ulp: that 1e-16 'gain' must not outrank
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_joint_gains_within_rounding_end_the_joint_phase(dtype):
+    """Candidate 1 ties candidate 0 on member 0 up to one ulp: that rounding 'gain' must not outrank
     candidate 3's single-point value once candidates 0 and 2 saturate both members."""
-    one_ulp_up = float(np.nextafter(1.0, 2.0))
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    one_ulp_up = float(np.nextafter(np_dtype(1.0), np_dtype(2.0)))
     values = torch.tensor([[1.0, one_ulp_up, 0.0, 0.6],
-                           [0.0, -1.0, 0.9, 0.3]], dtype=torch.float64)
+                           [0.0, -1.0, 0.9, 0.3]], dtype=dtype)
     fps = _random_fps(4, seed=1)
     result = penalized_greedy_select(values, fps, 3, "mean", diversity_penalty=0.0)
     assert result.indices.tolist() == [0, 2, 3]

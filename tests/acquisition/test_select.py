@@ -264,6 +264,7 @@ def test_exploration_picks_round_half_up():
 
     assert [exploration_picks(0.5, q) for q in (1, 3, 5, 7)] == [1, 2, 3, 4]
     assert exploration_picks(0.1, 384) == 38 and exploration_picks(1.0, 5) == 5 and exploration_picks(0.0, 5) == 0
+    assert [exploration_picks(f, q) for f, q in ((0.35, 90), (0.29, 50), (0.7, 45))] == [32, 15, 32]  # x.4999... products
 
 
 @pytest.mark.parametrize("n_members", [1, 3])

@@ -314,7 +314,7 @@ def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path, mon
     expected = wells.loc[wells["Metadata_compound"] == top.compound_id, feature_columns(wells.columns)].median()
     target = measured_target(campaign, top.compound_id)
     assert dict(zip(target.features, target.values)) == pytest.approx(expected.dropna().to_dict())
-    with pytest.raises(ValueError, match=f"{unmeasured}.*no measured treatment wells"):
+    with pytest.raises(ValueError, match=f"{unmeasured}.*no measured wells.*put it on a plate first"):
         measured_target(campaign, unmeasured)
 
     runner = CliRunner()
@@ -419,6 +419,10 @@ def test_positive_controls_go_on_every_plate_and_are_never_picked(tmp_path):
     run_synthetic_lab(first.out_dir, tmp_path / "r1", campaign=campaign, seed=0)
     reports = ingest_results(campaign, tmp_path / "r1")
     assert [r.status for r in reports] == ["imported"]
+    from loop.objective import measured_target
+
+    target = measured_target(campaign, "STAURO")  # the positive control can be the target phenotype
+    assert "8 well(s)" in target.label and len(target.features) > 10
 
     library_control = "VL-000005"
     campaign.config = dataclasses.replace(campaign.config, layout={**layout, "positive_control_id": library_control})

@@ -29,7 +29,30 @@ def test_table_target_is_the_median_row_of_the_chosen_compound(tmp_path, suffix)
     assert target.features == ("Cells_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA")
     assert target.values == pytest.approx((3.0, -1.0))  # medians; the missing value is skipped
     assert "taxol" in target.label and "3 row(s)" in target.label
-    assert table_target(path).values == pytest.approx((2.0, 0.0))  # every row
+    assert table_target(path).values == pytest.approx((3.0, -1.0))  # every row but the DMSO one
+
+
+def test_table_target_refuses_a_control_like_profile_and_warns_on_pooling_and_raw_units(tmp_path, caplog):
+    frame = pd.DataFrame({"Metadata_compound": ["DMSO", "DMSO", "a", "b"], "Cells_x": [1e-14, -1e-14, 5.0, 9.0],
+                          "Cells_y": [0.0, 2e-14, -4.0, -2.0]})
+    frame.to_csv(tmp_path / "plate.csv", index=False)
+    with pytest.raises(ValueError, match="control-like"):
+        table_target(tmp_path / "plate.csv", "DMSO")
+    with caplog.at_level("WARNING"):
+        target = table_target(tmp_path / "plate.csv")
+    assert target.values == pytest.approx((7.0, -3.0)) and "pools 2 compounds" in caplog.text
+    raw = pd.DataFrame({"Metadata_compound": ["x"], "Cells_AreaShape_Area": [850.0], "Cells_Intensity_Mean": [0.05],
+                        "Nuclei_AreaShape_Area": [310.0]})
+    raw.to_csv(tmp_path / "raw.csv", index=False)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        table_target(tmp_path / "raw.csv")
+    assert "raw measurements" in caplog.text
+
+
+def test_weights_beyond_the_float32_range_are_refused():
+    with pytest.raises(ValueError, match="only the weights' ratio matters"):
+        ObjectiveConfig(activity_weight=1e39, similarity_weight=1.0, target_features=("Cells_a",), target_values=(2.0,))
 
 
 def test_table_target_errors_name_the_file(tmp_path):

@@ -78,7 +78,7 @@ def test_lookup_backtest_json_shape_and_monotone(tmp_path):
     config = LookupBacktestConfig(n_rounds=2, batch_size=3, n_seeds=2,
                                   assay=dict(n_members=2, n_steps=40, hidden_dim=32, batch_size=64))
     result = run_lookup_backtest(read_profile_table(_table(tmp_path)), config)
-    assert set(result["policies"]) == {"loop", "random", "greedy_mean", "diversity_only", "gp_ucb"}
+    assert set(result["policies"]) == {"loop", "random", "greedy_mean", "diversity_only", "gp_ucb", "random_top_dose"}
     n = result["n_conditions"]
     assert result["random_expected_hit_fraction"] == pytest.approx([3 / n, 6 / n])
     for curve in result["policies"].values():

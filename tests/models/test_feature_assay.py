@@ -230,3 +230,21 @@ def test_asinh_member_reaches_a_far_subpopulation(tmp_path):
     assert real == pytest.approx(6.0, abs=1.0)
     assert profiles[0, 0] == pytest.approx(real, rel=0.35)
     assert abs(profiles[1, 0]) < 0.5
+
+
+def test_logging_cadence_is_no_part_of_a_members_identity(tmp_path):
+    """A member trained (or checkpointed) with one logging / checkpoint cadence is resumed and reused
+    with another (the version id ignores them too), but not with another training setting."""
+    import dataclasses
+
+    import pytest
+
+    from models.config import FeatureAssayConfig
+    from models.feature_assay import _check_identity
+
+    config = FeatureAssayConfig()
+    stored = {"config": config.to_dict(), "seed": 0, "bootstrap": True, "data_fingerprint": "d"}
+    cadence = dataclasses.replace(config, log_every=1, checkpoint_every=7, write_loss_plot=False)
+    _check_identity(tmp_path, stored, {**stored, "config": cadence.to_dict()})
+    with pytest.raises(ValueError, match="different config"):
+        _check_identity(tmp_path, stored, {**stored, "config": dataclasses.replace(config, n_steps=7).to_dict()})

@@ -160,3 +160,5 @@ def test_at_floor_sizes_puts_a_perfect_model_on_the_real_floor():
         floor.append(compare(half_a, half_b, mean, std)["fid_inception"])
     assert np.mean(full) < 0.6 * np.mean(floor)
     assert abs(np.mean(matched) - np.mean(floor)) < 0.2 * np.mean(floor)
+    few = at_floor_sizes({"model": FeatureSets(perfect.inception[:12], perfect.morph[:12])}, half_a, half_b, mean, std, rng)
+    assert few["n_each"] == 30 and few["model"]["n"] == 12  # fewer cells than the half: said, not hidden
