@@ -3,7 +3,8 @@
 The real BR00121431 tables in ``../shared/data/cellprofiler`` (one Cell Painting field: ~1,900
 features per compartment) are relabelled into ``--wells`` x ``--sites`` site folders of a plate a
 fresh campaign proposed (a seeded subset of ``--cells`` of the field's 89 cells per site, so wells
-differ), then ingested in this process with resident memory sampled every 10 ms. Reports the
+differ), then ingested in this process with resident memory sampled every 10 ms (and the
+process's own high-water mark, ``ru_maxrss``, which no sampling can miss). Reports the
 single-cell table's size, the ingest's time and its peak memory above the start, and the same
 scaled to a real 384-well plate with 9 fields of ~150 cells (time and memory grow with the cells).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import threading
 import time
@@ -114,10 +116,12 @@ def main() -> None:
     features = [c for c in stored.columns if c.startswith(("Nuclei_", "Cells_", "Cytoplasm_"))]
     table_mb = n_cells * len(features) * stored[features[0]].dtype.itemsize / 2**20
     peak_mb = sampler.peak_mb - start_mb
+    process_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole run (Linux: KiB)
     scale = REAL_PLATE_CELLS / n_cells
     result = dict(options=options, sites=image_number, cells=n_cells, features=len(features),
                   feature_dtype=str(stored[features[0]].dtype), table_mb=round(table_mb, 1),
                   seconds=round(seconds, 1), peak_above_start_mb=round(peak_mb, 1),
+                  start_mb=round(start_mb, 1), process_peak_mb=round(process_peak_mb, 1),
                   peak_over_table=round(peak_mb / table_mb, 2),
                   real_plate=dict(cells=REAL_PLATE_CELLS, table_gb=round(table_mb * scale / 1024, 1),
                                   peak_gb=round(peak_mb * scale / 1024, 1), minutes=round(seconds * scale / 60)))
