@@ -36,7 +36,7 @@ from loop.campaign import Campaign
 from loop.train import latest_model
 
 __all__ = ["Target", "campaign_objective", "measured_objective_values", "measured_target", "set_objective",
-           "table_target"]
+           "table_target", "target_progress"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,30 @@ def measured_objective_values(campaign: Campaign, measured: pd.DataFrame, config
                          f"{campaign.measurements_dir}")
     values = profiles.loc[keys].to_numpy(np.float32)
     return config.member_values(values[None], feature_names)[0].astype(np.float64)
+
+
+def target_progress(campaign: Campaign, config: ObjectiveConfig, top: int = 3) -> dict | None:
+    """How close the measured compounds came to the campaign's target phenotype: the ``top``
+    measured (compound, dose) conditions by similarity to the target (the objective's similarity
+    term: cosine of clipped profiles with the control-noise floor, over the features the target and
+    the wells share), and how many conditions were measured. None without a target or wells."""
+    if not config.uses_target:
+        return None
+    with campaign.session() as session:
+        measured = pd.DataFrame(session.exec(select(store.Measurement.compound_id, store.Measurement.dose_um).where(
+            store.Measurement.role == WellRole.treatment.value, store.Measurement.activity.is_not(None))
+            .distinct()).all(), columns=["compound_id", "dose_um"])
+    if measured.empty:
+        return None
+    similarity_only = dataclasses.replace(config, activity_weight=0.0, similarity_weight=1.0)
+    try:
+        values = measured_objective_values(campaign, measured, similarity_only, list(config.target_features))
+    except ValueError as err:  # the wells do not measure the target's features
+        return {"error": str(err)}
+    order = np.argsort(-values, kind="stable")[:top]
+    return {"n_conditions": int(len(measured)),
+            "closest": [{"compound_id": str(measured["compound_id"].iloc[i]), "dose_um": float(measured["dose_um"].iloc[i]),
+                         "similarity": round(float(values[i]), 4)} for i in order]}
 
 
 def describe(config: ObjectiveConfig) -> str:

@@ -365,8 +365,9 @@ def run_lookup_backtest(table: ProfileTable, config: LookupBacktestConfig) -> di
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(LOOKUP_POLICIES)}")
     lab = build_lookup_lab(table, config.control_label)
     hits = lab.conditions["is_hit"].to_numpy()
-    log.info("%s: %d conditions with SMILES, %d hits (top %d%% activity), %d treated wells without SMILES "
-             "skipped", table.source, len(lab.conditions), lab.n_hits, round(100 * (1 - HIT_QUANTILE)),
+    log.info("%s: %d conditions with SMILES, %d hits (top %d%% activity of all treated conditions; %d of them "
+             "without a usable SMILES, out of reach), %d treated wells without SMILES skipped", table.source,
+             len(lab.conditions), lab.n_hits, round(100 * (1 - HIT_QUANTILE)), lab.n_hits_unreachable,
              lab.n_skipped_no_smiles)
     curves: dict[str, list[list[float]]] = {p: [] for p in config.policies}
     with tempfile.TemporaryDirectory(prefix="loop-lookup-") as tmp:

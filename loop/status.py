@@ -7,7 +7,7 @@ from sqlmodel import select
 from lab_io.schema import WellRole
 from loop import store
 from loop.campaign import Campaign
-from loop.objective import campaign_objective, describe
+from loop.objective import campaign_objective, describe, target_progress
 
 
 def campaign_status(campaign: Campaign) -> dict:
@@ -39,4 +39,6 @@ def campaign_status(campaign: Campaign) -> dict:
             "hits": {"wells": store.count(session, S.Measurement, S.Measurement.is_hit),
                      "compounds": len(hit_compounds)},
             "objective": describe(campaign_objective(campaign)),
+            # with a target phenotype: the measured conditions closest to it (None without one)
+            "target_progress": target_progress(campaign, campaign_objective(campaign)),
         }

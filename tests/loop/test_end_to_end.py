@@ -326,6 +326,9 @@ def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path, mon
     objective = ObjectiveConfig.from_dict(campaign.config.objective)
     assert objective.uses_target and objective.activity_weight == 0 and objective.target_label == target.label
     assert "similarity" in runner.invoke(app, ["--campaign", str(root), "objective", "show"]).output
+    progress = campaign_status(campaign)["target_progress"]  # the target compound is the closest measured one
+    assert progress["closest"][0]["compound_id"] == top.compound_id and progress["closest"][0]["similarity"] > 0.9
+    assert progress["n_conditions"] > 50 and campaign_status(round_one["campaign"])["target_progress"] is None
 
     candidates, _ = candidate_table(campaign)
     proposal = propose(campaign, BUDGET, policy="greedy_mean")
