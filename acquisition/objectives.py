@@ -162,9 +162,6 @@ def member_objective_values(
     return values
 
 
-MAX_WEIGHT = 1e6  # larger weights overflow float32 profiles' objective values (only the ratio matters)
-
-
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """What the loop maximises per candidate (saved in the campaign and with every proposal).
@@ -205,9 +202,8 @@ class ObjectiveConfig:
         object.__setattr__(self, "target_values", tuple(float(v) for v in self.target_values))
         for name in ("activity_weight", "similarity_weight"):
             value = float(getattr(self, name))
-            if not (math.isfinite(value) and 0 <= value <= MAX_WEIGHT):
-                raise ValueError(f"{name} must be a number in [0, {MAX_WEIGHT:g}], got {getattr(self, name)!r} "
-                                 "(only the weights' ratio matters)")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
             object.__setattr__(self, name, value)
         if self.clip_z is not None and not (math.isfinite(float(self.clip_z)) and self.clip_z > 0):
             raise ValueError(f"clip_z must be a finite number > 0 or None, got {self.clip_z!r}")

@@ -375,7 +375,7 @@ def evaluate(
         typer.echo(f"{cond['plate']} {cond['compound']} {cond['dose_um']:g} uM (n_real={cond['n_real']}):")
         rows = [(name, cond[name]) for name in ("model", "copy_control", "unconditional", "real_floor",
                                                 "autoencoder_ceiling") if name in cond]
-        rows += [(f"{name}@floor sizes", m) for name, m in cond.get("at_floor_sizes", {}).items()
+        rows += [(f"{name}@floor n={m['n']}", m) for name, m in cond.get("at_floor_sizes", {}).items()
                  if isinstance(m, dict)]
         rows += [(f"model@{d}uM", m) for d, m in cond.get("model_at_dose", {}).items()]
         rows += [(f"real@{d}uM", m) for d, m in cond.get("real_at_dose", {}).items()]

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from sqlmodel import select
 
 from acquisition.objectives import MIN_SHARED_FEATURES, ObjectiveConfig
 from lab_io.profile_table import read_table_file
-from lab_io.schema import META_COMPOUND, META_DOSE, META_ROLE, META_WELL, WellRole, feature_columns
+from lab_io.schema import CONTROL_COMPOUND_ID, META_COMPOUND, META_DOSE, META_ROLE, META_WELL, WellRole, feature_columns
 from loop import store
 from loop.campaign import Campaign
 from loop.train import latest_model
@@ -111,7 +112,7 @@ def table_target(path: Path, compound: str | None = None) -> Target:
         label = f"{path} ({compound})"
     else:
         table = _without_controls(table, path)
-        if META_COMPOUND in table.columns and table[META_COMPOUND].nunique() > 1:
+        if META_COMPOUND in table.columns and table[META_COMPOUND].nunique(dropna=False) > 1:
             names = sorted(table[META_COMPOUND].astype(str).unique())
             log.warning("%s: the target pools %d compounds (%s); give --profile-compound NAME for one compound's "
                         "phenotype", path, len(names), ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
@@ -124,6 +125,8 @@ def _without_controls(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         control |= (table[META_ROLE].astype(str) == WellRole.negative_control.value).to_numpy()
     if META_COMPOUND in table.columns:
         control |= table[META_COMPOUND].astype(str).str.strip().str.lower().isin(CONTROL_NAMES).to_numpy()
+    if "Metadata_control_type" in table.columns:  # JUMP / pycytominer platemap metadata
+        control |= (table["Metadata_control_type"].astype(str).str.lower() == "negcon").to_numpy()
     if control.all():
         raise ValueError(f"{path}: every row is a control (DMSO) row: a target needs a compound's phenotype")
     if control.any():
@@ -134,6 +137,10 @@ def _without_controls(table: pd.DataFrame, path: Path) -> pd.DataFrame:
 def set_objective(campaign: Campaign, *, target: Target | None, activity_weight: float,
                   similarity_weight: float) -> ObjectiveConfig:
     """Validate and save the campaign's objective (checked against the current model's features)."""
+    for name, weight in (("activity", activity_weight), ("similarity", similarity_weight)):
+        if weight > MAX_WEIGHT:
+            raise ValueError(f"--{name}-weight {weight:g} is above {MAX_WEIGHT:g}: only the weights' ratio matters, "
+                             "and weights near 1e37 overflow the float32 objective")
     config = ObjectiveConfig(
         activity_weight=activity_weight, similarity_weight=similarity_weight,
         target_features=target.features if target else (), target_values=target.values if target else (),
@@ -190,10 +197,20 @@ def target_progress(campaign: Campaign, config: ObjectiveConfig, top: int = 3) -
             .distinct()).all(), columns=["compound_id", "dose_um"])
     if measured.empty:
         return None
-    similarity_only = dataclasses.replace(config, activity_weight=0.0, similarity_weight=1.0)
     try:
-        values = measured_objective_values(campaign, measured, similarity_only, list(config.target_features))
-    except ValueError as err:  # the wells do not measure the target's features
+        with campaign.session() as session:
+            paths = sorted(set(session.exec(select(store.Measurement.profiles_path)).all()))
+        measured_features = set().union(*(pq.read_schema(campaign.absolute(p)).names for p in paths))
+        shared = [f for f in config.target_features if f in measured_features]
+        if len(shared) < MIN_SHARED_FEATURES:
+            return {"error": f"the measured wells share {len(shared)} of the target's {len(config.target_features)} "
+                             "features"}
+        keep = [i for i, f in enumerate(config.target_features) if f in measured_features]
+        similarity_only = dataclasses.replace(
+            config, activity_weight=0.0, similarity_weight=1.0, target_features=tuple(shared),
+            target_values=tuple(config.target_values[i] for i in keep))
+        values = measured_objective_values(campaign, measured, similarity_only, shared)
+    except (OSError, ValueError) as err:  # a file being replaced or gone: status still reports the rest
         return {"error": str(err)}
     order = np.argsort(-values, kind="stable")[:top]
     return {"n_conditions": int(len(measured)),
@@ -212,19 +229,22 @@ def describe(config: ObjectiveConfig) -> str:
 
 
 def _resolve_compound(campaign: Campaign, compound: str) -> str:
+    if compound == CONTROL_COMPOUND_ID or compound.strip().lower() in CONTROL_NAMES:
+        raise ValueError(f"{compound!r} is the negative control: a target is a compound's phenotype against it")
     with campaign.session() as session:
         by_id = session.exec(select(store.Compound.compound_id).where(store.Compound.compound_id == compound)).all()
         if by_id:
             return by_id[0]
+        # a measured id: the plates' positive control (layout.positive_control_id), also when the library lacks it
+        # or one of its names is the same
+        if session.exec(select(store.Measurement.compound_id).where(store.Measurement.compound_id == compound)).first():
+            return compound
         by_name = session.exec(select(store.Compound.compound_id).where(store.Compound.name == compound)).all()
     if len(by_name) == 1:
         return by_name[0]
     if len(by_name) > 1:
         raise ValueError(f"compound name {compound!r} matches {len(by_name)} library compounds "
                          f"({', '.join(by_name[:5])}); give the compound id")
-    with campaign.session() as session:  # a positive control the library lacks (layout.positive_control_id)
-        if session.exec(select(store.Measurement.compound_id).where(store.Measurement.compound_id == compound)).first():
-            return compound
     raise ValueError(f"compound {compound!r} is neither a compound id nor a name in the library of {campaign.root}")
 
 
@@ -239,23 +259,27 @@ def _median_target(profiles: pd.DataFrame, label: str, *, source: str) -> Target
     return Target(tuple(median.index), tuple(float(v) for v in median.to_numpy()), label)
 
 
-TARGET_CLIP_Z = 10.0  # as ObjectiveConfig.clip_z: the similarity clips profiles at +-10 z
-MIN_TARGET_ACTIVITY = 0.1  # below: no phenotype at all (a median of control wells), refused
+MAX_WEIGHT = 1e6  # objective weights above this are refused when set (only their ratio matters)
+TARGET_CLIP_Z = ObjectiveConfig().clip_z  # the similarity clips profiles at +-10 z
+ZERO_TARGET = 1e-6  # a target whose every value is below this is rounding residue (a median of control wells)
 WEAK_TARGET_ACTIVITY = 2.0  # below: within about the spread of single DMSO wells (~1), a warning
 RAW_UNITS_Z = 3 * TARGET_CLIP_Z  # most values beyond this: not robust z, a warning
 
 
 def _check_target_scale(values: np.ndarray, source: str) -> None:
-    """A target must be a phenotype in robust z against controls: refused when control-like (its
-    clipped RMS, the activity, below ``MIN_TARGET_ACTIVITY``: cosine ignores scale, so rounding
-    residue would steer the loop), a warning when weak or when most values look like raw units."""
+    """A target must be a phenotype: refused when it is rounding residue (every value below
+    ``ZERO_TARGET``: cosine ignores scale, so the residue would steer the loop); a warning when it
+    is weak in robust z (its clipped RMS, the activity, below ``WEAK_TARGET_ACTIVITY``; a target
+    stored in other units, e.g. unit norm, steers the loop alike) or when most values look like raw
+    units."""
+    if np.max(np.abs(values)) < ZERO_TARGET:
+        raise ValueError(f"{source}: the target profile is control-like (every value below {ZERO_TARGET:g}, e.g. a "
+                         "median of DMSO wells): there is no phenotype to match")
     activity = float(np.sqrt(np.mean(np.clip(values, -TARGET_CLIP_Z, TARGET_CLIP_Z) ** 2)))
-    if activity < MIN_TARGET_ACTIVITY:
-        raise ValueError(f"{source}: the target profile is control-like (activity {activity:.2g}, the RMS of its "
-                         "robust z; a DMSO well scores about 1): there is no phenotype to match")
     if activity < WEAK_TARGET_ACTIVITY:
-        log.warning("%s: the target's activity is %.2f, within about the spread of DMSO wells (about 1): similarity to "
-                    "a weak phenotype is mostly similarity to noise", source, activity)
+        log.warning("%s: the target's activity is %.2f: if it is in robust z against controls, that is within about "
+                    "the spread of DMSO wells (about 1), and similarity to a weak phenotype is mostly similarity to "
+                    "noise", source, activity)
     if np.mean(np.abs(values) > RAW_UNITS_Z) > 0.5:
         log.warning("%s: %.0f %% of the target's values are beyond %g: it looks like raw measurements, not robust z "
                     "against the plate's controls (normalise the table to its DMSO wells first)", source,

@@ -19,8 +19,7 @@ import pandas as pd
 from sqlmodel import select
 
 from lab_io import profiles as profiling
-from lab_io.schema import (CONTROL_COMPOUND_ID, META_COMPOUND, META_PLATE, META_ROLE, META_WELL, WellRole,
-                            feature_columns)
+from lab_io.schema import CONTROL_COMPOUND_ID, META_COMPOUND, META_PLATE, META_ROLE, WellRole, feature_columns
 from loop import store
 from loop.campaign import TRAIN_LOCK_FILE, TRAIN_LOCK_TIMEOUT_S, Campaign
 from loop.library import load_compounds
@@ -78,26 +77,28 @@ def load_measured_cells(campaign: Campaign, max_cells_per_well: int | None = MAX
 MAX_MISSING_FRACTION = 0.05  # a feature missing (NaN) in more of the cells is left out (pycytominer's drop_na_columns)
 
 
+MAX_PLATE_MISSING_FRACTION = 0.5  # a feature most of one plate's cells lack is one that plate does not measure
+
+
 def training_features(cells: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     """The features the assay models and the cells it trains on. CellProfiler leaves a measurement
     NaN where it is undefined (e.g. a texture of a one-pixel object): a feature is kept when it is
-    missing or infinite in at most ``MAX_MISSING_FRACTION`` of the cells overall and of every plate's
-    cells, and in no well in all of its cells, and the few cells missing one of the kept features
-    are left out. So a feature one plate does not measure (another pipeline's export) or one no
-    cell of a well has is left out rather than that plate's or well's cells. Both are logged."""
+    missing or infinite in at most ``MAX_MISSING_FRACTION`` of the cells, and in at most
+    ``MAX_PLATE_MISSING_FRACTION`` of any one plate's cells (a plate exported by another pipeline,
+    without the feature, leaves the feature out rather than all its cells); the few cells missing
+    one of the kept features are left out (a well whose every cell misses one goes with them).
+    Both are logged."""
     candidates = feature_columns(cells.columns)
     if not candidates:
         return [], cells
     missing = pd.DataFrame(~np.isfinite(cells[candidates].to_numpy(np.float64)), columns=candidates,
                            index=cells.index)
     per_plate = missing.groupby(cells[META_PLATE].to_numpy()).mean().max(axis=0)
-    whole_well = missing.groupby([cells[META_PLATE].to_numpy(), cells[META_WELL].to_numpy()]).all().any(axis=0)
     too_sparse = [name for name in candidates if missing[name].mean() > MAX_MISSING_FRACTION
-                  or per_plate[name] > MAX_MISSING_FRACTION or whole_well[name]]
+                  or per_plate[name] > MAX_PLATE_MISSING_FRACTION]
     if too_sparse:
-        log.warning("%d feature(s) missing in more than %.0f %% of the cells (overall or of a plate) or in every cell "
-                    "of a well are left out (e.g. %s)", len(too_sparse), 100 * MAX_MISSING_FRACTION,
-                    ", ".join(too_sparse[:3]))
+        log.warning("%d feature(s) missing in more than %.0f %% of the cells, or in most of one plate's, are left out "
+                    "(e.g. %s)", len(too_sparse), 100 * MAX_MISSING_FRACTION, ", ".join(too_sparse[:3]))
     kept = cells[[c for c in cells.columns if c not in set(too_sparse)]]
     features = profiling.feature_select(kept, max_nonfinite_fraction=MAX_MISSING_FRACTION)
     incomplete = missing[features].to_numpy().any(axis=1) if features else np.zeros(len(cells), bool)

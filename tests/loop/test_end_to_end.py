@@ -328,6 +328,11 @@ def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path, mon
     assert "similarity" in runner.invoke(app, ["--campaign", str(root), "objective", "show"]).output
     progress = campaign_status(campaign)["target_progress"]  # the target compound is the closest measured one
     assert progress["closest"][0]["compound_id"] == top.compound_id and progress["closest"][0]["similarity"] > 0.9
+    from loop.objective import target_progress
+
+    padded = dataclasses.replace(objective, target_features=objective.target_features + ("Cells_NotMeasured_1",),
+                                 target_values=objective.target_values + (5.0,))
+    assert target_progress(campaign, padded)["closest"] == progress["closest"]  # only the shared features count
     assert progress["n_conditions"] > 50 and campaign_status(round_one["campaign"])["target_progress"] is None
 
     candidates, _ = candidate_table(campaign)
@@ -360,7 +365,6 @@ def test_target_phenotype_objective_drives_the_proposal(round_one, tmp_path, mon
                             .where(store.Proposal.round_index == second.round_index)).all()
     assert {acquisition for acquisition, _ in rows} == {"anchored_gp_ucb"}
     assert all(np.isfinite(value) for _, value in rows)
-    import dataclasses
 
     import loop.propose
 

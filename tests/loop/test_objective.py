@@ -50,9 +50,19 @@ def test_table_target_refuses_a_control_like_profile_and_warns_on_pooling_and_ra
     assert "raw measurements" in caplog.text
 
 
-def test_weights_beyond_the_float32_range_are_refused():
+def test_huge_weights_are_refused_when_set_and_a_unit_norm_target_is_accepted(tmp_path, caplog):
+    campaign = Campaign.init(tmp_path / "c")
+    target = Target(("Cells_A", "Cells_B"), (1.0, -2.0), "ref wells")
     with pytest.raises(ValueError, match="only the weights' ratio matters"):
-        ObjectiveConfig(activity_weight=1e39, similarity_weight=1.0, target_features=("Cells_a",), target_values=(2.0,))
+        set_objective(campaign, target=target, activity_weight=1e39, similarity_weight=1.0)
+    assert not campaign_objective(Campaign.open(tmp_path / "c")).uses_target
+    ObjectiveConfig(activity_weight=1e7, similarity_weight=1.0, target_features=("Cells_a",),
+                    target_values=(2.0,))  # a campaign.json saved with one still loads
+    unit = pd.DataFrame({"Metadata_compound": ["ref"], **{f"Cells_f{i}": [v] for i, v in enumerate([0.6, -0.8, 0.0])}})
+    unit.to_csv(tmp_path / "unit.csv", index=False)
+    with caplog.at_level("WARNING"):
+        assert table_target(tmp_path / "unit.csv").values == pytest.approx((0.6, -0.8, 0.0))  # cosine ignores scale
+    assert "activity is 0.58" in caplog.text
 
 
 def test_table_target_errors_name_the_file(tmp_path):

@@ -32,9 +32,15 @@ def test_a_feature_one_plate_does_not_measure_is_left_out_not_the_plate():
     assert (kept["Metadata_Plate"] == "P0").sum() == 90
 
 
-def test_a_feature_no_cell_of_a_well_has_is_left_out_not_the_well():
+def test_a_feature_one_well_lacks_stays_and_that_wells_cells_go():
+    """A feature NaN in every cell of one well (a toxic well's few cells) costs that well's cells,
+    not the feature for the whole campaign; only a plate lacking it in most cells costs the feature."""
     cells = _cells(n_plates=30)
     well = (cells["Metadata_Plate"] == "P3") & (cells["Metadata_Well"] == "A01")
     cells.loc[well, "Cytoplasm_d"] = np.inf
     features, kept = training_features(cells)
-    assert "Cytoplasm_d" not in features and len(kept) == len(cells)
+    assert "Cytoplasm_d" in features and len(kept) == len(cells) - int(well.sum())
+    plate = cells["Metadata_Plate"] == "P7"
+    cells.loc[plate & (cells["Metadata_Well"] != "A02"), "Cells_b"] = np.nan  # 2 of P7's 3 wells
+    features, kept = training_features(cells)
+    assert "Cells_b" not in features and (kept["Metadata_Plate"] == "P7").sum() == 90
