@@ -70,6 +70,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from botorch.utils.safe_math import log_fatplus, logmeanexp
 from torch import Tensor
 
 from acquisition.greedy import (MAX_TYPE_ACQUISITIONS, as_bool_mask, as_index_array, member_utilities,
@@ -274,8 +275,6 @@ def _single_point_values(values: Tensor, utilities: Tensor, acqf: str, params: M
     still ordered."""
     if acqf != "qEI":
         return utilities.mean(dim=0)
-    from botorch.utils.safe_math import log_fatplus, logmeanexp
-
     best_f = torch.as_tensor(params["best_f"]).to(values).double()
     log_improvement = log_fatplus(values.double() - best_f.unsqueeze(-1), tau=float(params.get("tau_relu", 1e-6)))
     return logmeanexp(log_improvement, dim=0).exp()  # float64: far below best_f it is ~1e-20

@@ -35,7 +35,7 @@ def campaign_status(campaign: Campaign) -> dict:
             "model_versions": store.count(session, S.ModelVersion),
             "latest_model": latest,
             # plates ingested after the current model was trained: `loop train` would learn from them
-            "plates_not_in_model": store.plates_after_model(session),
+            "plates_not_in_model": store.plates_after_model(session, current),
             "hits": {"wells": store.count(session, S.Measurement, S.Measurement.is_hit),
                      "compounds": len(hit_compounds)},
             "objective": describe(campaign_objective(campaign)),

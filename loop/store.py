@@ -149,10 +149,11 @@ def current_model_version(session: Session) -> "ModelVersion | None":
     return session.exec(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())).first()
 
 
-def plates_after_model(session: Session) -> list[str]:
-    """Barcodes of the plates ingested after the current virtual assay was trained (or made current):
-    measurements it has not learned from. Empty without a model."""
-    current = current_model_version(session)
+def plates_after_model(session: Session, current: "ModelVersion | None" = None) -> list[str]:
+    """Barcodes of the plates ingested after the current virtual assay (``current``, looked up when
+    not given) was trained or made current: measurements it has not learned from. Empty without a
+    model."""
+    current = current or current_model_version(session)
     if current is None:
         return []
     return sorted(session.exec(select(Plate.barcode).where(Plate.status == "returned",

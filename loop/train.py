@@ -342,8 +342,8 @@ def load_model(campaign: Campaign, row: store.ModelVersion) -> VirtualAssay:
 def warn_if_model_behind(campaign: Campaign) -> list[str]:
     """Log a warning naming the plates the current virtual assay has not learned from; returns them."""
     with campaign.session() as session:
-        behind = store.plates_after_model(session)
         current = store.current_model_version(session)
+        behind = store.plates_after_model(session, current)
     if behind:
         how = ("`loop assay train --data <campaign>/measurements` and `loop use-assay` to use them (`loop train` would "
                "make a feature ensemble current instead)" if current.kind == "image" else "`loop train` first to use them")

@@ -531,10 +531,7 @@ def evaluate_assay(
             for d in other:
                 entry["model_at_dose"][f"{d:g}"] = compare(generated[(entry["compound"], d)], real_feats, mean, std, seed=seed)
                 real_other = real_sets[(entry["compound"], d)]
-                subsample_rng = _rng(seed, plate, entry["compound"], entry["dose_um"], d)
-                keep = np.sort(subsample_rng.choice(len(real_other.morph), min(n_per_condition, len(real_other.morph)),
-                                                    replace=False))
-                subset = FeatureSets(real_other.inception[keep], real_other.morph[keep])
+                subset = _subset(real_other, n_per_condition, _rng(seed, plate, entry["compound"], entry["dose_um"], d))
                 entry["real_at_dose"][f"{d:g}"] = compare(subset, real_feats, mean, std, seed=seed)
 
     for plate in plate_list:
