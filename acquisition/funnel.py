@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from acquisition.greedy import as_bool_mask, as_index_array
-from acquisition.prediction_cache import PredictionCache, predict_with_cache
+from acquisition.prediction_cache import PredictionCache, SimulationSettings, predict_with_cache
 from acquisition.surrogate import SurrogateConfig, prescreen, train_surrogate
 from models.virtual_assay import VirtualAssay, check_doses, check_fingerprints
 
@@ -88,8 +88,16 @@ class FunnelConfig:
             raise ValueError(f"surrogate_measurements must be true or false, got {self.surrogate_measurements!r}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        if self.sample_size < 2:
+            raise ValueError(f"sample_size must be >= 2 (the surrogate learns from the sample), got {self.sample_size}")
         if isinstance(self.surrogate, dict):  # from_dict / JSON round trip
             object.__setattr__(self, "surrogate", SurrogateConfig(**self.surrogate))
+        if self.simulation_seed is not None and (isinstance(self.simulation_seed, bool)
+                                                 or int(self.simulation_seed) != self.simulation_seed):
+            raise ValueError(f"simulation_seed must be an integer or null, got {self.simulation_seed!r}")
+        # n_cells, plate_id and profile_dims are checked as the cache will see them.
+        SimulationSettings(n_cells=self.n_cells, seed=self.simulation_seed or 0, plate_id=self.plate_id,
+                           profile_dims=self.profile_dims)
 
     def prescreens(self, n_eligible: int) -> bool:
         """Whether ``n_eligible`` candidates go through the surrogate (else all are simulated)."""
@@ -224,7 +232,7 @@ def funnel_predict(
         return _simulate(assay, fingerprints[rows], inchikeys[rows], dose[rows], config, cache, seed)
 
     def values_of(prediction) -> np.ndarray:  # K x n
-        if objective is None:
+        if objective is None or prediction.activity.shape[1] == 0:  # an empty shortlist has no profiles to score
             return prediction.activity
         return np.asarray(objective(prediction.profiles), dtype=np.float32)
 

@@ -1,7 +1,7 @@
 """Prediction cache: each (model version, InChIKey, dose) is simulated by the virtual assay once.
 
 ``predict_with_cache`` asks the cache first and simulates only the missing compounds (in
-chunks, locally or sharded over Ray workers through ``models.ray_executor.run_tasks``),
+chunks, locally or sharded over Ray workers through ``models.ray_executor.iter_tasks``),
 storing per-member phenotypic activity ``||profile||_2 / sqrt(F)`` (``K x n``) and,
 optionally, the first ``profile_dims`` profile features (``K x n x d``; ``None`` = all ``F``).
 
@@ -15,13 +15,15 @@ Settings (``n_cells``, ``seed``, ``plate_id``, ``profile_dims``) are part of the
 assays use common random numbers (one noise draw per seed shared by every compound), so
 values cached under one seed are exactly what a direct ``predict_profiles`` call with that
 seed returns, and compounds stay comparable. Shards are written to a temporary file and
-renamed (atomic); a shard that cannot be read or fails validation raises
+renamed (atomic; a temporary file left by a killed writer is removed once it is an hour old);
+a shard that cannot be read or fails validation raises
 ``PredictionCacheError`` naming the file. Concurrent writers never overwrite each other
 (unique shard names); duplicate keys are resolved to the first shard read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +44,7 @@ import torch
 
 from acquisition.objectives import phenotypic_activity
 from lab_io.tempfiles import naming_path
-from models.ray_executor import run_tasks
+from models.ray_executor import iter_tasks
 from models.virtual_assay import VirtualAssay, check_doses, check_fingerprints
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ __all__ = [
 
 SETTINGS_FILE = "settings.json"
 SHARD_GLOB = "shard-*.parquet"
+STALE_TEMPORARY_S = 3600.0  # a temporary shard file this old was left by a killed writer
 CACHE_FORMAT_VERSION = 1
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -88,8 +91,16 @@ class SimulationSettings:
             raise ValueError(f"n_cells must be an integer >= 2, got {self.n_cells!r}")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.profile_dims is not None and (int(self.profile_dims) != self.profile_dims or self.profile_dims < 0):
+        if self.profile_dims is not None and (isinstance(self.profile_dims, bool) or int(self.profile_dims)
+                                              != self.profile_dims or self.profile_dims < 0):
             raise ValueError(f"profile_dims must be an integer >= 0 or None, got {self.profile_dims!r}")
+        if self.plate_id is not None and (not isinstance(self.plate_id, str) or not self.plate_id):
+            raise ValueError(f"plate_id must be a plate id (text) or None, got {self.plate_id!r}")
+        # Plain ints in the key: numpy integers and 5.0 must hash (and name the folder) like 5.
+        for name in ("n_cells", "seed", "profile_dims"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, int(value))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +190,20 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
+def _remove_stale_temporary_files(folder: Path, max_age_s: float = STALE_TEMPORARY_S) -> None:
+    """Delete shard files a killed writer left half-written (``.shard-*.tmp-*``, older than ``max_age_s``).
+
+    Reads never see them (they are not ``shard-*.parquet``); this only frees their disk space. A
+    live writer renames its file within seconds, so an hour-old one has no owner.
+    """
+    now = time.time()
+    for path in folder.glob(".shard-*.tmp-*"):
+        with contextlib.suppress(OSError):  # another process removed it first
+            if now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+                log.info("%s: removed a temporary cache file left by an interrupted write", path)
+
+
 class _Namespace:
     """In-memory index of one ``<model_version>/<settings tag>`` folder (reloads new shards)."""
 
@@ -189,8 +214,12 @@ class _Namespace:
         self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # keys n, activity n x K, profiles n x K x d
         self.n_rows = 0
         self._merged: tuple[pd.Index, np.ndarray, np.ndarray] | None = None
+        self._swept = False
 
     def refresh(self) -> None:
+        if not self._swept:
+            _remove_stale_temporary_files(self.folder)
+            self._swept = True
         meta_path = self.folder / SETTINGS_FILE
         if self.meta is None and meta_path.is_file():
             self.meta = _read_meta(meta_path)
@@ -397,6 +426,18 @@ def simulate_predictions(
     return activity.astype(np.float32), np.ascontiguousarray(profiles[:, :, :n_dims], dtype=np.float32)
 
 
+def _check_finite_predictions(model_version: str, keys: np.ndarray, dose_um: np.ndarray, activity: np.ndarray,
+                              profiles: np.ndarray | None) -> None:
+    """Refuse NaN / inf predictions, naming the compounds (a diverged sampler must not reach selection)."""
+    bad = ~np.isfinite(activity).all(axis=0)  # b
+    if profiles is not None and profiles.size:
+        bad |= ~np.isfinite(profiles).all(axis=(0, 2))
+    if bad.any():
+        named = ", ".join(f"{k} at {d:g} uM" for k, d in zip(keys[bad][:5], dose_um[bad][:5]))
+        raise ValueError(f"virtual assay {model_version} predicted non-finite values for {int(bad.sum())} "
+                         f"compound(s): {named}{' ...' if bad.sum() > 5 else ''}; nothing was cached for them")
+
+
 def _simulate_task(assay, fingerprints, dose_um, settings, batch_size):
     """One Ray shard (module level so workers import it)."""
     return simulate_predictions(assay, fingerprints, dose_um, settings, batch_size)
@@ -410,11 +451,13 @@ def _simulate_chunked(assay, fingerprints, dose_um, settings, batch_size, chunk_
 
 
 def _simulate_sharded(assay, fingerprints, dose_um, settings, batch_size, n_shards, ray_address):
-    """``n_shards`` Ray tasks through ``models.ray_executor.run_tasks``; same output as ``_simulate_chunked``."""
+    """``n_shards`` Ray tasks through ``models.ray_executor.iter_tasks``; yields like ``_simulate_chunked``,
+    each shard as it finishes (so a failing shard does not lose the finished ones)."""
     parts = [p for p in np.array_split(np.arange(len(fingerprints)), min(n_shards, len(fingerprints))) if len(p)]
     jobs = [dict(assay=assay, fingerprints=fingerprints[p], dose_um=dose_um[p], settings=settings,
                  batch_size=batch_size) for p in parts]
-    return list(zip(parts, run_tasks(_simulate_task, jobs, address=ray_address, num_cpus_per_task=1)))
+    for i, result in iter_tasks(_simulate_task, jobs, address=ray_address, num_cpus_per_task=1):
+        yield parts[i], result
 
 
 def predict_with_cache(
@@ -446,7 +489,7 @@ def predict_with_cache(
         batch_size: compounds per forward batch inside ``predict_profiles``.
         chunk_size: compounds simulated (and stored) per step locally, so an interrupted run keeps
             what it finished.
-        executor: ``'local'`` or ``'ray'`` (``n_shards`` tasks via ``models.ray_executor.run_tasks``).
+        executor: ``'local'`` or ``'ray'`` (``n_shards`` tasks via ``models.ray_executor.iter_tasks``).
 
     Returns:
         ``CachedPredictions`` (``activity`` float32 ``K x N``; ``profiles`` ``K x N x d`` or None).
@@ -496,6 +539,7 @@ def predict_with_cache(
             if act.shape != (n_members, len(part)):
                 raise ValueError(f"assay {assay.version} returned activity {act.shape}, "
                                  f"expected {(n_members, len(part))}")
+            _check_finite_predictions(assay.version, keys[rows[part]], dose[rows[part]], act, prof)
             activity[:, missing[part]] = act
             if settings.profile_dims != 0:
                 if profiles is None:
@@ -511,6 +555,10 @@ def predict_with_cache(
     if len(missing):
         log.info("virtual assay %s: simulated %d compounds (K=%d, %s) in %.1f s; %d from cache",
                  assay.version, len(missing), n_members, executor, seconds, int(found.sum()))
+    if profiles is None and settings.profile_dims != 0:  # nothing looked up or simulated (N = 0)
+        n_features = len(assay.feature_names)
+        n_dims = n_features if settings.profile_dims is None else min(settings.profile_dims, n_features)
+        profiles = np.zeros((n_members, len(unique_rows), n_dims), dtype=np.float32)
     out_profiles = None if profiles is None else profiles[:, codes]
     return CachedPredictions(activity=activity[:, codes], profiles=out_profiles,
                              n_cached=int(found.sum()), n_simulated=len(missing), simulate_seconds=seconds)

@@ -170,8 +170,11 @@ def train_surrogate(
     n = len(fingerprints)
     if values.shape[-1] != n or values.ndim not in (1, 2):
         raise ValueError(f"values must be K x n or n with n={n} (one per fingerprint), got shape {values.shape}")
-    if n < 2 or not np.isfinite(values).all():
-        raise ValueError(f"need >= 2 simulated compounds with finite values, got {n}")
+    if n < 2:
+        raise ValueError(f"need >= 2 simulated compounds to train the surrogate, got {n}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{int((~np.isfinite(values)).sum())} simulated values are NaN or inf; the surrogate "
+                         "needs finite ones")
     y = _targets(values, config.n_heads, config.target)  # H x n
     x = fingerprints
     row_weight = np.ones(n, dtype=np.float32)
@@ -197,7 +200,7 @@ def train_surrogate(
     else:
         counts = np.ones((config.n_heads, n_rows), dtype=np.float32)
     weight = torch.from_numpy(counts * row_weight)  # H x rows
-    y_mean, y_scale = float(y.mean()), float(y.std()) or 1.0
+    y_mean, y_scale = float(y.mean(dtype=np.float64)), float(y.std(dtype=np.float64)) or 1.0  # float32 overflows
     y_std = torch.from_numpy((y - y_mean) / y_scale)  # H x rows
     mean_bits = float(np.unpackbits(x[: min(n_rows, 2048)], axis=1).sum(1).mean())
     model = FingerprintSurrogate(config.n_heads, config.hidden_dim, mean_bits_on=mean_bits, generator=generator)
@@ -283,10 +286,18 @@ def prescreen(
     t0 = time.perf_counter()
     heads = surrogate.predict_heads(fingerprints, batch_size=batch_size)  # H x N
     ucb = heads.mean(axis=0) + beta * heads.std(axis=0, ddof=1 if len(heads) > 1 else 0)
-    if exclude is not None:
-        ucb[exclude] = -np.inf
-    n_eligible = n if exclude is None else int((~exclude).sum())
-    k = min(int(shortlist_size), n_eligible)
+    eligible = np.ones(n, dtype=bool) if exclude is None else ~exclude
+    n_eligible = int(eligible.sum())
+    n_bad = int((~np.isfinite(ucb) & eligible).sum())
+    if n_bad:
+        if n_bad == n_eligible:
+            raise ValueError(f"the surrogate scored every one of the {n_eligible} eligible candidates as NaN or "
+                             "inf (are the virtual assay's values finite and below ~1e18?)")
+        log.warning("prescreen: the surrogate scored %d of %d eligible candidates as NaN or inf; they are "
+                    "left out of the shortlist", n_bad, n_eligible)
+    ucb[~np.isfinite(ucb)] = -np.inf  # a NaN score must never rank above an excluded candidate
+    ucb[~eligible] = -np.inf
+    k = min(int(shortlist_size), n_eligible - n_bad)
     if k == 0:
         return np.zeros(0, dtype=np.int64)
     top = np.argpartition(-ucb, k - 1)[:k]

@@ -37,8 +37,13 @@ METADATA_FILE = "crops_metadata.csv"
 CHANNELS_FILE = "channels.json"
 IMAGES_KEY = "images"
 REQUIRED_COLUMNS = ("plate", "well", "compound", "concentration_um")
-#: BBBC021 crops channel order (``../shared/README.md``): 0 = DAPI (DNA), 1 = tubulin, 2 = actin.
-DEFAULT_CHANNELS_3 = ("DNA", "Tubulin", "Actin")
+#: Names of a 3-channel crops folder without ``channels.json``: the order of the BBBC021 crops in
+#: ``../shared`` (0 = DAPI). Channels 1 and 2 are actin and tubulin, the reverse of the order the
+#: shared README gives ("not independently verified"): against BBBC021's own CellProfiler per-well
+#: means (Ljosa 2013) for the same wells, log(ch1 / ch2) correlates +0.97 / +0.98 / +0.99 (Nuclei /
+#: Cells / Cytoplasm) with log(CorrActin / CorrTub), and cycloheximide's 50 uM fold changes match
+#: only this way round (session 33's review, ``docs/STATUS_LOG.md``).
+DEFAULT_CHANNELS_3 = ("DNA", "Actin", "Tubulin")
 SMILES_TABLE = Path("bbbc021") / "compounds_smiles_matched.csv"
 #: Fallback names -> SMILES (from ``compounds_smiles_matched.csv``, Drug Repurposing Hub match),
 #: used when the shared table is absent. BBBC021 spells cycloheximide "cyclohexamide".
@@ -187,12 +192,12 @@ def reorder_channels(crops: CropSet, names: Sequence[str], source: str | Path) -
     want = [c.lower() for c in names]
     if have == want:
         return crops
+    if not crops.channels_named and crops.images.shape[3] == len(names):
+        return CropSet(crops.images, crops.metadata, names)  # default names say nothing of the order
     if sorted(have) == sorted(want) and len(set(want)) == len(want):
         order = [have.index(c) for c in want]
         logger.info("%s: channels %s reordered to the model's %s", source, list(crops.channel_names), list(names))
         return CropSet(np.ascontiguousarray(crops.images[..., order]), crops.metadata, names)
-    if not crops.channels_named and crops.images.shape[3] == len(names):
-        return CropSet(crops.images, crops.metadata, names)
     named = f"named in its {CHANNELS_FILE}" if crops.channels_named else f"no {CHANNELS_FILE}"
     raise CropsError(f"{source}: crops have {crops.images.shape[3]} channels {list(crops.channel_names)} ({named}); "
                      f"the model expects {list(names)}")

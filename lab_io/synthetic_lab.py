@@ -111,6 +111,10 @@ class SyntheticLabConfig:
 # plate folder (the files lab_io.platemap writes)
 # ----------------------------------------------------------------------------------------------
 
+#: The synthetic lab's CellProfiler pipeline: cells by plain Otsu on the cytoplasm image (its
+#: rendered cells have a uniform body and a blurred edge, which plain Otsu cuts at the edge), grown
+#: at most 20 px from the nucleus. Real image-only plates are measured with the log-Otsu default.
+PIPELINE = dict(cell_threshold="otsu", max_cell_expansion_px=20)
 WELL_COLUMNS = ("barcode", "plate_map_name", "well", "compound_id", "smiles", "dose_um", "role")
 _NO_COMPOUND = ("", CONTROL_COMPOUND_ID)
 
@@ -290,7 +294,7 @@ class SyntheticLab:
 
     def _measure(self, image: np.ndarray, barcode: str, well: str, site: int,
                  file_names: dict[str, str] | None = None) -> pd.DataFrame:
-        tables = measure_field(image, CHANNELS)
+        tables = measure_field(image, CHANNELS, **PIPELINE)
         image_row = _image_row(barcode, well, site, tables, file_names)
         return merge_compartments(image_row, tables["Nuclei"], tables["Cells"], tables["Cytoplasm"])
 
@@ -313,7 +317,7 @@ class SyntheticLab:
                             names[ch] = phenix_name(row + 1, col + 1, site, 1, c + 1)
                             tifffile.imwrite(images_dir / names[ch], image[c])
                             indexed.append((names[ch], row + 1, col + 1, site, 1, c + 1, ch))
-                    tables = measure_field(image, CHANNELS, image_number=image_number)
+                    tables = measure_field(image, CHANNELS, image_number=image_number, **PIPELINE)
                     site_dir = tmp / "analysis" / f"{barcode}-{well['well']}-{site}"
                     site_dir.mkdir(parents=True)
                     _image_row(barcode, well["well"], site, tables, names, image_number).to_csv(

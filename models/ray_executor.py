@@ -18,14 +18,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
-__all__ = ["ensure_ray", "run_tasks", "shutdown_ray"]
+__all__ = ["ensure_ray", "iter_tasks", "run_tasks", "shutdown_ray"]
 
 _started_temp_dir: str | None = None  # temp dir of the local cluster this process started
 
@@ -77,6 +77,16 @@ def shutdown_ray() -> None:
         _started_temp_dir = None
 
 
+def _submit(fn: Callable[..., Any], kwargs_list: Sequence[dict[str, Any]], address: str | None,
+            num_cpus_per_task: float, num_gpus_per_task: float) -> tuple[Any, list[Any]]:
+    """Start one Ray task per kwargs dict -> (ray module, object refs in input order)."""
+    if num_cpus_per_task <= 0 or num_gpus_per_task < 0:
+        raise ValueError("num_cpus_per_task must be > 0 and num_gpus_per_task >= 0")
+    ray = ensure_ray(address)
+    remote_fn = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task)(fn)
+    return ray, [remote_fn.remote(**kwargs) for kwargs in kwargs_list]
+
+
 def run_tasks(
     fn: Callable[..., Any],
     kwargs_list: Sequence[dict[str, Any]],
@@ -90,10 +100,37 @@ def run_tasks(
     A failing task raises its original exception (as Ray re-raises it) after the other
     tasks have been waited for, so their outputs are complete on disk.
     """
-    if num_cpus_per_task <= 0 or num_gpus_per_task < 0:
-        raise ValueError("num_cpus_per_task must be > 0 and num_gpus_per_task >= 0")
-    ray = ensure_ray(address)
-    remote_fn = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task)(fn)
-    refs = [remote_fn.remote(**kwargs) for kwargs in kwargs_list]
+    ray, refs = _submit(fn, kwargs_list, address, num_cpus_per_task, num_gpus_per_task)
     ray.wait(refs, num_returns=len(refs))
     return ray.get(refs)
+
+
+def iter_tasks(
+    fn: Callable[..., Any],
+    kwargs_list: Sequence[dict[str, Any]],
+    *,
+    address: str | None = None,
+    num_cpus_per_task: float = 1,
+    num_gpus_per_task: float = 0.0,
+) -> Iterator[tuple[int, Any]]:
+    """Like ``run_tasks``, but yields ``(index, result)`` as each task finishes (completion order),
+    so the caller can store every finished result before a later one fails.
+
+    A failing task does not stop the others: their results are still yielded, and the first
+    failure is raised (its original exception) once every task has finished.
+    """
+    ray, refs = _submit(fn, kwargs_list, address, num_cpus_per_task, num_gpus_per_task)
+    index_of = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    first_error: BaseException | None = None
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # re-raised after the other tasks have finished
+                first_error = first_error or exc
+                continue
+            yield index_of[ref], result
+    if first_error is not None:
+        raise first_error

@@ -128,6 +128,30 @@ def test_sample_larger_than_eligible_leaves_an_empty_shortlist():
         funnel_predict(FakeAssay(), fps, inchikeys(600), np.full(599, 10.0), config=config)
 
 
+def test_empty_shortlist_with_profiles_or_an_objective(tmp_path):
+    rng = np.random.default_rng(3)
+    fps = random_fingerprints(600, rng)
+    config = FunnelConfig(sample_size=1000, shortlist_size=50, simulate_all_max=500, profile_dims=None,
+                          surrogate=SurrogateConfig(n_heads=2, hidden_dim=8, n_epochs=1))
+    assay = FakeAssay()
+    result = funnel_predict(assay, fps, inchikeys(600), 10.0, config=config, seed=0,
+                            cache=PredictionCache(tmp_path))
+    assert result.diagnostics["n_shortlist"] == 0 and result.profiles.shape == (3, 600, 4)
+    objective = functools.partial(
+        ObjectiveConfig(similarity_weight=1.0, target_features=("Cells_Fake_1", "Cells_Fake_2"),
+                        target_values=(1.0, -1.0), target_label="t").member_values,
+        feature_names=assay.feature_names)
+    result = funnel_predict(assay, fps, inchikeys(600), 10.0, config=config, seed=0, objective=objective)
+    assert result.values.shape == (3, 600) and np.isfinite(result.values).all()
+
+
+@pytest.mark.parametrize("bad", [dict(sample_size=1), dict(n_cells=1), dict(n_cells=2.5), dict(profile_dims=-3),
+                                 dict(simulation_seed=1.5), dict(plate_id=3)])
+def test_simulation_settings_are_checked_with_the_config(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        FunnelConfig(**bad)
+
+
 def test_fixed_simulation_seed_shares_the_cache_across_round_seeds(tmp_path):
     rng = np.random.default_rng(4)
     fps = random_fingerprints(300, rng)

@@ -166,15 +166,16 @@ def test_no_cache_simulates_everything(library):
     assert assay.n_predicted == 20 and out.n_cached == 0
 
 
-def test_sharded_executor_goes_through_run_tasks(tmp_path, library, monkeypatch):
+def test_sharded_executor_goes_through_iter_tasks(tmp_path, library, monkeypatch):
     fps, keys = library
     seen = []
 
-    def fake_run_tasks(fn, kwargs_list, *, address=None, num_cpus_per_task=1, num_gpus_per_task=0.0):
+    def fake_iter_tasks(fn, kwargs_list, *, address=None, num_cpus_per_task=1, num_gpus_per_task=0.0):
         seen.append(len(kwargs_list))
-        return [fn(**kwargs) for kwargs in kwargs_list]
+        for i in reversed(range(len(kwargs_list))):  # completion order need not be input order
+            yield i, fn(**kwargs_list[i])
 
-    monkeypatch.setattr(prediction_cache, "run_tasks", fake_run_tasks)
+    monkeypatch.setattr(prediction_cache, "iter_tasks", fake_iter_tasks)
     assay = FakeAssay()
     out = predict_with_cache(assay, fps[:30], keys[:30], 10.0, PredictionCache(tmp_path), seed=0,
                              executor="ray", n_shards=3)
@@ -292,3 +293,70 @@ def test_ray_shards_match_local(tmp_path, tiny_ensemble, ray_cluster):
     assert out.n_simulated == 8
     np.testing.assert_allclose(out.activity, direct_activity(assay, fps, 10.0, seed=7, n_cells=16),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_ray_shard_keeps_the_finished_shards_cached(tmp_path, library, monkeypatch):
+    fps, keys = library
+
+    def one_shard_fails(fn, kwargs_list, *, address=None, num_cpus_per_task=1, num_gpus_per_task=0.0):
+        yield 0, fn(**kwargs_list[0])
+        yield 2, fn(**kwargs_list[2])
+        raise RuntimeError("worker died")  # shard 1, raised after the others finished
+
+    monkeypatch.setattr(prediction_cache, "iter_tasks", one_shard_fails)
+    with pytest.raises(RuntimeError, match="worker died"):
+        predict_with_cache(FakeAssay(), fps[:30], keys[:30], 10.0, PredictionCache(tmp_path), seed=0,
+                           executor="ray", n_shards=3)
+    assert PredictionCache(tmp_path).n_entries("fake-v1") == 20
+
+
+class NaNAssay(FakeAssay):
+    """FakeAssay whose prediction for the compounds at ``bad_rows`` (of each call) is NaN."""
+
+    def __init__(self, bad_rows, **kwargs):
+        super().__init__(**kwargs)
+        self.bad_rows = bad_rows
+
+    def predict_profiles(self, fingerprints, dose_um, **kwargs):
+        profiles = super().predict_profiles(fingerprints, dose_um, **kwargs)
+        profiles[:, self.bad_rows] = np.nan
+        return profiles
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_non_finite_predictions_are_refused_naming_the_compound(tmp_path, library, use_cache):
+    fps, keys = library
+    cache = PredictionCache(tmp_path) if use_cache else None
+    with pytest.raises(ValueError, match=rf"fake-v1 .*1 compound\(s\): {keys[3]} at 10 uM"):
+        predict_with_cache(NaNAssay([3]), fps[:10], keys[:10], 10.0, cache, seed=0)
+    if use_cache:
+        assert PredictionCache(tmp_path).n_entries("fake-v1") == 0
+
+
+def test_seeds_key_the_cache_as_plain_integers(tmp_path, library):
+    fps, keys = library
+    assert SimulationSettings(seed=np.int64(5)).tag() == SimulationSettings(seed=5).tag()
+    assert SimulationSettings(seed=5.0, n_cells=np.int32(32)).tag() == SimulationSettings(seed=5).tag()
+    assay = FakeAssay()
+    predict_with_cache(assay, fps[:10], keys[:10], 10.0, PredictionCache(tmp_path), seed=np.int64(5))
+    predict_with_cache(assay, fps[:10], keys[:10], 10.0, PredictionCache(tmp_path), seed=5.0)
+    assert assay.n_predicted == 10
+    with pytest.raises(ValueError, match="plate_id"):
+        SimulationSettings(plate_id=7)
+
+
+def test_stale_temporary_shards_are_removed_fresh_ones_kept(tmp_path, library):
+    import os
+    import time
+
+    fps, keys = library
+    cache = PredictionCache(tmp_path)
+    predict_with_cache(FakeAssay(), fps[:5], keys[:5], 10.0, cache, seed=0)
+    folder = cache.folder("fake-v1", SimulationSettings())
+    stale, fresh = folder / ".shard-a.parquet.tmp-1-aa", folder / ".shard-b.parquet.tmp-2-bb"
+    stale.write_bytes(b"half a shard")
+    fresh.write_bytes(b"being written")
+    old = time.time() - 2 * prediction_cache.STALE_TEMPORARY_S
+    os.utime(stale, (old, old))
+    lookup = PredictionCache(tmp_path).get("fake-v1", keys[:5], np.full(5, 10.0), SimulationSettings())
+    assert lookup.found.all() and not stale.exists() and fresh.exists()

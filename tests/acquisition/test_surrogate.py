@@ -99,3 +99,30 @@ def test_mean_target_and_input_checks():
         train_surrogate(np.unpackbits(fps, axis=1), np.ones(50), config=FAST)
     with pytest.raises(ValueError, match="target"):
         SurrogateConfig(target="median")
+
+
+def test_nan_scores_never_let_excluded_candidates_in(monkeypatch, caplog):
+    rng = np.random.default_rng(2)
+    fps = random_fingerprints(100, rng)
+    model, _ = train_surrogate(fps, member_activity(FakeAssay(), fps), config=FAST, seed=0)
+    heads = model.predict_heads(fps)
+    heads[:, 50:] = np.nan  # half the eligible candidates scored NaN
+    monkeypatch.setattr(model, "predict_heads", lambda *a, **k: heads.copy())
+    exclude = np.zeros(100, bool)
+    exclude[:20] = True
+    top = prescreen(model, fps, 80, exclude=exclude)
+    assert sorted(top.tolist()) == list(range(20, 50))
+    assert "50 of 80 eligible candidates" in caplog.text
+    heads[:] = np.nan
+    with pytest.raises(ValueError, match="every one of the 80 eligible"):
+        prescreen(model, fps, 10, exclude=exclude)
+
+
+def test_huge_targets_train_a_finite_surrogate():
+    rng = np.random.default_rng(5)
+    fps = random_fingerprints(60, rng)
+    values = 1e20 * (1 + member_activity(FakeAssay(), fps))  # float32 std overflows above ~1e19
+    model, _ = train_surrogate(fps, values, config=FAST, seed=0)
+    assert np.isfinite(model.predict_heads(fps)).all()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        train_surrogate(fps, np.where(np.arange(60) == 3, np.nan, 1.0), config=FAST, seed=0)

@@ -123,7 +123,7 @@ def test_is_control_compound():
 def test_loads_real_bbbc021():
     crops = load_crops(shared_data_dir() / "bbbc021")
     assert crops.images.shape == (5873, 68, 68, 3)
-    assert crops.channel_names == ("DNA", "Tubulin", "Actin")
+    assert crops.channel_names == ("DNA", "Actin", "Tubulin")
     assert "Week4_27821" in crops.plates
     assert int(crops.is_control.sum()) == 842 + 899 + 534 + 1088 + 876
 

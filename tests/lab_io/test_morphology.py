@@ -9,6 +9,7 @@ from skimage.measure import regionprops
 
 from lab_io.morphology import (
     TEXTURE_LEVELS,
+    TEXTURE_RANGE_QUANTILES,
     cell_feature_names,
     featurize_crops,
     measure_field,
@@ -76,7 +77,7 @@ def test_haralick_matches_skimage_graycomatrix():
     image = rng.normal(size=(24, 24)).cumsum(axis=1)  # correlated along x
     labels = np.ones((24, 24), dtype=int)
     out = measure_objects(labels, image[None], ["Actin"], n_objects=1)
-    lo, hi = image.min(), image.max()
+    lo, hi = np.quantile(image, TEXTURE_RANGE_QUANTILES)  # linear interpolation, as measure_objects
     q = np.clip(np.floor((image - lo) / (hi - lo) * TEXTURE_LEVELS), 0, TEXTURE_LEVELS - 1).astype(np.uint8)
     glcm = graycomatrix(q, [1], [0, np.pi / 2], levels=TEXTURE_LEVELS, symmetric=True)
     pooled = glcm.sum(axis=3, keepdims=True).astype(float)
@@ -88,6 +89,19 @@ def test_haralick_matches_skimage_graycomatrix():
     noise = measure_objects(labels, rng.normal(size=(1, 24, 24)), ["Actin"], n_objects=1)
     smooth = measure_objects(labels, np.add.outer(np.arange(24.0), np.arange(24.0))[None], ["Actin"], 1)
     assert smooth["Texture_Contrast_Actin"][0] < noise["Texture_Contrast_Actin"][0]
+
+
+def test_one_hot_pixel_barely_moves_texture():
+    rng = np.random.default_rng(3)
+    image = 1000.0 + 50.0 * rng.normal(size=(40, 40)).cumsum(axis=1) / 6.0
+    labels = disk((40, 40), 19.5, 19.5, 17).astype(int)
+    hot = image.copy()
+    hot[20, 20] = 3.0 * image.max()  # a cosmic ray / decoder artefact
+    base = measure_objects(labels, image[None], ["DNA"], n_objects=1)
+    moved = measure_objects(labels, hot[None], ["DNA"], n_objects=1)
+    for f in ("AngularSecondMoment", "Entropy", "Contrast", "Correlation", "InverseDifferenceMoment"):
+        a, b = base[f"Texture_{f}_DNA"][0], moved[f"Texture_{f}_DNA"][0]
+        assert abs(b - a) <= 0.02 * max(abs(a), 1e-3), (f, a, b)
 
 
 def test_shape_features_match_regionprops():
@@ -200,10 +214,35 @@ def test_featurize_crops_measures_the_centre_cell():
     assert np.isfinite(u16).all()
 
 
-def test_featurize_crops_degenerate_inputs_are_finite_or_rejected():
+def test_touching_nuclei_specks_and_bright_neighbours_do_not_replace_the_centre_nucleus():
+    size, c = 68, 33.5
+    base = synthetic_cell_crop(neighbour=False)
+    clean = dict(zip(cell_feature_names(CHANNELS), featurize_crops(base[None], CHANNELS)[0][0]))
+    touching = base.copy()
+    touching[..., 0][disk((size, size), c, c + 20, 10)] = 3000  # an identical nucleus touching it
+    speck = base.copy()
+    speck[35:37, 52:54, 0] = 3000  # a 2 x 2 px DNA speck outside the nucleus, inside the cell
+    dim = base.copy()
+    dim[..., 0][disk((size, size), c, c, 10)] = 1500  # a dim centre nucleus ...
+    dim[..., 0][disk((size, size), c, c + 19, 8)] = 12000  # ... beside a condensed, bright one
+    feats, names = featurize_crops(np.stack([touching, speck, dim]), CHANNELS)
+    f = dict(zip(names, feats.T))
+    assert f["Nuclei_AreaShape_Area"][:2] == pytest.approx(np.pi * 10**2, rel=0.15)
+    assert f["Nuclei_AreaShape_Eccentricity"][0] < 0.4
+    assert f["Cells_AreaShape_Area"][1] == pytest.approx(clean["Cells_AreaShape_Area"], rel=0.03)
+    assert f["Cells_AreaShape_Eccentricity"][1] < 0.2
+    assert f["Nuclei_Intensity_MedianIntensity_DNA"][2] == pytest.approx(1500, rel=0.1)  # the centre one
+
+
+def test_featurize_crops_degenerate_inputs_are_finite_or_rejected(caplog):
     flat = np.zeros((2, 32, 32, 3), dtype=np.uint16)
     feats, names = featurize_crops(flat, CHANNELS)
     assert np.isfinite(feats).all() and feats.shape == (2, len(names))
+    noise = np.random.default_rng(0).normal(1000, 50, (1, 48, 48, 3))  # a failed generated cell
+    with caplog.at_level("INFO"):
+        odd, _ = featurize_crops(noise, CHANNELS)
+    assert "1 of 1 crops hold no nucleus above the background floor" in caplog.text
+    assert np.isfinite(odd).all() and odd[0, 0] > 0  # measured without the floor, not missing
     assert featurize_crops(np.zeros((0, 32, 32, 3)), CHANNELS)[0].shape == (0, len(names))
     with pytest.raises(ValueError, match="N x H x W x C"):
         featurize_crops(np.zeros((32, 32, 3)), CHANNELS)
@@ -273,4 +312,23 @@ def test_dna_channel_found_by_name(caplog):
     crop[0, ..., 2] += (3000 * ((yy - 12) ** 2 + (xx - 12) ** 2 < 25)).astype(np.uint16)  # a nucleus in channel 2
     by_name, _ = featurize_crops(crop, ("Tubulin", "Actin", "DNA"))
     explicit, _ = featurize_crops(crop, ("Tubulin", "Actin", "DNA"), dna_channel=2)
-    assert np.array_equal(by_name, explicit) and 60 < by_name[0, 0] < 100  # nucleus area about pi 5^2
+    assert np.array_equal(by_name, explicit) and 60 < by_name[0, 0] < 120  # about pi 5^2, blurred by the smoothing
+
+
+def test_cells_on_a_real_cell_painting_field_reach_their_cell_body():
+    fields = SHARED / "jump" / "fields" / "BR00123947" / "Images"
+    if not fields.exists():
+        pytest.skip(f"real JUMP field not found at {fields} (set LOOP_SHARED_DATA)")
+    import tifffile
+
+    image = np.stack([tifffile.imread(fields / f"r07c01f01p01-ch{c}sk1fk1fl1.tiff") for c in range(1, 6)])
+    names = ["DNA", "ER", "RNA", "AGP", "Mito"]
+    tables = measure_field(image, names)
+    ratio = float(np.median(tables["Cells"]["AreaShape_Area"] / tables["Nuclei"]["AreaShape_Area"]))
+    assert 4.0 < ratio < 9.0  # CellProfiler on the same assay (BR00121431): 5.75 and 6.72
+    plain = measure_field(image, names, cell_threshold="otsu", max_cell_expansion_px=20)
+    assert np.median(plain["Cells"]["AreaShape_Area"] / plain["Nuclei"]["AreaShape_Area"]) < 3.0  # the ring only
+    scaled = measure_field(image / 65535.0, names)  # the same field on a 0..1 scale
+    np.testing.assert_allclose(scaled["Nuclei"]["AreaShape_Area"], tables["Nuclei"]["AreaShape_Area"], rtol=0.02)
+    with pytest.raises(ValueError, match="cell_threshold"):
+        measure_field(image, names, cell_threshold="triangle")

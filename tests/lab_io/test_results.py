@@ -270,7 +270,12 @@ def test_images_only_ingest_matches_the_tables(results):
     plate = read_results(results)[0]
     assert plate.from_images and plate.image_count == 3
     assert all(s.startswith("Images/") for s in plate.sources)
-    pd.testing.assert_frame_equal(plate.cells, expected.cells, check_dtype=False, rtol=1e-9)
+    # Same cells and nuclei; the cell bodies differ only by the cell threshold: the synthetic lab's
+    # pipeline uses plain Otsu, image-only ingest the log-Otsu that real Cell Painting fields need.
+    same = [c for c in expected.cells.columns if not c.startswith(("Cells_", "Cytoplasm_"))]
+    pd.testing.assert_frame_equal(plate.cells[same], expected.cells[same], check_dtype=False, rtol=1e-9)
+    assert list(plate.cells.columns) == list(expected.cells.columns)
+    assert (plate.cells["Cells_AreaShape_Area"] >= expected.cells["Cells_AreaShape_Area"] - 1e-9).mean() > 0.9
 
 
 def test_crops_are_cut_at_the_nuclei_whichever_way_the_plate_is_read(results):
@@ -317,8 +322,8 @@ def test_harmony_index_names_the_channels_and_its_folder_name_gives_the_barcode(
     nuclei are segmented on DNA wherever it is; without an index the names are guessed from the
     channel count, with a warning; ``channel_names`` overrides both. Harmony's export folder name,
     ``<barcode>__<timestamp>-Measurement 1``, reads as the barcode."""
-    expected = read_results(results)[0].cells
     shutil.rmtree(results / BARCODE / "analysis")
+    expected = read_results(results)[0].cells  # measured from the images, channels in place
     images = results / BARCODE / "Images"
     assert harmony_channel_names(images) == {1: "DNA", 2: "Tubulin", 3: "Actin"}  # the synthetic lab's index
     _swap_channels(images, 1, 3)

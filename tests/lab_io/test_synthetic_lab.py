@@ -10,7 +10,7 @@ from lab_io.morphology import measure_field
 from lab_io.phenix import parse_phenix_name
 from lab_io.results import harmony_channel_names, read_results
 from lab_io.schema import CHANNELS, well_name
-from lab_io.synthetic_lab import SyntheticLab, SyntheticLabConfig, wells_from_layouts
+from lab_io.synthetic_lab import PIPELINE, SyntheticLab, SyntheticLabConfig, wells_from_layouts
 
 SMILES = {"CMP-1": "CCN(CC)CC(=O)Nc1c(C)cccc1C", "CMP-2": "COc1cc2ncnc(Nc3ccc(F)c(Cl)c3)c2cc1OCCCN1CCOCC1",
           "CMP-3": "O=C(NCc1ccccc1)c1ccc(Cl)cc1"}
@@ -108,7 +108,7 @@ def test_tables_are_a_measurement_of_the_images(plate_run):
     image = np.stack([tifffile.imread(plate / "Images" / f"r02c05f01p01-ch{c}sk1fk1fl1.tiff") for c in (1, 2, 3)])
     assert image.dtype == np.uint16 and image.shape == (3, 128, 128)
     stored = pd.read_csv(plate / "analysis" / "SYN0001-B05-1" / "Nuclei.csv")
-    remeasured = measure_field(image, CHANNELS, image_number=int(stored["ImageNumber"].iloc[0]))["Nuclei"]
+    remeasured = measure_field(image, CHANNELS, image_number=int(stored["ImageNumber"].iloc[0]), **PIPELINE)["Nuclei"]
     pd.testing.assert_frame_equal(remeasured, stored, check_dtype=False, rtol=1e-9)
 
 
@@ -139,7 +139,8 @@ def test_reproducible_and_refuses_overwrite(tmp_path, lab):
 
 
 def counts_and_medians(lab, cls, effect, n_sites=6, well="C05", barcode="PHENO"):
-    frames = [measure_field(lab.render_condition(barcode, well, s, cls, effect), CHANNELS) for s in range(1, n_sites + 1)]
+    frames = [measure_field(lab.render_condition(barcode, well, s, cls, effect), CHANNELS, **PIPELINE)
+              for s in range(1, n_sites + 1)]
     tables = {k: pd.concat([f[k] for f in frames]) for k in frames[0]}
     return sum(len(f["Nuclei"]) for f in frames), tables
 

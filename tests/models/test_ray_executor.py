@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from models.ray_executor import run_tasks
+from models.ray_executor import iter_tasks, run_tasks
 
 
 def test_rejects_bad_resources_before_starting_ray():
@@ -18,3 +18,13 @@ def test_run_tasks_keeps_order_and_raises_task_errors(ray_cluster):
     assert out == [[0, 0], [1, 1], [2, 4], [3, 9]]
     with pytest.raises(ValueError):  # json.JSONDecodeError, re-raised from the task
         run_tasks(json.loads, [{"s": "[1]"}, {"s": "{not json"}])
+
+
+@pytest.mark.slow
+def test_iter_tasks_yields_every_finished_task_before_raising(ray_cluster):
+    kwargs = [{"s": "[1]"}, {"s": "{not json"}, {"s": "[3]"}]
+    seen = {}
+    with pytest.raises(ValueError):  # the failed task, raised once the others are yielded
+        for index, result in iter_tasks(json.loads, kwargs, num_cpus_per_task=0.5):
+            seen[index] = result
+    assert seen == {0: [1], 2: [3]}
