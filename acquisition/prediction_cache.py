@@ -94,6 +94,8 @@ class SimulationSettings:
         if self.profile_dims is not None and (isinstance(self.profile_dims, bool) or int(self.profile_dims)
                                               != self.profile_dims or self.profile_dims < 0):
             raise ValueError(f"profile_dims must be an integer >= 0 or None, got {self.profile_dims!r}")
+        if isinstance(self.plate_id, (int, np.integer)) and not isinstance(self.plate_id, bool):
+            object.__setattr__(self, "plate_id", str(self.plate_id))  # a barcode written as a number
         if self.plate_id is not None and (not isinstance(self.plate_id, str) or not self.plate_id):
             raise ValueError(f"plate_id must be a plate id (text) or None, got {self.plate_id!r}")
         # Plain ints in the key: numpy integers and 5.0 must hash (and name the folder) like 5.
@@ -426,16 +428,21 @@ def simulate_predictions(
     return activity.astype(np.float32), np.ascontiguousarray(profiles[:, :, :n_dims], dtype=np.float32)
 
 
-def _check_finite_predictions(model_version: str, keys: np.ndarray, dose_um: np.ndarray, activity: np.ndarray,
-                              profiles: np.ndarray | None) -> None:
-    """Refuse NaN / inf predictions, naming the compounds (a diverged sampler must not reach selection)."""
-    bad = ~np.isfinite(activity).all(axis=0)  # b
+def _non_finite(activity: np.ndarray, profiles: np.ndarray | None) -> np.ndarray:
+    """``b`` mask of compounds with a NaN / inf prediction in any member (``K x b``, ``K x b x d``)."""
+    bad = ~np.isfinite(activity).all(axis=0)
     if profiles is not None and profiles.size:
         bad |= ~np.isfinite(profiles).all(axis=(0, 2))
-    if bad.any():
-        named = ", ".join(f"{k} at {d:g} uM" for k, d in zip(keys[bad][:5], dose_um[bad][:5]))
-        raise ValueError(f"virtual assay {model_version} predicted non-finite values for {int(bad.sum())} "
-                         f"compound(s): {named}{' ...' if bad.sum() > 5 else ''}; nothing was cached for them")
+    return bad
+
+
+def _refuse_non_finite(model_version: str, bad_keys: list[str], bad_doses: list[float]) -> None:
+    """A diverged sampler must not reach selection: name the compounds (the others are cached)."""
+    if bad_keys:
+        named = ", ".join(f"{k} at {d:g} uM" for k, d in zip(bad_keys[:5], bad_doses[:5]))
+        raise ValueError(f"virtual assay {model_version} predicted non-finite values for {len(bad_keys)} "
+                         f"compound(s): {named}{' ...' if len(bad_keys) > 5 else ''}; nothing was cached for "
+                         "them (the other compounds were)")
 
 
 def _simulate_task(assay, fingerprints, dose_um, settings, batch_size):
@@ -525,6 +532,8 @@ def predict_with_cache(
             profiles[:, found] = lookup.profiles[:, found]
 
     missing = np.flatnonzero(~found)
+    bad_keys: list[str] = []
+    bad_doses: list[float] = []
     t0 = time.perf_counter()
     if len(missing):
         rows = unique_rows[missing]
@@ -539,19 +548,23 @@ def predict_with_cache(
             if act.shape != (n_members, len(part)):
                 raise ValueError(f"assay {assay.version} returned activity {act.shape}, "
                                  f"expected {(n_members, len(part))}")
-            _check_finite_predictions(assay.version, keys[rows[part]], dose[rows[part]], act, prof)
+            bad = _non_finite(act, prof if settings.profile_dims != 0 else None)
+            bad_keys += keys[rows[part[bad]]].tolist()
+            bad_doses += dose[rows[part[bad]]].tolist()
             activity[:, missing[part]] = act
             if settings.profile_dims != 0:
                 if profiles is None:
                     profiles = np.full((n_members, len(unique_rows), prof.shape[2]), np.nan, dtype=np.float32)
                 profiles[:, missing[part]] = prof
-            if cache is not None:
-                cache.put(assay.version, keys[rows[part]], dose[rows[part]], act, settings,
-                          profiles=prof, feature_names=list(assay.feature_names))
+            if cache is not None:  # every finite prediction is kept, even when another shard fails
+                good = part[~bad]
+                cache.put(assay.version, keys[rows[good]], dose[rows[good]], act[:, ~bad], settings,
+                          profiles=None if prof is None else prof[:, ~bad], feature_names=list(assay.feature_names))
             if len(part) < len(missing):  # progress of a long simulation, chunk by chunk
                 log.info("virtual assay %s: %d more simulated (%.0f s so far)", assay.version, len(part),
                          time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
+    _refuse_non_finite(assay.version, bad_keys, bad_doses)
     if len(missing):
         log.info("virtual assay %s: simulated %d compounds (K=%d, %s) in %.1f s; %d from cache",
                  assay.version, len(missing), n_members, executor, seconds, int(found.sum()))

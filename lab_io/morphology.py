@@ -63,8 +63,8 @@ INTENSITY_FEATURES = (
 )
 TEXTURE_FEATURES = ("Contrast", "InverseDifferenceMoment", "AngularSecondMoment", "Correlation", "Entropy")
 _QUANTILES = {"LowerQuartileIntensity": 0.25, "MedianIntensity": 0.5, "UpperQuartileIntensity": 0.75}
-#: Texture grey levels span the object's 1st..99th intensity percentile (values outside are clipped
-#: into the end levels), so one hot pixel cannot squeeze the other pixels into a few levels.
+#: Texture grey levels span the object's 1st..99th intensity percentile (inward ranks, values
+#: outside clipped into the end levels), so one hot pixel cannot squeeze the others into a few levels.
 TEXTURE_RANGE_QUANTILES = (0.01, 0.99)
 _TEXTURE_LO, _TEXTURE_HI = "_TextureRangeLow", "_TextureRangeHigh"
 
@@ -181,9 +181,25 @@ def _intensity_stats(labels: np.ndarray, values: np.ndarray, n: int) -> dict[str
     }
     for name, p in _QUANTILES.items():
         stats[name] = quantile(p)
-    lo_p, hi_p = TEXTURE_RANGE_QUANTILES
-    stats[_TEXTURE_LO], stats[_TEXTURE_HI] = quantile(lo_p), quantile(hi_p)  # texture range, not features
+    stats[_TEXTURE_LO], stats[_TEXTURE_HI] = _texture_range(sorted_val, starts, count, n)  # not features
     return stats
+
+
+def _texture_range(sorted_val: np.ndarray, starts: np.ndarray, count: np.ndarray, n: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label texture range: the values at the inward ranks ``ceil((m - 1) p_lo)`` and
+    ``floor((m - 1) p_hi)`` of an object's ``m`` sorted pixels (no interpolation, so in an object
+    of under 100 px the brightest pixel sets no level); min and max for objects of 1-2 pixels."""
+    lo_p, hi_p = TEXTURE_RANGE_QUANTILES
+    lo, hi = np.zeros(n), np.zeros(n)
+    has = count > 0
+    m = count[has]
+    lo_rank, hi_rank = np.ceil((m - 1.0) * lo_p), np.floor((m - 1.0) * hi_p)
+    tiny = lo_rank >= hi_rank
+    lo_rank[tiny], hi_rank[tiny] = 0.0, m[tiny] - 1.0
+    lo[has] = sorted_val[(starts[has] + lo_rank).astype(np.int64)]
+    hi[has] = sorted_val[(starts[has] + hi_rank).astype(np.int64)]
+    return lo, hi
 
 
 def _haralick(labels: np.ndarray, values: np.ndarray, n: int, lo: np.ndarray, hi: np.ndarray,
@@ -446,8 +462,19 @@ def _background_floor(image: np.ndarray, n_sigma: float = 6.0) -> float:
 
 
 MIN_SEED_DISTANCE_PX = 5  # smallest distance between declumping seeds (segment_nuclei)
+NEIGHBOUR_MIN_AREA_FRACTION = 0.2  # in a crop, DNA objects below this share of the nucleus are no neighbours
 COUNTS_MIN_SPAN = 256.0  # an image spanning fewer units is not in camera counts (see _log_otsu)
 LOG_SCALE_COUNTS = 4096.0  # ... and is stretched to span this many before the log-Otsu threshold
+
+
+def _seed_distance(distance: np.ndarray, blobs: np.ndarray, ids: np.ndarray) -> int:
+    """Declumping seed distance: half the median inscribed radius of the objects (the largest
+    distance to their edge, which a clump of two nuclei shares with one), at least
+    ``MIN_SEED_DISTANCE_PX``."""
+    if ids.size == 0:
+        return MIN_SEED_DISTANCE_PX
+    radius = float(np.median(ndi.maximum(distance, blobs, index=ids)))
+    return max(MIN_SEED_DISTANCE_PX, int(round(0.5 * radius)))
 
 
 def segment_nuclei(dna: np.ndarray, *, smooth_sigma_px: float = 1.5, min_area_px: int = 20,
@@ -459,9 +486,9 @@ def segment_nuclei(dna: np.ndarray, *, smooth_sigma_px: float = 1.5, min_area_px
     mean + 6 SDs from the lower tail, so an empty field gives no objects); hole filling; removal
     of objects smaller than ``min_area_px``; then a watershed on the negative distance transform seeded at its local
     maxima (at least ``min_distance_px`` apart) to split touching nuclei. ``min_distance_px=None``
-    scales it to the image: half the radius of the median object (``sqrt(median area / pi) / 2``),
-    at least 5 px, so large nuclei are not cut along their length (BBBC021's ~18 px nuclei get
-    about 9 px; CellProfiler likewise derives it from the typical object diameter).
+    scales it to the image: half the median inscribed radius of the objects (:func:`_seed_distance`;
+    a clump of two nuclei has the inscribed radius of one), at least 5 px, so large nuclei are not
+    cut along their length (CellProfiler likewise derives it from the typical object diameter).
     ``background_floor=False`` drops the floor, for an image known to hold a nucleus whose lower
     tail is not background (a crop filled with nuclei).
     """
@@ -480,10 +507,9 @@ def segment_nuclei(dna: np.ndarray, *, smooth_sigma_px: float = 1.5, min_area_px
     kept = (sizes >= min_area_px)
     kept[0] = False
     mask &= kept[blobs]
-    if min_distance_px is None:
-        median_area = float(np.median(sizes[kept])) if kept.any() else 0.0
-        min_distance_px = max(MIN_SEED_DISTANCE_PX, int(round(0.5 * np.sqrt(median_area / np.pi))))
     distance = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
+    if min_distance_px is None:
+        min_distance_px = _seed_distance(distance, blobs, np.flatnonzero(kept))
     size = 2 * min_distance_px + 1
     peaks = (distance == ndi.maximum_filter(distance, size=size)) & mask & (distance > 1.0)
     markers, _ = ndi.label(peaks)
@@ -634,8 +660,9 @@ def _segment_crop(dna: np.ndarray, smooth: np.ndarray, dna_channel: int) -> tupl
     centred cell.
 
     Nuclei are segmented as in fields (:func:`segment_nuclei`: log-Otsu midpoint above the
-    background floor, objects of at least 20 px, touching nuclei split), so a DNA speck is no
-    neighbour and two touching nuclei are not one. A crop where nothing rises above the
+    background floor, objects of at least 20 px, touching nuclei split), so two touching nuclei
+    are not one; DNA objects under ``NEIGHBOUR_MIN_AREA_FRACTION`` of the nucleus (specks,
+    micronuclei) do not bound the cell as neighbours do. A crop where nothing rises above the
     background floor (a crop filled with nuclei, whose lower tail is no background; a faint or
     failed generated cell) is segmented again without the floor, then, if still empty, by the
     plain Otsu split of its smoothed DNA channel (else a 3 px disc at the centre), so its
@@ -649,7 +676,10 @@ def _segment_crop(dna: np.ndarray, smooth: np.ndarray, dna_channel: int) -> tupl
         labels = _otsu_labels(smooth[dna_channel])
     centre = _centre_label(labels)
     nucleus = ndi.binary_fill_holes(labels == centre)
-    other_nuclei = (labels > 0) & ~nucleus
+    sizes = np.bincount(labels.ravel())
+    neighbour = sizes >= NEIGHBOUR_MIN_AREA_FRACTION * nucleus.sum()  # a micronucleus is no neighbour
+    neighbour[0] = False
+    other_nuclei = neighbour[labels] & ~nucleus
     foreground = nucleus.copy()
     for c in range(smooth.shape[0]):
         if c != dna_channel:

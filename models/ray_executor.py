@@ -117,20 +117,26 @@ def iter_tasks(
     so the caller can store every finished result before a later one fails.
 
     A failing task does not stop the others: their results are still yielded, and the first
-    failure is raised (its original exception) once every task has finished.
+    failure is raised (its original exception) once every task has finished. Tasks still running
+    when the caller stops iterating (closes the generator, or raises out of its loop) are cancelled
+    (their worker processes killed: a task that only returns its result loses nothing else).
     """
     ray, refs = _submit(fn, kwargs_list, address, num_cpus_per_task, num_gpus_per_task)
     index_of = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
     first_error: BaseException | None = None
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        for ref in ready:
-            try:
-                result = ray.get(ref)
-            except Exception as exc:  # re-raised after the other tasks have finished
-                first_error = first_error or exc
-                continue
-            yield index_of[ref], result
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # re-raised after the other tasks have finished
+                    first_error = first_error or exc
+                    continue
+                yield index_of[ref], result
+    finally:
+        for ref in pending:  # the consumer stopped early (an error, a break): stop the rest
+            ray.cancel(ref, force=True)
     if first_error is not None:
         raise first_error

@@ -146,7 +146,7 @@ def test_empty_shortlist_with_profiles_or_an_objective(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(sample_size=1), dict(n_cells=1), dict(n_cells=2.5), dict(profile_dims=-3),
-                                 dict(simulation_seed=1.5), dict(plate_id=3)])
+                                 dict(simulation_seed=1.5), dict(plate_id=[3])])
 def test_simulation_settings_are_checked_with_the_config(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         FunnelConfig(**bad)

@@ -329,8 +329,10 @@ def test_non_finite_predictions_are_refused_naming_the_compound(tmp_path, librar
     cache = PredictionCache(tmp_path) if use_cache else None
     with pytest.raises(ValueError, match=rf"fake-v1 .*1 compound\(s\): {keys[3]} at 10 uM"):
         predict_with_cache(NaNAssay([3]), fps[:10], keys[:10], 10.0, cache, seed=0)
-    if use_cache:
-        assert PredictionCache(tmp_path).n_entries("fake-v1") == 0
+    if use_cache:  # the 9 finite predictions are kept
+        assert PredictionCache(tmp_path).n_entries("fake-v1") == 9
+        lookup = PredictionCache(tmp_path).get("fake-v1", keys[:10], np.full(10, 10.0), SimulationSettings())
+        assert lookup.found.tolist() == [i != 3 for i in range(10)]
 
 
 def test_seeds_key_the_cache_as_plain_integers(tmp_path, library):
@@ -341,8 +343,9 @@ def test_seeds_key_the_cache_as_plain_integers(tmp_path, library):
     predict_with_cache(assay, fps[:10], keys[:10], 10.0, PredictionCache(tmp_path), seed=np.int64(5))
     predict_with_cache(assay, fps[:10], keys[:10], 10.0, PredictionCache(tmp_path), seed=5.0)
     assert assay.n_predicted == 10
+    assert SimulationSettings(plate_id=27821).plate_id == "27821"  # a barcode written as a number
     with pytest.raises(ValueError, match="plate_id"):
-        SimulationSettings(plate_id=7)
+        SimulationSettings(plate_id=[7])
 
 
 def test_stale_temporary_shards_are_removed_fresh_ones_kept(tmp_path, library):
@@ -360,3 +363,17 @@ def test_stale_temporary_shards_are_removed_fresh_ones_kept(tmp_path, library):
     os.utime(stale, (old, old))
     lookup = PredictionCache(tmp_path).get("fake-v1", keys[:5], np.full(5, 10.0), SimulationSettings())
     assert lookup.found.all() and not stale.exists() and fresh.exists()
+
+
+def test_a_nan_shard_does_not_cost_the_healthy_shards(tmp_path, library, monkeypatch):
+    fps, keys = library
+
+    def in_order(fn, kwargs_list, *, address=None, num_cpus_per_task=1, num_gpus_per_task=0.0):
+        for i, kwargs in enumerate(kwargs_list):
+            yield i, fn(**kwargs)
+
+    monkeypatch.setattr(prediction_cache, "iter_tasks", in_order)
+    with pytest.raises(ValueError, match="non-finite"):  # the first compound of each shard is NaN
+        predict_with_cache(NaNAssay([0]), fps[:30], keys[:30], 10.0, PredictionCache(tmp_path), seed=0,
+                           executor="ray", n_shards=3)
+    assert PredictionCache(tmp_path).n_entries("fake-v1") == 27

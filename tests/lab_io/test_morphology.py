@@ -77,7 +77,8 @@ def test_haralick_matches_skimage_graycomatrix():
     image = rng.normal(size=(24, 24)).cumsum(axis=1)  # correlated along x
     labels = np.ones((24, 24), dtype=int)
     out = measure_objects(labels, image[None], ["Actin"], n_objects=1)
-    lo, hi = np.quantile(image, TEXTURE_RANGE_QUANTILES)  # linear interpolation, as measure_objects
+    ranked = np.sort(image.ravel())  # inward ranks, as measure_objects
+    lo, hi = ranked[int(np.ceil(575 * TEXTURE_RANGE_QUANTILES[0]))], ranked[int(np.floor(575 * TEXTURE_RANGE_QUANTILES[1]))]
     q = np.clip(np.floor((image - lo) / (hi - lo) * TEXTURE_LEVELS), 0, TEXTURE_LEVELS - 1).astype(np.uint8)
     glcm = graycomatrix(q, [1], [0, np.pi / 2], levels=TEXTURE_LEVELS, symmetric=True)
     pooled = glcm.sum(axis=3, keepdims=True).astype(float)
@@ -91,17 +92,18 @@ def test_haralick_matches_skimage_graycomatrix():
     assert smooth["Texture_Contrast_Actin"][0] < noise["Texture_Contrast_Actin"][0]
 
 
-def test_one_hot_pixel_barely_moves_texture():
+@pytest.mark.parametrize("radius", [4, 17])  # objects of about 50 and 900 px
+def test_one_hot_pixel_barely_moves_texture(radius):
     rng = np.random.default_rng(3)
     image = 1000.0 + 50.0 * rng.normal(size=(40, 40)).cumsum(axis=1) / 6.0
-    labels = disk((40, 40), 19.5, 19.5, 17).astype(int)
+    labels = disk((40, 40), 19.5, 19.5, radius).astype(int)
     hot = image.copy()
     hot[20, 20] = 3.0 * image.max()  # a cosmic ray / decoder artefact
     base = measure_objects(labels, image[None], ["DNA"], n_objects=1)
     moved = measure_objects(labels, hot[None], ["DNA"], n_objects=1)
     for f in ("AngularSecondMoment", "Entropy", "Contrast", "Correlation", "InverseDifferenceMoment"):
         a, b = base[f"Texture_{f}_DNA"][0], moved[f"Texture_{f}_DNA"][0]
-        assert abs(b - a) <= 0.02 * max(abs(a), 1e-3), (f, a, b)
+        assert abs(b - a) <= 0.1 * max(abs(a), 1e-3), (f, a, b)
 
 
 def test_shape_features_match_regionprops():
@@ -221,13 +223,13 @@ def test_touching_nuclei_specks_and_bright_neighbours_do_not_replace_the_centre_
     touching = base.copy()
     touching[..., 0][disk((size, size), c, c + 20, 10)] = 3000  # an identical nucleus touching it
     speck = base.copy()
-    speck[35:37, 52:54, 0] = 3000  # a 2 x 2 px DNA speck outside the nucleus, inside the cell
+    speck[..., 0][disk((size, size), 40, 53, 3)] = 3000  # a micronucleus (29 px) inside the cell
     dim = base.copy()
     dim[..., 0][disk((size, size), c, c, 10)] = 1500  # a dim centre nucleus ...
     dim[..., 0][disk((size, size), c, c + 19, 8)] = 12000  # ... beside a condensed, bright one
     feats, names = featurize_crops(np.stack([touching, speck, dim]), CHANNELS)
     f = dict(zip(names, feats.T))
-    assert f["Nuclei_AreaShape_Area"][:2] == pytest.approx(np.pi * 10**2, rel=0.15)
+    assert f["Nuclei_AreaShape_Area"][:2] == pytest.approx(clean["Nuclei_AreaShape_Area"], rel=0.15)
     assert f["Nuclei_AreaShape_Eccentricity"][0] < 0.4
     assert f["Cells_AreaShape_Area"][1] == pytest.approx(clean["Cells_AreaShape_Area"], rel=0.03)
     assert f["Cells_AreaShape_Eccentricity"][1] < 0.2

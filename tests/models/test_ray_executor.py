@@ -28,3 +28,18 @@ def test_iter_tasks_yields_every_finished_task_before_raising(ray_cluster):
         for index, result in iter_tasks(json.loads, kwargs, num_cpus_per_task=0.5):
             seen[index] = result
     assert seen == {0: [1], 2: [3]}
+
+
+@pytest.mark.slow
+def test_iter_tasks_stopped_early_cancels_the_rest(ray_cluster):
+    import subprocess
+    import time
+
+    # one CPU a task on the 2-CPU cluster: uncancelled, the sleeps would hold both CPUs for 30 s
+    tasks = iter_tasks(subprocess.call, [{"args": ["true"]}] + [{"args": ["sleep", "30"]}] * 2,
+                       num_cpus_per_task=1)
+    t0 = time.perf_counter()
+    assert next(tasks) == (0, 0)
+    tasks.close()  # the two sleeps are cancelled, not waited for
+    assert run_tasks(json.loads, [{"s": "[2]"}], num_cpus_per_task=1) == [[2]]
+    assert time.perf_counter() - t0 < 20
