@@ -189,7 +189,7 @@ def _texture_range(sorted_val: np.ndarray, starts: np.ndarray, count: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label texture range: the values at the inward ranks ``ceil((m - 1) p_lo)`` and
     ``floor((m - 1) p_hi)`` of an object's ``m`` sorted pixels (no interpolation, so in an object
-    of under 100 px the brightest pixel sets no level); min and max for objects of 1-2 pixels."""
+    of under 100 px the brightest pixel sets no level); min and max for objects of up to 3 pixels."""
     lo_p, hi_p = TEXTURE_RANGE_QUANTILES
     lo, hi = np.zeros(n), np.zeros(n)
     has = count > 0
