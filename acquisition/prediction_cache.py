@@ -428,10 +428,10 @@ def simulate_predictions(
     return activity.astype(np.float32), np.ascontiguousarray(profiles[:, :, :n_dims], dtype=np.float32)
 
 
-def _non_finite(activity: np.ndarray, profiles: np.ndarray | None) -> np.ndarray:
+def _non_finite(activity: np.ndarray, profiles: np.ndarray) -> np.ndarray:
     """``b`` mask of compounds with a NaN / inf prediction in any member (``K x b``, ``K x b x d``)."""
     bad = ~np.isfinite(activity).all(axis=0)
-    if profiles is not None and profiles.size:
+    if profiles.size:
         bad |= ~np.isfinite(profiles).all(axis=(0, 2))
     return bad
 
@@ -548,7 +548,7 @@ def predict_with_cache(
             if act.shape != (n_members, len(part)):
                 raise ValueError(f"assay {assay.version} returned activity {act.shape}, "
                                  f"expected {(n_members, len(part))}")
-            bad = _non_finite(act, prof if settings.profile_dims != 0 else None)
+            bad = _non_finite(act, prof)
             bad_keys += keys[rows[part[bad]]].tolist()
             bad_doses += dose[rows[part[bad]]].tolist()
             activity[:, missing[part]] = act
@@ -559,7 +559,7 @@ def predict_with_cache(
             if cache is not None:  # every finite prediction is kept, even when another shard fails
                 good = part[~bad]
                 cache.put(assay.version, keys[rows[good]], dose[rows[good]], act[:, ~bad], settings,
-                          profiles=None if prof is None else prof[:, ~bad], feature_names=list(assay.feature_names))
+                          profiles=prof[:, ~bad], feature_names=list(assay.feature_names))
             if len(part) < len(missing):  # progress of a long simulation, chunk by chunk
                 log.info("virtual assay %s: %d more simulated (%.0f s so far)", assay.version, len(part),
                          time.perf_counter() - t0)

@@ -14,6 +14,7 @@ def campaign_status(campaign: Campaign) -> dict:
     """Counts of rounds, plates (pending / returned / cancelled), compounds, measurements, model versions and hits,
     and what proposals maximise."""
     S = store
+    objective = campaign_objective(campaign)
     with campaign.session() as session:
         current = store.current_model_version(session)
         latest = None if current is None else current.version
@@ -38,7 +39,7 @@ def campaign_status(campaign: Campaign) -> dict:
             "plates_not_in_model": store.plates_after_model(session, current),
             "hits": {"wells": store.count(session, S.Measurement, S.Measurement.is_hit),
                      "compounds": len(hit_compounds)},
-            "objective": describe(campaign_objective(campaign)),
+            "objective": describe(objective),
             # with a target phenotype: the measured conditions closest to it (None without one)
-            "target_progress": target_progress(campaign, campaign_objective(campaign)),
+            "target_progress": target_progress(campaign, objective),
         }
