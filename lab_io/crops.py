@@ -366,6 +366,12 @@ def _smiles_table() -> dict[str, str]:
     return table
 
 
+def smiles_for_name(name: str) -> str | None:
+    """SMILES of a compound name (case-insensitive) in the BBBC021 name table or the embedded
+    fallback; None when neither has it."""
+    return _smiles_table().get(str(name).strip().lower()) or None
+
+
 def compound_smiles(metadata: pd.DataFrame, source: str | Path = "crops metadata", *,
                     strict: bool = True) -> dict[str, str]:
     """compound name -> SMILES for every compound in ``metadata`` ("" for DMSO).

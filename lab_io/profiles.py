@@ -9,6 +9,14 @@
   normal distribution), or ``method="standardize"``: ``(x - mean_ctrl) / (std_ctrl + eps)``.
 * :func:`phenotypic_activity` — ``||clip(z, -clip, clip)||_2 / sqrt(n_features)``: the RMS of the
   normalised profile; a control-like well scores about 1, a strong phenotype far above.
+* :func:`edge_offsets` / :func:`subtract_edge_offsets` — the plate edge effect: outer-ring wells
+  (rows A and P, columns 1 and 24 of a 384-well plate) evaporate faster and are imaged dimmer and
+  sparser, so their profiles shift. Per feature, ``offset = median(edge wells) - median(interior
+  wells)`` over the plate's reference wells (DMSO and treatments: the layout puts compounds on
+  random wells, and most are inactive, so the medians differ by the position effect alone), then
+  subtracted from every edge well (and from its single cells: a constant per feature shifts a
+  well's median by exactly that constant). Too few reference wells on either side (fewer than
+  ``EDGE_MIN_WELLS``, e.g. a plate with an empty edge) -> no correction.
 * :func:`feature_select` — drop NaN, constant and non-biological columns (object/image
   bookkeeping such as ``*_Center_X``, ``*_Location_*``, ``*_Number_Object_Number``, ``*_Parent_*``,
   ``*_Children_*``, as pycytominer's blocklist does).
@@ -22,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from lab_io.schema import META_PLATE, META_WELL, feature_columns
+from lab_io.schema import META_PLATE, META_WELL, N_COLS, N_ROWS, feature_columns, parse_well
 
 META_N_CELLS = "Metadata_n_cells"
 MAD_SCALE = 1.4826
@@ -126,6 +134,54 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
         result[rows] = (values[rows] - center) / (scale + eps)
     out[feats] = result
     return out
+
+
+EDGE_MIN_WELLS = 8  # reference wells needed on the edge ring and inside it to estimate the edge offset
+
+
+def is_edge_well(wells: Sequence[str]) -> np.ndarray:
+    """bool per well: on the outer ring of a 384-well plate (rows A and P, columns 1 and 24)."""
+    names = pd.Series(list(wells), dtype=object)
+    ring = {}
+    for well in names.unique():  # a plate has 384 names however many cells it has
+        row, col = parse_well(well)
+        ring[well] = row in (0, N_ROWS - 1) or col in (0, N_COLS - 1)
+    return names.map(ring).to_numpy(dtype=bool)
+
+
+def edge_offsets(wells: pd.DataFrame, reference_mask, features: Sequence[str] | None = None,
+                 min_wells: int = EDGE_MIN_WELLS) -> pd.Series | None:
+    """One plate's edge effect per feature: the median of the reference edge wells minus the
+    median of the reference interior wells (NaN values ignored; a feature missing on either side
+    gets 0). ``reference_mask``: bool per row, the wells to estimate it from (leave out positive
+    controls and wells without cells). None when either side has fewer than ``min_wells``."""
+    feats = _features(wells, features)
+    mask = np.asarray(reference_mask, dtype=bool)
+    if mask.shape != (len(wells),):
+        raise ValueError(f"reference_mask has shape {mask.shape}, expected ({len(wells)},)")
+    edge = is_edge_well(wells[META_WELL].tolist())
+    on_edge, inside = mask & edge, mask & ~edge
+    if on_edge.sum() < min_wells or inside.sum() < min_wells:
+        return None
+    values = wells[feats].to_numpy(dtype=np.float64)
+    values = np.where(np.isfinite(values), values, np.nan)
+    with warnings.catch_warnings():  # a feature missing on one side: no estimate, no correction
+        warnings.simplefilter("ignore", RuntimeWarning)
+        offset = np.nanmedian(values[on_edge], axis=0) - np.nanmedian(values[inside], axis=0)
+    return pd.Series(np.nan_to_num(offset, nan=0.0), index=feats, name="edge_offset")
+
+
+def subtract_edge_offsets(table: pd.DataFrame, offsets: pd.Series) -> pd.DataFrame:
+    """A copy of ``table`` (wells or single cells, with ``Metadata_Well``) with ``offsets``
+    subtracted from the features of its edge-well rows, in each feature's own dtype."""
+    edge = is_edge_well(table[META_WELL].tolist())
+    if not edge.any():
+        return table.copy()
+    feats = list(offsets.index)
+    block = table[feats].to_numpy(copy=True)  # one block: a plate's cells are float32 throughout
+    block[edge] -= offsets.to_numpy(dtype=np.float64).astype(block.dtype)
+    corrected = pd.DataFrame(block, columns=feats, index=table.index).astype(table[feats].dtypes.to_dict())
+    return pd.concat([table.drop(columns=feats), corrected], axis=1)[list(table.columns)]
 
 
 def unscaled_features(normalized: pd.DataFrame, features: Sequence[str]) -> list[str]:

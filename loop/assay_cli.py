@@ -224,12 +224,14 @@ def _controls(assay, controls: str, plate: Optional[str]):
 @assay_app.command("sample")
 def sample(
     model: Path = typer.Option(..., "--model", help="Model folder."),
-    compound: str = typer.Option(..., "--compound", help="Compound name known to the model, SMILES, or DMSO."),
-    dose_um: float = typer.Option(..., "--dose-um", help="Dose in micromolar."),
+    compound: str = typer.Option(..., "--compound", help="Compound name known to the model or in the BBBC021 name "
+                                 "table, a SMILES, or DMSO."),
+    dose_um: float = typer.Option(..., "--dose-um", help="Dose in micromolar (ignored for DMSO)."),
     controls: str = typer.Option(..., "--controls", help="Crops folder with the plate's DMSO cells, or a training plate id."),
     plate: Optional[str] = typer.Option(None, "--plate", help="Plate inside --controls when it holds several."),
     n: int = typer.Option(64, "--n", min=1, help="Cells to generate."),
-    out: Path = typer.Option(..., "--out", help="Output .npz (images uint16 n x H x W x C); a montage PNG goes beside it."),
+    out: Path = typer.Option(..., "--out", help="Output FILE.npz (images uint16 n x H x W x C); the montage PNG "
+                             "goes beside it as FILE.png."),
     seed: int = typer.Option(0, "--seed"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler | heun."),
@@ -240,43 +242,112 @@ def sample(
     """Generate cells for a compound at a dose on a plate, plus a montage next to real cells."""
     _setup(threads)
     from lab_io.crops import CropsError
-    from models.image_assay import ImageAssay, applicability, resolve_compound
-    from models.image_eval import save_montage
+    from models.image_assay import ImageAssay, applicability, dose_support, resolve_compound_source
 
     try:
+        png = _sample_outputs(out)
+        if not np.isfinite(dose_um) or dose_um < 0:
+            raise ValueError(f"dose_um must be a finite dose >= 0, got {dose_um:g}")
         assay = ImageAssay.load(model).to(resolve_device(device))
-        fp = resolve_compound(assay, compound)
+        fp, resolved_as = resolve_compound_source(assay, compound)
+        compound = compound.strip()
         domain = applicability(assay, compound, fp)  # logs a warning when the compound is no analogue
-        z_ctrl, plate_id, real_plate = _controls(assay, controls, plate)
+        if fp is None:
+            dose_um = 0.0  # the controls have no dose; do not record one that was not used
+        else:
+            domain |= dose_support(assay, compound, dose_um)  # logs a warning outside the trained doses
+        source = _controls(assay, controls, plate)
+        z_ctrl, plate_id, _ = source
         images = assay.generate_ensemble(fp, dose_um, z_ctrl, n, seed, n_steps=steps, sampler=sampler,
                                          guidance_scale=guidance)
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(tmp, images=images, compound=compound, dose_um=dose_um, plate=plate_id, seed=seed,
-                        model_version=assay.version, channel_names=np.asarray(assay.channel_names),
-                        guidance_scale=assay.config.flow.guidance_scale if guidance is None else guidance,
-                        guidance_gated=assay.config.flow.guidance_gated,
-                        nearest_training_compound=str(domain.get("nearest_training_compound") or ""),
-                        nearest_training_tanimoto=float(domain.get("nearest_training_tanimoto", np.nan)))
-    tmp.replace(out)
-    real = _real_reference(real_plate, compound, dose_um, assay.config.image_size)
-    png = out.with_suffix(".png")
-    save_montage(images, real, png, title=f"{compound} {dose_um:g} uM on {plate_id}")
+    flow = assay.config.flow
+    try:
+        _write_npz_atomically(out, images=images, member=assay.member_of_cells(n), compound=compound,
+                              compound_resolved_as=resolved_as, dose_um=dose_um, plate=plate_id, seed=seed,
+                              model=str(model.resolve()), model_version=assay.version, n_members=assay.n_members,
+                              controls=str(Path(controls).resolve()) if Path(controls).is_dir() else controls,
+                              channel_names=np.asarray(assay.channel_names), image_size_px=assay.config.image_size,
+                              n_steps=flow.n_steps if steps is None else steps,
+                              sampler=flow.sampler if sampler is None else sampler,
+                              guidance_scale=flow.guidance_scale if guidance is None else guidance,
+                              guidance_gated=flow.guidance_gated,
+                              nearest_training_compound=str(domain.get("nearest_training_compound") or ""),
+                              nearest_training_tanimoto=float(domain.get("nearest_training_tanimoto", np.nan)),
+                              dose_range_um=np.asarray(domain.get("dose_range_um") or [np.nan, np.nan], float),
+                              dose_in_training_range=domain.get("dose_in_training_range") is not False)
+        _save_sample_montage(assay, images, source, fp, compound, dose_um, png)
+    except OSError as err:
+        _fail(f"cannot write {out} or {png}: {err}")
     typer.echo(f"wrote {out} ({len(images)} cells) and {png}")
 
 
-def _real_reference(real_plate, compound: str, dose_um: float, size: int):
-    """Real crops to show beside generated ones: same compound and dose on the plate, else its DMSO cells."""
-    from lab_io.crops import centre_crop
+def _sample_outputs(out: Path) -> Path:
+    """The montage path beside ``out`` (FILE.npz -> FILE.png), refusing an ``out`` that is no .npz
+    file or a folder, before any sampling is spent."""
+    if out.suffix.lower() != ".npz":
+        raise ValueError(f"--out {out}: give a FILE.npz (the montage goes beside it as FILE.png)")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a FILE.npz")
+    return out.with_suffix(".png")
 
+
+def _write_npz_atomically(out: Path, **arrays) -> None:
+    """``np.savez_compressed(out, **arrays)``, whole or not at all: a temporary beside ``out``
+    (a unique name, so two runs do not share it), renamed over it, and removed on any failure."""
+    import os
+
+    from lab_io.tempfiles import make_temp_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp_file(out.parent, f".{out.name}.", ".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_sample_montage(assay, images: np.ndarray, source, fp, compound: str, dose_um: float, png: Path,
+                         n_cols: int = 8) -> None:
+    """The montage: generated cells taken evenly from every member, above real cells of the same
+    condition on the plate or, when it has none, the plate's DMSO cells, each row block labelled."""
+    from models.image_eval import save_montage
+
+    _, plate_id, real_plate = source
+    condition = "DMSO" if fp is None else f"{compound} {dose_um:g} uM"
+    member = assay.member_of_cells(len(images))
+    rank = np.concatenate([np.arange(c) for c in assay.member_counts(len(images))])
+    shown = images[np.lexsort((member, rank))]  # member 0, 1, ..., K-1, then each member's next cell
+    real, real_label = _real_reference(assay, source, fp, dose_um)
+    save_montage(shown, real, png, title=f"{condition} on {plate_id}", n_cols=n_cols,
+                 generated_label=f"generated {condition} ({assay.n_members} members)", real_label=real_label)
+
+
+def _real_reference(assay, source, fp, dose_um: float) -> tuple[np.ndarray | None, str]:
+    """Real crops to show beside generated ones, and their label: the plate's cells of the same
+    compound (matched by fingerprint, so a SMILES finds its named cells) and dose, else its DMSO
+    cells (from the folder, or the model's stored controls for a training plate id)."""
+    from lab_io.crops import centre_crop
+    from models.image_assay import compound_fingerprints
+
+    z_ctrl, plate_id, real_plate = source
+    size = assay.config.image_size
     if real_plate is None:
-        return None
+        stored = None if z_ctrl is None else z_ctrl.images
+        return stored, f"real DMSO on {plate_id} (the model's stored controls)"
     meta = real_plate.metadata
-    same = ((meta["compound"].str.lower() == compound.lower()) & np.isclose(meta["concentration_um"], dose_um)).to_numpy()
-    chosen = real_plate.subset(same) if same.any() else real_plate.subset(real_plate.is_control)
-    return centre_crop(chosen.images, size)
+    if fp is not None:
+        fps, _ = compound_fingerprints(assay, meta, f"plate {plate_id}")
+        names = {name for name, f in fps.items() if f is not None and np.array_equal(f, fp)}
+        same = (meta["compound"].astype(str).isin(names) & np.isclose(meta["concentration_um"], dose_um)).to_numpy()
+        if same.any():
+            return centre_crop(real_plate.subset(same).images, size), f"real, same compound and dose on {plate_id}"
+    label = "real DMSO" if fp is None else f"real DMSO (no cells of this compound at this dose on {plate_id})"
+    return centre_crop(real_plate.subset(real_plate.is_control).images, size), label
 
 
 def _fmt(v) -> str:

@@ -73,6 +73,10 @@ class CampaignConfig:
     lab_world_seed: int = 0
     # A well is a hit when its activity exceeds the plate's DMSO activity mean + hit_sd x sd.
     hit_sd: float = 3.0
+    # Ingest removes each plate's edge effect (outer-ring wells' offset from the interior, per
+    # feature; loop.ingest.plate_profiles). A campaign.json written before this option existed
+    # reads as False: its plates were imported without it, and a campaign keeps one normalisation.
+    edge_correction: bool = True
     # Identity, drawn by `loop init` and written into the store too: plate barcodes carry its first
     # four characters (LP3F9A-0001), so one campaign's results are not taken for another's plates,
     # and a store that is not this campaign's is refused. Empty in campaigns made before it existed.
@@ -97,6 +101,7 @@ class CampaignConfig:
         checks = {
             "seed": lambda: _check_int(self.seed),
             "hit_sd": lambda: _check_positive(self.hit_sd),
+            "edge_correction": lambda: _check_bool(self.edge_correction),
             "lab_world_seed": lambda: _check_int(self.lab_world_seed),
             "layout": lambda: PlateLayoutConfig(**self.layout),
             "dose_um": lambda: (_check_positive(self.dose_um),  # after 'layout': dispensed by its settings
@@ -117,12 +122,17 @@ class CampaignConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "CampaignConfig":
+    def from_json(cls, text: str, *, stored: bool = False) -> "CampaignConfig":
+        """The config in ``text``; keys it lacks take their defaults, except that a campaign's own
+        ``campaign.json`` (``stored``) without ``edge_correction`` was written before ingest
+        corrected edges, and keeps importing without (one normalisation per campaign)."""
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown campaign config keys: {unknown}")
+        if stored:
+            data.setdefault("edge_correction", False)
         return cls(**data)
 
 
@@ -133,6 +143,11 @@ class CampaignError(RuntimeError):
 def _check_int(value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"must be an integer, got {value!r}")
+
+
+def _check_bool(value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
 
 
 def _check_positive(value) -> None:
@@ -189,7 +204,7 @@ class Campaign:
         if not path.exists():
             raise CampaignError(f"no campaign at {root} (missing {CONFIG_FILE}); run `loop init` first")
         try:
-            config = CampaignConfig.from_json(path.read_text())
+            config = CampaignConfig.from_json(path.read_text(), stored=True)
         except (ValueError, TypeError) as exc:
             raise CampaignError(f"{path}: {exc}") from exc
         url = resolve_db_url(root, db_url)

@@ -57,6 +57,7 @@ class PlateQC:
     n_hits: int = 0
     missing_wells: list[str] = field(default_factory=list)  # mapped, nothing delivered (--allow-missing-wells)
     empty_wells: list[str] = field(default_factory=list)  # mapped, imaged, no cell found (measured: n_cells 0)
+    edge_offset_sd: float = float("nan")  # edge effect removed, in DMSO sd (NaN: none removed; EdgeCorrection)
 
 
 def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
@@ -137,12 +138,12 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
         profiles = [None if plan.imported_before else _profile_plate(campaign, plan.plate, plan.well_map, results_dir)
                     for plan in plans]
         reports = []
-        for plan, wells in zip(plans, profiles):
+        for plan, profiled in zip(plans, profiles):
             if plan.imported_before:
                 reports.append(_revisit_plate(campaign, plan))
                 continue
-            reports.append(_replace_plate(campaign, plan, wells) if plan.replaces else
-                           _record_plate(campaign, plan, wells))
+            reports.append(_replace_plate(campaign, plan, *profiled) if plan.replaces else
+                           _record_plate(campaign, plan, *profiled))
     by_barcode = {**unchanged, **{r.barcode: r for r in reports}}
     barcodes = [plate_barcode(folder.name) for folder in folders]
     return [by_barcode[barcode] for barcode in barcodes if barcode in by_barcode]
@@ -303,12 +304,13 @@ def _revisit_plate(campaign: Campaign, plan: _Plan) -> PlateQC:
 
 
 def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame,
-                   results_dir: Path) -> pd.DataFrame:
-    """Normalised well profiles of one plate (small: the annotated single cells are made again when
+                   results_dir: Path) -> tuple[pd.DataFrame, EdgeCorrection | None]:
+    """Normalised well profiles of one plate and its edge correction (small: the annotated single cells are made again when
     the plate is written, so a multi-plate import never holds two copies of every plate's cells);
     errors name its folder."""
     try:
-        return well_profiles(annotate_cells(plate.cells, well_map), campaign.config.hit_sd)
+        return plate_profiles(annotate_cells(plate.cells, well_map), campaign.config.hit_sd,
+                              campaign.config.edge_correction)
     except (IngestError, ValueError) as err:
         raise IngestError(f"{_folder(plate, results_dir)}: plate {plate.barcode}: {err}") from err
 
@@ -396,15 +398,66 @@ def annotate_cells(cells: pd.DataFrame, well_map: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+@dataclass(frozen=True)
+class EdgeCorrection:
+    """A plate's edge effect as removed at ingest (``lab_io.profiles.edge_offsets``): ``offsets``
+    per feature in the plate's raw units (edge-ring median minus interior median), and ``size_sd``,
+    their root mean square in the plate's DMSO standard deviations (robust: 1.4826 MAD)."""
+
+    offsets: pd.Series
+    size_sd: float
+
+
 def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
-    """Per-well median profiles normalised to the plate's DMSO wells, with activity and hit calls.
+    """Per-well median profiles normalised to the plate's DMSO wells, with activity and hit calls
+    (no edge correction; :func:`plate_profiles` with it).
 
     Only the features ``lab_io.profiles.feature_select`` keeps on this plate are in the table (all in
     control units): bookkeeping columns (object locations, ids), features constant or missing over
     the plate's wells, and features its DMSO wells all share one value of (no control scale) are
     left out, so every feature column a reader finds is normalised (a feature
-    left out is at the control centre, 0). The raw single-cell values stay in ``<barcode>.cells.parquet``."""
+    left out is at the control centre, 0). The single-cell values stay in ``<barcode>.cells.parquet``."""
+    return plate_profiles(cells, hit_sd, edge_correction=False)[0]
+
+
+def plate_profiles(cells: pd.DataFrame, hit_sd: float, edge_correction: bool
+                   ) -> tuple[pd.DataFrame, EdgeCorrection | None]:
+    """:func:`well_profiles` after removing the plate's edge effect when ``edge_correction``:
+    per feature, the offset of its outer-ring wells from its interior ones, estimated on its DMSO
+    and treatment wells (``lab_io.profiles.edge_offsets``), is subtracted from the edge wells'
+    medians before they are normalised to DMSO. Returns the profiles and the correction (None when
+    off, or when the plate has fewer than ``EDGE_MIN_WELLS`` such wells on the edge or inside it);
+    the caller subtracts the same offsets from the edge wells' single cells when it stores them."""
     wells = profiling.aggregate_wells(cells)  # carries the per-well constant Metadata_* columns
+    edge = None
+    if edge_correction:
+        edge = _edge_correction(wells)
+        if edge is not None:
+            wells = profiling.subtract_edge_offsets(wells, edge.offsets)
+    return _normalised_profiles(wells, hit_sd), edge
+
+
+def _edge_correction(wells: pd.DataFrame) -> EdgeCorrection | None:
+    plate = wells[META_PLATE].iloc[0]
+    reference = wells[META_ROLE].isin([WellRole.treatment.value, WellRole.negative_control.value]).to_numpy()
+    features = profiling.feature_select(wells)  # never bookkeeping: object positions stay as measured
+    offsets = profiling.edge_offsets(wells, reference, features) if features else None
+    if offsets is None:
+        log.info("plate %s: no edge correction (fewer than %d DMSO/treatment wells on the edge ring or inside it)",
+                 plate, profiling.EDGE_MIN_WELLS)
+        return None
+    controls = wells.loc[(wells[META_ROLE] == WellRole.negative_control.value).to_numpy(), features]
+    corrected = profiling.subtract_edge_offsets(wells, offsets).loc[controls.index, features].to_numpy(np.float64)
+    with np.errstate(all="ignore"):
+        scale = profiling.MAD_SCALE * np.nanmedian(np.abs(corrected - np.nanmedian(corrected, axis=0)), axis=0)
+        in_sd = offsets.to_numpy() / np.where(scale > 0, scale, np.nan)
+    size = float(np.sqrt(np.nanmean(in_sd ** 2))) if np.isfinite(in_sd).any() else float("nan")
+    log.info("plate %s: edge wells differ from interior ones by %.2f DMSO sd (root mean square over %d "
+             "features); removed", plate, size, len(features))
+    return EdgeCorrection(offsets, size)
+
+
+def _normalised_profiles(wells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
     controls = (wells[META_ROLE] == WellRole.negative_control.value).to_numpy()
     if not controls.any():
         raise IngestError(f"plate {wells[META_PLATE].iloc[0]}: no negative-control (DMSO) wells with cells")
@@ -431,7 +484,7 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
 REPLACED_SUFFIX = ".replaced"  # measurements/.<file>.replaced: a plate's earlier file while --replace runs
 
 
-def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> PlateQC:
+def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, edge: EdgeCorrection | None) -> PlateQC:
     """Import a plate again from other files, crash-safe by a journal: ``.<barcode>.replacing``
     records the earlier results' fingerprint, then the earlier Parquet files and crops are moved
     aside (``.<name>.replaced``), the new ones recorded with the earlier measurements deleted in the
@@ -449,7 +502,7 @@ def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame) -> Plat
             moved = path.with_name(f".{path.name}{REPLACED_SUFFIX}")
             _remove([moved])
             os.replace(path, moved)
-        qc = _record_plate(campaign, plan, wells, delete_earlier=True)
+        qc = _record_plate(campaign, plan, wells, edge, delete_earlier=True)
     finally:  # after a success too: the set-aside files go
         recover_replacements(campaign, only=barcode)
     log.warning("plate %s: imported again from other files; its earlier measurements are replaced (models "
@@ -494,14 +547,17 @@ def recover_replacements(campaign: Campaign, only: str | None = None) -> None:
         journal.unlink()
 
 
-def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, delete_earlier: bool = False) -> PlateQC:
-    """Write one checked plate: its single cells and well profiles (Parquet), crops if cut, and its
-    measurements and status in one transaction; files written are removed if anything fails."""
+def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, edge: EdgeCorrection | None,
+                  delete_earlier: bool = False) -> PlateQC:
+    """Write one checked plate: its single cells (edge wells' cells less the plate's edge offsets,
+    as their well profiles are) and well profiles (Parquet), crops if cut, and its measurements
+    and status in one transaction; files written are removed if anything fails."""
     plate, well_map = plan.plate, plan.well_map
     cells = annotate_cells(plate.cells, well_map)
     cells_path = campaign.measurements_dir / f"{plate.barcode}.cells.parquet"
     profiles_path = campaign.measurements_dir / f"{plate.barcode}.wells.parquet"
-    written = _write_parquets({cells_path: cells, profiles_path: wells})
+    edit = None if edge is None else (lambda chunk: profiling.subtract_edge_offsets(chunk, edge.offsets))
+    written = _write_parquets({cells_path: cells, profiles_path: wells}, edits={cells_path: edit})
     n_cells = cells.groupby(META_WELL).size()
     measured = wells.set_index(META_WELL)
     mapped = well_map[well_map["role"] != WellRole.empty.value]
@@ -546,7 +602,7 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, delete_e
             _remove(written)
         raise
     empty = sorted(set(mapped["well"]) - set(n_cells.index))
-    return _qc(plate.barcode, wells, n_cells, plan.undelivered, empty)
+    return _qc(plate.barcode, wells, n_cells, plan.undelivered, empty, edge)
 
 
 def _plate_recorded(campaign: Campaign, plate: PlateResult) -> bool:
@@ -591,13 +647,15 @@ def _write_plate_crops(campaign: Campaign, plate: PlateResult, well_map: pd.Data
     return out
 
 
-def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
+def _write_parquets(frames: dict[Path, pd.DataFrame], edits: dict | None = None) -> list[Path]:
+    """Each frame to its path, whole or not at all; ``edits[path]``, when given, changes each chunk
+    as it is written (:func:`write_parquet_in_chunks`)."""
     written = []
     try:
         for path, frame in frames.items():
             tmp = path.with_name(path.name + ".tmp")
             try:
-                write_parquet_in_chunks(frame, tmp)
+                write_parquet_in_chunks(frame, tmp, edit=(edits or {}).get(path))
             except BaseException as exc:
                 tmp.unlink(missing_ok=True)
                 if isinstance(exc, OSError):  # a full disk: pyarrow's message names no file
@@ -614,21 +672,27 @@ def _write_parquets(frames: dict[Path, pd.DataFrame]) -> list[Path]:
 PARQUET_CHUNK_ROWS = 50_000  # rows converted to Arrow at a time when a plate's cells are written
 
 
-def write_parquet_in_chunks(frame: pd.DataFrame, path: Path, chunk_rows: int = PARQUET_CHUNK_ROWS) -> None:
+def write_parquet_in_chunks(frame: pd.DataFrame, path: Path, chunk_rows: int = PARQUET_CHUNK_ROWS,
+                            edit: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> None:
     """``frame.to_parquet(path, index=False)``, converting ``chunk_rows`` rows to Arrow at a time (one
-    row group each), so a plate's cells are not held a second time as an Arrow table."""
+    row group each), so a plate's cells are not held a second time as an Arrow table. ``edit``
+    (same columns and dtypes out as in) is applied to each chunk before it is written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    first = pa.Table.from_pandas(frame.iloc[:chunk_rows], preserve_index=False)
+    def chunk(start: int) -> pd.DataFrame:
+        part = frame.iloc[start:start + chunk_rows]
+        return part if edit is None else edit(part)
+
+    first = pa.Table.from_pandas(chunk(0), preserve_index=False)
     with pq.ParquetWriter(path, first.schema) as writer:
         writer.write_table(first)
         for start in range(chunk_rows, len(frame), chunk_rows):
-            writer.write_table(pa.Table.from_pandas(frame.iloc[start:start + chunk_rows], schema=first.schema,
-                                                    preserve_index=False))
+            writer.write_table(pa.Table.from_pandas(chunk(start), schema=first.schema, preserve_index=False))
 
 
-def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list[str], empty: list[str]) -> PlateQC:
+def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list[str], empty: list[str],
+        edge: EdgeCorrection | None = None) -> PlateQC:
     controls = wells[META_ROLE] == WellRole.negative_control.value
     ctrl = wells.loc[controls, "Metadata_activity"]
     return PlateQC(
@@ -643,4 +707,5 @@ def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list
         n_hits=int(wells["Metadata_is_hit"].sum()),
         missing_wells=list(undelivered),
         empty_wells=empty,
+        edge_offset_sd=float("nan") if edge is None else edge.size_sd,
     )

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from lab_io.chem import morgan_fingerprints, tanimoto_matrix, unpack_fingerprints
-from lab_io.crops import CropSet, centre_crop, compound_smiles, is_control_compound
+from lab_io.crops import CropSet, centre_crop, compound_smiles, is_control_compound, smiles_for_name
 from lab_io.morphology import cell_feature_names, dna_channel_index, featurize_crops
 from models.image_autoencoder import (
     AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, finetune_decoder, train_autoencoder,
@@ -734,6 +734,14 @@ class ImageAssay:
             idx = control_source(len(z), controls.z, torch.Generator().manual_seed(int(seed)))[1]
         return self.decode_generated(z, idx, controls)
 
+    def member_counts(self, n: int) -> list[int]:
+        """How :meth:`generate_ensemble` splits ``n`` cells: member k gets ``n // K`` or one more."""
+        return [n // self.n_members + (k < n % self.n_members) for k in range(self.n_members)]
+
+    def member_of_cells(self, n: int) -> np.ndarray:
+        """int ``n``: the member that generated each of :meth:`generate_ensemble`'s ``n`` cells."""
+        return np.repeat(np.arange(self.n_members), self.member_counts(n))
+
     def generate_ensemble(self, fingerprint_packed: np.ndarray | None, dose_um: float, controls: PlateControls | None,
                           n: int, seed: int, **kwargs) -> np.ndarray:
         """``n`` cells split across the K members (member k gets ``n // K`` or one more).
@@ -742,7 +750,7 @@ class ImageAssay:
         them) and split across the members, so the pooled cells start from as many distinct
         control cells as a single member's; independent draws per member would repeat sources
         and make the pooled set less varied than the plate's controls allow."""
-        counts = [n // self.n_members + (k < n % self.n_members) for k in range(self.n_members)]
+        counts = self.member_counts(n)
         sources: list[Tensor | None] = [None] * self.n_members
         # one member keeps its own draw, as before; without control cells generate_latents raises
         if self.config.flow.mode == "control" and self.n_members > 1 and controls is not None and len(controls.z):
@@ -860,18 +868,48 @@ def applicability(assay: ImageAssay, compound: str, fingerprint_packed: np.ndarr
             "analogue": bool(analogue)}
 
 
+def dose_support(assay: ImageAssay, compound: str, dose_um: float) -> dict:
+    """Whether a dose lies within the treated doses the model trained on: ``dose_range_um``
+    (lowest, highest; None for a model saved without it) and ``dose_in_training_range``. Logs a
+    warning naming the compound outside the range: below it the dose gate only moves cells
+    towards the controls, above it the model extrapolates a response it never saw."""
+    dose_range = assay.config.flow.dit.dose_range_um
+    if dose_range is None:
+        return {"dose_range_um": None, "dose_in_training_range": None}
+    lo, hi = dose_range
+    inside = bool(lo * (1 - 1e-6) <= dose_um <= hi * (1 + 1e-6))
+    if not inside:
+        logger.warning("%s at %g uM is outside the treated doses the model trained on (%g to %g uM): the "
+                       "model extrapolates there", compound, dose_um, lo, hi)
+    return {"dose_range_um": [float(lo), float(hi)], "dose_in_training_range": inside}
+
+
 def resolve_compound(assay: ImageAssay, name_or_smiles: str) -> np.ndarray | None:
     """A compound name known to the model, ``DMSO`` (-> None) or a SMILES -> packed fingerprint."""
-    if is_control_compound([name_or_smiles])[0]:
-        return None
-    fp = assay.training_fingerprint(name_or_smiles)
+    return resolve_compound_source(assay, name_or_smiles)[0]
+
+
+def resolve_compound_source(assay: ImageAssay, name_or_smiles: str) -> tuple[np.ndarray | None, str]:
+    """(packed fingerprint, how it was found) for a compound given as the user types it.
+
+    In order: ``DMSO`` (-> None, ``"control"``); a training compound's name, case-insensitive
+    (its training fingerprint, ``"training compound NAME"``); a name in the BBBC021 name table
+    or the embedded fallback, as :func:`compound_fingerprints` looks names up for ``evaluate``
+    (``"name table SMILES ..."``); else the text parsed as SMILES (``"SMILES ..."``)."""
+    text = name_or_smiles.strip()
+    if is_control_compound([text])[0]:
+        return None, "control"
+    fp = assay.training_fingerprint(text)
     if fp is not None:
-        return fp
+        return fp, f"training compound {text}"
+    known = smiles_for_name(text)
+    if known:
+        return morgan_fingerprints([known])[0], f"name table SMILES {known}"
     try:
-        return morgan_fingerprints([name_or_smiles])[0]
+        return morgan_fingerprints([text])[0], f"SMILES {text}"
     except ValueError as err:
-        raise ValueError(f"{name_or_smiles!r} is neither a compound the model knows "
-                         f"({assay.meta['compounds']}) nor a valid SMILES") from err
+        raise ValueError(f"{text!r} is neither a compound the model knows ({assay.meta['compounds']}), nor a "
+                         "name in the BBBC021 name table, nor a valid SMILES") from err
 
 
 def compound_fingerprints(assay: ImageAssay, metadata, source: str

@@ -616,8 +616,9 @@ def member_disagreement(assay, fingerprint_packed, dose_um: float, controls, n_c
 
 
 def save_montage(generated: np.ndarray, real: np.ndarray | None, path: str | Path, *, title: str = "",
-                 n_cols: int = 8) -> Path:
-    """PNG: a row block of generated cells above a row block of real cells (same display scale)."""
+                 n_cols: int = 8, generated_label: str = "generated", real_label: str = "real") -> Path:
+    """PNG: a row block of generated cells above a row block of real cells (same display scale:
+    the real cells', when there are any), each block titled with its label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -625,9 +626,9 @@ def save_montage(generated: np.ndarray, real: np.ndarray | None, path: str | Pat
 
     ref = real if real is not None and len(real) else generated
     scale = channel_scale(ref)
-    blocks = [("generated", generated[:n_cols * 2])]
+    blocks = [(generated_label, generated[:n_cols * 2])]
     if real is not None and len(real):
-        blocks.append(("real", real[:n_cols * 2]))
+        blocks.append((real_label, real[:n_cols * 2]))
     n_rows = sum(int(np.ceil(len(b) / n_cols)) for _, b in blocks)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.4 * n_cols, 1.5 * n_rows + 0.4), squeeze=False)
     row = 0
@@ -640,7 +641,7 @@ def save_montage(generated: np.ndarray, real: np.ndarray | None, path: str | Pat
                 i = r * n_cols + c
                 if i < len(rgb):
                     ax.imshow(rgb[i])
-                if c == 0:
+                if c == 0 and r == 0:
                     ax.set_title(label, fontsize=8, loc="left")
             row += 1
     fig.suptitle(title, fontsize=9)

@@ -5,6 +5,9 @@ import pytest
 from lab_io.profiles import (
     MAD_SCALE,
     aggregate_wells,
+    edge_offsets,
+    is_edge_well,
+    subtract_edge_offsets,
     feature_select,
     normalize_to_controls,
     phenotypic_activity,
@@ -139,3 +142,48 @@ def test_a_feature_the_controls_do_not_vary_in_has_no_robust_z():
     assert out["Cells_bg"].iloc[7] == pytest.approx((210.0 - 202.0) / (MAD_SCALE * 2.0), rel=1e-3)
     assert np.isfinite(out["Cells_ok"]).all()
     assert unscaled_features(out, ["Cells_bg", "Cells_ok"]) == ["Cells_bg"]
+
+
+def _plate_wells(shift: float, rng) -> pd.DataFrame:
+    """All 384 wells of a plate: feature ``Cells_a`` is ``shift`` higher on the outer ring, ``Cells_b``
+    is not, ``Cells_Location_Center_X`` is bookkeeping."""
+    from lab_io.schema import well_name
+
+    wells = [well_name(r, c) for r in range(16) for c in range(24)]
+    edge = is_edge_well(wells)
+    return pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": wells,
+                         "Cells_a": rng.normal(size=384) + shift * edge, "Cells_b": rng.normal(size=384),
+                         "Cells_Location_Center_X": rng.uniform(0, 1000, 384).astype(np.float32)})
+
+
+def test_edge_wells_are_the_outer_ring_of_a_384_well_plate():
+    assert is_edge_well(["A01", "A12", "P24", "B1", "b24", "H01", "B02", "O23", "H12"]).tolist() == \
+        [True, True, True, True, True, True, False, False, False]
+    from lab_io.schema import well_name
+
+    assert is_edge_well([well_name(r, c) for r in range(16) for c in range(24)]).sum() == 2 * 24 + 2 * 14
+
+
+def test_edge_offsets_are_the_edge_minus_interior_medians_and_are_subtracted_from_edge_rows_only():
+    rng = np.random.default_rng(0)
+    wells = _plate_wells(3.0, rng)
+    edge = is_edge_well(wells["Metadata_Well"].tolist())
+    reference = np.ones(384, bool)
+    reference[:5] = False  # e.g. positive controls: left out of the estimate
+    offsets = edge_offsets(wells, reference, ["Cells_a", "Cells_b"])
+    for col in ("Cells_a", "Cells_b"):  # closed form: the two medians' difference
+        values = wells[col].to_numpy()
+        assert offsets[col] == pytest.approx(np.median(values[reference & edge]) - np.median(values[reference & ~edge]))
+    assert offsets["Cells_a"] == pytest.approx(3.0, abs=0.5) and abs(offsets["Cells_b"]) < 0.5
+    corrected = subtract_edge_offsets(wells, offsets)
+    assert list(corrected.columns) == list(wells.columns)
+    np.testing.assert_allclose(corrected.loc[edge, "Cells_a"], wells.loc[edge, "Cells_a"] - offsets["Cells_a"])
+    pd.testing.assert_frame_equal(corrected[~edge], wells[~edge])
+    pd.testing.assert_series_equal(corrected["Cells_Location_Center_X"], wells["Cells_Location_Center_X"])
+    again = edge_offsets(corrected, reference, ["Cells_a", "Cells_b"])  # corrected: nothing left to remove
+    np.testing.assert_allclose(again.to_numpy(), 0.0, atol=1e-12)
+    # float32 single cells stay float32; a plate with an empty edge has nothing to estimate from
+    cells = wells.astype({"Cells_a": np.float32})
+    assert subtract_edge_offsets(cells, offsets)["Cells_a"].dtype == np.float32
+    assert edge_offsets(wells, ~edge, ["Cells_a"]) is None
+    assert edge_offsets(wells, reference & (~edge | (np.cumsum(edge) <= 7)), ["Cells_a"]) is None  # 7 < 8 edge wells

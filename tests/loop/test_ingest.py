@@ -1,3 +1,4 @@
+import json
 """loop/ingest.py: the per-well table ingest stores."""
 
 import numpy as np
@@ -83,15 +84,15 @@ def test_a_plate_that_fails_its_profiles_stops_the_whole_import(tmp_path, monkey
     from loop.status import campaign_status
 
     campaign, barcodes = _two_plates(tmp_path, two_plates_template)
-    original = loop.ingest.well_profiles
+    original = loop.ingest.plate_profiles
     second = barcodes[1]
 
-    def failing(cells, hit_sd):
+    def failing(cells, hit_sd, edge_correction):
         if (cells[META_PLATE] == second).all():
             raise ValueError("no feature columns (expected Nuclei_*, Cells_*, Cytoplasm_*)")
-        return original(cells, hit_sd)
+        return original(cells, hit_sd, edge_correction)
 
-    monkeypatch.setattr(loop.ingest, "well_profiles", failing)
+    monkeypatch.setattr(loop.ingest, "plate_profiles", failing)
     with pytest.raises(IngestError, match=f"{second}: plate {second}: no feature columns"):
         ingest_results(campaign, tmp_path / "results")
     status = campaign_status(campaign)
@@ -460,6 +461,48 @@ def test_a_harmony_export_folder_of_an_images_only_plate(tmp_path, caplog):
         path.unlink()
     with pytest.raises(IngestError, match=f"{partial}: plate {barcode}: nothing was delivered for 1 mapped well"):
         ingest_results(campaign, partial.parent, replace=True)
+
+
+def test_ingest_removes_the_edge_effect_from_profiles_and_stored_cells(tmp_path, two_plates_template):
+    """The synthetic lab images outer-ring wells sparser and dimmer. Ingest removes each plate's
+    edge offset from its edge wells' profiles and cells (the stored cells' well medians are the
+    raw ones less the offsets); a campaign.json written before the option imports as before."""
+    import dataclasses
+
+    from lab_io.profiles import is_edge_well
+    from lab_io.results import read_plate
+    from loop.campaign import CONFIG_FILE, Campaign, CampaignConfig
+    from loop.ingest import annotate_cells, ingest_results, plate_profiles
+
+    campaign, barcodes = _two_plates(tmp_path, two_plates_template)
+    assert campaign.config.edge_correction
+    reports = ingest_results(campaign, tmp_path / "results")
+    assert all(r.edge_offset_sd > 0 for r in reports)
+    barcode = barcodes[0]
+    folder = next(p for p in (tmp_path / "results").iterdir() if p.name.startswith(barcode))
+    with campaign.session() as session:
+        from loop.ingest import _check_plate
+        plan = _check_plate(session, read_plate(folder), tmp_path / "results", replace=True)
+    raw = annotate_cells(plan.plate.cells, plan.well_map)
+    _, edge = plate_profiles(raw, 3.0, edge_correction=True)
+    feature = edge.offsets.abs().idxmax()
+    stored = pd.read_parquet(campaign.measurements_dir / f"{barcode}.cells.parquet")
+    raw_medians = raw.groupby("Metadata_Well")[feature].median()
+    stored_medians = stored.groupby("Metadata_Well")[feature].median()
+    on_edge = is_edge_well(raw_medians.index.tolist())
+    np.testing.assert_allclose(stored_medians[on_edge], raw_medians[on_edge] - edge.offsets[feature], rtol=1e-5)
+    np.testing.assert_array_equal(stored_medians[~on_edge], raw_medians[~on_edge])
+    bookkeeping = [c for c in stored.columns if "_Center_" in c]  # object positions stay as measured
+    assert bookkeeping and np.array_equal(stored[bookkeeping].to_numpy(), raw[bookkeeping].to_numpy())
+
+    # a campaign.json without the key (written before it existed) keeps importing without it
+    old = json.loads((campaign.root / CONFIG_FILE).read_text())
+    del old["edge_correction"]
+    (campaign.root / CONFIG_FILE).write_text(json.dumps(old))
+    assert not Campaign.open(campaign.root).config.edge_correction
+    assert CampaignConfig.from_json(json.dumps({"seed": 3})).edge_correction  # a new campaign's config: on
+    with pytest.raises(Exception, match="edge_correction"):
+        Campaign.init(tmp_path / "other", dataclasses.replace(CampaignConfig(), edge_correction="false"))
 
 
 def test_parquet_written_in_chunks_reads_back_as_the_frame(tmp_path):

@@ -665,6 +665,74 @@ def test_cli_sample_refuses_a_bad_dose_and_a_stray_plate(trained, tmp_path):
         assert bool(saved["guidance_gated"]) and float(saved["guidance_scale"]) == 1.6
 
 
+def test_cli_sample_out_must_be_an_npz_and_write_failures_are_named(trained, tmp_path):
+    """``--out X.png`` would have been overwritten by its own montage; a folder or an unwritable
+    parent gives an error naming the path, and no temporary is left behind."""
+    from loop.assay_cli import assay_app
+
+    out, _, _ = trained
+    runner = CliRunner()
+    base = ["sample", "--model", str(out), "--n", "2", "--controls", "P1", "--compound", "cyclohexamide",
+            "--dose-um", "5"]
+    res = runner.invoke(assay_app, base + ["--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 1 and "give a FILE.npz" in res.output and not list(tmp_path.iterdir())
+    (tmp_path / "adir.npz").mkdir()
+    res = runner.invoke(assay_app, base + ["--out", str(tmp_path / "adir.npz")])
+    assert res.exit_code == 1 and "is a folder" in res.output
+    (tmp_path / "afile").write_text("x")
+    res = runner.invoke(assay_app, base + ["--out", str(tmp_path / "afile" / "g.npz")])
+    assert res.exit_code == 1 and "cannot write" in res.output and "afile" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.npz", "afile"]
+
+
+def test_cli_sample_records_how_cells_were_made(trained, tmp_path, caplog):
+    from loop.assay_cli import assay_app
+
+    out, _, assay = trained
+    runner = CliRunner()
+    base = ["sample", "--model", str(out), "--controls", "P1", "--steps", "2"]
+    res = runner.invoke(assay_app, base + ["--compound", " cycloheximide ", "--dose-um", "5", "--n", "5",
+                                           "--out", str(tmp_path / "a.npz")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "a.npz") as z:
+        assert z["member"].tolist() == [0, 0, 0, 1, 1] == assay.member_of_cells(5).tolist()
+        assert int(z["n_members"]) == 2 and int(z["n_steps"]) == 2 and str(z["sampler"]) == "euler"
+        assert str(z["compound"]) == "cycloheximide"  # the usual spelling, found in the name table
+        assert str(z["compound_resolved_as"]).startswith("name table SMILES C[C@H]1")
+        assert z["dose_range_um"].tolist() == [5.0, 50.0] and bool(z["dose_in_training_range"])
+        assert str(z["model"]) == str(out.resolve()) and str(z["controls"]) == "P1"
+    with caplog.at_level(logging.WARNING, logger="models.image_assay"):
+        res = runner.invoke(assay_app, base + ["--compound", "cyclohexamide", "--dose-um", "1000", "--n", "2",
+                                               "--out", str(tmp_path / "b.npz")])
+    assert res.exit_code == 0 and "cyclohexamide at 1000 uM is outside the treated doses" in caplog.text
+    with np.load(tmp_path / "b.npz") as z:
+        assert not bool(z["dose_in_training_range"]) and str(z["compound_resolved_as"]) == "training compound cyclohexamide"
+    res = runner.invoke(assay_app, base + ["--compound", "DMSO", "--dose-um", "7", "--n", "2",
+                                           "--out", str(tmp_path / "c.npz")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "c.npz") as z:
+        assert float(z["dose_um"]) == 0.0 and str(z["compound_resolved_as"]) == "control"
+
+
+def test_sample_montage_shows_the_real_condition_or_labels_its_stand_in(trained, tmp_path):
+    """Real cells are matched by fingerprint (a SMILES finds the plate's named cells); without
+    cells of the condition the plate's DMSO cells stand in, labelled so; a training plate id shows
+    the model's stored controls."""
+    from lab_io.crops import FALLBACK_SMILES
+    from loop.assay_cli import _real_reference
+
+    _, crops, assay = trained
+    p2 = crops.subset((crops.metadata["plate"] == "P2").to_numpy())
+    fp = resolve_compound(assay, FALLBACK_SMILES["cyclohexamide"])
+    real, label = _real_reference(assay, (None, "P2", p2), fp, 15.0)
+    assert len(real) == 4 and label == "real, same compound and dose on P2"
+    real, label = _real_reference(assay, (None, "P2", p2), fp, 5.0)
+    assert len(real) == 6 and label.startswith("real DMSO (no cells of this compound at this dose on P2")
+    stored = assay.plate_controls("P1")
+    real, label = _real_reference(assay, (stored, "P1", None), fp, 5.0)
+    assert real is stored.images and len(real) and "the model's stored controls" in label
+
+
 def test_assay_sampling_scales_guidance_with_the_dose_gate(trained):
     """A saved model's ``guidance_gated`` reaches sampling: DMSO cells (gate 0) get the unguided
     flow when it is on, and the guided one when it is off (as in models saved before it)."""
