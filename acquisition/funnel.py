@@ -8,7 +8,9 @@
   1. simulate a uniform random sample of ``sample_size`` eligible candidates;
   2. train the fingerprint surrogate (``acquisition.surrogate``) on those member values
      (plus measured activities when given);
-  3. prescreen the rest by surrogate UCB to ``shortlist_size`` candidates;
+  3. prescreen the rest by surrogate UCB to ``shortlist_size`` candidates (when every simulated
+     and measured value is the same, the surrogate has nothing to rank: the shortlist is then a
+     uniform random draw from the rest, seeded by the funnel's ``seed``, with a warning);
   4. simulate the shortlist.
   Candidates = sample + shortlist (both carry exact virtual-assay values, so the random
   sample doubles as an unbiased exploration pool for ``select_batch``).
@@ -123,7 +125,8 @@ class FunnelResult:
         pending: positions in ``indices`` of the pending compounds (``select_batch(pending=...)``).
         from_shortlist: ``bool n``, True where the candidate came from the surrogate shortlist
             (False: random sample, pending, or everything simulated).
-        diagnostics: mode ('all' | 'funnel'), sizes, per-stage seconds, surrogate diagnostics, config.
+        diagnostics: mode ('all' | 'funnel'), sizes, per-stage seconds, surrogate diagnostics, config;
+            a funnel's shortlist: 'surrogate_ucb', or 'random' when the surrogate had nothing to rank.
     """
 
     indices: np.ndarray
@@ -168,6 +171,15 @@ def _check_objective_settings(objective, config: FunnelConfig) -> None:
     if objective is not None and config.profile_dims is not None:
         raise ValueError(f"an objective needs whole simulated profiles (profile_dims=None), got "
                          f"profile_dims={config.profile_dims}")
+
+
+def _random_shortlist(rest: np.ndarray, shortlist_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniform random shortlist of the candidates ``rest``: what the funnel shortlists when the
+    surrogate's targets are all equal, its UCB then ranking by nothing but its initialisation."""
+    k = min(shortlist_size, len(rest))
+    log.warning("funnel: every simulated (and measured) value is the same, so the surrogate has nothing to rank; "
+                "the shortlist is %d candidates drawn at random from the %d not yet simulated", k, len(rest))
+    return np.sort(rng.choice(rest, size=k, replace=False)).astype(np.int64)
 
 
 def funnel_predict(
@@ -270,8 +282,11 @@ def funnel_predict(
             shortlist_size = min_eligible - len(sample)
             log.warning("funnel: sample_size %d + shortlist_size %d is less than the %d picks asked for; "
                         "shortlisting %d instead", len(sample), config.shortlist_size, min_eligible, shortlist_size)
-        shortlist = prescreen(surrogate, fingerprints, shortlist_size, beta=config.beta, exclude=blocked,
-                              batch_size=config.surrogate.inference_batch_size)
+        if surrogate_diag["constant_targets"]:
+            shortlist = _random_shortlist(np.flatnonzero(~blocked), shortlist_size, sample_rng)
+        else:
+            shortlist = prescreen(surrogate, fingerprints, shortlist_size, beta=config.beta, exclude=blocked,
+                                  batch_size=config.surrogate.inference_batch_size)
         timings["prescreen_s"] = time.perf_counter() - t0
         # 4. simulate the shortlist
         t0 = time.perf_counter()
@@ -286,6 +301,7 @@ def funnel_predict(
         if first_pred.profiles is not None:
             profiles = np.concatenate([first_pred.profiles, short_pred.profiles], axis=1)[:, order]
         diagnostics.update(mode="funnel", n_sample=len(sample), n_shortlist=len(shortlist),
+                           shortlist="random" if surrogate_diag["constant_targets"] else "surrogate_ucb",
                            n_simulated=first_pred.n_simulated + short_pred.n_simulated,
                            n_cached=first_pred.n_cached + short_pred.n_cached, surrogate=surrogate_diag)
     timings["total_s"] = time.perf_counter() - t_start

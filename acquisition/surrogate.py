@@ -3,9 +3,11 @@
 ``H`` small MLP heads on the 2048 Morgan bits, trained jointly (one optimiser step updates
 every head) on the virtual assay's own per-member activities for a random sample of the
 library, plus measured activities when given. Head ``h`` fits member ``h mod K`` (or the
-member mean, ``target='mean'``) on its own bootstrap resample (per-row multiplicity weights)
-from its own initialisation, so the spread across heads reflects both the members'
-disagreement and the surrogate's own uncertainty.
+member mean, ``target='mean'``) on its own bootstrap resample from its own initialisation, so
+the spread across heads reflects both the members' disagreement and the surrogate's own
+uncertainty. The bootstrap draws fingerprints, not rows: rows with the same packed fingerprint
+(a compound listed twice, stereoisomers, a measured compound also simulated) are in or out of a
+head's bag together, so the out-of-bag Spearman scores each head on fingerprints it never saw.
 
 Each head::
 
@@ -34,9 +36,12 @@ from models.virtual_assay import FINGERPRINT_N_BITS, check_fingerprints
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FingerprintSurrogate", "SurrogateConfig", "fingerprint_bags", "prescreen", "train_surrogate"]
+__all__ = ["FingerprintSurrogate", "SurrogateConfig", "fingerprint_bags", "fingerprint_groups", "prescreen",
+           "train_surrogate"]
 
 _TARGETS = ("members", "mean")
+MIN_OUT_OF_BAG = 10  # fewer out-of-bag fingerprints give no out-of-bag Spearman (NaN): 3 ranks agree by chance
+_TINY_SCALE = 1e-12  # the target scale of all-zero constant targets
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class SurrogateConfig:
         max_steps: cap on optimiser steps (bounds training time for large samples).
         batch_size: rows per step.
         learning_rate, weight_decay: AdamW.
-        bootstrap: each head trains on its own bootstrap resample (multiplicity weights).
+        bootstrap: each head trains on its own bootstrap resample of the distinct fingerprints
+            (multiplicity weights; every row of a fingerprint carries its draw count).
         target: ``'members'`` (head h fits member h mod K) or ``'mean'`` (member mean).
         measured_weight: weight of a measured row relative to a simulated one.
         inference_batch_size: fingerprints per inference batch.
@@ -160,9 +166,12 @@ def train_surrogate(
             (every head fits them, weighted ``config.measured_weight``).
 
     Returns:
-        ``(surrogate, diagnostics)``: diagnostics has n_train, n_measured, steps, seconds,
-        final loss and the out-of-bag Spearman correlation of the head mean with the member
-        mean (NaN without bootstrap).
+        ``(surrogate, diagnostics)``: diagnostics has n_train, n_measured, n_fingerprints (distinct
+        ones, simulated and measured), steps, seconds, final loss, constant_targets (every target
+        the same value: the surrogate has nothing to rank, its predictions are that value up to
+        noise of its relative size) and the out-of-bag Spearman correlation of the head mean with
+        the member mean over distinct simulated fingerprints (NaN without bootstrap, with fewer
+        than ``MIN_OUT_OF_BAG`` out-of-bag fingerprints, or with constant targets; n_out_of_bag).
     """
     t0 = time.perf_counter()
     fingerprints = check_fingerprints(fingerprints)
@@ -194,13 +203,15 @@ def train_surrogate(
     n_rows = len(x)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    groups = fingerprint_groups(x)
+    n_groups = int(groups.max()) + 1
     if config.bootstrap:
-        counts = np.stack([np.bincount(rng.integers(0, n_rows, n_rows), minlength=n_rows)
+        counts = np.stack([np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[groups]
                            for _ in range(config.n_heads)]).astype(np.float32)  # H x rows
     else:
         counts = np.ones((config.n_heads, n_rows), dtype=np.float32)
     weight = torch.from_numpy(counts * row_weight)  # H x rows
-    y_mean, y_scale = float(y.mean(dtype=np.float64)), float(y.std(dtype=np.float64)) or 1.0  # float32 overflows
+    y_mean, y_scale, constant = _target_scale(y)
     y_std = torch.from_numpy((y - y_mean) / y_scale)  # H x rows
     mean_bits = float(np.unpackbits(x[: min(n_rows, 2048)], axis=1).sum(1).mean())
     model = FingerprintSurrogate(config.n_heads, config.hidden_dim, mean_bits_on=mean_bits, generator=generator)
@@ -228,31 +239,60 @@ def train_surrogate(
             if step >= n_steps:
                 break
     model.eval()
-    oob = _out_of_bag_spearman(model, fingerprints, values, counts[:, :n], config) if config.bootstrap else float("nan")
-    diagnostics = dict(n_train=n, n_measured=n_measured, n_heads=config.n_heads, steps=step,
-                       final_loss=float(f"{loss_value:.4g}"), oob_spearman=round(oob, 4),
+    oob, n_oob = float("nan"), 0
+    if config.bootstrap:
+        oob, n_oob = _out_of_bag_spearman(model, fingerprints, values, counts[:, :n], groups[:n], config)
+    diagnostics = dict(n_train=n, n_measured=n_measured, n_fingerprints=n_groups, n_heads=config.n_heads,
+                       steps=step, final_loss=float(f"{loss_value:.4g}"), constant_targets=constant,
+                       oob_spearman=round(oob, 4), n_out_of_bag=n_oob,
                        seconds=round(time.perf_counter() - t0, 2), config=config.to_dict())
-    log.info("surrogate: %d heads on %d simulated + %d measured compounds, %d steps in %.1f s "
-             "(out-of-bag Spearman %.3f)", config.n_heads, n, n_measured, step, diagnostics["seconds"], oob)
+    log.info("surrogate: %d heads on %d simulated + %d measured compounds (%d distinct fingerprints), %d steps "
+             "in %.1f s (out-of-bag Spearman %s over %d fingerprints)", config.n_heads, n, n_measured, n_groups,
+             step, diagnostics["seconds"], "n/a" if math.isnan(oob) else f"{oob:.3f}", n_oob)
     return model, diagnostics
 
 
+def fingerprint_groups(packed: np.ndarray) -> np.ndarray:
+    """``int64 n`` group of each row: rows with the same packed fingerprint share one, numbered in
+    order of first appearance (all-distinct rows: ``0 .. n-1``, the row order)."""
+    _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+    by_appearance = np.empty(len(first), dtype=np.int64)
+    by_appearance[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return by_appearance[inverse.reshape(-1)]
+
+
+def _target_scale(y: np.ndarray) -> tuple[float, float, bool]:
+    """``(mean, scale, constant)`` that standardise the targets. Constant targets have no spread to
+    scale by: their own magnitude is the scale (so a prediction off by the network's untrained
+    noise is off by a fraction of the value, not by 1 in activity units), with a warning."""
+    if np.ptp(y) > 0:  # ptp: exactly 0 for equal values, unlike a float64 std with rounding
+        return float(y.mean(dtype=np.float64)), float(y.std(dtype=np.float64)), False  # float32 overflows
+    value = float(y.flat[0])
+    log.warning("surrogate: every one of the %d targets is %g: it has nothing to rank (constant targets); its "
+                "predictions are that value up to noise", y.shape[-1], value)
+    return value, max(abs(value), _TINY_SCALE), True
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3:
+    """Spearman's rho (ties ranked in order); NaN with fewer than ``MIN_OUT_OF_BAG`` pairs or no spread."""
+    if len(a) < MIN_OUT_OF_BAG or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def _out_of_bag_spearman(model: FingerprintSurrogate, fingerprints: np.ndarray, values: np.ndarray,
-                         counts: np.ndarray, config: SurrogateConfig) -> float:
-    """Rank correlation of each row's out-of-bag head mean with the member-mean value."""
-    heads = model.predict_heads(fingerprints, batch_size=config.inference_batch_size)  # H x n
-    out_of_bag = counts == 0  # H x n
+                         counts: np.ndarray, groups: np.ndarray, config: SurrogateConfig) -> tuple[float, int]:
+    """Rank correlation of each distinct fingerprint's out-of-bag head mean with the member-mean value
+    (averaged over its rows), and how many fingerprints some head left out."""
+    _, first = np.unique(groups, return_index=True)  # first row of group 0, 1, ... (groups count from 0)
+    heads = model.predict_heads(fingerprints[first], batch_size=config.inference_batch_size)  # H x g
+    out_of_bag = counts[:, first] == 0  # H x g (a group's rows share their counts)
     has_oob = out_of_bag.any(axis=0)
     oob_mean = (heads * out_of_bag).sum(0)[has_oob] / out_of_bag.sum(0)[has_oob]
-    target = np.atleast_2d(values).mean(axis=0)[has_oob]
-    return _spearman(oob_mean, target)
+    member_mean = np.atleast_2d(values).mean(axis=0, dtype=np.float64)
+    target = np.bincount(groups, weights=member_mean) / np.bincount(groups)  # g
+    return _spearman(oob_mean, target[has_oob]), int(has_oob.sum())
 
 
 def prescreen(

@@ -180,3 +180,25 @@ def test_objective_replaces_activity_everywhere(clustered, simulate_all_max):
     assert result.values.min() < 0  # cosine values, not activity
     with pytest.raises(ValueError, match="profile_dims=None"):
         funnel_predict(assay, fps, keys, 10.0, config=SMALL, seed=0, objective=objective)
+
+
+def test_constant_values_give_a_seeded_random_shortlist_with_a_warning(clustered, caplog):
+    """With every simulated value the same the surrogate's UCB ranks by its initialisation alone:
+    the shortlist is a random draw from the funnel's seed, and the round says so."""
+    fps, keys, motif, _ = clustered
+    config = dataclasses.replace(SMALL, profile_dims=None)
+    flat = lambda profiles: np.full(profiles.shape[:2], 0.5, np.float32)  # noqa: E731 (an objective)
+    with caplog.at_level("WARNING", logger="acquisition"):
+        first = funnel_predict(FakeAssay(motif=motif), fps, keys, 10.0, config=config, seed=0, objective=flat)
+    assert "nothing to rank" in caplog.text and first.diagnostics["shortlist"] == "random"
+    assert first.diagnostics["surrogate"]["constant_targets"] and first.from_shortlist.sum() == 200
+    again = funnel_predict(FakeAssay(motif=motif), fps, keys, 10.0, config=config, seed=0, objective=flat)
+    other = funnel_predict(FakeAssay(motif=motif), fps, keys, 10.0, config=config, seed=1, objective=flat)
+    np.testing.assert_array_equal(again.indices, first.indices)
+    shortlisted = set(first.indices[first.from_shortlist].tolist())
+    assert shortlisted != set(other.indices[other.from_shortlist].tolist())
+    # a draw from the rest, not the surrogate's pick: the cluster (5% of the library) is not enriched
+    _, _, _, is_cluster = clustered
+    assert is_cluster[sorted(shortlisted)].mean() < 0.15
+    varied = funnel_predict(FakeAssay(motif=motif), fps, keys, 10.0, config=SMALL, seed=0)
+    assert varied.diagnostics["shortlist"] == "surrogate_ucb"

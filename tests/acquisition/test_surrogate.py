@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from acquisition.surrogate import FingerprintSurrogate, SurrogateConfig, fingerprint_bags, prescreen, train_surrogate
+from acquisition.surrogate import (MIN_OUT_OF_BAG, FingerprintSurrogate, SurrogateConfig, _spearman, fingerprint_bags,
+                                   fingerprint_groups, prescreen, train_surrogate)
 from test_prediction_cache import FakeAssay, clustered_library, random_fingerprints
 
 FAST = SurrogateConfig(n_heads=4, hidden_dim=32, n_epochs=20, batch_size=128)
@@ -126,3 +127,49 @@ def test_huge_targets_train_a_finite_surrogate():
     assert np.isfinite(model.predict_heads(fps)).all()
     with pytest.raises(ValueError, match="NaN or inf"):
         train_surrogate(fps, np.where(np.arange(60) == 3, np.nan, 1.0), config=FAST, seed=0)
+
+
+def test_fingerprint_groups_number_identical_rows_together_in_order_of_appearance():
+    rng = np.random.default_rng(6)
+    fps = random_fingerprints(4, rng)
+    rows = fps[[2, 0, 2, 3, 0, 1]]
+    np.testing.assert_array_equal(fingerprint_groups(rows), [0, 1, 0, 2, 1, 3])
+    np.testing.assert_array_equal(fingerprint_groups(fps), np.arange(4))  # distinct rows: the row order
+
+
+def test_out_of_bag_spearman_of_repeated_compounds_matches_a_hold_out():
+    """A compound listed 5 times is in or out of a head's bag with all its copies: the out-of-bag
+    rho stays near the hold-out rho instead of scoring rows the head trained on (0.98 before)."""
+    rng = np.random.default_rng(1)
+    fps, motif, _ = clustered_library(1100, 110, rng)
+    values = member_activity(FakeAssay(motif=motif, motif_weight=4.0), fps)
+    train, held_out = np.arange(400), np.arange(400, len(fps))
+    repeated = np.tile(train, 5)
+    model, diag = train_surrogate(fps[repeated], values[:, repeated], config=FAST, seed=0)
+    hold_out = _spearman(model.predict_heads(fps[held_out]).mean(0), values[:, held_out].mean(0))
+    assert diag["n_train"] == 2000 and diag["n_fingerprints"] == 400
+    assert 0 < diag["n_out_of_bag"] <= 400  # counted per fingerprint, not per row
+    assert abs(diag["oob_spearman"] - hold_out) < 0.15 and diag["oob_spearman"] < 0.6
+
+
+def test_spearman_needs_enough_rows_and_a_spread():
+    a = np.arange(MIN_OUT_OF_BAG, dtype=float)
+    assert MIN_OUT_OF_BAG == 10 and _spearman(a, a ** 3) == pytest.approx(1.0)
+    assert np.isnan(_spearman(a[:-1], a[:-1] ** 3))  # 3 rows agreeing used to report rho = 1
+    assert np.isnan(_spearman(a, np.ones_like(a)))  # constant values have no ranking
+
+
+def test_constant_targets_keep_their_magnitude_and_say_there_is_nothing_to_rank(caplog):
+    """Equal targets have no spread to standardise by: the value's own size is the scale, so unseen
+    compounds are predicted near it, not off by the network's noise in units of 1."""
+    rng = np.random.default_rng(7)
+    fps, unseen = random_fingerprints(200, rng), random_fingerprints(300, rng)
+    value = 2e-3
+    with caplog.at_level("WARNING", logger="acquisition.surrogate"):
+        model, diag = train_surrogate(fps, np.full((2, 200), value, np.float32), config=FAST, seed=0)
+    assert "nothing to rank (constant targets)" in caplog.text and diag["constant_targets"]
+    assert float(model.y_mean) == pytest.approx(value) and float(model.y_scale) == pytest.approx(value)
+    assert np.isnan(diag["oob_spearman"])
+    assert np.abs(model.predict_heads(unseen) - value).max() < 2 * value  # 0.85 (425 x value) before
+    _, zero_diag = train_surrogate(fps, np.zeros(200, np.float32), config=FAST, seed=0)
+    assert zero_diag["constant_targets"]
