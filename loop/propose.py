@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ROUND_CONFIG_FILE = "round_config.json"
 PROPOSING_FILE = ".proposing.json"  # the journal of a proposal being written (_settle_interrupted_proposal)
+DOSE_RTOL = 1e-5  # doses this close (relative) are the same dose (a plate map's rounding, np.isclose's default)
 
 POLICIES = ("loop", "random", "greedy_mean", "ucb_topk", "diversity_only")
 # Model-based policies differ only in how the batch is selected from the ensemble's predictions:
@@ -184,9 +185,7 @@ def choose_compounds(
                                      observed=anchored or labelled, required=anchored)
     labels = {}
     if labelled and measurements is not None and measurements.observed is not None:  # on the predictions' scale
-        labels = dict(measured_fingerprints=measurements.fingerprints,
-                      measured_activity=on_prediction_scale(measurements.predicted, measurements.observed,
-                                                            log_scale=objective is None))
+        labels = surrogate_labels(measured, measurements, campaign.config.dose_um, log_scale=objective is None)
     funnel = funnel_predict(model, fps, candidates["inchikey"].to_numpy(), campaign.config.dose_um,
                             pending=np.flatnonzero(pending), config=funnel_cfg,
                             cache=PredictionCache(campaign.root / "cache"), seed=seed, objective=objective,
@@ -308,6 +307,26 @@ def _measurements(campaign: Campaign, model, measured: pd.DataFrame, funnel_cfg:
                 log.warning("the funnel's surrogate learns from simulated compounds only: %s", err)
                 values = None
     return _Measurements(fps, np.asarray(predicted), values)
+
+
+def surrogate_labels(measured: pd.DataFrame, measurements: _Measurements, dose_um: float, *,
+                     log_scale: bool) -> dict[str, np.ndarray]:
+    """The funnel's ``measured_fingerprints`` / ``measured_activity``: the measured conditions at the
+    campaign's dose (within ``DOSE_RTOL``), put on the predictions' scale. The surrogate is dose-blind
+    and ranks every candidate at that dose, so a compound measured at another (imported, or before a
+    ``dose_um`` change) is left out rather than taken as its value there; how many is logged."""
+    doses = measured["dose_um"].to_numpy(float)
+    at_dose = np.isclose(doses, dose_um, rtol=DOSE_RTOL, atol=0.0)
+    if not at_dose.all():
+        other = ", ".join(f"{d:g}" for d in np.unique(doses[~at_dose]))
+        log.info("the funnel's surrogate learns from the %d measured conditions at the campaign's %g uM; %d "
+                 "measured at other doses (%s uM) are left out", int(at_dose.sum()), dose_um,
+                 int((~at_dose).sum()), other)
+    if not at_dose.any():
+        return {}
+    return dict(measured_fingerprints=measurements.fingerprints[at_dose],
+                measured_activity=on_prediction_scale(measurements.predicted[:, at_dose],
+                                                      measurements.observed[at_dose], log_scale=log_scale))
 
 
 def _select_anchored(model, fps, funnel, measured: pd.DataFrame, measurements: _Measurements, q: int,
