@@ -48,7 +48,11 @@ leaves a partial set.
 CPJUMP1 (``barcode_platemap_*.csv``, ``<map>_platemap.txt``, ``*compound_metadata.tsv``): without a
 ``role`` column a well is a treatment if it has a broad_sample, DMSO if it only has solvent, else
 empty; without a ``dose_um`` column (CPJUMP1 records ``mmoles_per_liter`` of the source instead)
-``dose_um`` is NaN for compound wells.
+``dose_um`` is NaN for compound wells. Maps are laid on 384-well plates: a map that lists exactly
+the 96 wells A01-H12 and none beyond (a 96-well plate's map; a 384-well map lists its 384, or a
+sparse set that is not that quarter) is refused, naming the file, rather than read as the
+top-left quarter of a 384-well plate. A 96-well map is not always recognisable: one that lists
+only some of its wells looks like a sparse 384-well map, and the files carry no plate format.
 """
 
 from __future__ import annotations
@@ -645,6 +649,19 @@ def _role_of(row: pd.Series, has_role: bool, path: Path, line: int) -> str:
     return WellRole.negative_control.value if row.get("solvent", SOLVENT) else WellRole.empty.value
 
 
+_PLATE_96_SHAPE = (8, 12)  # a 96-well plate: rows A-H, columns 1-12
+
+
+def _check_not_96_well(path: Path, listed: dict[int, int]) -> None:
+    """ValueError naming ``path`` when its listed wells (384-well indices) are exactly A01-H12."""
+    rows, cols = _PLATE_96_SHAPE
+    quarter = {r * N_COLS + c for r in range(rows) for c in range(cols)}
+    if set(listed) == quarter:
+        raise ValueError(f"{path}: lists exactly the {len(quarter)} wells A01-H12 and none beyond: a 96-well plate "
+                         f"map? Plates here are 384-well ({N_ROWS} x {N_COLS}), where those wells are only the "
+                         "top-left quarter; write the map with the 384-well positions the wells were dispensed to")
+
+
 def _read_platemap(path: Path, map_name: str) -> pd.DataFrame:
     """Parse one plate map -> wells DataFrame (all 384 wells; wells not listed are empty).
 
@@ -689,6 +706,7 @@ def _read_platemap(path: Path, map_name: str) -> pd.DataFrame:
             if dose_text != "" and not (math.isfinite(doses[k]) and doses[k] > 0):
                 raise ValueError(f"{path} line {line}: dose_um {dose_text!r} in well {well_name(r, c)} must be "
                                  "a number > 0 (leave it empty when unknown)")
+    _check_not_96_well(path, seen)
     grid_rows, grid_cols = np.divmod(np.arange(N_WELLS), N_COLS)
     return pd.DataFrame({
         "well": [well_name(r, c) for r, c in zip(grid_rows, grid_cols)],

@@ -358,6 +358,25 @@ def test_read_strips_spaces_and_refuses_bad_doses(written, tmp_path):
             pm.read_plate_files(d)
 
 
+def test_a_96_well_plate_map_is_refused_not_read_as_a_384_well_quarter(written, tmp_path):
+    """A map of exactly the wells A01-H12 is a 96-well plate's: read on a 384-well plate its wells
+    would be the top-left quarter, the rest never appearing. A sparse 384-well map still reads."""
+    layouts, _, _ = written
+    d = copy_batch(written, tmp_path)
+    path = d / f"{layouts[0].plate_map_name}.txt"
+    header, *rows = path.read_text().splitlines()
+    well = header.split("\t").index("well_position")
+    quarter = [line for line in rows if parse_well(line.split("\t")[well])[0] < 8
+               and parse_well(line.split("\t")[well])[1] < 12]
+    assert len(quarter) == 96
+    path.write_text("\n".join([header, *quarter]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path.name}: lists exactly the 96 wells A01-H12.*96-well plate map"):
+        pm.read_plate_files(d)
+    path.write_text("\n".join([header, *quarter[:95]]) + "\n")  # one well fewer: a sparse 384-well map
+    read, _ = pm.read_plate_files(d)
+    assert (read[0].wells["role"] != "empty").sum() <= 95
+
+
 @pytest.mark.skipif(not CPJUMP1.is_dir(), reason=f"shared data absent: {CPJUMP1}")
 def test_read_real_cpjump1_platemap():
     layouts, compounds = pm.read_plate_files(CPJUMP1)
