@@ -241,7 +241,14 @@ class PlateLayoutConfig:
         """ValueError naming ``what`` unless ``dose_um`` takes between one droplet and
         ``transfer_volume_nl`` of the stock, in whole droplets within ``DOSE_TOLERANCE`` of the dose."""
         volume = self.compound_volume_nl(dose_um)
-        if volume <= 0 or volume > self.transfer_volume_nl:
+        if volume <= 0:  # under half a droplet: say what it needs, not the 0 nL it rounds to
+            exact = dose_um * self.assay_volume_ul / self.stock_mm
+            raise ValueError(
+                f"{what}: {dose_um} uM needs {exact:.3g} nL of {self.stock_mm} mM stock, less than half of one "
+                f"{ECHO_DROPLET_NL} nL droplet; use a dose of at least "
+                f"{ECHO_DROPLET_NL * self.stock_mm / self.assay_volume_ul:g} uM or a more dilute stock (stock_mm)"
+            )
+        if volume > self.transfer_volume_nl:
             raise ValueError(
                 f"{what}: {dose_um} uM needs {volume} nL of {self.stock_mm} mM stock; "
                 f"it must be between {ECHO_DROPLET_NL} and transfer_volume_nl={self.transfer_volume_nl} nL"

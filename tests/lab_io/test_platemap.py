@@ -137,6 +137,10 @@ def test_a_dose_the_droplets_cannot_give_is_refused():
     with pytest.raises(ValueError, match="positive_control_dose_um: 1 uM would be dispensed as 1.25 uM"):
         pm.PlateLayoutConfig(positive_control_id="POS", n_positive_controls=4, positive_control_dose_um=1.0)
     pm.PlateLayoutConfig(stock_mm=0.8).check_dispensable(1.0, "dose_um")  # 50 nL of 0.8 mM
+    # under half a droplet: the message gives the volume needed, not the 0 nL it rounds to
+    with pytest.raises(ValueError, match=r"dose_um: 0.3 uM needs 1.2 nL of 10.0 mM stock, less than half of one "
+                                         r"2.5 nL droplet; use a dose of at least 0.625 uM"):
+        config.check_dispensable(0.3, "dose_um")
 
 
 @pytest.mark.parametrize("settings, message", [
