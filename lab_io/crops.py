@@ -8,7 +8,13 @@ plate from the lab's images, cut with :func:`cut_crops`)::
       crops_metadata.csv     one row per crop; required columns plate, well, compound,
                              concentration_um; optional ``row`` (index into images),
                              ``smiles``, site, moa, ...
-      channels.json          optional: {"channel_names": [...]} (length C)
+      channels.json          optional: {"channel_names": [...], "named": true} (length C); "named"
+                             false (written for crops whose names are defaults or guesses) keeps
+                             the names for display but says they were never declared
+
+A folder without ``channels.json``, or with ``"named": false``, has no declared channel names: its
+channels are taken by position (:func:`reorder_channels`). Channel names are compared by
+:func:`channel_key` (case, spaces and punctuation ignored) everywhere.
 
 Rows are matched to images through ``row`` when present (any order), else by position.
 DMSO (the solvent) is the null compound: ``compound == "DMSO"`` (case-insensitive).
@@ -20,9 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,6 +51,9 @@ REQUIRED_COLUMNS = ("plate", "well", "compound", "concentration_um")
 #: Cells / Cytoplasm) with log(CorrActin / CorrTub), and cycloheximide's 50 uM fold changes match
 #: only this way round (session 33's review, ``docs/STATUS_LOG.md``).
 DEFAULT_CHANNELS_3 = ("DNA", "Actin", "Tubulin")
+#: What :data:`DEFAULT_CHANNELS_3` was before session 33 (and what ingest guessed for a 3-channel
+#: images-only plate, ``lab_io.schema.CHANNELS``, before session 34): models saved then may carry it.
+OLD_DEFAULT_CHANNELS_3 = ("DNA", "Tubulin", "Actin")
 SMILES_TABLE = Path("bbbc021") / "compounds_smiles_matched.csv"
 #: Fallback names -> SMILES (from ``compounds_smiles_matched.csv``, Drug Repurposing Hub match),
 #: used when the shared table is absent. BBBC021 spells cycloheximide "cyclohexamide".
@@ -62,8 +72,9 @@ class CropSet:
     """Crops and their metadata.
 
     images: uint16 ``N x H x W x C``; metadata: N rows (index 0..N-1, aligned with images);
-    channel_names: length C; channels_named: False when the names are defaults (a folder without
-    ``channels.json``), which :func:`reorder_channels` may replace.
+    channel_names: length C; channels_named: False when the names are defaults or guesses (a folder
+    without ``channels.json``, or one saying ``"named": false``): they say nothing of the stains, and
+    :func:`reorder_channels` takes such channels by position.
     """
 
     images: np.ndarray
@@ -180,44 +191,95 @@ def _unify_spellings(compounds: pd.Series, path: Path) -> pd.Series:
     return key.map(spellings)
 
 
-def reorder_channels(crops: CropSet, names: Sequence[str], source: str | Path) -> CropSet:
-    """``crops`` with its channels in the order ``names`` (a model's channels).
+class ChannelNames(list):
+    """A model's channel names and whether they were ``declared``: False when they are defaults or
+    guesses that mean only the order (a model trained on crops without declared names), so that
+    :func:`reorder_channels` maps a folder's channels to it by position, not by name."""
 
-    Names are matched case-insensitively; a folder whose channels are the same under another
-    order is reordered (logged). A folder without ``channels.json`` is taken to be in the order
-    ``names`` when the counts agree. Anything else raises :class:`CropsError` naming the folder's
-    channels and the expected ones."""
-    names = tuple(names)
-    have = [c.lower() for c in crops.channel_names]
-    want = [c.lower() for c in names]
-    if have == want:
+    def __init__(self, names: Iterable[str] = (), declared: bool = True) -> None:
+        super().__init__(str(n) for n in names)
+        self.declared = bool(declared)
+
+
+def could_be_default_names(names: Sequence[str]) -> bool:
+    """Whether ``names`` are what a default or a guess gave channels nobody named: either 3-channel
+    default (:data:`DEFAULT_CHANNELS_3`, :data:`OLD_DEFAULT_CHANNELS_3`), ``ch0, ch1, ...`` or
+    ingest's guesses (``DNA`` then ``Ch<n>``). A model saved without recording whether its names
+    were declared, and named so, is taken to have positional channels."""
+    keys = [channel_key(n) for n in names]
+    if tuple(keys) in {tuple(map(channel_key, d)) for d in (DEFAULT_CHANNELS_3, OLD_DEFAULT_CHANNELS_3)}:
+        return True
+    numbered = keys[1:] if keys[:1] == ["dna"] else keys
+    return bool(keys) and all(re.fullmatch(r"ch\d+", k) for k in numbered)
+
+
+def _order_by_name(have: Sequence[str], want: Sequence[str]) -> list[int] | None:
+    """Indices putting channels named ``have`` in the order ``want`` (compared by :func:`channel_key`);
+    None unless both name the same distinct channels."""
+    have_keys, want_keys = [channel_key(n) for n in have], [channel_key(n) for n in want]
+    if sorted(have_keys) != sorted(want_keys) or len(set(want_keys)) != len(want_keys):
+        return None
+    return [have_keys.index(k) for k in want_keys]
+
+
+def reorder_channels(crops: CropSet, names: Sequence[str], source: str | Path, *,
+                     declared: bool | None = None) -> CropSet:
+    """``crops`` with its channels in the order a model takes them; ``names`` are the model's channels.
+
+    ``declared`` (default: ``names.declared`` of a :class:`ChannelNames`, else True) says whether the
+    model's names were declared. When both the model's and the folder's names are declared, channels
+    are matched by name (:func:`channel_key`): a folder with the same channels in another order is
+    reordered (a warning) and anything else raises :class:`CropsError` naming both. Otherwise the
+    folder's channels are taken by position when the counts agree: a folder without declared names
+    for a model with declared ones gets the model's names (a warning: nothing checks the stains); a
+    model without declared names keeps the folder's own (a warning when the folder declares names
+    other than the model's, in order: the model's say only which position it was trained on)."""
+    if declared is None:
+        declared = getattr(names, "declared", True)
+    names = tuple(str(n) for n in names)
+    have, n_channels = list(crops.channel_names), crops.images.shape[3]
+    if (not declared or not crops.channels_named) and n_channels == len(names):
+        if not declared:
+            if crops.channels_named and [channel_key(n) for n in have] != [channel_key(n) for n in names]:
+                logger.warning("%s: channels %s taken by position as the model's %s: the model was trained on "
+                               "crops without declared channel names, so its names say only the order; if its "
+                               "training crops held other stains in these positions, its input is wrong", source,
+                               have, list(names))
+            return crops
+        logger.warning("%s: crops without declared channel names (%s: no %s or one saying \"named\": false) taken by "
+                       "position as the model's %s; nothing checks that they are these stains (name them in %s)",
+                       source, have, CHANNELS_FILE, list(names), CHANNELS_FILE)
+        return CropSet(crops.images, crops.metadata, names, channels_named=False)
+    if [channel_key(n) for n in have] == [channel_key(n) for n in names]:
         return crops
-    if not crops.channels_named and crops.images.shape[3] == len(names):
-        return CropSet(crops.images, crops.metadata, names)  # default names say nothing of the order
-    if sorted(have) == sorted(want) and len(set(want)) == len(want):
-        order = [have.index(c) for c in want]
-        logger.info("%s: channels %s reordered to the model's %s", source, list(crops.channel_names), list(names))
+    order = _order_by_name(have, names) if declared and crops.channels_named else None
+    if order is not None:
+        logger.warning("%s: channels %s reordered to the model's %s", source, have, list(names))
         return CropSet(np.ascontiguousarray(crops.images[..., order]), crops.metadata, names)
-    named = f"named in its {CHANNELS_FILE}" if crops.channels_named else f"no {CHANNELS_FILE}"
-    raise CropsError(f"{source}: crops have {crops.images.shape[3]} channels {list(crops.channel_names)} ({named}); "
+    named = f"named in its {CHANNELS_FILE}" if crops.channels_named else "without declared names"
+    raise CropsError(f"{source}: crops have {n_channels} channels {have} ({named}); "
                      f"the model expects {list(names)}")
 
 
-def _read_channels(path: Path, n_channels: int) -> tuple[str, ...]:
+def _read_channels(path: Path, n_channels: int) -> tuple[tuple[str, ...], bool]:
+    """The folder's channel names and whether they were declared (no file: defaults, not declared)."""
     if not path.is_file():
-        return default_channel_names(n_channels)
+        return default_channel_names(n_channels), False
     try:
-        names = json.loads(path.read_text())["channel_names"]
+        spec = json.loads(path.read_text())
+        names, named = spec["channel_names"], spec.get("named", True)
     except Exception as err:
-        raise CropsError(f"{path}: expected JSON {{\"channel_names\": [...]}} ({err})") from err
+        raise CropsError(f"{path}: expected JSON {{\"channel_names\": [...], \"named\": true}} ({err})") from err
+    if not isinstance(named, bool):
+        raise CropsError(f"{path}: \"named\" must be true or false, got {named!r}")
     if len(names) != n_channels:
         raise CropsError(f"{path}: {len(names)} channel names for {n_channels} image channels")
     names = tuple(str(n) for n in names)
     keys = [channel_key(n) for n in names]
     if len(set(keys)) != len(keys) or not all(keys):
-        raise CropsError(f"{path}: channel names must be non-empty and unique (ignoring case and spaces), "
-                         f"got {list(names)}")
-    return names
+        raise CropsError(f"{path}: channel names must be non-empty and unique (ignoring case, spaces and "
+                         f"punctuation), got {list(names)}")
+    return names, named
 
 
 def load_crops(crops_dir: str | Path) -> CropSet:
@@ -244,20 +306,18 @@ def load_crops(crops_dir: str | Path) -> CropSet:
         return _concatenate([load_crops(p) for p in parts], parts)
     images = _read_images(crops_dir / IMAGES_FILE)
     metadata = _read_metadata(crops_dir / METADATA_FILE, len(images))
-    channels = _read_channels(crops_dir / CHANNELS_FILE, images.shape[3])
+    channels, named = _read_channels(crops_dir / CHANNELS_FILE, images.shape[3])
     logger.info("loaded %d crops %s from %s", len(images), images.shape[1:], crops_dir)
-    return CropSet(images=images, metadata=metadata, channel_names=channels,
-                   channels_named=(crops_dir / CHANNELS_FILE).is_file())
+    return CropSet(images=images, metadata=metadata, channel_names=channels, channels_named=named)
 
 
 def _concatenate(sets: list[CropSet], folders: list[Path]) -> CropSet:
-    """The union of several plates' crops. They must share channels; crops cut at different sizes
-    (``--crops-px`` changed between rounds) are centre-cropped to the smallest, with a warning."""
+    """The union of several plates' crops. They must share channels (compared by :func:`channel_key`;
+    declared names in another order are reordered to the first folder's, with a warning); crops cut
+    at different sizes (``--crops-px`` changed between rounds) are centre-cropped to the smallest,
+    with a warning. The union's names are declared only when every folder's are."""
     first, where = sets[0], folders[0]
-    for crops, folder in zip(sets[1:], folders[1:]):
-        if crops.images.shape[3] != first.images.shape[3] or crops.channel_names != first.channel_names:
-            raise CropsError(f"{folder}: crops {crops.images.shape[1:]} with channels {list(crops.channel_names)} "
-                             f"do not match {where}'s {first.images.shape[1:]} {list(first.channel_names)}")
+    sets = [first] + [_same_channels(crops, folder, first, where) for crops, folder in zip(sets[1:], folders[1:])]
     size = min(min(c.images.shape[1:3]) for c in sets)
     if any(c.images.shape[1:3] != (size, size) for c in sets):
         logger.warning("crops of %s are %s px: all are centre-cropped to %d px", [f.name for f in folders],
@@ -265,6 +325,25 @@ def _concatenate(sets: list[CropSet], folders: list[Path]) -> CropSet:
     images = [centre_crop(c.images, size) for c in sets]
     metadata = pd.concat([c.metadata.drop(columns=["row"], errors="ignore") for c in sets], ignore_index=True)
     return CropSet(np.concatenate(images), metadata, first.channel_names, all(c.channels_named for c in sets))
+
+
+def _same_channels(crops: CropSet, folder: Path, first: CropSet, where: Path) -> CropSet:
+    """``crops`` with the channels of ``first`` (the union's first folder, ``where``), in its order."""
+    if [channel_key(n) for n in crops.channel_names] == [channel_key(n) for n in first.channel_names]:
+        return crops
+    order = (_order_by_name(crops.channel_names, first.channel_names)
+             if crops.channels_named and first.channels_named else None)
+    if order is None:
+        raise CropsError(f"{folder}: crops {crops.images.shape[1:]} with channels {list(crops.channel_names)} "
+                         f"{_named(crops)} do not match {where}'s {first.images.shape[1:]} "
+                         f"{list(first.channel_names)} {_named(first)}")
+    logger.warning("%s: channels %s reordered to %s's %s", folder, list(crops.channel_names), where.name,
+                   list(first.channel_names))
+    return CropSet(np.ascontiguousarray(crops.images[..., order]), crops.metadata, first.channel_names)
+
+
+def _named(crops: CropSet) -> str:
+    return "(declared)" if crops.channels_named else "(not declared: defaults or guesses)"
 
 
 def centre_crop(images: np.ndarray, size: int, source: str = "crops") -> np.ndarray:
@@ -277,8 +356,17 @@ def centre_crop(images: np.ndarray, size: int, source: str = "crops") -> np.ndar
 
 
 def channel_key(name: object) -> str:
-    """A channel name as channels are matched and told apart: case and surrounding spaces ignored."""
-    return str(name).strip().lower()
+    """A channel name as channels are matched and told apart: its letters and digits, lower case
+    (case, spaces and punctuation ignored: ``Hoechst 33342`` matches ``HOECHST33342``)."""
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def channel_display_name(name: object) -> str:
+    """A channel name as it is stored (crops' ``channels.json``, feature-name parts such as
+    ``Cells_Intensity_MeanIntensity_<name>``): its letters and digits, case kept (``Hoechst 33342``
+    -> ``Hoechst33342``); the one rule for names given with ``loop ingest --channels`` and names read
+    from a Harmony index."""
+    return "".join(ch for ch in str(name).strip() if ch.isalnum())
 
 
 def cut_crops(field: np.ndarray, centres_yx: np.ndarray, size_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +410,10 @@ def _atomic_write_all(writers: dict[Path, Callable[[str], object]]) -> None:
 
 
 def write_crops(crops: CropSet, crops_dir: str | Path) -> Path:
-    """Write a :class:`CropSet` as a crops folder (each file written atomically). Returns the folder."""
+    """Write a :class:`CropSet` as a crops folder (each file written atomically). Returns the folder.
+
+    ``channels.json`` records whether the names were declared (``"named"``), so the defaults of a
+    folder read without names (or ingest's guesses) are read back as such, not as declared stains."""
     crops_dir = Path(crops_dir)
     if crops.images.dtype != np.uint16:
         raise CropsError(f"{crops_dir}: images must be uint16, got {crops.images.dtype}")
@@ -342,7 +433,7 @@ def write_crops(crops: CropSet, crops_dir: str | Path) -> Path:
         crops_dir / IMAGES_FILE: _npz,
         crops_dir / METADATA_FILE: lambda tmp: meta.to_csv(tmp, index=False),
         crops_dir / CHANNELS_FILE: lambda tmp: Path(tmp).write_text(
-            json.dumps({"channel_names": list(crops.channel_names)})),
+            json.dumps({"channel_names": list(crops.channel_names), "named": bool(crops.channels_named)})),
     })
     return crops_dir
 

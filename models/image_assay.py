@@ -61,7 +61,10 @@ import torch
 from torch import Tensor
 
 from lab_io.chem import morgan_fingerprints, tanimoto_matrix, unpack_fingerprints
-from lab_io.crops import CropSet, centre_crop, compound_smiles, is_control_compound, smiles_for_name
+from lab_io.crops import (
+    ChannelNames, CropSet, centre_crop, compound_smiles, could_be_default_names, is_control_compound,
+    smiles_for_name,
+)
 from lab_io.morphology import cell_feature_names, dna_channel_index, featurize_crops
 from models.image_autoencoder import (
     AutoencoderConfig, ImageAutoencoder, decode_all, encode_all, finetune_decoder, train_autoencoder,
@@ -273,7 +276,9 @@ def train_image_assay(
         "fingerprints_packed_hex": [bytes(f).hex() for f in fps], "data_fingerprint": fingerprint,
         "n_train_cells": int(len(train)), "train_plates": data.plate_ids, "source": str(source),
     }
+    # the version identifies the trained model as before session 34 (a model resumed unchanged keeps it)
     assay_meta["version"] = hashlib.sha256(json.dumps(assay_meta, sort_keys=True).encode()).hexdigest()[:12]
+    assay_meta["channels_named"] = bool(crops.channels_named)  # False: names say only the order (defaults)
     save_json(out / ASSAY_FILE, assay_meta)
     kwargs = [{"model_dir": str(out), "member_index": k} for k in range(config.n_members)]
     _run_members(kwargs, executor, ray_address)
@@ -549,6 +554,33 @@ def hash_int(x) -> int:
     return int.from_bytes(hashlib.sha256(repr(x).encode()).digest()[:4], "little")
 
 
+def channels_declared(meta: dict, source: str | Path = "model") -> bool:
+    """Whether a model's channel names (``assay.json`` ``meta``) were declared by its training crops:
+    its ``channels_named``; a model saved before it was recorded (session 34) whose names are defaults
+    or guesses (:func:`lab_io.crops.could_be_default_names`, e.g. ``DNA, Tubulin, Actin``) is taken to
+    have positional channels (logged), any other model's names as declared."""
+    if "channels_named" in meta:
+        return bool(meta["channels_named"])
+    if could_be_default_names(meta["channel_names"]):
+        logger.info("%s: saved without a record of whether its channel names %s were declared; they are "
+                    "defaults, so its channels are taken by position", source, list(meta["channel_names"]))
+        return False
+    return True
+
+
+def channel_record(assay: "ImageAssay", crops: CropSet | None = None) -> dict:
+    """The stains of a model's output channels, for files that record them: ``{"channel_names": [...],
+    "channel_names_declared": bool}``. A model with declared names outputs those stains; one whose
+    names are positional defaults outputs the stains of the crops it was given in their positions
+    (``crops`` as :func:`lab_io.crops.reorder_channels` returned them, declared or not), or, without
+    crops, its own names, recorded as not declared."""
+    if assay.channel_names.declared:
+        return {"channel_names": list(assay.channel_names), "channel_names_declared": True}
+    if crops is None:
+        return {"channel_names": list(assay.channel_names), "channel_names_declared": False}
+    return {"channel_names": list(crops.channel_names), "channel_names_declared": bool(crops.channels_named)}
+
+
 class ImageAssay:
     """A trained image assay (K members sharing one autoencoder). Implements ``VirtualAssay``."""
 
@@ -563,7 +595,7 @@ class ImageAssay:
         self.autoencoder = autoencoder
         self.members = members
         self.control_bank = control_bank
-        self.channel_names: list[str] = list(meta["channel_names"])
+        self.channel_names: ChannelNames = ChannelNames(meta["channel_names"], channels_declared(meta, model_dir))
         self.n_members = len(members)
         self.feature_names: list[str] = cell_feature_names(self.channel_names)
         self.version: str = meta["version"]

@@ -367,7 +367,10 @@ def evaluate_assay(
     Returns ``{"conditions": [{plate, compound, dose_um, n_real, n_generated, nearest_training_compound,
     nearest_training_tanimoto, analogue, model, copy_control, unconditional, real_floor, at_floor_sizes,
     kid_difference}],
-    "skipped": [...], ...}`` with each metric dict holding fid_inception, kid_inception, fid_morph, kid_morph.
+    "skipped": [...], "channel_names": [...], "channel_names_declared": bool, ...}`` with each metric dict
+    holding fid_inception, kid_inception, fid_morph, kid_morph; ``channel_names`` are the stains scored
+    (:func:`models.image_assay.channel_record`: a model whose names are positional defaults scores
+    the folder's channels in their positions).
     ``kid_difference`` says whether a KID gap between the model and a baseline exceeds the sampling
     noise of the cell sets: ``{unconditional | copy_control: {kid_inception, kid_morph: {model_minus_baseline,
     sd, ci95}}}`` (:func:`kid_difference`; negative: the model is closer to the real cells).
@@ -379,12 +382,13 @@ def evaluate_assay(
     ValueError when ``resume`` was made with other settings, another model or other data.
     """
     from lab_io.crops import centre_crop, is_control_compound, reorder_channels
-    from models.image_assay import applicability, compound_fingerprints
+    from models.image_assay import applicability, channel_record, compound_fingerprints
     from models.image_flow import check_guidance_scale, check_sampler
 
     size = assay.config.image_size
     names, dna = assay.channel_names, assay.config.dna_channel
     crops = reorder_channels(crops, names, source)  # the model's channel order, or a CropsError naming both
+    channels = channel_record(assay, crops)  # the stains scored (outside ``settings``: resumes made before compare)
     meta = crops.metadata
     if min_real < 4:
         raise ValueError(f"min_real must be >= 4 (two halves of >= 2 real cells), got {min_real}")
@@ -436,7 +440,7 @@ def evaluate_assay(
                                                        MIN_CONTROL_CELLS), 0, time.perf_counter())
 
     def partial(complete: bool) -> dict:
-        return {**settings, "conditions": results, "skipped": skipped, "plates_done": list(plates_done),
+        return {**settings, **channels, "conditions": results, "skipped": skipped, "plates_done": list(plates_done),
                 "complete": complete}
 
     def score_plate(plate: str) -> None:

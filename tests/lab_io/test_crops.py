@@ -223,3 +223,108 @@ def test_centre_crop():
     assert out.shape == (2, 4, 4, 1) and out[0, 0, 0, 0] == img[0, 1, 1, 0]
     with pytest.raises(ValueError, match="my.npz: crops are 6x6"):
         centre_crop(img, 8, "my.npz")
+
+
+def test_written_crops_keep_whether_their_channels_were_named(tmp_path):
+    """A folder read without declared names (no channels.json: BBBC021's defaults) and written again
+    reads back as not named, so its defaults never come back as declared stains; declared names
+    round-trip as declared, and a channels.json from before "named" was written counts as declared."""
+    crops = _crops()
+    write_crops(crops, tmp_path / "bare")
+    (tmp_path / "bare" / "channels.json").unlink()
+    bare = load_crops(tmp_path / "bare")
+    assert bare.channels_named is False and bare.channel_names == ("DNA", "Actin", "Tubulin")
+    write_crops(bare.subset(bare.metadata["plate"].eq("P1").to_numpy()), tmp_path / "sub")
+    assert json.loads((tmp_path / "sub" / "channels.json").read_text()) == {
+        "channel_names": ["DNA", "Actin", "Tubulin"], "named": False}
+    sub = load_crops(tmp_path / "sub")
+    assert sub.channels_named is False and sub.channel_names == ("DNA", "Actin", "Tubulin")
+    write_crops(crops, tmp_path / "named")
+    assert load_crops(tmp_path / "named").channels_named is True
+    (tmp_path / "named" / "channels.json").write_text(json.dumps({"channel_names": ["DNA", "Tubulin", "Actin"]}))
+    assert load_crops(tmp_path / "named").channels_named is True
+    (tmp_path / "named" / "channels.json").write_text(json.dumps({"channel_names": ["DNA", "Tubulin", "Actin"],
+                                                                  "named": "no"}))
+    with pytest.raises(CropsError, match=r"channels.json: \"named\" must be true or false, got 'no'"):
+        load_crops(tmp_path / "named")
+
+
+def test_a_model_without_declared_names_takes_channels_by_position(caplog):
+    """A model whose names are defaults (trained on crops without declared names) takes a folder's
+    channels in the folder's order, warning when the folder declares them in another order; a model
+    with declared names reorders declared channels by name and takes an unnamed folder by position,
+    each with a warning; the synthetic lab's declared DNA, Tubulin, Actin pass silently either way."""
+    from lab_io.crops import ChannelNames
+
+    crops = _crops()  # declared DNA, Tubulin, Actin (as the synthetic lab's plates are)
+    swapped = CropSet(crops.images[..., [0, 2, 1]].copy(), crops.metadata, ("DNA", "Actin", "Tubulin"))
+    positional = ChannelNames(("DNA", "Tubulin", "Actin"), declared=False)
+    with caplog.at_level("WARNING", logger="lab_io.crops"):
+        assert reorder_channels(crops, positional, "here") is crops
+        assert reorder_channels(crops, ChannelNames(crops.channel_names), "here") is crops
+        assert not caplog.records
+        fed = reorder_channels(swapped, positional, "here")
+    assert fed is swapped and fed.channel_names == ("DNA", "Actin", "Tubulin")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "taken by position" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lab_io.crops"):
+        back = reorder_channels(swapped, ChannelNames(("DNA", "Tubulin", "Actin")), "here")
+    assert np.array_equal(back.images, crops.images) and back.channel_names == ("DNA", "Tubulin", "Actin")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "reordered to the model's" in caplog.text
+    caplog.clear()
+    unnamed = CropSet(swapped.images, crops.metadata, ("DNA", "Actin", "Tubulin"), channels_named=False)
+    with caplog.at_level("WARNING", logger="lab_io.crops"):
+        fed = reorder_channels(unnamed, ("DNA", "Tubulin", "Actin"), "here")
+        assert reorder_channels(unnamed, positional, "here") is unnamed  # both positional: nothing to say
+    assert np.array_equal(fed.images, swapped.images) and fed.channel_names == ("DNA", "Tubulin", "Actin")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "without declared channel names" in caplog.text
+    with pytest.raises(CropsError, match="the model expects"):
+        reorder_channels(_crops(c=4), positional, "here")
+
+
+def test_could_be_default_names():
+    from lab_io.crops import could_be_default_names
+
+    for names in (("DNA", "Tubulin", "Actin"), ("dna", "actin", "tubulin"), ("ch0", "ch1"), ("DNA", "Ch2", "Ch3"),
+                  ("DNA", "Ch4", "Ch5"), ("Ch2", "Ch3", "Ch4")):
+        assert could_be_default_names(names), names
+    for names in (("DNA", "ER", "Mito"), ("Hoechst", "Tubulin", "Actin"), ("DNA", "Ch2", "AGP"), ()):
+        assert not could_be_default_names(names), names
+
+
+def test_channel_names_compare_by_letters_and_digits(caplog):
+    """One normalisation: case, spaces and punctuation are ignored wherever channels are compared,
+    and stored names keep letters and digits."""
+    from lab_io.crops import channel_key
+
+    crops = CropSet(_crops().images, _crops().metadata, (" DNA", "Hoechst 33342", "actin"))
+    model = ("dna", "HOECHST33342", "Actin")
+    with caplog.at_level("WARNING", logger="lab_io.crops"):
+        assert reorder_channels(crops, model, "here") is crops
+    assert not caplog.records
+    flipped = CropSet(crops.images[..., ::-1].copy(), crops.metadata, ("Actin ", "hoechst33342", "DNA"))
+    assert np.array_equal(reorder_channels(flipped, model, "here").images, crops.images)
+    assert channel_key(" DNA") == channel_key("dna") == "dna"
+    assert channel_key("Hoechst 33342") == channel_key("HOECHST33342") == channel_key("hoechst-33342")
+    from lab_io.crops import channel_display_name
+
+    assert channel_display_name(" Hoechst 33342 ") == "Hoechst33342"
+
+
+def test_a_folder_of_crops_folders_takes_one_order_of_channels(tmp_path, caplog):
+    """Plates whose declared channels differ in order or case are read in the first plate's order (a
+    warning); plates that cannot be matched by name are refused naming both, said undeclared when so."""
+    crops = _crops()
+    write_crops(crops, tmp_path / "all" / "A.crops")
+    write_crops(CropSet(crops.images[..., [2, 0, 1]].copy(), crops.metadata, ("actin", "DNA", "TUBULIN")),
+                tmp_path / "all" / "B.crops")
+    with caplog.at_level("WARNING", logger="lab_io.crops"):
+        union = load_crops(tmp_path / "all")
+    assert union.channel_names == ("DNA", "Tubulin", "Actin") and union.channels_named
+    assert np.array_equal(union.images, np.concatenate([crops.images, crops.images]))
+    assert "B.crops: channels ['actin', 'DNA', 'TUBULIN'] reordered to A.crops's" in caplog.text
+    bare = CropSet(crops.images[..., [0, 2, 1]].copy(), crops.metadata, ("DNA", "Actin", "Tubulin"),
+                   channels_named=False)
+    write_crops(bare, tmp_path / "all" / "B.crops")
+    with pytest.raises(CropsError, match=r"B.crops: crops .* channels \['DNA', 'Actin', 'Tubulin'\] \(not declared"):
+        load_crops(tmp_path / "all")

@@ -915,3 +915,71 @@ def test_a_resume_is_checked_against_the_config_the_training_started_with(tmp_pa
     (tmp_path / "checkpoint.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:40])
     with pytest.raises(ValueError, match="checkpoint.pt: unreadable checkpoint"):
         load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def _as_saved_before_session_34(model_dir, dst, names=None):
+    """A copy of a model folder as models were saved before they recorded ``channels_named``."""
+    import shutil
+
+    shutil.copytree(model_dir, dst)
+    meta = json.loads((dst / "assay.json").read_text())
+    meta.pop("channels_named", None)
+    if names is not None:
+        meta["channel_names"] = list(names)
+    (dst / "assay.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_a_model_records_whether_its_channel_names_were_declared(trained, tmp_path, caplog):
+    """Trained on declared names, a model's are declared; trained on a folder without them, they are
+    not (same version: the record does not change what was trained). A model saved before the record
+    whose names are defaults (DNA, Tubulin, Actin: BBBC021's pre-session-33 default, the synthetic
+    lab's stains) takes a folder's channels by position, other names stay declared."""
+    out, crops, assay = trained
+    assert json.loads((out / "assay.json").read_text())["channels_named"] is True and assay.channel_names.declared
+    unnamed = CropSet(crops.images, crops.metadata, crops.channel_names, channels_named=False)
+    bare = train_image_assay(unnamed, tmp_path / "bare", tiny_config(exclude_plates=("P2",)))
+    assert json.loads((tmp_path / "bare" / "assay.json").read_text())["channels_named"] is False
+    assert not bare.channel_names.declared and bare.version == assay.version
+    old = ImageAssay.load(_as_saved_before_session_34(out, tmp_path / "old"))
+    assert old.channel_names == ["DNA", "Tubulin", "Actin"] and not old.channel_names.declared
+    other = ImageAssay.load(_as_saved_before_session_34(out, tmp_path / "other", ("DNA", "ER", "Mito")))
+    assert other.channel_names.declared
+
+
+def test_sample_and_evaluate_feed_a_positional_model_the_folders_order(trained, tmp_path, caplog):
+    """The BBBC021 case: a model saved before names were recorded, named DNA, Tubulin, Actin only by
+    the old default, gets a folder's channels in the folder's order (a warning when its declared
+    names disagree), and evaluate records the folder's names as the stains scored; a model with
+    declared names gets the same folder reordered by name, and records its own. A folder written
+    from crops without declared names (BBBC021's) is fed in its order to both."""
+    from loop.assay_cli import _controls
+    from models.image_eval import evaluate_assay
+
+    out, crops, assay = trained
+    old = ImageAssay.load(_as_saved_before_session_34(out, tmp_path / "old"))
+    swapped = CropSet(crops.images[..., [0, 2, 1]].copy(), crops.metadata, ("DNA", "Actin", "Tubulin"))
+    declared = write_crops(swapped, tmp_path / "declared")
+    with caplog.at_level(logging.WARNING, logger="lab_io.crops"):
+        _, _, fed_old = _controls(old, str(declared), "P2")
+    assert "taken by position as the model's ['DNA', 'Tubulin', 'Actin']" in caplog.text
+    on_p2 = swapped.subset((swapped.metadata["plate"] == "P2").to_numpy())
+    assert np.array_equal(fed_old.images, on_p2.images)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lab_io.crops"):
+        _, _, fed_new = _controls(assay, str(declared), "P2")
+    assert "reordered to the model's ['DNA', 'Tubulin', 'Actin']" in caplog.text
+    assert np.array_equal(fed_new.images, on_p2.images[..., [0, 2, 1]])
+    bare = write_crops(CropSet(swapped.images, swapped.metadata, swapped.channel_names, channels_named=False),
+                       tmp_path / "bare")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lab_io.crops"):
+        for model in (old, assay):
+            assert np.array_equal(_controls(model, str(bare), "P2")[2].images, on_p2.images)
+    assert caplog.text.count("without declared channel names") == 1  # the declared model's warning only
+    scored = evaluate_assay(old, load_crops(declared), n_per_condition=4, plates=["P2"], inception=False,
+                            min_real=4)
+    assert (scored["channel_names"], scored["channel_names_declared"]) == (["DNA", "Actin", "Tubulin"], True)
+    scored = evaluate_assay(assay, load_crops(declared), n_per_condition=4, plates=["P2"], inception=False,
+                            min_real=4)
+    assert (scored["channel_names"], scored["channel_names_declared"]) == (["DNA", "Tubulin", "Actin"], True)
