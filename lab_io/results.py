@@ -48,8 +48,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from lab_io.crops import CropSet, cut_crops
-from lab_io.schema import CHANNELS, COMPARTMENTS, META_PLATE, META_SITE, META_WELL, normalize_well
+from lab_io.crops import CropSet, channel_display_name, channel_key, cut_crops
+from lab_io.schema import COMPARTMENTS, META_PLATE, META_SITE, META_WELL, normalize_well
 
 logger = logging.getLogger(__name__)
 
@@ -259,16 +259,21 @@ def plate_barcode(folder_name: str) -> str:
     return match["barcode"] if match else folder_name
 
 
+def harmony_index_file(images_dir: Path) -> Path | None:
+    """The Harmony index beside the images (``Index.idx.xml``, ``Index.xml`` or ``Index.ref.xml``), if any."""
+    return next((images_dir / name for name in HARMONY_INDEX_FILES if (images_dir / name).is_file()), None)
+
+
 def harmony_channel_names(images_dir: Path) -> dict[int, str] | None:
-    """``{channel number: name}`` from the Harmony index beside the images (``Index.idx.xml``,
-    ``Index.xml`` or ``Index.ref.xml``: ``Image`` entries, or ``Map`` ``Entry`` elements, with a
-    ``ChannelID`` and a ``ChannelName``), names cut to letters and digits (``HOECHST 33342`` ->
+    """``{channel number: name}`` from the Harmony index beside the images (:func:`harmony_index_file`:
+    ``Image`` entries, or ``Map`` ``Entry`` elements, with a ``ChannelID`` and a ``ChannelName``),
+    names stored as :func:`lab_io.crops.channel_display_name` gives them (``HOECHST 33342`` ->
     ``HOECHST33342``, a feature-name part); None without a readable index naming channels.
     ResultsError, naming the index and ``--channels``, when it gives one channel two names or two
-    channels one name."""
+    channels one name (compared by :func:`lab_io.crops.channel_key`: case ignored too)."""
     import xml.etree.ElementTree as ElementTree
 
-    path = next((images_dir / name for name in HARMONY_INDEX_FILES if (images_dir / name).is_file()), None)
+    path = harmony_index_file(images_dir)
     if path is None:
         return None
     try:
@@ -281,15 +286,15 @@ def harmony_channel_names(images_dir: Path) -> dict[int, str] | None:
     for element in root.iter():
         children = {local(child): (child.text or "").strip() for child in element}
         channel = element.get("ChannelID") or children.get("ChannelID")
-        name = "".join(ch for ch in children.get("ChannelName", "") if ch.isalnum())
+        name = channel_display_name(children.get("ChannelName", ""))
         if not channel or not name or not channel.strip().isdigit():
             continue
         if named.setdefault(int(channel), name) != name:
             raise ResultsError(f"{path}: channel {channel} is named both {named[int(channel)]!r} and {name!r}; "
                                "name the channels with loop ingest --channels")
-    if len(set(named.values())) != len(named):
-        raise ResultsError(f"{path}: channels {named} do not have distinct names (letters and digits); name them "
-                           "with loop ingest --channels")
+    if len({channel_key(n) for n in named.values()}) != len(named):
+        raise ResultsError(f"{path}: channels {named} do not have distinct names (letters and digits, ignoring "
+                           "case); name them with loop ingest --channels")
     return named or None
 
 
@@ -447,12 +452,29 @@ def _check_unique_sites(cells: pd.DataFrame, plate_dir: Path, barcode: str) -> N
                            f"appears in more than one analysis folder")
 
 
-def _channel_names(n_channels: int, channel_names: Sequence[str] | None) -> list[str]:
-    if channel_names is not None:
-        return list(channel_names)
-    if n_channels == len(CHANNELS):
-        return list(CHANNELS)
-    return ["DNA"] + [f"Ch{c}" for c in range(2, n_channels + 1)]
+def guessed_channel_names(channels: Sequence[int]) -> list[str]:
+    """Names for Phenix channels nobody named: ``DNA`` for ch1 (Cell Painting and most screens image
+    the nuclear stain first), ``Ch<N>`` for channel N otherwise (``Ch4`` is ``ch4``'s images, whatever
+    channels the plate lacks). Guesses: crops record them as not declared."""
+    return ["DNA" if c == 1 else f"Ch{c}" for c in channels]
+
+
+def _given_channel_names(names: Sequence[str], all_channels: list[int], where: str) -> list[str]:
+    """Names given for the plate's channels (``loop ingest --channels``), stored as
+    :func:`lab_io.crops.channel_display_name` gives them; ResultsError naming ``where`` when they
+    are not one per channel or not distinct (:func:`lab_io.crops.channel_key`)."""
+    stored = [channel_display_name(n) for n in names]
+    if len(stored) != len(all_channels):
+        raise ResultsError(f"{where}: {len(all_channels)} channels {all_channels} but {len(stored)} channel names "
+                           f"{list(names)}")
+    keys = [channel_key(n) for n in stored]
+    if not all(keys) or len(set(keys)) != len(keys):
+        raise ResultsError(f"{where}: channel names {list(names)} must be non-empty and distinct ignoring case, "
+                           "spaces and punctuation (they name feature columns and crop channels)")
+    if stored != [str(n) for n in names]:
+        logger.info("%s: channel names %s stored as %s (letters and digits, as Harmony's are)", where, list(names),
+                    stored)
+    return stored
 
 
 def _phenix_groups(plate_dir: Path, barcode: str) -> dict[tuple[str, int], dict[int, Path]]:
@@ -480,28 +502,34 @@ def _phenix_groups(plate_dir: Path, barcode: str) -> dict[tuple[str, int], dict[
 
 
 def _channel_layout(groups: dict[tuple[str, int], dict[int, Path]], channel_names: Sequence[str] | None,
-                    plate_dir: Path, barcode: str) -> tuple[list[int], list[str]]:
-    """The plate's Phenix channel numbers (sorted) and their names, which must be as many: those
-    given, else the Harmony index's (:func:`harmony_channel_names`), else guessed from the channel
-    count (:func:`_channel_names`), with a warning: the stains cannot be told from the images."""
+                    plate_dir: Path, barcode: str) -> tuple[list[int], list[str], bool]:
+    """The plate's Phenix channel numbers (sorted), their names and whether the names are declared:
+    those given (one per channel), else the Harmony index's (:func:`harmony_channel_names`; an index
+    that leaves some of the images' channels unnamed is an error), else guessed
+    (:func:`guessed_channel_names`, not declared) with a warning: the stains cannot be told from the images."""
     all_channels = sorted({c for chans in groups.values() for c in chans})
-    if channel_names is None:
-        indexed = harmony_channel_names(plate_dir / "Images")
-        if indexed is not None and all(c in indexed for c in all_channels):
-            channel_names = [indexed[c] for c in all_channels]
-            logger.info("plate %s: channels %s named by its Harmony index", barcode, dict(zip(all_channels,
-                                                                                            channel_names)))
-        else:
-            guessed = _channel_names(len(all_channels), None)
-            logger.warning("%s (plate %s): no channel names given (loop ingest --channels) and no Harmony index "
-                           "naming channels %s; guessed %s from the channel count: if the stains are otherwise, "
-                           "ingest again with --channels (and --replace once imported)", plate_dir / "Images",
-                           barcode, all_channels, dict(zip(all_channels, guessed)))
-    names = _channel_names(len(all_channels), channel_names)
-    if len(names) != len(all_channels):
-        raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}): {len(all_channels)} channels {all_channels} "
-                           f"but {len(names)} channel names {names}")
-    return all_channels, names
+    where = f"{plate_dir / 'Images'} (plate {barcode})"
+    if channel_names is not None:
+        return all_channels, _given_channel_names(channel_names, all_channels, where), True
+    indexed = harmony_channel_names(plate_dir / "Images")
+    if indexed is not None:
+        unnamed = [c for c in all_channels if c not in indexed]
+        if unnamed:
+            raise ResultsError(f"{harmony_index_file(plate_dir / 'Images')} (plate {barcode}): the Harmony index "
+                               f"names channels {indexed}, but the images hold channels {all_channels} ({unnamed} "
+                               "unnamed); name every channel with loop ingest --channels (ch1,ch2,... in order of "
+                               "the images' channels) or export the plate's complete index")
+        names = [indexed[c] for c in all_channels]
+        logger.info("plate %s: channels %s named by its Harmony index", barcode, dict(zip(all_channels, names)))
+        return all_channels, names, True
+    names = guessed_channel_names(all_channels)
+    logger.warning("%s: no channel names given (loop ingest --channels) and no Harmony index (Images/%s) naming "
+                   "them; guessed %s, recorded as guesses (not declared stains: an image assay takes these crops by "
+                   "position, with a warning). Name the stains with loop ingest --channels NAME,NAME,... (one per "
+                   "channel %s, in that order; with --replace once imported) or deliver the plate with its Harmony "
+                   "index", where, HARMONY_INDEX_FILES[0], dict(zip(all_channels, names)),
+                   ",".join(f"ch{c}" for c in all_channels))
+    return all_channels, names, False
 
 
 FLOAT_FRACTION_MAX = 2.0  # a floating-point image whose brightest pixel is at most this is a 0..1 fraction
@@ -567,7 +595,9 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
     from lab_io.morphology import measure_field
 
     groups = _phenix_groups(plate_dir, barcode)
-    all_channels, names = _channel_layout(groups, channel_names, plate_dir, barcode)
+    all_channels, names, declared = _channel_layout(groups, channel_names, plate_dir, barcode)
+    if crops is not None:
+        crops.name_channels(names, declared)
     hasher = hashlib.sha256()
     sources: list[str] = []
     frames = []
@@ -578,7 +608,7 @@ def _read_images(plate_dir: Path, barcode: str, channel_names: Sequence[str] | N
         image = pd.DataFrame([{"ImageNumber": 1, META_PLATE: barcode, META_WELL: well, META_SITE: site}])
         frames.append(merge_compartments(image, tables["Nuclei"], tables["Cells"], tables["Cytoplasm"]))
         if crops is not None:
-            crops.add(well, site, field, frames[-1], names)
+            crops.add(well, site, field, frames[-1])
     cells = stack_sites(frames)
     return PlateResult(barcode, cells, len(groups), tuple(sources), hasher.hexdigest(), from_images=True,
                        crops=None if crops is None else crops.result(),
@@ -595,14 +625,15 @@ def _crops_from_images(plate_dir: Path, barcode: str, cells: pd.DataFrame, chann
     groups = _phenix_groups(plate_dir, barcode)
     if channel_names is None:
         channel_names = _channel_names_from_tables(plate_dir, barcode, groups)
-    all_channels, names = _channel_layout(groups, channel_names, plate_dir, barcode)
+    all_channels, names, declared = _channel_layout(groups, channel_names, plate_dir, barcode)
+    crops.name_channels(names, declared)
     for (well, site), field_cells in cells.groupby([META_WELL, META_SITE], sort=True):
         chans = groups.get((well, int(site)))
         if chans is None:
             raise ResultsError(f"{plate_dir / 'Images'} (plate {barcode}, well {well}): no images of field {site}, "
                                "whose cells the tables hold")
         field = _read_field(plate_dir, barcode, well, int(site), chans, all_channels, Path.read_bytes)
-        crops.add(well, int(site), field, field_cells, names)
+        crops.add(well, int(site), field, field_cells)
     return crops.result()
 
 
@@ -628,7 +659,7 @@ def _channel_names_from_tables(plate_dir: Path, barcode: str,
             named[channel] = name[len("Orig"):] if name.startswith("Orig") and len(name) > len("Orig") else name
     channels = sorted({c for chans in groups.values() for c in chans})
     names = [named.get(c) for c in channels]
-    if None in names or len(set(names)) != len(names):
+    if None in names or len({channel_key(n) for n in names}) != len(names):
         logger.warning("%s (plate %s): its Image.csv names channels %s, not each of the images' channels %s "
                        "once; crops get default channel names", image_csv, barcode, named, channels)
         return None
@@ -647,14 +678,18 @@ class _CropCollector:
         self.images: list[np.ndarray] = []
         self.meta: list[pd.DataFrame] = []
         self.channel_names: tuple[str, ...] | None = None
+        self.channels_named = True
         self._well: str | None = None
         self._buffer: list[tuple[np.ndarray, pd.DataFrame]] = []
 
-    def add(self, well: str, site: int, field: np.ndarray, field_cells: pd.DataFrame, names: Sequence[str]) -> None:
+    def name_channels(self, names: Sequence[str], declared: bool) -> None:
+        """The crops' channel names, and whether they were declared (False: guesses)."""
+        self.channel_names, self.channels_named = tuple(names), declared
+
+    def add(self, well: str, site: int, field: np.ndarray, field_cells: pd.DataFrame) -> None:
         if well != self._well:
             self._flush()
             self._well = well
-        self.channel_names = tuple(names)
         centre = next((c for c in CENTRE_COLUMNS if all(k in field_cells.columns for k in c)), None)
         if centre is None:
             raise ResultsError(f"plate {self.barcode}, well {well}: no nucleus centre columns "
@@ -681,7 +716,8 @@ class _CropCollector:
         self._flush()
         if not self.images or self.channel_names is None:
             return None
-        return CropSet(np.concatenate(self.images), pd.concat(self.meta, ignore_index=True), self.channel_names)
+        return CropSet(np.concatenate(self.images), pd.concat(self.meta, ignore_index=True), self.channel_names,
+                       self.channels_named)
 
 
 def plate_fingerprint(plate_dir: str | Path) -> str | None:
@@ -744,8 +780,10 @@ def read_results(results_dir: str | Path, *, channel_names: Sequence[str] | None
 
     ``channel_names`` names the Phenix channels ``ch1..chN`` for images-only plates (default: the
     names in the plate's Harmony index, ``Images/Index.idx.xml``, else guessed with a warning:
-    :data:`lab_io.schema.CHANNELS` for 3 channels, ``DNA, Ch2, ...`` otherwise); nuclei are
-    segmented on the channel named as a DNA stain (:func:`lab_io.morphology.dna_channel_index`).
+    ``DNA`` for ch1, ``Ch<N>`` for chN, :func:`guessed_channel_names`, and the crops record them as
+    not declared); names are stored as :func:`lab_io.crops.channel_display_name` gives them and must
+    differ as :func:`lab_io.crops.channel_key` compares them. Nuclei are segmented on the channel
+    named as a DNA stain (:func:`lab_io.morphology.dna_channel_index`).
     A plate folder Harmony named (``<barcode>__<timestamp>-Measurement 1``) is read as ``<barcode>``.
     ``allow_missing_objects``: a site folder with only ``Image.csv`` is skipped (logged, listed in
     ``skipped_sites``) instead of raising; a folder missing only some object tables always raises.

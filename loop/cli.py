@@ -86,12 +86,17 @@ def _cli_errors():
 
 
 def _channel_list(channels: str | None) -> list[str] | None:
-    """``--channels DNA,ER,RNA`` -> names; ValueError naming the option for an empty or repeated name."""
+    """``--channels DNA,ER,RNA`` -> names; ValueError naming the option for an empty or repeated name
+    (compared as crops compare channels, :func:`lab_io.crops.channel_key`: ``dna`` repeats ``DNA``)."""
+    from lab_io.crops import channel_key
+
     if channels is None:
         return None
     names = [name.strip() for name in channels.split(",")]
-    if not all(names) or len(set(names)) != len(names):
-        raise ValueError(f"--channels {channels!r}: give each channel's name once, comma-separated (DNA,ER,RNA,...)")
+    keys = [channel_key(name) for name in names]
+    if not all(keys) or len(set(keys)) != len(keys):
+        raise ValueError(f"--channels {channels!r}: give each channel's name once, comma-separated (DNA,ER,RNA,...); "
+                         "names are told apart by their letters and digits, ignoring case")
     return names
 
 
@@ -302,8 +307,9 @@ def ingest(
                                  "plate has crops); a stop half-way is finished by the next ingest."),
     channels: Optional[str] = typer.Option(None, "--channels", help="Stains of an images-only plate's channels "
                                            "ch1,ch2,... in order, e.g. Mito,AGP,RNA,ER,DNA (default: the names "
-                                           "in the plate's Harmony Images/Index.idx.xml, else guessed from the "
-                                           "channel count, with a warning)."),
+                                           "in the plate's Harmony Images/Index.idx.xml, else guessed, DNA for "
+                                           "ch1 and ChN for chN, with a warning, and taken by position by an "
+                                           "image assay)."),
 ):
     """Import plate results (one transaction per plate; re-imports are no-ops)."""
     from loop.ingest import ingest_results

@@ -639,7 +639,7 @@ def _write_plate_crops(campaign: Campaign, plate: PlateResult, well_map: pd.Data
     tmp = campaign.measurements_dir / f".{plate.barcode}.crops.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_crops(CropSet(plate.crops.images, meta, plate.crops.channel_names), tmp)
+        write_crops(CropSet(plate.crops.images, meta, plate.crops.channel_names, plate.crops.channels_named), tmp)
         shutil.rmtree(out, ignore_errors=True)  # left by a crashed import: this plate is not imported yet
         os.replace(tmp, out)
     finally:

@@ -319,8 +319,8 @@ def _swap_channels(images, a: int, b: int) -> None:
 
 def test_harmony_index_names_the_channels_and_its_folder_name_gives_the_barcode(results, caplog):
     """An images-only plate with DNA on channel 3: Harmony's Index.idx.xml names the channels, so the
-    nuclei are segmented on DNA wherever it is; without an index the names are guessed from the
-    channel count, with a warning; ``channel_names`` overrides both. Harmony's export folder name,
+    nuclei are segmented on DNA wherever it is; without an index the names are guessed (DNA for ch1,
+    ChN for chN), with a warning; ``channel_names`` overrides both. Harmony's export folder name,
     ``<barcode>__<timestamp>-Measurement 1``, reads as the barcode."""
     shutil.rmtree(results / BARCODE / "analysis")
     expected = read_results(results)[0].cells  # measured from the images, channels in place
@@ -340,7 +340,7 @@ def test_harmony_index_names_the_channels_and_its_folder_name_gives_the_barcode(
     index.unlink()
     with caplog.at_level("WARNING", logger="lab_io.results"):
         guessed = read_results(results)[0].cells
-    assert "guessed {1: 'DNA', 2: 'Tubulin', 3: 'Actin'}" in caplog.text and "--channels" in caplog.text
+    assert "guessed {1: 'DNA', 2: 'Ch2', 3: 'Ch3'}" in caplog.text and "--channels" in caplog.text
     assert not np.allclose(guessed["Nuclei_AreaShape_Area"].median(), expected["Nuclei_AreaShape_Area"].median())
 
     harmony = results / f"{BARCODE}__2021-04-07T17_28_38-Measurement 1"
@@ -468,3 +468,107 @@ def test_an_empty_metadata_site_is_taken_from_the_site_folder(tmp_path):
     plate = read_results(copy, allow_missing_objects=True)[0]
     assert plate.cells.groupby("Metadata_Well").size().to_dict() == {"A01": 89, "A02": 36}
     assert plate.cells.loc[plate.cells["Metadata_Well"] == "A01", "Metadata_Site"].eq(1).all()
+
+
+def _drop_index(results):
+    shutil.rmtree(results / BARCODE / "analysis")
+    (results / BARCODE / "Images" / "Index.idx.xml").unlink()
+    return results / BARCODE / "Images"
+
+
+def _write_index(images, names: dict):
+    """A Harmony index naming the images' channels ``names`` (channel -> name; others left out)."""
+    from lab_io.phenix import harmony_index_xml, parse_phenix_name
+
+    entries = [(p.name, k.row, k.col, k.field, k.plane, k.channel, names[k.channel])
+               for p, k in ((p, parse_phenix_name(p.name)) for p in sorted(images.glob("*.tiff")))
+               if k.channel in names]
+    (images / "Index.idx.xml").write_text(harmony_index_xml(BARCODE, entries))
+
+
+def test_guessed_channel_names_are_the_phenix_numbers_and_not_declared(results, caplog):
+    """Without names given or a Harmony index, ch1 is guessed DNA and chN ``ChN`` (a plate lacking
+    ch2 gives ``Ch3`` for ch3, not ``Ch2``); the crops record the guesses as not declared and the
+    warning says how to name the stains. A plate with a Harmony index has declared names."""
+    named = read_results(results, crop_px=24, crops_per_well=2)[0].crops
+    assert named.channel_names == ("DNA", "Tubulin", "Actin") and named.channels_named
+    images = _drop_index(results)
+    with caplog.at_level("WARNING", logger="lab_io.results"):
+        plate = read_results(results, crop_px=24, crops_per_well=2)[0]
+    assert plate.crops.channel_names == ("DNA", "Ch2", "Ch3") and not plate.crops.channels_named
+    assert "Cells_Intensity_MeanIntensity_Ch3" in plate.cells.columns
+    assert "guessed {1: 'DNA', 2: 'Ch2', 3: 'Ch3'}, recorded as guesses" in caplog.text
+    assert "loop ingest --channels" in caplog.text and "Harmony index" in caplog.text
+    for path in images.glob("*-ch2sk*"):
+        path.unlink()
+    gap = read_results(results, crop_px=24, crops_per_well=2)[0]
+    assert gap.crops.channel_names == ("DNA", "Ch3") and "Cells_Intensity_MeanIntensity_Ch3" in gap.cells.columns
+    for path in images.glob("*-ch1sk*"):  # channels 3 and 5: no ch1, so no channel is guessed DNA
+        path.rename(path.with_name(path.name.replace("-ch1sk", "-ch5sk")))
+    assert read_results(results, crop_px=24, crops_per_well=2)[0].crops.channel_names == ("Ch3", "Ch5")
+
+
+def test_a_harmony_index_naming_some_of_the_channels_is_refused(results):
+    """An index that names ch1 and ch2 of a plate imaged in ch1..ch3 is an error saying which channels
+    it names and which the images hold (nothing is guessed beside declared names)."""
+    _write_index(_drop_index(results), {1: "DNA", 2: "Tubulin"})
+    with pytest.raises(ResultsError, match=r"Index.idx.xml \(plate RES0001\): the Harmony index names channels "
+                                           r"\{1: 'DNA', 2: 'Tubulin'\}, but the images hold channels \[1, 2, 3\] "
+                                           r"\(\[3\] unnamed\); name every channel with loop ingest --channels"):
+        read_results(results)
+    assert read_results(results, channel_names=["DNA", "Tubulin", "Actin"])[0].from_images  # names given win
+
+
+def test_channel_names_differing_only_in_case_are_refused_at_ingest(results):
+    """Names that crops would later refuse as the same channel (case, spaces, punctuation ignored)
+    are refused when read, given or from a Harmony index."""
+    with pytest.raises(ResultsError, match=r"channel names \['dna', 'DNA', 'Actin'\] must be non-empty and distinct"):
+        read_results(results, channel_names=["dna", "DNA", "Actin"], crop_px=24)
+    shutil.rmtree(results / BARCODE / "analysis")
+    index = results / BARCODE / "Images" / "Index.idx.xml"
+    index.write_text(index.read_text().replace(">Tubulin<", ">dna<"))
+    with pytest.raises(ResultsError, match="distinct names.*ignoring case.*--channels"):
+        read_results(results)
+
+
+def test_given_channel_names_are_stored_as_harmony_names_are(results, caplog):
+    """``--channels "Hoechst 33342,..."`` and a Harmony index's ``HOECHST 33342`` give feature names
+    and crop channels of letters and digits alike (no space in a feature column)."""
+    images = _drop_index(results)
+    given = read_results(results, channel_names=["Hoechst 33342", "Tubulin", "Actin"], crop_px=24)[0]
+    assert given.crops.channel_names == ("Hoechst33342", "Tubulin", "Actin") and given.crops.channels_named
+    assert "Nuclei_Intensity_MeanIntensity_Hoechst33342" in given.cells.columns
+    assert not [c for c in given.cells.columns if " " in c]
+    _write_index(images, {1: "Hoechst 33342", 2: "Tubulin", 3: "Actin"})
+    indexed = read_results(results, crop_px=24)[0]
+    assert indexed.crops.channel_names == given.crops.channel_names
+    assert list(indexed.cells.columns) == list(given.cells.columns)
+
+
+@pytest.mark.skipif(not (SHARED / "jump" / "fields" / "BR00123947" / "Images").is_dir(),
+                    reason="shared JUMP field absent (../shared/data/jump or $LOOP_SHARED_DATA)")
+def test_a_real_cell_painting_plate_with_three_unnamed_channels_is_not_fed_as_tubulin_and_actin(tmp_path, caplog):
+    """The real JUMP field's ch1 (DNA), ch4 (AGP) and ch5 (Mito) alone, no index: named DNA, Ch4, Ch5,
+    not declared, so a model trained on declared DNA, Tubulin, Actin takes them by position with a
+    warning instead of silently as its tubulin and actin."""
+    from lab_io.crops import ChannelNames, CropSet, load_crops, reorder_channels, write_crops
+
+    images = tmp_path / "results" / "BR00123947" / "Images"
+    images.mkdir(parents=True)
+    for channel in (1, 4, 5):
+        name = f"r07c01f01p01-ch{channel}sk1fk1fl1.tiff"
+        shutil.copy(SHARED / "jump" / "fields" / "BR00123947" / "Images" / name, images / name)
+    with caplog.at_level("WARNING", logger="lab_io.results"):
+        plate = read_results(tmp_path / "results", crop_px=32, crops_per_well=8)[0]
+    assert "guessed {1: 'DNA', 4: 'Ch4', 5: 'Ch5'}" in caplog.text
+    assert plate.crops.channel_names == ("DNA", "Ch4", "Ch5") and not plate.crops.channels_named
+    meta = plate.crops.metadata.assign(compound="DMSO", concentration_um=0.0)  # as ingest adds from the map
+    folder = write_crops(CropSet(plate.crops.images, meta, plate.crops.channel_names, plate.crops.channels_named),
+                         tmp_path / "crops")
+    crops = load_crops(folder)
+    assert crops.channel_names == ("DNA", "Ch4", "Ch5") and not crops.channels_named
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lab_io.crops"):
+        fed = reorder_channels(crops, ChannelNames(("DNA", "Tubulin", "Actin")), folder)
+    assert np.array_equal(fed.images, crops.images)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "without declared channel names" in caplog.text

@@ -76,3 +76,14 @@ def test_channels_option_is_a_list_of_distinct_names():
     for bad in ("DNA,,ER", "DNA,DNA"):
         with pytest.raises(ValueError, match="--channels"):
             _channel_list(bad)
+
+
+def test_channels_option_refuses_names_crops_would_take_for_one():
+    """Names differing only in case, spaces or punctuation name one channel for the crops folder
+    ingest writes (load_crops would refuse it later): refused at once, naming the option."""
+    from loop.cli import _channel_list
+
+    for bad in ("dna,DNA,Actin", "Hoechst 33342,hoechst-33342,ER", "DNA,-,ER"):
+        with pytest.raises(ValueError, match=r"--channels .*ignoring case"):
+            _channel_list(bad)
+    assert _channel_list("Hoechst 33342,ER") == ["Hoechst 33342", "ER"]  # stored as Hoechst33342 by the reader

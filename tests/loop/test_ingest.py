@@ -415,9 +415,11 @@ def test_each_plate_on_its_own_imports_the_good_plates_beside_a_refused_one(tmp_
 
 def test_a_harmony_export_folder_of_an_images_only_plate(tmp_path, caplog):
     """Harmony's export folder (``<barcode>__<timestamp>-Measurement 1``) imports as its plate; without
-    a Harmony index the channel names are guessed, with a warning; a second export of the plate
-    beside it is refused naming both folders; the same images with names given (``--channels``)
-    are imported again, with those names, only with ``replace``."""
+    a Harmony index the channel names are guessed, with a warning, and its crops' channels.json says
+    they are not declared; a second export of the plate beside it is refused naming both folders; the
+    same images with names given (``--channels``) are imported again, with those names, only with
+    ``replace``."""
+    import json
     import shutil
 
     from loop.campaign import Campaign, CampaignConfig
@@ -436,22 +438,24 @@ def test_a_harmony_export_folder_of_an_images_only_plate(tmp_path, caplog):
     shutil.rmtree(export / "analysis")
     (export / "Images" / "Index.idx.xml").unlink()
     with caplog.at_level("WARNING", logger="lab_io.results"):
-        [qc] = ingest_results(campaign, results)
+        [qc] = ingest_results(campaign, results, crop_px=24)
     assert qc.barcode == barcode and qc.status == "imported" and "guessed" in caplog.text
+    channels_json = campaign.measurements_dir / f"{barcode}.crops" / "channels.json"
+    assert json.loads(channels_json.read_text()) == {"channel_names": ["DNA", "Ch2", "Ch3"], "named": False}
 
     again = results / f"{barcode}__2024-01-02T05_00_00-Measurement 2"
     shutil.copytree(export, again)
     with pytest.raises(IngestError, match=r"Measurement 1 and .*Measurement 2: both hold plate"):
         ingest_results(campaign, results)
     shutil.rmtree(again)
-    names = ["Actin", "Tubulin", "DNA"]  # as if the guess had been wrong
+    names = ["Ch3", "Ch2", "DNA"]  # as if the guess (DNA, Ch2, Ch3) had been wrong about DNA
 
     def stored_features():
         return set(pd.read_parquet(campaign.measurements_dir / f"{barcode}.wells.parquet").columns)
 
     guessed = stored_features()
     assert [r.status for r in ingest_results(campaign, results, channel_names=names)] == ["already imported"]
-    [qc] = ingest_results(campaign, results, channel_names=names, replace=True)
+    [qc] = ingest_results(campaign, results, channel_names=names, replace=True, crop_px=24)
     assert qc.status == "imported" and stored_features() == guessed  # same stains named, other channels measured
     assert [r.status for r in ingest_results(campaign, results)] == ["already imported"]
     partial = tmp_path / "partial" / export.name  # the locked checks name the folder as it is called
