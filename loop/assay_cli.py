@@ -242,7 +242,7 @@ def sample(
     """Generate cells for a compound at a dose on a plate, plus a montage next to real cells."""
     _setup(threads)
     from lab_io.crops import CropsError
-    from models.image_assay import ImageAssay, applicability, dose_support, resolve_compound_source
+    from models.image_assay import ImageAssay, applicability, channel_record, dose_support, resolve_compound_source
 
     try:
         png = _sample_outputs(out)
@@ -263,12 +263,15 @@ def sample(
     except (CropsError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
     flow = assay.config.flow
+    stains = channel_record(assay, source[2])  # a positional model outputs the folder's stains
     try:
         _write_npz_atomically(out, images=images, member=assay.member_of_cells(n), compound=compound,
                               compound_resolved_as=resolved_as, dose_um=dose_um, plate=plate_id, seed=seed,
                               model=str(model.resolve()), model_version=assay.version, n_members=assay.n_members,
                               controls=str(Path(controls).resolve()) if Path(controls).is_dir() else controls,
-                              channel_names=np.asarray(assay.channel_names), image_size_px=assay.config.image_size,
+                              channel_names=np.asarray(stains["channel_names"]),
+                              channel_names_declared=stains["channel_names_declared"],
+                              image_size_px=assay.config.image_size,
                               n_steps=flow.n_steps if steps is None else steps,
                               sampler=flow.sampler if sampler is None else sampler,
                               guidance_scale=flow.guidance_scale if guidance is None else guidance,

@@ -91,7 +91,8 @@ def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None
     ``loop assay train --data <campaign>/measurements`` trains the image assay on.
 
     ``channel_names``: the stains of an images-only plate's channels ``ch1..chN`` (default: its
-    Harmony index's names, else guessed from the channel count with a warning). With ``replace``,
+    Harmony index's names, else guessed with a warning: DNA for ch1, ``Ch<N>`` for the others, and
+    recorded as not declared in the plate's crops). With ``replace``,
     plates imported before from these very files are read again with these names (a plate whose
     stains were guessed wrong).
 
@@ -253,7 +254,9 @@ def _check_same_measurements(campaign: Campaign, plans: list, results_dir: Path)
     ``MIN_SHARED_FEATURES`` of either set are shared; a warning when the sets differ a little."""
     import pyarrow.parquet as pq
 
-    stored = sorted(campaign.measurements_dir.glob("*.cells.parquet"))
+    replaced = {plan.plate.barcode for plan in plans if plan.replaces}  # not their own reference
+    stored = sorted(path for path in campaign.measurements_dir.glob("*.cells.parquet")
+                    if path.name.removesuffix(".cells.parquet") not in replaced)
     if stored:
         reference = set(feature_columns(pq.read_schema(stored[0]).names))
         where = f"plate {stored[0].name.removesuffix('.cells.parquet')} (imported)"
@@ -289,6 +292,8 @@ class _Plan:
     imported_before: bool  # these very files were imported already
     replaces: bool = False  # imported before from other files, and to be replaced (``replace``)
     earlier_fingerprint: str = ""  # the fingerprint of the results it replaces
+    earlier_returned_at: str = ""  # when they were imported: the same files read with other channel names
+    # (--replace --channels) have the same fingerprint, and only this tells the two imports apart
 
 
 def _revisit_plate(campaign: Campaign, plan: _Plan) -> PlateQC:
@@ -365,7 +370,8 @@ def _check_plate(session: Session, plate: PlateResult, results_dir: Path,
                     ", ".join(undelivered[:10]))
         well_map = well_map[~well_map["well"].isin(undelivered)].reset_index(drop=True)
     return _Plan(plate, well_map, undelivered, imported_before=False, replaces=replaces,
-                 earlier_fingerprint=(row.results_fingerprint or "") if replaces else "")
+                 earlier_fingerprint=(row.results_fingerprint or "") if replaces else "",
+                 earlier_returned_at=str(row.returned_at) if replaces else "")
 
 
 def _wells_short_of_fields(plate: PlateResult, mapped: set[str]) -> dict[str, tuple[int, int]]:
@@ -495,7 +501,8 @@ def _replace_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, edge: E
     journal = campaign.measurements_dir / f".{barcode}.replacing"
     earlier = _plate_files(campaign, barcode)
     tmp = journal.with_name(journal.name + ".tmp")  # the journal is whole or absent
-    tmp.write_text(json.dumps({"fingerprint": plan.earlier_fingerprint, "files": [p.name for p in earlier]}))
+    tmp.write_text(json.dumps({"fingerprint": plan.earlier_fingerprint, "returned_at": plan.earlier_returned_at,
+                               "files": [p.name for p in earlier]}))
     os.replace(tmp, journal)
     try:
         for path in earlier:
@@ -531,7 +538,9 @@ def recover_replacements(campaign: Campaign, only: str | None = None) -> None:
         record = json.loads(journal.read_text())
         with campaign.session() as session:
             row = session.exec(select(store.Plate).where(store.Plate.barcode == barcode)).first()
-        earlier_kept = row is not None and row.results_fingerprint == record["fingerprint"]
+        earlier_kept = (row is not None and row.results_fingerprint == record["fingerprint"]
+                        # a journal written before it recorded the import time decides by fingerprint
+                        and str(row.returned_at) == record.get("returned_at", str(row.returned_at)))
         for name in _plate_file_names(barcode):
             path = campaign.measurements_dir / name
             moved = path.with_name(f".{name}{REPLACED_SUFFIX}")

@@ -273,10 +273,17 @@ def _warn_on_other_channels(campaign: Campaign, assay, model_dir: Path) -> None:
     """Warn when the campaign's ingested crops name other channels than the image assay was trained on."""
     from lab_io.crops import CHANNELS_FILE, channel_key
 
-    theirs = {}
+    theirs, by_position = {}, []
     for path in sorted(campaign.measurements_dir.glob(f"*.crops/{CHANNELS_FILE}")):
-        names = json.loads(path.read_text()).get("channel_names", [])
-        theirs.setdefault(tuple(map(channel_key, names)), path.parent.name)
+        record = json.loads(path.read_text())
+        if not record.get("named", True) or not getattr(assay.channel_names, "declared", True):
+            by_position.append(path.parent.name)  # guessed names (or a positional model): nothing to compare
+            continue
+        theirs.setdefault(tuple(map(channel_key, record.get("channel_names", []))), path.parent.name)
+    if by_position:
+        log.warning("%s: the channels of %s are taken by position (their stains or the model's were not named); "
+                    "check that they are the model's stains %s in that order", model_dir,
+                    ", ".join(by_position[:3]) + (" ..." if len(by_position) > 3 else ""), list(assay.channel_names))
     ours = tuple(map(channel_key, assay.channel_names))
     for names, folder in theirs.items():
         if names != ours:

@@ -112,6 +112,13 @@ def test_use_assay_warns_when_the_campaign_measured_other_stains(image_campaign,
     with caplog.at_level("WARNING"):
         register_image_assay(campaign, model_dir)
     assert "trained on channels ['DNA', 'Tubulin', 'Actin'], but the campaign's PLATE1.crops has" in caplog.text
+    # guessed names (ingest of an images-only plate without names) are not compared: said to be positional
+    (folder / "channels.json").write_text(json.dumps({"channel_names": ["DNA", "Ch2", "Ch3"], "named": False}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        register_image_assay(campaign, model_dir)
+    assert "trained on channels" not in caplog.text
+    assert "the channels of PLATE1.crops are taken by position" in caplog.text
     # the library (ethanol, phenol, ...) holds no analogue of cyclohexamide, the model's one compound
     assert "0.0 % of the campaign's library (a sample of 10) is an analogue" in caplog.text
 

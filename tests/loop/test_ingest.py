@@ -451,12 +451,19 @@ def test_a_harmony_export_folder_of_an_images_only_plate(tmp_path, caplog):
     names = ["Ch3", "Ch2", "DNA"]  # as if the guess (DNA, Ch2, Ch3) had been wrong about DNA
 
     def stored_features():
-        return set(pd.read_parquet(campaign.measurements_dir / f"{barcode}.wells.parquet").columns)
+        return set(pd.read_parquet(campaign.measurements_dir / f"{barcode}.cells.parquet").columns)
 
     guessed = stored_features()
     assert [r.status for r in ingest_results(campaign, results, channel_names=names)] == ["already imported"]
     [qc] = ingest_results(campaign, results, channel_names=names, replace=True, crop_px=24)
     assert qc.status == "imported" and stored_features() == guessed  # same stains named, other channels measured
+    # the same files read with other names: the new files stay (the journal tells the imports apart)
+    assert json.loads(channels_json.read_text()) == {"channel_names": names, "named": True}
+    assert not list(campaign.measurements_dir.glob(".*"))
+    renamed = ["DNA", "Tubulin", "Actin"]  # other stains: the plate is not compared with its own earlier copy
+    [qc] = ingest_results(campaign, results, channel_names=renamed, replace=True, crop_px=24)
+    assert qc.status == "imported" and any(c.endswith("_Tubulin") for c in stored_features())
+    assert json.loads(channels_json.read_text()) == {"channel_names": renamed, "named": True}
     assert [r.status for r in ingest_results(campaign, results)] == ["already imported"]
     partial = tmp_path / "partial" / export.name  # the locked checks name the folder as it is called
     shutil.copytree(export, partial)

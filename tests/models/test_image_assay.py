@@ -701,6 +701,7 @@ def test_cli_sample_records_how_cells_were_made(trained, tmp_path, caplog):
         assert str(z["compound_resolved_as"]).startswith("name table SMILES C[C@H]1")
         assert z["dose_range_um"].tolist() == [5.0, 50.0] and bool(z["dose_in_training_range"])
         assert str(z["model"]) == str(out.resolve()) and str(z["controls"]) == "P1"
+        assert z["channel_names"].tolist() == list(assay.channel_names) and bool(z["channel_names_declared"])
     with caplog.at_level(logging.WARNING, logger="models.image_assay"):
         res = runner.invoke(assay_app, base + ["--compound", "cyclohexamide", "--dose-um", "1000", "--n", "2",
                                                "--out", str(tmp_path / "b.npz")])
@@ -957,7 +958,8 @@ def test_sample_and_evaluate_feed_a_positional_model_the_folders_order(trained, 
     from models.image_eval import evaluate_assay
 
     out, crops, assay = trained
-    old = ImageAssay.load(_as_saved_before_session_34(out, tmp_path / "old"))
+    old_dir = _as_saved_before_session_34(out, tmp_path / "old")
+    old = ImageAssay.load(old_dir)
     swapped = CropSet(crops.images[..., [0, 2, 1]].copy(), crops.metadata, ("DNA", "Actin", "Tubulin"))
     declared = write_crops(swapped, tmp_path / "declared")
     with caplog.at_level(logging.WARNING, logger="lab_io.crops"):
@@ -983,3 +985,12 @@ def test_sample_and_evaluate_feed_a_positional_model_the_folders_order(trained, 
     scored = evaluate_assay(assay, load_crops(declared), n_per_condition=4, plates=["P2"], inception=False,
                             min_real=4)
     assert (scored["channel_names"], scored["channel_names_declared"]) == (["DNA", "Tubulin", "Actin"], True)
+    from loop.assay_cli import assay_app  # the sample file records the stains the same way
+
+    for model, stains in ((old_dir, ["DNA", "Actin", "Tubulin"]), (out, ["DNA", "Tubulin", "Actin"])):
+        res = CliRunner().invoke(assay_app, ["sample", "--model", str(model), "--compound", "cyclohexamide",
+                                             "--dose-um", "15", "--controls", str(declared), "--plate", "P2",
+                                             "--n", "2", "--out", str(tmp_path / "s.npz")])
+        assert res.exit_code == 0, res.output
+        with np.load(tmp_path / "s.npz") as z:
+            assert z["channel_names"].tolist() == stains and bool(z["channel_names_declared"])
