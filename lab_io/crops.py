@@ -262,12 +262,15 @@ def reorder_channels(crops: CropSet, names: Sequence[str], source: str | Path, *
 
 
 def _read_channels(path: Path, n_channels: int) -> tuple[tuple[str, ...], bool]:
-    """The folder's channel names and whether they were declared (no file: defaults, not declared)."""
+    """The folder's channel names and whether they were declared (no file: defaults, not declared;
+    a file written before ``named`` was recorded: declared, unless its names look like a default
+    or a guess, :func:`could_be_default_names`, as ingest's guesses before session 34 were)."""
     if not path.is_file():
         return default_channel_names(n_channels), False
     try:
         spec = json.loads(path.read_text())
-        names, named = spec["channel_names"], spec.get("named", True)
+        names = spec["channel_names"]
+        named = spec["named"] if "named" in spec else not could_be_default_names([str(n) for n in names])
     except Exception as err:
         raise CropsError(f"{path}: expected JSON {{\"channel_names\": [...], \"named\": true}} ({err})") from err
     if not isinstance(named, bool):

@@ -12,9 +12,9 @@
 * :func:`edge_offsets` / :func:`subtract_edge_offsets` — the plate edge effect: outer-ring wells
   (rows A and P, columns 1 and 24 of a 384-well plate) evaporate faster and are imaged dimmer and
   sparser, so their profiles shift. Per feature, ``offset = median(edge wells) - median(interior
-  wells)`` over the plate's reference wells (DMSO and treatments: the layout puts compounds on
-  random wells, and most are inactive, so the medians differ by the position effect alone), then
-  subtracted from every edge well (and from its single cells: a constant per feature shifts a
+  wells)`` over the plate's reference wells (DMSO and inactive treatments: the layout puts
+  compounds on random wells, so their medians differ by the position effect alone), kept only
+  beyond ``EDGE_MIN_Z`` standard errors of that difference, then subtracted from every edge well (and from its single cells: a constant per feature shifts a
   well's median by exactly that constant). Too few reference wells on either side (fewer than
   ``EDGE_MIN_WELLS``, e.g. a plate with an empty edge) -> no correction.
 * :func:`feature_select` — drop NaN, constant and non-biological columns (object/image
@@ -137,6 +137,7 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
 
 
 EDGE_MIN_WELLS = 8  # reference wells needed on the edge ring and inside it to estimate the edge offset
+EDGE_MIN_Z = 3.0  # an edge offset is removed only beyond this many standard errors (edge_offsets)
 
 
 def is_edge_well(wells: Sequence[str]) -> np.ndarray:
@@ -150,11 +151,17 @@ def is_edge_well(wells: Sequence[str]) -> np.ndarray:
 
 
 def edge_offsets(wells: pd.DataFrame, reference_mask, features: Sequence[str] | None = None,
-                 min_wells: int = EDGE_MIN_WELLS) -> pd.Series | None:
+                 min_wells: int = EDGE_MIN_WELLS, min_z: float | None = EDGE_MIN_Z) -> pd.Series | None:
     """One plate's edge effect per feature: the median of the reference edge wells minus the
     median of the reference interior wells (NaN values ignored; a feature missing on either side
     gets 0). ``reference_mask``: bool per row, the wells to estimate it from (leave out positive
-    controls and wells without cells). None when either side has fewer than ``min_wells``."""
+    controls, wells without cells and, where known, active wells: the medians assume the
+    reference wells differ by position only). None when either side has fewer than ``min_wells``.
+
+    ``min_z``: a feature's offset is kept only when it exceeds ``min_z`` standard errors of the
+    difference of two medians, ``sqrt(pi / 2) * sqrt(s_edge^2 / n_edge + s_inside^2 / n_inside)``
+    with ``s`` each side's robust sd (1.4826 MAD), else 0: a plate without an edge effect, or with
+    few wells, is not moved by the noise of its medians. None keeps every offset."""
     feats = _features(wells, features)
     mask = np.asarray(reference_mask, dtype=bool)
     if mask.shape != (len(wells),):
@@ -167,20 +174,28 @@ def edge_offsets(wells: pd.DataFrame, reference_mask, features: Sequence[str] | 
     values = np.where(np.isfinite(values), values, np.nan)
     with warnings.catch_warnings():  # a feature missing on one side: no estimate, no correction
         warnings.simplefilter("ignore", RuntimeWarning)
-        offset = np.nanmedian(values[on_edge], axis=0) - np.nanmedian(values[inside], axis=0)
+        medians = [np.nanmedian(values[side], axis=0) for side in (on_edge, inside)]
+        offset = medians[0] - medians[1]
+        if min_z is not None:
+            spread = [MAD_SCALE * np.nanmedian(np.abs(values[side] - m), axis=0) for side, m in zip((on_edge, inside), medians)]
+            counts = [np.sum(np.isfinite(values[side]), axis=0) for side in (on_edge, inside)]
+            stderr = np.sqrt(np.pi / 2) * np.sqrt(spread[0] ** 2 / counts[0] + spread[1] ** 2 / counts[1])
+            offset = np.where(np.abs(offset) > min_z * stderr, offset, 0.0)
     return pd.Series(np.nan_to_num(offset, nan=0.0), index=feats, name="edge_offset")
 
 
 def subtract_edge_offsets(table: pd.DataFrame, offsets: pd.Series) -> pd.DataFrame:
     """A copy of ``table`` (wells or single cells, with ``Metadata_Well``) with ``offsets``
-    subtracted from the features of its edge-well rows, in each feature's own dtype."""
+    subtracted from the features of its edge-well rows. float32 features stay float32 (a plate's
+    single cells); any other feature becomes float64, so an integer-valued one keeps the offset."""
     edge = is_edge_well(table[META_WELL].tolist())
     if not edge.any():
         return table.copy()
     feats = list(offsets.index)
-    block = table[feats].to_numpy(copy=True)  # one block: a plate's cells are float32 throughout
-    block[edge] -= offsets.to_numpy(dtype=np.float64).astype(block.dtype)
-    corrected = pd.DataFrame(block, columns=feats, index=table.index).astype(table[feats].dtypes.to_dict())
+    block = table[feats].to_numpy(dtype=np.float64, copy=True)
+    block[edge] -= offsets.to_numpy(dtype=np.float64)
+    dtypes = {f: np.float32 if table[f].dtype == np.float32 else np.float64 for f in feats}
+    corrected = pd.DataFrame(block, columns=feats, index=table.index).astype(dtypes)
     return pd.concat([table.drop(columns=feats), corrected], axis=1)[list(table.columns)]
 
 

@@ -280,9 +280,12 @@ def sample(
                               nearest_training_tanimoto=float(domain.get("nearest_training_tanimoto", np.nan)),
                               dose_range_um=np.asarray(domain.get("dose_range_um") or [np.nan, np.nan], float),
                               dose_in_training_range=domain.get("dose_in_training_range") is not False)
-        _save_sample_montage(assay, images, source, fp, compound, dose_um, png)
     except OSError as err:
-        _fail(f"cannot write {out} or {png}: {err}")
+        _fail(f"cannot write {out}: {err}")
+    try:
+        _save_sample_montage(assay, images, source, fp, compound, dose_um, png)
+    except Exception as err:  # the cells are saved; the picture of them is the lesser loss
+        _fail(f"wrote {out} ({len(images)} cells), but not its montage {png}: {err}")
     typer.echo(f"wrote {out} ({len(images)} cells) and {png}")
 
 

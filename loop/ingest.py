@@ -278,8 +278,21 @@ def _check_same_measurements(campaign: Campaign, plans: list, results_dir: Path)
             raise IngestError(f"{_folder(plan.plate, results_dir)}: {message}; export every plate with the same "
                               "pipeline and channels (the models train on the features all plates share; an "
                               "images-only plate takes its channels' names from --channels or its Harmony index: "
-                              "name them as the other plates' are)")
+                              f"name them as the other plates' are{_stored_channel_hint(campaign)})")
         log.warning("%s; the models use the %d shared", message, len(shared))
+
+
+def _stored_channel_hint(campaign: Campaign) -> str:
+    """``", e.g. --channels DNA,Tubulin,Actin"`` from a plate already imported with crops, else ``""``."""
+    from lab_io.crops import CHANNELS_FILE
+
+    for path in sorted(campaign.measurements_dir.glob(f"*.crops/{CHANNELS_FILE}")):
+        try:
+            names = json.loads(path.read_text())["channel_names"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return f", e.g. --channels {','.join(map(str, names))} as {path.parent.name} was imported"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -428,39 +441,75 @@ def well_profiles(cells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
 
 def plate_profiles(cells: pd.DataFrame, hit_sd: float, edge_correction: bool
                    ) -> tuple[pd.DataFrame, EdgeCorrection | None]:
-    """:func:`well_profiles` after removing the plate's edge effect when ``edge_correction``:
-    per feature, the offset of its outer-ring wells from its interior ones, estimated on its DMSO
-    and treatment wells (``lab_io.profiles.edge_offsets``), is subtracted from the edge wells'
-    medians before they are normalised to DMSO. Returns the profiles and the correction (None when
-    off, or when the plate has fewer than ``EDGE_MIN_WELLS`` such wells on the edge or inside it);
-    the caller subtracts the same offsets from the edge wells' single cells when it stores them."""
+    """:func:`well_profiles` after removing the plate's edge effect when ``edge_correction``
+    (:func:`_edge_correction`): per feature, the offset of its outer-ring wells from its interior
+    ones is subtracted from the edge wells' medians before they are normalised to DMSO. Returns the
+    profiles and the correction (None when off, or when the plate has fewer than
+    ``EDGE_MIN_WELLS`` DMSO or inactive treatment wells on the edge or inside it); the caller
+    subtracts the same offsets from the edge wells' single cells when it stores them."""
     wells = profiling.aggregate_wells(cells)  # carries the per-well constant Metadata_* columns
     edge = None
     if edge_correction:
-        edge = _edge_correction(wells)
+        edge = _edge_correction(wells, hit_sd)
         if edge is not None:
             wells = profiling.subtract_edge_offsets(wells, edge.offsets)
     return _normalised_profiles(wells, hit_sd), edge
 
 
-def _edge_correction(wells: pd.DataFrame) -> EdgeCorrection | None:
+EDGE_PASSES = 2  # estimates, each from the wells the previous correction leaves unhit
+
+
+def _edge_correction(wells: pd.DataFrame, hit_sd: float) -> EdgeCorrection | None:
+    """The plate's edge offsets (``lab_io.profiles.edge_offsets``, each kept only beyond
+    ``EDGE_MIN_Z`` standard errors), estimated on DMSO wells and the treatments that are no hits:
+    ``EDGE_PASSES`` estimates, each from DMSO and the treatments the previous correction leaves
+    below the hit threshold (at first, without a correction, the treatments below each side's top
+    interior-hit-fraction by activity, :func:`_quiet_on_each_side`). Active wells are left
+    out so that a plate where half the compounds act (a loop exploiting one phenotype) does not
+    take a chance imbalance of actives between edge and interior for an edge effect."""
     plate = wells[META_PLATE].iloc[0]
-    reference = wells[META_ROLE].isin([WellRole.treatment.value, WellRole.negative_control.value]).to_numpy()
+    role = wells[META_ROLE].to_numpy()
+    dmso, treated = role == WellRole.negative_control.value, role == WellRole.treatment.value
     features = profiling.feature_select(wells)  # never bookkeeping: object positions stay as measured
-    offsets = profiling.edge_offsets(wells, reference, features) if features else None
-    if offsets is None:
-        log.info("plate %s: no edge correction (fewer than %d DMSO/treatment wells on the edge ring or inside it)",
-                 plate, profiling.EDGE_MIN_WELLS)
+    unhit = _quiet_on_each_side(_normalised_profiles(wells, hit_sd), treated)
+    offsets = None
+    for _ in range(EDGE_PASSES):
+        estimate = profiling.edge_offsets(wells, dmso | (treated & unhit), features) if features else None
+        if estimate is None:
+            break
+        offsets = estimate
+        hits = _normalised_profiles(profiling.subtract_edge_offsets(wells, offsets), hit_sd)["Metadata_is_hit"]
+        unhit = ~hits.to_numpy(dtype=bool)
+    if offsets is None or not offsets.any():
+        log.info("plate %s: no edge correction (%s)", plate, "no edge effect beyond its noise" if offsets is not None
+                 else f"fewer than {profiling.EDGE_MIN_WELLS} DMSO or inactive wells on the edge ring or inside it")
         return None
-    controls = wells.loc[(wells[META_ROLE] == WellRole.negative_control.value).to_numpy(), features]
+    controls = wells.loc[dmso, features]
     corrected = profiling.subtract_edge_offsets(wells, offsets).loc[controls.index, features].to_numpy(np.float64)
     with np.errstate(all="ignore"):
         scale = profiling.MAD_SCALE * np.nanmedian(np.abs(corrected - np.nanmedian(corrected, axis=0)), axis=0)
         in_sd = offsets.to_numpy() / np.where(scale > 0, scale, np.nan)
     size = float(np.sqrt(np.nanmean(in_sd ** 2))) if np.isfinite(in_sd).any() else float("nan")
     log.info("plate %s: edge wells differ from interior ones by %.2f DMSO sd (root mean square over %d "
-             "features); removed", plate, size, len(features))
+             "features, %d beyond their noise); removed", plate, size, len(features), int((offsets != 0).sum()))
     return EdgeCorrection(offsets, size)
+
+
+def _quiet_on_each_side(profiles: pd.DataFrame, treated: np.ndarray) -> np.ndarray:
+    """bool per well: not among the most active treatments of its side of the plate (edge ring or
+    interior), as many of them as the interior's hit fraction (uncorrected profiles: the edge effect
+    inflates every edge well's activity, so edge hits say little; its ranks keep the actives on top)."""
+    edge = profiling.is_edge_well(profiles[META_WELL].tolist())
+    hits = profiles["Metadata_is_hit"].to_numpy(dtype=bool)
+    inside = treated & ~edge
+    active_fraction = hits[inside].mean() if inside.any() else 0.0
+    activity = profiles["Metadata_activity"].to_numpy(dtype=np.float64)
+    quiet = np.ones(len(profiles), dtype=bool)
+    for side in (treated & edge, inside):
+        n_active = int(round(active_fraction * side.sum()))
+        if n_active:
+            quiet[np.flatnonzero(side)[np.argsort(-activity[side], kind="stable")[:n_active]]] = False
+    return quiet
 
 
 def _normalised_profiles(wells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:

@@ -271,12 +271,13 @@ def register_image_assay(campaign: Campaign, model_dir: str | Path) -> VirtualAs
 
 def _warn_on_other_channels(campaign: Campaign, assay, model_dir: Path) -> None:
     """Warn when the campaign's ingested crops name other channels than the image assay was trained on."""
-    from lab_io.crops import CHANNELS_FILE, channel_key
+    from lab_io.crops import CHANNELS_FILE, channel_key, could_be_default_names
 
     theirs, by_position = {}, []
     for path in sorted(campaign.measurements_dir.glob(f"*.crops/{CHANNELS_FILE}")):
         record = json.loads(path.read_text())
-        if not record.get("named", True) or not getattr(assay.channel_names, "declared", True):
+        named = record["named"] if "named" in record else not could_be_default_names(record.get("channel_names", []))
+        if not named or not getattr(assay.channel_names, "declared", True):
             by_position.append(path.parent.name)  # guessed names (or a positional model): nothing to compare
             continue
         theirs.setdefault(tuple(map(channel_key, record.get("channel_names", []))), path.parent.name)

@@ -228,7 +228,8 @@ def test_centre_crop():
 def test_written_crops_keep_whether_their_channels_were_named(tmp_path):
     """A folder read without declared names (no channels.json: BBBC021's defaults) and written again
     reads back as not named, so its defaults never come back as declared stains; declared names
-    round-trip as declared, and a channels.json from before "named" was written counts as declared."""
+    round-trip as declared, and a channels.json from before "named" was written counts as declared
+    unless its names look like a default."""
     crops = _crops()
     write_crops(crops, tmp_path / "bare")
     (tmp_path / "bare" / "channels.json").unlink()
@@ -241,8 +242,12 @@ def test_written_crops_keep_whether_their_channels_were_named(tmp_path):
     assert sub.channels_named is False and sub.channel_names == ("DNA", "Actin", "Tubulin")
     write_crops(crops, tmp_path / "named")
     assert load_crops(tmp_path / "named").channels_named is True
-    (tmp_path / "named" / "channels.json").write_text(json.dumps({"channel_names": ["DNA", "Tubulin", "Actin"]}))
+    # a channels.json from before "named": declared, unless the names look like a default or ingest's
+    # old guess (DNA, Tubulin, Actin for any 3-channel plate), which meant only the order
+    (tmp_path / "named" / "channels.json").write_text(json.dumps({"channel_names": ["DNA", "ER", "Mito"]}))
     assert load_crops(tmp_path / "named").channels_named is True
+    (tmp_path / "named" / "channels.json").write_text(json.dumps({"channel_names": ["DNA", "Tubulin", "Actin"]}))
+    assert load_crops(tmp_path / "named").channels_named is False
     (tmp_path / "named" / "channels.json").write_text(json.dumps({"channel_names": ["DNA", "Tubulin", "Actin"],
                                                                   "named": "no"}))
     with pytest.raises(CropsError, match=r"channels.json: \"named\" must be true or false, got 'no'"):

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from lab_io.profiles import (
+    EDGE_MIN_Z,
     MAD_SCALE,
     aggregate_wells,
     edge_offsets,
@@ -170,20 +171,31 @@ def test_edge_offsets_are_the_edge_minus_interior_medians_and_are_subtracted_fro
     edge = is_edge_well(wells["Metadata_Well"].tolist())
     reference = np.ones(384, bool)
     reference[:5] = False  # e.g. positive controls: left out of the estimate
-    offsets = edge_offsets(wells, reference, ["Cells_a", "Cells_b"])
+    offsets = edge_offsets(wells, reference, ["Cells_a", "Cells_b"], min_z=None)
     for col in ("Cells_a", "Cells_b"):  # closed form: the two medians' difference
         values = wells[col].to_numpy()
         assert offsets[col] == pytest.approx(np.median(values[reference & edge]) - np.median(values[reference & ~edge]))
-    assert offsets["Cells_a"] == pytest.approx(3.0, abs=0.5) and abs(offsets["Cells_b"]) < 0.5
+    assert offsets["Cells_a"] == pytest.approx(3.0, abs=0.5) and 0 < abs(offsets["Cells_b"]) < 0.5
+    # by default an offset within EDGE_MIN_Z standard errors of the medians' difference is noise: 0
+    se = np.sqrt(np.pi / 2) * np.sqrt(sum(
+        (MAD_SCALE * np.median(np.abs(v - np.median(v)))) ** 2 / len(v)
+        for v in (wells["Cells_b"].to_numpy()[reference & edge], wells["Cells_b"].to_numpy()[reference & ~edge])))
+    gated = edge_offsets(wells, reference, ["Cells_a", "Cells_b"])
+    assert abs(offsets["Cells_b"]) < EDGE_MIN_Z * se and gated["Cells_b"] == 0.0
+    assert gated["Cells_a"] == offsets["Cells_a"]
     corrected = subtract_edge_offsets(wells, offsets)
     assert list(corrected.columns) == list(wells.columns)
     np.testing.assert_allclose(corrected.loc[edge, "Cells_a"], wells.loc[edge, "Cells_a"] - offsets["Cells_a"])
     pd.testing.assert_frame_equal(corrected[~edge], wells[~edge])
     pd.testing.assert_series_equal(corrected["Cells_Location_Center_X"], wells["Cells_Location_Center_X"])
-    again = edge_offsets(corrected, reference, ["Cells_a", "Cells_b"])  # corrected: nothing left to remove
+    again = edge_offsets(corrected, reference, ["Cells_a", "Cells_b"], min_z=None)  # nothing left to remove
     np.testing.assert_allclose(again.to_numpy(), 0.0, atol=1e-12)
-    # float32 single cells stay float32; a plate with an empty edge has nothing to estimate from
+    # float32 single cells stay float32; an integer feature becomes float64 and keeps the offset;
+    # a plate with an empty edge has nothing to estimate from
     cells = wells.astype({"Cells_a": np.float32})
     assert subtract_edge_offsets(cells, offsets)["Cells_a"].dtype == np.float32
+    counts = wells.assign(Cells_b=np.arange(384))
+    shifted = subtract_edge_offsets(counts, pd.Series({"Cells_b": 0.25}))["Cells_b"]
+    assert shifted.dtype == np.float64 and shifted[edge].tolist() == (np.arange(384)[edge] - 0.25).tolist()
     assert edge_offsets(wells, ~edge, ["Cells_a"]) is None
     assert edge_offsets(wells, reference & (~edge | (np.cumsum(edge) <= 7)), ["Cells_a"]) is None  # 7 < 8 edge wells

@@ -527,3 +527,64 @@ def test_parquet_written_in_chunks_reads_back_as_the_frame(tmp_path):
 
     assert pq.ParquetFile(tmp_path / "cells.parquet").num_row_groups == 4
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cells.parquet"), frame)
+
+
+def test_a_refused_plate_is_told_the_channel_names_of_the_imported_ones(tmp_path):
+    """An images-only plate whose channels were named otherwise than the imported plates' (e.g.
+    guessed as DNA, Ch2, Ch3 where the campaign's were imported as DNA, Tubulin, Actin) is told
+    which names to give."""
+    from types import SimpleNamespace
+
+    from loop.ingest import _stored_channel_hint
+
+    campaign = SimpleNamespace(measurements_dir=tmp_path)
+    assert _stored_channel_hint(campaign) == ""
+    (tmp_path / "LP0001.crops").mkdir()
+    (tmp_path / "LP0001.crops" / "channels.json").write_text(
+        json.dumps({"channel_names": ["DNA", "Tubulin", "Actin"], "named": False}))
+    assert _stored_channel_hint(campaign) == ", e.g. --channels DNA,Tubulin,Actin as LP0001.crops was imported"
+
+
+def _simulated_plate(rng, edge_shift: float, active_fraction: float, n_features: int = 30) -> pd.DataFrame:
+    """Single cells of a 384-well plate: 16 DMSO wells and 340 treatments on random wells, a share
+    of them active along one direction; edge wells shifted by ``edge_shift`` along another."""
+    from lab_io.profiles import is_edge_well
+    from lab_io.schema import well_name
+
+    wells = [well_name(r, c) for r in range(16) for c in range(24)]
+    order = rng.permutation(384)[:356]
+    edge_direction, active_direction = rng.normal(size=n_features), rng.normal(size=n_features)
+    frames = []
+    for i, w in enumerate(order):
+        role = "negative_control" if i < 16 else "treatment"
+        active = role == "treatment" and rng.random() < active_fraction
+        mean = 0.3 * rng.normal(size=n_features) + edge_shift * edge_direction * is_edge_well([wells[w]])[0] \
+            + 2.0 * active_direction * active
+        frame = pd.DataFrame(mean + rng.normal(size=(8, n_features)), columns=[f"Cells_f{j}" for j in range(n_features)])
+        frames.append(frame.assign(**{META_PLATE: "P1", META_WELL: wells[w], META_ROLE: role, "active": active}))
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.parametrize("edge_shift, active_fraction", [(0.0, 0.5), (1.0, 0.05), (1.0, 0.5)])
+def test_the_edge_correction_removes_an_edge_effect_and_invents_none(edge_shift, active_fraction):
+    """Inactive treatments on edge wells score like inside ones after the correction, whether 5 % or
+    half of the compounds act; without an edge effect, a plate where half act (the median of all
+    wells then jumps between actives and inactives) is left as it is."""
+    from lab_io.profiles import is_edge_well
+    from loop.ingest import plate_profiles
+
+    rng = np.random.default_rng(7)
+    cells = _simulated_plate(rng, edge_shift, active_fraction)
+    truth = cells.groupby(META_WELL)["active"].first()
+    gaps = {}
+    for corrected in (False, True):
+        wells, edge = plate_profiles(cells.drop(columns="active"), 3.0, corrected)
+        treated = wells[wells[META_ROLE] == "treatment"].set_index(META_WELL)
+        quiet = treated[~truth.loc[treated.index].to_numpy()]
+        on_edge = is_edge_well(quiet.index.tolist())
+        gaps[corrected] = quiet["Metadata_activity"][on_edge].median() - quiet["Metadata_activity"][~on_edge].median()
+    if edge_shift == 0.0:
+        assert edge is None or edge.size_sd < 0.1
+        assert abs(gaps[True]) < 0.05
+    else:
+        assert edge is not None and gaps[False] > 0.2 and abs(gaps[True]) < 0.25 * gaps[False]

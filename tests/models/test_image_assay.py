@@ -683,6 +683,10 @@ def test_cli_sample_out_must_be_an_npz_and_write_failures_are_named(trained, tmp
     res = runner.invoke(assay_app, base + ["--out", str(tmp_path / "afile" / "g.npz")])
     assert res.exit_code == 1 and "cannot write" in res.output and "afile" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.npz", "afile"]
+    (tmp_path / "m.png").mkdir()  # the montage cannot be written: the cells are kept, and it says so
+    res = runner.invoke(assay_app, base + ["--out", str(tmp_path / "m.npz")])
+    assert res.exit_code == 1 and "wrote" in res.output and "but not its montage" in res.output
+    assert (tmp_path / "m.npz").is_file()
 
 
 def test_cli_sample_records_how_cells_were_made(trained, tmp_path, caplog):
