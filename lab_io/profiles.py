@@ -192,10 +192,12 @@ def subtract_edge_offsets(table: pd.DataFrame, offsets: pd.Series) -> pd.DataFra
     if not edge.any():
         return table.copy()
     feats = list(offsets.index)
-    block = table[feats].to_numpy(dtype=np.float64, copy=True)
-    block[edge] -= offsets.to_numpy(dtype=np.float64)
-    dtypes = {f: np.float32 if table[f].dtype == np.float32 else np.float64 for f in feats}
-    corrected = pd.DataFrame(block, columns=feats, index=table.index).astype(dtypes)
+    single = all(table[f].dtype == np.float32 for f in feats)  # a plate's cells: one float32 block, kept so
+    block = table[feats].to_numpy(dtype=np.float32 if single else np.float64, copy=True)
+    block[edge] -= offsets.to_numpy(dtype=np.float64).astype(block.dtype)
+    corrected = pd.DataFrame(block, columns=feats, index=table.index, copy=False)
+    if not single:
+        corrected = corrected.astype({f: np.float32 if table[f].dtype == np.float32 else np.float64 for f in feats})
     return pd.concat([table.drop(columns=feats), corrected], axis=1)[list(table.columns)]
 
 
