@@ -14,8 +14,9 @@
   sparser, so their profiles shift. Per feature, ``offset = median(edge wells) - median(interior
   wells)`` over the plate's reference wells (DMSO and inactive treatments: the layout puts
   compounds on random wells, so their medians differ by the position effect alone), kept only
-  beyond ``EDGE_MIN_Z`` standard errors of that difference, then subtracted from every edge well (and from its single cells: a constant per feature shifts a
-  well's median by exactly that constant). Too few reference wells on either side (fewer than
+  beyond ``EDGE_MIN_Z`` standard errors of that difference, then subtracted from every edge well
+  (and from its single cells: a constant per feature shifts a well's median by exactly that
+  constant). Too few reference wells on either side (fewer than
   ``EDGE_MIN_WELLS``, e.g. a plate with an empty edge) -> no correction.
 * :func:`feature_select` — drop NaN, constant and non-biological columns (object/image
   bookkeeping such as ``*_Center_X``, ``*_Location_*``, ``*_Number_Object_Number``, ``*_Parent_*``,
@@ -177,7 +178,8 @@ def edge_offsets(wells: pd.DataFrame, reference_mask, features: Sequence[str] | 
         medians = [np.nanmedian(values[side], axis=0) for side in (on_edge, inside)]
         offset = medians[0] - medians[1]
         if min_z is not None:
-            spread = [MAD_SCALE * np.nanmedian(np.abs(values[side] - m), axis=0) for side, m in zip((on_edge, inside), medians)]
+            spread = [MAD_SCALE * np.nanmedian(np.abs(values[side] - m), axis=0)
+                      for side, m in zip((on_edge, inside), medians)]
             counts = [np.sum(np.isfinite(values[side]), axis=0) for side in (on_edge, inside)]
             stderr = np.sqrt(np.pi / 2) * np.sqrt(spread[0] ** 2 / counts[0] + spread[1] ** 2 / counts[1])
             offset = np.where(np.abs(offset) > min_z * stderr, offset, 0.0)

@@ -681,6 +681,7 @@ class _CropCollector:
         self.channels_named = True
         self._well: str | None = None
         self._buffer: list[tuple[np.ndarray, pd.DataFrame]] = []
+        self.n_cells = self.n_at_border = 0  # cells seen, and those too close to a field's border to cut
 
     def name_channels(self, names: Sequence[str], declared: bool) -> None:
         """The crops' channel names, and whether they were declared (False: guesses)."""
@@ -695,6 +696,8 @@ class _CropCollector:
             raise ResultsError(f"plate {self.barcode}, well {well}: no nucleus centre columns "
                                f"({' or '.join('/'.join(c) for c in CENTRE_COLUMNS)}) to cut crops at")
         cut, kept = cut_crops(field, field_cells[list(centre)].to_numpy(np.float64), self.size_px)
+        self.n_cells += len(field_cells)
+        self.n_at_border += len(field_cells) - len(cut)
         meta = pd.DataFrame({"plate": self.barcode, "well": well, "site": site,
                              "object_number": field_cells[META_OBJECT].to_numpy(np.int64)[kept]})
         self._buffer.append((cut, meta))
@@ -716,6 +719,10 @@ class _CropCollector:
         self._flush()
         if not self.images or self.channel_names is None:
             return None
+        n_crops = sum(len(i) for i in self.images)
+        logger.info("plate %s: %d crops of %d px from %d cells (%d too close to a field's border to cut, the rest "
+                    "drawn to at most %d a well)", self.barcode, n_crops, self.size_px, self.n_cells,
+                    self.n_at_border, self.per_well)
         return CropSet(np.concatenate(self.images), pd.concat(self.meta, ignore_index=True), self.channel_names,
                        self.channels_named)
 

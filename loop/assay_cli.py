@@ -283,7 +283,7 @@ def sample(
     except OSError as err:
         _fail(f"cannot write {out}: {err}")
     try:
-        _save_sample_montage(assay, images, source, fp, compound, dose_um, png)
+        _save_sample_montage(assay, images, source, fp, compound, dose_um, png, stains["channel_names"])
     except Exception as err:  # the cells are saved; the picture of them is the lesser loss
         _fail(f"wrote {out} ({len(images)} cells), but not its montage {png}: {err}")
     typer.echo(f"wrote {out} ({len(images)} cells) and {png}")
@@ -318,7 +318,7 @@ def _write_npz_atomically(out: Path, **arrays) -> None:
 
 
 def _save_sample_montage(assay, images: np.ndarray, source, fp, compound: str, dose_um: float, png: Path,
-                         n_cols: int = 8) -> None:
+                         channel_names, n_cols: int = 8) -> None:
     """The montage: generated cells taken evenly from every member, above real cells of the same
     condition on the plate or, when it has none, the plate's DMSO cells, each row block labelled."""
     from models.image_eval import save_montage
@@ -330,7 +330,8 @@ def _save_sample_montage(assay, images: np.ndarray, source, fp, compound: str, d
     shown = images[np.lexsort((member, rank))]  # member 0, 1, ..., K-1, then each member's next cell
     real, real_label = _real_reference(assay, source, fp, dose_um)
     save_montage(shown, real, png, title=f"{condition} on {plate_id}", n_cols=n_cols,
-                 generated_label=f"generated {condition} ({assay.n_members} members)", real_label=real_label)
+                 generated_label=f"generated {condition} ({assay.n_members} members)", real_label=real_label,
+                 channel_names=channel_names)
 
 
 def _real_reference(assay, source, fp, dose_um: float) -> tuple[np.ndarray | None, str]:

@@ -323,9 +323,9 @@ def _revisit_plate(campaign: Campaign, plan: _Plan) -> PlateQC:
 
 def _profile_plate(campaign: Campaign, plate: PlateResult, well_map: pd.DataFrame,
                    results_dir: Path) -> tuple[pd.DataFrame, EdgeCorrection | None]:
-    """Normalised well profiles of one plate and its edge correction (small: the annotated single cells are made again when
-    the plate is written, so a multi-plate import never holds two copies of every plate's cells);
-    errors name its folder."""
+    """Normalised well profiles of one plate and its edge correction (small: the annotated single
+    cells are made again when the plate is written, so a multi-plate import never holds two copies
+    of every plate's cells); errors name its folder."""
     try:
         return plate_profiles(annotate_cells(plate.cells, well_map), campaign.config.hit_sd,
                               campaign.config.edge_correction)
@@ -471,14 +471,15 @@ def _edge_correction(wells: pd.DataFrame, hit_sd: float) -> EdgeCorrection | Non
     role = wells[META_ROLE].to_numpy()
     dmso, treated = role == WellRole.negative_control.value, role == WellRole.treatment.value
     features = profiling.feature_select(wells)  # never bookkeeping: object positions stay as measured
-    unhit = _quiet_on_each_side(_normalised_profiles(wells, hit_sd), treated)
+    unhit = _quiet_on_each_side(_normalised_profiles(wells, hit_sd, say=False), treated)
     offsets = None
     for _ in range(EDGE_PASSES):
         estimate = profiling.edge_offsets(wells, dmso | (treated & unhit), features) if features else None
         if estimate is None:
             break
         offsets = estimate
-        hits = _normalised_profiles(profiling.subtract_edge_offsets(wells, offsets), hit_sd)["Metadata_is_hit"]
+        corrected = profiling.subtract_edge_offsets(wells, offsets)
+        hits = _normalised_profiles(corrected, hit_sd, say=False)["Metadata_is_hit"]
         unhit = ~hits.to_numpy(dtype=bool)
     if offsets is None or not offsets.any():
         log.info("plate %s: no edge correction (%s)", plate, "no edge effect beyond its noise" if offsets is not None
@@ -512,7 +513,9 @@ def _quiet_on_each_side(profiles: pd.DataFrame, treated: np.ndarray) -> np.ndarr
     return quiet
 
 
-def _normalised_profiles(wells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
+def _normalised_profiles(wells: pd.DataFrame, hit_sd: float, say: bool = True) -> pd.DataFrame:
+    """Robust z against the plate's DMSO wells, activity and hit calls (``say``: log the features
+    left out; the edge correction's trial passes do not)."""
     controls = (wells[META_ROLE] == WellRole.negative_control.value).to_numpy()
     if not controls.any():
         raise IngestError(f"plate {wells[META_PLATE].iloc[0]}: no negative-control (DMSO) wells with cells")
@@ -524,8 +527,9 @@ def _normalised_profiles(wells: pd.DataFrame, hit_sd: float) -> pd.DataFrame:
     normalized = profiling.normalize_to_controls(wells.drop(columns=left_out), controls, features=features)
     unscaled = profiling.unscaled_features(normalized, features)  # the DMSO wells share one value
     if unscaled:
-        log.info("plate %s: %d feature(s) left out, its DMSO wells do not vary in them (e.g. %s)",
-                 wells[META_PLATE].iloc[0], len(unscaled), ", ".join(unscaled[:3]))
+        if say:
+            log.info("plate %s: %d feature(s) left out, its DMSO wells do not vary in them (e.g. %s)",
+                     wells[META_PLATE].iloc[0], len(unscaled), ", ".join(unscaled[:3]))
         normalized = normalized.drop(columns=unscaled)
         features = [f for f in features if f not in unscaled]
     activity = profiling.phenotypic_activity(normalized, features)

@@ -13,6 +13,8 @@ from loop.objective import campaign_objective, describe, target_progress
 def campaign_status(campaign: Campaign) -> dict:
     """Counts of rounds, plates (pending / returned / cancelled), compounds, measurements, model versions and hits,
     and what proposals maximise."""
+    from loop.train import plates_not_in_model  # models and torch only when the status is asked for
+
     S = store
     objective = campaign_objective(campaign)
     with campaign.session() as session:
@@ -35,8 +37,9 @@ def campaign_status(campaign: Campaign) -> dict:
             "measurements": store.count(session, S.Measurement),
             "model_versions": store.count(session, S.ModelVersion),
             "latest_model": latest,
-            # plates ingested after the current model was trained: `loop train` would learn from them
-            "plates_not_in_model": store.plates_after_model(session, current),
+            # plates the current model has not learned from (a feature ensemble: ingested after it was
+            # trained, `loop train` would learn from them; an image assay: not among its training plates)
+            "plates_not_in_model": plates_not_in_model(campaign, session, current),
             "hits": {"wells": store.count(session, S.Measurement, S.Measurement.is_hit),
                      "compounds": len(hit_compounds)},
             "objective": describe(objective),

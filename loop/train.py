@@ -282,9 +282,15 @@ def _warn_on_other_channels(campaign: Campaign, assay, model_dir: Path) -> None:
             continue
         theirs.setdefault(tuple(map(channel_key, record.get("channel_names", []))), path.parent.name)
     if by_position:
-        log.warning("%s: the channels of %s are taken by position (their stains or the model's were not named); "
-                    "check that they are the model's stains %s in that order", model_dir,
-                    ", ".join(by_position[:3]) + (" ..." if len(by_position) > 3 else ""), list(assay.channel_names))
+        folders = ", ".join(by_position[:3]) + (" ..." if len(by_position) > 3 else "")
+        if getattr(assay.channel_names, "declared", True):
+            log.warning("%s: the channels of %s are taken by position (their stains were not named); check that they "
+                        "are the model's stains %s in that order", model_dir, folders, list(assay.channel_names))
+        else:
+            log.warning("%s: the model's channels are positional (trained on crops whose stains were not named; its "
+                        "record says %s only as an order), so the channels of %s are taken in their own order: "
+                        "check that it is the order of the crops the model was trained on", model_dir,
+                        list(assay.channel_names), folders)
     ours = tuple(map(channel_key, assay.channel_names))
     for names, folder in theirs.items():
         if names != ours:
@@ -347,17 +353,33 @@ def load_model(campaign: Campaign, row: store.ModelVersion) -> VirtualAssay:
     return load_ensemble(path)
 
 
+def plates_not_in_model(campaign: Campaign, session, current) -> list[str]:
+    """Barcodes of the campaign's returned plates the current virtual assay has not learned from: a
+    feature ensemble, those ingested after it was trained (``store.plates_after_model``); an image
+    assay, trained outside the campaign on crops folders, those not among its training plates
+    (``assay.json`` ``train_plates``; a model trained on other data has learned from none)."""
+    if current is None or current.kind != "image":
+        return store.plates_after_model(session, current)
+    try:
+        trained_on = set(json.loads((campaign.absolute(current.path) / "assay.json").read_text())["train_plates"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return store.plates_after_model(session, current)
+    returned = session.exec(select(store.Plate.barcode).where(store.Plate.status == "returned")).all()
+    return sorted(b for b in returned if b not in trained_on)
+
+
 def warn_if_model_behind(campaign: Campaign) -> list[str]:
     """Log a warning naming the plates the current virtual assay has not learned from; returns them."""
     with campaign.session() as session:
         current = store.current_model_version(session)
-        behind = store.plates_after_model(session, current)
+        behind = plates_not_in_model(campaign, session, current)
     if behind:
         how = ("`loop assay train --data <campaign>/measurements` and `loop use-assay` to use them (`loop train` would "
                "make a feature ensemble current instead)" if current.kind == "image" else "`loop train` first to use them")
-        log.warning("the virtual assay %s was trained (or made current) before plate(s) %s were ingested and has not "
-                    "learned from them; %s", current.version,
-                    ", ".join(behind[:10]) + (", ..." if len(behind) > 10 else ""), how)
+        log.warning("the virtual assay %s has not learned from plate(s) %s (%s); %s", current.version,
+                    ", ".join(behind[:10]) + (", ..." if len(behind) > 10 else ""),
+                    "not among its training plates" if current.kind == "image" else "ingested after it was trained",
+                    how)
     return behind
 
 

@@ -619,10 +619,22 @@ def member_disagreement(assay, fingerprint_packed, dose_um: float, controls, n_c
     return float(stacked.var(dim=0, unbiased=True).mean())
 
 
+def colour_key(channel_names: Sequence[str]) -> str:
+    """Which stains :func:`to_rgb` shows in red, green and blue (``"red DNA, green Actin, blue Tubulin"``)."""
+    c = len(channel_names)
+    if c == 1:
+        return f"grey {channel_names[0]}"
+    groups = [[0], [1], []] if c == 2 else [[i for i in range(c) if i * 3 // c == j] for j in range(3)]
+    return ", ".join(f"{colour} {'+'.join(channel_names[i] for i in g)}"
+                     for colour, g in zip(("red", "green", "blue"), groups) if g)
+
+
 def save_montage(generated: np.ndarray, real: np.ndarray | None, path: str | Path, *, title: str = "",
-                 n_cols: int = 8, generated_label: str = "generated", real_label: str = "real") -> Path:
+                 n_cols: int = 8, generated_label: str = "generated", real_label: str = "real",
+                 channel_names: Sequence[str] | None = None) -> Path:
     """PNG: a row block of generated cells above a row block of real cells (same display scale:
-    the real cells', when there are any), each block titled with its label."""
+    the real cells', when there are any), each block titled with its label (long labels do not
+    shrink the cells), and with ``channel_names`` the colour key under the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -635,7 +647,7 @@ def save_montage(generated: np.ndarray, real: np.ndarray | None, path: str | Pat
         blocks.append((real_label, real[:n_cols * 2]))
     n_rows = sum(int(np.ceil(len(b) / n_cols)) for _, b in blocks)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.4 * n_cols, 1.5 * n_rows + 0.4), squeeze=False)
-    row = 0
+    row, labelled = 0, []
     for label, block in blocks:
         rgb = to_rgb(block, scale).numpy().transpose(0, 2, 3, 1)
         for r in range(int(np.ceil(len(block) / n_cols))):
@@ -646,10 +658,14 @@ def save_montage(generated: np.ndarray, real: np.ndarray | None, path: str | Pat
                 if i < len(rgb):
                     ax.imshow(rgb[i])
                 if c == 0 and r == 0:
-                    ax.set_title(label, fontsize=8, loc="left")
+                    labelled.append((ax, label))
             row += 1
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    key = f"\n{colour_key(channel_names)}" if channel_names is not None else ""
+    fig.suptitle(title + key, fontsize=9)
+    fig.tight_layout(h_pad=2.2)
+    for ax, label in labelled:  # placed after the layout: a long label must not shrink the cells
+        box = ax.get_position()
+        fig.text(box.x0, box.y1 + 0.01, label, fontsize=8, ha="left", va="bottom")
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

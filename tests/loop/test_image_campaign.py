@@ -167,3 +167,26 @@ def test_scheduled_rounds_keep_the_chosen_image_assay(image_campaign, tmp_path, 
     monkeypatch.setattr(train_module, "_train_or_reuse", use_assay_meanwhile)
     assert train_module.train_assay(campaign).version == feature_version  # reused, not made current
     assert latest_model(campaign).version == assay.version
+
+
+def test_an_image_assay_has_not_learned_from_plates_outside_its_training_plates(image_campaign, tmp_path, caplog):
+    """An image assay made current after plates were ingested is not thereby trained on them: the
+    status and the proposal warning list the returned plates that are not among its training
+    plates (the tiny model trained on P1 only)."""
+    import datetime as dt
+
+    from loop import store
+    from loop.train import warn_if_model_behind
+
+    _, model_dir = image_campaign
+    campaign = _campaign_with_library(tmp_path)
+    with campaign.session() as session:
+        for barcode in ("P1", "LP0007"):
+            session.add(store.Plate(barcode=barcode, plate_map_name=barcode, round_index=1, status="returned",
+                                    returned_at=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)))
+        session.commit()
+    register_image_assay(campaign, model_dir)
+    assert campaign_status(campaign)["plates_not_in_model"] == ["LP0007"]
+    with caplog.at_level("WARNING"):
+        assert warn_if_model_behind(campaign) == ["LP0007"]
+    assert "has not learned from plate(s) LP0007 (not among its training plates)" in caplog.text

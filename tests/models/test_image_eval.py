@@ -133,6 +133,17 @@ def test_one_broken_cell_does_not_decide_fid_morph():
     assert z.tolist() == [[MORPH_CLIP_SD, -MORPH_CLIP_SD, 0.5]]
 
 
+def test_colour_key_names_the_stains_to_rgb_shows():
+    from models.image_eval import colour_key
+
+    assert colour_key(["DNA", "Actin", "Tubulin"]) == "red DNA, green Actin, blue Tubulin"
+    assert colour_key(["DNA", "ER"]) == "red DNA, green ER"
+    assert colour_key(["DNA", "ER", "RNA", "AGP", "Mito"]) == "red DNA+ER, green RNA+AGP, blue Mito"
+    x = np.zeros((1, 2, 2, 5), np.float32)
+    x[..., 4] = 1.0  # Mito alone lights blue, as the key says
+    assert to_rgb(x, np.ones(5)).numpy()[0, :, 0, 0].tolist() == [0.0, 0.0, 1.0]
+
+
 def test_save_montage(tmp_path):
     gen = np.random.default_rng(0).integers(0, 1000, (5, 16, 16, 3), dtype=np.uint16)
     path = save_montage(gen, gen[:3], tmp_path / "m.png", title="t", n_cols=4)
