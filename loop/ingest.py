@@ -58,6 +58,7 @@ class PlateQC:
     missing_wells: list[str] = field(default_factory=list)  # mapped, nothing delivered (--allow-missing-wells)
     empty_wells: list[str] = field(default_factory=list)  # mapped, imaged, no cell found (measured: n_cells 0)
     edge_offset_sd: float = float("nan")  # edge effect removed, in DMSO sd (NaN: none removed; EdgeCorrection)
+    hit_threshold: float = float("nan")  # activity above which a treatment well is a hit (DMSO mean + hit_sd sd)
 
 
 def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
@@ -664,7 +665,7 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, edge: Ed
             _remove(written)
         raise
     empty = sorted(set(mapped["well"]) - set(n_cells.index))
-    return _qc(plate.barcode, wells, n_cells, plan.undelivered, empty, edge)
+    return _qc(plate.barcode, wells, n_cells, plan.undelivered, empty, edge, campaign.config.hit_sd)
 
 
 def _plate_recorded(campaign: Campaign, plate: PlateResult) -> bool:
@@ -754,7 +755,7 @@ def write_parquet_in_chunks(frame: pd.DataFrame, path: Path, chunk_rows: int = P
 
 
 def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list[str], empty: list[str],
-        edge: EdgeCorrection | None = None) -> PlateQC:
+        edge: EdgeCorrection | None = None, hit_sd: float = float("nan")) -> PlateQC:
     controls = wells[META_ROLE] == WellRole.negative_control.value
     ctrl = wells.loc[controls, "Metadata_activity"]
     return PlateQC(
@@ -770,4 +771,5 @@ def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list
         missing_wells=list(undelivered),
         empty_wells=empty,
         edge_offset_sd=float("nan") if edge is None else edge.size_sd,
+        hit_threshold=float(ctrl.mean() + hit_sd * ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan"),
     )

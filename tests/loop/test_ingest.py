@@ -489,6 +489,9 @@ def test_ingest_removes_the_edge_effect_from_profiles_and_stored_cells(tmp_path,
     assert campaign.config.edge_correction
     reports = ingest_results(campaign, tmp_path / "results")
     assert all(r.edge_offset_sd > 0 for r in reports)
+    wells = pd.read_parquet(campaign.measurements_dir / f"{reports[0].barcode}.wells.parquet")
+    dmso = wells.loc[wells[META_ROLE] == "negative_control", "Metadata_activity"]
+    assert reports[0].hit_threshold == pytest.approx(dmso.mean() + 3.0 * dmso.std(ddof=1))  # the QC table's
     barcode = barcodes[0]
     folder = next(p for p in (tmp_path / "results").iterdir() if p.name.startswith(barcode))
     with campaign.session() as session:
