@@ -14,7 +14,8 @@
   sparser, so their profiles shift. Per feature, ``offset = median(edge wells) - median(interior
   wells)`` over the plate's reference wells (DMSO and inactive treatments: the layout puts
   compounds on random wells, so their medians differ by the position effect alone), kept only
-  beyond ``EDGE_MIN_Z`` standard errors of that difference, then subtracted from every edge well
+  beyond :func:`edge_gate_z` standard errors of that difference (a Bonferroni bound over the
+  plate's features), then subtracted from every edge well
   (and from its single cells: a constant per feature shifts a well's median by exactly that
   constant). Too few reference wells on either side (fewer than
   ``EDGE_MIN_WELLS``, e.g. a plate with an empty edge) -> no correction.
@@ -138,7 +139,7 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
 
 
 EDGE_MIN_WELLS = 8  # reference wells needed on the edge ring and inside it to estimate the edge offset
-EDGE_MIN_Z = 3.0  # an edge offset is removed only beyond this many standard errors (edge_offsets)
+EDGE_ALPHA = 0.05  # chance that any feature of a plate without an edge effect is corrected (edge_offsets)
 
 
 def is_edge_well(wells: Sequence[str]) -> np.ndarray:
@@ -151,18 +152,31 @@ def is_edge_well(wells: Sequence[str]) -> np.ndarray:
     return names.map(ring).to_numpy(dtype=bool)
 
 
+def edge_gate_z(n_features: int, alpha: float = EDGE_ALPHA, dof: int | None = None) -> float:
+    """The standard errors an edge offset must exceed so that, with no edge effect, any of
+    ``n_features`` passes with probability about ``alpha`` (two-sided, Bonferroni): the normal
+    quantile (3.5 for 100 features, 4.45 for 5,800), or with ``dof`` Student's t (the medians and
+    MADs of few wells have heavier tails: 11 edge wells and 300 features need 5.8)."""
+    from scipy import stats
+
+    tail = alpha / (2 * max(n_features, 1))
+    return float(stats.norm.isf(tail) if dof is None else stats.t.isf(tail, max(dof, 1)))
+
+
 def edge_offsets(wells: pd.DataFrame, reference_mask, features: Sequence[str] | None = None,
-                 min_wells: int = EDGE_MIN_WELLS, min_z: float | None = EDGE_MIN_Z) -> pd.Series | None:
+                 min_wells: int = EDGE_MIN_WELLS, alpha: float | None = EDGE_ALPHA) -> pd.Series | None:
     """One plate's edge effect per feature: the median of the reference edge wells minus the
     median of the reference interior wells (NaN values ignored; a feature missing on either side
     gets 0). ``reference_mask``: bool per row, the wells to estimate it from (leave out positive
     controls, wells without cells and, where known, active wells: the medians assume the
     reference wells differ by position only). None when either side has fewer than ``min_wells``.
 
-    ``min_z``: a feature's offset is kept only when it exceeds ``min_z`` standard errors of the
-    difference of two medians, ``sqrt(pi / 2) * sqrt(s_edge^2 / n_edge + s_inside^2 / n_inside)``
-    with ``s`` each side's robust sd (1.4826 MAD), else 0: a plate without an edge effect, or with
-    few wells, is not moved by the noise of its medians. None keeps every offset."""
+    ``alpha``: a feature's offset is kept only beyond :func:`edge_gate_z` standard errors (Student's
+    t with the smaller side's wells less one degrees of freedom) of the difference of two medians, ``sqrt(pi / 2) * sqrt(s_edge^2 / n_edge + s_inside^2 / n_inside)``
+    with ``s`` each side's robust sd (1.4826 MAD), else 0, so a plate without an edge effect is
+    corrected in no feature with probability about ``1 - alpha`` however many features it has; a
+    feature whose MAD is 0 on either side (a discrete feature, most wells one value) has no
+    standard error and gets 0. None keeps every offset."""
     feats = _features(wells, features)
     mask = np.asarray(reference_mask, dtype=bool)
     if mask.shape != (len(wells),):
@@ -177,12 +191,14 @@ def edge_offsets(wells: pd.DataFrame, reference_mask, features: Sequence[str] | 
         warnings.simplefilter("ignore", RuntimeWarning)
         medians = [np.nanmedian(values[side], axis=0) for side in (on_edge, inside)]
         offset = medians[0] - medians[1]
-        if min_z is not None:
+        if alpha is not None:
             spread = [MAD_SCALE * np.nanmedian(np.abs(values[side] - m), axis=0)
                       for side, m in zip((on_edge, inside), medians)]
             counts = [np.sum(np.isfinite(values[side]), axis=0) for side in (on_edge, inside)]
             stderr = np.sqrt(np.pi / 2) * np.sqrt(spread[0] ** 2 / counts[0] + spread[1] ** 2 / counts[1])
-            offset = np.where(np.abs(offset) > min_z * stderr, offset, 0.0)
+            estimable = (spread[0] > 0) & (spread[1] > 0)
+            gate = edge_gate_z(len(feats), alpha, dof=int(min(on_edge.sum(), inside.sum())) - 1)
+            offset = np.where(estimable & (np.abs(offset) > gate * stderr), offset, 0.0)
     return pd.Series(np.nan_to_num(offset, nan=0.0), index=feats, name="edge_offset")
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -57,7 +58,7 @@ class PlateQC:
     n_hits: int = 0
     missing_wells: list[str] = field(default_factory=list)  # mapped, nothing delivered (--allow-missing-wells)
     empty_wells: list[str] = field(default_factory=list)  # mapped, imaged, no cell found (measured: n_cells 0)
-    edge_offset_sd: float = float("nan")  # edge effect removed, in DMSO sd (NaN: none removed; EdgeCorrection)
+    edge_offset_sd: float = float("nan")  # edge effect removed, DMSO sd over the features corrected (NaN: none)
     hit_threshold: float = float("nan")  # activity above which a treatment well is a hit (DMSO mean + hit_sd sd)
 
 
@@ -421,8 +422,9 @@ def annotate_cells(cells: pd.DataFrame, well_map: pd.DataFrame) -> pd.DataFrame:
 @dataclass(frozen=True)
 class EdgeCorrection:
     """A plate's edge effect as removed at ingest (``lab_io.profiles.edge_offsets``): ``offsets``
-    per feature in the plate's raw units (edge-ring median minus interior median), and ``size_sd``,
-    their root mean square in the plate's DMSO standard deviations (robust: 1.4826 MAD)."""
+    per feature in the plate's raw units (edge-ring median minus interior median; 0 for a feature
+    within its noise), and ``size_sd``, their root mean square over the features corrected, in the
+    interior DMSO wells' standard deviations (robust: 1.4826 MAD)."""
 
     offsets: pd.Series
     size_sd: float
@@ -458,24 +460,36 @@ def plate_profiles(cells: pd.DataFrame, hit_sd: float, edge_correction: bool
 
 
 EDGE_PASSES = 2  # estimates, each from the wells the previous correction leaves unhit
+EDGE_MIN_DMSO = 8  # DMSO wells a plate needs for its edge correction (half of them inside the edge ring)
 
 
 def _edge_correction(wells: pd.DataFrame, hit_sd: float) -> EdgeCorrection | None:
-    """The plate's edge offsets (``lab_io.profiles.edge_offsets``, each kept only beyond
-    ``EDGE_MIN_Z`` standard errors), estimated on DMSO wells and the treatments that are no hits:
-    ``EDGE_PASSES`` estimates, each from DMSO and the treatments the previous correction leaves
-    below the hit threshold (at first, without a correction, the treatments below each side's top
-    interior-hit-fraction by activity, :func:`_quiet_on_each_side`). Active wells are left
-    out so that a plate where half the compounds act (a loop exploiting one phenotype) does not
-    take a chance imbalance of actives between edge and interior for an edge effect."""
+    """The plate's edge offsets (``lab_io.profiles.edge_offsets``, each kept only beyond its
+    Bonferroni bound of standard errors), estimated on DMSO wells and the treatments that are no
+    hits: ``EDGE_PASSES`` estimates, each from DMSO and the treatments the previous correction
+    leaves below the hit threshold (at first, without a correction, the treatments below each
+    side's top share of actives, :func:`_quiet_on_each_side`). Active wells are left out so that a
+    plate where half the compounds act does not take a chance imbalance of actives between edge
+    and interior for an edge effect. None (no correction, logged) with fewer than
+    ``EDGE_MIN_DMSO`` DMSO wells or half as many inside the edge ring (a plate with its DMSO on the
+    edge cannot tell an edge effect from what every compound does), without enough reference wells, without an offset beyond the
+    noise, or when the offsets would move the edge DMSO wells further from the interior ones
+    (:func:`_controls_disagree`: what the treatments' medians took for the plate's edge is then a
+    compound's effect, e.g. one compound filling the edge ring)."""
     plate = wells[META_PLATE].iloc[0]
     role = wells[META_ROLE].to_numpy()
     dmso, treated = role == WellRole.negative_control.value, role == WellRole.treatment.value
+    edge = profiling.is_edge_well(wells[META_WELL].tolist())
     features = profiling.feature_select(wells)  # never bookkeeping: object positions stay as measured
-    unhit = _quiet_on_each_side(_normalised_profiles(wells, hit_sd, say=False), treated)
+    if dmso.sum() < EDGE_MIN_DMSO or (dmso & ~edge).sum() < EDGE_MIN_DMSO // 2 or not features:
+        log.info("plate %s: no edge correction (%s)", plate, "no features" if not features else
+                 f"{int(dmso.sum())} DMSO wells, {int((dmso & ~edge).sum())} of them inside the edge ring; it needs "
+                 f"{EDGE_MIN_DMSO} and {EDGE_MIN_DMSO // 2}: the interior DMSO wells say what is not an edge effect")
+        return None
+    unhit = _quiet_on_each_side(_normalised_profiles(wells, hit_sd, say=False), treated, dmso & ~edge, hit_sd)
     offsets = None
     for _ in range(EDGE_PASSES):
-        estimate = profiling.edge_offsets(wells, dmso | (treated & unhit), features) if features else None
+        estimate = profiling.edge_offsets(wells, dmso | (treated & unhit), features)
         if estimate is None:
             break
         offsets = estimate
@@ -486,26 +500,61 @@ def _edge_correction(wells: pd.DataFrame, hit_sd: float) -> EdgeCorrection | Non
         log.info("plate %s: no edge correction (%s)", plate, "no edge effect beyond its noise" if offsets is not None
                  else f"fewer than {profiling.EDGE_MIN_WELLS} DMSO or inactive wells on the edge ring or inside it")
         return None
-    controls = wells.loc[dmso, features]
-    corrected = profiling.subtract_edge_offsets(wells, offsets).loc[controls.index, features].to_numpy(np.float64)
-    with np.errstate(all="ignore"):
-        scale = profiling.MAD_SCALE * np.nanmedian(np.abs(corrected - np.nanmedian(corrected, axis=0)), axis=0)
-        in_sd = offsets.to_numpy() / np.where(scale > 0, scale, np.nan)
+    scale = _interior_dmso_scale(wells, dmso & ~edge, features)
+    if _controls_disagree(wells, offsets, dmso, edge, features, scale):
+        log.warning("plate %s: the edge offsets its treatments give would move its edge DMSO wells away from its "
+                    "interior ones: the edge ring's compounds, not its position, differ; not corrected", plate)
+        return None
+    moved = offsets.to_numpy() != 0
+    in_sd = offsets.to_numpy()[moved] / scale[moved]
     size = float(np.sqrt(np.nanmean(in_sd ** 2))) if np.isfinite(in_sd).any() else float("nan")
-    log.info("plate %s: edge wells differ from interior ones by %.2f DMSO sd (root mean square over %d "
-             "features, %d beyond their noise); removed", plate, size, len(features), int((offsets != 0).sum()))
+    log.info("plate %s: edge wells differ from interior ones by %.2f DMSO sd (root mean square over the %d of %d "
+             "features beyond their noise); removed", plate, size, int(moved.sum()), len(features))
     return EdgeCorrection(offsets, size)
 
 
-def _quiet_on_each_side(profiles: pd.DataFrame, treated: np.ndarray) -> np.ndarray:
+def _interior_dmso_scale(wells: pd.DataFrame, reference: np.ndarray, features: list[str]) -> np.ndarray:
+    """Per feature, the robust sd (1.4826 MAD) of the interior DMSO wells (NaN where 0)."""
+    values = wells.loc[reference, features].to_numpy(np.float64)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        scale = profiling.MAD_SCALE * np.nanmedian(np.abs(values - np.nanmedian(values, axis=0)), axis=0)
+    return np.where(scale > 0, scale, np.nan)
+
+
+def _controls_disagree(wells: pd.DataFrame, offsets: pd.Series, dmso: np.ndarray, edge: np.ndarray,
+                       features: list[str], scale: np.ndarray) -> bool:
+    """Whether the offsets move the edge DMSO wells' median further from the interior DMSO wells'
+    (root mean square over the features they change, in interior DMSO sd). Two edge DMSO wells at
+    least; with fewer nothing can be checked (False)."""
+    moved = offsets.to_numpy() != 0
+    if (dmso & edge).sum() < 2 or not moved.any():
+        return False
+    values = wells.loc[:, features].to_numpy(np.float64)[:, moved]
+    inside = np.nanmedian(values[dmso & ~edge], axis=0)
+
+    def distance(edge_values: np.ndarray) -> float:
+        with np.errstate(all="ignore"):
+            z = (np.nanmedian(edge_values, axis=0) - inside) / scale[moved]
+        return float(np.sqrt(np.nanmean(z ** 2)))
+
+    on_edge = values[dmso & edge]
+    return distance(on_edge - offsets.to_numpy()[moved]) > distance(on_edge)
+
+
+def _quiet_on_each_side(profiles: pd.DataFrame, treated: np.ndarray, interior_dmso: np.ndarray,
+                        hit_sd: float) -> np.ndarray:
     """bool per well: not among the most active treatments of its side of the plate (edge ring or
-    interior), as many of them as the interior's hit fraction (uncorrected profiles: the edge effect
-    inflates every edge well's activity, so edge hits say little; its ranks keep the actives on top)."""
+    interior), as many of them as the interior treatments' share above the interior DMSO wells'
+    hit threshold (uncorrected profiles: the edge effect inflates every edge well's activity, the
+    edge DMSO wells' spread with it, so only the interior says how many act; ranks keep the
+    actives on top of each side)."""
     edge = profiling.is_edge_well(profiles[META_WELL].tolist())
-    hits = profiles["Metadata_is_hit"].to_numpy(dtype=bool)
-    inside = treated & ~edge
-    active_fraction = hits[inside].mean() if inside.any() else 0.0
     activity = profiles["Metadata_activity"].to_numpy(dtype=np.float64)
+    ctrl = activity[interior_dmso]
+    threshold = ctrl.mean() + hit_sd * ctrl.std(ddof=1) if len(ctrl) > 1 else np.inf
+    inside = treated & ~edge
+    active_fraction = float((activity[inside] > threshold).mean()) if inside.any() else 0.0
     quiet = np.ones(len(profiles), dtype=bool)
     for side in (treated & edge, inside):
         n_active = int(round(active_fraction * side.sum()))

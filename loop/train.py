@@ -275,7 +275,11 @@ def _warn_on_other_channels(campaign: Campaign, assay, model_dir: Path) -> None:
 
     theirs, by_position = {}, []
     for path in sorted(campaign.measurements_dir.glob(f"*.crops/{CHANNELS_FILE}")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:  # the image assay reads it again and says what is wrong
+            log.warning("%s: cannot read it (%s)", path, err)
+            continue
         named = record["named"] if "named" in record else not could_be_default_names(record.get("channel_names", []))
         if not named or not getattr(assay.channel_names, "declared", True):
             by_position.append(path.parent.name)  # guessed names (or a positional model): nothing to compare
@@ -356,8 +360,9 @@ def load_model(campaign: Campaign, row: store.ModelVersion) -> VirtualAssay:
 def plates_not_in_model(campaign: Campaign, session, current) -> list[str]:
     """Barcodes of the campaign's returned plates the current virtual assay has not learned from: a
     feature ensemble, those ingested after it was trained (``store.plates_after_model``); an image
-    assay, trained outside the campaign on crops folders, those not among its training plates
-    (``assay.json`` ``train_plates``; a model trained on other data has learned from none)."""
+    assay, trained outside the campaign on crops folders, those with crops (``ingest --crops-px``:
+    the only plates one can learn from) not among its training plates (``assay.json``
+    ``train_plates``; a model trained on other data has learned from none)."""
     if current is None or current.kind != "image":
         return store.plates_after_model(session, current)
     try:
@@ -365,7 +370,8 @@ def plates_not_in_model(campaign: Campaign, session, current) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return store.plates_after_model(session, current)
     returned = session.exec(select(store.Plate.barcode).where(store.Plate.status == "returned")).all()
-    return sorted(b for b in returned if b not in trained_on)
+    with_crops = {b for b in returned if (campaign.measurements_dir / f"{b}.crops").is_dir()}
+    return sorted(b for b in with_crops if b not in trained_on)  # a plate without crops cannot train one
 
 
 def warn_if_model_behind(campaign: Campaign) -> list[str]:

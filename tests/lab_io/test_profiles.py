@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 
 from lab_io.profiles import (
-    EDGE_MIN_Z,
     MAD_SCALE,
     aggregate_wells,
+    edge_gate_z,
     edge_offsets,
     is_edge_well,
     subtract_edge_offsets,
@@ -171,24 +171,24 @@ def test_edge_offsets_are_the_edge_minus_interior_medians_and_are_subtracted_fro
     edge = is_edge_well(wells["Metadata_Well"].tolist())
     reference = np.ones(384, bool)
     reference[:5] = False  # e.g. positive controls: left out of the estimate
-    offsets = edge_offsets(wells, reference, ["Cells_a", "Cells_b"], min_z=None)
+    offsets = edge_offsets(wells, reference, ["Cells_a", "Cells_b"], alpha=None)
     for col in ("Cells_a", "Cells_b"):  # closed form: the two medians' difference
         values = wells[col].to_numpy()
         assert offsets[col] == pytest.approx(np.median(values[reference & edge]) - np.median(values[reference & ~edge]))
     assert offsets["Cells_a"] == pytest.approx(3.0, abs=0.5) and 0 < abs(offsets["Cells_b"]) < 0.5
-    # by default an offset within EDGE_MIN_Z standard errors of the medians' difference is noise: 0
+    # by default an offset within edge_gate_z standard errors of the medians' difference is noise: 0
     se = np.sqrt(np.pi / 2) * np.sqrt(sum(
         (MAD_SCALE * np.median(np.abs(v - np.median(v)))) ** 2 / len(v)
         for v in (wells["Cells_b"].to_numpy()[reference & edge], wells["Cells_b"].to_numpy()[reference & ~edge])))
     gated = edge_offsets(wells, reference, ["Cells_a", "Cells_b"])
-    assert abs(offsets["Cells_b"]) < EDGE_MIN_Z * se and gated["Cells_b"] == 0.0
+    assert abs(offsets["Cells_b"]) < edge_gate_z(2, dof=75) * se and gated["Cells_b"] == 0.0
     assert gated["Cells_a"] == offsets["Cells_a"]
     corrected = subtract_edge_offsets(wells, offsets)
     assert list(corrected.columns) == list(wells.columns)
     np.testing.assert_allclose(corrected.loc[edge, "Cells_a"], wells.loc[edge, "Cells_a"] - offsets["Cells_a"])
     pd.testing.assert_frame_equal(corrected[~edge], wells[~edge])
     pd.testing.assert_series_equal(corrected["Cells_Location_Center_X"], wells["Cells_Location_Center_X"])
-    again = edge_offsets(corrected, reference, ["Cells_a", "Cells_b"], min_z=None)  # nothing left to remove
+    again = edge_offsets(corrected, reference, ["Cells_a", "Cells_b"], alpha=None)  # nothing left to remove
     np.testing.assert_allclose(again.to_numpy(), 0.0, atol=1e-12)
     # float32 single cells stay float32; an integer feature becomes float64 and keeps the offset;
     # a plate with an empty edge has nothing to estimate from
@@ -199,3 +199,22 @@ def test_edge_offsets_are_the_edge_minus_interior_medians_and_are_subtracted_fro
     assert shifted.dtype == np.float64 and shifted[edge].tolist() == (np.arange(384)[edge] - 0.25).tolist()
     assert edge_offsets(wells, ~edge, ["Cells_a"]) is None
     assert edge_offsets(wells, reference & (~edge | (np.cumsum(edge) <= 7)), ["Cells_a"]) is None  # 7 < 8 edge wells
+
+
+def test_the_edge_gate_is_a_bonferroni_bound_and_skips_features_without_spread():
+    """With no edge effect, about ``alpha`` of plates get any feature corrected, whatever the feature
+    count (3.5 standard errors for 100 features, 4.45 for 5,800); a discrete feature whose MAD is 0 on
+    a side has no standard error and is never corrected."""
+    assert edge_gate_z(100) == pytest.approx(3.48, abs=0.01) and edge_gate_z(5800) == pytest.approx(4.45, abs=0.01)
+    assert edge_gate_z(300, dof=10) == pytest.approx(5.83, abs=0.01)  # few wells: Student's t
+    rng = np.random.default_rng(1)
+    corrected_plates = 0
+    for _ in range(40):
+        wells = _plate_wells(0.0, rng).drop(columns=["Cells_a", "Cells_b"])
+        noise = pd.DataFrame(rng.normal(size=(384, 300)), columns=[f"Cells_n{j}" for j in range(300)])
+        wells = pd.concat([wells, noise], axis=1)
+        corrected_plates += bool(edge_offsets(wells, np.ones(384, bool), list(noise.columns)).any())
+    assert corrected_plates <= 6  # expected about 2 of 40
+    wells = _plate_wells(0.0, rng)
+    wells["Cells_flag"] = (rng.random(384) < 0.2).astype(float) + 0.5 * is_edge_well(wells["Metadata_Well"].tolist())
+    assert edge_offsets(wells, np.ones(384, bool), ["Cells_flag"])["Cells_flag"] == 0.0  # MAD 0 on both sides

@@ -171,8 +171,8 @@ def test_scheduled_rounds_keep_the_chosen_image_assay(image_campaign, tmp_path, 
 
 def test_an_image_assay_has_not_learned_from_plates_outside_its_training_plates(image_campaign, tmp_path, caplog):
     """An image assay made current after plates were ingested is not thereby trained on them: the
-    status and the proposal warning list the returned plates that are not among its training
-    plates (the tiny model trained on P1 only)."""
+    status and the proposal warning list the returned plates with crops that are not among its
+    training plates (the tiny model trained on P1 only)."""
     import datetime as dt
 
     from loop import store
@@ -186,6 +186,9 @@ def test_an_image_assay_has_not_learned_from_plates_outside_its_training_plates(
                                     returned_at=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)))
         session.commit()
     register_image_assay(campaign, model_dir)
+    assert campaign_status(campaign)["plates_not_in_model"] == []  # no crops: no image assay can learn them
+    for barcode in ("P1", "LP0007"):
+        (campaign.measurements_dir / f"{barcode}.crops").mkdir(parents=True)
     assert campaign_status(campaign)["plates_not_in_model"] == ["LP0007"]
     with caplog.at_level("WARNING"):
         assert warn_if_model_behind(campaign) == ["LP0007"]
