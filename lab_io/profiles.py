@@ -172,8 +172,8 @@ def edge_offsets(wells: pd.DataFrame, reference_mask, features: Sequence[str] | 
     reference wells differ by position only). None when either side has fewer than ``min_wells``.
 
     ``alpha``: a feature's offset is kept only beyond :func:`edge_gate_z` standard errors (Student's
-    t with the smaller side's wells less one degrees of freedom) of the difference of two medians, ``sqrt(pi / 2) * sqrt(s_edge^2 / n_edge + s_inside^2 / n_inside)``
-    with ``s`` each side's robust sd (1.4826 MAD), else 0, so a plate without an edge effect is
+    t with the smaller side's wells less one degrees of freedom) of the difference of two medians,
+    ``sqrt(pi / 2) * sqrt(s_edge^2 / n_edge + s_inside^2 / n_inside)`` with ``s`` each side's robust sd (1.4826 MAD), else 0, so a plate without an edge effect is
     corrected in no feature with probability about ``1 - alpha`` however many features it has; a
     feature whose MAD is 0 on either side (a discrete feature, most wells one value) has no
     standard error and gets 0. None keeps every offset."""

@@ -447,9 +447,9 @@ def plate_profiles(cells: pd.DataFrame, hit_sd: float, edge_correction: bool
     """:func:`well_profiles` after removing the plate's edge effect when ``edge_correction``
     (:func:`_edge_correction`): per feature, the offset of its outer-ring wells from its interior
     ones is subtracted from the edge wells' medians before they are normalised to DMSO. Returns the
-    profiles and the correction (None when off, or when the plate has fewer than
-    ``EDGE_MIN_WELLS`` DMSO or inactive treatment wells on the edge or inside it); the caller
-    subtracts the same offsets from the edge wells' single cells when it stores them."""
+    profiles and the correction (None when off or when none is removed; :func:`_edge_correction`
+    logs why); the caller subtracts the same offsets from the edge wells' single cells when it
+    stores them."""
     wells = profiling.aggregate_wells(cells)  # carries the per-well constant Metadata_* columns
     edge = None
     if edge_correction:
@@ -472,8 +472,9 @@ def _edge_correction(wells: pd.DataFrame, hit_sd: float) -> EdgeCorrection | Non
     plate where half the compounds act does not take a chance imbalance of actives between edge
     and interior for an edge effect. None (no correction, logged) with fewer than
     ``EDGE_MIN_DMSO`` DMSO wells or half as many inside the edge ring (a plate with its DMSO on the
-    edge cannot tell an edge effect from what every compound does), without enough reference wells, without an offset beyond the
-    noise, or when the offsets would move the edge DMSO wells further from the interior ones
+    edge cannot tell an edge effect from what every compound does), without enough reference
+    wells, without an offset beyond the noise, or when the offsets would move the edge DMSO wells
+    further from the interior ones
     (:func:`_controls_disagree`: what the treatments' medians took for the plate's edge is then a
     compound's effect, e.g. one compound filling the edge ring)."""
     plate = wells[META_PLATE].iloc[0]
@@ -534,9 +535,10 @@ def _controls_disagree(wells: pd.DataFrame, offsets: pd.Series, dmso: np.ndarray
     inside = np.nanmedian(values[dmso & ~edge], axis=0)
 
     def distance(edge_values: np.ndarray) -> float:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a feature without interior spread: NaN, left out
             z = (np.nanmedian(edge_values, axis=0) - inside) / scale[moved]
-        return float(np.sqrt(np.nanmean(z ** 2)))
+            return float(np.sqrt(np.nanmean(z ** 2)))
 
     on_edge = values[dmso & edge]
     return distance(on_edge - offsets.to_numpy()[moved]) > distance(on_edge)
