@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from lab_io.schema import CONTROL_COMPOUND_ID
-from lab_io.tempfiles import make_temp_file
+from lab_io.tempfiles import write_files_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -261,23 +261,30 @@ def reorder_channels(crops: CropSet, names: Sequence[str], source: str | Path, *
                      f"the model expects {list(names)}")
 
 
-def _read_channels(path: Path, n_channels: int) -> tuple[tuple[str, ...], bool]:
-    """The folder's channel names and whether they were declared (no file: defaults, not declared;
-    a file written before ``named`` was recorded: declared, unless its names look like a default
-    or a guess, :func:`could_be_default_names`, as ingest's guesses before session 34 were)."""
-    if not path.is_file():
-        return default_channel_names(n_channels), False
+def read_channel_names(path: Path) -> tuple[tuple[str, ...], bool]:
+    """A ``channels.json``'s channel names and whether they were declared (a file written before
+    ``named`` was recorded: declared, unless its names look like a default or a guess,
+    :func:`could_be_default_names`, as ingest's guesses before session 34 were). CropsError naming
+    the file when it cannot be read as one."""
     try:
         spec = json.loads(path.read_text())
-        names = spec["channel_names"]
-        named = spec["named"] if "named" in spec else not could_be_default_names([str(n) for n in names])
+        names = tuple(str(n) for n in spec["channel_names"])
+        named = spec["named"] if "named" in spec else not could_be_default_names(names)
     except Exception as err:
         raise CropsError(f"{path}: expected JSON {{\"channel_names\": [...], \"named\": true}} ({err})") from err
     if not isinstance(named, bool):
         raise CropsError(f"{path}: \"named\" must be true or false, got {named!r}")
+    return names, named
+
+
+def _read_channels(path: Path, n_channels: int) -> tuple[tuple[str, ...], bool]:
+    """The folder's channel names and whether they were declared (no file: defaults, not declared;
+    else :func:`read_channel_names`, checked against the images' channel count)."""
+    if not path.is_file():
+        return default_channel_names(n_channels), False
+    names, named = read_channel_names(path)
     if len(names) != n_channels:
         raise CropsError(f"{path}: {len(names)} channel names for {n_channels} image channels")
-    names = tuple(str(n) for n in names)
     keys = [channel_key(n) for n in names]
     if len(set(keys)) != len(keys) or not all(keys):
         raise CropsError(f"{path}: channel names must be non-empty and unique (ignoring case, spaces and "
@@ -394,24 +401,6 @@ def cut_crops(field: np.ndarray, centres_yx: np.ndarray, size_px: int) -> tuple[
     return out, inside
 
 
-def _atomic_write_all(writers: dict[Path, Callable[[str], object]]) -> None:
-    """Write every file to a temporary beside it first and replace the targets only when all are
-    written: a failure leaves the earlier files of the folder together, never new images beside
-    old metadata."""
-    temps: dict[Path, str] = {}
-    try:
-        for path, write in writers.items():
-            fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            temps[path] = tmp
-            write(tmp)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
-
-
 def write_crops(crops: CropSet, crops_dir: str | Path) -> Path:
     """Write a :class:`CropSet` as a crops folder (each file written atomically). Returns the folder.
 
@@ -432,7 +421,7 @@ def write_crops(crops: CropSet, crops_dir: str | Path) -> Path:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **{IMAGES_KEY: crops.images})
 
-    _atomic_write_all({
+    write_files_atomically({
         crops_dir / IMAGES_FILE: _npz,
         crops_dir / METADATA_FILE: lambda tmp: meta.to_csv(tmp, index=False),
         crops_dir / CHANNELS_FILE: lambda tmp: Path(tmp).write_text(

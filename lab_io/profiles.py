@@ -152,6 +152,14 @@ def is_edge_well(wells: Sequence[str]) -> np.ndarray:
     return names.map(ring).to_numpy(dtype=bool)
 
 
+def robust_sd(values: np.ndarray) -> np.ndarray:
+    """Per column of ``n x F`` values, 1.4826 x the median absolute deviation from the median (NaN
+    ignored; a column with no finite value gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return MAD_SCALE * np.nanmedian(np.abs(values - np.nanmedian(values, axis=0)), axis=0)
+
+
 def edge_gate_z(n_features: int, alpha: float = EDGE_ALPHA, dof: int | None = None) -> float:
     """The standard errors an edge offset must exceed so that, with no edge effect, any of
     ``n_features`` passes with probability about ``alpha`` (two-sided, Bonferroni): the normal
@@ -192,8 +200,7 @@ def edge_offsets(wells: pd.DataFrame, reference_mask, features: Sequence[str] | 
         medians = [np.nanmedian(values[side], axis=0) for side in (on_edge, inside)]
         offset = medians[0] - medians[1]
         if alpha is not None:
-            spread = [MAD_SCALE * np.nanmedian(np.abs(values[side] - m), axis=0)
-                      for side, m in zip((on_edge, inside), medians)]
+            spread = [robust_sd(values[side]) for side in (on_edge, inside)]
             counts = [np.sum(np.isfinite(values[side]), axis=0) for side in (on_edge, inside)]
             stderr = np.sqrt(np.pi / 2) * np.sqrt(spread[0] ** 2 / counts[0] + spread[1] ** 2 / counts[1])
             estimable = (spread[0] > 0) & (spread[1] > 0)

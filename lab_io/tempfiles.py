@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def current_umask() -> int:
@@ -48,3 +49,21 @@ def naming_path(exc: OSError, path: str | Path) -> OSError:
     if exc.errno is None:
         return OSError(f"cannot write {path}: {exc}")
     return OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}")
+
+
+def write_files_atomically(writers: dict[Path, Callable[[str], object]]) -> None:
+    """``writers[path](tmp)`` writes each file to a temporary beside it (a unique name, the mode
+    ``open`` would give); the targets are replaced only when all are written, so a failure leaves
+    the earlier files together (never new images beside old metadata) and no temporary behind."""
+    temps: dict[Path, str] = {}
+    try:
+        for path, write in writers.items():
+            fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            temps[path] = tmp
+            write(tmp)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)

@@ -300,21 +300,15 @@ def _sample_outputs(out: Path) -> Path:
 
 
 def _write_npz_atomically(out: Path, **arrays) -> None:
-    """``np.savez_compressed(out, **arrays)``, whole or not at all: a temporary beside ``out``
-    (a unique name, so two runs do not share it), renamed over it, and removed on any failure."""
-    import os
+    """``np.savez_compressed(out, **arrays)``, whole or not at all (``write_files_atomically``)."""
+    from lab_io.tempfiles import write_files_atomically
 
-    from lab_io.tempfiles import make_temp_file
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a handle: savez given a path would append .npz to it
+            np.savez_compressed(handle, **arrays)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = make_temp_file(out.parent, f".{out.name}.", ".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_files_atomically({out: write})
 
 
 def _save_sample_montage(assay, images: np.ndarray, source, fp, compound: str, dose_um: float, png: Path,

@@ -286,12 +286,12 @@ def _check_same_measurements(campaign: Campaign, plans: list, results_dir: Path)
 
 def _stored_channel_hint(campaign: Campaign) -> str:
     """``", e.g. --channels DNA,Tubulin,Actin"`` from a plate already imported with crops, else ``""``."""
-    from lab_io.crops import CHANNELS_FILE
+    from lab_io.crops import CHANNELS_FILE, CropsError, read_channel_names
 
     for path in sorted(campaign.measurements_dir.glob(f"*.crops/{CHANNELS_FILE}")):
         try:
-            names = json.loads(path.read_text())["channel_names"]
-        except (OSError, ValueError, KeyError, TypeError):
+            names, _ = read_channel_names(path)
+        except (OSError, CropsError):
             continue
         return f", e.g. --channels {','.join(map(str, names))} as {path.parent.name} was imported"
     return ""
@@ -515,11 +515,8 @@ def _edge_correction(wells: pd.DataFrame, hit_sd: float) -> EdgeCorrection | Non
 
 
 def _interior_dmso_scale(wells: pd.DataFrame, reference: np.ndarray, features: list[str]) -> np.ndarray:
-    """Per feature, the robust sd (1.4826 MAD) of the interior DMSO wells (NaN where 0)."""
-    values = wells.loc[reference, features].to_numpy(np.float64)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        scale = profiling.MAD_SCALE * np.nanmedian(np.abs(values - np.nanmedian(values, axis=0)), axis=0)
+    """Per feature, the robust sd of the interior DMSO wells (NaN where 0)."""
+    scale = profiling.robust_sd(wells.loc[reference, features].to_numpy(np.float64))
     return np.where(scale > 0, scale, np.nan)
 
 
@@ -553,8 +550,7 @@ def _quiet_on_each_side(profiles: pd.DataFrame, treated: np.ndarray, interior_dm
     actives on top of each side)."""
     edge = profiling.is_edge_well(profiles[META_WELL].tolist())
     activity = profiles["Metadata_activity"].to_numpy(dtype=np.float64)
-    ctrl = activity[interior_dmso]
-    threshold = ctrl.mean() + hit_sd * ctrl.std(ddof=1) if len(ctrl) > 1 else np.inf
+    threshold = hit_threshold(activity[interior_dmso], hit_sd)
     inside = treated & ~edge
     active_fraction = float((activity[inside] > threshold).mean()) if inside.any() else 0.0
     quiet = np.ones(len(profiles), dtype=bool)
@@ -563,6 +559,13 @@ def _quiet_on_each_side(profiles: pd.DataFrame, treated: np.ndarray, interior_dm
         if n_active:
             quiet[np.flatnonzero(side)[np.argsort(-activity[side], kind="stable")[:n_active]]] = False
     return quiet
+
+
+def hit_threshold(control_activity: np.ndarray, hit_sd: float) -> float:
+    """The activity above which a treatment well is a hit: its controls' mean + ``hit_sd`` sd (NaN
+    with fewer than 2 controls: no spread, and no well exceeds it)."""
+    ctrl = np.asarray(control_activity, dtype=np.float64)
+    return float(ctrl.mean() + hit_sd * ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
 
 
 def _normalised_profiles(wells: pd.DataFrame, hit_sd: float, say: bool = True) -> pd.DataFrame:
@@ -585,8 +588,7 @@ def _normalised_profiles(wells: pd.DataFrame, hit_sd: float, say: bool = True) -
         normalized = normalized.drop(columns=unscaled)
         features = [f for f in features if f not in unscaled]
     activity = profiling.phenotypic_activity(normalized, features)
-    ctrl = activity[controls]
-    threshold = ctrl.mean() + hit_sd * ctrl.std(ddof=1) if controls.sum() > 1 else np.inf
+    threshold = hit_threshold(activity[controls], hit_sd)
     is_hit = (activity > threshold) & (normalized[META_ROLE] == WellRole.treatment.value).to_numpy()
     return pd.concat([normalized, pd.DataFrame({"Metadata_activity": activity, "Metadata_is_hit": is_hit},
                                                index=normalized.index)], axis=1)
@@ -822,5 +824,5 @@ def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list
         missing_wells=list(undelivered),
         empty_wells=empty,
         edge_offset_sd=float("nan") if edge is None else edge.size_sd,
-        hit_threshold=float(ctrl.mean() + hit_sd * ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan"),
+        hit_threshold=hit_threshold(ctrl.to_numpy(), hit_sd),
     )

@@ -271,20 +271,19 @@ def register_image_assay(campaign: Campaign, model_dir: str | Path) -> VirtualAs
 
 def _warn_on_other_channels(campaign: Campaign, assay, model_dir: Path) -> None:
     """Warn when the campaign's ingested crops name other channels than the image assay was trained on."""
-    from lab_io.crops import CHANNELS_FILE, channel_key, could_be_default_names
+    from lab_io.crops import CHANNELS_FILE, CropsError, channel_key, read_channel_names
 
     theirs, by_position = {}, []
     for path in sorted(campaign.measurements_dir.glob(f"*.crops/{CHANNELS_FILE}")):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as err:  # the image assay reads it again and says what is wrong
-            log.warning("%s: cannot read it (%s)", path, err)
+            names, named = read_channel_names(path)
+        except (OSError, CropsError) as err:  # the image assay reads it again and says what is wrong
+            log.warning("cannot read %s (%s)", path, err)
             continue
-        named = record["named"] if "named" in record else not could_be_default_names(record.get("channel_names", []))
         if not named or not getattr(assay.channel_names, "declared", True):
             by_position.append(path.parent.name)  # guessed names (or a positional model): nothing to compare
             continue
-        theirs.setdefault(tuple(map(channel_key, record.get("channel_names", []))), path.parent.name)
+        theirs.setdefault(tuple(map(channel_key, names)), path.parent.name)
     if by_position:
         folders = ", ".join(by_position[:3]) + (" ..." if len(by_position) > 3 else "")
         if getattr(assay.channel_names, "declared", True):
