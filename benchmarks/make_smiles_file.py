@@ -6,6 +6,13 @@ one of a few small alkyl/alkoxy chains, which gives new, valid structures withou
 RDKit reactions. The file is a CSV with ``compound_id,smiles``.
 
     .venv/bin/python benchmarks/make_smiles_file.py --n 1000000 --out bench_out/library_1m.csv
+
+``--repeat FILE`` instead writes N rows by cycling through the rows of a real library file (for
+example the Drug Repurposing Hub's 13,553 samples in ``../shared``), the way a 10^6-row file is
+often put together for a timing: ``loop library add`` then featurises each distinct SMILES once.
+
+    .venv/bin/python benchmarks/make_smiles_file.py --n 1000000 --out bench_out/hub_1m.csv \
+        --repeat ../shared/data/repurposing_hub/repurposing_samples_20200324.txt
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import csv
 import logging
 from pathlib import Path
 
+import pandas as pd
 from rdkit import Chem
 
 from lab_io.virtual_library import enumerate_library, max_library_size
@@ -33,13 +41,28 @@ def extendable(smiles: str) -> bool:
     return mol is not None and mol.GetAtomWithIdx(0).GetTotalNumHs() > 0
 
 
+def write_repeated(source: Path, n: int, out: Path) -> None:
+    """N rows cycling through ``source``'s rows (CSV, or tab-separated .txt/.tsv; '!' comment lines)."""
+    sep = "\t" if source.suffix in (".txt", ".tsv") else ","
+    table = pd.read_csv(source, sep=sep, comment="!", dtype=str)
+    table = table.dropna(subset=[c for c in table.columns if c.lower() == "smiles"])
+    repeated = pd.concat([table] * -(-n // len(table)), ignore_index=True).iloc[:n]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    repeated.to_csv(out, index=False)
+    log.info("wrote %d rows (%d distinct) from %s to %s", n, len(table), source, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=Path, default=None, help="cycle through this library file's rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.repeat is not None:
+        write_repeated(args.repeat, args.n, args.out)
+        return
     base = enumerate_library(min(args.n, max_library_size()), seed=args.seed)["smiles"].tolist()
     ok = [s for s in base if extendable(s)]
     log.info("%d virtual products, %d extendable at their first atom", len(base), len(ok))

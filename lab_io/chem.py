@@ -390,18 +390,44 @@ def featurize_smiles(
     n_jobs: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> FeaturizedSmiles:
-    """Standardise and fingerprint in one pass over the pool (what ``library add`` needs)."""
+    """Standardise and fingerprint in one pass over the pool (what ``library add`` needs).
+
+    Each distinct string is processed once (``distinct_strings``): a library that repeats rows
+    costs what its distinct SMILES cost; every repeat gets the same results, and an invalid
+    SMILES one error per row it is on.
+    """
     _check_fingerprint_args(radius, n_bits)
+    smiles = list(smiles)
+    unique, inverse = distinct_strings(smiles)
     canonical: list[str | None] = []
     inchikeys: list[str | None] = []
     errors: list[SmilesError] = []
     packed = [np.zeros((0, n_bits // 8), dtype=np.uint8)]
-    for can, keys, fps, errs in _map_chunks(_featurize_chunk, smiles, n_jobs, chunk_size, extra=(radius, n_bits)):
+    for can, keys, fps, errs in _map_chunks(_featurize_chunk, unique, n_jobs, chunk_size, extra=(radius, n_bits)):
         canonical.extend(can)
         inchikeys.extend(keys)
         packed.append(fps)
         errors.extend(errs)
-    return FeaturizedSmiles(canonical, inchikeys, np.concatenate(packed, axis=0), errors)
+    fingerprints = np.concatenate(packed, axis=0)
+    if inverse is None:
+        return FeaturizedSmiles(canonical, inchikeys, fingerprints, errors)
+    reasons = {i: reason for i, _, reason in errors}
+    return FeaturizedSmiles(
+        canonical=[canonical[j] for j in inverse],
+        inchikeys=[inchikeys[j] for j in inverse],
+        fingerprints=fingerprints[inverse],
+        errors=[(i, smiles[i], reasons[j]) for i, j in enumerate(inverse) if j in reasons],
+    )
+
+
+def distinct_strings(items: list) -> tuple[list, np.ndarray | None]:
+    """-> (the distinct items in first-seen order, ``inverse`` with ``items[i] == distinct[inverse[i]]``);
+    ``inverse`` is None when every item is distinct (nothing to expand)."""
+    first: dict = {}
+    inverse = np.fromiter((first.setdefault(item, len(first)) for item in items), dtype=np.int64, count=len(items))
+    if len(first) == len(items):
+        return items, None
+    return list(first), inverse
 
 
 # --------------------------------------------------------------------------------------------

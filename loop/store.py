@@ -167,10 +167,19 @@ def count(session: Session, model: type[SQLModel], *where) -> int:
     return int(session.exec(stmt).one())
 
 
+EXISTING_SCAN_MIN_VALUES = 9_000  # above this many values, compare with the table's size first
+
+
 def existing_values(session: Session, column, values: Sequence[str]) -> set[str]:
-    """Which of ``values`` already exist in ``column`` (queried in chunks)."""
+    """Which of ``values`` already exist in ``column`` (queried in chunks of 900, or, when the
+    table holds fewer rows than ``values``, by reading the whole column once: a 10^6-compound
+    library added to a new campaign asks one count instead of 1,100 queries)."""
     found: set[str] = set()
     values = list(values)
+    if len(values) > EXISTING_SCAN_MIN_VALUES:
+        n_rows = count(session, column.class_)
+        if n_rows <= len(values):
+            return set(session.exec(select(column)).all()).intersection(values) if n_rows else found
     for start in range(0, len(values), 900):
         chunk = values[start : start + 900]
         found.update(session.exec(select(column).where(column.in_(chunk))).all())

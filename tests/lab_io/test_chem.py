@@ -245,6 +245,27 @@ def test_featurize_smiles_equals_two_pass():
     assert not result.fingerprints[len(smiles) - 1].any()
 
 
+def test_featurize_smiles_processes_each_distinct_string_once_and_reports_every_row(monkeypatch):
+    smiles = ["CCO", "C1CC(", "c1ccccc1O", "CCO", " CCO", "C1CC(", "CCO"]
+    seen = []
+    featurize_chunk = chem._featurize_chunk
+    monkeypatch.setattr(chem, "_featurize_chunk", lambda args: (seen.extend(args[1]), featurize_chunk(args))[1])
+    result = chem.featurize_smiles(smiles, n_jobs=1)
+    assert seen == ["CCO", "C1CC(", "c1ccccc1O", " CCO"]
+    one_by_one = [chem.featurize_smiles([s], n_jobs=1) for s in smiles]
+    assert result.canonical == [r.canonical[0] for r in one_by_one]
+    assert result.inchikeys == [r.inchikeys[0] for r in one_by_one]
+    np.testing.assert_array_equal(result.fingerprints, np.concatenate([r.fingerprints for r in one_by_one]))
+    assert [(i, s) for i, s, _ in result.errors] == [(1, "C1CC("), (5, "C1CC(")]
+    assert result.errors[0][2] == one_by_one[1].errors[0][2]
+
+
+def test_distinct_strings_inverse():
+    distinct, inverse = chem.distinct_strings(["b", "a", "b", None, None])
+    assert distinct == ["b", "a", None] and inverse.tolist() == [0, 1, 0, 2, 2]
+    assert chem.distinct_strings(["x", "y"]) == (["x", "y"], None)
+
+
 @pytest.mark.skipif(not HUB_SAMPLES.is_file(), reason=f"shared data absent: {HUB_SAMPLES}")
 def test_featurize_fingerprint_of_standardised_mol_equals_canonical_smiles_fp():
     raw = pd.read_csv(HUB_SAMPLES, sep="\t", comment="!", dtype=str)["smiles"].dropna().tolist()[:3000]
