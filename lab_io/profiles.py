@@ -93,6 +93,35 @@ def _reduce_groups(cells: pd.DataFrame, feats: list[str], grouped, how: str) -> 
     return pd.DataFrame(values, index=sizes.index, columns=feats)
 
 
+def subsampled_wells(cells: pd.DataFrame, wells: Sequence[str], n_cells: int, draws: int,
+                     rng: np.random.Generator, features: Sequence[str] | None = None) -> pd.DataFrame:
+    """What ``wells`` would have measured with ``n_cells`` cells: for each well, ``draws`` median
+    profiles of ``n_cells`` of its cells drawn without replacement (``cells``: one plate's single
+    cells). Rows carry ``Metadata_Plate``, ``Metadata_Well`` and ``Metadata_n_cells`` = ``n_cells``;
+    a well with fewer than ``n_cells`` cells gives no rows."""
+    if n_cells < 1 or draws < 1:
+        raise ValueError(f"n_cells and draws must be >= 1, got {n_cells} and {draws}")
+    feats = _features(cells, features)
+    positions = cells.columns.get_indexer(feats)
+    indices = cells.groupby(META_WELL, sort=True).indices
+    rows, values = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature NaN in every drawn cell stays NaN
+        for well in wells:
+            members = indices.get(well, np.zeros(0, dtype=int))
+            if len(members) < n_cells:
+                continue
+            for _ in range(draws):
+                block = cells.iloc[rng.choice(members, n_cells, replace=False), positions].to_numpy(np.float64)
+                values.append(np.nanmedian(block, axis=0))
+                rows.append((cells[META_PLATE].iloc[members[0]], well))
+    out = pd.DataFrame(np.asarray(values, dtype=np.float64).reshape(len(values), len(feats)), columns=feats)
+    out.insert(0, META_N_CELLS, n_cells)
+    out.insert(0, META_WELL, [w for _, w in rows])
+    out.insert(0, META_PLATE, [p for p, _ in rows])
+    return out
+
+
 def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None = META_PLATE,
                           method: str = "robust_z", features: Sequence[str] | None = None,
                           eps: float = 0.0) -> pd.DataFrame:

@@ -77,6 +77,11 @@ class CampaignConfig:
     # feature; loop.ingest.plate_profiles). A campaign.json written before this option existed
     # reads as False: its plates were imported without it, and a campaign keeps one normalisation.
     edge_correction: bool = True
+    # Hit calls account for cell counts (loop.ingest._cell_count_hits): a profile measured on few
+    # cells must pass the threshold of DMSO wells measured with as few cells, and a treatment that
+    # leaves far fewer cells than DMSO is a hit by its cell loss. A campaign.json written before
+    # this option existed reads as False (one hit rule per campaign).
+    cell_count_hits: bool = True
     # Identity, drawn by `loop init` and written into the store too: plate barcodes carry its first
     # four characters (LP3F9A-0001), so one campaign's results are not taken for another's plates,
     # and a store that is not this campaign's is refused. Empty in campaigns made before it existed.
@@ -102,6 +107,7 @@ class CampaignConfig:
             "seed": lambda: _check_int(self.seed),
             "hit_sd": lambda: _check_positive(self.hit_sd),
             "edge_correction": lambda: _check_bool(self.edge_correction),
+            "cell_count_hits": lambda: _check_bool(self.cell_count_hits),
             "lab_world_seed": lambda: _check_int(self.lab_world_seed),
             "layout": lambda: PlateLayoutConfig(**self.layout),
             "dose_um": lambda: (_check_positive(self.dose_um),  # after 'layout': dispensed by its settings
@@ -124,8 +130,9 @@ class CampaignConfig:
     @classmethod
     def from_json(cls, text: str, *, stored: bool = False) -> "CampaignConfig":
         """The config in ``text``; keys it lacks take their defaults, except that a campaign's own
-        ``campaign.json`` (``stored``) without ``edge_correction`` was written before ingest
-        corrected edges, and keeps importing without (one normalisation per campaign)."""
+        ``campaign.json`` (``stored``) without ``edge_correction`` (``cell_count_hits``) was
+        written before ingest corrected edges (matched hit calls to cell counts), and keeps
+        importing without (one normalisation and one hit rule per campaign)."""
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -133,6 +140,7 @@ class CampaignConfig:
             raise ValueError(f"unknown campaign config keys: {unknown}")
         if stored:
             data.setdefault("edge_correction", False)
+            data.setdefault("cell_count_hits", False)
         return cls(**data)
 
 

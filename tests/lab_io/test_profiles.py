@@ -9,6 +9,7 @@ from lab_io.profiles import (
     edge_offsets,
     is_edge_well,
     subtract_edge_offsets,
+    subsampled_wells,
     feature_select,
     normalize_to_controls,
     phenotypic_activity,
@@ -218,3 +219,22 @@ def test_the_edge_gate_is_a_bonferroni_bound_and_skips_features_without_spread()
     wells = _plate_wells(0.0, rng)
     wells["Cells_flag"] = (rng.random(384) < 0.2).astype(float) + 0.5 * is_edge_well(wells["Metadata_Well"].tolist())
     assert edge_offsets(wells, np.ones(384, bool), ["Cells_flag"])["Cells_flag"] == 0.0  # MAD 0 on both sides
+
+
+def test_subsampled_wells_medians_of_drawn_cells():
+    """All of a well's cells drawn: its median profile; fewer: the median of some of its cells;
+    wells with too few cells give no rows; the same generator seed gives the same draws."""
+    rng = np.random.default_rng(0)
+    cells = pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": ["A01"] * 9 + ["B02"] * 3,
+                          "Cells_a": rng.normal(size=12), "Cells_b": rng.normal(size=12)})
+    whole = subsampled_wells(cells, ["A01", "B02"], 3, 2, np.random.default_rng(1))
+    b02 = cells[cells.Metadata_Well == "B02"][["Cells_a", "Cells_b"]].median().to_numpy()
+    np.testing.assert_allclose(whole[whole.Metadata_Well == "B02"][["Cells_a", "Cells_b"]].to_numpy(), [b02, b02])
+    assert list(whole.Metadata_Well) == ["A01", "A01", "B02", "B02"] and (whole.Metadata_n_cells == 3).all()
+    a01 = cells[cells.Metadata_Well == "A01"]["Cells_a"].to_numpy()
+    drawn = whole[whole.Metadata_Well == "A01"]["Cells_a"].to_numpy()
+    assert all(np.any(np.isclose(d, a01)) for d in drawn)  # the median of 3 values is one of them
+    assert len(subsampled_wells(cells, ["A01", "B02"], 5, 2, np.random.default_rng(1))) == 2  # B02 has 3
+    pd.testing.assert_frame_equal(whole, subsampled_wells(cells, ["A01", "B02"], 3, 2, np.random.default_rng(1)))
+    with pytest.raises(ValueError, match="n_cells and draws"):
+        subsampled_wells(cells, ["A01"], 0, 1, rng)

@@ -87,10 +87,10 @@ def test_a_plate_that_fails_its_profiles_stops_the_whole_import(tmp_path, monkey
     original = loop.ingest.plate_profiles
     second = barcodes[1]
 
-    def failing(cells, hit_sd, edge_correction):
+    def failing(cells, hit_sd, edge_correction, cell_count_hits):
         if (cells[META_PLATE] == second).all():
             raise ValueError("no feature columns (expected Nuclei_*, Cells_*, Cytoplasm_*)")
-        return original(cells, hit_sd, edge_correction)
+        return original(cells, hit_sd, edge_correction, cell_count_hits)
 
     monkeypatch.setattr(loop.ingest, "plate_profiles", failing)
     with pytest.raises(IngestError, match=f"{second}: plate {second}: no feature columns"):
@@ -511,10 +511,12 @@ def test_ingest_removes_the_edge_effect_from_profiles_and_stored_cells(tmp_path,
 
     # a campaign.json without the key (written before it existed) keeps importing without it
     old = json.loads((campaign.root / CONFIG_FILE).read_text())
-    del old["edge_correction"]
+    del old["edge_correction"], old["cell_count_hits"]
     (campaign.root / CONFIG_FILE).write_text(json.dumps(old))
     assert not Campaign.open(campaign.root).config.edge_correction
-    assert CampaignConfig.from_json(json.dumps({"seed": 3})).edge_correction  # a new campaign's config: on
+    assert not Campaign.open(campaign.root).config.cell_count_hits
+    new = CampaignConfig.from_json(json.dumps({"seed": 3}))
+    assert new.edge_correction and new.cell_count_hits  # a new campaign's config: on
     with pytest.raises(Exception, match="edge_correction"):
         Campaign.init(tmp_path / "other", dataclasses.replace(CampaignConfig(), edge_correction="false"))
 
@@ -591,3 +593,93 @@ def test_the_edge_correction_removes_an_edge_effect_and_invents_none(edge_shift,
         assert abs(gaps[True]) < 0.05
     else:
         assert edge is not None and gaps[False] > 0.2 and abs(gaps[True]) < 0.25 * gaps[False]
+
+
+def _plate_with_cell_counts(rng, n_features=40, few=(4, 8), many=(30, 45), toxic_fraction=0.0, edge_loss=0.0):
+    """192 wells of a 384-well plate: 32 DMSO, treatments all inactive except ``toxic_fraction``
+    that keep 15 % of their cells (profile unchanged); a third of the inactive ones have only
+    ``few`` cells; edge wells lose ``edge_loss`` of their cells."""
+    from lab_io.profiles import is_edge_well
+
+    wells = [f"{r}{c:02d}" for r in "ABCDEFGHIJKLMNOP" for c in range(1, 25)]
+    frames, truth = [], {}
+    for i, w in enumerate(rng.permutation(wells)[:192]):
+        role = "negative_control" if i < 32 else "treatment"
+        kind = "dmso" if i < 32 else ("toxic" if rng.random() < toxic_fraction else
+                                      "few" if rng.random() < 1 / 3 else "inactive")
+        n = int(rng.integers(*(few if kind == "few" else many)))
+        n = max(1, int(round(n * (0.15 if kind == "toxic" else 1.0) * (1 - edge_loss * is_edge_well([w])[0]))))
+        values = 0.25 * rng.normal(size=n_features) + rng.normal(size=(n, n_features))
+        frames.append(pd.DataFrame(values, columns=[f"Cells_f{j}" for j in range(n_features)])
+                      .assign(**{META_PLATE: "P1", META_WELL: w, META_ROLE: role}))
+        truth[w] = kind
+    return pd.concat(frames, ignore_index=True), truth
+
+
+def test_profile_hit_calls_matched_to_cell_counts_stop_calling_few_cells_hits():
+    """Inactive wells imaged on 4-7 cells (DMSO wells have 30-44): the plate's threshold calls most
+    of them hits, because a median over few cells is noisy; checked against DMSO wells measured
+    with as few cells they are hits about as rarely as the other inactive wells. (Their cell loss
+    alone makes them hits in ingest, ``_cell_loss``; this is the profile's share of the call.)"""
+    from lab_io.profiles import aggregate_wells
+    from loop.ingest import _count_matched_profile_hits, plate_profiles
+
+    calls = []
+    for seed in range(3):
+        cells, truth = _plate_with_cell_counts(np.random.default_rng(seed))
+        wells, _ = plate_profiles(cells, 3.0, False)
+        matched = _count_matched_profile_hits(wells, aggregate_wells(cells), cells, None, 3.0)
+        calls += [(truth[w], hit, m) for w, hit, m in zip(wells[META_WELL], wells["Metadata_is_hit"], matched)]
+    rate = pd.DataFrame(calls, columns=["kind", "plate", "matched"]).groupby("kind").mean()
+    assert rate.loc["few", "plate"] > 0.5  # what the plate threshold did
+    assert rate.loc["few", "matched"] < 0.05 and rate.loc["inactive", "matched"] <= rate.loc["inactive", "plate"]
+    assert rate.loc["dmso"].eq(0).all()  # controls are never hits
+
+
+def test_hit_calls_matched_to_cell_counts_keep_strong_profiles_and_are_reproducible():
+    """A well on few cells whose profile is far from DMSO stays a hit, and two runs agree."""
+    from lab_io.profiles import aggregate_wells
+    from loop.ingest import _count_matched_profile_hits, plate_profiles
+
+    cells, truth = _plate_with_cell_counts(np.random.default_rng(5))
+    few = [w for w, k in truth.items() if k == "few"][:5]
+    feats = [c for c in cells.columns if c.startswith("Cells_")]
+    cells.loc[cells[META_WELL].isin(few), feats[:20]] += 3.0
+    wells, _ = plate_profiles(cells, 3.0, False)
+    matched = pd.Series(_count_matched_profile_hits(wells, aggregate_wells(cells), cells, None, 3.0),
+                        index=wells[META_WELL])
+    assert matched[few].all()
+    first, _ = plate_profiles(cells, 3.0, False, True)
+    second, _ = plate_profiles(cells, 3.0, False, True)
+    pd.testing.assert_frame_equal(first, second)
+
+
+@pytest.mark.parametrize("edge_adjusted", [False, True])
+def test_cell_loss_is_a_hit_and_a_drying_edge_is_not(edge_adjusted):
+    """Treatments that leave 15 % of the cells are hits by cell loss whatever their profile; an edge
+    ring with 35 % fewer cells in every well is taken for cell loss only without the edge
+    adjustment."""
+    from lab_io.profiles import aggregate_wells, is_edge_well
+    from loop.ingest import _cell_loss
+
+    cells, truth = _plate_with_cell_counts(np.random.default_rng(1), many=(60, 70), toxic_fraction=0.1,
+                                           edge_loss=0.35)
+    wells = aggregate_wells(cells)  # keeps the per-well role
+    loss = pd.Series(_cell_loss(wells, 3.0, edge_adjusted), index=wells[META_WELL])
+    kinds = pd.Series(truth).loc[loss.index]
+    on_edge = is_edge_well(loss.index.tolist())
+    assert loss[(kinds == "toxic").to_numpy()].all()
+    assert not loss[(kinds == "dmso").to_numpy()].any()
+    edge_inactive = loss[((kinds == "inactive") & on_edge).to_numpy()]
+    assert edge_inactive.mean() > 0.5 if not edge_adjusted else not edge_inactive.any()
+
+
+def test_cell_loss_needs_more_than_the_poisson_noise_when_dmso_wells_agree_exactly():
+    """DMSO wells all with 40 cells (no spread): a well with 30 cells is not a hit (1.8 Poisson sd),
+    one with 10 is (5.5)."""
+    from loop.ingest import _cell_loss
+
+    wells = pd.DataFrame({META_ROLE: ["negative_control"] * 8 + ["treatment"] * 2,
+                          META_WELL: [f"C{c:02d}" for c in range(3, 13)],
+                          "Metadata_n_cells": [40] * 8 + [30, 10]})
+    assert _cell_loss(wells, 3.0, edge_adjusted=False).tolist() == [False] * 9 + [True]
