@@ -238,3 +238,45 @@ def test_subsampled_wells_medians_of_drawn_cells():
     pd.testing.assert_frame_equal(whole, subsampled_wells(cells, ["A01", "B02"], 3, 2, np.random.default_rng(1)))
     with pytest.raises(ValueError, match="n_cells and draws"):
         subsampled_wells(cells, ["A01"], 0, 1, rng)
+
+
+def _edge_plate(edge_columns: dict, inside_columns: dict) -> pd.DataFrame:
+    """A full 384-well plate whose features take ``edge_columns[f]`` (76 values, in ring order) on the
+    outer ring and ``inside_columns[f]`` (308 values) inside it."""
+    from lab_io.schema import well_name
+
+    wells = [well_name(r, c) for r in range(16) for c in range(24)]
+    edge = is_edge_well(wells)
+    table = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": wells})
+    for f in edge_columns:
+        values = np.empty(384)
+        values[edge], values[~edge] = edge_columns[f], inside_columns[f]
+        table[f] = values
+    return table
+
+
+def _centred(rng, n: int) -> np.ndarray:
+    z = rng.normal(size=n)
+    return z - np.median(z)  # median exactly 0
+
+
+def test_the_edge_gate_standard_error_weights_each_side_by_its_own_well_count():
+    """Closed form of the gate with unequal sides: 76 edge wells with a wide spread, 308 interior wells
+    with a narrow one, so ``s_edge^2 / n_edge`` dominates the standard error. An offset 0.8 of the gate
+    is set to 0, one 1.25 of it is kept whole (pairing each side's spread with the other's count
+    would let the first through)."""
+    rng = np.random.default_rng(5)
+    z_edge, z_inside = _centred(rng, 76), _centred(rng, 308)
+    s_edge_true, s_inside_true = 4.0, 0.5
+
+    def robust(v):
+        return MAD_SCALE * np.median(np.abs(v - np.median(v)))
+
+    s_e, s_i = robust(s_edge_true * z_edge), robust(s_inside_true * z_inside)
+    threshold = edge_gate_z(2, dof=75) * np.sqrt(np.pi / 2) * np.sqrt(s_e ** 2 / 76 + s_i ** 2 / 308)
+    wells = _edge_plate({"Cells_below": 0.8 * threshold + s_edge_true * z_edge,
+                         "Cells_above": 1.25 * threshold + s_edge_true * z_edge},
+                        {"Cells_below": s_inside_true * z_inside, "Cells_above": s_inside_true * z_inside})
+    offsets = edge_offsets(wells, np.ones(384, bool), ["Cells_below", "Cells_above"])
+    assert offsets["Cells_below"] == 0.0
+    assert offsets["Cells_above"] == pytest.approx(1.25 * threshold, rel=1e-9)
