@@ -280,3 +280,15 @@ def test_the_edge_gate_standard_error_weights_each_side_by_its_own_well_count():
     offsets = edge_offsets(wells, np.ones(384, bool), ["Cells_below", "Cells_above"])
     assert offsets["Cells_below"] == 0.0
     assert offsets["Cells_above"] == pytest.approx(1.25 * threshold, rel=1e-9)
+
+
+def test_a_feature_without_spread_on_one_side_only_is_never_corrected():
+    """The edge wells all read one value (MAD 0 there) while the interior varies: the difference of
+    medians has no standard error on the edge side, so no offset is kept however large it is."""
+    rng = np.random.default_rng(6)
+    wells = _edge_plate({"Cells_flat_edge": np.full(76, 5.0), "Cells_flat_inside": rng.normal(size=76)},
+                        {"Cells_flat_edge": rng.normal(size=308), "Cells_flat_inside": np.full(308, -5.0)})
+    offsets = edge_offsets(wells, np.ones(384, bool), ["Cells_flat_edge", "Cells_flat_inside"])
+    assert offsets.tolist() == [0.0, 0.0]
+    ungated = edge_offsets(wells, np.ones(384, bool), ["Cells_flat_edge", "Cells_flat_inside"], alpha=None)
+    assert abs(ungated["Cells_flat_edge"]) > 4 and abs(ungated["Cells_flat_inside"]) > 4  # large, yet not kept
