@@ -683,3 +683,24 @@ def test_cell_loss_needs_more_than_the_poisson_noise_when_dmso_wells_agree_exact
                           META_WELL: [f"C{c:02d}" for c in range(3, 13)],
                           "Metadata_n_cells": [40] * 8 + [30, 10]})
     assert _cell_loss(wells, 3.0, edge_adjusted=False).tolist() == [False] * 9 + [True]
+
+
+def test_the_first_edge_estimate_leaves_out_the_most_active_treatments_of_each_side():
+    """``_quiet_on_each_side`` closed form: 2 of the 10 interior treatments score above the interior
+    DMSO wells' hit threshold (20 %), so on each side the 20 % most active treatments (2 of 10) are
+    left out of the first edge estimate, the edge ring's by rank although all its wells are inflated."""
+    from loop.ingest import _quiet_on_each_side, hit_threshold
+
+    dmso_activity = [0.9, 1.0, 1.1, 1.0, 0.95, 1.05]
+    inside_treated = [1.0, 12.0, 0.8, 1.1, 10.0, 0.9, 1.2, 1.0, 0.7, 1.1]
+    edge_treated = [3.0, 2.5, 9.0, 3.5, 2.0, 8.0, 3.2, 2.8, 3.1, 2.9]  # an edge effect lifts every one
+    wells = [f"C{c:02d}" for c in range(3, 9)] + [f"D{c:02d}" for c in range(3, 13)] + [f"A{c:02d}" for c in range(1, 11)]
+    activity = np.array(dmso_activity + inside_treated + edge_treated)
+    profiles = pd.DataFrame({META_WELL: wells, "Metadata_activity": activity})
+    dmso = np.arange(len(wells)) < 6
+    treated = ~dmso
+    threshold = hit_threshold(activity[dmso], 3.0)
+    assert (np.array(inside_treated) > threshold).sum() == 2  # the closed form's premise
+    quiet = _quiet_on_each_side(profiles, treated, dmso, 3.0)
+    loud = set(np.flatnonzero(~quiet).tolist())
+    assert loud == {6 + 1, 6 + 4, 16 + 2, 16 + 5}  # interior 12 and 10, edge 9 and 8
