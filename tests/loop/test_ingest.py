@@ -704,3 +704,22 @@ def test_the_first_edge_estimate_leaves_out_the_most_active_treatments_of_each_s
     quiet = _quiet_on_each_side(profiles, treated, dmso, 3.0)
     loud = set(np.flatnonzero(~quiet).tolist())
     assert loud == {6 + 1, 6 + 4, 16 + 2, 16 + 5}  # interior 12 and 10, edge 9 and 8
+
+
+def test_only_treatment_wells_are_hits_however_active_a_control_is():
+    """Hit calls are for treatments: positive controls far above the DMSO threshold (mean + 1 sd) are
+    no hits, nor is a DMSO well above it; the treatments above it are."""
+    from loop.ingest import hit_threshold
+
+    roles = ("negative_control",) * 6 + ("positive_control",) * 2 + ("treatment",) * 2
+    cells = _cells(np.random.default_rng(2), roles=roles)
+    positive = cells[META_ROLE] == "positive_control"
+    cells.loc[positive, "Cells_AreaShape_Area"] += 400.0
+    wells = well_profiles(cells, hit_sd=1.0)
+    dmso = (wells[META_ROLE] == "negative_control").to_numpy()
+    threshold = hit_threshold(wells.loc[dmso, "Metadata_activity"].to_numpy(), 1.0)
+    above = wells["Metadata_activity"].to_numpy() > threshold
+    by_role = wells.assign(above=above).groupby(META_ROLE)
+    assert by_role["above"].all()[["positive_control", "treatment"]].all()  # the premise: controls above it
+    assert by_role["above"].any()["negative_control"]
+    assert wells["Metadata_is_hit"].tolist() == (wells[META_ROLE] == "treatment").tolist()
