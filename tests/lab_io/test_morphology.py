@@ -334,3 +334,28 @@ def test_cells_on_a_real_cell_painting_field_reach_their_cell_body():
     np.testing.assert_allclose(scaled["Nuclei"]["AreaShape_Area"], tables["Nuclei"]["AreaShape_Area"], rtol=0.02)
     with pytest.raises(ValueError, match="cell_threshold"):
         measure_field(image, names, cell_threshold="triangle")
+
+
+def _skimage_texture(block: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Reference: ``block`` (one whole rectangular object) quantised as measure_objects does (inward
+    ranks), its symmetric GLCM over offsets (0, 1) and (1, 0) pooled and normalised, and graycoprops."""
+    m = block.size
+    ranked = np.sort(block.ravel())
+    lo = ranked[int(np.ceil((m - 1) * TEXTURE_RANGE_QUANTILES[0]))]
+    hi = ranked[int(np.floor((m - 1) * TEXTURE_RANGE_QUANTILES[1]))]
+    q = np.clip(np.floor((block - lo) / (hi - lo) * TEXTURE_LEVELS), 0, TEXTURE_LEVELS - 1).astype(np.uint8)
+    pooled = graycomatrix(q, [1], [0, np.pi / 2], levels=TEXTURE_LEVELS, symmetric=True).sum(axis=3, keepdims=True)
+    p = pooled[:, :, 0, 0].astype(float) / pooled.sum()
+    return p, {"Contrast": graycoprops(pooled.astype(float), "contrast")[0, 0],
+               "AngularSecondMoment": graycoprops(pooled.astype(float), "ASM")[0, 0],
+               "Correlation": graycoprops(pooled.astype(float), "correlation")[0, 0]}
+
+
+def test_haralick_entropy_is_the_base_2_entropy_of_the_glcm():
+    """Reference: ``-sum p log2 p`` of the pooled, normalised symmetric GLCM (CellProfiler's entropy)."""
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(24, 24)).cumsum(axis=1)
+    out = measure_objects(np.ones((24, 24), dtype=int), image[None], ["Actin"], n_objects=1)
+    p, _ = _skimage_texture(image)
+    nz = p[p > 0]
+    assert out["Texture_Entropy_Actin"][0] == pytest.approx(-(nz * np.log2(nz)).sum(), rel=1e-9)
