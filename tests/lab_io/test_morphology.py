@@ -359,3 +359,19 @@ def test_haralick_entropy_is_the_base_2_entropy_of_the_glcm():
     p, _ = _skimage_texture(image)
     nz = p[p > 0]
     assert out["Texture_Entropy_Actin"][0] == pytest.approx(-(nz * np.log2(nz)).sum(), rel=1e-9)
+
+
+def test_haralick_of_touching_objects_counts_only_pixel_pairs_inside_each_object():
+    """Two rectangles sharing a border: each object's texture equals skimage's on its own pixels alone,
+    whatever its neighbour holds (a pair across the border belongs to neither object's GLCM)."""
+    rng = np.random.default_rng(5)
+    labels = np.zeros((20, 30), dtype=int)
+    labels[:, :14], labels[:, 14:] = 1, 2
+    for neighbour_scale in (1.0, -30.0):
+        image = rng.normal(size=(20, 30)).cumsum(axis=0)
+        image[:, 14:] *= neighbour_scale
+        out = measure_objects(labels, image[None], ["Actin"], n_objects=2)
+        for k, block in enumerate((image[:, :14], image[:, 14:])):
+            _, expected = _skimage_texture(block)
+            for name, value in expected.items():
+                assert out[f"Texture_{name}_Actin"][k] == pytest.approx(value, rel=1e-9, abs=1e-12), (k, name)
