@@ -262,3 +262,20 @@ def test_penalized_greedy_validates_pending():
     values, fps, _ = clustered_toy()
     with pytest.raises(ValueError, match="pending indices must be in"):
         penalized_greedy_select(values, fps, 2, "mean", pending=np.array([-1]))
+
+
+def test_phenotype_penalty_closed_form_max_cosine_over_the_anchors():
+    """Score = gain x (1 - mu max(0, max_j cos(p_i, p_j))) over pending and earlier picks, mu = 1.
+    Pending 0 and 1 (profiles e1, e2, value 10) saturate the joint phase, so gains are the values less
+    the eligible minimum (candidate 4, 0). Candidate 5 is at cos 0.5 from pending 0 (9 x 0.5 = 4.5),
+    candidate 6 anti-parallel to it (cos clipped to 0: 4.2), candidate 3 orthogonal to all (4.0),
+    candidate 2 parallel to pending 0 (cos 1 against one anchor, 0 against the other: score 0)."""
+    e = np.eye(4)
+    profiles = np.stack([e[0], e[1], e[0], e[2], e[2], (e[0] + np.sqrt(3) * e[3]) / 2, -e[0]])
+    u = np.array([10.0, 10.0, 5.0, 4.0, 0.0, 9.0, 4.2])
+    fps = _random_fps(len(u), 11)
+    result = penalized_greedy_select(torch.as_tensor(u[None]), fps, 3, "mean", diversity_penalty=0.0,
+                                     pending=np.array([0, 1]), profiles=profiles, phenotype_penalty=1.0)
+    assert result.indices.tolist() == [5, 6, 3]
+    np.testing.assert_allclose(result.scores, [4.5, 4.2, 4.0], rtol=1e-6)
+    np.testing.assert_allclose(result.gains, [9.0, 4.2, 4.0], rtol=1e-6)
