@@ -395,3 +395,20 @@ def test_read_real_cpjump1_platemap():
     placed = set(w.loc[w["role"] == "treatment", "compound_id"])
     assert placed <= set(compounds["compound_id"])
     assert compounds["smiles"].str.len().gt(0).all()
+
+
+def test_a_dose_that_takes_the_whole_transfer_volume_gets_no_back_fill_transfer():
+    """12.5 uM of 10 mM stock into 40 uL is exactly the 50 nL transfer volume: such a well gets the
+    compound alone, no 0 nL DMSO back-fill row; every pick-list row moves liquid and every filled well
+    gets 50 nL in all."""
+    config = pm.PlateLayoutConfig()
+    assert config.compound_volume_nl(12.5) == config.transfer_volume_nl  # the premise
+    layouts = pm.design_plates(treatments(10, dose_um=12.5) + [("C99999", 2.5)], config, seed=0)
+    _, pick = pm._source_and_picklist(layouts, {})
+    assert (pick["Transfer Volume"] > 0).all()
+    per_well = pick.groupby("Destination Well")["Transfer Volume"]
+    assert np.allclose(per_well.sum(), 50.0)
+    w = layouts[0].wells
+    full = {echo_well(x) for x, d in zip(w["well"], w["dose_um"]) if d == 12.5}
+    assert (per_well.size()[sorted(full)] == 1).all()  # compound only
+    assert per_well.size()[echo_well(w.loc[w["compound_id"] == "C99999", "well"].iloc[0])] == 2  # 10 nL + 40 nL DMSO
