@@ -412,3 +412,19 @@ def test_a_dose_that_takes_the_whole_transfer_volume_gets_no_back_fill_transfer(
     full = {echo_well(x) for x, d in zip(w["well"], w["dose_um"]) if d == 12.5}
     assert (per_well.size()[sorted(full)] == 1).all()  # compound only
     assert per_well.size()[echo_well(w.loc[w["compound_id"] == "C99999", "well"].iloc[0])] == 2  # 10 nL + 40 nL DMSO
+
+
+def test_a_sample_takes_as_many_source_wells_as_its_volume_needs_a_full_well_included():
+    """Closed form: a sample drawing ``V`` nL needs ``ceil(V / capacity)`` source wells. 20 DMSO wells
+    of 50 nL (and no back-fill: every treatment takes the whole 50 nL) draw exactly one 1,000 nL well."""
+    config = pm.PlateLayoutConfig(n_negative_controls=20, source_max_volume_ul=16.0, source_dead_volume_ul=15.0)
+    assert config.source_capacity_nl == 1000.0
+    layouts = pm.design_plates(treatments(5, dose_um=12.5), config, seed=0)
+    source, pick = pm._source_and_picklist(layouts, {})
+    dmso = source[source["pert_iname"] == "DMSO"]
+    assert pick.loc[pick["Sample ID"] == "DMSO", "Transfer Volume"].sum() == 1000.0
+    assert len(dmso) == 1 and dmso["transfer_total_ul"].tolist() == [1.0] and dmso["fill_volume_ul"].tolist() == [16.0]
+    more = pm.design_plates(treatments(5, dose_um=12.5), pm.PlateLayoutConfig(
+        n_negative_controls=21, source_max_volume_ul=16.0, source_dead_volume_ul=15.0), seed=0)
+    source, _ = pm._source_and_picklist(more, {})
+    assert sorted(source.loc[source["pert_iname"] == "DMSO", "transfer_total_ul"]) == [0.05, 1.0]
