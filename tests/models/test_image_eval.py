@@ -173,3 +173,21 @@ def test_at_floor_sizes_puts_a_perfect_model_on_the_real_floor():
     assert abs(np.mean(matched) - np.mean(floor)) < 0.2 * np.mean(floor)
     few = at_floor_sizes({"model": FeatureSets(perfect.inception[:12], perfect.morph[:12])}, half_a, half_b, mean, std, rng)
     assert few["n_each"] == 30 and few["model"]["n"] == 12  # fewer cells than the half: said, not hidden
+
+
+def test_at_floor_sizes_scores_each_method_with_as_many_cells_as_the_first_half_of_an_odd_split():
+    """61 real cells split 30 / 31: each method is scored with 30 of its cells (the floor's first half,
+    ``half_a``) against the 31 of ``half_b``, and its metrics are those of that subset: drawn with the
+    same generator state, the 30 cells ``_subset`` keeps give the same figures through ``compare``."""
+    from models.image_eval import _halves, _subset, at_floor_sizes
+
+    rng = np.random.default_rng(0)
+    real = FeatureSets(rng.normal(size=(61, 3)), rng.normal(size=(61, 4)))
+    model = FeatureSets(rng.normal(size=(200, 3)), rng.normal(size=(200, 4)))
+    mean, std = morph_standardisation(real.morph)
+    a, b = _halves(61, rng)
+    half_a, half_b = (FeatureSets(real.inception[i], real.morph[i]) for i in (a, b))
+    sized = at_floor_sizes({"model": model}, half_a, half_b, mean, std, np.random.default_rng(7))
+    assert (sized["n_each"], sized["n_reference"], sized["model"]["n"]) == (30, 31, 30)
+    expected = compare(_subset(model, 30, np.random.default_rng(7)), half_b, mean, std)
+    assert {k: sized["model"][k] for k in expected} == pytest.approx(expected)
