@@ -339,3 +339,15 @@ def test_random_top_dose_takes_each_compound_at_its_highest_unmeasured_dose(tmp_
     assert not measured[again].any() and len(set(compound[again])) == 6
     for i in again:  # the compound's highest dose not yet measured
         assert dose[i] == dose[(compound == compound[i]) & ~measured].max()
+
+
+def test_a_conditions_activity_is_the_rms_of_the_mean_z_of_its_wells(tmp_path):
+    """Closed form from the stored wells: per condition, the mean (over its replicate wells, one per
+    plate) of each normalised feature, clipped to +-10, then the root mean square over features."""
+    lab = build_lookup_lab(read_profile_table(_table(tmp_path)))
+    wells = lab.wells[lab.wells["Metadata_condition"] >= 0]
+    assert (wells.groupby("Metadata_condition").size() == 3).all()  # replicates to average
+    for i in range(len(lab.conditions)):
+        z = wells.loc[wells["Metadata_condition"] == i, lab.features].to_numpy(dtype=np.float64)
+        mean_z = np.clip(z.mean(axis=0), -10.0, 10.0)
+        assert lab.conditions["activity"].iloc[i] == pytest.approx(np.sqrt(np.mean(mean_z ** 2)), rel=1e-9)
