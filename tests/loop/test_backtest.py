@@ -24,3 +24,26 @@ def test_tiny_backtest_shape_and_monotone_curves(tmp_path):
             assert 0 <= per_seed[0] <= per_seed[1] <= 1
         assert all(0 <= c <= 4 for c in curve["classes_found_mean"])
     assert plot_curves(result, tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_backtest_curves_are_the_seed_mean_and_sample_sd(tmp_path, monkeypatch):
+    """Aggregation closed form, the campaigns replaced by fixed curves: per round, the mean over seeds
+    and the sample sd (ddof 1) of the fractions found and of the classes found."""
+    import numpy as np
+
+    import loop.backtest as bt
+
+    per_seed = {0: [0.25, 0.5], 1: [0.5, 1.0], 2: [0.0, 0.75]}
+    classes = {0: [1, 2], 1: [2, 4], 2: [0, 3]}
+    monkeypatch.setattr(bt, "library_template", lambda path, config: path)
+    monkeypatch.setattr(bt, "ground_truth_actives", lambda template, config: {"a": "x", "b": "y", "c": "x", "d": "z"})
+    monkeypatch.setattr(bt, "_run_campaign", lambda template, run_dir, policy, seed, config, actives:
+                        (list(per_seed[seed]), list(classes[seed])))
+    result = run_backtest(BacktestConfig(n_rounds=2, n_seeds=3, policies=("random",)), work_dir=tmp_path)
+    curve = result["policies"]["random"]
+    assert curve["hit_fraction_mean"] == [0.25, 0.75]
+    assert np.allclose(curve["hit_fraction_sd"], [0.25, 0.25])  # deviations (0, .25, -.25): sqrt(0.125 / 2)
+    assert curve["per_seed"] == [per_seed[s] for s in range(3)]
+    assert np.allclose(curve["classes_found_mean"], [1.0, 3.0])
+    assert np.allclose(curve["classes_found_sd"], [1.0, 1.0])
+    assert result["n_actives"] == 4 and result["actives_per_class"] == {"x": 2, "y": 1, "z": 1}
