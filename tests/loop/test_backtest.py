@@ -47,3 +47,31 @@ def test_backtest_curves_are_the_seed_mean_and_sample_sd(tmp_path, monkeypatch):
     assert np.allclose(curve["classes_found_mean"], [1.0, 3.0])
     assert np.allclose(curve["classes_found_sd"], [1.0, 1.0])
     assert result["n_actives"] == 4 and result["actives_per_class"] == {"x": 2, "y": 1, "z": 1}
+
+
+def test_each_seed_and_round_proposes_and_measures_with_its_own_seed(monkeypatch, tmp_path):
+    """Seeds differ between the campaigns of a backtest and between their rounds (else every seed
+    repeats one campaign and the sd over seeds is 0), and repeat for the same (seed, round)."""
+    from types import SimpleNamespace
+
+    import loop.backtest as bt
+
+    calls = []
+    monkeypatch.setattr(bt, "propose", lambda campaign, wells, policy, seed: (
+        calls.append(("propose", seed)), SimpleNamespace(out_dir=tmp_path))[1])
+    monkeypatch.setattr(bt, "run_synthetic_lab", lambda plates, results, campaign, seed, write_images: (
+        calls.append(("lab", seed)), [])[1])
+    monkeypatch.setattr(bt, "ingest_results", lambda campaign, results_dir: [])
+    campaign = SimpleNamespace(root=tmp_path)
+    seeds = {}
+    for seed in range(3):
+        for round_index in (1, 2, 3):
+            calls.clear()
+            bt.run_round(campaign, round_index, 96, "random", seed)
+            assert [kind for kind, _ in calls] == ["propose", "lab"]
+            seeds[(seed, round_index)] = tuple(s for _, s in calls)
+    assert len({s[0] for s in seeds.values()}) == 9  # a proposal seed per (seed, round)
+    assert len({s[1] for s in seeds.values()}) == 9  # a lab seed per (seed, round)
+    calls.clear()
+    bt.run_round(campaign, 2, 96, "random", 1)
+    assert tuple(s for _, s in calls) == seeds[(1, 2)]
