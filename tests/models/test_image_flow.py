@@ -301,3 +301,20 @@ def test_randomized_prior_members_agree_on_data_and_disagree_between_doses():
         assert torch.allclose(torch.stack(means[d]), torch.full((3, 2), target), atol=0.1)
     disagreement = {d: float(torch.stack(m).var(0).mean()) for d, m in means.items()}
     assert disagreement[10.0] > 20 * max(disagreement[1.0], disagreement[100.0], 1e-3)
+
+
+def test_each_control_block_is_paired_by_an_optimal_transport_assignment():
+    """Reference: within every block of a control-mode batch (no source noise) the pairs (x_0[i], x_1[i])
+    minimise the total squared distance over all one-to-one assignments of the block's sources to its
+    targets (``scipy.optimize.linear_sum_assignment``), not merely the order the cells were drawn in."""
+    from scipy.optimize import linear_sum_assignment
+
+    data = _data(n_per_group=40)
+    cfg = replace(CFG, mode="control", batch_size=64, block_size=16, control_set_size=8, control_fraction=0.5)
+    x_0, x_1, _ = BlockSampler(data, cfg, np.ones(1)).draw(torch.Generator().manual_seed(0), np.random.default_rng(0))
+    for start in range(0, len(x_0), cfg.block_size):
+        a = x_0[start:start + cfg.block_size].flatten(1).double()
+        b = x_1[start:start + cfg.block_size].flatten(1).double()
+        cost = (torch.cdist(a, b) ** 2).numpy()
+        rows, cols = linear_sum_assignment(cost)
+        assert np.trace(cost) == pytest.approx(cost[rows, cols].sum(), rel=1e-9)
