@@ -88,3 +88,11 @@ def test_bad_parameters_are_named_errors(model):
     two_outputs = CachedEnsembleModel(torch.zeros(2, 3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="one model output"):
         make_acquisition("thompson", two_outputs, member=0)
+
+
+def test_thompson_sums_its_member_over_the_q_batch(model):
+    """Closed form: ``thompson`` over a q-batch is its member's values summed over the batch (as
+    BoTorch's PathwiseThompsonSampling): member 0 on {0, 1} is 1 + 2, member 1 is 3 + 0."""
+    assert _value(make_acquisition("thompson", model, member=0), [0, 1]) == 3.0
+    assert _value(make_acquisition("thompson", model, member=1), [0, 1, 2]) == 3.0
+    assert _value(make_acquisition("thompson", model, member=0), [1, 1]) == 4.0
