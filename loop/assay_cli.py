@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
@@ -129,7 +130,12 @@ def train(
     from lab_io.crops import CropsError, load_crops
     from models.image_assay import ImageAssayConfig, train_image_assay
     from models.image_dit import ENSEMBLE_PRIOR_SCALE
+    from models.ray_executor import check_executor, ray_session
 
+    try:
+        check_executor(executor)  # before the crops are read or anything trains
+    except ValueError as err:
+        _fail(f"--executor: {err}")
     if prior_scale is None and members > 1:  # members then disagree where there are no data
         prior_scale = ENSEMBLE_PRIOR_SCALE
         log.info("%d members: randomized prior functions of scale %g (--prior-scale 0 turns them off)", members,
@@ -154,7 +160,9 @@ def train(
                          flow=replace(flow, dit=dit),
                          autoencoder=_override(base.autoencoder, max_minutes=ae_minutes, max_steps=ae_steps,
                                                      decoder_steps=decoder_steps))
-        assay = train_image_assay(crops, out, config, executor=executor, ray_address=ray_address, source=str(data))
+        with ray_session() if executor == "ray" else nullcontext():  # a local cluster it starts is stopped
+            assay = train_image_assay(crops, out, config, executor=executor, ray_address=ray_address,
+                                      source=str(data))
     except (CropsError, ValueError, OSError) as err:  # OSError: --out a file, read-only, a full disk
         _fail(str(err))
     typer.echo(f"trained image assay {assay.version} ({assay.n_members} member(s)) in {out}")
@@ -233,7 +241,7 @@ def sample(
     out: Path = typer.Option(..., "--out", help="Output FILE.npz (images uint16 n x H x W x C); the montage PNG "
                              "goes beside it as FILE.png."),
     seed: int = typer.Option(0, "--seed"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps (default: model config)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler | heun."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -411,7 +419,7 @@ def evaluate(
     ceiling: bool = typer.Option(False, "--ceiling", help="Also score autoencoder_ceiling: half the real treated "
                                  "cells encoded and decoded as generated cells are, against the other half."),
     seed: int = typer.Option(0, "--seed"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: model config)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps (default: model config)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler | heun (default: model config); "
                                           "model and unconditional are sampled alike."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),

@@ -31,6 +31,7 @@ import torch
 
 from models.config import FeatureAssayConfig, config_hash
 from models.feature_assay import FeatureAssayMember, train_member
+from models.ray_executor import check_executor
 from models.training_data import FeatureTrainingSet
 from models.virtual_assay import check_doses, check_fingerprints
 
@@ -111,12 +112,6 @@ class FeatureAssayEnsemble:
         left it out, or it was never in the training data): that member's prediction of it is
         out of sample (``acquisition.anchor`` fits its trust in the ensemble on those)."""
         return ~np.stack([m.in_bag(compound_ids) for m in self.members])
-
-
-def check_executor(executor: str) -> None:
-    """ValueError unless ``executor`` is ``'local'`` or ``'ray'``."""
-    if executor not in ("local", "ray"):
-        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
 
 
 def train_ensemble(

@@ -8,10 +8,16 @@ Training (``train_image_assay``) runs top to bottom:
 4. encode every crop, standardise latents per channel, save them with their labels; then train the
    decoder alone on noisy latents (stage 2, :func:`models.image_autoencoder.finetune_decoder`;
    the encoder, and so the latents, do not change);
-5. train K flow members (seed ``seed + k`` and a bootstrap resample of compounds), one task per
-   member, locally or with Ray (``models.ray_executor.run_tasks``; 1 CPU or a GPU fraction each).
-   Each member folder holds its checkpoint (resumable), config, normalisation statistics and
-   data fingerprint.
+5. train K flow members (seed ``member_seed(seed, k)`` = ``seed * 1000 + k`` and a bootstrap resample
+   of compounds), one task per member, locally or with Ray (``models.ray_executor.run_tasks``; 1 CPU
+   or a GPU fraction each). Each member folder holds its checkpoint (resumable), config,
+   normalisation statistics and data fingerprint;
+6. write ``assay.json`` once every member is trained: until then a folder that held a model (say
+   one being given more members) stays that model.
+
+A stage (the autoencoder's first, or a member) stopped by its time budget (``max_minutes``) before
+its ``max_steps`` continues from its checkpoint when training is rerun with a larger budget; a
+budget that does not cover what a finished stage trained is refused (:func:`_check_resume_budgets`).
 
 Model folder::
 
@@ -74,6 +80,7 @@ from models.image_flow import (
     ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, control_source,
     load_checkpoint, sample_latents, sampling_condition, save_json, save_torch, source_indices, train_flow,
 )
+from models.ray_executor import check_executor
 from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells
 
 logger = logging.getLogger(__name__)
@@ -240,7 +247,8 @@ def train_image_assay(
     source: str = "crops",
 ) -> "ImageAssay":
     """Train (or resume) an image assay on ``crops`` into ``out_dir``; returns the loaded assay."""
-    out = Path(out_dir)
+    check_executor(executor)  # before any training
+    out = Path(out_dir).resolve()  # Ray workers elsewhere resolve a relative path against their own folder
     config = replace(config, dna_channel=_dna_channel(out, config, crops, source))
     _check_resume_config(out, config)
     train = select_training_crops(crops, config)
@@ -252,6 +260,7 @@ def train_image_assay(
     compounds, fps = compound_table(train, source)
     fingerprint = data_fingerprint(train)
     _check_resume_data(out, fingerprint, crops.channel_names)
+    _check_resume_budgets(out, config)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / DATA_FILE, {"data_fingerprint": fingerprint, "channel_names": list(crops.channel_names),
                                 "n_train_cells": int(len(train)), "train_plates": sorted(set(train.plates)),
@@ -279,9 +288,9 @@ def train_image_assay(
     # the version identifies the trained model as before session 34 (a model resumed unchanged keeps it)
     assay_meta["version"] = hashlib.sha256(json.dumps(assay_meta, sort_keys=True).encode()).hexdigest()[:12]
     assay_meta["channels_named"] = bool(crops.channels_named)  # False: names say only the order (defaults)
-    save_json(out / ASSAY_FILE, assay_meta)
-    kwargs = [{"model_dir": str(out), "member_index": k} for k in range(config.n_members)]
+    kwargs = [{"model_dir": str(out), "member_index": k, "meta": assay_meta} for k in range(config.n_members)]
     _run_members(kwargs, executor, ray_address)
+    save_json(out / ASSAY_FILE, assay_meta)  # only now: until every member is trained the folder is what it was
     return ImageAssay.load(out)
 
 
@@ -300,36 +309,125 @@ def read_model_json(path: Path) -> dict:
         raise ValueError(f"{path}: unreadable ({err}); use another --out") from err
 
 
-def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
-    """A folder holding a model (``assay.json``), or the start of one (``training_data.json``, written
-    before any training with the requested config), is resumed only with the same configuration;
-    a stage's step budget may change until that stage is finished (finished members and a finished
-    autoencoder do not train again), and a complete ensemble keeps its members."""
+def _read_stored_config(out: Path) -> tuple[Path, bool, ImageAssayConfig] | None:
+    """(its file, whether it is a complete model, its config) of a model (``assay.json``) or the
+    start of one (``training_data.json``, written before any training with the requested config)
+    in ``out``; None when there is none, or it recorded no config (started before session 31)."""
     complete = (out / ASSAY_FILE).is_file()
     path = out / (ASSAY_FILE if complete else DATA_FILE)
-    if not path.is_file():
-        return
-    meta = read_model_json(path)
-    if "config" not in meta:  # a folder started before session 31 recorded no config there
-        return
-    stored = ImageAssayConfig.from_dict(meta["config"])
-    differ = _differing_fields(_comparable(stored).to_dict(), _comparable(config).to_dict())
-    if complete:  # a budget of a stage that is finished would change nothing but the record
-        finished = []
-        if all((out / f"member_{k:03d}" / "model.pt").is_file() for k in range(stored.n_members)):
-            finished.append(("flow.max_steps", stored.flow.max_steps, config.flow.max_steps))
-        if (out / "autoencoder" / "model.pt").is_file():
-            finished += [("autoencoder.max_steps", stored.autoencoder.max_steps, config.autoencoder.max_steps),
-                         ("autoencoder.decoder_steps", stored.autoencoder.decoder_steps,
-                          config.autoencoder.decoder_steps)]
-        differ += [f"{name}={old!r}/{new!r} (that stage is finished)" for name, old, new in finished if old != new]
-        if config.n_members < stored.n_members:
-            differ.append(f"n_members={stored.n_members}/{config.n_members} (members are added, never dropped)")
+    meta = read_model_json(path) if path.is_file() else {}
+    return (path, complete, ImageAssayConfig.from_dict(meta["config"])) if "config" in meta else None
+
+
+def _refuse_differences(path: Path, complete: bool, differ: list[str]) -> None:
     if differ:
         what = "a model" if complete else "the start of a model (stopped before it was complete)"
         raise ValueError(f"{path}: {what} with a different configuration is already there "
                          f"({', '.join(differ)}: stored vs requested); use another --out, or the stored "
                          "model's options to resume it")
+
+
+def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
+    """A folder holding a model, or the start of one (:func:`_read_stored_config`), is resumed only
+    with the same configuration but for budgets (:func:`_check_resume_budgets`), ensemble size and
+    sampling and decode options; a complete ensemble keeps its members."""
+    stored = _read_stored_config(out)
+    if stored is None:
+        return
+    path, complete, stored = stored
+    differ = _differing_fields(_comparable(stored).to_dict(), _comparable(config).to_dict())
+    if complete and config.n_members < stored.n_members:
+        differ.append(f"n_members={stored.n_members}/{config.n_members} (members are added, never dropped)")
+    _refuse_differences(path, complete, differ)
+
+
+def _check_resume_budgets(out: Path, config: ImageAssayConfig) -> None:
+    """A stage's budgets may change until that stage is finished. A finished stage (the
+    autoencoder, a member) keeps its step budget unless it stopped on its time budget first; then
+    a larger time budget continues it (the autoencoder only while no member has trained on its
+    latents). No budget may shrink below what a finished stage trained."""
+    stored = _read_stored_config(out)
+    if stored is None:
+        return
+    path, complete, stored = stored
+    differ = _check_member_budgets(out, stored.flow, config.flow)
+    differ += _check_autoencoder_budget(out, stored.autoencoder, config.autoencoder)
+    _refuse_differences(path, complete, differ)
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """What a finished training stage (a member, the autoencoder's first stage) did: its steps and
+    seconds (``train_log.json``) under its step and time budgets (``config.json``)."""
+
+    steps: int
+    seconds: float
+    max_steps: int
+    max_minutes: float
+
+    def continues_under(self, max_steps: int, max_minutes: float) -> bool:
+        """Whether these budgets train the stage further: it stopped on its time budget before
+        ``max_steps``, and ``max_minutes`` leaves time it has not used."""
+        return self.steps < max_steps and self.seconds < 60 * max_minutes
+
+    def budget_conflicts(self, name: str, prefix: str, max_steps: int, max_minutes: float) -> list[str]:
+        """``field=trained/requested (why)`` for a requested budget that would misstate what the stage trained."""
+        out = []
+        if (self.steps >= self.max_steps and max_steps != self.max_steps) or max_steps < self.steps:
+            out.append(f"{prefix}max_steps={self.max_steps!r}/{max_steps!r} ({name} trained {self.steps} steps)")
+        if max_minutes < self.max_minutes and 60 * max_minutes < self.seconds:
+            out.append(f"{prefix}max_minutes={self.max_minutes!r}/{max_minutes!r} ({name} trained "
+                       f"{self.seconds / 60:.1f} min)")
+        return out
+
+
+def read_stage_progress(stage_dir: Path, budget: dict, key: str | None = None) -> StageProgress:
+    """:class:`StageProgress` of a finished stage. Its budgets are those ``train_log.json`` (written
+    after the model) records, else its ``config.json``'s (``[key]`` of it for a member's), else
+    ``budget``'s (a config dict); a stage saved without ``train_log.json`` counts as having trained
+    all its steps."""
+    cfg_path, log_path = stage_dir / "config.json", stage_dir / "train_log.json"
+    if cfg_path.is_file():
+        budget = read_model_json(cfg_path)
+        budget = budget[key] if key else budget
+    log = read_model_json(log_path) if log_path.is_file() else {}
+    max_steps = int(log.get("max_steps", budget["max_steps"]))
+    max_minutes = float(log.get("max_minutes", budget["max_minutes"]))
+    return StageProgress(int(log.get("steps", max_steps)), float(log.get("seconds", 0.0)), max_steps, max_minutes)
+
+
+def _trained_members(out: Path) -> list[Path]:
+    """Member folders of ``out`` holding a finished member (``model.pt``)."""
+    return [d for d in sorted(out.glob("member_[0-9][0-9][0-9]")) if (d / "model.pt").is_file()]
+
+
+def _check_member_budgets(out: Path, stored: FlowConfig, requested: FlowConfig) -> list[str]:
+    """Budget conflicts of the finished members with the requested flow budgets."""
+    differ = []
+    for mdir in _trained_members(out):
+        progress = read_stage_progress(mdir, stored.to_dict(), "flow")
+        differ += progress.budget_conflicts(mdir.name, "flow.", requested.max_steps, requested.max_minutes)
+    return differ
+
+
+def _check_autoencoder_budget(out: Path, stored: AutoencoderConfig, requested: AutoencoderConfig) -> list[str]:
+    """Budget conflicts of a finished autoencoder with the requested budgets; one stopped on its
+    time budget cannot continue once a member has trained on its latents."""
+    ae_dir = out / "autoencoder"
+    if not any((ae_dir / name).is_file() for name in ("model.pt", "stage1.pt")):
+        return []
+    progress = read_stage_progress(ae_dir, stored.to_dict())
+    differ = progress.budget_conflicts("the autoencoder", "autoencoder.", requested.max_steps, requested.max_minutes)
+    if (ae_dir / "model.pt").is_file() and stored.decoder_steps != requested.decoder_steps:
+        differ.append(f"autoencoder.decoder_steps={stored.decoder_steps!r}/{requested.decoder_steps!r} "
+                      "(that stage is finished)")
+    started = [d.name for d in sorted(out.glob("member_[0-9][0-9][0-9]"))
+               if (d / "model.pt").is_file() or (d / "checkpoint.pt").is_file()]
+    if started and progress.continues_under(requested.max_steps, requested.max_minutes):
+        differ.append(f"autoencoder.max_minutes={progress.max_minutes!r}/{requested.max_minutes!r} (the autoencoder "
+                      f"stopped on its time budget at step {progress.steps} of {progress.max_steps}, and "
+                      f"{', '.join(started)} trained on its latents: it cannot train further)")
+    return differ
 
 
 def _dna_channel(out: Path, config: ImageAssayConfig, crops: CropSet, source: str) -> int:
@@ -341,8 +439,10 @@ def _dna_channel(out: Path, config: ImageAssayConfig, crops: CropSet, source: st
             raise ValueError(f"dna_channel {config.dna_channel} out of range for the {n} channels "
                              f"{list(crops.channel_names)} of {source}")
         return int(config.dna_channel)
-    if (out / ASSAY_FILE).is_file():
-        return int(read_model_json(out / ASSAY_FILE)["config"]["dna_channel"])
+    for path in (out / ASSAY_FILE, out / DATA_FILE):  # a model, or the start of one (assay.json comes last)
+        meta = read_model_json(path) if path.is_file() else {}
+        if meta.get("config", {}).get("dna_channel") is not None:
+            return int(meta["config"]["dna_channel"])
     return dna_channel_index(crops.channel_names, source)
 
 
@@ -392,22 +492,43 @@ def _comparable(config: ImageAssayConfig) -> ImageAssayConfig:
 
 def _train_or_load_autoencoder(ae_dir: Path, x: Tensor, cfg: AutoencoderConfig, seed: int) -> ImageAutoencoder:
     """Stage 1 (resumable from ``checkpoint.pt``). Saved as ``model.pt`` when there is no stage 2,
-    else as ``stage1.pt``; an existing ``model.pt`` is the finished autoencoder and is loaded."""
+    else as ``stage1.pt``; an existing ``model.pt`` is the finished autoencoder and is loaded, as is
+    ``stage1.pt`` (stage 2 then follows), unless stage 1 stopped on its time budget and ``cfg``'s
+    is larger: it then continues from its checkpoint (and stage 2 is run again on it)."""
     ae_dir.mkdir(parents=True, exist_ok=True)
     final, stage1, ckpt = ae_dir / "model.pt", ae_dir / "stage1.pt", ae_dir / "checkpoint.pt"
-    for path in (final, stage1):
-        if path.is_file():
-            model = ImageAutoencoder(cfg)
-            model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
-            return model.eval()
+    done = next((path for path in (final, stage1) if path.is_file()), None)
+    if done is not None and not _continues(ae_dir, cfg.to_dict(), None, cfg.max_steps, cfg.max_minutes):
+        model = ImageAutoencoder(cfg)
+        model.load_state_dict(torch.load(done, weights_only=True, map_location="cpu"))
+        return model.eval()
     state = load_checkpoint(ckpt)
-    t0 = time.perf_counter()
     model, state = train_autoencoder(x, cfg, seed=seed, state=state, checkpoint_fn=lambda s: save_torch(ckpt, s),
                                      device=training_device())
     save_json(ae_dir / "config.json", cfg.to_dict())
-    save_json(ae_dir / "train_log.json", {"steps": state["step"], "seconds": time.perf_counter() - t0})
+    if cfg.decoder_steps > 0:
+        final.unlink(missing_ok=True)  # stage 2 of an earlier stage 1: it is run again on this one
     save_torch(stage1 if cfg.decoder_steps > 0 else final, model.state_dict())
+    save_json(ae_dir / "train_log.json", {"steps": state["step"], "seconds": state["elapsed_s"],
+                                          "max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes})
     return model
+
+
+def _continues(stage_dir: Path, budget: dict, key: str | None, max_steps: int, max_minutes: float) -> bool:
+    """Whether the finished stage in ``stage_dir`` trains further under these budgets (logged);
+    ValueError naming its checkpoint when that is missing."""
+    progress = read_stage_progress(stage_dir, budget, key)
+    if not progress.continues_under(max_steps, max_minutes):
+        return False
+    ckpt = stage_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise ValueError(f"{ckpt}: missing, so {stage_dir.name}, stopped on its time budget at step "
+                         f"{progress.steps} of {progress.max_steps}, cannot continue; keep its time budget "
+                         f"({progress.max_minutes:g} min) or use another --out")
+    logger.info("%s stopped on its time budget at step %d of %d (%.1f min): continuing from its checkpoint "
+                "up to %d steps or %g min", stage_dir.name, progress.steps, progress.max_steps,
+                progress.seconds / 60, max_steps, max_minutes)
+    return True
 
 
 def _run_decoder_stage(ae_dir: Path, ae: ImageAutoencoder, x: Tensor, latent_norm: LatentNorm,
@@ -494,19 +615,24 @@ def member_seed(base_seed: int, member_index: int) -> int:
     return int(base_seed) * 1000 + int(member_index)
 
 
-def train_member_task(model_dir: str, member_index: int) -> dict:
-    """Train (or resume) member ``member_index`` of the assay in ``model_dir`` (one Ray task)."""
+def train_member_task(model_dir: str, member_index: int, meta: dict | None = None) -> dict:
+    """Train (or resume) member ``member_index`` of the assay in ``model_dir`` (one Ray task).
+
+    ``meta`` is the model's ``assay.json`` record (default: read from ``model_dir``);
+    :func:`train_image_assay` passes the one it writes once every member is trained. A trained
+    member is skipped unless it stopped on its time budget and ``meta``'s is larger (it continues)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(model_dir)
-    meta = json.loads((out / ASSAY_FILE).read_text())
+    meta = json.loads((out / ASSAY_FILE).read_text()) if meta is None else meta
     config = ImageAssayConfig.from_dict(meta["config"])
-    data = latent_data_from_dict(torch.load(out / LATENTS_FILE, weights_only=False))
     seed = member_seed(config.seed, member_index)
     mdir = out / f"member_{member_index:03d}"
     mdir.mkdir(exist_ok=True)
-    if (mdir / "model.pt").is_file():
+    if (mdir / "model.pt").is_file() and not _continues(mdir, config.flow.to_dict(), "flow", config.flow.max_steps,
+                                                          config.flow.max_minutes):
         logger.info("member %d already trained", member_index)
         return {"member": member_index, "skipped": True}
+    data = latent_data_from_dict(torch.load(out / LATENTS_FILE, weights_only=False))
     identity = member_identity(config, seed, meta["data_fingerprint"])
     if (mdir / "config.json").is_file() and (mdir / "checkpoint.pt").is_file():
         stored = json.loads((mdir / "config.json").read_text())
@@ -523,7 +649,8 @@ def train_member_task(model_dir: str, member_index: int) -> dict:
     model, final = train_flow(data, config.flow, seed=seed, state=state, checkpoint_fn=lambda s: save_torch(ckpt, s),
                               device=training_device())
     save_torch(mdir / "model.pt", model.state_dict())
-    save_json(mdir / "train_log.json", {"steps": final["step"], "seconds": final["elapsed_s"]})
+    save_json(mdir / "train_log.json", {"steps": final["step"], "seconds": final["elapsed_s"],
+                                        "max_steps": config.flow.max_steps, "max_minutes": config.flow.max_minutes})
     return {"member": member_index, "steps": final["step"], "seconds": final["elapsed_s"]}
 
 
@@ -701,6 +828,9 @@ class ImageAssay:
         ``source_idx: n`` (control mode only) names the source control cells instead of drawing
         them from ``seed`` (:meth:`generate_ensemble` splits one draw across the members)."""
         cfg = self.config.flow
+        n_steps = cfg.n_steps if n_steps is None else n_steps
+        if n_steps < 1:
+            raise ValueError(f"n_steps (sampler steps) must be >= 1, got {n_steps}")
         z_ctrl = controls.z if controls is not None else None
         if cfg.mode == "control" and (z_ctrl is None or len(z_ctrl) == 0):
             raise ValueError("a control-mode assay needs the plate's control cells (plate_id or controls)")
@@ -721,7 +851,7 @@ class ImageAssay:
             idx = source_indices(n, len(z_ctrl), gen) if source_idx is None else source_idx.long()
             x_0 = add_source_noise(z_ctrl[idx], sigma, gen)
         z_1 = sample_latents(self.members[member], cond.to(self.device), x_0.to(self.device),
-                             n_steps=n_steps or cfg.n_steps, sampler=sampler or cfg.sampler,
+                             n_steps=n_steps, sampler=sampler or cfg.sampler,
                              guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
                              guidance_reference=cfg.guidance_reference, guidance_gated=cfg.guidance_gated)
         return z_1.cpu(), idx

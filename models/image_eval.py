@@ -423,7 +423,7 @@ def evaluate_assay(
     settings = {
         "model_version": assay.version, "n_members": assay.n_members, "image_size_px": size,
         "n_per_condition": n_per_condition, "seed": seed, "sampler": sampler or assay.config.flow.sampler,
-        "n_steps": n_steps or assay.config.flow.n_steps, "max_real": max_real,
+        "n_steps": assay.config.flow.n_steps if n_steps is None else n_steps, "max_real": max_real,
         "guidance_scale": assay.config.flow.guidance_scale if guidance_scale is None else guidance_scale,
         "guidance_gated": assay.config.flow.guidance_gated, "device": str(assay.device),
         "data": {"source": source, "n_cells": int(len(meta)), "plates": list(plate_list),

@@ -557,7 +557,8 @@ def save_torch(path: Path, obj) -> None:
 
 def load_checkpoint(path: Path) -> dict | None:
     """A training checkpoint (None when there is none); ValueError naming a file that cannot be read
-    (cut short), which is deleted to train that stage from its start."""
+    (cut short). The file is left in place: the message says to delete it to train that stage from
+    its start."""
     if not path.is_file():
         return None
     try:

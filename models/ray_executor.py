@@ -9,6 +9,10 @@ usage stats and auth off (``RAY_USAGE_STATS_ENABLED=0``, ``RAY_AUTH_MODE=disable
 short temp dir under /tmp (socket paths must stay < 108 chars), ~200 MB object store,
 no dashboard. A local cluster puts the repository root on the workers' ``PYTHONPATH``
 so task functions import. Starting one takes ~10 s on 2 cores.
+
+Every task logs at the driver's level (its root logger's, read when the tasks are submitted), so
+a worker's progress lines reach the driver's console (Ray forwards worker output), and a failed
+task raises its original exception, as the same call would locally.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -25,9 +30,17 @@ log = logging.getLogger(__name__)
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
-__all__ = ["ensure_ray", "iter_tasks", "run_tasks", "shutdown_ray"]
+__all__ = ["EXECUTORS", "check_executor", "ensure_ray", "iter_tasks", "ray_session", "run_tasks", "shutdown_ray"]
+
+EXECUTORS = ("local", "ray")
 
 _started_temp_dir: str | None = None  # temp dir of the local cluster this process started
+
+
+def check_executor(executor: str) -> None:
+    """ValueError unless ``executor`` is ``'local'`` or ``'ray'`` (checked before any training)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
 
 
 def _set_ray_environment() -> None:
@@ -77,14 +90,52 @@ def shutdown_ray() -> None:
         _started_temp_dir = None
 
 
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """A block that may start Ray: a local cluster started inside it is stopped on leaving it (and
+    its /tmp/ray_* folder removed); a Ray already running on entry is left running."""
+    _set_ray_environment()
+    import ray
+
+    running = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not running and ray.is_initialized():
+            shutdown_ray()
+
+
+def configure_worker_logging(level: int) -> None:
+    """Root logging at ``level`` in a worker process (a stderr handler if it has none), so the
+    task's INFO lines reach the driver, which Ray forwards them to."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(message)s")
+    root.setLevel(level)
+
+
+def _run_logged(fn: Callable[..., Any], log_level: int, kwargs: dict[str, Any]) -> Any:
+    """``fn(**kwargs)`` in a worker logging at the driver's level (the Ray task :func:`_submit` runs)."""
+    configure_worker_logging(log_level)
+    return fn(**kwargs)
+
+
+def _original_error(exc: BaseException) -> BaseException:
+    """The task's own exception for a Ray task error (its ``cause``), else ``exc``."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
 def _submit(fn: Callable[..., Any], kwargs_list: Sequence[dict[str, Any]], address: str | None,
             num_cpus_per_task: float, num_gpus_per_task: float) -> tuple[Any, list[Any]]:
     """Start one Ray task per kwargs dict -> (ray module, object refs in input order)."""
     if num_cpus_per_task <= 0 or num_gpus_per_task < 0:
         raise ValueError("num_cpus_per_task must be > 0 and num_gpus_per_task >= 0")
     ray = ensure_ray(address)
-    remote_fn = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task)(fn)
-    return ray, [remote_fn.remote(**kwargs) for kwargs in kwargs_list]
+    remote_fn = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task)(_run_logged)
+    remote_fn = remote_fn.options(name=getattr(fn, "__name__", "task"))
+    level = logging.getLogger().getEffectiveLevel()
+    return ray, [remote_fn.remote(fn, level, kwargs) for kwargs in kwargs_list]
 
 
 def run_tasks(
@@ -102,7 +153,10 @@ def run_tasks(
     """
     ray, refs = _submit(fn, kwargs_list, address, num_cpus_per_task, num_gpus_per_task)
     ray.wait(refs, num_returns=len(refs))
-    return ray.get(refs)
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as err:  # its message is the remote traceback: raise the task's own
+        raise _original_error(err) from None
 
 
 def iter_tasks(
@@ -132,11 +186,11 @@ def iter_tasks(
                 try:
                     result = ray.get(ref)
                 except Exception as exc:  # re-raised after the other tasks have finished
-                    first_error = first_error or exc
+                    first_error = first_error or _original_error(exc)
                     continue
                 yield index_of[ref], result
     finally:
         for ref in pending:  # the consumer stopped early (an error, a break): stop the rest
             ray.cancel(ref, force=True)
     if first_error is not None:
-        raise first_error
+        raise first_error from None

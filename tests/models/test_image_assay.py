@@ -892,7 +892,7 @@ def test_a_resume_is_checked_against_the_config_the_training_started_with(tmp_pa
     members; unreadable files and checkpoints are named."""
     from dataclasses import replace
 
-    from models.image_assay import ASSAY_FILE, DATA_FILE, _check_resume_config
+    from models.image_assay import ASSAY_FILE, DATA_FILE, _check_resume_budgets, _check_resume_config
     from models.image_flow import load_checkpoint
 
     config = ImageAssayConfig(n_members=2)
@@ -903,15 +903,16 @@ def test_a_resume_is_checked_against_the_config_the_training_started_with(tmp_pa
         with pytest.raises(ValueError, match=f"{DATA_FILE}: the start of a model .*{name}"):
             _check_resume_config(tmp_path, changed)
     (tmp_path / ASSAY_FILE).write_text(json.dumps({"config": config.to_dict()}))
-    _check_resume_config(tmp_path, replace(config, flow=replace(config.flow, max_steps=7)))  # a member unfinished
+    _check_resume_budgets(tmp_path, replace(config, flow=replace(config.flow, max_steps=7)))  # a member unfinished
     for path in (tmp_path / "member_000", tmp_path / "member_001", tmp_path / "autoencoder"):
         path.mkdir()
         (path / "model.pt").write_bytes(b"")  # every stage finished
     _check_resume_config(tmp_path, replace(config, n_members=3))  # members are added
-    for changed, name in ((replace(config, flow=replace(config.flow, max_steps=7)), "flow.max_steps"),
-                          (replace(config, n_members=1), "n_members=2/1")):
+    for changed, name, check in ((replace(config, flow=replace(config.flow, max_steps=7)), "flow.max_steps",
+                                  _check_resume_budgets),
+                                 (replace(config, n_members=1), "n_members=2/1", _check_resume_config)):
         with pytest.raises(ValueError, match=f"{ASSAY_FILE}: a model .*{name}"):
-            _check_resume_config(tmp_path, changed)
+            check(tmp_path, changed)
     (tmp_path / ASSAY_FILE).write_text('{"config": {"flow": ')
     with pytest.raises(ValueError, match=f"{ASSAY_FILE}: unreadable"):
         _check_resume_config(tmp_path, config)
@@ -998,3 +999,101 @@ def test_sample_and_evaluate_feed_a_positional_model_the_folders_order(trained, 
         assert res.exit_code == 0, res.output
         with np.load(tmp_path / "s.npz") as z:
             assert z["channel_names"].tolist() == stains and bool(z["channel_names_declared"])
+
+
+def _member_steps(model_dir, k=0):
+    return json.loads((model_dir / f"member_{k:03d}" / "train_log.json").read_text())["steps"]
+
+
+def test_a_member_stopped_by_its_time_budget_continues_with_a_larger_one(tmp_path):
+    """Rerun with a larger --flow-minutes, a member its time budget stopped before max_steps trains
+    on from its checkpoint (the record then tells the truth); a budget below what it trained is refused."""
+    crops, cfg = tiny_crops(), tiny_config(n_members=1)
+    train_image_assay(crops, tmp_path, replace(cfg, flow=replace(cfg.flow, max_minutes=0.0)))  # stopped at once
+    assert _member_steps(tmp_path) == 0
+    assay = train_image_assay(crops, tmp_path, cfg)
+    assert _member_steps(tmp_path) == cfg.flow.max_steps
+    assert assay.config.flow.max_minutes == cfg.flow.max_minutes
+    record = (tmp_path / "assay.json").read_text()
+    with pytest.raises(ValueError, match=r"flow\.max_minutes=.*member_000 trained"):
+        train_image_assay(crops, tmp_path, replace(cfg, flow=replace(cfg.flow, max_minutes=0.0)))
+    assert (tmp_path / "assay.json").read_text() == record
+
+
+def test_an_autoencoder_stopped_by_its_time_budget_continues_until_members_use_it(tmp_path, monkeypatch):
+    import models.image_assay as image_assay
+
+    crops, cfg = tiny_crops(), tiny_config(n_members=1)
+    stopped = replace(cfg, autoencoder=replace(cfg.autoencoder, max_minutes=0.0))
+
+    def stop(*args):
+        raise RuntimeError("stopped before the members")
+
+    with monkeypatch.context() as m:
+        m.setattr(image_assay, "_run_members", stop)
+        with pytest.raises(RuntimeError):
+            train_image_assay(crops, tmp_path / "a", stopped)
+    train_image_assay(crops, tmp_path / "a", cfg)  # no member yet: stage 1 continues, stage 2 again
+    log = json.loads((tmp_path / "a" / "autoencoder" / "train_log.json").read_text())
+    assert (log["steps"], log["decoder_steps"]) == (cfg.autoencoder.max_steps, cfg.autoencoder.decoder_steps)
+    train_image_assay(crops, tmp_path / "b", stopped)
+    with pytest.raises(ValueError, match="stopped on its time budget at step 0 .*member_000 trained on its latents"):
+        train_image_assay(crops, tmp_path / "b", cfg)
+
+
+def test_adding_members_keeps_the_model_until_they_are_trained(tmp_path, monkeypatch):
+    import models.image_assay as image_assay
+
+    crops, cfg = tiny_crops(), tiny_config(n_members=1)
+    train_image_assay(crops, tmp_path, cfg)
+    record = (tmp_path / "assay.json").read_text()
+    real = image_assay.train_member_task
+
+    def interrupted(member_index, **kwargs):
+        if member_index == 1:
+            raise RuntimeError("interrupted")
+        return real(member_index=member_index, **kwargs)
+
+    monkeypatch.setattr(image_assay, "train_member_task", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_image_assay(crops, tmp_path, replace(cfg, n_members=2))
+    assert (tmp_path / "assay.json").read_text() == record
+    assert ImageAssay.load(tmp_path).n_members == 1
+
+
+def test_ray_members_get_the_absolute_model_folder(tmp_path, monkeypatch):
+    from models import ray_executor
+
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+
+    def run_elsewhere(fn, kwargs_list, **_):
+        monkeypatch.chdir(elsewhere)  # a worker's own working folder
+        return [fn(**kw) for kw in kwargs_list]
+
+    monkeypatch.setattr(ray_executor, "run_tasks", run_elsewhere)
+    monkeypatch.chdir(tmp_path)
+    train_image_assay(tiny_crops(), "rel", tiny_config(n_members=1), executor="ray")
+    assert (tmp_path / "rel" / "member_000" / "model.pt").is_file() and not (elsewhere / "rel").exists()
+
+
+def test_a_bad_executor_is_refused_before_any_training(tmp_path):
+    from loop.assay_cli import assay_app
+
+    with pytest.raises(ValueError, match="executor must be 'local' or 'ray', got 'Ray'"):
+        train_image_assay(tiny_crops(), tmp_path / "m", tiny_config(), executor="Ray")
+    assert not (tmp_path / "m").exists()
+    res = CliRunner().invoke(assay_app, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m"),
+                                         "--executor", "Ray"])
+    assert res.exit_code == 1 and "--executor: executor must be 'local' or 'ray', got 'Ray'" in res.output
+
+
+def test_zero_sampler_steps_are_refused(trained, tmp_path):
+    from loop.assay_cli import assay_app
+
+    _, _, assay = trained
+    with pytest.raises(ValueError, match="n_steps .* >= 1, got 0"):
+        assay.generate_latents(0, None, 0.0, None, 2, seed=0, n_steps=0)
+    res = CliRunner().invoke(assay_app, ["sample", "--model", str(trained[0]), "--compound", "DMSO", "--dose-um", "0",
+                                         "--controls", "P1", "--out", str(tmp_path / "s.npz"), "--steps", "0"])
+    assert res.exit_code == 2 and not (tmp_path / "s.npz").exists()
