@@ -325,16 +325,18 @@ def ingest(
                                      channel_names=_channel_list(channels))
     table = Table(title="ingest QC")
     for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits (activity >)",
-                "wells without cells", "missing wells", "edge effect removed (DMSO sd)"):
+                "cell-count checks (withdrawn, cell loss)", "wells without cells", "missing wells",
+                "edge effect removed (DMSO sd)"):
         table.add_column(col)
     for r in reports:
         if r.status != "imported":  # nothing new was measured: no figures to show
-            table.add_row(r.barcode, r.status, *["-"] * 8)
+            table.add_row(r.barcode, r.status, *["-"] * 9)
             continue
         table.add_row(r.barcode, r.status, str(r.n_wells), str(r.n_cells),
                       f"{r.cells_per_well_median:.0f}, {r.cells_per_well_min}",
                       f"{r.control_activity_mean:.2f} ± {r.control_activity_sd:.2f}",
                       f"{r.n_hits} (> {r.hit_threshold:.2f})",
+                      f"{r.n_hits_withdrawn}, {r.n_hits_cell_loss}" if campaign.config.cell_count_hits else "off",
                       str(len(r.empty_wells)), str(len(r.missing_wells)),
                       "-" if math.isnan(r.edge_offset_sd) else f"{r.edge_offset_sd:.2f}")
     out.print(table)

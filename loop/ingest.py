@@ -61,6 +61,8 @@ class PlateQC:
     empty_wells: list[str] = field(default_factory=list)  # mapped, imaged, no cell found (measured: n_cells 0)
     edge_offset_sd: float = float("nan")  # edge effect removed, DMSO sd over the features corrected (NaN: none)
     hit_threshold: float = float("nan")  # activity above which a treatment well is a hit (DMSO mean + hit_sd sd)
+    n_hits_withdrawn: int = 0  # profile hits on few cells that DMSO wells measured with as few cells explain
+    n_hits_cell_loss: int = 0  # hits by cell loss alone (wells without a cell included)
 
 
 def ingest_results(campaign: Campaign, results_dir: Path, *, crop_px: int | None = None,
@@ -462,101 +464,152 @@ def plate_profiles(cells: pd.DataFrame, hit_sd: float, edge_correction: bool, ce
             wells = profiling.subtract_edge_offsets(wells, edge.offsets)
     profiles = _normalised_profiles(wells, hit_sd)
     if cell_count_hits:
-        profiles = _cell_count_hits(profiles, wells, cells, None if edge is None else edge.offsets, hit_sd,
-                                    edge_adjusted=edge_correction)
+        profiles = _cell_count_hits(profiles, wells, cells, None if edge is None else edge.offsets, hit_sd)
     return profiles, edge
 
 
 COUNT_DRAWS = 3  # subsets drawn from each DMSO well for a cell count's threshold
 COUNT_MAX_CONTROLS = 24  # DMSO wells drawn from for one cell count (a real plate has 5,800 features)
-COUNT_MIN_CONTROLS = 4  # DMSO wells with more cells than the count needed for its threshold
-COUNT_BIN_RATIO = 1.25  # cell counts share a threshold within this ratio (each at its bin's lower count)
+COUNT_MIN_CONTROLS = 4  # DMSO wells with more cells than the count (and finite draws per well) it needs
+COUNT_GRID_RATIO = 1.25  # thresholds are measured at counts n_ref / 1.25^k and interpolated in 1/n between
+CELL_LOSS_MIN_DMSO = 8  # DMSO wells a plate needs for cell-loss calls
 
 
 def _cell_count_hits(profiles: pd.DataFrame, wells: pd.DataFrame, cells: pd.DataFrame,
-                     offsets: pd.Series | None, hit_sd: float, edge_adjusted: bool) -> pd.DataFrame:
+                     offsets: pd.Series | None, hit_sd: float) -> pd.DataFrame:
     """Hit calls that account for each well's cell count. A well's median over few cells is
     noisier, so an inactive compound on few cells (an edge well, a dispensing fault) lay further
     from the DMSO centre by chance and passed the plate's threshold more often (7.6 % against
     2.6 % of the inactive wells on the demo's edge): such calls are checked against DMSO wells
     measured with as few cells (:func:`_count_matched_profile_hits`). A compound that kills cells
     acts through the count itself, which the profile does not hold: a treatment well with far
-    fewer cells than DMSO (:func:`_cell_loss`; the edge ring's counts put on the interior's scale
-    with ``edge_adjusted``) is a hit whatever its profile. Activities are
-    unchanged; only hit calls."""
+    fewer cells than DMSO (:func:`cell_loss_rule`) is a hit whatever its profile. Activities are
+    unchanged; the profiles gain ``Metadata_hit_withdrawn`` (a profile hit the count check took
+    back) and ``Metadata_hit_by_cell_loss``."""
     plate = wells[META_PLATE].iloc[0]
-    profile_hits = _count_matched_profile_hits(profiles, wells, cells, offsets, hit_sd)
-    cell_loss = _cell_loss(profiles, hit_sd, edge_adjusted)
     before = profiles["Metadata_is_hit"].to_numpy(dtype=bool)
+    profile_hits = _count_matched_profile_hits(profiles, wells, cells, offsets, hit_sd)
+    rule = cell_loss_rule(profiles, hit_sd)
+    cell_loss = np.zeros(len(profiles), dtype=bool) if rule is None else (
+        rule.calls(profiles[META_WELL].tolist(), profiles[profiling.META_N_CELLS].to_numpy())
+        & (profiles[META_ROLE] == WellRole.treatment.value).to_numpy())
     is_hit = profile_hits | cell_loss
     log.info("plate %s: %d hit(s) after matching hit calls to cell counts (%d before): %d withdrawn as the noise of "
              "few cells, %d by cell loss alone", plate, int(is_hit.sum()), int(before.sum()),
              int((before & ~profile_hits).sum()), int((cell_loss & ~profile_hits).sum()))
-    return profiles.assign(Metadata_is_hit=is_hit)
+    calls = pd.DataFrame({"Metadata_is_hit": is_hit, "Metadata_hit_withdrawn": before & ~profile_hits,
+                          "Metadata_hit_by_cell_loss": cell_loss & ~profile_hits}, index=profiles.index)
+    return pd.concat([profiles.drop(columns="Metadata_is_hit"), calls], axis=1)  # one block: 5,800 columns
 
 
-def _cell_loss(profiles: pd.DataFrame, hit_sd: float, edge_adjusted: bool) -> np.ndarray:
-    """Treatment wells whose cell count lies more than ``hit_sd`` robust sd below the DMSO wells'
-    on a log scale (the sd at least the Poisson sd of a count, ``1/sqrt(n)``, so a plate whose DMSO
-    wells happen to agree closely does not call every small shortfall). With ``edge_adjusted`` the
-    edge ring's counts are first put on the interior's scale: the median log count of its DMSO and
-    treatment wells minus the interior's (a drying edge loses cells wherever a compound is; the
-    median leaves the few compounds that kill cells out)."""
+@dataclass(frozen=True)
+class CellLossRule:
+    """A plate's cell-loss call: a treatment well is a hit by cell loss when its log cell count,
+    the edge ring's shifted by ``edge_shift`` to the interior's scale, lies below ``cutoff``."""
+
+    cutoff: float  # log cell count
+    edge_shift: float  # median log count of the edge ring's measured wells minus the interior's (0: not estimable)
+
+    def calls(self, wells: Sequence[str], n_cells: np.ndarray) -> np.ndarray:
+        """Cell-loss calls of ``wells`` with ``n_cells`` cells (0 for a well with no cell)."""
+        log_n = np.log(np.maximum(np.asarray(n_cells, dtype=np.float64), 0.5))
+        return log_n - self.edge_shift * profiling.is_edge_well(list(wells)) < self.cutoff
+
+
+def cell_loss_rule(profiles: pd.DataFrame, hit_sd: float) -> CellLossRule | None:
+    """The plate's :class:`CellLossRule`: the DMSO wells' median log count less a one-sided
+    prediction bound of ``hit_sd`` robust sd. The sd is that of all measured wells (DMSO and
+    treatments: a plate's 16 DMSO wells give too rough a MAD, and compounds that change the count
+    only widen it), at least the Poisson sd of a count, 1/sqrt(n); the bound is Student's t with
+    n_DMSO - 1 degrees of freedom at the normal tail of ``hit_sd``, times sqrt(1 + 1/n_DMSO) for the
+    centre's own error (a plain 3-sd cut from 16 DMSO wells called ten times the nominal rate).
+    The edge ring's counts are first put on the interior's scale by the median log counts of all
+    measured wells on each side (a drying edge loses cells wherever a compound is; the medians
+    leave the few compounds that kill cells out). None (no calls, logged) with fewer than
+    ``CELL_LOSS_MIN_DMSO`` DMSO wells."""
+    from scipy import stats
+
     role = profiles[META_ROLE].to_numpy()
+    dmso = role == WellRole.negative_control.value
+    if dmso.sum() < CELL_LOSS_MIN_DMSO:
+        log.info("plate %s: no cell-loss calls (%d DMSO wells; they need %d)", profiles[META_PLATE].iloc[0],
+                 int(dmso.sum()), CELL_LOSS_MIN_DMSO)
+        return None
     log_n = np.log(np.maximum(profiles[profiling.META_N_CELLS].to_numpy(dtype=np.float64), 0.5))
-    dmso, treated = role == WellRole.negative_control.value, role == WellRole.treatment.value
-    if edge_adjusted:
-        edge = profiling.is_edge_well(profiles[META_WELL].tolist())
-        measured = dmso | treated
-        if min((edge & measured).sum(), (~edge & measured).sum()) >= profiling.EDGE_MIN_WELLS:
-            log_n = log_n - edge * (np.median(log_n[edge & measured]) - np.median(log_n[~edge & measured]))
-    control = log_n[dmso]
-    centre = float(np.median(control))
-    spread = profiling.MAD_SCALE * float(np.median(np.abs(control - centre)))
+    edge = profiling.is_edge_well(profiles[META_WELL].tolist())
+    measured = dmso | (role == WellRole.treatment.value)
+    shift = 0.0
+    if min((edge & measured).sum(), (~edge & measured).sum()) >= profiling.EDGE_MIN_WELLS:
+        shift = float(np.median(log_n[edge & measured]) - np.median(log_n[~edge & measured]))
+    adjusted = log_n - shift * edge
+    centre = float(np.median(adjusted[dmso]))
+    spread = profiling.MAD_SCALE * float(np.median(np.abs(adjusted[measured] - np.median(adjusted[measured]))))
     scale = max(spread, 1.0 / np.sqrt(np.exp(centre)))
-    return treated & ((log_n - centre) / scale < -hit_sd)
+    n = int(dmso.sum())
+    critical = float(stats.t.ppf(stats.norm.cdf(hit_sd), df=n - 1)) * np.sqrt(1.0 + 1.0 / n)
+    return CellLossRule(cutoff=centre - critical * scale, edge_shift=shift)
 
 
 def _count_matched_profile_hits(profiles: pd.DataFrame, wells: pd.DataFrame, cells: pd.DataFrame,
                                 offsets: pd.Series | None, hit_sd: float, seed: int = 0) -> np.ndarray:
     """The profile hit calls with each hit on a treatment well with fewer cells than the median
-    DMSO well checked against the threshold of DMSO wells measured with as few cells:
-    ``COUNT_DRAWS`` random subsets of that many cells from up to ``COUNT_MAX_CONTROLS`` DMSO wells
-    with more cells, their medians edge-corrected and normalised exactly as the plate's wells,
-    their activities' mean + ``hit_sd`` sd (never below the plate's threshold). Counts within
-    ``COUNT_BIN_RATIO`` share one threshold, taken at the bin's lower count; with fewer than
-    ``COUNT_MIN_CONTROLS`` DMSO wells to draw from, the plate's threshold stands. Draws are
-    seeded by the plate."""
+    DMSO well (``n_ref``) checked against the threshold of DMSO wells measured with as few cells.
+    Thresholds are measured at the counts ``n_ref / COUNT_GRID_RATIO^k`` that bracket the wells
+    checked (``COUNT_DRAWS`` random subsets of that many cells from up to ``COUNT_MAX_CONTROLS``
+    DMSO wells with more cells, their medians edge-corrected and normalised exactly as the plate's
+    wells, their activities' mean + ``hit_sd`` sd; draws with a missing value are left out), made
+    to rise as the count falls (the plate's threshold at ``n_ref``), and interpolated in 1/n to
+    each well's own count (a median's variance goes as 1/n). Below the lowest count with
+    ``COUNT_MIN_CONTROLS`` DMSO wells to draw from, the lowest measured threshold stands. Draws
+    are seeded by the plate."""
     plate = str(wells[META_PLATE].iloc[0])
     role = profiles[META_ROLE].to_numpy()
-    n_cells = profiles[profiling.META_N_CELLS].to_numpy()
+    n_cells = profiles[profiling.META_N_CELLS].to_numpy(dtype=np.float64)
     is_hit = profiles["Metadata_is_hit"].to_numpy(dtype=bool).copy()
     dmso = role == WellRole.negative_control.value
     n_ref = float(np.median(n_cells[dmso]))
-    check = is_hit & (n_cells < n_ref)
+    check = is_hit & (n_cells < n_ref) & (role == WellRole.treatment.value)
     if not check.any():
         return is_hit
     features = feature_columns(profiles.columns)
     reference = wells.loc[dmso, [META_PLATE, META_WELL, profiling.META_N_CELLS] + features]
-    plate_threshold = hit_threshold(profiles.loc[dmso, "Metadata_activity"].to_numpy(), hit_sd)
     rng = np.random.default_rng([seed, zlib.crc32(plate.encode())])
-    bins = np.floor(n_ref / COUNT_BIN_RATIO ** np.ceil(np.log(n_ref / n_cells[check]) / np.log(COUNT_BIN_RATIO)))
-    for n_bin in np.unique(bins):
-        donors = reference.loc[reference[profiling.META_N_CELLS] > n_bin, META_WELL].tolist()
-        if len(donors) < COUNT_MIN_CONTROLS:
-            continue
-        donors = sorted(rng.choice(donors, min(len(donors), COUNT_MAX_CONTROLS), replace=False))
-        null = profiling.subsampled_wells(cells, donors, max(int(n_bin), 1), COUNT_DRAWS, rng, features)
-        if offsets is not None:
-            null = profiling.subtract_edge_offsets(null, offsets[offsets.index.isin(features)])
-        both = pd.concat([reference, null], ignore_index=True)
-        control = np.arange(len(both)) < len(reference)  # the plate's DMSO wells set centre and scale
-        activity = profiling.phenotypic_activity(
-            profiling.normalize_to_controls(both, control, features=features).loc[~control], features)
-        threshold = max(hit_threshold(activity, hit_sd), plate_threshold)
-        rows = np.flatnonzero(check)[bins == n_bin]
-        is_hit[rows] = profiles["Metadata_activity"].to_numpy()[rows] > threshold
+    counts, thresholds = [n_ref], [hit_threshold(profiles.loc[dmso, "Metadata_activity"].to_numpy(), hit_sd)]
+    while counts[-1] > n_cells[check].min() and counts[-1] > 1:
+        n_grid = max(min(int(np.floor(n_ref / COUNT_GRID_RATIO ** len(counts))), int(np.ceil(counts[-1])) - 1), 1)
+        threshold = _subsampled_dmso_threshold(reference, cells, n_grid, offsets, features, hit_sd, rng)
+        if threshold is None:
+            break
+        counts.append(n_grid)
+        thresholds.append(max(threshold, thresholds[-1]))  # fewer cells never lower the bar
+    inverse = 1.0 / np.asarray(counts, dtype=np.float64)  # rising, as the counts fall
+    rows = np.flatnonzero(check)
+    bar = np.interp(1.0 / n_cells[rows], inverse, np.asarray(thresholds))  # flat beyond the lowest count measured
+    is_hit[rows] = profiles["Metadata_activity"].to_numpy()[rows] > bar
     return is_hit
+
+
+def _subsampled_dmso_threshold(reference: pd.DataFrame, cells: pd.DataFrame, n_cells: int,
+                               offsets: pd.Series | None, features: list[str], hit_sd: float,
+                               rng: np.random.Generator) -> float | None:
+    """The hit threshold of the plate's DMSO wells (``reference``, edge-corrected medians) measured
+    with ``n_cells`` cells: see :func:`_count_matched_profile_hits`. None with fewer than
+    ``COUNT_MIN_CONTROLS`` donor wells, or as few finite draws per donor."""
+    donors = reference.loc[reference[profiling.META_N_CELLS] > n_cells, META_WELL].tolist()
+    if len(donors) < COUNT_MIN_CONTROLS:
+        return None
+    donors = sorted(rng.choice(donors, min(len(donors), COUNT_MAX_CONTROLS), replace=False))
+    null = profiling.subsampled_wells(cells, donors, n_cells, COUNT_DRAWS, rng, features)
+    if offsets is not None:
+        null = profiling.subtract_edge_offsets(null, offsets[offsets.index.isin(features)])
+    both = pd.concat([reference, null], ignore_index=True)
+    control = np.arange(len(both)) < len(reference)  # the plate's DMSO wells set centre and scale
+    activity = profiling.phenotypic_activity(
+        profiling.normalize_to_controls(both, control, features=features).loc[~control], features)
+    activity = activity[np.isfinite(activity)]  # a feature missing in every drawn cell: no activity
+    if len(activity) < COUNT_MIN_CONTROLS * COUNT_DRAWS:
+        return None
+    return hit_threshold(activity, hit_sd)
 
 
 EDGE_PASSES = 2  # estimates, each from the wells the previous correction leaves unhit
@@ -777,6 +830,7 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, edge: Ed
     n_cells = cells.groupby(META_WELL).size()
     measured = wells.set_index(META_WELL)
     mapped = well_map[well_map["role"] != WellRole.empty.value]
+    emptied = _emptied_by_cell_loss(campaign, wells, mapped, n_cells)
     try:
         if plate.crops is not None:
             written.append(_write_plate_crops(campaign, plate, well_map))
@@ -794,7 +848,7 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, edge: Ed
                     activity=float(measured.at[w["well"], "Metadata_activity"]) if w["well"] in measured.index
                     else None,
                     is_hit=bool(measured.at[w["well"], "Metadata_is_hit"]) if w["well"] in measured.index
-                    else False,
+                    else w["well"] in emptied,
                     cells_path=campaign.relative(cells_path),
                     profiles_path=campaign.relative(profiles_path),
                 )
@@ -818,7 +872,21 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, edge: Ed
             _remove(written)
         raise
     empty = sorted(set(mapped["well"]) - set(n_cells.index))
-    return _qc(plate.barcode, wells, n_cells, plan.undelivered, empty, edge, campaign.config.hit_sd)
+    return _qc(plate.barcode, wells, n_cells, plan.undelivered, empty, edge, campaign.config.hit_sd, emptied)
+
+
+def _emptied_by_cell_loss(campaign: Campaign, wells: pd.DataFrame, mapped: pd.DataFrame,
+                          n_cells: pd.Series) -> set[str]:
+    """Treatment wells imaged without a single cell that are hits by cell loss (with
+    ``cell_count_hits``; :func:`cell_loss_rule` of the plate's profiled wells): a compound that
+    killed every cell acted at least as much as one that left a few."""
+    if not campaign.config.cell_count_hits:
+        return set()
+    empty = mapped[(mapped["role"] == WellRole.treatment.value) & ~mapped["well"].isin(n_cells.index)]["well"]
+    rule = cell_loss_rule(wells, campaign.config.hit_sd) if len(empty) else None
+    if rule is None:
+        return set()
+    return set(empty[rule.calls(empty.tolist(), np.zeros(len(empty)))])
 
 
 def _plate_recorded(campaign: Campaign, plate: PlateResult) -> bool:
@@ -908,7 +976,7 @@ def write_parquet_in_chunks(frame: pd.DataFrame, path: Path, chunk_rows: int = P
 
 
 def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list[str], empty: list[str],
-        edge: EdgeCorrection | None = None, hit_sd: float = float("nan")) -> PlateQC:
+        edge: EdgeCorrection | None = None, hit_sd: float = float("nan"), emptied: set[str] = frozenset()) -> PlateQC:
     controls = wells[META_ROLE] == WellRole.negative_control.value
     ctrl = wells.loc[controls, "Metadata_activity"]
     return PlateQC(
@@ -920,7 +988,9 @@ def _qc(barcode: str, wells: pd.DataFrame, n_cells: pd.Series, undelivered: list
         cells_per_well_min=int(n_cells.min()),
         control_activity_mean=float(ctrl.mean()),
         control_activity_sd=float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan"),
-        n_hits=int(wells["Metadata_is_hit"].sum()),
+        n_hits=int(wells["Metadata_is_hit"].sum()) + len(emptied),
+        n_hits_withdrawn=int(wells.get("Metadata_hit_withdrawn", pd.Series(dtype=bool)).sum()),
+        n_hits_cell_loss=int(wells.get("Metadata_hit_by_cell_loss", pd.Series(dtype=bool)).sum()) + len(emptied),
         missing_wells=list(undelivered),
         empty_wells=empty,
         edge_offset_sd=float("nan") if edge is None else edge.size_sd,
