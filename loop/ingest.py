@@ -485,7 +485,7 @@ def _cell_count_hits(profiles: pd.DataFrame, wells: pd.DataFrame, cells: pd.Data
     acts through the count itself, which the profile does not hold: a treatment well with far
     fewer cells than DMSO (:func:`cell_loss_rule`) is a hit whatever its profile. Activities are
     unchanged; the profiles gain ``Metadata_hit_withdrawn`` (a profile hit the count check took
-    back) and ``Metadata_hit_by_cell_loss``."""
+    back, and no cell loss) and ``Metadata_hit_by_cell_loss`` (a hit by its cell loss alone)."""
     plate = wells[META_PLATE].iloc[0]
     before = profiles["Metadata_is_hit"].to_numpy(dtype=bool)
     profile_hits = _count_matched_profile_hits(profiles, wells, cells, offsets, hit_sd)
@@ -496,8 +496,8 @@ def _cell_count_hits(profiles: pd.DataFrame, wells: pd.DataFrame, cells: pd.Data
     is_hit = profile_hits | cell_loss
     log.info("plate %s: %d hit(s) after matching hit calls to cell counts (%d before): %d withdrawn as the noise of "
              "few cells, %d by cell loss alone", plate, int(is_hit.sum()), int(before.sum()),
-             int((before & ~profile_hits).sum()), int((cell_loss & ~profile_hits).sum()))
-    calls = pd.DataFrame({"Metadata_is_hit": is_hit, "Metadata_hit_withdrawn": before & ~profile_hits,
+             int((before & ~is_hit).sum()), int((cell_loss & ~profile_hits).sum()))
+    calls = pd.DataFrame({"Metadata_is_hit": is_hit, "Metadata_hit_withdrawn": before & ~is_hit,
                           "Metadata_hit_by_cell_loss": cell_loss & ~profile_hits}, index=profiles.index)
     return pd.concat([profiles.drop(columns="Metadata_is_hit"), calls], axis=1)  # one block: 5,800 columns
 

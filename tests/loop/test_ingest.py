@@ -119,6 +119,11 @@ def test_ingest_cuts_crops_the_image_assay_can_load(tmp_path):
     proposal = propose(campaign, 40)
     run_synthetic_lab(proposal.out_dir, tmp_path / "results", campaign=campaign, seed=1)
     assert CliRunner().invoke(app, ["--campaign", str(campaign.root), "ingest", str(tmp_path / "results")]).exit_code == 0
+    for barcode in proposal.barcodes:  # a new campaign's hit calls account for cell counts, flagged per well
+        wells = pd.read_parquet(campaign.measurements_dir / f"{barcode}.wells.parquet")
+        hit, withdrawn, loss = (wells[c].to_numpy(dtype=bool) for c in
+                                ("Metadata_is_hit", "Metadata_hit_withdrawn", "Metadata_hit_by_cell_loss"))
+        assert not (hit & withdrawn).any() and not (loss & ~hit).any()
     # imported without crops first: asking again with --crops-px adds them (it used to be a silent no-op)
     res = CliRunner().invoke(app, ["--campaign", str(campaign.root), "ingest", str(tmp_path / "results"),
                                    "--crops-px", "32", "--crops-per-well", "3"])
