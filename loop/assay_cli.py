@@ -170,13 +170,14 @@ def train(
 
 def _keep_stored_sampling(out: Path, flow, **given):
     """On resume, the sampling options stored with the model for those not given (``None``):
-    rerunning ``train`` to add members must not change how the model samples."""
-    from models.image_assay import ASSAY_FILE, SAMPLING_FIELDS, read_model_json
-    from models.image_flow import FlowConfig
+    rerunning ``train`` to add members must not change how the model samples. They are read from
+    ``assay.json``, else from ``training_data.json`` (a training stopped before its record was written)."""
+    from models.image_assay import SAMPLING_FIELDS, read_stored_config
 
-    if not (out / ASSAY_FILE).is_file():
+    found = read_stored_config(out)
+    if found is None:
         return flow
-    stored = FlowConfig.from_dict(read_model_json(out / ASSAY_FILE)["config"]["flow"])
+    stored = found[2].flow
     option = {"guidance": "guidance_scale", "guidance_gated": "guidance_gated"}
     given_fields = {option[k] for k, v in given.items() if v is not None}
     return replace(flow, **{f: getattr(stored, f) for f in SAMPLING_FIELDS if f not in given_fields})

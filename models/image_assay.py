@@ -261,10 +261,12 @@ def train_image_assay(
     fingerprint = data_fingerprint(train)
     _check_resume_data(out, fingerprint, crops.channel_names)
     _check_resume_budgets(out, config)
+    weights_before = fingerprint_weights(out, config.n_members)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / DATA_FILE, {"data_fingerprint": fingerprint, "channel_names": list(crops.channel_names),
                                 "n_train_cells": int(len(train)), "train_plates": sorted(set(train.plates)),
                                 "config": config.to_dict()})  # what a resume must train with
+    _withdraw_record_of_continuing_stages(out, config)
     norm = ChannelNorm.fit(images, seed=config.seed)
     x = norm.normalize(images)  # n x C x H x W
     ae = _train_or_load_autoencoder(out / "autoencoder", x, replace(config.autoencoder, in_channels=x.shape[1]), config.seed)
@@ -290,8 +292,69 @@ def train_image_assay(
     assay_meta["channels_named"] = bool(crops.channels_named)  # False: names say only the order (defaults)
     kwargs = [{"model_dir": str(out), "member_index": k, "meta": assay_meta} for k in range(config.n_members)]
     _run_members(kwargs, executor, ray_address)
+    if _keeps_record(out, assay_meta, weights_before):
+        return ImageAssay.load(out)
     save_json(out / ASSAY_FILE, assay_meta)  # only now: until every member is trained the folder is what it was
     return ImageAssay.load(out)
+
+
+def fingerprint_weights(out: Path, n_members: int) -> dict[str, str | None]:
+    """sha256 of every trained weights file of a model folder (the autoencoder's ``model.pt`` and
+    members ``0..n_members-1``'s; None for one not there): what a rerun compares to tell whether
+    anything trained."""
+    paths = [out / "autoencoder" / "model.pt"] + [out / f"member_{k:03d}" / "model.pt" for k in range(n_members)]
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in paths}
+
+
+def _withdraw_record_of_continuing_stages(out: Path, requested: ImageAssayConfig) -> None:
+    """Remove ``assay.json`` before a stage of the model it records (its autoencoder, one of its
+    ``n_members`` members) trains further (stopped on its time budget, rerun with a larger one):
+    that stage's weights change, so the folder is an unfinished model until this run writes the
+    new record, and a run killed meanwhile leaves no record naming the old version over other weights."""
+    stored = read_stored_config(out) if (out / ASSAY_FILE).is_file() else None
+    if stored is None:  # no model, or one recorded without its config (before session 31)
+        return
+    continuing = _continuing_stages(out, stored[2], requested)
+    if continuing:
+        logger.info("%s: %s of the model there train(s) further, so its record is removed: the folder is an "
+                    "unfinished model (no version) until this run completes", out / ASSAY_FILE, ", ".join(continuing))
+        (out / ASSAY_FILE).unlink()
+
+
+def _continuing_stages(out: Path, stored: ImageAssayConfig, requested: ImageAssayConfig) -> list[str]:
+    """Finished stages of the stored model (its autoencoder, members ``0..stored.n_members-1``)
+    that the requested budgets train further (:func:`_stage_continues`)."""
+    ae, flow = requested.autoencoder, requested.flow
+    ae_dir = out / "autoencoder"
+    stages = [ae_dir.name] if any((ae_dir / f).is_file() for f in ("model.pt", "stage1.pt")) and _stage_continues(
+        ae_dir, stored.autoencoder.to_dict(), None, ae.max_steps, ae.max_minutes) else []
+    return stages + [d.name for d in _member_dirs(out, stored.n_members, "model.pt")
+                     if _stage_continues(d, stored.flow.to_dict(), "flow", flow.max_steps, flow.max_minutes)]
+
+
+def _keeps_record(out: Path, meta: dict, weights_before: dict[str, str | None]) -> bool:
+    """Whether the model's ``assay.json`` stands as it is (logged): this run trained nothing (no
+    weights file changed) and would only record other training budgets, so the model, and its
+    version, are unchanged. Other sampling options, or new weights, make a new record."""
+    path = out / ASSAY_FILE
+    if not path.is_file() or fingerprint_weights(out, meta["config"]["n_members"]) != weights_before:
+        return False
+    stored = read_model_json(path)
+    if _record_without_budgets(stored) != _record_without_budgets(meta):
+        return False
+    logger.info("%s: nothing trained (every stage had finished under these budgets): the model is unchanged "
+                "and keeps its record (version %s)", out, stored.get("version"))
+    return True
+
+
+def _record_without_budgets(meta: dict) -> dict:
+    """An ``assay.json`` record as saved (its config with the defaults of options added since),
+    without its version and training budgets."""
+    config = ImageAssayConfig.from_dict(meta["config"]).to_dict()
+    for part in ("autoencoder", "flow"):
+        config[part] = {k: v for k, v in config[part].items() if k not in BUDGET_FIELDS}
+    return json.loads(json.dumps({**{k: v for k, v in meta.items() if k != "version"}, "config": config}))
 
 
 def treated_dose_range(dose_um: np.ndarray) -> tuple[float, float] | None:
@@ -309,7 +372,7 @@ def read_model_json(path: Path) -> dict:
         raise ValueError(f"{path}: unreadable ({err}); use another --out") from err
 
 
-def _read_stored_config(out: Path) -> tuple[Path, bool, ImageAssayConfig] | None:
+def read_stored_config(out: Path) -> tuple[Path, bool, ImageAssayConfig] | None:
     """(its file, whether it is a complete model, its config) of a model (``assay.json``) or the
     start of one (``training_data.json``, written before any training with the requested config)
     in ``out``; None when there is none, or it recorded no config (started before session 31)."""
@@ -328,10 +391,10 @@ def _refuse_differences(path: Path, complete: bool, differ: list[str]) -> None:
 
 
 def _check_resume_config(out: Path, config: ImageAssayConfig) -> None:
-    """A folder holding a model, or the start of one (:func:`_read_stored_config`), is resumed only
+    """A folder holding a model, or the start of one (:func:`read_stored_config`), is resumed only
     with the same configuration but for budgets (:func:`_check_resume_budgets`), ensemble size and
     sampling and decode options; a complete ensemble keeps its members."""
-    stored = _read_stored_config(out)
+    stored = read_stored_config(out)
     if stored is None:
         return
     path, complete, stored = stored
@@ -346,12 +409,13 @@ def _check_resume_budgets(out: Path, config: ImageAssayConfig) -> None:
     autoencoder, a member) keeps its step budget unless it stopped on its time budget first; then
     a larger time budget continues it (the autoencoder only while no member has trained on its
     latents). No budget may shrink below what a finished stage trained."""
-    stored = _read_stored_config(out)
+    stored = read_stored_config(out)
     if stored is None:
         return
     path, complete, stored = stored
-    differ = _check_member_budgets(out, stored.flow, config.flow)
-    differ += _check_autoencoder_budget(out, stored.autoencoder, config.autoencoder)
+    n_members = max(stored.n_members, config.n_members)  # the members this run trains or keeps; not leftovers
+    differ = _check_member_budgets(out, stored.flow, config.flow, n_members)
+    differ += _check_autoencoder_budget(out, stored.autoencoder, config.autoencoder, n_members)
     _refuse_differences(path, complete, differ)
 
 
@@ -385,7 +449,9 @@ def read_stage_progress(stage_dir: Path, budget: dict, key: str | None = None) -
     """:class:`StageProgress` of a finished stage. Its budgets are those ``train_log.json`` (written
     after the model) records, else its ``config.json``'s (``[key]`` of it for a member's), else
     ``budget``'s (a config dict); a stage saved without ``train_log.json`` counts as having trained
-    all its steps."""
+    all its steps. A ``train_log.json`` without budgets (written before stages continued on time;
+    the autoencoder's then held only the last run's seconds) of a stage stopped before its
+    ``max_steps`` counts as having used its time budget: it never continues on time."""
     cfg_path, log_path = stage_dir / "config.json", stage_dir / "train_log.json"
     if cfg_path.is_file():
         budget = read_model_json(cfg_path)
@@ -393,26 +459,32 @@ def read_stage_progress(stage_dir: Path, budget: dict, key: str | None = None) -
     log = read_model_json(log_path) if log_path.is_file() else {}
     max_steps = int(log.get("max_steps", budget["max_steps"]))
     max_minutes = float(log.get("max_minutes", budget["max_minutes"]))
-    return StageProgress(int(log.get("steps", max_steps)), float(log.get("seconds", 0.0)), max_steps, max_minutes)
+    steps, seconds = int(log.get("steps", max_steps)), float(log.get("seconds", 0.0))
+    if "max_minutes" not in log and steps < max_steps:
+        seconds = max(seconds, 60 * max_minutes)  # its log predates the budgets: it used its time budget
+    return StageProgress(steps, seconds, max_steps, max_minutes)
 
 
-def _trained_members(out: Path) -> list[Path]:
-    """Member folders of ``out`` holding a finished member (``model.pt``)."""
-    return [d for d in sorted(out.glob("member_[0-9][0-9][0-9]")) if (d / "model.pt").is_file()]
+def _member_dirs(out: Path, n_members: int, *names: str) -> list[Path]:
+    """Folders of members ``0..n_members-1`` of ``out`` holding any of the files ``names``
+    (leftover member folders beyond ``n_members`` are no part of the model)."""
+    dirs = [out / f"member_{k:03d}" for k in range(n_members)]
+    return [d for d in dirs if any((d / name).is_file() for name in names)]
 
 
-def _check_member_budgets(out: Path, stored: FlowConfig, requested: FlowConfig) -> list[str]:
-    """Budget conflicts of the finished members with the requested flow budgets."""
+def _check_member_budgets(out: Path, stored: FlowConfig, requested: FlowConfig, n_members: int) -> list[str]:
+    """Budget conflicts of the finished members (of the first ``n_members``) with the requested flow budgets."""
     differ = []
-    for mdir in _trained_members(out):
+    for mdir in _member_dirs(out, n_members, "model.pt"):
         progress = read_stage_progress(mdir, stored.to_dict(), "flow")
         differ += progress.budget_conflicts(mdir.name, "flow.", requested.max_steps, requested.max_minutes)
     return differ
 
 
-def _check_autoencoder_budget(out: Path, stored: AutoencoderConfig, requested: AutoencoderConfig) -> list[str]:
+def _check_autoencoder_budget(out: Path, stored: AutoencoderConfig, requested: AutoencoderConfig,
+                              n_members: int) -> list[str]:
     """Budget conflicts of a finished autoencoder with the requested budgets; one stopped on its
-    time budget cannot continue once a member has trained on its latents."""
+    time budget cannot continue once a member (of the first ``n_members``) has trained on its latents."""
     ae_dir = out / "autoencoder"
     if not any((ae_dir / name).is_file() for name in ("model.pt", "stage1.pt")):
         return []
@@ -421,8 +493,7 @@ def _check_autoencoder_budget(out: Path, stored: AutoencoderConfig, requested: A
     if (ae_dir / "model.pt").is_file() and stored.decoder_steps != requested.decoder_steps:
         differ.append(f"autoencoder.decoder_steps={stored.decoder_steps!r}/{requested.decoder_steps!r} "
                       "(that stage is finished)")
-    started = [d.name for d in sorted(out.glob("member_[0-9][0-9][0-9]"))
-               if (d / "model.pt").is_file() or (d / "checkpoint.pt").is_file()]
+    started = [d.name for d in _member_dirs(out, n_members, "model.pt", "checkpoint.pt")]
     if started and progress.continues_under(requested.max_steps, requested.max_minutes):
         differ.append(f"autoencoder.max_minutes={progress.max_minutes!r}/{requested.max_minutes!r} (the autoencoder "
                       f"stopped on its time budget at step {progress.steps} of {progress.max_steps}, and "
@@ -514,9 +585,9 @@ def _train_or_load_autoencoder(ae_dir: Path, x: Tensor, cfg: AutoencoderConfig, 
     return model
 
 
-def _continues(stage_dir: Path, budget: dict, key: str | None, max_steps: int, max_minutes: float) -> bool:
-    """Whether the finished stage in ``stage_dir`` trains further under these budgets (logged);
-    ValueError naming its checkpoint when that is missing."""
+def _stage_continues(stage_dir: Path, budget: dict, key: str | None, max_steps: int, max_minutes: float) -> bool:
+    """Whether the finished stage in ``stage_dir`` trains further under these budgets
+    (:meth:`StageProgress.continues_under`); ValueError naming its checkpoint when that is missing."""
     progress = read_stage_progress(stage_dir, budget, key)
     if not progress.continues_under(max_steps, max_minutes):
         return False
@@ -525,6 +596,14 @@ def _continues(stage_dir: Path, budget: dict, key: str | None, max_steps: int, m
         raise ValueError(f"{ckpt}: missing, so {stage_dir.name}, stopped on its time budget at step "
                          f"{progress.steps} of {progress.max_steps}, cannot continue; keep its time budget "
                          f"({progress.max_minutes:g} min) or use another --out")
+    return True
+
+
+def _continues(stage_dir: Path, budget: dict, key: str | None, max_steps: int, max_minutes: float) -> bool:
+    """:func:`_stage_continues`, logged when it does."""
+    if not _stage_continues(stage_dir, budget, key, max_steps, max_minutes):
+        return False
+    progress = read_stage_progress(stage_dir, budget, key)
     logger.info("%s stopped on its time budget at step %d of %d (%.1f min): continuing from its checkpoint "
                 "up to %d steps or %g min", stage_dir.name, progress.steps, progress.max_steps,
                 progress.seconds / 60, max_steps, max_minutes)
@@ -732,8 +811,7 @@ class ImageAssay:
     def load(cls, model_dir: str | Path, *, members: Sequence[int] | None = None) -> "ImageAssay":
         d = Path(model_dir)
         if not (d / ASSAY_FILE).is_file():
-            what = "no such folder" if not d.is_dir() else f"not an image assay folder (no {ASSAY_FILE})"
-            raise FileNotFoundError(f"{d}: {what}; train one with `loop assay train`")
+            _refuse_missing_record(d)
         meta, config = _read_model_file(d / ASSAY_FILE, _read_assay_meta)
         nd = _read_model_file(d / NORM_FILE, lambda p: json.loads(p.read_text()))
         ae = ImageAutoencoder(config.autoencoder)
@@ -985,6 +1063,15 @@ class ImageAssay:
 
 ANALOGUE_TANIMOTO = 0.4  # Morgan r2 similarity under which a compound is no analogue of any training compound
 MAX_SHOT_NOISE_GAIN = 3.0  # a residual is amplified at most 3x (a pixel 9x brighter than its source's)
+
+
+def _refuse_missing_record(d: Path) -> None:
+    """FileNotFoundError for a model folder without ``assay.json``, saying why it may have none."""
+    if (d / DATA_FILE).is_file():
+        raise FileNotFoundError(f"{d}: its training is unfinished ({DATA_FILE} but no {ASSAY_FILE}: stopped, or "
+                                "still running); rerun the same `loop assay train` command to resume it")
+    what = "no such folder" if not d.is_dir() else f"not an image assay folder (no {ASSAY_FILE})"
+    raise FileNotFoundError(f"{d}: {what}; train one with `loop assay train`")
 
 
 def _read_assay_meta(path: Path) -> tuple[dict, ImageAssayConfig]:

@@ -1097,3 +1097,95 @@ def test_zero_sampler_steps_are_refused(trained, tmp_path):
     res = CliRunner().invoke(assay_app, ["sample", "--model", str(trained[0]), "--compound", "DMSO", "--dose-um", "0",
                                          "--controls", "P1", "--out", str(tmp_path / "s.npz"), "--steps", "0"])
     assert res.exit_code == 2 and not (tmp_path / "s.npz").exists()
+
+
+def test_a_stopped_training_keeps_its_sampling_options_on_resume(tmp_path):
+    """Killed before assay.json was written, the options stored at its start (training_data.json) hold."""
+    from loop.assay_cli import _keep_stored_sampling
+    from models.image_assay import DATA_FILE
+
+    cfg = ImageAssayConfig()
+    stored = replace(cfg, flow=replace(cfg.flow, guidance_scale=2.5, guidance_gated=False))
+    (tmp_path / DATA_FILE).write_text(json.dumps({"config": stored.to_dict()}))
+    kept = _keep_stored_sampling(tmp_path, cfg.flow, guidance=None, guidance_gated=None)
+    assert (kept.guidance_scale, kept.guidance_gated) == (2.5, False)
+    given = _keep_stored_sampling(tmp_path, replace(cfg.flow, guidance_scale=3.0), guidance=3.0, guidance_gated=None)
+    assert (given.guidance_scale, given.guidance_gated) == (3.0, False)
+
+
+def test_a_member_continuing_on_time_withdraws_the_old_record_first(tmp_path, monkeypatch, caplog):
+    """A run killed while a member of the recorded model trains further leaves no record naming the
+    old version over other weights: the folder is an unfinished model until the run completes."""
+    import models.image_assay as image_assay
+
+    crops, cfg = tiny_crops(), tiny_config(n_members=1)
+    old = train_image_assay(crops, tmp_path, replace(cfg, flow=replace(cfg.flow, max_minutes=0.0))).version
+
+    def killed(**kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="models.image_assay"):
+        m.setattr(image_assay, "train_member_task", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_image_assay(crops, tmp_path, cfg)
+    assert not (tmp_path / "assay.json").exists() and "member_000 of the model there train(s) further" in caplog.text
+    assert train_image_assay(crops, tmp_path, cfg).version != old  # new weights: a new version
+
+
+def test_loading_an_unfinished_training_says_to_resume_it(tmp_path):
+    from models.image_assay import DATA_FILE
+
+    (tmp_path / DATA_FILE).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: its training is unfinished .*rerun the same "
+                                                "`loop assay train` command to resume it"):
+        ImageAssay.load(tmp_path)
+
+
+def test_a_rerun_that_trains_nothing_keeps_the_record_and_version(tmp_path):
+    """Larger budgets under which no stage trains (a larger --flow-steps for a member stopped by time,
+    a larger --flow-minutes for one finished by steps) change no weights, so not the version."""
+    crops, cfg = tiny_crops(), tiny_config(n_members=1)
+    timed = replace(cfg, flow=replace(cfg.flow, max_minutes=0.0))
+    for first, rerun in ((timed, replace(timed, flow=replace(timed.flow, max_steps=9))),
+                         (cfg, replace(cfg, flow=replace(cfg.flow, max_minutes=99.0)))):
+        out = tmp_path / str(first.flow.max_minutes)
+        version = train_image_assay(crops, out, first).version
+        record = (out / "assay.json").read_text()
+        assert train_image_assay(crops, out, rerun).version == version
+        assert (out / "assay.json").read_text() == record
+
+
+def test_a_stage_logged_before_budgets_were_recorded_never_continues_on_time(tmp_path):
+    """Such a log held the autoencoder's last run's seconds only: a stage stopped before its steps
+    has used its time budget (an unchanged rerun is neither refused nor retrained)."""
+    from models.image_assay import DATA_FILE, _check_resume_budgets, read_stage_progress
+
+    cfg = tiny_config(n_members=1)
+    cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, max_steps=10, max_minutes=0.03))
+    (tmp_path / DATA_FILE).write_text(json.dumps({"config": cfg.to_dict()}))
+    ae = tmp_path / "autoencoder"
+    ae.mkdir()
+    (ae / "config.json").write_text(json.dumps(cfg.autoencoder.to_dict()))
+    (ae / "train_log.json").write_text(json.dumps({"steps": 5, "seconds": 0.5}))
+    (ae / "model.pt").write_bytes(b"")
+    (tmp_path / "member_000").mkdir()
+    (tmp_path / "member_000" / "checkpoint.pt").write_bytes(b"")
+    assert not read_stage_progress(ae, cfg.autoencoder.to_dict()).continues_under(10, 0.03)
+    _check_resume_budgets(tmp_path, cfg)
+
+
+def test_member_folders_beyond_the_ensemble_do_not_count(tmp_path):
+    """A leftover member_005 (from another run) neither blocks the autoencoder nor has its budgets checked."""
+    from models.image_assay import DATA_FILE, _check_resume_budgets
+
+    cfg = tiny_config(n_members=1)
+    (tmp_path / DATA_FILE).write_text(json.dumps({"config": cfg.to_dict()}))
+    ae, leftover = tmp_path / "autoencoder", tmp_path / "member_005"
+    for path in (ae, leftover):
+        path.mkdir()
+        (path / "model.pt").write_bytes(b"")
+    (ae / "train_log.json").write_text(json.dumps({"steps": 1, "seconds": 0.0, **{
+        k: getattr(cfg.autoencoder, k) for k in ("max_steps", "max_minutes")}}))  # stopped on time
+    (leftover / "train_log.json").write_text(json.dumps({"steps": 3, "seconds": 0.0, "max_steps": 3,
+                                                         "max_minutes": 45.0}))
+    _check_resume_budgets(tmp_path, replace(cfg, flow=replace(cfg.flow, max_steps=7)))
