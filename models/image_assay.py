@@ -13,7 +13,8 @@ Training (``train_image_assay``) runs top to bottom:
    or a GPU fraction each). Each member folder holds its checkpoint (resumable), config,
    normalisation statistics and data fingerprint;
 6. write ``assay.json`` once every member is trained: until then a folder that held a model (say
-   one being given more members) stays that model.
+   one being given more members) stays that model. A rerun that trains a stage of that model further
+   (on a larger time budget) removes ``assay.json`` first; one that trains nothing keeps it, and its version.
 
 A stage (the autoencoder's first, or a member) stopped by its time budget (``max_minutes``) before
 its ``max_steps`` continues from its checkpoint when training is rerun with a larger budget; a
