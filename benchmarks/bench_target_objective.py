@@ -59,10 +59,11 @@ VARIANTS = {
 
 
 def measured_hits(campaign) -> list[tuple[str, float]]:
-    """(compound_id, activity) of the lab's hit calls, most active first."""
+    """(compound_id, activity) of the lab's hit calls with a profile (a well without a cell, a hit
+    by cell loss, has no activity), most active first."""
     with campaign.session() as session:
         rows = session.exec(select(store.Measurement.compound_id, store.Measurement.activity)
-                            .where(store.Measurement.is_hit)).all()
+                            .where(store.Measurement.is_hit, store.Measurement.activity.is_not(None))).all()
     return sorted(((c, float(a)) for c, a in rows), key=lambda r: -r[1])
 
 

@@ -1,4 +1,4 @@
-"""Write N distinct, valid drug-like SMILES (a library file for timing ``loop library add``).
+"""Write a library file of N SMILES for timing ``loop library add`` (distinct, or a real file's repeated).
 
 The embedded virtual library has at most ~139k products; beyond that each product is
 extended at its first atom (when that atom is an unbracketed atom with a free hydrogen) with
@@ -45,11 +45,15 @@ def write_repeated(source: Path, n: int, out: Path) -> None:
     """N rows cycling through ``source``'s rows (CSV, or tab-separated .txt/.tsv; '!' comment lines)."""
     sep = "\t" if source.suffix in (".txt", ".tsv") else ","
     table = pd.read_csv(source, sep=sep, comment="!", dtype=str)
-    table = table.dropna(subset=[c for c in table.columns if c.lower() == "smiles"])
+    smiles = [c for c in table.columns if c.lower() == "smiles"]
+    table = table.dropna(subset=smiles)
+    if table.empty or not smiles:
+        raise SystemExit(f"{source}: no rows with a SMILES column to repeat")
     repeated = pd.concat([table] * -(-n // len(table)), ignore_index=True).iloc[:n]
     out.parent.mkdir(parents=True, exist_ok=True)
     repeated.to_csv(out, index=False)
-    log.info("wrote %d rows (%d distinct) from %s to %s", n, len(table), source, out)
+    log.info("wrote %d rows cycling the %d rows (%d distinct SMILES) of %s to %s", n, len(table),
+             table[smiles[0]].nunique(), source, out)
 
 
 def main() -> None:

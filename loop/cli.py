@@ -324,7 +324,7 @@ def ingest(
                                      allow_uneven_fields=allow_uneven_fields, replace=replace,
                                      channel_names=_channel_list(channels))
     table = Table(title="ingest QC")
-    for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits (activity >)",
+    for col in ("plate", "status", "wells", "cells", "cells/well (median, min)", "DMSO activity", "hits (profile threshold)",
                 "cell-count checks (withdrawn, cell loss)", "wells without cells", "missing wells",
                 "edge effect removed (DMSO sd)"):
         table.add_column(col)

@@ -60,7 +60,8 @@ class PlateQC:
     missing_wells: list[str] = field(default_factory=list)  # mapped, nothing delivered (--allow-missing-wells)
     empty_wells: list[str] = field(default_factory=list)  # mapped, imaged, no cell found (measured: n_cells 0)
     edge_offset_sd: float = float("nan")  # edge effect removed, DMSO sd over the features corrected (NaN: none)
-    hit_threshold: float = float("nan")  # activity above which a treatment well is a hit (DMSO mean + hit_sd sd)
+    hit_threshold: float = float("nan")  # the plate's profile threshold: DMSO mean + hit_sd sd of activity
+    # (with cell_count_hits a well on few cells needs more, and a cell-loss hit needs none)
     n_hits_withdrawn: int = 0  # profile hits on few cells that DMSO wells measured with as few cells explain
     n_hits_cell_loss: int = 0  # hits by cell loss alone (wells without a cell included)
 
@@ -450,7 +451,8 @@ def plate_profiles(cells: pd.DataFrame, hit_sd: float, edge_correction: bool, ce
     """:func:`well_profiles` after removing the plate's edge effect when ``edge_correction``
     (:func:`_edge_correction`): per feature, the offset of its outer-ring wells from its interior
     ones is subtracted from the edge wells' medians before they are normalised to DMSO. With
-    ``cell_count_hits`` hit calls account for each well's cell count (:func:`_cell_count_hits`):
+    ``cell_count_hits`` (off by default: the rule of campaigns created before it; ingest passes the
+    campaign's ``cell_count_hits``) hit calls account for each well's cell count (:func:`_cell_count_hits`):
     a profile measured on fewer cells than the plate's typical DMSO well must pass the threshold
     of DMSO wells measured with as few cells, and a treatment that leaves far fewer cells than
     DMSO is a hit by its cell loss. Returns the profiles and the correction (None when off or when
@@ -473,6 +475,12 @@ COUNT_MAX_CONTROLS = 24  # DMSO wells drawn from for one cell count (a real plat
 COUNT_MIN_CONTROLS = 4  # DMSO wells with more cells than the count (and finite draws per well) it needs
 COUNT_GRID_RATIO = 1.25  # thresholds are measured at counts n_ref / 1.25^k and interpolated in 1/n between
 CELL_LOSS_MIN_DMSO = 8  # DMSO wells a plate needs for cell-loss calls
+EMPTY_WELL_CELLS = 0.5  # the count a well without a cell is given on the log scale (log 0 is undefined)
+
+
+def _log_count(n_cells) -> np.ndarray:
+    """Natural log of cell counts, a well without a cell at ``EMPTY_WELL_CELLS``."""
+    return np.log(np.maximum(np.asarray(n_cells, dtype=np.float64), EMPTY_WELL_CELLS))
 
 
 def _cell_count_hits(profiles: pd.DataFrame, wells: pd.DataFrame, cells: pd.DataFrame,
@@ -512,11 +520,10 @@ class CellLossRule:
 
     def calls(self, wells: Sequence[str], n_cells: np.ndarray) -> np.ndarray:
         """Cell-loss calls of ``wells`` with ``n_cells`` cells (0 for a well with no cell)."""
-        log_n = np.log(np.maximum(np.asarray(n_cells, dtype=np.float64), 0.5))
-        return log_n - self.edge_shift * profiling.is_edge_well(list(wells)) < self.cutoff
+        return _log_count(n_cells) - self.edge_shift * profiling.is_edge_well(list(wells)) < self.cutoff
 
 
-def cell_loss_rule(profiles: pd.DataFrame, hit_sd: float) -> CellLossRule | None:
+def cell_loss_rule(profiles: pd.DataFrame, hit_sd: float, say: bool = True) -> CellLossRule | None:
     """The plate's :class:`CellLossRule`: the DMSO wells' median log count less a one-sided
     prediction bound of ``hit_sd`` robust sd. The sd is that of all measured wells (DMSO and
     treatments: a plate's 16 DMSO wells give too rough a MAD, and compounds that change the count
@@ -526,16 +533,17 @@ def cell_loss_rule(profiles: pd.DataFrame, hit_sd: float) -> CellLossRule | None
     The edge ring's counts are first put on the interior's scale by the median log counts of all
     measured wells on each side (a drying edge loses cells wherever a compound is; the medians
     leave the few compounds that kill cells out). None (no calls, logged) with fewer than
-    ``CELL_LOSS_MIN_DMSO`` DMSO wells."""
+    ``CELL_LOSS_MIN_DMSO`` DMSO wells (logged when ``say``)."""
     from scipy import stats
 
     role = profiles[META_ROLE].to_numpy()
     dmso = role == WellRole.negative_control.value
     if dmso.sum() < CELL_LOSS_MIN_DMSO:
-        log.info("plate %s: no cell-loss calls (%d DMSO wells; they need %d)", profiles[META_PLATE].iloc[0],
-                 int(dmso.sum()), CELL_LOSS_MIN_DMSO)
+        if say:
+            log.info("plate %s: no cell-loss calls (%d DMSO wells; they need %d)", profiles[META_PLATE].iloc[0],
+                     int(dmso.sum()), CELL_LOSS_MIN_DMSO)
         return None
-    log_n = np.log(np.maximum(profiles[profiling.META_N_CELLS].to_numpy(dtype=np.float64), 0.5))
+    log_n = _log_count(profiles[profiling.META_N_CELLS].to_numpy())
     edge = profiling.is_edge_well(profiles[META_WELL].tolist())
     measured = dmso | (role == WellRole.treatment.value)
     shift = 0.0
@@ -825,12 +833,12 @@ def _record_plate(campaign: Campaign, plan: _Plan, wells: pd.DataFrame, edge: Ed
     cells = annotate_cells(plate.cells, well_map)
     cells_path = campaign.measurements_dir / f"{plate.barcode}.cells.parquet"
     profiles_path = campaign.measurements_dir / f"{plate.barcode}.wells.parquet"
-    edit = None if edge is None else (lambda chunk: profiling.subtract_edge_offsets(chunk, edge.offsets))
-    written = _write_parquets({cells_path: cells, profiles_path: wells}, edits={cells_path: edit})
     n_cells = cells.groupby(META_WELL).size()
     measured = wells.set_index(META_WELL)
     mapped = well_map[well_map["role"] != WellRole.empty.value]
-    emptied = _emptied_by_cell_loss(campaign, wells, mapped, n_cells)
+    emptied = _emptied_by_cell_loss(campaign, wells, mapped, n_cells)  # before any file is written
+    edit = None if edge is None else (lambda chunk: profiling.subtract_edge_offsets(chunk, edge.offsets))
+    written = _write_parquets({cells_path: cells, profiles_path: wells}, edits={cells_path: edit})
     try:
         if plate.crops is not None:
             written.append(_write_plate_crops(campaign, plate, well_map))
@@ -883,7 +891,7 @@ def _emptied_by_cell_loss(campaign: Campaign, wells: pd.DataFrame, mapped: pd.Da
     if not campaign.config.cell_count_hits:
         return set()
     empty = mapped[(mapped["role"] == WellRole.treatment.value) & ~mapped["well"].isin(n_cells.index)]["well"]
-    rule = cell_loss_rule(wells, campaign.config.hit_sd) if len(empty) else None
+    rule = cell_loss_rule(wells, campaign.config.hit_sd, say=False) if len(empty) else None  # logged at profiling
     if rule is None:
         return set()
     return set(empty[rule.calls(empty.tolist(), np.zeros(len(empty)))])

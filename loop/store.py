@@ -171,9 +171,10 @@ EXISTING_SCAN_MIN_VALUES = 9_000  # above this many values, compare with the tab
 
 
 def existing_values(session: Session, column, values: Sequence[str]) -> set[str]:
-    """Which of ``values`` already exist in ``column`` (queried in chunks of 900, or, when the
-    table holds fewer rows than ``values``, by reading the whole column once: a 10^6-compound
-    library added to a new campaign asks one count instead of 1,100 queries)."""
+    """Which of ``values`` already exist in ``column``: queried in chunks of 900, or, for more than
+    ``EXISTING_SCAN_MIN_VALUES`` values and a table with at most as many rows as values, by reading
+    the whole column once (a 10^6-compound library added to a new campaign asks one count instead
+    of 1,100 queries)."""
     found: set[str] = set()
     values = list(values)
     if len(values) > EXISTING_SCAN_MIN_VALUES:

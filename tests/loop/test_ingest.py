@@ -625,7 +625,7 @@ def test_profile_hit_calls_matched_to_cell_counts_stop_calling_few_cells_hits():
     """Inactive wells imaged on 4-7 cells (DMSO wells have 30-44): the plate's threshold calls most
     of them hits, because a median over few cells is noisy; checked against DMSO wells measured
     with as few cells they are hits about as rarely as the other inactive wells. (Their cell loss
-    alone makes them hits in ingest, ``_cell_loss``; this is the profile's share of the call.)"""
+    alone makes them hits in ingest, ``cell_loss_rule``; this is the profile's share of the call.)"""
     from lab_io.profiles import aggregate_wells
     from loop.ingest import _count_matched_profile_hits, plate_profiles
 
@@ -684,7 +684,8 @@ def test_cell_loss_is_a_hit_and_a_drying_edge_is_not():
 
 def test_cell_loss_calls_at_about_the_nominal_rate_with_16_dmso_wells():
     """Inactive plates (log counts normal, sd 0.1), 16 DMSO wells: at hit_sd 3 a well is a cell-loss
-    hit about 0.13 % of the time; a plain 3-robust-sd cut from 16 wells called about ten times that."""
+    hit under 0.4 % of the time (about 0.05 %; nominal 0.13 %); a plain 3-robust-sd cut of the 16
+    DMSO wells called 1.3 %."""
     rng = np.random.default_rng(0)
     calls = []
     for _ in range(300):
@@ -696,9 +697,9 @@ def test_cell_loss_calls_at_about_the_nominal_rate_with_16_dmso_wells():
     assert np.mean(calls) < 0.004
 
 
-def test_a_treatment_well_without_a_cell_is_a_hit_by_cell_loss(tmp_path, monkeypatch):
-    """A compound that killed every cell of its well is a hit (with cell_count_hits), reported in
-    the QC as a cell-loss hit; a well that kept one cell already was."""
+def test_a_treatment_well_without_a_cell_is_a_hit_by_cell_loss():
+    """A compound that killed every cell of its well is a hit by cell loss (with cell_count_hits),
+    as one that left a single cell is; an empty DMSO well is not."""
     from loop.ingest import _emptied_by_cell_loss
 
     class Config:
@@ -714,6 +715,8 @@ def test_a_treatment_well_without_a_cell_is_a_hit_by_cell_loss(tmp_path, monkeyp
                                                                           "treatment", "negative_control"]})
     n_cells = wells.set_index(META_WELL)["Metadata_n_cells"]
     assert _emptied_by_cell_loss(FakeCampaign(), wells, mapped, n_cells) == {"D05"}  # not the empty DMSO well
+    one_cell = wells.assign(Metadata_n_cells=[40, 42, 38, 41, 39, 40, 43, 37, 40, 41, 1])
+    assert _cell_loss_calls(one_cell).tolist() == [False] * 10 + [True]
     Config.cell_count_hits = False
     assert _emptied_by_cell_loss(FakeCampaign(), wells, mapped, n_cells) == set()
 
@@ -795,3 +798,20 @@ def test_only_treatment_wells_are_hits_however_active_a_control_is():
     assert by_role["above"].all()[["positive_control", "treatment"]].all()  # the premise: controls above it
     assert by_role["above"].any()["negative_control"]
     assert wells["Metadata_is_hit"].tolist() == (wells[META_ROLE] == "treatment").tolist()
+
+
+def test_qc_counts_withdrawn_and_cell_loss_hits_and_wells_without_a_cell():
+    """The QC row counts the flags of the plate's profiles, and a treatment well without a cell that
+    is a cell-loss hit is a hit and a cell-loss hit there too."""
+    from loop.ingest import _qc
+
+    wells = pd.DataFrame({META_ROLE: ["negative_control"] * 3 + ["treatment"] * 4, META_WELL: list("ABCDEFG"),
+                          "Metadata_activity": [1.0, 1.2, 0.8, 5.0, 0.9, 4.0, 1.1],
+                          "Metadata_is_hit": [False, False, False, True, True, False, False],
+                          "Metadata_hit_withdrawn": [False, False, False, False, False, True, False],
+                          "Metadata_hit_by_cell_loss": [False, False, False, False, True, False, False]})
+    n_cells = pd.Series([30, 31, 29, 28, 3, 12, 30], index=list("ABCDEFG"))
+    qc = _qc("P1", wells, n_cells, [], ["H"], None, 3.0, {"H"})
+    assert (qc.n_hits, qc.n_hits_withdrawn, qc.n_hits_cell_loss) == (3, 1, 2)
+    plain = _qc("P1", wells.drop(columns=["Metadata_hit_withdrawn", "Metadata_hit_by_cell_loss"]), n_cells, [], [])
+    assert (plain.n_hits, plain.n_hits_withdrawn, plain.n_hits_cell_loss) == (2, 0, 0)  # an old campaign's rule
