@@ -81,7 +81,7 @@ from models.image_flow import (
     ChannelNorm, FlowConfig, LatentData, add_source_noise, bootstrap_compound_weights, control_source,
     load_checkpoint, sample_latents, sampling_condition, save_json, save_torch, source_indices, train_flow,
 )
-from models.ray_executor import check_executor
+from models.ray_executor import check_executor, ensure_ray
 from models.virtual_assay import check_doses, check_fingerprints, profiles_from_cells
 
 logger = logging.getLogger(__name__)
@@ -263,11 +263,13 @@ def train_image_assay(
     _check_resume_data(out, fingerprint, crops.channel_names)
     _check_resume_budgets(out, config)
     weights_before = fingerprint_weights(out, config.n_members)
+    continuing = _continuing_stages_of_record(out, config)  # refuses a stage that cannot continue, before any write
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / DATA_FILE, {"data_fingerprint": fingerprint, "channel_names": list(crops.channel_names),
                                 "n_train_cells": int(len(train)), "train_plates": sorted(set(train.plates)),
                                 "config": config.to_dict()})  # what a resume must train with
-    _withdraw_record_of_continuing_stages(out, config)
+    if "autoencoder" in continuing:  # its weights change next
+        _withdraw_record(out, continuing)
     norm = ChannelNorm.fit(images, seed=config.seed)
     x = norm.normalize(images)  # n x C x H x W
     ae = _train_or_load_autoencoder(out / "autoencoder", x, replace(config.autoencoder, in_channels=x.shape[1]), config.seed)
@@ -292,6 +294,10 @@ def train_image_assay(
     assay_meta["version"] = hashlib.sha256(json.dumps(assay_meta, sort_keys=True).encode()).hexdigest()[:12]
     assay_meta["channels_named"] = bool(crops.channels_named)  # False: names say only the order (defaults)
     kwargs = [{"model_dir": str(out), "member_index": k, "meta": assay_meta} for k in range(config.n_members)]
+    if continuing:  # members' weights change next; a Ray cluster that cannot be reached fails before
+        if executor == "ray":
+            ensure_ray(ray_address)
+        _withdraw_record(out, continuing)
     _run_members(kwargs, executor, ray_address)
     if _keeps_record(out, assay_meta, weights_before):
         return ImageAssay.load(out)
@@ -308,16 +314,21 @@ def fingerprint_weights(out: Path, n_members: int) -> dict[str, str | None]:
             for p in paths}
 
 
-def _withdraw_record_of_continuing_stages(out: Path, requested: ImageAssayConfig) -> None:
-    """Remove ``assay.json`` before a stage of the model it records (its autoencoder, one of its
-    ``n_members`` members) trains further (stopped on its time budget, rerun with a larger one):
-    that stage's weights change, so the folder is an unfinished model until this run writes the
-    new record, and a run killed meanwhile leaves no record naming the old version over other weights."""
+def _continuing_stages_of_record(out: Path, requested: ImageAssayConfig) -> list[str]:
+    """The stages of the model ``assay.json`` records (its autoencoder, one of its ``n_members``
+    members) that train further under the requested budgets (stopped on a time budget, rerun with
+    a larger one): their weights change, so the record must go before they train
+    (:func:`_withdraw_record`). Empty without a record, or with one recorded without its config
+    (before session 31); ValueError when such a stage lacks its checkpoint."""
     stored = read_stored_config(out) if (out / ASSAY_FILE).is_file() else None
-    if stored is None:  # no model, or one recorded without its config (before session 31)
-        return
-    continuing = _continuing_stages(out, stored[2], requested)
-    if continuing:
+    return [] if stored is None else _continuing_stages(out, stored[2], requested)
+
+
+def _withdraw_record(out: Path, continuing: list[str]) -> None:
+    """Remove ``assay.json`` (logged) just before ``continuing`` stages train further: the folder is
+    an unfinished model until this run writes the new record, and a run killed meanwhile leaves no
+    record naming the old version over other weights."""
+    if (out / ASSAY_FILE).is_file():
         logger.info("%s: %s of the model there train(s) further, so its record is removed: the folder is an "
                     "unfinished model (no version) until this run completes", out / ASSAY_FILE, ", ".join(continuing))
         (out / ASSAY_FILE).unlink()
@@ -342,8 +353,8 @@ def _keeps_record(out: Path, meta: dict, weights_before: dict[str, str | None]) 
     if not path.is_file() or fingerprint_weights(out, meta["config"]["n_members"]) != weights_before:
         return False
     stored = read_model_json(path)
-    if _record_without_budgets(stored) != _record_without_budgets(meta):
-        return False
+    if "config" not in stored or _record_without_budgets(stored) != _record_without_budgets(meta):
+        return False  # a record without its config (before session 31) is rewritten whole
     logger.info("%s: nothing trained (every stage had finished under these budgets): the model is unchanged "
                 "and keeps its record (version %s)", out, stored.get("version"))
     return True
@@ -351,11 +362,13 @@ def _keeps_record(out: Path, meta: dict, weights_before: dict[str, str | None]) 
 
 def _record_without_budgets(meta: dict) -> dict:
     """An ``assay.json`` record as saved (its config with the defaults of options added since),
-    without its version and training budgets."""
+    without its version, its training budgets and its ``source`` (the data path as typed: the data
+    themselves are ``data_fingerprint``)."""
     config = ImageAssayConfig.from_dict(meta["config"]).to_dict()
     for part in ("autoencoder", "flow"):
         config[part] = {k: v for k, v in config[part].items() if k not in BUDGET_FIELDS}
-    return json.loads(json.dumps({**{k: v for k, v in meta.items() if k != "version"}, "config": config}))
+    kept = {k: v for k, v in meta.items() if k not in ("version", "source")}
+    return json.loads(json.dumps({**kept, "config": config}))
 
 
 def treated_dose_range(dose_um: np.ndarray) -> tuple[float, float] | None:

@@ -1132,6 +1132,36 @@ def test_a_member_continuing_on_time_withdraws_the_old_record_first(tmp_path, mo
     assert train_image_assay(crops, tmp_path, cfg).version != old  # new weights: a new version
 
 
+def test_the_record_stays_until_a_continuing_member_trains(tmp_path, monkeypatch):
+    """A failure after the checks but before any member trains further (here, encoding the crops)
+    leaves the model and its record as they were."""
+    import models.image_assay as image_assay
+
+    crops, cfg = tiny_crops(), tiny_config(n_members=1)
+    old = train_image_assay(crops, tmp_path, replace(cfg, flow=replace(cfg.flow, max_minutes=0.0))).version
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(image_assay, "encode_all", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_image_assay(crops, tmp_path, cfg)
+    assert ImageAssay.load(tmp_path).version == old
+
+
+def test_an_unchanged_rerun_keeps_its_version_from_another_data_path_and_mends_an_old_record(tmp_path):
+    """The data path as typed (``source``) is no part of what a rerun that trains nothing compares;
+    a record saved without its config (before session 31) is rewritten, not a KeyError."""
+    crops, cfg = tiny_crops(), tiny_config(n_members=1)
+    version = train_image_assay(crops, tmp_path, cfg, source="/data/crops").version
+    assert train_image_assay(crops, tmp_path, cfg, source="../data/crops").version == version
+    record = json.loads((tmp_path / "assay.json").read_text())
+    (tmp_path / "assay.json").write_text(json.dumps({k: v for k, v in record.items() if k != "config"}))
+    (tmp_path / "training_data.json").unlink()
+    train_image_assay(crops, tmp_path, cfg, source="/data/crops")
+    assert "config" in json.loads((tmp_path / "assay.json").read_text())
+
+
 def test_loading_an_unfinished_training_says_to_resume_it(tmp_path):
     from models.image_assay import DATA_FILE
 
