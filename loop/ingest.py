@@ -551,7 +551,7 @@ def cell_loss_rule(profiles: pd.DataFrame, hit_sd: float, say: bool = True) -> C
         shift = float(np.median(log_n[edge & measured]) - np.median(log_n[~edge & measured]))
     adjusted = log_n - shift * edge
     centre = float(np.median(adjusted[dmso]))
-    spread = profiling.MAD_SCALE * float(np.median(np.abs(adjusted[measured] - np.median(adjusted[measured]))))
+    spread = float(profiling.robust_sd(adjusted[measured][:, None])[0])
     scale = max(spread, 1.0 / np.sqrt(np.exp(centre)))
     n = int(dmso.sum())
     critical = float(stats.t.ppf(stats.norm.cdf(hit_sd), df=n - 1)) * np.sqrt(1.0 + 1.0 / n)

@@ -524,10 +524,9 @@ def _dna_channel(out: Path, config: ImageAssayConfig, crops: CropSet, source: st
             raise ValueError(f"dna_channel {config.dna_channel} out of range for the {n} channels "
                              f"{list(crops.channel_names)} of {source}")
         return int(config.dna_channel)
-    for path in (out / ASSAY_FILE, out / DATA_FILE):  # a model, or the start of one (assay.json comes last)
-        meta = read_model_json(path) if path.is_file() else {}
-        if meta.get("config", {}).get("dna_channel") is not None:
-            return int(meta["config"]["dna_channel"])
+    stored = read_stored_config(out)  # a model, or the start of one (assay.json comes last)
+    if stored is not None and stored[2].dna_channel is not None:
+        return int(stored[2].dna_channel)
     return dna_channel_index(crops.channel_names, source)
 
 
