@@ -32,7 +32,7 @@ class LibraryAddReport:
 
 def add_library_file(campaign: Campaign, path: Path, n_jobs: int | None = None) -> LibraryAddReport:
     """``loop library add FILE``: invalid SMILES are reported with line numbers and skipped."""
-    result = chem.read_library(Path(path), n_jobs=n_jobs, fingerprints=True)
+    result = chem.read_library(Path(path), n_jobs=n_jobs, fingerprints=True, smiles_as_given=True)
     for line, raw, reason in result.errors[:20]:
         log.warning("%s line %d: skipped SMILES %r (%s)", path, line, raw, reason)
     if len(result.errors) > 20:
@@ -56,7 +56,7 @@ def add_virtual_library(campaign: Campaign, n_compounds: int, seed: int = 0) -> 
     featurized = chem.featurize_smiles(table["smiles"].tolist())
     if featurized.errors:
         raise RuntimeError(f"embedded virtual library produced invalid products: {featurized.errors[:3]}")
-    table = table.assign(smiles=featurized.canonical, inchikey=featurized.inchikeys)
+    table = table.assign(smiles=featurized.smiles, inchikey=featurized.inchikeys)
     unique = ~table["inchikey"].duplicated().to_numpy()
     n_added, _ = register_compounds(campaign, table[unique], featurized.fingerprints[unique],
                                     source=f"virtual:{n_compounds}:{seed}")

@@ -233,8 +233,8 @@ def _parse_smiles(source: str, frame: pd.DataFrame, rows: np.ndarray, smiles: pd
     with their compound and first plate / well; their wells are skipped by the caller."""
     unique = sorted(set(smiles[rows]))
     parsed = chem.featurize_smiles(unique, n_jobs=1)
-    canonical_of = {s: c for s, c in zip(unique, parsed.canonical) if c is not None}
-    fingerprint_of = {c: parsed.fingerprints[i] for i, c in enumerate(parsed.canonical) if c is not None}
+    canonical_of = {s: c for s, c in zip(unique, parsed.smiles) if c is not None}
+    fingerprint_of = {c: parsed.fingerprints[i] for i, c in enumerate(parsed.smiles) if c is not None}
     canonical = pd.Series(np.nan, index=frame.index, dtype=object)
     canonical[rows] = smiles[rows].map(canonical_of)
     bad = rows & canonical.isna().to_numpy()

@@ -238,7 +238,7 @@ def test_featurize_smiles_equals_two_pass():
     smiles = SMILES + ["[Na+].CC(=O)[O-]", "C1CC("]
     result = chem.featurize_smiles(smiles, n_jobs=1)
     canonical, keys, errors = chem.standardize_many(smiles, n_jobs=1)
-    assert result.canonical == canonical and result.inchikeys == keys and result.errors == errors
+    assert result.smiles == canonical and result.inchikeys == keys and result.errors == errors
     ok = [i for i, c in enumerate(canonical) if c is not None]
     np.testing.assert_array_equal(result.fingerprints[ok],
                                   chem.morgan_fingerprints([canonical[i] for i in ok], n_jobs=1))
@@ -253,7 +253,7 @@ def test_featurize_smiles_processes_each_distinct_string_once_and_reports_every_
     result = chem.featurize_smiles(smiles, n_jobs=1)
     assert seen == ["CCO", "C1CC(", "c1ccccc1O", " CCO"]
     one_by_one = [chem.featurize_smiles([s], n_jobs=1) for s in smiles]
-    assert result.canonical == [r.canonical[0] for r in one_by_one]
+    assert result.smiles == [r.smiles[0] for r in one_by_one]
     assert result.inchikeys == [r.inchikeys[0] for r in one_by_one]
     np.testing.assert_array_equal(result.fingerprints, np.concatenate([r.fingerprints for r in one_by_one]))
     assert [(i, s) for i, s, _ in result.errors] == [(1, "C1CC("), (5, "C1CC(")]
@@ -270,9 +270,35 @@ def test_distinct_strings_inverse():
 def test_featurize_fingerprint_of_standardised_mol_equals_canonical_smiles_fp():
     raw = pd.read_csv(HUB_SAMPLES, sep="\t", comment="!", dtype=str)["smiles"].dropna().tolist()[:3000]
     result = chem.featurize_smiles(raw, n_jobs=1)
-    ok = [i for i, c in enumerate(result.canonical) if c is not None]
+    ok = [i for i, c in enumerate(result.smiles) if c is not None]
     np.testing.assert_array_equal(result.fingerprints[ok],
-                                  chem.morgan_fingerprints([result.canonical[i] for i in ok], n_jobs=1))
+                                  chem.morgan_fingerprints([result.smiles[i] for i in ok], n_jobs=1))
+
+
+@pytest.mark.skipif(not HUB_SAMPLES.is_file(), reason=f"shared data absent: {HUB_SAMPLES}")
+def test_featurize_smiles_as_given_same_structures_as_canonical():
+    raw = pd.read_csv(HUB_SAMPLES, sep="\t", comment="!", dtype=str)["smiles"].dropna().tolist()[:2000]
+    canonical = chem.featurize_smiles(raw, n_jobs=1)
+    given = chem.featurize_smiles(raw, n_jobs=1, smiles_as_given=True)
+    assert given.inchikeys == canonical.inchikeys and given.errors == canonical.errors
+    np.testing.assert_array_equal(given.fingerprints, canonical.fingerprints)
+    kept = [i for i, s in enumerate(given.smiles) if s is not None and s != canonical.smiles[i]]
+    assert len(kept) > 100  # most Hub SMILES are not RDKit's canonical text
+    assert all(given.smiles[i] == raw[i].strip().split()[0] for i in kept)
+    again = chem.featurize_smiles([given.smiles[i] for i in kept], n_jobs=1)
+    assert again.inchikeys == [canonical.inchikeys[i] for i in kept]
+
+
+def test_featurize_chunk_keeps_rows_apart_when_one_step_fails(monkeypatch):
+    inchikey = chem._inchikey
+    monkeypatch.setattr(chem, "_inchikey", lambda mol: ("", "InChI generation failed") if mol.GetNumAtoms() == 3
+                        else inchikey(mol))
+    smiles, keys, fps, errors = chem._featurize_chunk((10, ["CN", "CCO", "C1CC(", "CCCC"], 2, 64, True))
+    assert smiles == ["CN", None, None, "CCCC"] and keys[1:3] == [None, None]
+    assert keys[0] == chem.standardize_smiles("CN")[1] and keys[3] == chem.standardize_smiles("CCCC")[1]
+    assert [(i, s) for i, s, _ in errors] == [(11, "CCO"), (12, "C1CC(")]
+    assert errors[0][2] == "InChI generation failed"
+    assert not fps[1:3].any() and fps[0].any() and fps[3].any()
 
 
 # ---------------------------------------------------------------- scaffolds
