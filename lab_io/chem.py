@@ -9,8 +9,9 @@ add`` runs it on up to 10^6 SMILES:
 3. neutralise charges (``rdMolStandardize.Uncharger``), only when the SMILES has a charged atom;
 4. canonical isomeric SMILES and standard InChIKey of the result.
 
-``loop library add`` keeps the SMILES a file gives for every structure that steps 2 and 3 leave
-unchanged (``smiles_as_given``): writing canonical SMILES is about a tenth of its time on 10^6
+``loop library add`` keeps the SMILES a file gives for every plainly written structure that steps
+2 and 3 leave unchanged (``smiles_as_given``; no stereo marks, explicit hydrogens or CXSMILES
+extension: ``_given_smiles``): writing canonical SMILES is about a tenth of its time on 10^6
 compounds, and structures are identified by their InChIKey, never by their SMILES text.
 
 No tautomer canonicalisation or functional-group normalisation is done.
@@ -380,11 +381,17 @@ class FeaturizedSmiles:
     errors: list[SmilesError] = field(default_factory=list)
 
 
+_REWRITTEN_MARKS = ("@", "/", "\\", "[H")  # stereo and explicit hydrogens: RDKit may drop or move them
+
+
 def _given_smiles(smiles: str) -> str | None:
-    """The SMILES part of ``smiles`` as given (whitespace and any CXSMILES extension dropped) when
-    standardisation leaves its structure as parsed (one fragment, no charged atom); else None."""
-    text = smiles.strip().split()[0]
-    if "." in text or _CHARGED_ATOM_RE.search(text):
+    """``smiles`` stripped, when it is plain enough that it describes exactly the structure RDKit
+    standardises: one fragment, no charged atom, no stereo marks or explicit hydrogens (RDKit drops
+    a mark on an atom that is no stereocentre) and nothing after whitespace (a CXSMILES extension can
+    set double-bond geometry, chirality or radicals); else None (write the canonical SMILES)."""
+    text = smiles.strip()
+    if (any(ch.isspace() for ch in text) or "." in text or _CHARGED_ATOM_RE.search(text)
+            or any(mark in text for mark in _REWRITTEN_MARKS)):
         return None
     return text
 
@@ -398,8 +405,8 @@ def _featurize_chunk(
     SMILES, fingerprint): about 5 % faster than every step per molecule, as each step's code stays
     in the CPU caches. The fingerprint is taken from the standardised in-memory molecule; it
     equals the fingerprint of its canonical SMILES (checked on the Drug Repurposing Hub in the
-    tests). With ``smiles_as_given`` a molecule standardisation leaves unchanged keeps the SMILES
-    it was given (``_given_smiles``) instead of RDKit's canonical SMILES.
+    tests). With ``smiles_as_given`` a plainly written molecule standardisation leaves unchanged
+    keeps the SMILES it was given (``_given_smiles``) instead of RDKit's canonical SMILES.
     """
     offset, smiles, radius, n_bits, smiles_as_given = args
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
@@ -449,8 +456,9 @@ def featurize_smiles(
     Each distinct string is processed once (``distinct_strings``): a library that repeats rows
     costs what its distinct SMILES cost; every repeat gets the same results, and an invalid
     SMILES one error per row it is on. ``smiles_as_given=True`` skips writing canonical SMILES
-    for molecules that standardisation leaves unchanged (about a tenth of the time): they keep
-    the SMILES they were given; structures are still identified by their InChIKey.
+    for plainly written molecules that standardisation leaves unchanged (``_given_smiles``; about
+    a tenth of the time): they keep the SMILES they were given; structures are still identified by
+    their InChIKey.
     """
     _check_fingerprint_args(radius, n_bits)
     smiles = list(smiles)
@@ -666,9 +674,10 @@ def read_library(path: str | Path, n_jobs: int | None = None, fingerprints: bool
     Raises ValueError (naming the file and the columns it saw) for unknown file types or files
     without a SMILES column. ``fingerprints=True`` also returns the Morgan fingerprints of the
     table rows, parsing each SMILES once (``featurize_smiles``), the fastest way to add a library.
-    ``smiles_as_given=True`` keeps each row's SMILES as the file gives it (whitespace and CXSMILES
-    extensions dropped) wherever standardisation leaves the structure unchanged; salts and charged
-    molecules get the canonical SMILES of their standardised structure (``featurize_smiles``).
+    ``smiles_as_given=True`` keeps each row's SMILES as the file gives it where it is plainly
+    written and standardisation leaves the structure unchanged (``_given_smiles``); salts, charged
+    molecules, stereo marks, explicit hydrogens and CXSMILES extensions get the canonical SMILES of
+    the standardised structure (``featurize_smiles``).
     """
     path = Path(path)
     if not path.is_file():

@@ -277,16 +277,28 @@ def test_featurize_fingerprint_of_standardised_mol_equals_canonical_smiles_fp():
 
 @pytest.mark.skipif(not HUB_SAMPLES.is_file(), reason=f"shared data absent: {HUB_SAMPLES}")
 def test_featurize_smiles_as_given_same_structures_as_canonical():
-    raw = pd.read_csv(HUB_SAMPLES, sep="\t", comment="!", dtype=str)["smiles"].dropna().tolist()[:2000]
+    # every Hub row: salts, charges, stereo, CXSMILES (glecaprevir's '|t:1|' sets a double bond's geometry)
+    raw = pd.read_csv(HUB_SAMPLES, sep="\t", comment="!", dtype=str)["smiles"].dropna().drop_duplicates().tolist()
     canonical = chem.featurize_smiles(raw, n_jobs=1)
     given = chem.featurize_smiles(raw, n_jobs=1, smiles_as_given=True)
     assert given.inchikeys == canonical.inchikeys and given.errors == canonical.errors
     np.testing.assert_array_equal(given.fingerprints, canonical.fingerprints)
     kept = [i for i, s in enumerate(given.smiles) if s is not None and s != canonical.smiles[i]]
-    assert len(kept) > 100  # most Hub SMILES are not RDKit's canonical text
-    assert all(given.smiles[i] == raw[i].strip().split()[0] for i in kept)
-    again = chem.featurize_smiles([given.smiles[i] for i in kept], n_jobs=1)
+    assert len(kept) > 1000  # most Hub SMILES are not RDKit's canonical text
+    assert all(given.smiles[i] == raw[i].strip() for i in kept)
+    again = chem.featurize_smiles([given.smiles[i] for i in kept], n_jobs=1)  # the stored text is the structure
     assert again.inchikeys == [canonical.inchikeys[i] for i in kept]
+    np.testing.assert_array_equal(again.fingerprints, canonical.fingerprints[kept])
+
+
+@pytest.mark.parametrize("smiles", [
+    "CC=CC |t:1|", "CC=CC |c:1|", "CCC |^1:2|", "CC(O)F |(0,0,;1,0,;1.5,0.8,;1.5,-0.8,),wU:1.2|",
+    "C[C@H](C)O", "C/C=C/C", "[H]OC", "CCO ethanol"])
+def test_featurize_smiles_as_given_writes_canonical_smiles_where_the_text_is_not_the_structure(smiles):
+    given = chem.featurize_smiles([smiles], n_jobs=1, smiles_as_given=True)
+    canonical = chem.featurize_smiles([smiles], n_jobs=1)
+    assert given.smiles == canonical.smiles and given.inchikeys == canonical.inchikeys
+    assert chem.standardize_smiles(given.smiles[0])[1] == given.inchikeys[0]
 
 
 def test_featurize_chunk_keeps_rows_apart_when_one_step_fails(monkeypatch):
