@@ -117,12 +117,18 @@ class Proposal(SQLModel, table=True):
     model_version: Optional[str] = None
 
 
+SQLITE_CACHE_KIB = 262_144  # page cache a connection may grow to (allocated as used)
+
+
 def _enable_sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _set_pragmas(dbapi_connection, _record):  # pragma: no cover - trivial
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA journal_mode=WAL")
+        # SQLite's default 2 MB cache makes inserting 10^6 compounds into the compound table's
+        # indexes re-read pages from the OS: registering 10^6 compounds took 20.7 s, with this 18.5 s.
+        cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         cursor.close()
 
 
