@@ -370,7 +370,8 @@ class FeaturizedSmiles:
     """Result of ``featurize_smiles``: lists aligned with the input, fingerprint rows too.
 
     ``smiles`` holds the standardised structure's canonical isomeric SMILES, or with
-    ``smiles_as_given`` the SMILES as given wherever standardisation left the structure unchanged.
+    ``smiles_as_given`` the SMILES as given where it is plainly written and standardisation left the
+    structure unchanged (``_given_smiles``).
     Failed inputs have ``None`` SMILES/InChIKey, an all-zero fingerprint row and an entry
     ``(index, raw_smiles, reason)`` in ``errors``.
     """
@@ -688,10 +689,10 @@ def read_library(path: str | Path, n_jobs: int | None = None, fingerprints: bool
     packed = None
     if fingerprints or smiles_as_given:
         featurized = featurize_smiles(raw.smiles, n_jobs=n_jobs, smiles_as_given=smiles_as_given)
-        canonical, inchikeys, std_errors = featurized.smiles, featurized.inchikeys, featurized.errors
+        stored_smiles, inchikeys, std_errors = featurized.smiles, featurized.inchikeys, featurized.errors
         packed = featurized.fingerprints if fingerprints else None
     else:
-        canonical, inchikeys, std_errors = standardize_many(raw.smiles, n_jobs=n_jobs)
+        stored_smiles, inchikeys, std_errors = standardize_many(raw.smiles, n_jobs=n_jobs)
     errors: list[SmilesError] = [(raw.line_numbers[i], smi, reason) for i, smi, reason in std_errors]
 
     keep_rows: list[tuple[str, str, str, str]] = []
@@ -699,7 +700,7 @@ def read_library(path: str | Path, n_jobs: int | None = None, fingerprints: bool
     id_owner: dict[str, str] = {}
     kept: list[int] = []
     n_duplicates = 0
-    for i, (can, key) in enumerate(zip(canonical, inchikeys)):
+    for i, (smi, key) in enumerate(zip(stored_smiles, inchikeys)):
         if key is None:
             continue
         if key in seen_keys:
@@ -726,7 +727,7 @@ def read_library(path: str | Path, n_jobs: int | None = None, fingerprints: bool
             continue
         seen_keys.add(key)
         id_owner[compound_id] = key
-        keep_rows.append((compound_id, raw.names[i] or compound_id, can, key))
+        keep_rows.append((compound_id, raw.names[i] or compound_id, smi, key))
         kept.append(i)
     errors.sort(key=lambda e: e[0])
     table = pd.DataFrame(keep_rows, columns=list(LIBRARY_COLUMNS))
