@@ -38,7 +38,7 @@ META_N_CELLS = "Metadata_n_cells"
 MAD_SCALE = 1.4826
 CONSTANT_RELATIVE_SD = 1e-12  # a column whose sd is this small against its values is constant up to rounding
 _BOOKKEEPING = ("_Center_", "_Location_", "_Number_Object_Number", "_Parent_", "_Children_", "_ObjectNumber",
-                "_BoundingBox", "_Orientation")
+                "ClosestObjectNumber", "_BoundingBox", "_Orientation")  # Neighbors_FirstClosestObjectNumber_*: ids
 
 
 def _features(table: pd.DataFrame, features: Sequence[str] | None) -> list[str]:
@@ -274,6 +274,31 @@ def phenotypic_activity(normalized: pd.DataFrame | np.ndarray, features: Sequenc
     if clip is not None:
         z = np.clip(z, -clip, clip)
     return np.sqrt(np.sum(z * z, axis=1) / max(z.shape[1], 1))
+
+
+def left_out_control_activity(profiles: pd.DataFrame, control_mask, features: Sequence[str],
+                               clip: float | None = 10.0) -> np.ndarray:
+    """``phenotypic_activity`` of each control well (rows of ``control_mask``) in robust z against
+    the *other* control wells' median and MAD: what it would score as a sample. Against statistics
+    it helped set, a control well scores low (16 DMSO wells of real CellProfiler tables with 5,400
+    features: 1.27 against 1.51 left out), so a threshold taken from those activities calls
+    DMSO-like wells hits far above its nominal rate. A feature the other controls do not vary in
+    is left out of that well's mean square."""
+    mask = np.asarray(control_mask, dtype=bool)
+    values = profiles.loc[mask, list(features)].to_numpy(dtype=np.float64)
+    values = np.where(np.isfinite(values), values, np.nan)
+    out = np.full(len(values), np.nan)
+    for i in range(len(values)):
+        others = np.delete(values, i, axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            center = np.nanmedian(others, axis=0)
+            scale = MAD_SCALE * np.nanmedian(np.abs(others - center), axis=0)
+        z = (values[i] - center) / np.where(scale > 0, scale, np.nan)
+        z = z[np.isfinite(z)]
+        if len(z):
+            out[i] = phenotypic_activity(z.reshape(1, -1), clip=clip)[0]
+    return out
 
 
 def feature_select(table: pd.DataFrame, features: Sequence[str] | None = None, *,

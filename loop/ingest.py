@@ -724,9 +724,16 @@ def _quiet_on_each_side(profiles: pd.DataFrame, treated: np.ndarray, interior_dm
 
 def hit_threshold(control_activity: np.ndarray, hit_sd: float) -> float:
     """The activity above which a treatment well is a hit: its controls' mean + ``hit_sd`` sd (NaN
-    with fewer than 2 controls: no spread, and no well exceeds it)."""
+    with fewer than 2 controls with an activity: no spread, and no well exceeds it)."""
     ctrl = np.asarray(control_activity, dtype=np.float64)
+    ctrl = ctrl[np.isfinite(ctrl)]
     return float(ctrl.mean() + hit_sd * ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
+
+
+# DMSO wells a plate needs for their activities (which set the hit threshold) to be measured
+# leaving each out: the median and MAD of fewer are themselves too noisy (the MAD of 3 values is
+# the smaller of two deviations), and the activities against all of them stand (biased low)
+LEFT_OUT_MIN_CONTROLS = 8
 
 
 def _normalised_profiles(wells: pd.DataFrame, hit_sd: float, say: bool = True) -> pd.DataFrame:
@@ -749,6 +756,8 @@ def _normalised_profiles(wells: pd.DataFrame, hit_sd: float, say: bool = True) -
         normalized = normalized.drop(columns=unscaled)
         features = [f for f in features if f not in unscaled]
     activity = profiling.phenotypic_activity(normalized, features)
+    if controls.sum() >= LEFT_OUT_MIN_CONTROLS:  # a DMSO well against the others, as a treatment is against all
+        activity[controls] = profiling.left_out_control_activity(wells, controls, features)
     threshold = hit_threshold(activity[controls], hit_sd)
     is_hit = (activity > threshold) & (normalized[META_ROLE] == WellRole.treatment.value).to_numpy()
     return pd.concat([normalized, pd.DataFrame({"Metadata_activity": activity, "Metadata_is_hit": is_hit},

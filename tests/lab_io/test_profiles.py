@@ -8,6 +8,7 @@ from lab_io.profiles import (
     edge_gate_z,
     edge_offsets,
     is_edge_well,
+    left_out_control_activity,
     subtract_edge_offsets,
     subsampled_wells,
     feature_select,
@@ -90,6 +91,23 @@ def test_normalize_requires_controls_per_plate():
         normalize_to_controls(prof, [True])
 
 
+def test_left_out_control_activity_scores_each_control_against_the_others():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(9, 3)) * [1, 5, 0.1], columns=["Cells_A", "Cells_B", "Nuclei_C"])
+    df["Metadata_Plate"] = "P1"
+    controls = np.array([True] * 6 + [False] * 3)
+    got = left_out_control_activity(df, controls, ["Cells_A", "Cells_B", "Nuclei_C"])
+    for i in range(6):  # reference: normalise to the other five controls, read well i
+        others = controls.copy()
+        others[i] = False
+        z = normalize_to_controls(df, others, features=["Cells_A", "Cells_B", "Nuclei_C"])
+        assert got[i] == pytest.approx(phenotypic_activity(z, ["Cells_A", "Cells_B", "Nuclei_C"])[i])
+    df.loc[1:5, "Nuclei_C"] = 7.0  # the others of well 0 do not vary in C: left out of its mean square
+    got = left_out_control_activity(df, controls, ["Cells_A", "Cells_B", "Nuclei_C"])
+    z = normalize_to_controls(df, np.array([False] + [True] * 5 + [False] * 3), features=["Cells_A", "Cells_B"])
+    assert got[0] == pytest.approx(phenotypic_activity(z, ["Cells_A", "Cells_B"])[0])
+
+
 def test_phenotypic_activity_closed_form():
     z = np.array([[3.0, 4.0], [0.0, 0.0], [100.0, 0.0]])
     act = phenotypic_activity(z)
@@ -115,7 +133,10 @@ def test_control_wells_score_about_one_and_treatment_higher():
 def test_feature_select_drops_constant_nan_and_bookkeeping():
     table = pd.DataFrame({"Metadata_Well": ["A01", "A02", "A03"], "Cells_Good": [1.0, 2.0, 3.0],
                           "Cells_Constant": [1.0, 1.0, 1.0], "Nuclei_Nan": [1.0, np.nan, 2.0],
-                          "Nuclei_AreaShape_Center_X": [1.0, 5.0, 9.0], "Cells_Parent_Nuclei": [1, 2, 3]})
+                          "Nuclei_AreaShape_Center_X": [1.0, 5.0, 9.0], "Cells_Parent_Nuclei": [1, 2, 3],
+                          # object ids of real CellProfiler tables (a review found them used as features)
+                          "Nuclei_Neighbors_FirstClosestObjectNumber_Adjacent": [2, 1, 2],
+                          "Cells_Neighbors_SecondClosestObjectNumber_5": [3, 3, 1]})
     assert feature_select(table) == ["Cells_Good"]
     assert "Nuclei_AreaShape_Center_X" in feature_select(table, drop_bookkeeping=False)
     # pycytominer-style tolerance: one missing value in three is kept at a 0.4 cutoff, not at 0.3

@@ -39,6 +39,26 @@ def test_stored_well_features_are_all_in_control_units():
     assert len(wells) == 6 and set(wells[META_WELL]) == set(cells[META_WELL])
 
 
+@pytest.mark.parametrize("n_dmso", [8, 16])
+def test_dmso_like_wells_are_no_hits_however_many_features(monkeypatch, n_dmso):
+    """The threshold comes from DMSO activities measured like a treatment's (each DMSO well against
+    the others): against statistics it helped set a DMSO well scores low, and with 2,000 features
+    every DMSO-like treatment cleared the in-sample threshold (a review's real CellProfiler plate:
+    11 of 70)."""
+    from loop import ingest
+
+    rng = np.random.default_rng(n_dmso)
+    n_treated, n_features = 120, 2000
+    wells = pd.DataFrame(rng.normal(size=(n_dmso + n_treated, n_features)),
+                         columns=[f"Cells_Intensity_F{i}_DNA" for i in range(n_features)])
+    wells.insert(0, META_ROLE, ["negative_control"] * n_dmso + ["treatment"] * n_treated)
+    wells.insert(0, META_WELL, [f"W{i}" for i in range(len(wells))])
+    wells.insert(0, META_PLATE, "P1")
+    assert ingest._normalised_profiles(wells, 3.0, say=False)["Metadata_is_hit"].mean() < 0.02
+    monkeypatch.setattr(ingest, "LEFT_OUT_MIN_CONTROLS", 10**6)  # the in-sample threshold, as before
+    assert ingest._normalised_profiles(wells, 3.0, say=False)["Metadata_is_hit"].mean() > 0.5
+
+
 def test_a_plate_without_dmso_wells_is_refused_by_name():
     cells = _cells(np.random.default_rng(1), roles=("treatment",) * 3)
     with pytest.raises(IngestError, match="plate P1: no negative-control"):
