@@ -293,7 +293,7 @@ def left_out_control_activity(profiles: pd.DataFrame, control_mask, features: Se
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             center = np.nanmedian(others, axis=0)
-            scale = MAD_SCALE * np.nanmedian(np.abs(others - center), axis=0)
+        scale = robust_sd(others)
         z = (values[i] - center) / np.where(scale > 0, scale, np.nan)
         z = z[np.isfinite(z)]
         if len(z):
