@@ -76,6 +76,13 @@ def aggregate_wells(cells: pd.DataFrame, features: Sequence[str] | None = None, 
     return out.reset_index()
 
 
+def _cell_block(cells: pd.DataFrame, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``cells.iloc[rows, positions]`` as float64, rows taken first: pandas takes a scattered set of
+    columns from the plate's one feature block column by column, about 1 s for a real plate's
+    ~5,700 features whatever the rows; from the few rows' frame it takes 2 ms."""
+    return cells.iloc[rows].iloc[:, positions].to_numpy(dtype=np.float64)
+
+
 def _reduce_groups(cells: pd.DataFrame, feats: list[str], grouped, how: str) -> pd.DataFrame:
     """Per-group median (or mean) of ``feats`` skipping NaN, as ``grouped[feats].median()`` gives,
     one group's rows at a time: pandas' groupby first copies every feature column to float64, which
@@ -88,7 +95,7 @@ def _reduce_groups(cells: pd.DataFrame, feats: list[str], grouped, how: str) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a feature NaN in every cell of a well stays NaN
         for i, key in enumerate(sizes.index):
-            block = cells.iloc[indices[key], positions].to_numpy(dtype=np.float64)
+            block = _cell_block(cells, indices[key], positions)
             values[i] = reduce(block, axis=0)
     return pd.DataFrame(values, index=sizes.index, columns=feats)
 
@@ -112,7 +119,7 @@ def subsampled_wells(cells: pd.DataFrame, wells: Sequence[str], n_cells: int, dr
             if len(members) < n_cells:
                 continue
             for _ in range(draws):
-                block = cells.iloc[rng.choice(members, n_cells, replace=False), positions].to_numpy(np.float64)
+                block = _cell_block(cells, rng.choice(members, n_cells, replace=False), positions)
                 values.append(np.nanmedian(block, axis=0))
                 rows.append((cells[META_PLATE].iloc[members[0]], well))
     out = pd.DataFrame(np.asarray(values, dtype=np.float64).reshape(len(values), len(feats)), columns=feats)

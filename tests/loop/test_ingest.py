@@ -305,6 +305,7 @@ def test_a_well_short_of_the_fields_its_neighbours_have_is_refused(tmp_path, ima
 
     monkeypatch.setattr("lab_io.morphology.measure_field", fail)  # a scheduled re-read of the drop folder
     monkeypatch.setattr("lab_io.results._read_csv_strict", fail)
+    monkeypatch.setattr("lab_io.results._parse_batch", fail)
     assert [r.status for r in ingest_results(campaign, complete)] == ["already imported"]
 
 
