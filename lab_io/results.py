@@ -367,7 +367,7 @@ def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_d
     """One site folder -> single-cell rows, or None when it has only Image.csv and that is allowed;
     its (well, site) pairs join ``sites`` once Image.csv is read, its wells ``imaged`` once its object
     tables are. ``raws``: the tables' bytes when already read (:func:`_site_raws`)."""
-    raws = raws or {}
+    raws = {kind: raw for kind, raw in (raws or {}).items() if isinstance(raw, bytes)}  # others read again here
     hint = _site_well_hint(site_dir, barcode)
     image_path = site_dir / "Image.csv"
     if not image_path.exists():
@@ -488,6 +488,7 @@ SITE_BATCH_MAX = 256
 SITE_BATCH_BYTES = 256 << 20
 BATCHED_READING = True  # False reads every site on its own (the reference the tests compare with)
 _MAX_IMAGE_KEY = 1 << 31  # merge_compartments keys objects by image * 2**32 + object number
+_EXACT_INTEGERS = float(1 << 53)  # float64 holds every whole number below this exactly
 
 
 @dataclass(frozen=True)
@@ -502,10 +503,14 @@ class _BatchRead:
 
 def _batches_read(site_dirs: list[Path], barcode: str, allow_missing_objects: bool):
     """Yield ``(batch, read)`` in site order: each batch's ``(site_dir, raws)`` and its
-    :func:`_read_batch` (None: not plain, or batched reading off)."""
+    :func:`_read_batch` (None: not plain; with batched reading off, no raws and no read)."""
+    if not BATCHED_READING:
+        for site_dir in site_dirs:
+            yield [(site_dir, None)], None
+        return
     for group in _site_groups(site_dirs):
         batch = [(site_dir, _site_raws(site_dir)) for site_dir in group]
-        yield batch, (_read_batch(batch, barcode, allow_missing_objects) if BATCHED_READING else None)
+        yield batch, _read_batch(batch, barcode, allow_missing_objects)
 
 
 def _site_groups(site_dirs: list[Path]) -> list[list[Path]]:
@@ -514,18 +519,31 @@ def _site_groups(site_dirs: list[Path]) -> list[list[Path]]:
     groups, group, size = [], [], 0
     for site_dir in site_dirs:
         group.append(site_dir)
-        size += sum(path.stat().st_size for kind in ("Image", *COMPARTMENTS)
-                    if (path := site_dir / f"{kind}.csv").exists())
+        for kind in ("Image", *COMPARTMENTS):
+            try:
+                size += (site_dir / f"{kind}.csv").stat().st_size
+            except OSError:  # absent (or unreadable: the site-by-site reading says so in its turn)
+                pass
         if len(group) >= SITE_BATCH_MAX or size >= SITE_BATCH_BYTES:
             groups.append(group)
             group, size = [], 0
     return groups + [group] if group else groups
 
 
-def _site_raws(site_dir: Path) -> dict[str, bytes | None]:
-    """A site folder's tables as bytes; None where a file is absent."""
-    return {kind: (path.read_bytes() if (path := site_dir / f"{kind}.csv").exists() else None)
-            for kind in ("Image", *COMPARTMENTS)}
+_UNREADABLE = object()  # a table that exists but could not be read (a folder, an I/O error)
+
+
+def _site_raws(site_dir: Path) -> dict[str, object]:
+    """A site folder's tables as bytes; None where a file is absent, ``_UNREADABLE`` where reading
+    it failed (the batch is then read site by site, which raises in order of the sites)."""
+    raws = {}
+    for kind in ("Image", *COMPARTMENTS):
+        path = site_dir / f"{kind}.csv"
+        try:
+            raws[kind] = path.read_bytes() if path.exists() else None
+        except OSError:
+            raws[kind] = _UNREADABLE
+    return raws
 
 
 def _plain_rows(body: bytes, n_fields: int) -> int | None:
@@ -541,8 +559,11 @@ def _plain_rows(body: bytes, n_fields: int) -> int | None:
         return len(rows) if all(len(row) == n_fields for row in rows) else None
     data = np.frombuffer(body, dtype=np.uint8)
     ends = np.flatnonzero(data == ord("\n"))
-    commas_before = np.searchsorted(np.flatnonzero(data == ord(",")), ends)
-    return len(ends) if np.all(np.diff(commas_before, prepend=0) == n_fields - 1) else None
+    commas = np.flatnonzero(data == ord(","))
+    if not np.all(np.diff(np.searchsorted(commas, ends), prepend=0) == n_fields - 1):
+        return None
+    longest = np.diff(np.flatnonzero((data == ord(",")) | (data == ord("\n"))), prepend=-1).max(initial=0) - 1
+    return len(ends) if longest < csv.field_size_limit() else None  # csv refuses longer fields
 
 
 def _header_names(line: bytes) -> list[str] | None:
@@ -556,10 +577,15 @@ def _header_names(line: bytes) -> list[str] | None:
         return None
     if '"' not in text:
         names = text.rstrip("\r\n").split(",")
+        if max(len(name) for name in names) > csv.field_size_limit():
+            return None  # the strict reading's csv refuses a field this long
     elif text.count('"') % 2:
         return None
     else:
-        names = next(csv.reader([text.rstrip("\r\n")]))
+        try:
+            names = next(csv.reader([text.rstrip("\r\n")]))
+        except csv.Error:  # e.g. lone carriage returns, or a name over csv's field size limit
+            return None
     return names if len(set(names)) == len(names) else None
 
 
@@ -638,6 +664,8 @@ def _read_batch(batch: list[tuple[Path, dict[str, bytes | None]]], barcode: str,
     """Sites read at once (see above); None where the batch is not plain, to be read site by site."""
     with_objects = []
     for i, (_, raws) in enumerate(batch):
+        if any(raw is _UNREADABLE for raw in raws.values()):
+            return None
         present = [raws[c] is not None for c in COMPARTMENTS]
         if raws["Image"] is None or (not all(present) and (any(present) or not allow_missing_objects)):
             return None
@@ -678,6 +706,9 @@ def _read_batch(batch: list[tuple[Path, dict[str, bytes | None]]], barcode: str,
     if not _counts_agree(image, {comp: table for comp, (table, _) in tables.items()}):
         return None
     cells = merge_compartments(image, *(tables[comp][0] for comp in ("Nuclei", "Cells", "Cytoplasm")))
+    features = cells.iloc[:, len(_MERGED_META):].to_numpy()
+    if np.any(features >= _EXACT_INTEGERS) or np.any(features <= -_EXACT_INTEGERS):
+        return None  # a whole number column of one site read as float with another's would round twice
     return _BatchRead(cells, len(with_objects), batch[with_objects[0]][0], skipped,
                       set(image[META_WELL].astype(str)), sites)
 

@@ -1,3 +1,4 @@
+import io
 import os
 import shutil
 from pathlib import Path
@@ -659,3 +660,53 @@ def test_a_problem_inside_a_batch_is_named_as_site_by_site(results, monkeypatch,
     cyto = site(results, "B01") / "Cytoplasm.csv"
     pd.read_csv(cyto).drop(columns=["AreaShape_Area"]).to_csv(cyto, index=False)
     expect_error(results, str(site(results, "B01")), "measured other columns than", "Cytoplasm_AreaShape_Area")
+
+
+def _same_either_way(results, monkeypatch):
+    """Both readings give the same rows, or refuse with the same message; returns that message."""
+    import lab_io.results
+
+    outcomes = []
+    for batched in (True, False):
+        with monkeypatch.context() as patch:
+            patch.setattr(lab_io.results, "BATCHED_READING", batched)
+            try:
+                outcomes.append(read_results(results)[0].cells)
+            except ResultsError as err:
+                outcomes.append(str(err))
+    if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+        assert outcomes[0] == outcomes[1]
+        return outcomes[0]
+    pd.testing.assert_frame_equal(outcomes[0], outcomes[1], check_exact=True)
+    return None
+
+
+def test_what_the_strict_reading_refuses_the_batched_one_does_not_accept(results, monkeypatch):
+    """A review's cases: lone carriage returns under a quoted header, a value longer than csv's
+    field limit, whole numbers above 2**53 in one site beside decimals in another, and a table
+    that cannot be read after a site with an earlier fault."""
+    import csv
+
+    nuclei = site(results) / "Nuclei.csv"
+    original = nuclei.read_bytes()
+    lines = original.decode().splitlines()
+    nuclei.write_bytes(("\r".join(['"' + lines[0].replace(",", '","') + '"'] + lines[1:]) + "\n").encode())
+    assert "cannot parse" in _same_either_way(results, monkeypatch)
+    table = pd.read_csv(io.BytesIO(original))
+    table["AreaShape_Area"] = table["AreaShape_Area"].astype(str)
+    table.loc[0, "AreaShape_Area"] = "0." + "6" * (csv.field_size_limit() + 10)
+    table.to_csv(nuclei, index=False)
+    assert "field larger than field limit" in _same_either_way(results, monkeypatch)
+    nuclei.write_bytes(original)
+    for well, value in (("A01", str((1 << 60) + (1 << 36) + 1)), ("A02", "0.5")):
+        path = site(results, well) / "Cytoplasm.csv"
+        table = pd.read_csv(path)
+        table["Extra_Feature"] = value
+        table.to_csv(path, index=False)
+    b01 = site(results, "B01") / "Cytoplasm.csv"
+    pd.read_csv(b01).assign(Extra_Feature=1).to_csv(b01, index=False)
+    assert _same_either_way(results, monkeypatch) is None
+    (site(results, "A01") / "Image.csv").write_bytes(b"")
+    (site(results) / "Cells.csv").unlink()
+    (site(results) / "Cells.csv").mkdir()  # not a file: unreadable
+    assert "A01-1/Image.csv" in _same_either_way(results, monkeypatch)
