@@ -363,10 +363,10 @@ def _check_counts(image: pd.DataFrame, tables: dict[str, pd.DataFrame], site_dir
 
 def _read_site(site_dir: Path, barcode: str, hasher, sources: list[str], plate_dir: Path,
                allow_missing_objects: bool, imaged: set[str], sites: set[tuple[str, int]],
-               raws: dict[str, bytes | None] | None = None) -> pd.DataFrame | None:
+               raws: dict[str, object] | None = None) -> pd.DataFrame | None:
     """One site folder -> single-cell rows, or None when it has only Image.csv and that is allowed;
     its (well, site) pairs join ``sites`` once Image.csv is read, its wells ``imaged`` once its object
-    tables are. ``raws``: the tables' bytes when already read (:func:`_site_raws`)."""
+    tables are. ``raws``: the tables as :func:`_site_raws` read them (bytes are used, the rest read here)."""
     raws = {kind: raw for kind, raw in (raws or {}).items() if isinstance(raw, bytes)}  # others read again here
     hint = _site_well_hint(site_dir, barcode)
     image_path = site_dir / "Image.csv"
@@ -480,9 +480,9 @@ def _read_analysis(plate_dir: Path, barcode: str, allow_missing_objects: bool) -
 # read in batches: each kind of table of up to SITE_BATCH_MAX sites (or about SITE_BATCH_BYTES of
 # text) is parsed in one read_csv, checked and merged at once (0.1 s a site: that plate in 6
 # minutes, pandas' parsing of its 33 GB of text being most of it). Only a batch whose files are all plain is
-# read this way: every site with Image.csv and all or none of its object tables, one unquoted
-# header per kind, every row with as many fields as the header, and none of the problems the
-# strict reading looks for. Any other batch is read site by site (:func:`_read_site`), which names
+# read this way: every site with Image.csv and all or none of its object tables, the same column
+# names in every table of a kind (quoted or not), every row with as many fields as the header,
+# every table readable, and none of the problems the strict reading looks for. Any other batch is read site by site (:func:`_read_site`), which names
 # the file, plate, well and line of the first problem. Both readings give the same rows.
 SITE_BATCH_MAX = 256
 SITE_BATCH_BYTES = 256 << 20
@@ -591,8 +591,8 @@ def _header_names(line: bytes) -> list[str] | None:
 
 def _parse_batch(raws: list[bytes], kind: str) -> tuple[pd.DataFrame, np.ndarray] | None:
     """Tables of one kind -> (one table of all their rows, each file's row count), or None unless
-    every file is plain (one unquoted header, every row complete) and passes every check of
-    :func:`_read_csv_strict`."""
+    every file is plain (the same column names, every row complete, no field over csv's size
+    limit) and passes every check of :func:`_read_csv_strict`."""
     header, names, bodies, counts = None, None, [], []
     for raw in raws:
         if not raw.strip() or not raw.endswith(b"\n"):
@@ -659,7 +659,7 @@ def _checked_batch_image(image: pd.DataFrame, barcode: str) -> pd.DataFrame | No
     return image.assign(**{META_WELL: image[META_WELL].astype(str).map(wells).to_numpy(object), META_PLATE: barcode})
 
 
-def _read_batch(batch: list[tuple[Path, dict[str, bytes | None]]], barcode: str,
+def _read_batch(batch: list[tuple[Path, dict[str, object]]], barcode: str,
                 allow_missing_objects: bool) -> _BatchRead | None:
     """Sites read at once (see above); None where the batch is not plain, to be read site by site."""
     with_objects = []
