@@ -148,7 +148,6 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
     mask = np.asarray(control_mask, dtype=bool)
     if mask.shape != (len(profiles),):
         raise ValueError(f"control_mask has shape {mask.shape}, expected ({len(profiles)},)")
-    out = profiles.copy()
     values = profiles[feats].to_numpy(dtype=np.float64)
     values = np.where(np.isfinite(values), values, np.nan)  # a missing value stays missing, and is ignored
     result = np.empty_like(values)
@@ -170,8 +169,10 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
         # undefined (NaN), not (x - median) / eps, which reached 1e6 for integer-valued features
         scale = np.where(scale > 0, scale, np.nan)
         result[rows] = (values[rows] - center) / (scale + eps)
-    out[feats] = result
-    return out
+    # one block for the features, the columns in their order: assigning ~5,800 columns one by one
+    # (``out[feats] = result``) took about 0.5 s a call on a real plate's well table
+    normalised = pd.DataFrame(result, columns=feats, index=profiles.index)
+    return pd.concat([profiles.drop(columns=feats), normalised], axis=1)[list(profiles.columns)]
 
 
 EDGE_MIN_WELLS = 8  # reference wells needed on the edge ring and inside it to estimate the edge offset
