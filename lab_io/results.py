@@ -207,6 +207,13 @@ def _read_csv_strict(path: Path, raw: bytes, barcode: str, well: str | None, kin
                             dtype={META_PLATE: str, META_WELL: str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ResultsError(f"{where}: cannot parse ({err})") from None
+    return _checked_table(table, where, kind)
+
+
+def _checked_table(table: pd.DataFrame, where: str, kind: str, file_of_row: np.ndarray | None = None) -> pd.DataFrame:
+    """A parsed table checked and made numeric (see the module doc); ResultsError naming ``where``
+    and the line. ``file_of_row``: each row's file where the table holds several files' rows (the
+    batched reading), whose keys need only be unique within their own file."""
     missing = [c for c in _REQUIRED[kind] if c not in table.columns]
     if missing:
         raise ResultsError(f"{where}: missing required columns {missing}")
@@ -234,7 +241,8 @@ def _read_csv_strict(path: Path, raw: bytes, barcode: str, well: str | None, kin
             raise ResultsError(f"{where}: column {col!r} line {i + 2}: {table[col].iloc[i]!r} is not an object number")
     key = _UNIQUE_KEYS.get(kind)
     if key and all(c in table.columns for c in key):
-        dup = table[list(key)].duplicated()
+        keys = table[list(key)] if file_of_row is None else table[list(key)].assign(_file=file_of_row)
+        dup = keys.duplicated()
         if dup.any():
             i = int(np.flatnonzero(dup.to_numpy())[0])
             raise ResultsError(f"{where}: line {i + 2} repeats {dict(zip(key, table.loc[dup, list(key)].iloc[0]))} "
@@ -592,7 +600,7 @@ def _header_names(line: bytes) -> list[str] | None:
 def _parse_batch(raws: list[bytes], kind: str) -> tuple[pd.DataFrame, np.ndarray] | None:
     """Tables of one kind -> (one table of all their rows, each file's row count), or None unless
     every file is plain (the same column names, every row complete, no field over csv's size
-    limit) and passes every check of :func:`_read_csv_strict`."""
+    limit) and passes every check of :func:`_checked_table`."""
     header, names, bodies, counts = None, None, [], []
     for raw in raws:
         if not raw.strip() or not raw.endswith(b"\n"):
@@ -618,45 +626,10 @@ def _parse_batch(raws: list[bytes], kind: str) -> tuple[pd.DataFrame, np.ndarray
     counts = np.asarray(counts, dtype=np.int64)
     if len(table) != counts.sum():
         return None
-    table = _checked_batch_table(table, kind, np.repeat(np.arange(len(counts)), counts))
-    return None if table is None else (table, counts)
-
-
-def _checked_batch_table(table: pd.DataFrame, kind: str, file_of_row: np.ndarray) -> pd.DataFrame | None:
-    """:func:`_read_csv_strict`'s checks of the parsed table, on many files' rows at once
-    (``file_of_row``: each row's file); None where any fails."""
-    if any(c not in table.columns for c in _REQUIRED[kind]):
-        return None
-    if kind != "Image":
-        table = table.drop(columns=[c for c in table.columns if str(c).startswith(_IMAGE_COLUMN_PREFIXES)])
-    numeric = set(table.columns) if kind != "Image" else {
-        c for c in table.columns if c in ("ImageNumber", META_SITE) or c.startswith("Count_")}
-    for col in [c for c, dtype in table.dtypes.items() if c in numeric and not pd.api.types.is_numeric_dtype(dtype)]:
-        values = pd.to_numeric(table[col], errors="coerce")
-        if (values.isna() & table[col].notna()).any():
-            return None
-        table[col] = values
-    for col in (c for c in _LINK_COLUMNS if c in table.columns):
-        values = table[col].to_numpy(np.float64)
-        if not np.all(np.isfinite(values) & (values == np.round(values))):
-            return None
-    key = _UNIQUE_KEYS.get(kind)
-    if key and all(c in table.columns for c in key):
-        keys = pd.DataFrame({"file": file_of_row, **{c: table[c].to_numpy() for c in key}})
-        if keys.duplicated().any():
-            return None
-    return table
-
-
-def _checked_batch_image(image: pd.DataFrame, barcode: str) -> pd.DataFrame | None:
-    """:func:`_check_image` on many sites' image rows; None where it would raise."""
-    if set(image[META_PLATE].astype(str).str.strip()) != {barcode}:
-        return None
     try:
-        wells = {w: normalize_well(w) for w in set(image[META_WELL].astype(str))}
-    except ValueError:
+        return _checked_table(table, "batch", kind, np.repeat(np.arange(len(counts)), counts)), counts
+    except ResultsError:
         return None
-    return image.assign(**{META_WELL: image[META_WELL].astype(str).map(wells).to_numpy(object), META_PLATE: barcode})
 
 
 def _read_batch(batch: list[tuple[Path, dict[str, object]]], barcode: str,
@@ -675,10 +648,11 @@ def _read_batch(batch: list[tuple[Path, dict[str, object]]], barcode: str,
     if parsed is None:
         return None
     image, counts = parsed
-    image = _checked_batch_image(image[[c for c in image.columns if c in ("ImageNumber", META_PLATE, META_WELL,
-                                                                          META_SITE) or c.startswith("Count_")]],
-                                 barcode)
-    if image is None:
+    image = image[[c for c in image.columns if c in ("ImageNumber", META_PLATE, META_WELL, META_SITE)
+                   or c.startswith("Count_")]]
+    try:
+        image = _check_image(image, Path("batch"), barcode, None)
+    except ResultsError:
         return None
     site_of_image = np.repeat(np.arange(len(batch)), counts)
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -703,7 +677,9 @@ def _read_batch(batch: list[tuple[Path, dict[str, object]]], barcode: str,
     site_of_image = site_of_image[np.isin(site_of_image, with_objects)]
     if not _renumber_images(image, site_of_image, tables):
         return None
-    if not _counts_agree(image, {comp: table for comp, (table, _) in tables.items()}):
+    try:  # on image numbers made unique per site
+        _check_counts(image, {comp: table for comp, (table, _) in tables.items()}, Path("batch"), barcode)
+    except ResultsError:
         return None
     cells = merge_compartments(image, *(tables[comp][0] for comp in ("Nuclei", "Cells", "Cytoplasm")))
     features = cells.iloc[:, len(_MERGED_META):].to_numpy()
@@ -716,7 +692,8 @@ def _read_batch(batch: list[tuple[Path, dict[str, object]]], barcode: str,
 def _renumber_images(image: pd.DataFrame, site_of_image: np.ndarray,
                      tables: dict[str, tuple[pd.DataFrame, np.ndarray]]) -> bool:
     """Make image numbers unique across the batch's sites (site * span + ImageNumber) in place, so
-    one merge joins each object to its own site's image; False where numbers are out of range."""
+    one count check and one merge see each object with its own site's image; False where numbers
+    are out of range."""
     numbers = [image["ImageNumber"].to_numpy(np.int64)] + [t["ImageNumber"].to_numpy(np.int64)
                                                             for t, _ in tables.values()]
     objects = [t[c].to_numpy(np.int64) for t, _ in tables.values() for c in _LINK_COLUMNS[1:] if c in t.columns]
@@ -728,21 +705,6 @@ def _renumber_images(image: pd.DataFrame, site_of_image: np.ndarray,
     image["ImageNumber"] = site_of_image * span + numbers[0]
     for (table, site_of_row), number in zip(tables.values(), numbers[1:]):
         table["ImageNumber"] = site_of_row * span + number
-    return True
-
-
-def _counts_agree(image: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> bool:
-    """:func:`_check_counts` for a batch (image numbers made unique by :func:`_renumber_images`)."""
-    for comp in COMPARTMENTS:
-        col = f"Count_{comp}"
-        if col not in image.columns:
-            continue
-        found = tables[comp]["ImageNumber"].value_counts()
-        got = found.reindex(image["ImageNumber"].to_numpy()).fillna(0).to_numpy(np.int64)
-        expected = image[col].to_numpy(np.float64)
-        finite = np.isfinite(expected)
-        if np.any(got[finite] != expected[finite].astype(np.int64)):
-            return False
     return True
 
 
