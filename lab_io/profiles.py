@@ -309,6 +309,54 @@ def left_out_control_activity(profiles: pd.DataFrame, control_mask, features: Se
     return out
 
 
+class LeftOutControls:
+    """A plate's control wells (rows of ``controls``, one per ``Metadata_Well``) as the reference
+    for samples drawn from them: :meth:`activity` scores each sample in robust z against the control
+    wells other than its donor, what it would score as a sample, as :func:`left_out_control_activity`
+    measures the control wells themselves (against statistics its own donor helped set, a draw
+    scores low). Each well's left-out centre and scale are computed once, on first use."""
+
+    def __init__(self, controls: pd.DataFrame, features: Sequence[str]) -> None:
+        self.features = list(features)
+        self._position = {well: i for i, well in enumerate(controls[META_WELL].tolist())}
+        self._values = _finite_or_nan(controls[self.features].to_numpy(dtype=np.float64))
+        self._statistics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def activity(self, samples: pd.DataFrame, donors: Sequence[str], clip: float | None = 10.0) -> np.ndarray:
+        """Activity per row of ``samples`` (``donors``: its control well, aligned). A feature the
+        other controls do not vary in is left out of the mean square; a sample with a missing
+        value in any other feature gets NaN (no activity). ValueError names a donor that is no
+        control well."""
+        donors = np.asarray(list(donors), dtype=object)
+        if len(donors) != len(samples):
+            raise ValueError(f"{len(donors)} donors for {len(samples)} samples")
+        drawn = _finite_or_nan(samples[self.features].to_numpy(dtype=np.float64))
+        out = np.full(len(samples), np.nan)
+        for donor in pd.unique(donors):
+            center, scale = self._left_out(donor)
+            scaled = np.isfinite(center) & (scale > 0)  # the other controls give the feature a centre and a scale
+            rows = np.flatnonzero(donors == donor)
+            z = (drawn[rows][:, scaled] - center[scaled]) / scale[scaled]
+            complete = np.isfinite(z).all(axis=1)
+            if z.shape[1]:
+                out[rows[complete]] = phenotypic_activity(z[complete], clip=clip)
+        return out
+
+    def _left_out(self, donor: str) -> tuple[np.ndarray, np.ndarray]:
+        if donor not in self._position:
+            raise ValueError(f"donor well {donor} is not among the control wells")
+        if donor not in self._statistics:
+            others = np.delete(self._values, self._position[donor], axis=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self._statistics[donor] = np.nanmedian(others, axis=0), robust_sd(others)
+        return self._statistics[donor]
+
+
+def _finite_or_nan(values: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(values), values, np.nan)
+
+
 def feature_select(table: pd.DataFrame, features: Sequence[str] | None = None, *,
                    drop_bookkeeping: bool = True, min_std: float = 0.0,
                    max_nonfinite_fraction: float = 0.0) -> list[str]:

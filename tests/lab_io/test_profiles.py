@@ -4,6 +4,7 @@ import pytest
 
 from lab_io.profiles import (
     MAD_SCALE,
+    LeftOutControls,
     aggregate_wells,
     edge_gate_z,
     edge_offsets,
@@ -106,6 +107,38 @@ def test_left_out_control_activity_scores_each_control_against_the_others():
     got = left_out_control_activity(df, controls, ["Cells_A", "Cells_B", "Nuclei_C"])
     z = normalize_to_controls(df, np.array([False] + [True] * 5 + [False] * 3), features=["Cells_A", "Cells_B"])
     assert got[0] == pytest.approx(phenotypic_activity(z, ["Cells_A", "Cells_B"])[0])
+
+
+def test_left_out_controls_score_each_draw_against_the_controls_but_its_donor():
+    """Reference: normalise the draws to the controls without their donor (``normalize_to_controls``);
+    a feature the other controls do not vary in is left out, a draw with a missing value has none,
+    and a donor that is no control well is refused by name."""
+    rng = np.random.default_rng(1)
+    feats = ["Cells_A", "Cells_B", "Nuclei_C"]
+    controls = pd.DataFrame(rng.normal(size=(6, 3)) * [1, 5, 0.1], columns=feats)
+    controls.insert(0, "Metadata_Well", [f"C{c:02d}" for c in range(3, 9)])
+    controls.insert(0, "Metadata_Plate", "P1")
+    draws = pd.DataFrame(rng.normal(size=(4, 3)) * [1, 5, 0.1], columns=feats)
+    donors = ["C05", "C03", "C05", "C08"]
+    got = LeftOutControls(controls, feats).activity(draws, donors)
+    for i, donor in enumerate(donors):
+        others = controls[controls["Metadata_Well"] != donor]
+        both = pd.concat([others, draws.iloc[[i]].assign(Metadata_Plate="P1")], ignore_index=True)
+        z = normalize_to_controls(both, np.arange(len(both)) < len(others), features=feats)
+        assert got[i] == pytest.approx(phenotypic_activity(z, feats)[-1])
+    assert not np.allclose(got, phenotypic_activity(normalize_to_controls(
+        pd.concat([controls, draws.assign(Metadata_Plate="P1")], ignore_index=True),
+        np.arange(10) < 6, features=feats), feats)[6:])  # all six controls give other activities
+    controls.loc[controls["Metadata_Well"] != "C03", "Nuclei_C"] = 7.0  # C03's others do not vary in C
+    draws.loc[3, "Cells_A"] = np.nan
+    got = LeftOutControls(controls, feats).activity(draws, donors)
+    others = controls[controls["Metadata_Well"] != "C03"]
+    both = pd.concat([others, draws.iloc[[1]].assign(Metadata_Plate="P1")], ignore_index=True)
+    z = normalize_to_controls(both, np.arange(6) < 5, features=feats[:2])
+    assert got[1] == pytest.approx(phenotypic_activity(z, feats[:2])[-1])
+    assert np.isnan(got[3]) and np.isfinite(got[[0, 1, 2]]).all()
+    with pytest.raises(ValueError, match="D01"):
+        LeftOutControls(controls, feats).activity(draws, ["C05", "C03", "C05", "D01"])
 
 
 def test_phenotypic_activity_closed_form():

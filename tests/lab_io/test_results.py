@@ -630,6 +630,37 @@ def test_batched_reading_gives_the_site_by_site_rows(results, monkeypatch, batch
     assert emptied[f"Cells_{b01.columns[5]}"].isna().all() and len(emptied) == 1
 
 
+def test_batches_read_on_threads_give_the_rows_and_errors_of_one_after_the_other(results, monkeypatch):
+    """Batches read at once on threads (``READ_THREADS``) are handed on in site order: the same
+    rows, sources and fingerprint as one batch after the other, the same error for a faulty site
+    with later batches in flight, and no reading thread left behind."""
+    import threading
+
+    import lab_io.results
+
+    _vary_the_exports(results)
+    monkeypatch.setattr(lab_io.results, "SITE_BATCH_MAX", 1)
+    reads = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(lab_io.results, "READ_THREADS", threads)
+        reads[threads] = read_results(results, allow_missing_objects=True)[0]
+    pd.testing.assert_frame_equal(reads[3].cells, reads[1].cells, check_exact=True)
+    for field in ("sources", "fingerprint", "skipped_sites", "imaged_sites"):
+        assert getattr(reads[3], field) == getattr(reads[1], field), field
+    path = site(results, "A02") / "Nuclei.csv"
+    lines = path.read_bytes().decode().splitlines(keepends=True)
+    lines[2] = lines[2].replace(",", ",x", 1)
+    path.write_text("".join(lines))
+    errors = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(lab_io.results, "READ_THREADS", threads)
+        with pytest.raises(ResultsError) as err:
+            read_results(results, allow_missing_objects=True)
+        errors[threads] = str(err.value)
+    assert errors[3] == errors[1] and "well A02" in errors[1] and "line 3" in errors[1]
+    assert not [t for t in threading.enumerate() if t.name.startswith("read-sites")]
+
+
 def test_plain_sites_are_parsed_in_one_batch(results, monkeypatch):
     """Plain exports (CRLF or LF, quoted or not, sites with and without cells) never take the
     site-by-site path, which is what made a 384-well plate of 9 sites take about 26 minutes."""
