@@ -40,6 +40,7 @@ import hashlib
 import io
 import logging
 import re
+import warnings
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -526,17 +527,22 @@ def _batches_read(site_dirs: list[Path], barcode: str, allow_missing_objects: bo
         batch = [(site_dir, _site_raws(site_dir)) for site_dir in group]
         return batch, _read_batch(batch, barcode, allow_missing_objects)
 
-    pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="read-sites")
-    pending = deque()
-    try:  # up to READ_THREADS batches in flight, handed on in site order
-        for group in _site_groups(site_dirs):
-            pending.append(pool.submit(read, group))
-            if len(pending) >= READ_THREADS:
+    # pandas enters warnings.catch_warnings() for every column it types, and before Python 3.14 that
+    # swaps the process's one list of warning filters: two threads doing it at once can leave a
+    # filter of pandas' behind, or drop one of the caller's. The caller's filters are therefore
+    # saved here and put back once every reading thread has stopped.
+    with warnings.catch_warnings():
+        pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="read-sites")
+        pending = deque()
+        try:  # up to READ_THREADS batches in flight, handed on in site order
+            for group in _site_groups(site_dirs):
+                pending.append(pool.submit(read, group))
+                if len(pending) >= READ_THREADS:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:  # a site's error ends the reading: batches not started are dropped
-        pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # a site's error ends the reading (after the batch being parsed): batches not started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _site_groups(site_dirs: list[Path]) -> list[list[Path]]:

@@ -661,6 +661,48 @@ def test_batches_read_on_threads_give_the_rows_and_errors_of_one_after_the_other
     assert not [t for t in threading.enumerate() if t.name.startswith("read-sites")]
 
 
+def test_reading_on_threads_leaves_the_callers_warning_filters_as_they_were(results, monkeypatch):
+    """pandas enters ``warnings.catch_warnings()`` for every column it types, which before Python
+    3.14 swaps the process's one list of filters: two reading threads left pandas' ``always``
+    filter in front of a caller's ``error`` one (a review's finding, after a few reads of real
+    tables). Here two batches leave their ``catch_warnings`` in the order that leaks, every time;
+    the caller's filters are back after the read."""
+    import itertools
+    import threading
+    import warnings
+
+    import lab_io.results
+
+    real_read_batch = lab_io.results._read_batch
+    order, entered, first_out = threading.Lock(), threading.Barrier(2), threading.Event()
+    tickets = itertools.count()
+
+    def racing_read_batch(*args, **kwargs):
+        with order:
+            swap = warnings.catch_warnings()
+            swap.__enter__()
+            warnings.simplefilter("always", DeprecationWarning)
+            ticket = next(tickets)
+        if ticket < 2:  # the first two batches, in flight together: the first in leaves first
+            entered.wait(timeout=10)
+            if ticket == 1:
+                first_out.wait(timeout=10)
+        swap.__exit__(None, None, None)
+        if ticket == 0:
+            first_out.set()
+        return real_read_batch(*args, **kwargs)
+
+    monkeypatch.setattr(lab_io.results, "_read_batch", racing_read_batch)
+    monkeypatch.setattr(lab_io.results, "SITE_BATCH_MAX", 1)
+    monkeypatch.setattr(lab_io.results, "READ_THREADS", 2)
+    warnings.simplefilter("error", DeprecationWarning)  # the caller's policy (pytest restores the filters)
+    before = list(warnings.filters)
+    read_results(results)
+    assert next(tickets) > 2 and warnings.filters == before
+    with pytest.raises(DeprecationWarning):
+        warnings.warn("old API", DeprecationWarning)
+
+
 def test_plain_sites_are_parsed_in_one_batch(results, monkeypatch):
     """Plain exports (CRLF or LF, quoted or not, sites with and without cells) never take the
     site-by-site path, which is what made a 384-well plate of 9 sites take about 26 minutes."""
