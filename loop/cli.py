@@ -81,7 +81,7 @@ def _cli_errors():
         yield
     # OSError: a missing file, a full disk, a file where a folder should be, no permission (named, no traceback)
     except (CampaignError, IngestError, ResultsError, NothingToTrainOn, ValueError, OSError) as exc:
-        console.print("[bold red]error:[/]", escape(str(exc)))
+        console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)  # a path stays on one line
         raise typer.Exit(code=1) from None
 
 

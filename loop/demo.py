@@ -127,7 +127,7 @@ def main() -> None:
     try:
         result = run_demo(args.campaign, args.compounds, args.rounds, args.budget)
     except DemoError as exc:
-        console.print("[bold red]error:[/]", escape(str(exc)))
+        console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)  # a path stays on one line
         raise SystemExit(1) from None
     console.rule("where everything is")
     for what, path in result["files"].items():
