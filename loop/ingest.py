@@ -744,8 +744,8 @@ def hit_threshold(control_activity: np.ndarray, hit_sd: float) -> float:
 # threshold) is measured against the others, and a robust z needs two of them. Measured against
 # all of them (the rule below 8 DMSO wells until session 38) the activities were biased low: on
 # simulated plates of 20-60 features, 14-75 % of inactive wells were hits with 4-7 DMSO wells
-# (none to 1.3 % now), every one with 2. Left out, the median and MAD of a handful of wells are
-# noisy, so the threshold is high: below CALIBRATED_MIN_CONTROLS wells the calls are conservative.
+# (0-3.4 % now), every one with 2. Left out, the median and MAD of a handful of wells are noisy,
+# so the threshold is high: below CALIBRATED_MIN_CONTROLS wells the calls are conservative.
 LEFT_OUT_MIN_CONTROLS = 3
 CALIBRATED_MIN_CONTROLS = 8
 

@@ -43,7 +43,7 @@ def test_stored_well_features_are_all_in_control_units():
 
 
 @pytest.mark.parametrize("n_dmso", [8, 16])
-def test_dmso_like_wells_are_no_hits_however_many_features(monkeypatch, n_dmso):
+def test_dmso_like_wells_are_no_hits_however_many_features(n_dmso):
     """The threshold comes from DMSO activities measured like a treatment's (each DMSO well against
     the others): against statistics it helped set a DMSO well scores low, and with 2,000 features
     every DMSO-like treatment cleared the in-sample threshold (a review's real CellProfiler plate:
@@ -708,7 +708,6 @@ def test_count_matched_hit_calls_score_dmso_draws_without_their_donor_well():
     they are hits about as often as inactive wells on as many cells as DMSO (2.6 % against 1.9 %
     over 8 plates). Draws scored against DMSO statistics their donor helped set score low, and
     the calls were 7.2 % against 2.6 %."""
-    from lab_io.profiles import aggregate_wells
     from loop.ingest import _count_matched_profile_hits, plate_profiles
 
     calls = []
