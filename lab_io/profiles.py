@@ -148,8 +148,7 @@ def normalize_to_controls(profiles: pd.DataFrame, control_mask, by: str | None =
     mask = np.asarray(control_mask, dtype=bool)
     if mask.shape != (len(profiles),):
         raise ValueError(f"control_mask has shape {mask.shape}, expected ({len(profiles)},)")
-    values = profiles[feats].to_numpy(dtype=np.float64)
-    values = np.where(np.isfinite(values), values, np.nan)  # a missing value stays missing, and is ignored
+    values = _finite_or_nan(profiles[feats].to_numpy(dtype=np.float64))  # a missing value stays missing, and is ignored
     result = np.empty_like(values)
     groups = profiles[by].to_numpy() if by is not None else np.zeros(len(profiles))
     for group in pd.unique(groups):
@@ -293,15 +292,10 @@ def left_out_control_activity(profiles: pd.DataFrame, control_mask, features: Se
     DMSO-like wells hits far above its nominal rate. A feature the other controls do not vary in
     is left out of that well's mean square."""
     mask = np.asarray(control_mask, dtype=bool)
-    values = profiles.loc[mask, list(features)].to_numpy(dtype=np.float64)
-    values = np.where(np.isfinite(values), values, np.nan)
+    values = _finite_or_nan(profiles.loc[mask, list(features)].to_numpy(dtype=np.float64))
     out = np.full(len(values), np.nan)
     for i in range(len(values)):
-        others = np.delete(values, i, axis=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            center = np.nanmedian(others, axis=0)
-        scale = robust_sd(others)
+        center, scale = _left_out_statistics(values, i)
         z = (values[i] - center) / np.where(scale > 0, scale, np.nan)
         z = z[np.isfinite(z)]
         if len(z):
@@ -346,14 +340,22 @@ class LeftOutControls:
         if donor not in self._position:
             raise ValueError(f"donor well {donor} is not among the control wells")
         if donor not in self._statistics:
-            others = np.delete(self._values, self._position[donor], axis=0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                self._statistics[donor] = np.nanmedian(others, axis=0), robust_sd(others)
+            self._statistics[donor] = _left_out_statistics(self._values, self._position[donor])
         return self._statistics[donor]
 
 
+def _left_out_statistics(values: np.ndarray, left_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the median and robust sd of the rows of ``values`` (wells x features, NaN where
+    missing) other than row ``left_out``."""
+    others = np.delete(values, left_out, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature missing in every other well
+        center = np.nanmedian(others, axis=0)
+    return center, robust_sd(others)
+
+
 def _finite_or_nan(values: np.ndarray) -> np.ndarray:
+    """``values`` with every infinite value made NaN (missing)."""
     return np.where(np.isfinite(values), values, np.nan)
 
 

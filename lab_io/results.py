@@ -572,8 +572,10 @@ def _site_raws(site_dir: Path) -> dict[str, object]:
     for kind in ("Image", *COMPARTMENTS):
         path = site_dir / f"{kind}.csv"
         try:
-            raws[kind] = path.read_bytes() if path.exists() else None
-        except OSError:
+            raws[kind] = path.read_bytes()
+        except FileNotFoundError:
+            raws[kind] = None
+        except OSError:  # a folder, an I/O error
             raws[kind] = _UNREADABLE
     return raws
 
@@ -590,11 +592,11 @@ def _plain_rows(body: bytes, n_fields: int) -> int | None:
             return None
         return len(rows) if all(len(row) == n_fields for row in rows) else None
     data = np.frombuffer(body, dtype=np.uint8)
-    ends = np.flatnonzero(data == ord("\n"))
-    commas = np.flatnonzero(data == ord(","))
-    if not np.all(np.diff(np.searchsorted(commas, ends), prepend=0) == n_fields - 1):
+    is_end, is_comma = data == ord("\n"), data == ord(",")
+    ends = np.flatnonzero(is_end)
+    if not np.all(np.diff(np.searchsorted(np.flatnonzero(is_comma), ends), prepend=0) == n_fields - 1):
         return None
-    longest = np.diff(np.flatnonzero((data == ord(",")) | (data == ord("\n"))), prepend=-1).max(initial=0) - 1
+    longest = np.diff(np.flatnonzero(is_comma | is_end), prepend=-1).max(initial=0) - 1
     return len(ends) if longest < csv.field_size_limit() else None  # csv refuses longer fields
 
 

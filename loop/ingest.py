@@ -566,8 +566,7 @@ def _count_matched_profile_hits(profiles: pd.DataFrame, wells: pd.DataFrame, cel
     checked (``COUNT_DRAWS`` random subsets of that many cells from up to ``COUNT_MAX_CONTROLS``
     DMSO wells with more cells, their medians edge-corrected and normalised as the plate's wells,
     each against the DMSO wells other than its donor as the plate's DMSO activities are measured
-    leaving each well out (with at least ``LEFT_OUT_MIN_CONTROLS`` DMSO wells; against its own
-    donor a draw scored low, and inactive wells on half the DMSO count were called hits three times
+    leaving each well out (against its own donor a draw scored low, and inactive wells on half the DMSO count were called hits three times
     as often as those on as many cells); their activities' mean + ``hit_sd`` sd; draws with a
     missing value are left out), made
     to rise as the count falls (the plate's threshold at ``n_ref``), and interpolated in 1/n to
@@ -586,7 +585,7 @@ def _count_matched_profile_hits(profiles: pd.DataFrame, wells: pd.DataFrame, cel
     features = feature_columns(profiles.columns)
     reference = wells.loc[dmso, [META_PLATE, META_WELL, profiling.META_N_CELLS] + features]
     rng = np.random.default_rng([seed, zlib.crc32(plate.encode())])
-    left_out = profiling.LeftOutControls(reference, features) if len(reference) >= LEFT_OUT_MIN_CONTROLS else None
+    left_out = profiling.LeftOutControls(reference, features)  # draws need COUNT_MIN_CONTROLS >= LEFT_OUT_MIN_CONTROLS wells
     counts, thresholds = [n_ref], [hit_threshold(profiles.loc[dmso, "Metadata_activity"].to_numpy(), hit_sd)]
     while counts[-1] > n_cells[check].min() and counts[-1] > 1:
         n_grid = max(min(int(np.floor(n_ref / COUNT_GRID_RATIO ** len(counts))), int(np.ceil(counts[-1])) - 1), 1)
@@ -602,13 +601,12 @@ def _count_matched_profile_hits(profiles: pd.DataFrame, wells: pd.DataFrame, cel
     return is_hit
 
 
-def _subsampled_dmso_threshold(reference: pd.DataFrame, left_out: profiling.LeftOutControls | None,
+def _subsampled_dmso_threshold(reference: pd.DataFrame, left_out: profiling.LeftOutControls,
                                cells: pd.DataFrame, n_cells: int, offsets: pd.Series | None, features: list[str],
                                hit_sd: float, rng: np.random.Generator) -> float | None:
     """The hit threshold of the plate's DMSO wells (``reference``, edge-corrected medians) measured
     with ``n_cells`` cells: see :func:`_count_matched_profile_hits`. Each draw is scored against the
-    DMSO wells other than its donor (``left_out``, the same wells), or against all of them when
-    ``left_out`` is None (a plate with too few DMSO wells to leave one out). None with fewer than
+    DMSO wells other than its donor (``left_out``, the same wells). None with fewer than
     ``COUNT_MIN_CONTROLS`` donor wells, or as few finite draws per donor."""
     donors = reference.loc[reference[profiling.META_N_CELLS] > n_cells, META_WELL].tolist()
     if len(donors) < COUNT_MIN_CONTROLS:
@@ -617,13 +615,7 @@ def _subsampled_dmso_threshold(reference: pd.DataFrame, left_out: profiling.Left
     null = profiling.subsampled_wells(cells, donors, n_cells, COUNT_DRAWS, rng, features)
     if offsets is not None:
         null = profiling.subtract_edge_offsets(null, offsets[offsets.index.isin(features)])
-    if left_out is not None:  # as the plate's DMSO activities are measured: each against the others
-        activity = left_out.activity(null, null[META_WELL].tolist())
-    else:
-        both = pd.concat([reference, null], ignore_index=True)
-        control = np.arange(len(both)) < len(reference)  # the plate's DMSO wells set centre and scale
-        activity = profiling.phenotypic_activity(
-            profiling.normalize_to_controls(both, control, features=features).loc[~control], features)
+    activity = left_out.activity(null, null[META_WELL].tolist())  # as the plate's DMSO activities: each against the others
     activity = activity[np.isfinite(activity)]  # a feature missing in every drawn cell: no activity
     if len(activity) < COUNT_MIN_CONTROLS * COUNT_DRAWS:
         return None
